@@ -1,0 +1,257 @@
+"""The Python API: start (or join) a cluster, generate, stream, chat, shut down.
+
+    from chatloop import ChatLoop
+    with ChatLoop.start() as llm:                          # the embedded SmolLM2 over 4 workers
+        print(llm.chat([{"role": "user", "content": "Hi!"}]).text)
+        for piece in llm.stream("The capital of France is", max_new_tokens=16):
+            print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .config import ChatLoopConfig
+from .embedded import cache_root
+from .engine import LocalPipeline, SamplingParams, Scheduler, SequenceEvent, StageRunner
+from .models.kv_cache import blocks_for_budget
+from .partition import Manifest, ManifestError, load_stage
+
+__all__ = ["ChatLoop", "Completion", "load_config"]
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def load_config(overrides: Sequence[str] = ()) -> ChatLoopConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides (``["cluster.num_workers=2"]``) into typed config."""
+    from hydra import compose, initialize_config_dir
+
+    from .config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def partitions_dir_for(cfg: ChatLoopConfig) -> Path:
+    """Where this configuration's partitions are: the configured folder, or one in the cache."""
+    if cfg.model.partitions_dir:
+        return Path(cfg.model.partitions_dir)
+    name = Path(cfg.model.name).name.lower() if os.sep in cfg.model.name else cfg.model.name.lower()
+    ranges = "-".join(f"{w.start_layer}_{w.end_layer}" for w in cfg.cluster.workers) or "even"
+    return cache_root() / "partitions" / f"{name}-{cfg.cluster.num_workers}-{ranges}"
+
+
+def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
+    """The manifest of this configuration's partitions, splitting the model first if needed and allowed."""
+    from .partition import LayerRange, split_model
+
+    directory = partitions_dir_for(cfg)
+    try:
+        manifest = Manifest.load(directory)
+    except ManifestError:
+        if not cfg.model.auto_split:
+            raise
+        ranges = [LayerRange(w.start_layer, w.end_layer) for w in cfg.cluster.workers] or None
+        log.info("splitting %s into %d partitions in %s", cfg.model.name, cfg.cluster.num_workers, directory)
+        manifest = split_model(cfg.model.name, directory, cfg.cluster.num_workers, ranges=ranges)
+    if manifest.num_partitions != cfg.cluster.num_workers:
+        raise ManifestError(
+            f"{directory} holds {manifest.num_partitions} partitions but cluster.num_workers={cfg.cluster.num_workers}: "
+            f"split the model into {cfg.cluster.num_workers} partitions (chatloop-split --num-partitions "
+            f"{cfg.cluster.num_workers}) or set cluster.num_workers={manifest.num_partitions}"
+        )
+    for k, spec in enumerate(cfg.cluster.workers):
+        if (spec.start_layer, spec.end_layer) != (manifest.partitions[k].start_layer, manifest.partitions[k].end_layer):
+            raise ManifestError(
+                f"cluster.workers[{k}] has layers {spec.start_layer}-{spec.end_layer}, the manifest in {directory} gives "
+                f"partition {k} layers {manifest.partitions[k].layers}: make the ranges match "
+                f"({', '.join(str(r) for r in manifest.plan)}) or split again with --ranges"
+            )
+    return manifest
+
+
+class ChatLoop:
+    """A running model: the coordinator's scheduler in front of the pipeline of stages."""
+
+    def __init__(self, cfg: ChatLoopConfig, manifest: Manifest, pipeline, cluster=None) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = cfg
+        self.manifest = manifest
+        self.pipeline = pipeline
+        self.cluster = cluster
+        directory = partitions_dir_for(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        capacity = pipeline.num_blocks * pipeline.block_size
+        if capacity < cfg.cache.min_capacity_tokens:
+            self.shutdown()
+            raise ValueError(
+                f"cache.kv_cache_mb={cfg.cache.kv_cache_mb} holds {capacity} tokens on the smallest stage, fewer than "
+                f"cache.min_capacity_tokens={cfg.cache.min_capacity_tokens}: raise cache.kv_cache_mb"
+            )
+        log.info("KV cache capacity: %d tokens (%d blocks of %d) per stage", capacity, pipeline.num_blocks, pipeline.block_size)
+        self.scheduler = Scheduler(
+            pipeline,
+            self.tokenizer,
+            max_batch_size=cfg.batching.max_batch_size,
+            batching_window_ms=cfg.batching.batching_window_ms,
+            max_queue_size=cfg.batching.max_queue_size,
+            max_in_flight=cfg.cluster.max_in_flight,
+            max_context=manifest.model_config.get("max_position_embeddings") or manifest.model_config.get("n_positions"),
+            max_tokens_per_micro_batch=cfg.batching.max_tokens_per_micro_batch,
+            eos_token_ids=_eos_ids(directory, self.tokenizer),
+        )
+        self.capacity_tokens = capacity
+
+    @classmethod
+    def start(cls, cfg: ChatLoopConfig | None = None, overrides: Sequence[str] = ()) -> ChatLoop:
+        """Start from typed config, or from ``conf/`` plus Hydra ``overrides``.
+
+        Under torchrun this is rank 0's call (the other ranks call :func:`chatloop.runtime.run_worker`);
+        otherwise it spawns the workers itself. ``cluster.in_process=true`` runs every stage here.
+        """
+        cfg = cfg or load_config(overrides)
+        if cfg.cluster.in_process:
+            manifest = prepare_partitions(cfg)
+            return cls(cfg, manifest, _local_pipeline(cfg, manifest))
+        from .runtime import RpcCluster
+
+        holder: dict[str, Manifest] = {}
+
+        def prepare() -> Manifest:
+            holder["manifest"] = prepare_partitions(cfg)
+            return holder["manifest"]
+
+        cluster = RpcCluster.start(cfg, str(partitions_dir_for(cfg)), prepare=prepare)
+        try:
+            return cls(cfg, holder["manifest"], cluster.pipeline, cluster)
+        except BaseException:
+            cluster.shutdown()
+            raise
+
+    # ---- requests ------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
+        """Token ids of a prompt: text, ids, or (with ``chat``) a list of chat messages."""
+        if isinstance(prompt, str) and not chat:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if chat or (prompt and isinstance(prompt[0], dict)):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            if not self.tokenizer.chat_template:
+                raise ValueError("this model's tokenizer has no chat template: send a plain prompt")
+            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        return [int(t) for t in prompt]
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[SequenceEvent], None]) -> Callable[[], None]:
+        """Low level: queue token ids; ``emit`` gets the events on the scheduler's thread. Returns ``cancel()``."""
+        return self.scheduler.submit(prompt_ids, params, emit)
+
+    def stream_events(self, prompt, *, chat: bool = False, params: SamplingParams | None = None, **sampling) -> Iterator[SequenceEvent]:
+        """Every event of one request, ending with the one that has ``finish_reason``; cancels if abandoned."""
+        params = _params(params, sampling)
+        events: queue.Queue[SequenceEvent] = queue.Queue()
+        cancel = self.submit(self.encode(prompt, chat), params, events.put)
+        finished = False
+        try:
+            while not finished:
+                event = events.get()
+                finished = event.finish_reason is not None
+                if event.error is not None:
+                    raise event.error
+                yield event
+        finally:
+            if not finished:
+                cancel()
+
+    def stream(self, prompt, *, chat: bool = False, **sampling) -> Iterator[str]:
+        """Text pieces as they are generated."""
+        for event in self.stream_events(prompt, chat=chat, **sampling):
+            if event.text:
+                yield event.text
+
+    def generate(self, prompt, *, chat: bool = False, **sampling) -> Completion:
+        """One completion of a prompt (text or token ids); sampling keywords as :class:`SamplingParams`."""
+        prompt_ids = self.encode(prompt, chat)
+        text, ids, reason = [], [], "error"
+        for event in self.stream_events(prompt_ids, **sampling):
+            text.append(event.text)
+            ids.extend(event.token_ids)
+            reason = event.finish_reason or reason
+        return Completion("".join(text), ids, reason, len(prompt_ids))
+
+    def chat(self, messages: list[dict] | str, **sampling) -> Completion:
+        """The assistant's answer to a conversation (a list of ``{"role", "content"}`` messages)."""
+        return self.generate(messages, chat=True, **sampling)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the scheduler and every rank (bounded in time)."""
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+        else:
+            self.pipeline.close()
+
+    def __enter__(self) -> ChatLoop:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
+    if params is None:
+        return SamplingParams(**sampling)
+    return replace(params, **sampling) if sampling else params
+
+
+def _local_pipeline(cfg: ChatLoopConfig, manifest: Manifest) -> LocalPipeline:
+    directory = partitions_dir_for(cfg)
+    dtype = getattr(torch, cfg.model.dtype)
+    runners = []
+    for k, part in enumerate(manifest.partitions):
+        stage = load_stage(directory, k, manifest=manifest, dtype=dtype, verify_sha256=cfg.model.verify_sha256)
+        a = stage.args
+        num_blocks = blocks_for_budget(
+            cfg.cache.kv_cache_mb, num_layers=len(part.layers), block_size=cfg.cache.block_size,
+            num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=dtype,
+        )
+        runners.append(StageRunner(stage, max(num_blocks, 1), cfg.cache.block_size, f"stage{k}"))
+    return LocalPipeline(runners)
+
+
+def _eos_ids(directory: Path, tokenizer) -> set[int]:
+    ids = set()
+    generation = directory / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

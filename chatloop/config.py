@@ -1,0 +1,212 @@
+"""Typed configuration: one dataclass per concern, registered with Hydra's ConfigStore.
+
+YAML under ``conf/`` only chooses values; every field is documented here and checked in
+``__post_init__`` (a ``ValueError`` that says what to change). The seed's configuration
+table is here with the seed's defaults: worker_threads 8, enable_cpu_pinning true,
+max_batch_size 16, batching_window_ms 5, max_queue_size 256, kv_cache_mb 512, enable_simd true.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = [
+    "ModelConfig", "WorkerSpec", "ClusterConfig", "BatchingConfig", "CacheConfig", "WorkerConfig",
+    "ServerConfig", "SamplingConfig", "ChatLoopConfig", "register_configs", "to_config",
+]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which model, where its partitions are, and the dtype the stages compute in."""
+
+    name: str = "smollm2"
+    """A Hugging Face checkpoint folder, or an embedded model's name ('smollm2')."""
+    partitions_dir: Optional[str] = None
+    """Folder with manifest.json and partition_N.safetensors; None: a cache folder per model and worker count."""
+    auto_split: bool = True
+    """Split the model into partitions_dir at start-up when it holds no manifest yet."""
+    dtype: str = "float32"
+    """Weights and activations on every stage: float32, bfloat16 or float16."""
+    verify_sha256: bool = False
+    """Hash each partition at load time and compare it with the manifest (slow for big files)."""
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
+@dataclass(kw_only=True)
+class WorkerSpec:
+    """One row of the seed's worker table."""
+
+    name: str = ""
+    """Display name, e.g. worker-0."""
+    host: str = "127.0.0.1"
+    """Where the worker runs (informational: torchrun places the ranks)."""
+    port: int = 0
+    """The seed's per-worker port. TensorPipe picks its own listening ports; this one is reported by status."""
+    start_layer: int = 0
+    """First layer of this worker (inclusive)."""
+    end_layer: int = 0
+    """Last layer of this worker (inclusive)."""
+    partition: str = ""
+    """Partition file name, e.g. partition_0.safetensors."""
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    """The ranks: rank 0 is the coordinator, rank k is worker k-1 owning partition k-1."""
+
+    num_workers: int = 4
+    """Pipeline stages, one worker process each."""
+    in_process: bool = False
+    """Run every stage inside the coordinator's process, without RPC (the one-process baseline)."""
+    master_addr: str = "127.0.0.1"
+    """Rendezvous host (torchrun's --master-addr). Keep RPC on a private network: it executes pickled data."""
+    master_port: int = 50050
+    """Rendezvous port: the seed's coordinator port."""
+    workers: list[WorkerSpec] = field(default_factory=list)
+    """Explicit layer ranges per worker; empty: an even split. Must match the manifest."""
+    rpc_timeout_s: float = 20.0
+    """A micro-batch that takes longer fails with an error naming the stage (a dead worker)."""
+    startup_timeout_s: float = 300.0
+    """Time for every worker to join and load its partition."""
+    num_rpc_threads: int = 16
+    """TensorPipe's RPC threads per rank."""
+    max_in_flight: Optional[int] = None
+    """Micro-batches in flight through the pipeline; None: one per stage."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, f"cluster.num_workers={self.num_workers}: need at least 1 worker")
+        _require(0 < self.master_port < 65536, f"cluster.master_port={self.master_port} is not a TCP port")
+        _require(self.rpc_timeout_s > 0, "cluster.rpc_timeout_s must be > 0")
+        _require(self.max_in_flight is None or self.max_in_flight >= 1, "cluster.max_in_flight must be >= 1 or null")
+        _require(
+            not self.workers or len(self.workers) == self.num_workers,
+            f"cluster.workers lists {len(self.workers)} workers but cluster.num_workers={self.num_workers}: make them agree",
+        )
+
+
+@dataclass(kw_only=True)
+class BatchingConfig:
+    """Admission and batching on the coordinator."""
+
+    max_batch_size: int = 16
+    """Most sequences generating at once (split across the micro-batches in flight)."""
+    batching_window_ms: float = 5.0
+    """How long a new request waits for others to share its first step."""
+    max_queue_size: int = 256
+    """Most requests waiting; more are refused (HTTP 429)."""
+    max_tokens_per_micro_batch: int = 4096
+    """Bounds a prefill micro-batch's padded tokens (a longer single prompt still runs alone)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_batch_size >= 1, f"batching.max_batch_size={self.max_batch_size}: need >= 1")
+        _require(self.batching_window_ms >= 0, "batching.batching_window_ms must be >= 0")
+        _require(self.max_queue_size >= 1, f"batching.max_queue_size={self.max_queue_size}: need >= 1")
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    """Each worker's KV block pool."""
+
+    kv_cache_mb: float = 512
+    """Memory for keys and values on each worker, in MiB."""
+    block_size: int = 16
+    """Tokens per block."""
+    min_capacity_tokens: int = 256
+    """Start-up fails when the cache holds fewer tokens than this (one ordinary request)."""
+
+    def __post_init__(self) -> None:
+        _require(self.kv_cache_mb > 0, f"cache.kv_cache_mb={self.kv_cache_mb}: need > 0")
+        _require(self.block_size >= 1, f"cache.block_size={self.block_size}: need >= 1")
+
+
+@dataclass(kw_only=True)
+class WorkerConfig:
+    """CPU settings of each worker process."""
+
+    worker_threads: int = 8
+    """torch intra-op threads per worker (capped at the cores the worker is pinned to)."""
+    enable_cpu_pinning: bool = True
+    """Pin each worker to its own cores; with fewer cores than workers x threads, workers share round-robin."""
+    enable_simd: bool = True
+    """False makes torch use its plain kernels (ATEN_CPU_CAPABILITY=default)."""
+    metrics_port: int = 9091
+    """Worker k serves Prometheus metrics on metrics_port + k."""
+
+    def __post_init__(self) -> None:
+        _require(self.worker_threads >= 1, f"worker.worker_threads={self.worker_threads}: need >= 1")
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    """The OpenAI-compatible HTTP API on the coordinator."""
+
+    host: str = "127.0.0.1"
+    """Bind address; loopback by default."""
+    port: int = 8000
+    """HTTP port."""
+    api_key: Optional[str] = None
+    """When set, requests need 'Authorization: Bearer <api_key>'."""
+    model_name: Optional[str] = None
+    """The model id the API reports; None: the model's name."""
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """Default sampling for the command-line tools."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class ChatLoopConfig:
+    """Everything, as composed by Hydra from ``conf/config.yaml`` and overrides."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    prompt: str = "What is the capital of France?"
+    """chatloop-generate's prompt."""
+    chat: bool = True
+    """Wrap the prompt in the tokenizer's chat template."""
+    max_new_tokens: int = 64
+    """chatloop-generate's and chatloop-chat's token limit per answer."""
+    log_level: str = "INFO"
+
+
+def register_configs() -> None:
+    """Make the schema known to Hydra as ``chatloop_schema`` (``conf/config.yaml`` builds on it)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="chatloop_schema", node=ChatLoopConfig)
+
+
+def to_config(cfg: Any) -> ChatLoopConfig:
+    """Turn a Hydra DictConfig into the typed dataclasses, running every ``__post_init__`` check."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, ChatLoopConfig):
+        return cfg
+    result = OmegaConf.to_object(cfg)
+    if not isinstance(result, ChatLoopConfig):
+        raise TypeError("the composed config is not a ChatLoopConfig: does conf/config.yaml start from chatloop_schema?")
+    return result

@@ -1,0 +1,76 @@
+"""Model families and the one question the splitter asks of them: which stage owns a tensor."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..partition.plan import LayerRange
+from .args import ModelArgs
+from .batch import StepBatch
+from .gpt2 import GPT2Stage
+from .kv_cache import PagedKVCache
+from .llama import LlamaStage
+from .stage import Stage
+
+__all__ = ["Family", "ModelArgs", "PagedKVCache", "Stage", "StepBatch", "build_stage", "family_of"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture names its tensors in a Hugging Face checkpoint."""
+
+    stage_class: type[Stage]
+    layer_pattern: re.Pattern[str]  # group 1 is the global layer index
+    first_prefixes: tuple[str, ...]  # embeddings: owned by the first stage
+    last_prefixes: tuple[str, ...]  # final norm and head: owned by the last stage
+    tied_key: str  # the embedding that a tied head reads on the last stage
+    ignored_suffixes: tuple[str, ...] = ()  # buffers some checkpoints carry that the stage recomputes
+
+    def stages_of(self, key: str, plan: list[LayerRange], tied: bool) -> list[int]:
+        """The stages whose partition holds ``key``; raises ``ValueError`` for a tensor no stage can own."""
+        match = self.layer_pattern.match(key)
+        if match:
+            layer = int(match.group(1))
+            for i, layer_range in enumerate(plan):
+                if layer in layer_range.indices:
+                    return [i]
+            raise ValueError(f"tensor {key} belongs to layer {layer}, which no stage owns (plan ends at {plan[-1].end})")
+        last = len(plan) - 1
+        if key == self.tied_key and tied:
+            return sorted({0, last})
+        if key.startswith(self.first_prefixes):
+            return [0]
+        if key.startswith(self.last_prefixes):
+            return [last]
+        raise ValueError(f"tensor {key} is neither a layer, an embedding nor the head: is this checkpoint of the family it claims?")
+
+
+_LLAMA = Family(
+    LlamaStage,
+    re.compile(r"model\.layers\.(\d+)\."),
+    ("model.embed_tokens.",),
+    ("model.norm.", "lm_head."),
+    "model.embed_tokens.weight",
+    (".rotary_emb.inv_freq",),
+)
+_GPT2 = Family(
+    GPT2Stage,
+    re.compile(r"transformer\.h\.(\d+)\."),
+    ("transformer.wte.", "transformer.wpe."),
+    ("transformer.ln_f.", "lm_head."),
+    "transformer.wte.weight",
+    (".attn.bias", ".attn.masked_bias"),
+)
+_FAMILIES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
+
+
+def family_of(args: ModelArgs) -> Family:
+    return _FAMILIES[args.family]
+
+
+def build_stage(config: dict[str, Any] | ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> Stage:
+    """An uninitialised stage for ``layers`` of the model described by a ``config.json`` dict."""
+    args = config if isinstance(config, ModelArgs) else ModelArgs.from_hf_config(config)
+    return family_of(args).stage_class(args, layers, is_first, is_last)

@@ -1,0 +1,82 @@
+"""Model hyper-parameters read from a Hugging Face ``config.json``, one dataclass for every family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ModelArgs", "SUPPORTED_FAMILIES"]
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+SUPPORTED_FAMILIES = LLAMA_FAMILY + ("gpt2",)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The shape of a decoder-only model, independent of how it is split."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
+        """Read a ``config.json`` dict; raise ``ValueError`` for families or features not supported."""
+        family = config.get("model_type")
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(
+                f"model_type {family!r} is not supported: ChatLoop runs {', '.join(SUPPORTED_FAMILIES)} checkpoints"
+            )
+        if family == "gpt2":
+            hidden = config["n_embd"]
+            return cls(
+                family=family,
+                vocab_size=config["vocab_size"],
+                hidden_size=hidden,
+                num_layers=config["n_layer"],
+                num_heads=config["n_head"],
+                num_kv_heads=config["n_head"],
+                head_dim=hidden // config["n_head"],
+                intermediate_size=config.get("n_inner") or 4 * hidden,
+                norm_eps=config.get("layer_norm_epsilon", 1e-5),
+                max_position_embeddings=config["n_positions"],
+                tie_word_embeddings=config.get("tie_word_embeddings", True),
+            )
+        if config.get("use_sliding_window") or (family == "mistral" and config.get("sliding_window")):
+            raise ValueError(
+                f"{family} with a sliding attention window is not supported: set sliding_window to null "
+                "in config.json only if your prompts stay within the window"
+            )
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported: use a model with default, linear or llama3 RoPE")
+        num_heads = config["num_attention_heads"]
+        return cls(
+            family=family,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=config.get("num_key_value_heads") or num_heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
+            intermediate_size=config["intermediate_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            attention_bias=config.get("attention_bias", family == "qwen2"),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope if rope_type != "default" else None,
+        )

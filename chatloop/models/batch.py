@@ -1,0 +1,58 @@
+"""What every stage needs to know about one micro-batch besides its activations.
+
+Shape legend: B sequences, T new tokens per sequence (padded), N blocks per block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["StepBatch"]
+
+
+@dataclass
+class StepBatch:
+    """Positions and KV block tables of one micro-batch, identical on every stage.
+
+    Sequences are padded to the longest one in the micro-batch; padded tokens have
+    ``valid == False``: they write nothing to the cache and their outputs are ignored.
+    """
+
+    positions: torch.Tensor  # [B, T] int64, position of each new token in its sequence
+    valid: torch.Tensor  # [B, T] bool, False for padding
+    block_tables: torch.Tensor  # [B, N] int64, the cache blocks of each sequence, in order
+    block_size: int
+
+    @classmethod
+    def build(cls, starts: list[int], lengths: list[int], block_tables: list[list[int]], block_size: int) -> StepBatch:
+        """A batch where sequence ``b`` adds ``lengths[b]`` tokens after its first ``starts[b]``."""
+        num_tokens = max(lengths)
+        offsets = torch.arange(num_tokens)
+        positions = torch.tensor(starts)[:, None] + offsets[None, :]
+        valid = offsets[None, :] < torch.tensor(lengths)[:, None]
+        num_blocks = max(len(t) for t in block_tables)
+        tables = torch.zeros(len(block_tables), num_blocks, dtype=torch.long)
+        for b, table in enumerate(block_tables):
+            tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+        return cls(positions.masked_fill(~valid, 0), valid, tables, block_size)
+
+    @property
+    def last_token_index(self) -> torch.Tensor:
+        """[B] index along T of each sequence's last real token (whose logits are sampled)."""
+        return self.valid.sum(dim=1) - 1
+
+    def slots(self) -> torch.Tensor:
+        """[B*T] flat cache slot of every token, -1 for padding."""
+        block = torch.gather(self.block_tables, 1, self.positions // self.block_size)
+        slots = block * self.block_size + self.positions % self.block_size
+        return slots.masked_fill(~self.valid, -1).reshape(-1)
+
+    def to_payload(self) -> tuple:
+        """A compact picklable form for sending to another stage."""
+        return (self.positions, self.valid, self.block_tables, self.block_size)
+
+    @classmethod
+    def from_payload(cls, payload: tuple) -> StepBatch:
+        return cls(*payload)

@@ -1,0 +1,80 @@
+"""A stage's share of the paged KV cache: a preallocated pool of blocks for its own layers.
+
+Shape legend: L layers of this stage, S slots (blocks x block_size), K kv heads, D head dim,
+B sequences, T new tokens, N blocks per block table.
+
+The coordinator owns the block tables (which blocks each sequence uses); every stage holds
+the same block numbers for its own layers, so one table indexes the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch import StepBatch
+
+__all__ = ["PagedKVCache", "blocks_for_budget", "bytes_per_block"]
+
+
+def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes that one block (keys and values) takes on a stage with ``num_layers`` layers."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+
+def blocks_for_budget(budget_mb: float, **shape) -> int:
+    """How many blocks fit in ``budget_mb`` MiB for the given layer count and shape."""
+    return int(budget_mb * 2**20 // bytes_per_block(**shape))
+
+
+class PagedKVCache:
+    """Keys and values of ``layer_indices`` (global layer numbers) in ``num_blocks`` blocks."""
+
+    def __init__(
+        self,
+        layer_indices: range,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache has room for {num_blocks} blocks: raise kv_cache_mb or lower block_size")
+        self.layer_offset = layer_indices.start
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (len(layer_indices), num_blocks * block_size, num_kv_heads, head_dim)
+        # Zeros, not empty: touching every page now keeps the first requests fast and the
+        # padded slots of a gathered block finite.
+        self.keys = torch.zeros(shape, dtype=dtype)  # [L, S, K, D]
+        self.values = torch.zeros(shape, dtype=dtype)
+        self._slots: torch.Tensor | None = None
+        self._write_index: torch.Tensor | None = None
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def begin(self, batch: StepBatch) -> None:
+        """Compute the slots of a micro-batch once, before its first layer runs."""
+        slots = batch.slots()
+        self._write_index = torch.nonzero(slots >= 0).squeeze(1)
+        self._slots = slots[self._write_index]
+        self._batch = batch
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new ``k``/``v`` [B, T, K, D] of ``layer``; return its whole context [B, N*block_size, K, D]."""
+        assert self._slots is not None, "begin() must run before the layers"
+        i = layer - self.layer_offset
+        num_kv_heads, head_dim = k.shape[2], k.shape[3]
+        flat_k = k.reshape(-1, num_kv_heads, head_dim).index_select(0, self._write_index)
+        flat_v = v.reshape(-1, num_kv_heads, head_dim).index_select(0, self._write_index)
+        self.keys[i].index_copy_(0, self._slots, flat_k.to(self.keys.dtype))
+        self.values[i].index_copy_(0, self._slots, flat_v.to(self.values.dtype))
+        tables = self._batch.block_tables  # [B, N]
+        shape = (tables.shape[0], tables.shape[1] * self.block_size, num_kv_heads, head_dim)
+        blocked = (self.num_blocks, self.block_size, num_kv_heads, head_dim)
+        context_k = self.keys[i].view(blocked)[tables].view(shape)
+        context_v = self.values[i].view(blocked)[tables].view(shape)
+        return context_k, context_v

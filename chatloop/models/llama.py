@@ -1,0 +1,143 @@
+"""The Llama family: Llama 2/3, Mistral (no sliding window), Qwen2 (attention bias), SmolLM2.
+
+RMSNorm, rotary positions (default, linear or Llama-3 scaling), grouped-query attention,
+SwiGLU, tied or untied embeddings.
+
+Shape legend: B sequences, T new tokens, C hidden size, H heads, K kv heads, D head dim,
+F intermediate size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..partition.plan import LayerRange
+from .args import ModelArgs
+from .batch import StepBatch
+from .kv_cache import PagedKVCache
+from .stage import Stage, attend
+
+__all__ = ["LlamaStage"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """[D/2] inverse frequencies, with linear or Llama-3 scaling applied."""
+    dim = args.head_dim
+    # Explicitly on the CPU: stages are built on the meta device before their weights load.
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    scaling = args.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embeddings to x [B, T, H, D] with cos/sin [B, T, 1, D] (half-split layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = rotate(q, *rope), rotate(k, *rope)
+        return self.o_proj(attend(q, self.layer, k, v, cache, batch))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.inv_freq = inv_freq
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), self._rope(batch, x.dtype), batch, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _rope(self, batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Recomputed per layer: [B, T, D/2] is tiny next to the layer's matmuls.
+        angles = batch.positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, T, 1, D]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class LlamaStage(Stage):
+    """A contiguous range of Llama-family layers, plus the embeddings and/or head at the ends."""
+
+    def __init__(self, args: ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> None:
+        super().__init__(args, layers, is_first, is_last)
+        inv_freq = rope_frequencies(args)
+        self.model = nn.Module()
+        if is_first or (is_last and args.tie_word_embeddings):
+            self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(args, i, inv_freq) for i in layers.indices})
+        if is_last:
+            self.model.norm = RMSNorm(args.hidden_size, args.norm_eps)
+            if not args.tie_word_embeddings:
+                self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def embed(self, token_ids: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        return self.model.embed_tokens(token_ids)
+
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.model.layers.values())
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.model.norm(x)
+        weight = self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
+        return F.linear(x, weight)

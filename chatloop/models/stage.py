@@ -1,0 +1,83 @@
+"""What all stages share: the interface, causal attention over the paged cache, and the head.
+
+Shape legend: B sequences, T new tokens, C hidden size, H heads, K kv heads, D head dim,
+S context slots (block table length x block size), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..partition.plan import LayerRange
+from .args import ModelArgs
+from .batch import StepBatch
+from .kv_cache import PagedKVCache
+
+__all__ = ["Stage", "attend"]
+
+
+def attend(q: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, batch: StepBatch) -> torch.Tensor:
+    """Causal attention of ``q`` [B, T, H, D] over the cached context plus the new ``k``/``v`` [B, T, K, D]."""
+    context_k, context_v = cache.update(layer, k, v)  # [B, S, K, D]
+    # Slot j of a gathered context holds position j; a token sees positions up to its own.
+    key_positions = torch.arange(context_k.shape[1])
+    mask = key_positions[None, None, None, :] <= batch.positions[:, None, :, None]  # [B, 1, T, S]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), context_k.transpose(1, 2), context_v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+    )
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)  # [B, T, H*D]
+
+
+class Stage(nn.Module):
+    """The model with the modules of other stages left out.
+
+    Parameter names equal the Hugging Face checkpoint's (layers keep their global index), so a
+    partition file loads with ``load_state_dict`` as it is. The first stage embeds token ids,
+    the last one returns logits; the others map hidden states to hidden states.
+    """
+
+    def __init__(self, args: ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        if layers.end >= args.num_layers:
+            raise ValueError(f"layers {layers} are past the model's last layer {args.num_layers - 1}")
+        self.args = args
+        self.layers_range = layers
+        self.is_first = is_first
+        self.is_last = is_last
+
+    def new_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> PagedKVCache:
+        """A KV block pool for this stage's layers."""
+        dtype = dtype or next(self.parameters()).dtype
+        a = self.args
+        return PagedKVCache(self.layers_range.indices, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype)
+
+    def forward(
+        self, inputs: torch.Tensor, batch: StepBatch, cache: PagedKVCache, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Token ids [B, T] (first stage) or hidden states [B, T, C] in; hidden states or logits out.
+
+        The last stage returns float32 logits of each sequence's last real token [B, V], or of
+        every token [B, T, V] with ``all_logits``.
+        """
+        cache.begin(batch)
+        x = self.embed(inputs, batch) if self.is_first else inputs
+        for layer in self.decoder_layers():
+            x = layer(x, batch, cache)
+        if not self.is_last:
+            return x
+        if not all_logits:
+            x = x[torch.arange(x.shape[0]), batch.last_token_index][:, None]  # [B, 1, C]
+        logits = self.head(x).float()
+        return logits if all_logits else logits[:, 0]
+
+    # Family hooks.
+    def embed(self, token_ids: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decoder_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,88 @@
+"""Loading one stage: only its own partition, checked against the manifest first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..models import ModelArgs, Stage, build_stage, family_of
+from .manifest import Manifest, ManifestError
+from .plan import LayerRange
+from .safetensors_stream import SafetensorsError, read_header, sha256_of
+
+__all__ = ["PartitionError", "load_stage"]
+
+
+class PartitionError(ValueError):
+    """A partition file that is missing, damaged, or not the one the manifest describes."""
+
+
+def load_stage(
+    directory: str | Path,
+    index: int,
+    *,
+    expected_layers: LayerRange | None = None,
+    dtype: torch.dtype | None = None,
+    verify_sha256: bool = False,
+    manifest: Manifest | None = None,
+) -> Stage:
+    """Build stage ``index`` from ``directory/partition_{index}.safetensors``.
+
+    Checks, before any weight is read: the partition exists, its size (and with
+    ``verify_sha256`` its hash) matches the manifest, its layers match ``expected_layers``,
+    its tensors are exactly the stage's, in the manifest's dtype. ``dtype`` casts the weights
+    after loading (the stage then computes in it).
+    """
+    directory = Path(directory)
+    manifest = manifest or Manifest.load(directory)
+    if not 0 <= index < manifest.num_partitions:
+        raise ManifestError(
+            f"{directory} holds {manifest.num_partitions} partitions, partition {index} was asked for: "
+            f"split the model into as many partitions as there are workers"
+        )
+    info = manifest.partitions[index]
+    path = directory / info.file
+    if not path.is_file():
+        raise PartitionError(f"{path} is missing: copy it from the splitter's output, or split the model again")
+    size = path.stat().st_size
+    if size != info.num_bytes:
+        raise PartitionError(f"{path} has {size} bytes, the manifest says {info.num_bytes}: the file is truncated or from another split")
+    if verify_sha256 and sha256_of(path) != info.sha256:
+        raise PartitionError(f"{path}: sha256 differs from the manifest's: the file is corrupt or from another split")
+    if expected_layers is not None and expected_layers != info.layers:
+        raise PartitionError(
+            f"{path} holds layers {info.layers}, the configuration gives this worker layers {expected_layers}: "
+            f"make the cluster's layer ranges match the manifest ({', '.join(str(r) for r in manifest.plan)})"
+        )
+
+    args = ModelArgs.from_hf_config(manifest.model_config)
+    is_last = index == manifest.num_partitions - 1
+    with torch.device("meta"):
+        stage = build_stage(args, info.layers, is_first=index == 0, is_last=is_last)
+    expected = set(stage.state_dict())
+    try:
+        header = read_header(path)
+    except SafetensorsError as e:
+        raise PartitionError(str(e)) from None
+    ignored = family_of(args).ignored_suffixes
+    present = {k for k in header if not k.endswith(ignored)}
+    if args.tie_word_embeddings:
+        present.discard("lm_head.weight")  # some checkpoints store the tied head too
+    if present != expected:
+        missing, extra = sorted(expected - present), sorted(present - expected)
+        raise PartitionError(f"{path} does not hold stage {index}'s tensors: missing {missing[:5]}, unexpected {extra[:5]}")
+    wrong = [k for k in expected if header[k].dtype.is_floating_point and str(header[k].dtype) != f"torch.{manifest.dtype}"]
+    if wrong:
+        raise PartitionError(f"{path}: tensor {wrong[0]} is {header[wrong[0]].dtype}, the manifest says {manifest.dtype}")
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in expected}
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise PartitionError(f"{path} cannot be read ({e}): split the model again") from None
+    stage.load_state_dict(state, assign=True, strict=True)
+    if dtype is not None:
+        stage.to(dtype)
+    return stage.eval().requires_grad_(False)

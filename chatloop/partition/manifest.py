@@ -1,0 +1,83 @@
+"""``manifest.json``: what the splitter wrote, so that each worker can check its partition."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .plan import LayerRange
+
+__all__ = ["Manifest", "PartitionInfo", "ManifestError", "MANIFEST_NAME", "FORMAT_VERSION"]
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A missing or unreadable manifest, or a partition that does not match it."""
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """One ``partition_N.safetensors``: its layers, its ends, its bytes."""
+
+    index: int
+    file: str
+    start_layer: int  # inclusive, as in the seed's worker configs
+    end_layer: int  # inclusive
+    has_embeddings: bool
+    has_head: bool
+    num_bytes: int
+    sha256: str
+    num_tensors: int
+
+    @property
+    def layers(self) -> LayerRange:
+        return LayerRange(self.start_layer, self.end_layer)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The model's config, the dtype, and one entry per partition."""
+
+    model_config: dict[str, Any]
+    dtype: str
+    partitions: list[PartitionInfo]
+    tokenizer_files: list[str] = field(default_factory=list)
+    source: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.partitions)
+
+    @property
+    def plan(self) -> list[LayerRange]:
+        return [p.layers for p in self.partitions]
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> Manifest:
+        """Read ``DIR/manifest.json``; raise ``ManifestError`` saying what is wrong."""
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"no {MANIFEST_NAME} in {directory}: split the model there first with chatloop-split --output {directory}")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format_version") != FORMAT_VERSION:
+                raise ManifestError(
+                    f"{path} has format_version {raw.get('format_version')}, this ChatLoop reads {FORMAT_VERSION}: split the model again"
+                )
+            partitions = [PartitionInfo(**p) for p in raw.pop("partitions")]
+            manifest = cls(partitions=partitions, **raw)
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+            raise ManifestError(f"{path} is not a ChatLoop manifest ({e}): split the model again") from None
+        if [p.index for p in partitions] != list(range(len(partitions))):
+            raise ManifestError(f"{path}: partitions must be numbered 0..{len(partitions) - 1} in order")
+        return manifest

@@ -1,0 +1,174 @@
+"""The streaming splitter: a key filter plus a plan.
+
+Every tensor of the source checkpoint goes to the partition(s) of the stage that owns it,
+read and written one at a time, so peak memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..embedded import copy_tokenizer, resolve_model
+from ..models import ModelArgs, family_of
+from .manifest import Manifest, PartitionInfo
+from .plan import LayerRange, parse_ranges, plan_layers
+from .safetensors_stream import StreamingWriter, read_header, read_tensor
+
+__all__ = ["split_model", "main", "CheckpointSource"]
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """The tensors of a checkpoint folder, each readable on its own."""
+
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    sizes: dict[str, int]
+    read: Callable[[str], torch.Tensor]
+
+    @classmethod
+    def open(cls, folder: Path) -> CheckpointSource:
+        """Open safetensors (one file or sharded with an index) or, failing that, a ``pytorch_model.bin``."""
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+        if files:
+            infos = {}
+            for name in files:
+                if not (folder / name).is_file():
+                    raise FileNotFoundError(f"{folder / name} is listed in {index.name} but missing: download the checkpoint again")
+                infos.update(read_header(folder / name))
+            return cls(
+                list(infos),
+                {k: i.shape for k, i in infos.items()},
+                {k: i.dtype for k, i in infos.items()},
+                {k: i.num_bytes for k, i in infos.items()},
+                lambda key: read_tensor(infos[key]),
+            )
+        bin_file = folder / "pytorch_model.bin"
+        if bin_file.is_file():
+            # mmap keeps the whole file out of anonymous memory; only safetensors is truly streamed.
+            state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
+            return cls(
+                list(state),
+                {k: tuple(v.shape) for k, v in state.items()},
+                {k: v.dtype for k, v in state.items()},
+                {k: v.numel() * v.element_size() for k, v in state.items()},
+                lambda key: state[key].clone(),
+            )
+        raise FileNotFoundError(f"{folder} has no *.safetensors or pytorch_model.bin weights")
+
+
+def split_model(
+    source: str | Path,
+    output: str | Path,
+    num_partitions: int,
+    ranges: Sequence[LayerRange] | None = None,
+    dtype: str = "auto",
+    progress: bool | None = None,
+) -> Manifest:
+    """Split ``source`` (a checkpoint folder or an embedded model's name) into ``num_partitions`` files in ``output``."""
+    folder = resolve_model(source)
+    config = json.loads((folder / "config.json").read_text())
+    args = ModelArgs.from_hf_config(config)
+    family = family_of(args)
+    plan = plan_layers(args.num_layers, num_partitions, ranges=ranges)
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPE_NAMES)}")
+    checkpoint = CheckpointSource.open(folder)
+
+    owned: list[list[str]] = [[] for _ in plan]
+    for key in checkpoint.names:
+        for stage in family.stages_of(key, plan, args.tie_word_embeddings):
+            owned[stage].append(key)
+    if args.tie_word_embeddings and family.tied_key not in checkpoint.names:
+        raise ValueError(f"{folder}: tie_word_embeddings is set but {family.tied_key} is missing")
+
+    def target_dtype(key: str) -> torch.dtype:
+        source_dtype = checkpoint.dtypes[key]
+        return DTYPE_NAMES[dtype] if dtype != "auto" and source_dtype.is_floating_point else source_dtype
+
+    float_dtypes = {target_dtype(k) for k in checkpoint.names if checkpoint.dtypes[k].is_floating_point}
+    if len(float_dtypes) > 1:
+        raise ValueError(f"{folder} mixes floating dtypes {sorted(map(str, float_dtypes))}: pass --dtype to pick one")
+    dtype_name = str(float_dtypes.pop()).removeprefix("torch.") if float_dtypes else "float32"
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    total = sum(checkpoint.sizes[k] for keys in owned for k in keys)
+    partitions = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"splitting {folder.name}", disable=None if progress is None else not progress) as bar:
+        for index, (layers, keys) in enumerate(zip(plan, owned)):
+            path = output / f"partition_{index}.safetensors"
+            tmp = path.with_suffix(".tmp")
+            layout = [(k, target_dtype(k), checkpoint.shapes[k]) for k in keys]
+            writer = StreamingWriter(tmp, layout, metadata={"format": "pt", "layers": str(layers)})
+            for key in keys:
+                writer.add(key, checkpoint.read(key).to(target_dtype(key)))
+                bar.update(checkpoint.sizes[key])
+            digest = writer.close()
+            os.replace(tmp, path)
+            partitions.append(
+                PartitionInfo(
+                    index=index,
+                    file=path.name,
+                    start_layer=layers.start,
+                    end_layer=layers.end,
+                    has_embeddings=index == 0,
+                    has_head=index == len(plan) - 1,
+                    num_bytes=path.stat().st_size,
+                    sha256=digest,
+                    num_tensors=len(keys),
+                )
+            )
+    for stale in output.glob("partition_*.safetensors"):  # left by an earlier split into more parts
+        if stale.name not in {p.file for p in partitions}:
+            stale.unlink()
+    manifest = Manifest(
+        model_config=config,
+        dtype=dtype_name,
+        partitions=partitions,
+        tokenizer_files=copy_tokenizer(folder, output),
+        source=str(source),
+    )
+    manifest.save(output)
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``chatloop-split --model SOURCE --output DIR --num-partitions N [--ranges 0-7,8-15,...] [--dtype bfloat16]``."""
+    parser = argparse.ArgumentParser(prog="chatloop-split", description=__doc__)
+    parser.add_argument("--model", required=True, help="a Hugging Face checkpoint folder, or 'smollm2' (embedded)")
+    parser.add_argument("--output", required=True, help="folder for partition_N.safetensors and manifest.json")
+    parser.add_argument("--num-partitions", type=int, required=True, help="number of stages (workers)")
+    parser.add_argument("--ranges", help="explicit inclusive layer ranges, e.g. 0-7,8-15,16-23,24-31")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="convert floating tensors")
+    ns = parser.parse_args(argv)
+    try:
+        ranges = parse_ranges(ns.ranges) if ns.ranges else None
+        manifest = split_model(ns.model, ns.output, ns.num_partitions, ranges=ranges, dtype=ns.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"chatloop-split: error: {e}", file=sys.stderr)
+        return 2
+    for p in manifest.partitions:
+        print(f"{ns.output}/{p.file}: layers {p.layers}, {p.num_bytes / 2**20:.1f} MiB, {p.num_tensors} tensors")
+    print(f"{ns.output}/manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Ranks, rendezvous, the RPC pipeline and shutdown: every torch.distributed.rpc call outside the stage host.
+
+Rank 0 is the coordinator (RPC name ``coordinator``), rank k is ``worker{k-1}``. Under
+torchrun the ranks come from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; without it the
+coordinator spawns the worker processes itself. The weights load after ``init_rpc``, so a
+slow load never trips the rendezvous timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import torch.distributed.rpc as rpc
+
+from ..config import ChatLoopConfig
+from ..engine.pipeline import MicroBatch, StageError
+from ..worker_settings import SIMD_ENV, apply_worker_settings
+from .stage_host import StageHost
+
+__all__ = ["RpcCluster", "under_torchrun", "run_worker", "StartupError"]
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The cluster could not start: the message names the rank and what to change."""
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def _backend_options(cfg: ChatLoopConfig, timeout: float) -> rpc.TensorPipeRpcBackendOptions:
+    return rpc.TensorPipeRpcBackendOptions(num_worker_threads=cfg.cluster.num_rpc_threads, rpc_timeout=timeout, init_method="env://")
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # A spawned worker must not outlive its coordinator (kill -9, crash): poll and leave.
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def run_worker(rank: int, world_size: int, cfg: ChatLoopConfig, parent_pid: int | None = None) -> None:
+    """A worker rank: set up the CPU, join the RPC group, serve until the coordinator shuts down."""
+    logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s worker{rank - 1} %(levelname)s %(message)s")
+    if parent_pid is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    settings = apply_worker_settings(rank - 1, world_size - 1, cfg.worker.worker_threads, cfg.worker.enable_cpu_pinning)
+    _WORKER_SETTINGS.update(settings)
+    rpc.init_rpc(f"worker{rank - 1}", rank=rank, world_size=world_size, rpc_backend_options=_backend_options(cfg, cfg.cluster.startup_timeout_s))
+    _serve_metrics(rank - 1, cfg)
+    rpc.shutdown(graceful=True)  # returns once the coordinator shuts down
+
+
+_WORKER_SETTINGS: dict[str, Any] = {}
+
+
+def _serve_metrics(index: int, cfg: ChatLoopConfig) -> None:
+    """Start the worker's Prometheus endpoint, if the serving package provides one."""
+    try:
+        from ..serving.worker_metrics import start_worker_metrics
+    except ImportError:
+        return
+    start_worker_metrics(index, cfg.worker.metrics_port + index)
+
+
+def _create_host(*args) -> StageHost:
+    return StageHost(*args, settings=dict(_WORKER_SETTINGS))
+
+
+class RpcPipeline:
+    """Micro-batches enter worker0 and come back from it as token ids, after the whole chain."""
+
+    def __init__(self, hosts: list[rpc.RRef], names: list[str], num_blocks: int, block_size: int, timeout: float) -> None:
+        self.hosts, self.names = hosts, names
+        self.num_stages = len(hosts)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.timeout = timeout
+
+    def submit(self, mb: MicroBatch) -> concurrent.futures.Future:
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        first = self.hosts[0]
+        future = rpc.rpc_async(
+            first.owner(), StageHost.forward, args=(first, mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling), timeout=self.timeout
+        )
+
+        def done(f) -> None:
+            try:
+                result.set_result(f.wait())
+            except Exception as e:
+                text = str(e)
+                named = any(n in text for n in self.names)
+                result.set_exception(StageError(text if named else f"{self.names[0]}: {text}"))
+
+        future.add_done_callback(done)
+        return result
+
+    def describe(self, timeout: float = 5.0) -> list[dict]:
+        """Each stage's ``describe()``, or ``{"name", "error"}`` for a stage that does not answer."""
+        futures = [h.rpc_async(timeout=timeout).describe() for h in self.hosts]
+        out = []
+        for name, f in zip(self.names, futures):
+            try:
+                out.append(f.wait())
+            except Exception as e:
+                out.append({"name": name, "error": str(e).splitlines()[0][:300]})
+        return out
+
+    def timings(self) -> dict[str, list]:
+        return {n: h.rpc_sync(timeout=self.timeout).timings() for n, h in zip(self.names, self.hosts)}
+
+    def inject_failure(self, stage: int, message: str = "injected") -> None:
+        """Test hook: make ``stage`` fail its next micro-batch."""
+        self.hosts[stage].rpc_sync().fail_next(message)
+
+    def close(self) -> None:
+        pass
+
+
+class RpcCluster:
+    """The coordinator's view of the ranks; ``start`` returns once every stage has loaded."""
+
+    def __init__(self, cfg: ChatLoopConfig, processes: list[multiprocessing.Process]) -> None:
+        self.cfg = cfg
+        self.processes = processes
+        self.pipeline: RpcPipeline | None = None
+        self._shut = False
+
+    @classmethod
+    def start(cls, cfg: ChatLoopConfig, partitions_dir: str, prepare=None) -> RpcCluster:
+        """Join (torchrun) or spawn the workers, init RPC, run ``prepare()`` (e.g. the split), load the stages."""
+        num_workers = cfg.cluster.num_workers
+        world_size = num_workers + 1
+        processes: list[multiprocessing.Process] = []
+        if under_torchrun():
+            if int(os.environ["WORLD_SIZE"]) != world_size:
+                raise StartupError(
+                    f"torchrun started {os.environ['WORLD_SIZE']} ranks, cluster.num_workers={num_workers} needs "
+                    f"{world_size} (1 coordinator + {num_workers} workers): use --nproc-per-node {world_size} or change num_workers"
+                )
+        else:
+            os.environ.update(MASTER_ADDR=cfg.cluster.master_addr, MASTER_PORT=str(cfg.cluster.master_port))
+            processes = _spawn_workers(cfg, world_size)
+        cluster = cls(cfg, processes)
+        try:
+            rpc.init_rpc("coordinator", rank=0, world_size=world_size, rpc_backend_options=_backend_options(cfg, cfg.cluster.startup_timeout_s))
+        except Exception as e:
+            cluster._stop_processes()
+            raise StartupError(f"RPC rendezvous on {cfg.cluster.master_addr}:{cfg.cluster.master_port} failed: {e}") from e
+        try:
+            manifest = prepare() if prepare else None
+            cluster._load_stages(partitions_dir, manifest)
+        except BaseException:
+            cluster.shutdown()
+            raise
+        return cluster
+
+    def _load_stages(self, partitions_dir: str, manifest) -> None:
+        cfg = self.cfg
+        names = [f"worker{k}" for k in range(cfg.cluster.num_workers)]
+        hosts = []
+        for k, name in enumerate(names):
+            spec = cfg.cluster.workers[k] if cfg.cluster.workers else None
+            expected = (spec.start_layer, spec.end_layer) if spec else None
+            args = (name, os.path.abspath(partitions_dir), k, expected, cfg.model.dtype, cfg.cache.kv_cache_mb,
+                    cfg.cache.block_size, cfg.model.verify_sha256, cfg.cluster.rpc_timeout_s)
+            hosts.append(rpc.remote(name, _create_host, args=args, timeout=cfg.cluster.startup_timeout_s))
+        infos = []
+        for name, host in zip(names, hosts):
+            try:
+                infos.append(host.rpc_sync(timeout=cfg.cluster.startup_timeout_s).describe())
+            except Exception as e:
+                raise StartupError(f"{name} could not load its stage: {_first_line(e)}") from None
+        for k, host in enumerate(hosts):
+            nxt = hosts[k + 1] if k + 1 < len(hosts) else None
+            host.rpc_sync().connect(nxt, names[k + 1] if nxt else "")
+        num_blocks = min(i["num_blocks"] for i in infos)
+        self.stage_infos = infos
+        self.pipeline = RpcPipeline(hosts, names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s)
+        for info in infos:
+            log.info("%s: layers %s, %d KV blocks, pid %s, cores %s, %s threads, CPU capability %s",
+                     info["name"], info["layers"], info["num_blocks"], info["pid"], info.get("cores"), info.get("threads"), info.get("simd"))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every rank within ``timeout`` seconds; kill the spawned workers that do not stop."""
+        if self._shut:
+            return
+        self._shut = True
+        self.pipeline = None
+        done = threading.Event()
+
+        def graceful() -> None:
+            try:
+                rpc.shutdown(graceful=True)
+            except Exception as e:  # a dead worker makes the graceful barrier fail
+                log.warning("graceful RPC shutdown failed: %s", _first_line(e))
+                try:
+                    rpc.shutdown(graceful=False)
+                except Exception:
+                    pass
+            done.set()
+
+        threading.Thread(target=graceful, daemon=True, name="chatloop-rpc-shutdown").start()
+        if not done.wait(timeout):
+            log.warning("RPC shutdown did not finish in %.0f s: stopping the workers", timeout)
+        self._stop_processes()
+
+    def _stop_processes(self) -> None:
+        deadline = time.monotonic() + 5
+        for p in self.processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(2)
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+
+
+def _spawn_workers(cfg: ChatLoopConfig, world_size: int) -> list[multiprocessing.Process]:
+    ctx = multiprocessing.get_context("spawn")
+    saved = os.environ.get(SIMD_ENV)
+    if not cfg.worker.enable_simd:
+        os.environ[SIMD_ENV] = "default"  # read by torch when the child imports it
+    try:
+        processes = []
+        for rank in range(1, world_size):
+            p = ctx.Process(target=run_worker, args=(rank, world_size, cfg, os.getpid()), name=f"chatloop-worker{rank - 1}", daemon=True)
+            p.start()
+            processes.append(p)
+        return processes
+    finally:
+        if saved is None:
+            os.environ.pop(SIMD_ENV, None)
+        else:
+            os.environ[SIMD_ENV] = saved
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    # RPC wraps a remote exception's traceback; its last line holds the message.
+    useful = [line for line in lines if "Error" in line and ":" in line]
+    return (useful[-1] if useful else lines[-1] if lines else repr(e)).strip()

@@ -1,0 +1,131 @@
+"""A worker's stage as an RPC object: it computes, forwards to the next stage, and relays the answer.
+
+``forward`` is an ``async_execution`` function: it returns a future at once, the compute runs
+on the stage's own thread, and the call to the next stage is asynchronous too, so no RPC
+thread ever blocks and any number of micro-batches can be in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import torch
+import torch.distributed.rpc as rpc
+
+from ..engine.pipeline import StageRunner
+from ..models import StepBatch
+from ..models.kv_cache import blocks_for_budget
+from ..partition.loader import load_stage
+from ..partition.plan import LayerRange
+
+__all__ = ["StageHost"]
+
+
+class StageHost:
+    """Lives on a worker (created there with ``rpc.remote``); holds the stage, its KV pool and its thread."""
+
+    def __init__(
+        self,
+        name: str,
+        directory: str,
+        index: int,
+        expected_layers: tuple[int, int] | None,
+        dtype: str,
+        kv_cache_mb: float,
+        block_size: int,
+        verify_sha256: bool,
+        rpc_timeout_s: float,
+        settings: dict,
+    ) -> None:
+        self.name = name
+        self.started = time.time()
+        layers = LayerRange(*expected_layers) if expected_layers else None
+        stage = load_stage(directory, index, expected_layers=layers, dtype=getattr(torch, dtype), verify_sha256=verify_sha256)
+        a = stage.args
+        num_blocks = blocks_for_budget(
+            kv_cache_mb, num_layers=len(stage.layers_range), block_size=block_size,
+            num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=getattr(torch, dtype),
+        )
+        if num_blocks < 1:
+            raise ValueError(f"{name}: kv_cache_mb={kv_cache_mb} holds not even one block of {block_size} tokens: raise cache.kv_cache_mb")
+        self.runner = StageRunner(stage, num_blocks, block_size, name)
+        self.partition_bytes = os.path.getsize(os.path.join(directory, f"partition_{index}.safetensors"))
+        self.settings = settings
+        self.rpc_timeout_s = rpc_timeout_s
+        self.next: rpc.RRef | None = None
+        self.next_name = ""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chatloop-{name}")
+
+    def connect(self, next_stage: rpc.RRef | None, next_name: str) -> None:
+        """Point this stage at the one after it (None for the last)."""
+        self.next, self.next_name = next_stage, next_name
+
+    def describe(self) -> dict:
+        """What status, health and the coordinator's start-up report show."""
+        return {
+            "name": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "layers": str(self.runner.stage.layers_range),
+            "num_blocks": self.runner.num_blocks,
+            "kv_cache_bytes": self.runner.cache.num_bytes,
+            "partition_bytes": self.partition_bytes,
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "uptime_s": time.time() - self.started,
+            "busy_s": self.runner.busy_seconds,
+            "num_micro_batches": self.runner.num_micro_batches,
+            **self.settings,
+        }
+
+    def timings(self) -> list[tuple[int, float, float]]:
+        """(micro-batch, start, end) wall-clock seconds of the recorded micro-batches, then forget them."""
+        offset = time.time() - time.perf_counter()
+        out = [(t.micro_batch, t.start + offset, t.end + offset) for t in self.runner.timings]
+        self.runner.timings.clear()
+        return out
+
+    def fail_next(self, message: str) -> None:
+        """Test hook: the next micro-batch raises inside this stage."""
+        self._inject = message
+
+    @staticmethod
+    @rpc.functions.async_execution
+    def forward(host_rref: rpc.RRef, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list) -> torch.futures.Future:
+        host: StageHost = host_rref.local_value()
+        result: torch.futures.Future = torch.futures.Future()
+        host._executor.submit(host._work, result, mb_id, inputs, batch, sampling)
+        return result
+
+    def _work(self, result: torch.futures.Future, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list) -> None:
+        try:
+            inject = getattr(self, "_inject", None)
+            if inject:
+                self._inject = None
+                inputs = inputs[..., :1] if inputs.dim() == 3 else inputs  # a wrong shape, as a bug would make
+            out = self.runner.run(inputs, StepBatch.from_payload(batch), sampling, mb_id)
+        except Exception as e:
+            result.set_exception(e)
+            return
+        if self.next is None:
+            result.set_result(out)
+            return
+        try:
+            downstream = rpc.rpc_async(
+                self.next.owner(), StageHost.forward, args=(self.next, mb_id, out, batch, sampling), timeout=self.rpc_timeout_s
+            )
+        except Exception as e:
+            result.set_exception(RuntimeError(f"{self.next_name} is unreachable: {e}"))
+            return
+
+        def relay(f: torch.futures.Future) -> None:
+            try:
+                result.set_result(f.wait())
+            except Exception as e:
+                text = str(e)
+                result.set_exception(RuntimeError(text if self.next_name in text else f"{self.next_name}: {text}"))
+
+        downstream.add_done_callback(relay)
