@@ -19,16 +19,15 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .config import ChatLoopConfig
+from .config import CONF_DIR, ChatLoopConfig
 from .embedded import cache_root
 from .engine import LocalPipeline, SamplingParams, Scheduler, SequenceEvent, StageRunner
-from .models.kv_cache import blocks_for_budget
+from .models.kv_cache import blocks_for_stage
 from .partition import Manifest, ManifestError, load_stage
 
 __all__ = ["ChatLoop", "Completion", "load_config"]
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def load_config(overrides: Sequence[str] = ()) -> ChatLoopConfig:
     from .config import register_configs, to_config
 
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return to_config(compose(config_name="config", overrides=list(overrides)))
 
 
@@ -91,7 +90,24 @@ def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
                 f"partition {k} layers {manifest.partitions[k].layers}: make the ranges match "
                 f"({', '.join(str(r) for r in manifest.plan)}) or split again with --ranges"
             )
+    _check_cache_capacity(cfg, manifest)
     return manifest
+
+
+def _check_cache_capacity(cfg: ChatLoopConfig, manifest: Manifest) -> None:
+    """Fail before any worker starts when kv_cache_mb cannot hold one ordinary request on some stage."""
+    from .models import ModelArgs
+
+    args = ModelArgs.from_hf_config(manifest.model_config)
+    dtype = getattr(torch, cfg.model.dtype)
+    for part in manifest.partitions:
+        blocks = blocks_for_stage(cfg.cache.kv_cache_mb, cfg.cache.block_size, args, len(part.layers), dtype)
+        if blocks * cfg.cache.block_size < cfg.cache.min_capacity_tokens:
+            raise ValueError(
+                f"cache.kv_cache_mb={cfg.cache.kv_cache_mb} holds {blocks * cfg.cache.block_size} tokens on worker "
+                f"{part.index} (layers {part.layers}), fewer than cache.min_capacity_tokens={cfg.cache.min_capacity_tokens}: "
+                f"raise cache.kv_cache_mb"
+            )
 
 
 class ChatLoop:
@@ -237,11 +253,7 @@ def _local_pipeline(cfg: ChatLoopConfig, manifest: Manifest) -> LocalPipeline:
     runners = []
     for k, part in enumerate(manifest.partitions):
         stage = load_stage(directory, k, manifest=manifest, dtype=dtype, verify_sha256=cfg.model.verify_sha256)
-        a = stage.args
-        num_blocks = blocks_for_budget(
-            cfg.cache.kv_cache_mb, num_layers=len(part.layers), block_size=cfg.cache.block_size,
-            num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=dtype,
-        )
+        num_blocks = blocks_for_stage(cfg.cache.kv_cache_mb, cfg.cache.block_size, stage.args, len(part.layers), dtype)
         runners.append(StageRunner(stage, max(num_blocks, 1), cfg.cache.block_size, f"stage{k}"))
     return LocalPipeline(runners)
 

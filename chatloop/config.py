@@ -8,15 +8,19 @@ max_batch_size 16, batching_window_ms 5, max_queue_size 256, kv_cache_mb 512, en
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 __all__ = [
-    "ModelConfig", "WorkerSpec", "ClusterConfig", "BatchingConfig", "CacheConfig", "WorkerConfig",
+    "CONF_DIR", "ModelConfig", "WorkerSpec", "ClusterConfig", "BatchingConfig", "CacheConfig", "WorkerConfig",
     "ServerConfig", "SamplingConfig", "ChatLoopConfig", "register_configs", "to_config",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
+CONF_DIR = os.environ.get("CHATLOOP_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
+"""The ``conf/`` folder Hydra composes from (a source checkout's; CHATLOOP_CONF_DIR points elsewhere)."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -159,6 +163,18 @@ class ServerConfig:
     """When set, requests need 'Authorization: Bearer <api_key>'."""
     model_name: Optional[str] = None
     """The model id the API reports; None: the model's name."""
+    default_max_tokens: int = 256
+    """max_tokens of a chat completion that sets none (OpenAI's /v1/completions default, 16, stays)."""
+    health_timeout_s: float = 3.0
+    """How long a health check waits for each stage's answer."""
+    health_interval_s: float = 10.0
+    """Seconds between background health checks (2 s while a stage is down); new requests fail fast while one is."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, f"server.port={self.port} is not a TCP port")
+        _require(self.default_max_tokens >= 1, f"server.default_max_tokens={self.default_max_tokens}: need >= 1")
+        _require(self.health_timeout_s > 0, f"server.health_timeout_s={self.health_timeout_s}: need > 0")
+        _require(self.health_interval_s > 0, f"server.health_interval_s={self.health_interval_s}: need > 0")
 
 
 @dataclass(kw_only=True)

@@ -13,7 +13,7 @@ import torch
 
 from .batch import StepBatch
 
-__all__ = ["PagedKVCache", "blocks_for_budget", "bytes_per_block"]
+__all__ = ["PagedKVCache", "blocks_for_budget", "blocks_for_stage", "bytes_per_block"]
 
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -25,6 +25,13 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
 def blocks_for_budget(budget_mb: float, **shape) -> int:
     """How many blocks fit in ``budget_mb`` MiB for the given layer count and shape."""
     return int(budget_mb * 2**20 // bytes_per_block(**shape))
+
+
+def blocks_for_stage(budget_mb: float, block_size: int, args, num_layers: int, dtype: torch.dtype) -> int:
+    """How many blocks a stage of ``num_layers`` layers of the model ``args`` (ModelArgs) fits in ``budget_mb``."""
+    return blocks_for_budget(
+        budget_mb, num_layers=num_layers, block_size=block_size, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, dtype=dtype
+    )
 
 
 class PagedKVCache:

@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ranges = parse_ranges(ns.ranges) if ns.ranges else None
         manifest = split_model(ns.model, ns.output, ns.num_partitions, ranges=ranges, dtype=ns.dtype)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing model, an --output that is a file, a full disk
         print(f"chatloop-split: error: {e}", file=sys.stderr)
         return 2
     for p in manifest.partitions:

@@ -63,6 +63,7 @@ def run_worker(rank: int, world_size: int, cfg: ChatLoopConfig, parent_pid: int 
 
 
 _WORKER_SETTINGS: dict[str, Any] = {}
+_STARTED = False
 
 
 def _serve_metrics(index: int, cfg: ChatLoopConfig) -> None:
@@ -139,9 +140,19 @@ class RpcCluster:
     @classmethod
     def start(cls, cfg: ChatLoopConfig, partitions_dir: str, prepare=None) -> RpcCluster:
         """Join (torchrun) or spawn the workers, init RPC, run ``prepare()`` (e.g. the split), load the stages."""
+        global _STARTED
+        if _STARTED:
+            # torch numbers a process's init_rpc calls in private state that a new group of
+            # workers does not share; a second group in one process hangs or fails.
+            raise StartupError(
+                "this process already ran a ChatLoop cluster: torch.distributed.rpc starts once per process, "
+                "so start the next cluster in a new process (or use cluster.in_process=true)"
+            )
+        _STARTED = True
         num_workers = cfg.cluster.num_workers
         world_size = num_workers + 1
         processes: list[multiprocessing.Process] = []
+        manifest = None
         if under_torchrun():
             if int(os.environ["WORLD_SIZE"]) != world_size:
                 raise StartupError(
@@ -149,6 +160,10 @@ class RpcCluster:
                     f"{world_size} (1 coordinator + {num_workers} workers): use --nproc-per-node {world_size} or change num_workers"
                 )
         else:
+            # On one machine nobody waits in the rendezvous yet: check (and split) before spawning,
+            # so that a bad configuration fails in a second. Under torchrun the other ranks are
+            # waiting, so that happens after init_rpc, where a slow split cannot time them out.
+            manifest = prepare() if prepare else None
             os.environ.update(MASTER_ADDR=cfg.cluster.master_addr, MASTER_PORT=str(cfg.cluster.master_port))
             processes = _spawn_workers(cfg, world_size)
         cluster = cls(cfg, processes)
@@ -158,7 +173,8 @@ class RpcCluster:
             cluster._stop_processes()
             raise StartupError(f"RPC rendezvous on {cfg.cluster.master_addr}:{cfg.cluster.master_port} failed: {e}") from e
         try:
-            manifest = prepare() if prepare else None
+            if manifest is None and prepare:
+                manifest = prepare()
             cluster._load_stages(partitions_dir, manifest)
         except BaseException:
             cluster.shutdown()

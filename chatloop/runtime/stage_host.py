@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import psutil
 import torch
@@ -18,11 +19,25 @@ import torch.distributed.rpc as rpc
 
 from ..engine.pipeline import StageRunner
 from ..models import StepBatch
-from ..models.kv_cache import blocks_for_budget
+from ..models.kv_cache import blocks_for_stage
 from ..partition.loader import load_stage
 from ..partition.plan import LayerRange
 
 __all__ = ["StageHost"]
+
+CURRENT_HOST: StageHost | None = None
+"""The stage this worker process hosts, once created (chatloop.serving.worker_metrics reads it)."""
+OBSERVERS: list[Callable[[dict], None]] = []
+"""Called with {"queue_s", "compute_s", "bytes_in", "bytes_out"} after each micro-batch (stage thread), and with
+{"downstream_s"} when the next stage answers (RPC thread); chatloop.serving.worker_metrics registers one."""
+
+
+def _observe(record: dict) -> None:
+    for observer in OBSERVERS:
+        try:
+            observer(record)
+        except Exception:  # metrics never break a micro-batch
+            pass
 
 
 class StageHost:
@@ -45,11 +60,7 @@ class StageHost:
         self.started = time.time()
         layers = LayerRange(*expected_layers) if expected_layers else None
         stage = load_stage(directory, index, expected_layers=layers, dtype=getattr(torch, dtype), verify_sha256=verify_sha256)
-        a = stage.args
-        num_blocks = blocks_for_budget(
-            kv_cache_mb, num_layers=len(stage.layers_range), block_size=block_size,
-            num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=getattr(torch, dtype),
-        )
+        num_blocks = blocks_for_stage(kv_cache_mb, block_size, stage.args, len(stage.layers_range), getattr(torch, dtype))
         if num_blocks < 1:
             raise ValueError(f"{name}: kv_cache_mb={kv_cache_mb} holds not even one block of {block_size} tokens: raise cache.kv_cache_mb")
         self.runner = StageRunner(stage, num_blocks, block_size, name)
@@ -59,6 +70,8 @@ class StageHost:
         self.next: rpc.RRef | None = None
         self.next_name = ""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chatloop-{name}")
+        global CURRENT_HOST
+        CURRENT_HOST = self
 
     def connect(self, next_stage: rpc.RRef | None, next_name: str) -> None:
         """Point this stage at the one after it (None for the last)."""
@@ -97,22 +110,28 @@ class StageHost:
     def forward(host_rref: rpc.RRef, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list) -> torch.futures.Future:
         host: StageHost = host_rref.local_value()
         result: torch.futures.Future = torch.futures.Future()
-        host._executor.submit(host._work, result, mb_id, inputs, batch, sampling)
+        host._executor.submit(host._work, result, mb_id, inputs, batch, sampling, time.perf_counter())
         return result
 
-    def _work(self, result: torch.futures.Future, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list) -> None:
+    def _work(self, result: torch.futures.Future, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list, arrived: float = 0.0) -> None:
+        started = time.perf_counter()
         try:
             inject = getattr(self, "_inject", None)
             if inject:
                 self._inject = None
-                inputs = inputs[..., :1] if inputs.dim() == 3 else inputs  # a wrong shape, as a bug would make
+                inputs = inputs[..., :-1] if inputs.dim() == 3 else inputs[:, :0]  # a wrong shape, as a bug would make
             out = self.runner.run(inputs, StepBatch.from_payload(batch), sampling, mb_id)
         except Exception as e:
             result.set_exception(e)
             return
+        if OBSERVERS:
+            nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 8 * len(out)
+            _observe({"queue_s": started - arrived, "compute_s": time.perf_counter() - started,
+                      "bytes_in": inputs.numel() * inputs.element_size(), "bytes_out": nbytes})
         if self.next is None:
             result.set_result(out)
             return
+        sent = time.perf_counter()
         try:
             downstream = rpc.rpc_async(
                 self.next.owner(), StageHost.forward, args=(self.next, mb_id, out, batch, sampling), timeout=self.rpc_timeout_s
@@ -122,6 +141,8 @@ class StageHost:
             return
 
         def relay(f: torch.futures.Future) -> None:
+            if OBSERVERS:
+                _observe({"downstream_s": time.perf_counter() - sent})
             try:
                 result.set_result(f.wait())
             except Exception as e:

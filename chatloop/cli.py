@@ -1,0 +1,107 @@
+"""``chatloop-generate`` and ``chatloop-chat``: Hydra apps over ``conf/``.
+
+    chatloop-generate prompt='The capital of France is' chat=false max_new_tokens=16 sampling.temperature=0
+    chatloop-chat cluster.num_workers=2
+
+With no overrides they run the embedded SmolLM2 split over 4 workers, spawned on this
+machine. Under torchrun every rank runs the same command: rank 0 becomes the coordinator,
+the others workers (``torchrun --nproc-per-node 5 --no-python chatloop-generate ...``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from .config import CONF_DIR, ChatLoopConfig, register_configs, to_config
+
+__all__ = ["generate_main", "chat_main", "run_rank"]
+
+register_configs()
+
+
+def run_rank(cfg: ChatLoopConfig, coordinator: Callable[[ChatLoopConfig], None]) -> None:
+    """Run ``coordinator(cfg)`` on rank 0, or serve as a worker on the other torchrun ranks."""
+    from .runtime import run_worker, under_torchrun
+
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    rank = int(os.environ.get("RANK", "0")) if under_torchrun() else 0
+    if rank > 0:
+        if not cfg.worker.enable_simd and os.environ.get("ATEN_CPU_CAPABILITY") != "default":
+            # torch reads the capability when it is imported: restart this rank with it set.
+            os.environ["ATEN_CPU_CAPABILITY"] = "default"
+            os.execv(sys.executable, [sys.executable, *sys.argv])
+        run_worker(rank, int(os.environ["WORLD_SIZE"]), cfg)
+        return
+    coordinator(cfg)
+
+
+def _generate(cfg: ChatLoopConfig) -> None:
+    from .api import ChatLoop
+
+    with ChatLoop.start(cfg) as llm:
+        for piece in llm.stream(cfg.prompt, chat=cfg.chat, **_sampling(cfg)):
+            print(piece, end="", flush=True)
+        print()
+
+
+def _chat(cfg: ChatLoopConfig) -> None:
+    from .api import ChatLoop
+
+    with ChatLoop.start(cfg) as llm:
+        messages: list[dict] = []
+        print("ChatLoop chat: type a message, /reset to start over, Ctrl-D or /quit to leave.", flush=True)
+        while True:
+            try:
+                line = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if line in ("/quit", "/exit"):
+                return
+            if line == "/reset":
+                messages.clear()
+                continue
+            if not line:
+                continue
+            messages.append({"role": "user", "content": line})
+            print("assistant> ", end="", flush=True)
+            answer = []
+            try:
+                for piece in llm.stream(messages, chat=True, **_sampling(cfg)):
+                    answer.append(piece)
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:  # stop this answer, keep the conversation
+                print(" [interrupted]", end="")
+            print(flush=True)
+            messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _sampling(cfg: ChatLoopConfig) -> dict:
+    s = cfg.sampling
+    return dict(
+        max_new_tokens=cfg.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        repetition_penalty=s.repetition_penalty, seed=s.seed, stop=tuple(s.stop),
+    )
+
+
+def _app(coordinator: Callable[[ChatLoopConfig], None]) -> Callable[[], None]:
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+    def app(raw: DictConfig) -> None:
+        try:
+            cfg = to_config(raw)
+            run_rank(cfg, coordinator)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"chatloop: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return app
+
+
+generate_main = _app(_generate)
+chat_main = _app(_chat)

@@ -1,0 +1,223 @@
+"""Shared fixtures: tiny random-weight checkpoints, split SmolLM2, and a one-process pipeline.
+
+Shape legend: B sequences, T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+TINY_VOCAB = 128
+
+
+def tiny_hf_config(family: str):
+    """A transformers config of a tiny model of ``family`` (hidden 64, vocab 128).
+
+    llama: untied head, Llama-3 RoPE scaling, grouped-query attention, 5 layers (an uneven
+    4-way split); qwen2: tied embeddings, attention bias; both with a non-default RoPE theta.
+    gpt2: tied, learned positions.
+    """
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            max_position_embeddings=256,
+            rope_theta=50000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+    if family == "qwen2":
+        return Qwen2Config(
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=256,
+            rope_theta=1000000.0,
+        )
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=TINY_VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+        )
+    raise ValueError(f"no tiny config for {family!r}: use llama, qwen2 or gpt2")
+
+
+def build_tiny_model(family: str, seed: int = 0):
+    """A tiny random-weight transformers model whose every weight matters to the logits.
+
+    transformers' own init (std 0.02, zero biases, unit norms) leaves attention almost
+    uniform, so a wrong rotary scaling or a dropped bias would change the logits by less
+    than the tolerance. Here matrices get std 0.15 (peaky attention, logits of order 1),
+    biases noise, and norm weights 1 + noise.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(family), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.15)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.2)
+            else:
+                param.normal_(1.0, 0.2)
+    return model.eval()
+
+
+@dataclass
+class TinyCheckpoint:
+    """A saved tiny checkpoint folder and the transformers model that wrote it."""
+
+    family: str
+    path: Path
+    model: torch.nn.Module
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.model.config.tie_word_embeddings)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Callable[..., TinyCheckpoint]:
+    """``tiny_checkpoint(family, max_shard_size=None)``: a saved tiny checkpoint, built once per session.
+
+    Tests must not modify the folder or the model; copy the folder to damage it.
+    """
+    made: dict[tuple[str, str | None], TinyCheckpoint] = {}
+
+    def make(family: str, max_shard_size: str | None = None) -> TinyCheckpoint:
+        key = (family, max_shard_size)
+        if key not in made:
+            model = build_tiny_model(family)
+            name = f"{family}-sharded" if max_shard_size else family
+            path = tmp_path_factory.mktemp(name)
+            kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+            model.save_pretrained(path, **kwargs)
+            made[key] = TinyCheckpoint(family, path, model)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint() -> Path:
+    """The embedded SmolLM2-135M-Instruct checkpoint (converted from the GGUF on first use, ~30 s)."""
+    from chatloop.embedded import embedded_checkpoint
+
+    return embedded_checkpoint("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_split(smollm2_checkpoint, tmp_path_factory) -> Path:
+    """SmolLM2 split once into 4 partitions in a temporary folder."""
+    from chatloop.partition.splitter import split_model
+
+    out = tmp_path_factory.mktemp("smollm2-4")
+    split_model("smollm2", out, 4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_checkpoint):
+    """The embedded SmolLM2 in transformers, fp32, the golden reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32).eval()
+
+
+@dataclass
+class Pipeline:
+    """The stages of one split model run one after another in this process, each with its own KV cache.
+
+    Sequences get shuffled, interleaved cache blocks so that the block tables matter. The
+    same tables index every stage's cache, as the coordinator's do.
+    """
+
+    stages: list
+    block_size: int = 4
+    num_blocks: int = 64
+    seed: int = 0
+    caches: list = field(init=False)
+    tables: list[list[int]] = field(init=False, default_factory=list)
+    lengths: list[int] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.caches = [stage.new_cache(self.num_blocks, self.block_size) for stage in self.stages]
+        self._free = list(range(self.num_blocks))
+        random.Random(self.seed).shuffle(self._free)
+
+    def run(self, inputs: torch.Tensor, batch, all_logits: bool = False) -> torch.Tensor:
+        """One micro-batch through every stage."""
+        x = inputs
+        with torch.no_grad():
+            for stage, cache in zip(self.stages, self.caches):
+                x = stage(x, batch, cache, all_logits=all_logits)
+        return x
+
+    def _ensure_blocks(self, total_lengths: list[int]) -> None:
+        for b, total in enumerate(total_lengths):
+            while len(self.tables[b]) * self.block_size < total:
+                self.tables[b].append(self._free.pop())
+
+    def prefill(self, prompts: list[list[int]], pad_id: int = 7, all_logits: bool = False) -> torch.Tensor:
+        """Start one sequence per prompt (padded to the longest with ``pad_id``); logits [B, V] or [B, T, V]."""
+        from chatloop.models import StepBatch
+
+        self.tables = [[] for _ in prompts]
+        self.lengths = [len(p) for p in prompts]
+        self._ensure_blocks(self.lengths)
+        width = max(self.lengths)
+        ids = torch.tensor([p + [pad_id] * (width - len(p)) for p in prompts])
+        batch = StepBatch.build([0] * len(prompts), self.lengths, self.tables, self.block_size)
+        return self.run(ids, batch, all_logits=all_logits)
+
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        """One new token per sequence; logits [B, V] of the next token."""
+        from chatloop.models import StepBatch
+
+        self._ensure_blocks([n + 1 for n in self.lengths])
+        batch = StepBatch.build(list(self.lengths), [1] * len(tokens), self.tables, self.block_size)
+        self.lengths = [n + 1 for n in self.lengths]
+        return self.run(torch.tensor(tokens)[:, None], batch)
+
+
+@pytest.fixture(scope="session")
+def load_pipeline() -> Callable[..., Pipeline]:
+    """``load_pipeline(directory, **pipeline_options)``: every stage of a split model, loaded with ``load_stage``."""
+    from chatloop.partition import Manifest, load_stage
+
+    def load(directory: Path, **options) -> Pipeline:
+        manifest = Manifest.load(directory)
+        stages = [
+            load_stage(directory, i, expected_layers=manifest.partitions[i].layers, verify_sha256=True)
+            for i in range(manifest.num_partitions)
+        ]
+        return Pipeline(stages, **options)
+
+    return load

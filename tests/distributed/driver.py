@@ -1,0 +1,61 @@
+"""Runs one ChatLoop cluster in its own process and a script of requests against it.
+
+torch.distributed.rpc starts once per process, so every cluster a test needs gets a fresh
+coordinator process: ``python driver.py SPEC_JSON`` prints one JSON line with a result per op.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+
+def run_op(llm, op: dict):
+    kind = op["op"]
+    if kind == "generate":
+        try:
+            c = llm.generate(op["prompt"], chat=op.get("chat", False), **op.get("params", {}))
+            return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+        except Exception as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+    if kind == "concurrent":
+        with ThreadPoolExecutor(len(op["requests"])) as pool:
+            return list(pool.map(lambda r: run_op(llm, {"op": "generate", **r}), op["requests"]))
+    if kind == "cancel_after":
+        stream = llm.stream_events(op["prompt"], **op.get("params", {}))
+        got = [next(stream) for _ in range(op["tokens"])]
+        stream.close()  # abandoning the stream cancels the request
+        return {"received": sum(len(e.token_ids) for e in got)}
+    if kind == "blocks":
+        # Wait for the scheduler to settle (a cancelled sequence frees at its next step).
+        done = threading.Event()
+        for _ in range(100):
+            if llm.scheduler.allocator.num_free == llm.scheduler.allocator.num_blocks:
+                break
+            done.wait(0.05)
+        return {"free": llm.scheduler.allocator.num_free, "total": llm.scheduler.allocator.num_blocks}
+    if kind == "inject":
+        llm.pipeline.inject_failure(op["stage"])
+        return {}
+    if kind == "describe":
+        return llm.pipeline.describe()
+    raise ValueError(f"unknown op {kind}")
+
+
+def main() -> int:
+    from chatloop import ChatLoop, load_config
+
+    spec = json.loads(sys.argv[1])
+    llm = ChatLoop.start(load_config(spec["overrides"]))
+    try:
+        results = [run_op(llm, op) for op in spec["ops"]]
+    finally:
+        llm.shutdown()
+    print("RESULT " + json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Golden tests: the split stages, run one after another, compute what transformers computes.
+
+Every model is split into 4 partitions with the splitter and loaded with ``load_stage``,
+exactly as the workers do. Prompts are batched with different lengths, so padding and the
+valid mask are exercised; decode steps go through the paged KV cache with shuffled blocks.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chatloop.models import ModelArgs
+from chatloop.partition import Manifest
+from chatloop.partition.splitter import split_model
+
+TOLERANCE = 1e-4  # max abs logit difference, fp32
+NUM_DECODE_STEPS = 16
+NUM_GREEDY_TOKENS = 32
+
+
+def reference_logits(hf_model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """transformers' logits [T, V] for ``prompt + continuation``, one unpadded sequence, as it decodes.
+
+    The prompt goes in one forward (a row per prompt token), then each continuation token
+    one at a time through transformers' own KV cache, the computation the stages mirror.
+    """
+    rows = []
+    with torch.no_grad():
+        out = hf_model(torch.tensor([prompt]), use_cache=True)
+        rows.extend(out.logits[0].float())
+        for token in continuation:
+            if "cache" in out:  # transformers 5 renamed past_key_values
+                out = hf_model(torch.tensor([[token]]), cache=out["cache"], use_cache=True)
+            else:
+                out = hf_model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            rows.append(out.logits[0, -1].float())
+    return torch.stack(rows)
+
+
+def check_against_reference(pipeline, hf_model, prompts: list[list[int]], continuations: list[list[int]]) -> float:
+    """Prefill ``prompts`` as one padded batch, then decode ``continuations`` one token per step.
+
+    Returns the largest difference seen.
+    """
+    worst = 0.0
+    refs = [reference_logits(hf_model, p, c) for p, c in zip(prompts, continuations)]
+    lengths = [len(p) for p in prompts]
+
+    logits = pipeline.prefill(prompts)  # [B, V]: each sequence's last real token
+    assert logits.dtype == torch.float32
+    assert logits.shape == (len(prompts), refs[0].shape[-1])
+    for b, ref in enumerate(refs):
+        diff = (logits[b] - ref[lengths[b] - 1]).abs().max().item()
+        worst = max(worst, diff)
+        assert diff <= TOLERANCE, f"prefill, sequence {b} (length {lengths[b]}): max abs diff {diff:.2e}"
+
+    for step in range(len(continuations[0])):
+        logits = pipeline.decode([c[step] for c in continuations])
+        assert logits.shape == (len(prompts), refs[0].shape[-1])
+        for b, ref in enumerate(refs):
+            diff = (logits[b] - ref[lengths[b] + step]).abs().max().item()
+            worst = max(worst, diff)
+            assert diff <= TOLERANCE, f"decode step {step}, sequence {b}: max abs diff {diff:.2e}"
+    return worst
+
+
+def check_all_logits(pipeline, hf_model, prompts: list[list[int]]) -> None:
+    """``all_logits=True``: every real token's logits [B, T, V] equal transformers'."""
+    logits = pipeline.prefill(prompts, all_logits=True)
+    assert logits.shape[:2] == (len(prompts), max(len(p) for p in prompts))
+    for b, prompt in enumerate(prompts):
+        ref = reference_logits(hf_model, prompt, [])
+        diff = (logits[b, : len(prompt)] - ref).abs().max().item()
+        assert diff <= TOLERANCE, f"all_logits, sequence {b}: max abs diff {diff:.2e}"
+
+
+# --- tiny random-weight models ---------------------------------------------------------------
+
+FAMILIES = ["llama", "qwen2", "gpt2"]
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_split(request, tiny_checkpoint, tmp_path):
+    checkpoint = tiny_checkpoint(request.param)
+    split_model(checkpoint.path, tmp_path / "parts", 4, progress=False)
+    return checkpoint, tmp_path / "parts"
+
+
+def tiny_prompts(seed: int = 1) -> tuple[list[list[int]], list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = 128
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (11, 6)]
+    continuations = [torch.randint(0, vocab, (NUM_DECODE_STEPS,), generator=g).tolist() for _ in prompts]
+    return prompts, continuations
+
+
+def test_tiny_model_features_are_what_the_goldens_claim(tiny_checkpoint):
+    """The goldens below only mean something if the tiny configs carry the features under test."""
+    llama = ModelArgs.from_hf_config(json.loads((tiny_checkpoint("llama").path / "config.json").read_text()))
+    assert not llama.tie_word_embeddings
+    assert llama.rope_scaling and llama.rope_scaling["rope_type"] == "llama3"
+    assert llama.num_kv_heads < llama.num_heads
+    assert llama.rope_theta == 50000.0
+    qwen2 = ModelArgs.from_hf_config(json.loads((tiny_checkpoint("qwen2").path / "config.json").read_text()))
+    assert qwen2.tie_word_embeddings and qwen2.attention_bias
+    assert qwen2.rope_theta == 1e6
+    hf_qwen2 = tiny_checkpoint("qwen2").model
+    assert hf_qwen2.model.layers[0].self_attn.q_proj.bias.abs().max() > 0.05  # randomised, not zeros
+    gpt2 = ModelArgs.from_hf_config(json.loads((tiny_checkpoint("gpt2").path / "config.json").read_text()))
+    assert gpt2.family == "gpt2" and gpt2.tie_word_embeddings
+
+
+def test_tiny_prefill_and_decode_match_transformers(tiny_split, load_pipeline):
+    checkpoint, parts = tiny_split
+    prompts, continuations = tiny_prompts()
+    assert len(prompts[0]) != len(prompts[1])
+    pipeline = load_pipeline(parts, block_size=4, num_blocks=32)
+    worst = check_against_reference(pipeline, checkpoint.model, prompts, continuations)
+    print(f"{checkpoint.family}: max abs logit diff {worst:.2e}")
+
+
+def test_tiny_all_logits_match_transformers(tiny_split, load_pipeline):
+    checkpoint, parts = tiny_split
+    prompts, _ = tiny_prompts(seed=2)
+    check_all_logits(load_pipeline(parts, block_size=4, num_blocks=32), checkpoint.model, prompts)
+
+
+def test_tiny_padding_does_not_change_a_sequence(tiny_split, load_pipeline):
+    """A sequence batched with a longer one (and padded) gets the logits it gets alone."""
+    _, parts = tiny_split
+    prompts, continuations = tiny_prompts(seed=3)
+    batched = load_pipeline(parts)
+    alone = load_pipeline(parts, seed=5)
+    torch.testing.assert_close(batched.prefill(prompts)[1], alone.prefill(prompts[1:])[0], rtol=0, atol=TOLERANCE)
+    for step in range(4):
+        got = batched.decode([c[step] for c in continuations])[1]
+        want = alone.decode([continuations[1][step]])[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE)
+
+
+def test_tiny_split_matches_with_uneven_explicit_ranges(tiny_checkpoint, tmp_path, load_pipeline):
+    """Another plan of the same model (explicit ranges, 2 stages) gives the same logits."""
+    from chatloop.partition import parse_ranges
+
+    checkpoint = tiny_checkpoint("llama")
+    split_model(checkpoint.path, tmp_path, 2, ranges=parse_ranges("0-0,1-4"), progress=False)
+    assert [str(r) for r in Manifest.load(tmp_path).plan] == ["0-0", "1-4"]
+    prompts, continuations = tiny_prompts(seed=4)
+    check_against_reference(load_pipeline(tmp_path), checkpoint.model, prompts, [c[:4] for c in continuations])
+
+
+# --- SmolLM2-135M-Instruct (embedded) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_split):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_split)  # the tokenizer files the splitter copied
+
+
+def chat_prompt_ids(tokenizer, question: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    if not isinstance(ids, list):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return list(ids)
+
+
+@pytest.mark.slow
+def test_smollm2_prefill_and_decode_match_transformers(smollm2_split, smollm2_hf, smollm2_tokenizer, load_pipeline):
+    manifest = Manifest.load(smollm2_split)
+    assert manifest.num_partitions == 4
+    assert manifest.dtype == "float32"
+    prompts = [
+        smollm2_tokenizer("The quick brown fox jumps over the lazy dog, and then")["input_ids"],
+        smollm2_tokenizer("Hello")["input_ids"],
+    ]
+    assert len(prompts[0]) > len(prompts[1])
+    g = torch.Generator().manual_seed(0)
+    continuations = [torch.randint(0, 49152, (NUM_DECODE_STEPS,), generator=g).tolist() for _ in prompts]
+    pipeline = load_pipeline(smollm2_split, block_size=16, num_blocks=16)
+    worst = check_against_reference(pipeline, smollm2_hf, prompts, continuations)
+    print(f"smollm2: max abs logit diff {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_decoding_equals_transformers_generate(
+    smollm2_split, smollm2_hf, smollm2_tokenizer, load_pipeline
+):
+    """32 greedy tokens through the split stages, token for token as ``generate()``, plain and chat prompts."""
+    prompts = [
+        smollm2_tokenizer("The capital of France is")["input_ids"],
+        chat_prompt_ids(smollm2_tokenizer, "What is the capital of France?"),
+    ]
+    assert len(prompts[0]) != len(prompts[1])
+    assert prompts[1][-1] != prompts[0][-1]
+
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = smollm2_hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NUM_GREEDY_TOKENS,
+            do_sample=False,
+            eos_token_id=None,  # compare all 32 tokens, past the end of the answer
+            pad_token_id=0,
+        )
+        expected.append(out[0, len(prompt) :].tolist())
+        assert len(expected[-1]) == NUM_GREEDY_TOKENS
+
+    pipeline = load_pipeline(smollm2_split, block_size=16, num_blocks=16)
+    logits = pipeline.prefill(prompts)
+    generated = [[] for _ in prompts]
+    for _ in range(NUM_GREEDY_TOKENS):
+        tokens = logits.argmax(dim=-1).tolist()
+        for b, t in enumerate(tokens):
+            generated[b].append(t)
+        logits = pipeline.decode(tokens)
+
+    decode = smollm2_tokenizer.decode
+    for b in range(len(prompts)):
+        assert generated[b] == expected[b], (
+            f"prompt {b}: split {decode(generated[b])!r} != transformers {decode(expected[b])!r}"
+        )
+    assert "Paris" in decode(generated[0]) + decode(generated[1])
