@@ -1,0 +1,60 @@
+"""Worker CPU settings, the interactive chat, and Ctrl-C: every rank stops, none is left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from cluster_harness import free_port, run_cluster
+
+BIN = Path(sys.executable).parent
+
+
+def test_pinning_threads_and_plain_kernels():
+    (stages,) = run_cluster(
+        ["cluster.num_workers=2", "worker.worker_threads=1", "worker.enable_simd=false"], [{"op": "describe"}]
+    )
+    assert [s["simd"] for s in stages] == ["DEFAULT", "DEFAULT"]  # ATEN_CPU_CAPABILITY=default took effect
+    assert all(s["threads"] == 1 for s in stages)
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert stages[0]["cores"] != stages[1]["cores"]  # each worker on its own core
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_chat_answers_then_ctrl_c_stops_every_rank(tmp_path):
+    proc = subprocess.Popen(
+        [str(BIN / "chatloop-chat"), "cluster.num_workers=2", f"cluster.master_port={free_port()}", "cache.kv_cache_mb=64",
+         "max_new_tokens=16", f"hydra.run.dir={tmp_path}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    try:
+        proc.stdin.write("What is the capital of France?\n")
+        proc.stdin.flush()
+        seen = ""
+        deadline = time.monotonic() + 180
+        while "Paris" not in seen and time.monotonic() < deadline:
+            seen += proc.stdout.readline()
+        assert "Paris" in seen, seen
+        workers = _descendants(proc.pid)
+        assert len([w for w in workers if "multiprocessing" in " ".join(w.cmdline())]) >= 2
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        proc.wait(timeout=20)
+        assert time.monotonic() - started < 20
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"orphans: {alive}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

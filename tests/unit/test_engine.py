@@ -1,0 +1,154 @@
+"""The coordinator's engine in one process: scheduler, sampler, allocator, detokenizer, worker cores."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from chatloop import ChatLoop, SamplingParams, load_config
+from chatloop.engine import BlockAllocator, QueueFullError, SamplerInput, sample
+from chatloop.engine.detokenizer import Detokenizer
+from chatloop.worker_settings import cores_for_worker
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_split):
+    cfg = load_config(["cluster=single", "cluster.num_workers=4", f"model.partitions_dir={smollm2_split}", "cache.kv_cache_mb=32"])
+    with ChatLoop.start(cfg) as llm:
+        yield llm
+
+
+def test_generate_stream_and_chat_agree(llm):
+    full = llm.generate("The capital of France is", max_new_tokens=12, ignore_eos=True)
+    assert len(full.token_ids) == 12 and full.finish_reason == "length"
+    assert "".join(llm.stream("The capital of France is", max_new_tokens=12, ignore_eos=True)) == full.text
+    answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16)
+    assert "Paris" in answer.text and answer.finish_reason == "stop"  # ended by the chat's end-of-turn token
+
+
+def test_concurrent_requests_equal_single_ones(llm):
+    prompts = [f"Item {i}: " + "word " * (i * 3) for i in range(12)]
+    alone = [llm.generate(p, max_new_tokens=6, ignore_eos=True).token_ids for p in prompts]
+    together: list = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        together[i] = llm.generate(prompts[i], max_new_tokens=6, ignore_eos=True).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert together == alone
+    assert llm.scheduler.allocator.num_free == llm.scheduler.allocator.num_blocks
+
+
+def test_stop_strings_end_the_text_before_them(llm):
+    full = llm.generate("The capital of France is", max_new_tokens=12, ignore_eos=True).text
+    stop = full.strip().split()[1]  # the second word
+    cut = llm.generate("The capital of France is", max_new_tokens=12, ignore_eos=True, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+
+
+def test_cancel_frees_blocks_at_once(llm):
+    events = llm.stream_events("Once upon a time", max_new_tokens=500, ignore_eos=True)
+    next(events)
+    assert llm.scheduler.allocator.num_free < llm.scheduler.allocator.num_blocks
+    events.close()
+    deadline = time.monotonic() + 5
+    while llm.scheduler.allocator.num_free != llm.scheduler.allocator.num_blocks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert llm.scheduler.allocator.num_free == llm.scheduler.allocator.num_blocks
+
+
+def test_requests_that_cannot_fit_are_refused(llm):
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        llm.generate("hello", max_new_tokens=llm.capacity_tokens)
+    with pytest.raises(ValueError, match="context of 8192"):
+        llm.generate("hello", max_new_tokens=9000)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([], max_new_tokens=4)
+
+
+def test_full_queue_refuses(smollm2_split):
+    cfg = load_config(["cluster=single", "cluster.num_workers=2", f"model.partitions_dir={smollm2_split}-two",
+                       "cache.kv_cache_mb=16", "batching.max_queue_size=1", "batching.max_batch_size=1"])
+    with ChatLoop.start(cfg) as small:
+        done = threading.Event()
+        ids = small.encode("Count to ten:")
+        params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+        small.submit(ids, params, lambda e: e.finish_reason and done.set())  # runs
+        time.sleep(0.2)
+        small.submit(ids, params, lambda e: None)  # waits in the queue
+        with pytest.raises(QueueFullError, match="queue is full"):
+            small.submit(ids, params, lambda e: None)
+        assert done.wait(60)
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}, {"repetition_penalty": 0}])
+def test_bad_sampling_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_sampler_is_seeded_per_sequence_and_step():
+    logits = torch.randn(3, 50)
+    logits[2] = logits[0]
+    p = SamplerInput(1.0, 10, 0.9, 1.0, seed=5, step=3)
+    q = SamplerInput(1.0, 10, 0.9, 1.0, seed=6, step=3)
+    first = sample(logits, [p, q, p])
+    assert first[0] == first[2]  # same seed and step: same token, whatever its neighbours
+    assert sample(logits[:1], [p]) == first[:1]
+    draws = {sample(logits[:1], [SamplerInput(1.0, 0, 1.0, 1.0, seed=s, step=0)])[0] for s in range(40)}
+    assert len(draws) > 3  # it does sample
+
+
+def test_sampler_top_k_top_p_and_penalty():
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]])
+    for s in range(30):
+        assert sample(logits, [SamplerInput(1.0, 2, 1.0, 1.0, seed=s, step=0)])[0] in (0, 1)
+        assert sample(logits, [SamplerInput(1.0, 0, 0.5, 1.0, seed=s, step=0)])[0] == 0  # token 0 alone has p > 0.5
+    assert sample(logits, [SamplerInput(0.0, 0, 1.0, 1.0, seed=0, step=0)]) == [0]
+    penalized = SamplerInput(0.0, 0, 1.0, 2.0, seed=0, step=0, history=(0,))
+    assert sample(logits, [penalized]) == [1]  # 5/2 < 4
+
+
+def test_block_allocator_gives_back_everything():
+    allocator = BlockAllocator(num_blocks=4, block_size=16)
+    a = allocator.allocate(40)
+    assert len(a) == 3 and allocator.allocate(20) is None
+    with allocator.reserved(16) as b:
+        assert len(b) == 1 and allocator.num_free == 0
+    allocator.free(a)
+    assert allocator.num_free == 4
+    with pytest.raises(MemoryError, match="no room"):
+        with allocator.reserved(100):
+            pass
+
+
+class _CharTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_detokenizer_holds_back_a_possible_stop_string():
+    d = Detokenizer(_CharTokenizer(), stop=("END",))
+    out = [d.add(ord(c)) for c in "abcEN"]
+    assert "".join(t for t, _ in out) == "abc"  # "EN" is held: it could still become "END"
+    text, stopped = d.add(ord("D"))
+    assert stopped and text == "" and d.text == "abc"
+    d = Detokenizer(_CharTokenizer(), stop=("END",))
+    assert [d.add(ord(c))[0] for c in "xENy"] == ["", "", "x", "E"]  # the last len(stop) - 1 characters wait
+    assert d.flush() == "Ny"
+
+
+@pytest.mark.parametrize(
+    "index, workers, threads, cores, expected",
+    [(1, 4, 2, list(range(8)), [2, 3]), (3, 4, 8, [0, 1], [1]), (2, 4, 8, [0, 1], [0]), (0, 1, 8, [0, 1], [0, 1])],
+)
+def test_worker_cores(index, workers, threads, cores, expected):
+    assert cores_for_worker(index, workers, threads, cores) == expected
