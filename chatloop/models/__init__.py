@@ -27,6 +27,13 @@ class Family:
     last_prefixes: tuple[str, ...]  # final norm and head: owned by the last stage
     tied_key: str  # the embedding that a tied head reads on the last stage
     ignored_suffixes: tuple[str, ...] = ()  # buffers some checkpoints carry that the stage recomputes
+    module_prefix: str = ""  # the base model's name, which some checkpoints leave off their keys
+
+    def canonical(self, key: str) -> str:
+        """The key as ``save_pretrained`` names it (GPT-2 hub files say ``h.0.attn...`` for ``transformer.h.0.attn...``)."""
+        if self.module_prefix and not key.startswith((self.module_prefix, "lm_head.")):
+            return self.module_prefix + key
+        return key
 
     def stages_of(self, key: str, plan: list[LayerRange], tied: bool) -> list[int]:
         """The stages whose partition holds ``key``; raises ``ValueError`` for a tensor no stage can own."""
@@ -62,6 +69,7 @@ _GPT2 = Family(
     ("transformer.ln_f.", "lm_head."),
     "transformer.wte.weight",
     (".attn.bias", ".attn.masked_bias"),
+    "transformer.",
 )
 _FAMILIES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
 

@@ -91,35 +91,36 @@ def split_model(
         raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPE_NAMES)}")
     checkpoint = CheckpointSource.open(folder)
 
+    source_name = {family.canonical(k): k for k in checkpoint.names}  # partitions use the canonical names
     owned: list[list[str]] = [[] for _ in plan]
-    for key in checkpoint.names:
+    for key in source_name:
         for stage in family.stages_of(key, plan, args.tie_word_embeddings):
             owned[stage].append(key)
-    if args.tie_word_embeddings and family.tied_key not in checkpoint.names:
+    if args.tie_word_embeddings and family.tied_key not in source_name:
         raise ValueError(f"{folder}: tie_word_embeddings is set but {family.tied_key} is missing")
 
     def target_dtype(key: str) -> torch.dtype:
-        source_dtype = checkpoint.dtypes[key]
+        source_dtype = checkpoint.dtypes[source_name[key]]
         return DTYPE_NAMES[dtype] if dtype != "auto" and source_dtype.is_floating_point else source_dtype
 
-    float_dtypes = {target_dtype(k) for k in checkpoint.names if checkpoint.dtypes[k].is_floating_point}
+    float_dtypes = {target_dtype(k) for k in source_name if checkpoint.dtypes[source_name[k]].is_floating_point}
     if len(float_dtypes) > 1:
         raise ValueError(f"{folder} mixes floating dtypes {sorted(map(str, float_dtypes))}: pass --dtype to pick one")
     dtype_name = str(float_dtypes.pop()).removeprefix("torch.") if float_dtypes else "float32"
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    total = sum(checkpoint.sizes[k] for keys in owned for k in keys)
+    total = sum(checkpoint.sizes[source_name[k]] for keys in owned for k in keys)
     partitions = []
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"splitting {folder.name}", disable=None if progress is None else not progress) as bar:
         for index, (layers, keys) in enumerate(zip(plan, owned)):
             path = output / f"partition_{index}.safetensors"
             tmp = path.with_suffix(".tmp")
-            layout = [(k, target_dtype(k), checkpoint.shapes[k]) for k in keys]
+            layout = [(k, target_dtype(k), checkpoint.shapes[source_name[k]]) for k in keys]
             writer = StreamingWriter(tmp, layout, metadata={"format": "pt", "layers": str(layers)})
             for key in keys:
-                writer.add(key, checkpoint.read(key).to(target_dtype(key)))
-                bar.update(checkpoint.sizes[key])
+                writer.add(key, checkpoint.read(source_name[key]).to(target_dtype(key)))
+                bar.update(checkpoint.sizes[source_name[key]])
             digest = writer.close()
             os.replace(tmp, path)
             partitions.append(

@@ -203,6 +203,21 @@ def test_pytorch_model_bin_source(tiny_checkpoint, tmp_path):
     assert_union_equals_source(load_partitions(tmp_path / "out", manifest), source)
 
 
+def test_gpt2_checkpoint_without_the_transformer_prefix(tiny_checkpoint, tmp_path):
+    """GPT-2 hub files name tensors ``h.0.attn...``; partitions use save_pretrained's ``transformer.h.0.attn...``."""
+    from safetensors.torch import save_file
+
+    checkpoint = tiny_checkpoint("gpt2")
+    folder = tmp_path / "hub-style"
+    folder.mkdir()
+    (folder / "config.json").write_text((checkpoint.path / "config.json").read_text())
+    source = load_source(checkpoint.path)
+    save_file({k.removeprefix("transformer."): v for k, v in source.items()}, folder / "model.safetensors")
+    manifest = split_model(folder, tmp_path / "out", 2, progress=False)
+    assert_union_equals_source(load_partitions(tmp_path / "out", manifest), source)
+    assert load_stage(tmp_path / "out", 1).is_last
+
+
 def test_splitting_again_into_fewer_partitions_removes_stale_files(tiny_checkpoint, tmp_path):
     checkpoint = tiny_checkpoint("gpt2")
     split_model(checkpoint.path, tmp_path, 4, progress=False)
