@@ -58,6 +58,7 @@ class PagedKVCache:
         self.values = torch.zeros(shape, dtype=dtype)
         self._slots: torch.Tensor | None = None
         self._write_index: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
 
     @property
     def num_bytes(self) -> int:
@@ -69,6 +70,9 @@ class PagedKVCache:
         self._write_index = torch.nonzero(slots >= 0).squeeze(1)
         self._slots = slots[self._write_index]
         self._batch = batch
+        # Slot j of a gathered context holds position j; a token sees the positions up to its own.
+        key_positions = torch.arange(batch.block_tables.shape[1] * self.block_size)
+        self.mask = key_positions[None, None, None, :] <= batch.positions[:, None, :, None]  # [B, 1, T, S]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new ``k``/``v`` [B, T, K, D] of ``layer``; return its whole context [B, N*block_size, K, D]."""

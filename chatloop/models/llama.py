@@ -97,23 +97,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, inv_freq: torch.Tensor) -> None:
+    def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.inv_freq = inv_freq
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), self._rope(batch, x.dtype), batch, cache)
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), (cos, sin), batch, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-    def _rope(self, batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # Recomputed per layer: [B, T, D/2] is tiny next to the layer's matmuls.
-        angles = batch.positions[..., None].float() * self.inv_freq  # [B, T, D/2]
-        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, T, 1, D]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 class LlamaStage(Stage):
@@ -121,11 +114,11 @@ class LlamaStage(Stage):
 
     def __init__(self, args: ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> None:
         super().__init__(args, layers, is_first, is_last)
-        inv_freq = rope_frequencies(args)
+        self.inv_freq = rope_frequencies(args)  # a plain attribute: float32, not in the state dict
         self.model = nn.Module()
         if is_first or (is_last and args.tie_word_embeddings):
             self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(args, i, inv_freq) for i in layers.indices})
+        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(args, i) for i in layers.indices})
         if is_last:
             self.model.norm = RMSNorm(args.hidden_size, args.norm_eps)
             if not args.tie_word_embeddings:
@@ -136,6 +129,12 @@ class LlamaStage(Stage):
 
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.model.layers.values())
+
+    def layer_inputs(self, batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos and sin [B, T, 1, D] of the micro-batch's positions."""
+        angles = batch.positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, T, 1, D]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.model.norm(x)

@@ -21,11 +21,8 @@ __all__ = ["Stage", "attend"]
 def attend(q: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, batch: StepBatch) -> torch.Tensor:
     """Causal attention of ``q`` [B, T, H, D] over the cached context plus the new ``k``/``v`` [B, T, K, D]."""
     context_k, context_v = cache.update(layer, k, v)  # [B, S, K, D]
-    # Slot j of a gathered context holds position j; a token sees positions up to its own.
-    key_positions = torch.arange(context_k.shape[1])
-    mask = key_positions[None, None, None, :] <= batch.positions[:, None, :, None]  # [B, 1, T, S]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), context_k.transpose(1, 2), context_v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+        q.transpose(1, 2), context_k.transpose(1, 2), context_v.transpose(1, 2), attn_mask=cache.mask, enable_gqa=True
     )
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)  # [B, T, H*D]
 
@@ -63,8 +60,9 @@ class Stage(nn.Module):
         """
         cache.begin(batch)
         x = self.embed(inputs, batch) if self.is_first else inputs
+        shared = self.layer_inputs(batch, x.dtype)  # computed once per micro-batch, used by every layer
         for layer in self.decoder_layers():
-            x = layer(x, batch, cache)
+            x = layer(x, batch, cache, *shared)
         if not self.is_last:
             return x
         if not all_logits:
@@ -78,6 +76,10 @@ class Stage(nn.Module):
 
     def decoder_layers(self) -> list[nn.Module]:
         raise NotImplementedError
+
+    def layer_inputs(self, batch: StepBatch, dtype: torch.dtype) -> tuple:
+        """Extra arguments every layer takes (e.g. rotary cos/sin)."""
+        return ()
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
