@@ -136,7 +136,8 @@ class ChatLoop:
             max_batch_size=cfg.batching.max_batch_size,
             batching_window_ms=cfg.batching.batching_window_ms,
             max_queue_size=cfg.batching.max_queue_size,
-            max_in_flight=cfg.cluster.max_in_flight,
+            # In one process the stages run one after another: splitting a batch only adds steps.
+            max_in_flight=cfg.cluster.max_in_flight or (1 if cfg.cluster.in_process else cfg.cluster.num_workers),
             max_context=manifest.model_config.get("max_position_embeddings") or manifest.model_config.get("n_positions"),
             max_tokens_per_micro_batch=cfg.batching.max_tokens_per_micro_batch,
             eos_token_ids=_eos_ids(directory, self.tokenizer),
