@@ -1,0 +1,328 @@
+"""POST /v1/completions and /v1/chat/completions: validate, submit, answer (JSON or Server-Sent Events).
+
+A request is checked before it reaches the scheduler (model, unsupported fields, prompt and
+max_tokens against the context, sampling values), so every bad request gets a 4xx that says
+what to change. Admission is the scheduler's: a full queue is a 429 with ``Retry-After``.
+A streamed answer waits for the first event before it sends its headers, so a request that
+fails at once still gets a proper status code; a failure after that ends the stream with
+``data: {"error": {...}}`` and ``data: [DONE]``. A client that goes away cancels its sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Callable, Union
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from ..config import ChatLoopConfig
+from ..engine import QueueFullError, SamplingParams, SequenceEvent, StageError
+from . import protocol as p
+from .bridge import ClientDisconnected, EventStream
+from .errors import APIError
+from .health import HealthMonitor
+from .metrics import ServerMetrics
+
+__all__ = ["CompletionService", "SSEResponse"]
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+"""Paths whose outcomes chatloop_requests_total counts, and their ``endpoint`` label."""
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default max_tokens for /v1/completions."""
+
+Body = Union[p.CompletionRequest, p.ChatCompletionRequest]
+
+
+class SSEResponse(StreamingResponse):
+    """Server-Sent Events; ``on_close`` runs however the response ends (done, client gone, error)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            except Exception:  # pragma: no cover - already closed or running elsewhere
+                pass
+            self._on_close()
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class CompletionService:
+    """Turns OpenAI requests into scheduler submissions and events into OpenAI answers."""
+
+    def __init__(self, llm, cfg: ChatLoopConfig, model_name: str, metrics: ServerMetrics, health: HealthMonitor) -> None:
+        self.llm = llm
+        self.cfg = cfg
+        self.model_name = model_name
+        self.metrics = metrics
+        self.health = health
+        scheduler = llm.scheduler
+        limits = [n for n in (scheduler.max_context, scheduler.allocator.capacity_tokens) if n]
+        self.context_tokens = min(limits)
+        self.vocab_size = llm.manifest.model_config.get("vocab_size")
+        pipeline = llm.pipeline
+        self.stage_names = list(getattr(pipeline, "names", None) or [r.name for r in getattr(pipeline, "runners", [])])
+
+    # ---- entry point -----------------------------------------------------------------------
+    async def handle(self, endpoint: str, body: Body, request: Request) -> Response:
+        chat = isinstance(body, p.ChatCompletionRequest)
+        if body.model != self.model_name:
+            raise APIError(404, f"model {body.model!r} does not exist here: use {self.model_name!r} (GET /v1/models)",
+                           param="model", code="model_not_found")
+        self._refuse_unsupported(body)
+        prompt_ids = self._encode_chat(body) if chat else self._encode_prompt(body)  # type: ignore[arg-type]
+        params = self._params(body, len(prompt_ids), chat)
+        down = self.health.down_now
+        if down is not None:
+            raise APIError(503, f"stage(s) down: {down.summary()}: the request was not run; restart the cluster "
+                                "(chatloop-status shows every rank)", code="stage_unavailable", headers={"Retry-After": "5"})
+        stream = self._submit(prompt_ids, params)
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        id_ = p.new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            return await self._stream(endpoint, body, request, stream, id_, len(prompt_ids), chat)
+        return await self._collect(endpoint, request, stream, id_, len(prompt_ids), chat)
+
+    # ---- checks --------------------------------------------------------------------------------
+    def _refuse_unsupported(self, body: Body) -> None:
+        if body.n != 1:
+            raise APIError(400, f"n={body.n}: only n=1 is supported; send one request per completion", param="n", code="unsupported")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, name) not in (None, 0, 0.0):
+                raise APIError(400, f"{name} is not supported: leave it 0 (ChatLoop offers repetition_penalty)", param=name, code="unsupported")
+        if isinstance(body, p.CompletionRequest):
+            unsupported = [("echo", body.echo), ("suffix", body.suffix is not None),
+                           ("best_of", body.best_of not in (None, 1)), ("logprobs", body.logprobs is not None)]
+        else:
+            unsupported = [("logprobs", bool(body.logprobs)), ("top_logprobs", body.top_logprobs is not None)]
+        for name, used in unsupported:
+            if used:
+                raise APIError(400, f"{name} is not supported by ChatLoop: leave it out", param=name, code="unsupported")
+
+    def _encode_prompt(self, body: p.CompletionRequest) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if not prompt:
+                raise APIError(400, "prompt is empty: send a string or a list of token ids", param="prompt", code="invalid_value")
+            if isinstance(prompt[0], (str, list)):
+                if len(prompt) != 1:
+                    raise APIError(400, f"prompt holds {len(prompt)} prompts: batches are not supported, send one prompt per request",
+                                   param="prompt", code="unsupported")
+                prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "prompt is empty: send some text", param="prompt", code="invalid_value")
+            ids = self._tokenize(lambda: self.llm.encode(prompt), "prompt")
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < (self.vocab_size or 2**63)]
+            if bad:
+                raise APIError(400, f"prompt holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})",
+                               param="prompt", code="invalid_value")
+        if not ids:
+            raise APIError(400, "prompt is empty after tokenization: send some text", param="prompt", code="invalid_value")
+        return ids
+
+    def _encode_chat(self, body: p.ChatCompletionRequest) -> list[int]:
+        if not body.messages:
+            raise APIError(400, "messages is empty: send at least one message", param="messages", code="invalid_value")
+        for i, m in enumerate(body.messages):
+            kinds = {part.type for part in m.content} - {"text"} if isinstance(m.content, list) else set()
+            if kinds:
+                raise APIError(400, f"messages[{i}] holds {', '.join(sorted(kinds))} content: ChatLoop reads text parts only",
+                               param=f"messages.{i}.content", code="unsupported")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        return self._tokenize(lambda: self.llm.encode(messages, chat=True), "messages")
+
+    def _tokenize(self, encode: Callable[[], list[int]], param: str) -> list[int]:
+        try:
+            return encode()
+        except ValueError as e:
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
+        except Exception as e:  # e.g. the chat template refuses a role order
+            raise APIError(400, f"{param} could not be turned into tokens: {type(e).__name__}: {e}", param=param,
+                           code="invalid_value") from None
+
+    def _params(self, body: Body, num_prompt: int, chat: bool) -> SamplingParams:
+        prompt_param = "messages" if chat else "prompt"
+        room = self.context_tokens - num_prompt
+        if room < 1:
+            raise APIError(413, f"the prompt has {num_prompt} tokens, the context holds {self.context_tokens} tokens for the "
+                                f"prompt and the completion together: shorten the {prompt_param}",
+                           param=prompt_param, code="context_length_exceeded")
+        max_tokens = body.max_tokens
+        name = "max_tokens"
+        if chat and max_tokens is None and body.max_completion_tokens is not None:  # type: ignore[union-attr]
+            max_tokens, name = body.max_completion_tokens, "max_completion_tokens"  # type: ignore[union-attr]
+        if max_tokens is None:
+            default = self.cfg.server.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
+            max_tokens = min(default, room)
+        elif max_tokens < 1:
+            raise APIError(400, f"{name}={max_tokens}: it must be at least 1", param=name, code="invalid_value")
+        elif max_tokens > room:
+            raise APIError(400, f"{name}={max_tokens} is too large: the prompt has {num_prompt} tokens and the context holds "
+                                f"{self.context_tokens}, so at most {room} tokens can be generated: lower {name} or shorten the "
+                                f"{prompt_param}", param=name, code="context_length_exceeded")
+        defaults = self.cfg.sampling
+        temperature = defaults.temperature if body.temperature is None else body.temperature
+        top_p = defaults.top_p if body.top_p is None else body.top_p
+        top_k = defaults.top_k if body.top_k is None else body.top_k
+        penalty = defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty
+        checks = [
+            ("temperature", 0 <= temperature <= 2, f"temperature={temperature}: use a value from 0 (greedy) to 2"),
+            ("top_p", 0 < top_p <= 1, f"top_p={top_p}: use a value in (0, 1]"),
+            ("top_k", top_k >= 0, f"top_k={top_k}: use 0 (all tokens) or more"),
+            ("repetition_penalty", 0 < penalty <= 10, f"repetition_penalty={penalty}: use a value in (0, 10] (1 disables it)"),
+        ]
+        for param, ok, message in checks:
+            if not ok:
+                raise APIError(400, message, param=param, code="invalid_value")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise APIError(400, f"stop: send up to 4 non-empty strings, got {stop!r}"[:200], param="stop", code="invalid_value")
+        try:
+            return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=penalty, seed=body.seed, stop=tuple(stop), ignore_eos=body.ignore_eos)
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+
+    def _submit(self, prompt_ids: list[int], params: SamplingParams) -> EventStream:
+        try:
+            return EventStream(self.llm.submit, prompt_ids, params,
+                               on_first_token=self.metrics.time_to_first_token.observe,
+                               on_inter_token=self.metrics.inter_token_latency.observe)
+        except QueueFullError as e:
+            raise APIError(429, f"{e}", code="queue_full", headers={"Retry-After": "1"}) from None
+        except ValueError as e:  # checked above already; the scheduler's own checks as a backstop
+            exceeds = "exceeds" in str(e)
+            raise APIError(400, str(e), param="max_tokens" if exceeds else None,
+                           code="context_length_exceeded" if exceeds else "invalid_value") from None
+        except RuntimeError as e:  # the scheduler is shut down
+            raise APIError(503, f"{e}: the server is stopping", code="shutting_down") from None
+
+    # ---- answers -----------------------------------------------------------------------------
+    def _failure(self, event: SequenceEvent) -> APIError:
+        """The error a request that ended with ``error`` (or ``cancelled`` by a shutdown) gets."""
+        if event.finish_reason == "cancelled":
+            return APIError(503, "the request was cancelled because the server is stopping: retry later", code="shutting_down")
+        error = event.error
+        text = _short(error) if error is not None else "unknown error"
+        full = str(error) if error is not None else ""
+        names = [n for n in self.stage_names if n in full]
+        if names and not any(n in text for n in names):
+            text = f"{names[0]}: {text}"
+        log.warning("a request failed in the pipeline: %s", text)
+        self.health.note_failure()
+        if isinstance(error, StageError) or names:
+            return APIError(503, f"the pipeline failed at {', '.join(names) or 'a stage'}: {text}: retry; if it persists see "
+                                 "GET /health or chatloop-status", code="stage_unavailable")
+        return APIError(500, f"the request failed: {text}", code="internal_error")
+
+    def _finish(self, endpoint: str, stream: EventStream, started: float, outcome: str) -> None:
+        self.metrics.outcome(endpoint, outcome)
+        self.metrics.completion_tokens.inc(stream.num_tokens)
+        if outcome in ("stop", "length"):
+            self.metrics.duration.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _collect(self, endpoint: str, request: Request, stream: EventStream, id_: str, num_prompt: int, chat: bool) -> Response:
+        pieces: list[str] = []
+        try:
+            while True:
+                event = await stream.next(request.is_disconnected)
+                if event.finish_reason in ("error", "cancelled"):
+                    raise self._failure(event)
+                pieces.append(event.text)
+                if event.finish_reason is not None:
+                    break
+        except ClientDisconnected:
+            self._finish(endpoint, stream, stream.submitted, "disconnected")
+            return Response(status_code=499)
+        finally:
+            stream.close()
+        self._finish(endpoint, stream, stream.submitted, event.finish_reason)
+        use = p.usage(num_prompt, stream.num_tokens)
+        text = "".join(pieces)
+        build = p.chat_response if chat else p.completion_response
+        return _json(build(id_, self.model_name, text, event.finish_reason, use))
+
+    async def _stream(self, endpoint: str, body: Body, request: Request, stream: EventStream, id_: str,
+                      num_prompt: int, chat: bool) -> Response:
+        try:
+            first = await stream.next(request.is_disconnected)
+        except ClientDisconnected:
+            stream.close()
+            self._finish(endpoint, stream, stream.submitted, "disconnected")
+            return Response(status_code=499)
+        if first.finish_reason in ("error", "cancelled"):
+            stream.close()
+            raise self._failure(first)
+        created = int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        object_ = "chat.completion.chunk" if chat else "text_completion"
+
+        def piece(text: str, finish: str | None) -> dict:
+            if chat:
+                return p.chat_chunk(id_, self.model_name, created, {"content": text} if text else {}, finish)
+            return p.completion_chunk(id_, self.model_name, created, text, finish)
+
+        async def events() -> AsyncIterator[str]:
+            outcome = "disconnected"
+            try:
+                if chat:
+                    yield sse(p.chat_chunk(id_, self.model_name, created, {"role": "assistant", "content": ""}, None))
+                event = first
+                while True:
+                    if event.finish_reason in ("error", "cancelled"):
+                        failure = self._failure(event)
+                        outcome = "unavailable" if failure.status == 503 else "error"
+                        yield sse(failure.body())
+                        yield SSE_DONE
+                        return
+                    if event.text:
+                        yield sse(piece(event.text, None))
+                    if event.finish_reason is not None:
+                        outcome = event.finish_reason
+                        yield sse(piece("", event.finish_reason))
+                        if include_usage:
+                            yield sse(p.usage_chunk(id_, object_, self.model_name, created, p.usage(num_prompt, stream.num_tokens)))
+                        yield SSE_DONE
+                        return
+                    event = await stream.next()
+            finally:
+                stream.close()
+                self._finish(endpoint, stream, stream.submitted, outcome)
+
+        return SSEResponse(events(), on_close=stream.close)
+
+
+def _json(data: dict) -> Response:
+    return Response(json.dumps(data, ensure_ascii=False), media_type="application/json")
+
+
+def _short(error: BaseException) -> str:
+    """One useful line of an error (RPC errors carry the remote traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    useful = [line for line in lines if "Error" in line and ":" in line]
+    line = useful[-1] if len(lines) > 1 and useful else lines[0]
+    return line[:400]

@@ -1,0 +1,159 @@
+"""Is every stage answering? The pipeline's ``describe()`` with a short timeout, on the event loop.
+
+A check asks every stage for its ``describe()`` at once (an RPC each) in a worker thread, so
+the event loop never blocks; concurrent callers share one check, and a result younger than
+``max_age`` is reused. The monitor also checks in the background (every ``interval_s``, and
+at once after a request failed), so that new requests fail fast with 503 while a stage is
+known to be down instead of waiting for ``cluster.rpc_timeout_s``. An in-process pipeline
+has no remote stage: it is always healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["HealthMonitor", "HealthReport"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Every stage's ``describe()`` (or ``{"name", "error"}``) at ``checked_at`` (time.time())."""
+
+    stages: list[dict[str, Any]]
+    checked_at: float = field(default_factory=time.time)
+
+    @property
+    def down(self) -> list[dict[str, Any]]:
+        return [s for s in self.stages if "error" in s]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.down
+
+    def summary(self) -> str:
+        """'worker2 (eof ...), worker3 (...)' for messages."""
+        return ", ".join(f"{s['name']} ({s['error']})" for s in self.down)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.healthy else "unavailable",
+            "down": [s["name"] for s in self.down],
+            "stages": [{"name": s["name"], "up": "error" not in s, **({"error": s["error"]} if "error" in s else {})} for s in self.stages],
+            "checked_at": self.checked_at,
+        }
+
+
+def describe_local(pipeline) -> list[dict[str, Any]]:
+    """What an in-process pipeline's stages would say about themselves."""
+    out = []
+    for runner in getattr(pipeline, "runners", []):
+        out.append({
+            "name": runner.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "layers": str(runner.stage.layers_range),
+            "num_blocks": runner.num_blocks,
+            "busy_s": runner.busy_seconds,
+            "num_micro_batches": runner.num_micro_batches,
+            "in_process": True,
+        })
+    return out
+
+
+class HealthMonitor:
+    """Checks the stages; ``last`` is the latest report (None before the first check)."""
+
+    def __init__(self, pipeline, *, timeout_s: float = 3.0, interval_s: float = 10.0) -> None:
+        self.pipeline = pipeline
+        self.remote = hasattr(pipeline, "describe")
+        self.timeout_s = timeout_s
+        self.interval_s = interval_s
+        self.last: HealthReport | None = None
+        self._running: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._monitor: asyncio.Task | None = None
+
+    async def check(self, max_age: float = 1.0) -> HealthReport:
+        """A report at most ``max_age`` seconds old (0: a fresh one)."""
+        if self.last is not None and time.time() - self.last.checked_at <= max_age:
+            return self.last
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._check())
+        return await asyncio.shield(self._running)
+
+    async def _check(self) -> HealthReport:
+        if not self.remote:
+            report = HealthReport(describe_local(self.pipeline))
+        else:
+            report = await self._describe_remote()
+        if self.last is not None and self.last.healthy and not report.healthy:
+            log.error("stage(s) down: %s", report.summary())
+        elif self.last is not None and not self.last.healthy and report.healthy:
+            log.warning("every stage answers again")
+        self.last = report
+        return report
+
+    async def _describe_remote(self) -> HealthReport:
+        names = list(getattr(self.pipeline, "names", []))
+        try:
+            stages = await asyncio.wait_for(asyncio.to_thread(self.pipeline.describe, self.timeout_s), self.timeout_s + 2)
+        except Exception as e:  # the RPC agent itself is gone or stuck
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            stages = [{"name": n, "error": f"no answer within {self.timeout_s:.0f} s ({reason})"} for n in names]
+        return HealthReport(stages)
+
+    def latest(self) -> HealthReport | None:
+        """The last report without waiting (an in-process pipeline's is made now: it costs nothing)."""
+        if not self.remote:
+            return HealthReport(describe_local(self.pipeline))
+        return self.last
+
+    @property
+    def down_now(self) -> HealthReport | None:
+        """The latest report if it says a stage is down (new requests then fail fast), else None."""
+        return self.last if self.last is not None and not self.last.healthy else None
+
+    def note_failure(self) -> None:
+        """A request failed in the pipeline: check again now (a dead worker shows up in the next report)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    # ---- background monitor ------------------------------------------------------------------
+    def start(self) -> None:
+        """Run checks in the background (call on the event loop); only a remote pipeline needs them."""
+        if not self.remote or self._monitor is not None:
+            return
+        self._wake = asyncio.Event()
+        self._monitor = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            try:
+                await self._monitor
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._monitor = None
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                await self.check(max_age=0)
+            except Exception:  # never let the monitor die
+                log.exception("health check failed")
+            # While a stage is down, look again soon: it may have come back.
+            wait = self.interval_s if self.last is None or self.last.healthy else min(self.interval_s, 2.0)
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()

@@ -1,0 +1,116 @@
+"""The coordinator's Prometheus metrics (GET /metrics), all named ``chatloop_*``.
+
+Request-side metrics are observed by the routes; the scheduler's state (queue, running
+sequences, micro-batches in flight, KV blocks, tokens) is read at scrape time by a collector,
+so the scheduler never calls into the serving layer. Each app has its own registry, so
+several apps can live in one process (tests).
+
+=============================================  =========  ==============================================
+name                                           type       meaning
+=============================================  =========  ==============================================
+chatloop_requests_total{endpoint,outcome}      counter    HTTP generation requests by outcome: stop, length,
+                                                          disconnected, invalid, unauthorized, queue_full,
+                                                          unavailable, error
+chatloop_request_duration_seconds{endpoint}    histogram  submit to last byte of an admitted request
+chatloop_time_to_first_token_seconds           histogram  submit to the first generated token
+chatloop_inter_token_latency_seconds           histogram  between consecutive tokens of one sequence
+chatloop_prompt_tokens_total                   counter    prompt tokens of admitted requests
+chatloop_completion_tokens_total               counter    tokens returned to clients
+chatloop_generated_tokens_total                counter    tokens sampled by the pipeline (rate(): tokens/s)
+chatloop_sequences_finished_total{reason}      counter    scheduler: stop, length, cancelled, error
+chatloop_queue_depth                           gauge      requests waiting for admission
+chatloop_queue_capacity                        gauge      batching.max_queue_size (more get HTTP 429)
+chatloop_sequences_running                     gauge      sequences admitted and generating
+chatloop_micro_batches_in_flight               gauge      micro-batches inside the pipeline now
+chatloop_micro_batch_size                      gauge      sequences in the last micro-batch sent
+chatloop_kv_blocks_used / _free / _capacity    gauge      the coordinator's KV block allocator
+chatloop_kv_block_size_tokens                  gauge      tokens per block
+chatloop_stage_up{stage}                       gauge      1 if the stage answered the last health check
+=============================================  =========  ==============================================
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["ServerMetrics", "CONTENT_TYPE"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _SchedulerCollector(Collector):
+    """Reads the scheduler's stats, its allocator and the last health report at scrape time."""
+
+    def __init__(self, scheduler, health) -> None:
+        self.scheduler = scheduler
+        self.health = health
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.scheduler
+        stats = s.stats
+        yield _gauge("chatloop_queue_depth", "Requests waiting for admission.", stats.num_waiting)
+        yield _gauge("chatloop_queue_capacity", "Most requests that may wait (batching.max_queue_size).", s.max_queue_size)
+        yield _gauge("chatloop_sequences_running", "Sequences admitted and generating.", stats.num_running)
+        yield _gauge("chatloop_micro_batches_in_flight", "Micro-batches inside the pipeline.", stats.num_in_flight)
+        yield _gauge("chatloop_micro_batch_size", "Sequences in the last micro-batch sent.", stats.last_batch_size)
+        generated = CounterMetricFamily("chatloop_generated_tokens", "Tokens sampled by the pipeline.")
+        generated.add_metric([], stats.generated_tokens)
+        yield generated
+        finished = CounterMetricFamily("chatloop_sequences_finished", "Sequences that left the scheduler, by reason.", labels=["reason"])
+        for reason, count in sorted(dict(stats.finished).items()):
+            finished.add_metric([reason], count)
+        yield finished
+        allocator = s.allocator
+        free = allocator.num_free
+        yield _gauge("chatloop_kv_blocks_free", "KV cache blocks free on every stage.", free)
+        yield _gauge("chatloop_kv_blocks_used", "KV cache blocks held by sequences.", allocator.num_blocks - free)
+        yield _gauge("chatloop_kv_blocks_capacity", "KV cache blocks per stage (the smallest stage's pool).", allocator.num_blocks)
+        yield _gauge("chatloop_kv_block_size_tokens", "Tokens per KV cache block.", allocator.block_size)
+        report = self.health.latest()
+        if report is not None:
+            up = GaugeMetricFamily("chatloop_stage_up", "1 if the stage answered the last health check.", labels=["stage"])
+            for stage in report.stages:
+                up.add_metric([stage["name"]], 0 if "error" in stage else 1)
+            yield up
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+class ServerMetrics:
+    """The coordinator's registry and the request-side metrics the routes observe."""
+
+    def __init__(self, scheduler, health) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "chatloop_requests", "HTTP generation requests by endpoint and outcome.", ["endpoint", "outcome"], registry=r
+        )
+        self.duration = Histogram(
+            "chatloop_request_duration_seconds", "Submit to the last byte of an admitted request.", ["endpoint"],
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "chatloop_time_to_first_token_seconds", "Submit to the first generated token.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.inter_token_latency = Histogram(
+            "chatloop_inter_token_latency_seconds", "Time between consecutive tokens of one sequence.", buckets=_ITL_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("chatloop_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.completion_tokens = Counter("chatloop_completion_tokens", "Generated tokens returned to clients.", registry=r)
+        r.register(_SchedulerCollector(scheduler, health))
+
+    def outcome(self, endpoint: str, outcome: str) -> None:
+        self.requests.labels(endpoint, outcome).inc()
+
+    def exposition(self) -> bytes:
+        """The text format for GET /metrics."""
+        return generate_latest(self.registry)

@@ -1,0 +1,186 @@
+"""The OpenAI wire format: request bodies (validated by pydantic) and the responses and stream chunks.
+
+Requests are strict about types (``"0.5"`` is not a number) and ignore fields they do not
+know. Supported beyond OpenAI's fields, as vLLM does: ``top_k``, ``repetition_penalty``,
+``ignore_eos``. Fields ChatLoop cannot honour (``n > 1``, ``logprobs``, penalties, ``echo``,
+``suffix``, ``best_of > 1``) are refused with a 400 saying so, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "StreamOptions", "CompletionRequest", "ChatMessage", "ChatCompletionRequest", "Usage",
+    "CompletionResponse", "ChatCompletionResponse", "ModelCard", "ModelList",
+    "new_id", "completion_response", "completion_chunk", "chat_response", "chat_chunk", "usage", "usage_chunk",
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    """Send a last chunk with ``usage`` and no choices before ``[DONE]``."""
+
+
+class _Sampling(_Body):
+    """The fields both endpoints share."""
+
+    model: str = Field(description="The model id, as listed by GET /v1/models.")
+    max_tokens: Optional[int] = Field(None, description="Most tokens to generate; the prompt plus this must fit the context.")
+    temperature: Optional[float] = Field(None, description="0 (default) is greedy; up to 2.")
+    top_p: Optional[float] = Field(None, description="Nucleus sampling, in (0, 1].")
+    n: int = Field(1, description="Only 1 is supported.")
+    stream: bool = Field(False, description="Send Server-Sent Events (chunks), ending with 'data: [DONE]'.")
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = Field(None, description="Up to 4 strings; generation stops before them.")
+    seed: Optional[int] = Field(None, description="Same seed, same sampled output.")
+    presence_penalty: Optional[float] = Field(None, description="Only 0 is supported (see repetition_penalty).")
+    frequency_penalty: Optional[float] = Field(None, description="Only 0 is supported (see repetition_penalty).")
+    user: Optional[str] = None
+    top_k: Optional[int] = Field(None, description="Extension: keep the k most likely tokens (0: all).")
+    repetition_penalty: Optional[float] = Field(None, description="Extension: > 1 discourages repeated tokens.")
+    ignore_eos: bool = Field(False, description="Extension: keep generating past the end-of-sequence token.")
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="Text, or token ids; a list of one prompt is accepted (batches are not)."
+    )
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+    logprobs: Optional[int] = None
+
+
+class _ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    """One message of the conversation."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str = Field(description="system, user, assistant (or what the model's chat template knows).")
+    content: Optional[Union[str, list[_ContentPart]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content if part.type == "text")
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(description="The conversation so far.")
+    max_completion_tokens: Optional[int] = Field(None, description="The newer name of max_tokens.")
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+
+
+# ---- responses (documented in the OpenAPI schema; built as dicts) ------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]]
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[_CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class _AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class _ChatChoice(BaseModel):
+    index: int
+    message: _AssistantMessage
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[_ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "chatloop"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _head(id_: str, object_: str, model: str, created: int | None) -> dict[str, Any]:
+    return {"id": id_, "object": object_, "created": created or int(time.time()), "model": model}
+
+
+def completion_response(id_: str, model: str, text: str, finish_reason: str, use: dict) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return {**_head(id_, "text_completion", model, None), "choices": [choice], "usage": use}
+
+
+def completion_chunk(id_: str, model: str, created: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return {**_head(id_, "text_completion", model, created), "choices": [choice]}
+
+
+def chat_response(id_: str, model: str, text: str, finish_reason: str, use: dict) -> dict[str, Any]:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+    return {**_head(id_, "chat.completion", model, None), "choices": [choice], "usage": use}
+
+
+def chat_chunk(id_: str, model: str, created: int, delta: dict, finish_reason: str | None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {**_head(id_, "chat.completion.chunk", model, created), "choices": [choice]}
+
+
+def usage_chunk(id_: str, object_: str, model: str, created: int, use: dict) -> dict[str, Any]:
+    """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
+    return {**_head(id_, object_, model, created), "choices": [], "usage": use}

@@ -1,0 +1,180 @@
+"""``chatloop-status``: one line per rank, from a running server's GET /v1/status.
+
+    $ chatloop-status --url http://127.0.0.1:8000
+    NAME         ROLE/RANK      HOST  LAYERS  PARTITION                          UP      MEMORY   STATE
+    coordinator  coordinator/0  vm    -       -                                  5m02s   1.1 GiB  serving: 3 running, 0 waiting, ...
+    worker0      worker/1       vm    0-7     partition_0.safetensors (216 MiB)  5m00s   972 MiB  up: 812 micro-batches, 31% busy
+    ...
+
+The exit status is 0 when every stage answers, 1 when a stage is down, 2 when the server
+cannot be reached. ``--json`` prints the raw document. The server side is :func:`build_status`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import psutil
+
+from .health import HealthReport
+
+__all__ = ["build_status", "format_table", "main"]
+
+COLUMNS = ("NAME", "ROLE/RANK", "HOST", "LAYERS", "PARTITION", "UP", "MEMORY", "STATE")
+
+
+def build_status(llm, report: HealthReport, *, model: str, started: float, metrics_port: int | None) -> dict[str, Any]:
+    """The coordinator and every stage: where it runs, what it holds, how long it has been up, its state."""
+    stats = llm.scheduler.stats
+    allocator = llm.scheduler.allocator
+    in_process = not hasattr(llm.pipeline, "describe")
+    queue = {
+        "num_waiting": stats.num_waiting, "num_running": stats.num_running, "num_in_flight": stats.num_in_flight,
+        "kv_blocks_used": allocator.num_blocks - allocator.num_free, "kv_blocks_total": allocator.num_blocks,
+        "generated_tokens": stats.generated_tokens,
+    }
+    me = psutil.Process()
+    nodes: list[dict[str, Any]] = [{
+        "name": "coordinator", "role": "coordinator", "rank": 0, "host": socket.gethostname(), "pid": os.getpid(),
+        "layers": None, "partition": None, "partition_bytes": None, "uptime_s": time.time() - me.create_time(),
+        "rss_bytes": me.memory_info().rss, "state": "serving" if report.healthy else "degraded", **queue,
+    }]
+    partitions = llm.manifest.partitions
+    for k, stage in enumerate(report.stages):
+        part = partitions[k] if k < len(partitions) else None
+        node = {
+            "name": stage["name"],
+            "role": "stage" if in_process else "worker",
+            "rank": 0 if in_process else k + 1,
+            "host": stage.get("host"),
+            "pid": stage.get("pid"),
+            "layers": stage.get("layers") or (str(part.layers) if part else None),
+            "partition": part.file if part else None,
+            "partition_bytes": stage.get("partition_bytes") or (part.num_bytes if part else None),
+            "uptime_s": stage.get("uptime_s", time.time() - started if in_process else None),
+            "rss_bytes": stage.get("rss_bytes"),
+            "state": "down" if "error" in stage else "up",
+            "busy_s": stage.get("busy_s"),
+            "num_micro_batches": stage.get("num_micro_batches"),
+            "num_blocks": stage.get("num_blocks"),
+            "metrics_port": None if in_process or metrics_port is None else metrics_port + k,
+        }
+        if "error" in stage:
+            node["error"] = stage["error"]
+        nodes.append(node)
+    return {"model": model, "healthy": report.healthy, "checked_at": report.checked_at, "nodes": nodes}
+
+
+# ---- the command-line client -----------------------------------------------------------------
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KiB", "MiB") else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _state(node: dict[str, Any]) -> str:
+    if node["role"] == "coordinator":
+        return (
+            f"{node['state']}: {node['num_running']} running, {node['num_waiting']} waiting, "
+            f"{node['num_in_flight']} micro-batches in flight, KV {node['kv_blocks_used']}/{node['kv_blocks_total']} blocks"
+        )
+    if node["state"] == "down":
+        return f"DOWN: {node.get('error', 'no answer')}"
+    busy = node.get("busy_s")
+    up = node.get("uptime_s")
+    share = f", {100 * busy / up:.0f}% busy" if busy is not None and up else ""
+    return f"up: {node.get('num_micro_batches', 0)} micro-batches{share}"
+
+
+def _row(node: dict[str, Any]) -> list[str]:
+    partition = node.get("partition")
+    if partition and node.get("partition_bytes"):
+        partition = f"{partition} ({_bytes(node['partition_bytes'])})"
+    return [
+        node["name"],
+        f"{node['role']}/{node['rank']}",
+        node.get("host") or "-",
+        node.get("layers") or "-",
+        partition or "-",
+        _duration(node.get("uptime_s")),
+        _bytes(node.get("rss_bytes")),
+        _state(node),
+    ]
+
+
+def format_table(status: dict[str, Any]) -> str:
+    """The status document as an aligned table, one line per rank."""
+    rows = [list(COLUMNS)] + [_row(n) for n in status["nodes"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def fetch_status(url: str, api_key: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """GET {url}/v1/status; raise RuntimeError saying what went wrong."""
+    request = urllib.request.Request(url.rstrip("/") + "/v1/status")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except Exception:
+            message = e.reason
+        hint = ": pass --api-key or set CHATLOOP_API_KEY" if e.code == 401 else ""
+        raise RuntimeError(f"{url} answered {e.code}: {message}{hint}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise RuntimeError(f"cannot reach {url} ({reason}): is chatloop-serve running there? (--url)") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chatloop-status", description="Show the coordinator and every worker of a running ChatLoop server.")
+    parser.add_argument("--url", default=os.environ.get("CHATLOOP_URL", "http://127.0.0.1:8000"),
+                        help="the server (default: $CHATLOOP_URL or http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", default=os.environ.get("CHATLOOP_API_KEY"), help="server.api_key (default: $CHATLOOP_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON document")
+    args = parser.parse_args(argv)
+    try:
+        status = fetch_status(args.url, args.api_key, args.timeout)
+    except RuntimeError as e:
+        print(f"chatloop-status: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(f"model {status['model']} at {args.url}: {'healthy' if status['healthy'] else 'DEGRADED (a stage is down)'}")
+        print(format_table(status))
+    return 0 if status["healthy"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Helpers for the HTTP API tests: free loopback ports, a uvicorn server in a thread, /metrics parsing."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+
+HOST = "127.0.0.1"
+GREETING = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (bind to port 0 and let the kernel choose)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports (worker k serves metrics on base + k)."""
+    for _ in range(200):
+        base = free_port()
+        if base + count >= 65536:
+            continue
+        sockets = []
+        try:
+            for k in range(count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind((HOST, base + k))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+@contextmanager
+def serve_in_thread(app, port: int | None = None) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a loopback port in a daemon thread; yield its base URL."""
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"uvicorn did not start on {HOST}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{HOST}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """GET a Prometheus endpoint and parse it: {'name{label="v",...}': value} (labels sorted)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):
+    """Poll ``predicate()`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{message} not reached within {timeout} s (last: {value!r})")
+        time.sleep(interval)

@@ -1,0 +1,342 @@
+"""The HTTP API over the in-process pipeline (SmolLM2 in 4 stages, no RPC): one server for the module.
+
+Concurrency, bad requests, disconnects, admission (429), API keys, metrics, status, OpenAPI.
+The same routes over 4 RPC workers are in test_serving_rpc.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import replace
+
+import httpx
+import pytest
+from serving_helpers import GREETING, scrape, serve_in_thread, wait_until
+
+from chatloop import ChatLoop, load_config
+from chatloop.serving import create_app
+from chatloop.serving.status import main as status_main
+
+MODEL = "smollm2"
+PROMPTS = ["The capital of France is", "Water boils at", "One, two, three,", "My favourite food is"]
+CHATS = [GREETING, [{"role": "user", "content": "Name a color."}]]
+SHORT = 6
+
+
+def _overrides(parts, *extra: str) -> list[str]:
+    return ["cluster=single", "cluster.num_workers=4", f"model.partitions_dir={parts}", *extra]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_split):
+    # One micro-batch of up to 64 sequences at a time: the in-process stages run one after another anyway.
+    overrides = _overrides(smollm2_split, "batching.max_batch_size=64", "cluster.max_in_flight=1")
+    with ChatLoop.start(load_config(overrides)) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def url(llm):
+    with serve_in_thread(create_app(llm, llm.config)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def expected(llm):
+    """Greedy single-request answers from the Python API: ("completion"|"chat", index) -> Completion."""
+    out = {("completion", i): llm.generate(p, max_new_tokens=SHORT) for i, p in enumerate(PROMPTS)}
+    out.update({("chat", i): llm.chat(m, max_new_tokens=SHORT) for i, m in enumerate(CHATS)})
+    return out
+
+
+def _good(client: httpx.Client) -> None:
+    """A small request that must work (after a bad one, the server keeps serving)."""
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def _sse(lines) -> list:
+    """The data of each Server-Sent Event, JSON-decoded; the final '[DONE]' as the string."""
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_completion_and_chat_match_the_python_api(client, expected):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": SHORT, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = expected[("completion", 0)]
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    assert body["choices"][0]["text"] == want.text
+    assert body["choices"][0]["finish_reason"] == want.finish_reason
+    assert body["usage"] == {"prompt_tokens": want.prompt_tokens, "completion_tokens": want.completion_tokens,
+                             "total_tokens": want.prompt_tokens + want.completion_tokens}
+
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHATS[0], "max_tokens": SHORT, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected[("chat", 0)].text}
+
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in CHATS[0]]
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": parts, "max_completion_tokens": SHORT})
+    assert r.json()["choices"][0]["message"]["content"] == expected[("chat", 0)].text
+
+
+def test_streamed_completion_is_openai_sse(client, expected):
+    payload = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": SHORT, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=payload) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = _sse(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected[("completion", 1)].text
+    assert chunks[-2]["choices"][0]["finish_reason"] == expected[("completion", 1)].finish_reason
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == expected[("completion", 1)].completion_tokens
+
+
+def test_64_concurrent_clients_get_their_own_answers(url, expected):
+    """64 clients at once (completions and a few chats, a quarter streamed): each answer equals its single-request answer."""
+
+    async def one(http: httpx.AsyncClient, i: int) -> tuple[tuple[str, int], str, str]:
+        kind = "chat" if i % 16 == 5 else "completion"  # chat prompts are long (a system prompt): keep them few
+        k = i % (len(CHATS) if kind == "chat" else len(PROMPTS))
+        stream = i % 4 == 3
+        body = {"model": MODEL, "max_tokens": SHORT, "temperature": 0, "stream": stream}
+        body.update({"messages": CHATS[k]} if kind == "chat" else {"prompt": PROMPTS[k]})
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        if not stream:
+            r = await http.post(path, json=body)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            return (kind, k), choice["message"]["content"] if kind == "chat" else choice["text"], choice["finish_reason"]
+        async with http.stream("POST", path, json=body) as r:
+            assert r.status_code == 200
+            events = _sse([line async for line in r.aiter_lines()])
+        assert events[-1] == "[DONE]"
+        choices = [e["choices"][0] for e in events[:-1] if e["choices"]]
+        text = "".join((c["delta"].get("content") or "") if kind == "chat" else c["text"] for c in choices)
+        return (kind, k), text, choices[-1]["finish_reason"]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64)) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(64)))
+
+    results = asyncio.run(run())
+    assert len(results) == 64
+    for key, text, finish in results:
+        assert text == expected[key].text, key
+        assert finish == expected[key].finish_reason, key
+
+
+BAD_REQUESTS = [
+    # (what, body (dict, or raw bytes), path, status, param)
+    ("malformed JSON", b'{"model": "smollm2", "prompt": ', "/v1/completions", 400, None),
+    ("a JSON list, not an object", b"[1, 2]", "/v1/completions", 400, None),
+    ("unknown model", {"model": "gpt-4", "prompt": "Hi"}, "/v1/completions", 404, "model"),
+    ("prompt longer than the context", {"model": MODEL, "prompt": "hi " * 9000}, "/v1/completions", 413, "prompt"),
+    ("max_tokens 0", {"model": MODEL, "prompt": "Hi", "max_tokens": 0}, "/v1/completions", 400, "max_tokens"),
+    ("max_tokens negative", {"model": MODEL, "messages": GREETING, "max_tokens": -3}, "/v1/chat/completions", 400, "max_tokens"),
+    ("max_tokens beyond the context", {"model": MODEL, "prompt": "Hi", "max_tokens": 100_000}, "/v1/completions", 400, "max_tokens"),
+    ("temperature negative", {"model": MODEL, "prompt": "Hi", "temperature": -1}, "/v1/completions", 400, "temperature"),
+    ("top_p above 1", {"model": MODEL, "messages": GREETING, "top_p": 1.5}, "/v1/chat/completions", 400, "top_p"),
+    ("top_k negative", {"model": MODEL, "prompt": "Hi", "top_k": -1}, "/v1/completions", 400, "top_k"),
+    ("n > 1", {"model": MODEL, "prompt": "Hi", "n": 2}, "/v1/completions", 400, "n"),
+    ("five stop strings", {"model": MODEL, "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, "/v1/completions", 400, "stop"),
+    ("temperature as a string", {"model": MODEL, "prompt": "Hi", "temperature": "hot"}, "/v1/completions", 400, "temperature"),
+    ("max_tokens as a float", {"model": MODEL, "prompt": "Hi", "max_tokens": 2.5}, "/v1/completions", 400, "max_tokens"),
+    ("prompt as a number", {"model": MODEL, "prompt": 12}, "/v1/completions", 400, "prompt"),
+    ("messages as a string", {"model": MODEL, "messages": "hello"}, "/v1/chat/completions", 400, "messages"),
+    ("stream as a string", {"model": MODEL, "prompt": "Hi", "stream": "yes"}, "/v1/completions", 400, "stream"),
+    ("messages missing", {"model": MODEL}, "/v1/chat/completions", 400, "messages"),
+    ("messages empty", {"model": MODEL, "messages": []}, "/v1/chat/completions", 400, "messages"),
+    ("token id outside the vocabulary", {"model": MODEL, "prompt": [1, 2, 10**9]}, "/v1/completions", 400, "prompt"),
+    ("a batch of prompts", {"model": MODEL, "prompt": ["a", "b"]}, "/v1/completions", 400, "prompt"),
+    ("logprobs", {"model": MODEL, "prompt": "Hi", "logprobs": 2}, "/v1/completions", 400, "logprobs"),
+    ("an image part", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "/v1/chat/completions", 400, "messages.0.content"),
+    ("a message without a role", {"model": MODEL, "messages": [{"content": "Hi"}]}, "/v1/chat/completions", 400, "messages.0.role"),
+    ("a bad streamed request", {"model": MODEL, "prompt": "Hi", "stream": True, "max_tokens": 0}, "/v1/completions", 400, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("what,body,path,status,param", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_request_gets_its_4xx_and_the_server_keeps_serving(client, what, body, path, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["message"] and "Traceback" not in r.text
+    _good(client)
+
+
+def test_unknown_routes_and_methods_answer_openai_errors(client):
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    assert client.get("/v1/models/gpt-4").status_code == 404
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+
+
+def _kv(url: str) -> tuple[float, float, float]:
+    m = scrape(f"{url}/metrics")
+    return m["chatloop_kv_blocks_free"], m["chatloop_kv_blocks_capacity"], m["chatloop_sequences_running"]
+
+
+def _blocks_all_free(url: str):
+    free, capacity, running = _kv(url)
+    return free == capacity and running == 0
+
+
+def test_stream_disconnect_cancels_and_frees_blocks(client, url):
+    cancelled = scrape(f"{url}/metrics").get('chatloop_sequences_finished_total{reason="cancelled"}', 0)
+    payload = {"model": MODEL, "messages": GREETING, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=url, timeout=60) as own:
+        with own.stream("POST", "/v1/chat/completions", json=payload) as r:
+            assert r.status_code == 200
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: ")
+                if seen == 4:
+                    break
+            free, capacity, running = _kv(url)
+            assert free < capacity and running == 1  # the stream holds its blocks
+        # leaving the block closes the connection mid-stream
+    wait_until(lambda: _blocks_all_free(url), 10, message="every KV block free after the disconnect")
+    after = scrape(f"{url}/metrics")
+    assert after['chatloop_sequences_finished_total{reason="cancelled"}'] == cancelled + 1
+    assert after['chatloop_requests_total{endpoint="chat_completions",outcome="disconnected"}'] >= 1
+    _good(client)
+
+
+def test_non_streamed_disconnect_cancels_and_frees_blocks(client, url):
+    payload = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=payload, timeout=httpx.Timeout(60, read=1.0))
+    wait_until(lambda: _blocks_all_free(url), 10, message="every KV block free after the client gave up")
+    _good(client)
+
+
+def test_metrics_parse_and_move(client, url):
+    before = scrape(f"{url}/metrics")
+    for name in ("chatloop_queue_depth", "chatloop_micro_batches_in_flight", "chatloop_micro_batch_size",
+                 "chatloop_kv_blocks_used", "chatloop_kv_blocks_free", "chatloop_generated_tokens_total"):
+        assert name in before, name
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 5, "ignore_eos": True})
+    assert r.status_code == 200
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 0})
+    after = scrape(f"{url}/metrics")
+    key = 'chatloop_requests_total{endpoint="completions",outcome="length"}'
+    assert after[key] == before.get(key, 0) + 1
+    invalid = 'chatloop_requests_total{endpoint="completions",outcome="invalid"}'
+    assert after[invalid] == before.get(invalid, 0) + 1
+    assert after["chatloop_generated_tokens_total"] >= before["chatloop_generated_tokens_total"] + 5
+    assert after["chatloop_completion_tokens_total"] == before.get("chatloop_completion_tokens_total", 0) + 5
+    assert after["chatloop_prompt_tokens_total"] > before.get("chatloop_prompt_tokens_total", 0)
+    assert after["chatloop_time_to_first_token_seconds_count"] == before.get("chatloop_time_to_first_token_seconds_count", 0) + 1
+    assert after["chatloop_inter_token_latency_seconds_count"] == before.get("chatloop_inter_token_latency_seconds_count", 0) + 4
+    assert after['chatloop_request_duration_seconds_count{endpoint="completions"}'] >= 1
+    assert after['chatloop_stage_up{stage="stage0"}'] == 1
+
+
+def test_health_status_and_the_status_command(client, url, capsys):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    status = client.get("/v1/status").json()
+    assert status["healthy"] and [n["name"] for n in status["nodes"]] == ["coordinator", "stage0", "stage1", "stage2", "stage3"]
+    assert status["nodes"][1]["partition"] == "partition_0.safetensors"
+    assert status_main(["--url", url]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("NAME"))
+    assert header.split() == ["NAME", "ROLE/RANK", "HOST", "LAYERS", "PARTITION", "UP", "MEMORY", "STATE"]
+    assert "coordinator/0" in out and "stage3" in out and "serving" in out
+    assert status_main(["--url", "http://127.0.0.1:9"]) == 2
+
+
+def test_openapi_schema_is_published(client):
+    schema = client.get("/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/status", "/health", "/metrics"):
+        assert path in schema["paths"], path
+    assert "CompletionRequest" in schema["components"]["schemas"]
+
+
+def test_api_key_is_required_when_set(llm):
+    cfg = replace(llm.config, server=replace(llm.config.server, api_key="sekrit"))
+    with serve_in_thread(create_app(llm, cfg)) as url:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic c2Vrcml0"}):
+            r = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401, headers
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer sekrit"}, timeout=60)
+        assert r.status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200  # probes and scrapers need no key
+        assert httpx.get(f"{url}/metrics").status_code == 200
+        assert status_main(["--url", url]) == 2
+        assert status_main(["--url", url, "--api-key", "sekrit"]) == 0
+
+
+def test_full_queue_answers_429_and_admitted_requests_complete(smollm2_split):
+    """max_batch_size=1, max_queue_size=2: of 12 simultaneous requests a few run, the rest get 429 at once."""
+    cfg = load_config(_overrides(smollm2_split, "batching.max_queue_size=2", "batching.max_batch_size=1"))
+    with ChatLoop.start(cfg) as small:
+        want = small.generate(PROMPTS[0], max_new_tokens=6, ignore_eos=True).text
+        with serve_in_thread(create_app(small, cfg)) as url:
+            results: list[httpx.Response | str] = [None] * 12  # type: ignore[list-item]
+            start = threading.Barrier(12)
+            clients = [httpx.Client(base_url=url, timeout=120) for _ in range(12)]
+
+            def one(i: int) -> None:
+                body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 6, "ignore_eos": True, "stream": i % 2 == 1}
+                start.wait()
+                with clients[i] as http:
+                    with http.stream("POST", "/v1/completions", json=body) as r:
+                        r.read()
+                        if r.status_code == 200 and body["stream"]:
+                            events = _sse(r.text.splitlines())
+                            results[i] = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+                        else:
+                            results[i] = r
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            refused = [r for r in results if isinstance(r, httpx.Response) and r.status_code == 429]
+            answered = [r if isinstance(r, str) else r.json()["choices"][0]["text"] for r in results
+                        if isinstance(r, str) or r.status_code == 200]
+            assert len(refused) + len(answered) == 12
+            assert refused, "no request was refused"
+            assert len(answered) >= 3  # one running and two waiting at least
+            assert all(text == want for text in answered)
+            for r in refused:
+                assert r.headers["retry-after"] == "1"
+                assert r.json()["error"]["code"] == "queue_full"
+            m = scrape(f"{url}/metrics")
+            assert m['chatloop_requests_total{endpoint="completions",outcome="queue_full"}'] == len(refused)
+            assert m["chatloop_queue_capacity"] == 2
+            r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=60)
+            assert r.status_code == 200
