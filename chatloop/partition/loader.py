@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from torch import nn
 from safetensors import safe_open
 
 from ..models import ModelArgs, Stage, build_stage, family_of
@@ -17,6 +20,21 @@ __all__ = ["PartitionError", "load_stage"]
 
 class PartitionError(ValueError):
     """A partition file that is missing, damaged, or not the one the manifest describes."""
+
+
+@contextmanager
+def _no_weight_init() -> Iterator[None]:
+    """Skip ``reset_parameters``' random init: the weights come from the file, and initialising
+    meta tensors goes through torch's reference kernels, which import torch._dynamo (seconds per worker)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def load_stage(
@@ -59,7 +77,7 @@ def load_stage(
 
     args = ModelArgs.from_hf_config(manifest.model_config)
     is_last = index == manifest.num_partitions - 1
-    with torch.device("meta"):
+    with torch.device("meta"), _no_weight_init():
         stage = build_stage(args, info.layers, is_first=index == 0, is_last=is_last)
     expected = set(stage.state_dict())
     try:
