@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from typing import Any
 
 import torch.distributed.rpc as rpc
@@ -27,6 +28,9 @@ from .stage_host import StageHost
 __all__ = ["RpcCluster", "under_torchrun", "run_worker", "StartupError"]
 
 log = logging.getLogger(__name__)
+# torch's RPC builds its barrier on a Gloo group through an API torch itself deprecates; the
+# warning is about torch's code, not ours, and each rank printed it on every start.
+warnings.filterwarnings("ignore", message="You are using a Backend .*ProcessGroupGloo", category=UserWarning)
 
 
 class StartupError(RuntimeError):
