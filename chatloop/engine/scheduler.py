@@ -181,7 +181,8 @@ class Scheduler:
 
     def _wait_time(self) -> float | None:
         """Seconds until there may be something to do (0: now; None: until notified)."""
-        if self._completed or self._closing or any(s.cancelled for s in self._running):
+        # A cancelled sequence still in flight is finished when its step returns: no busy wait.
+        if self._completed or self._closing or any(s.cancelled and not s.in_flight for s in self._running):
             return 0
         if self._can_launch():
             return 0
