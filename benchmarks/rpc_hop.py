@@ -1,0 +1,84 @@
+"""One RPC hop, without a model: this process and a spawned echo rank in a 2-rank TensorPipe group.
+
+A round trip of ``rpc_async(echo, identity, (tensor,))`` is two hops (there and back), each a
+pickle, a TensorPipe send over loopback and a wake-up of the other side's RPC thread. The
+product's pipeline makes S + 1 such hops per micro-batch (coordinator -> worker0 -> ... ->
+coordinator), so ``per hop x (S + 1)`` is the transport's share of a decode step.
+
+torch.distributed.rpc starts once per process: a process that opens :class:`EchoGroup` cannot
+start a ChatLoop cluster afterwards (pytest-benchmark runs it in the test process, which
+starts no cluster). The product keeps its RPC calls in ``chatloop/runtime/``; this module is
+measurement code beside it, with the same backend options.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import time
+
+import torch
+import torch.distributed.rpc as rpc
+
+__all__ = ["EchoGroup", "identity"]
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """The echo rank's whole stage."""
+    return x
+
+
+def _options(port: int, timeout: float) -> rpc.TensorPipeRpcBackendOptions:
+    return rpc.TensorPipeRpcBackendOptions(
+        num_worker_threads=16, rpc_timeout=timeout, init_method=f"tcp://127.0.0.1:{port}"
+    )
+
+
+def _serve(port: int, timeout: float) -> None:
+    torch.set_num_threads(1)
+    rpc.init_rpc("echo", rank=1, world_size=2, rpc_backend_options=_options(port, timeout))
+    rpc.shutdown(graceful=True)  # serves until rank 0 shuts down
+
+
+class EchoGroup:
+    """Rank 0 (this process) and an echo rank (spawned); ``round_trip(x)`` sends ``x`` there and back."""
+
+    def __init__(self, timeout: float = 60.0) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self._process = multiprocessing.get_context("spawn").Process(target=_serve, args=(port, timeout), daemon=True)
+        self._process.start()
+        rpc.init_rpc(f"bench{os.getpid()}", rank=0, world_size=2, rpc_backend_options=_options(port, timeout))
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        return rpc.rpc_async("echo", identity, args=(x,)).wait()
+
+    def per_hop_seconds(self, x: torch.Tensor, calls: int = 200) -> float:
+        """Median round trip / 2 over ``calls`` calls (after 20 warm-up calls)."""
+        for _ in range(20):
+            self.round_trip(x)
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            self.round_trip(x)
+            times.append(time.perf_counter() - t)
+        times.sort()
+        return times[len(times) // 2] / 2
+
+    def close(self) -> None:
+        rpc.shutdown(graceful=True)
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+if __name__ == "__main__":
+    group = EchoGroup()
+    try:
+        for shape in ((1, 1, 576), (16, 1, 576), (1, 1, 4096), (16, 1, 4096), (1, 64, 4096)):
+            hop = group.per_hop_seconds(torch.randn(shape))
+            print(f"[{', '.join(map(str, shape))}] float32: {hop * 1e3:.3f} ms per hop")
+    finally:
+        group.close()
