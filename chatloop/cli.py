@@ -90,18 +90,19 @@ def _sampling(cfg: ChatLoopConfig) -> dict:
     )
 
 
-def _app(coordinator: Callable[[ChatLoopConfig], None]) -> Callable[[], None]:
+def hydra_app(coordinator: Callable[[ChatLoopConfig], None], program: str = "chatloop") -> Callable[[], None]:
+    """A console command over conf/: bad config prints one error line and exits 2; runs ``coordinator`` on rank 0."""
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
     def app(raw: DictConfig) -> None:
         try:
             cfg = to_config(raw)
             run_rank(cfg, coordinator)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
-            print(f"chatloop: error: {e}", file=sys.stderr)
+            print(f"{program}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
     return app
 
 
-generate_main = _app(_generate)
-chat_main = _app(_chat)
+generate_main = hydra_app(_generate)
+chat_main = hydra_app(_chat)

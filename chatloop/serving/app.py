@@ -177,24 +177,9 @@ def serve(cfg: ChatLoopConfig) -> None:
 
 
 def _hydra_app():
-    import hydra
-    from omegaconf import DictConfig
+    from ..cli import hydra_app
 
-    from ..cli import run_rank
-    from ..config import CONF_DIR, register_configs, to_config
-
-    register_configs()
-
-    @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
-    def app(raw: DictConfig) -> None:
-        try:
-            cfg = to_config(raw)
-            run_rank(cfg, serve)
-        except (ValueError, FileNotFoundError, RuntimeError) as e:
-            print(f"chatloop-serve: error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    return app
+    return hydra_app(serve, program="chatloop-serve")
 
 
 def main() -> None:
