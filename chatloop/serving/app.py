@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
