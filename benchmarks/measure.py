@@ -20,6 +20,7 @@ import platform
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -243,7 +244,9 @@ def _check_capacity(llm, cfg: ChatLoopConfig, bench: BenchmarkConfig) -> None:
 
 def measure_chatloop(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
     from chatloop import ChatLoop
+    from chatloop.api import prepare_partitions
 
+    in_temporary_thread(prepare_partitions, cfg)  # a first split converts tensors: not on this thread
     started = time.perf_counter()
     llm = ChatLoop.start(cfg)
     startup_s = time.perf_counter() - started
@@ -412,6 +415,16 @@ def measure_hf(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
 
 
 # ---- the entry point ----------------------------------------------------------------------------
+def in_temporary_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on a thread that ends with it, taking its OpenMP pool along.
+
+    A pool left on this (main) thread would slow the stages' compute thread in the in-process
+    modes (see chatloop.engine.pipeline.compute_thread); the HF baseline computes on this thread.
+    """
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        return executor.submit(fn, *args, **kwargs).result()
+
+
 def run(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
     """Measure bandwidth, then the configured mode; return the row's measured fields."""
     from chatloop.embedded import resolve_model
@@ -420,8 +433,8 @@ def run(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
         torch.set_num_threads(bench.threads)
     result: dict = {"host": host_info(), "coordinator_threads": torch.get_num_threads()}
     if bench.bandwidth_mb:
-        result["bandwidth"] = memory_bandwidth(bench.bandwidth_mb)
-    folder = resolve_model(cfg.model.name)
+        result["bandwidth"] = in_temporary_thread(memory_bandwidth, bench.bandwidth_mb)
+    folder = in_temporary_thread(resolve_model, cfg.model.name)  # may write a random checkpoint first
     result["model_path"] = str(folder)
     result["weight_bytes_per_token"] = weight_bytes_per_token(folder, cfg.model.dtype)
     if bench.mode == "hf":
@@ -432,7 +445,7 @@ def run(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
     if bench.bandwidth_mb:
         # One thread: the bound of a worker pinned to one core. Measured last, so that changing the
         # thread count cannot disturb the measurement above.
-        result["bandwidth_1t"] = memory_bandwidth(bench.bandwidth_mb, threads=1)
+        result["bandwidth_1t"] = in_temporary_thread(memory_bandwidth, bench.bandwidth_mb, threads=1)
         result["roofline_ms"] = result["weight_bytes_per_token"] / (result["bandwidth"]["read_gbs"] * 1e9) * 1e3
         result["roofline_1t_ms"] = result["weight_bytes_per_token"] / (result["bandwidth_1t"]["read_gbs"] * 1e9) * 1e3
     result["benchmark"] = asdict(bench)

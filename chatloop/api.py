@@ -22,8 +22,10 @@ import torch
 from .config import CONF_DIR, ChatLoopConfig
 from .embedded import cache_root
 from .engine import LocalPipeline, SamplingParams, Scheduler, SequenceEvent, StageRunner
+from .engine.pipeline import compute_thread
 from .models.kv_cache import blocks_for_stage
 from .partition import Manifest, ManifestError, load_stage
+from .worker_settings import stages_at_once
 
 __all__ = ["ChatLoop", "Completion", "load_config"]
 
@@ -136,13 +138,18 @@ class ChatLoop:
             max_batch_size=cfg.batching.max_batch_size,
             batching_window_ms=cfg.batching.batching_window_ms,
             max_queue_size=cfg.batching.max_queue_size,
-            # In one process the stages run one after another: splitting a batch only adds steps.
-            max_in_flight=cfg.cluster.max_in_flight or (1 if cfg.cluster.in_process else cfg.cluster.num_workers),
+            max_in_flight=cfg.cluster.max_in_flight or self._stages_at_once(),
             max_context=manifest.model_config.get("max_position_embeddings") or manifest.model_config.get("n_positions"),
             max_tokens_per_micro_batch=cfg.batching.max_tokens_per_micro_batch,
             eos_token_ids=_eos_ids(directory, self.tokenizer),
         )
         self.capacity_tokens = capacity
+
+    def _stages_at_once(self) -> int:
+        """Micro-batches worth keeping in flight: more only split the batch, and each re-reads the weights."""
+        if self.cluster is None:  # in one process the stages run one after another
+            return 1
+        return stages_at_once(self.cluster.stage_infos)
 
     @classmethod
     def start(cls, cfg: ChatLoopConfig | None = None, overrides: Sequence[str] = ()) -> ChatLoop:
@@ -249,14 +256,21 @@ def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
 
 
 def _local_pipeline(cfg: ChatLoopConfig, manifest: Manifest) -> LocalPipeline:
+    executor = compute_thread("local")
+    return LocalPipeline(executor.submit(_load_runners, cfg, manifest).result(), executor)
+
+
+def _load_runners(cfg: ChatLoopConfig, manifest: Manifest) -> list[StageRunner]:
     directory = partitions_dir_for(cfg)
     dtype = getattr(torch, cfg.model.dtype)
     runners = []
     for k, part in enumerate(manifest.partitions):
-        stage = load_stage(directory, k, manifest=manifest, dtype=dtype, verify_sha256=cfg.model.verify_sha256)
+        stage = load_stage(
+            directory, k, manifest=manifest, dtype=dtype, verify_sha256=cfg.model.verify_sha256, pack_weights=cfg.worker.pack_weights
+        )
         num_blocks = blocks_for_stage(cfg.cache.kv_cache_mb, cfg.cache.block_size, stage.args, len(part.layers), dtype)
         runners.append(StageRunner(stage, max(num_blocks, 1), cfg.cache.block_size, f"stage{k}"))
-    return LocalPipeline(runners)
+    return runners
 
 
 def _eos_ids(directory: Path, tokenizer) -> set[int]:

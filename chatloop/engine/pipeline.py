@@ -91,15 +91,26 @@ class Pipeline(Protocol):
     def close(self) -> None: ...
 
 
+def compute_thread(name: str) -> ThreadPoolExecutor:
+    """The one thread that loads and runs a process's stages.
+
+    libgomp keeps an OpenMP thread pool per thread that starts parallel regions and stops
+    spinning between regions once the pools together outnumber the cores: with a second
+    pool alive (say, the thread that loaded the weights) a 2-thread decode step ran 1.5x
+    slower on the 2-core host. So everything multi-threaded in torch happens on this thread.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chatloop-{name}")
+
+
 class LocalPipeline:
     """All stages in this process, one after another, one micro-batch at a time."""
 
-    def __init__(self, runners: list[StageRunner]) -> None:
+    def __init__(self, runners: list[StageRunner], executor: ThreadPoolExecutor | None = None) -> None:
         self.runners = runners
         self.num_stages = len(runners)
         self.num_blocks = min(r.num_blocks for r in runners)
         self.block_size = runners[0].block_size
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatloop-local")
+        self._executor = executor or compute_thread("local")  # the thread that loaded the stages, if given
         self._lock = threading.Lock()
 
     def submit(self, micro_batch: MicroBatch) -> Future:

@@ -29,6 +29,10 @@ class Conv1D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
 
+    def as_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [out, in], bias): the layer as an ``nn.Linear`` would hold it (for weight packing)."""
+        return self.weight.t(), self.bias
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
@@ -69,6 +73,8 @@ class Block(nn.Module):
 class GPT2Stage(Stage):
     """A contiguous range of GPT-2 blocks; the first stage embeds, the last holds ``ln_f`` and the tied head."""
 
+    embedding_path = "transformer.wte"
+
     def __init__(self, args: ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> None:
         super().__init__(args, layers, is_first, is_last)
         self.transformer = nn.Module()
@@ -88,7 +94,5 @@ class GPT2Stage(Stage):
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.transformer.h.values())
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.transformer.ln_f(x)
-        weight = self.transformer.wte.weight if self.args.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, weight)
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transformer.ln_f(x)

@@ -112,6 +112,8 @@ class DecoderLayer(nn.Module):
 class LlamaStage(Stage):
     """A contiguous range of Llama-family layers, plus the embeddings and/or head at the ends."""
 
+    embedding_path = "model.embed_tokens"
+
     def __init__(self, args: ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> None:
         super().__init__(args, layers, is_first, is_last)
         self.inv_freq = rope_frequencies(args)  # a plain attribute: float32, not in the state dict
@@ -136,7 +138,5 @@ class LlamaStage(Stage):
         angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, T, 1, D]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.model.norm(x)
-        weight = self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, weight)
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)

@@ -35,6 +35,9 @@ class Stage(nn.Module):
     the last one returns logits; the others map hidden states to hidden states.
     """
 
+    embedding_path = ""
+    """Where a family keeps the token embedding, which a tied head reads (e.g. ``model.embed_tokens``)."""
+
     def __init__(self, args: ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> None:
         super().__init__()
         if layers.end >= args.num_layers:
@@ -43,6 +46,7 @@ class Stage(nn.Module):
         self.layers_range = layers
         self.is_first = is_first
         self.is_last = is_last
+        self.lm_head: nn.Module | None = None  # an untied head; a tied one reads the token embedding
 
     def new_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> PagedKVCache:
         """A KV block pool for this stage's layers."""
@@ -81,5 +85,12 @@ class Stage(nn.Module):
         """Extra arguments every layer takes (e.g. rotary cos/sin)."""
         return ()
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of the last hidden states: final norm, then the untied or tied head."""
+        x = self.final_norm(x)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return F.linear(x, self.get_submodule(self.embedding_path).weight)

@@ -11,6 +11,7 @@ from torch import nn
 from safetensors import safe_open
 
 from ..models import ModelArgs, Stage, build_stage, family_of
+from ..models.packing import pack_linear_weights
 from .manifest import Manifest, ManifestError
 from .plan import LayerRange
 from .safetensors_stream import SafetensorsError, read_header, sha256_of
@@ -45,13 +46,15 @@ def load_stage(
     dtype: torch.dtype | None = None,
     verify_sha256: bool = False,
     manifest: Manifest | None = None,
+    pack_weights: bool = False,
 ) -> Stage:
     """Build stage ``index`` from ``directory/partition_{index}.safetensors``.
 
     Checks, before any weight is read: the partition exists, its size (and with
     ``verify_sha256`` its hash) matches the manifest, its layers match ``expected_layers``,
     its tensors are exactly the stage's, in the manifest's dtype. ``dtype`` casts the weights
-    after loading (the stage then computes in it).
+    after loading (the stage then computes in it). ``pack_weights`` then reorders float32
+    linear weights for oneDNN (:func:`~chatloop.models.packing.pack_linear_weights`).
     """
     directory = Path(directory)
     manifest = manifest or Manifest.load(directory)
@@ -101,6 +104,13 @@ def load_stage(
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise PartitionError(f"{path} cannot be read ({e}): split the model again") from None
     stage.load_state_dict(state, assign=True, strict=True)
+    del state  # the stage holds the only reference: packing can free each plain weight
     if dtype is not None:
         stage.to(dtype)
-    return stage.eval().requires_grad_(False)
+    stage.eval().requires_grad_(False)
+    if pack_weights and pack_linear_weights(stage):
+        # The rest (norms, embeddings) still point into the file's mapping, which keeps every
+        # page read while packing resident: give them memory of their own so it is unmapped.
+        for parameter in stage.parameters():
+            parameter.data = parameter.data.clone()
+    return stage

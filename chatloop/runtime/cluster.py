@@ -42,7 +42,13 @@ def under_torchrun() -> bool:
 
 
 def _backend_options(cfg: ChatLoopConfig, timeout: float) -> rpc.TensorPipeRpcBackendOptions:
-    return rpc.TensorPipeRpcBackendOptions(num_worker_threads=cfg.cluster.num_rpc_threads, rpc_timeout=timeout, init_method="env://")
+    return rpc.TensorPipeRpcBackendOptions(
+        num_worker_threads=cfg.cluster.num_rpc_threads,
+        rpc_timeout=timeout,
+        init_method="env://",
+        _transports=list(cfg.cluster.rpc_transports),
+        _channels=list(cfg.cluster.rpc_channels),
+    )
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -193,7 +199,7 @@ class RpcCluster:
             spec = cfg.cluster.workers[k] if cfg.cluster.workers else None
             expected = (spec.start_layer, spec.end_layer) if spec else None
             args = (name, os.path.abspath(partitions_dir), k, expected, cfg.model.dtype, cfg.cache.kv_cache_mb,
-                    cfg.cache.block_size, cfg.model.verify_sha256, cfg.cluster.rpc_timeout_s)
+                    cfg.cache.block_size, cfg.model.verify_sha256, cfg.worker.pack_weights, cfg.cluster.rpc_timeout_s)
             hosts.append(rpc.remote(name, _create_host, args=args, timeout=cfg.cluster.startup_timeout_s))
         infos = []
         for name, host in zip(names, hosts):

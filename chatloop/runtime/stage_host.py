@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import psutil
 import torch
 import torch.distributed.rpc as rpc
 
-from ..engine.pipeline import StageRunner
+from ..engine.pipeline import StageRunner, compute_thread
 from ..models import StepBatch
 from ..models.kv_cache import blocks_for_stage
 from ..partition.loader import load_stage
@@ -53,23 +52,31 @@ class StageHost:
         kv_cache_mb: float,
         block_size: int,
         verify_sha256: bool,
+        pack_weights: bool,
         rpc_timeout_s: float,
         settings: dict,
     ) -> None:
         self.name = name
         self.started = time.time()
+        self._executor = compute_thread(name)  # builds the stage and its KV pool too: see compute_thread
         layers = LayerRange(*expected_layers) if expected_layers else None
-        stage = load_stage(directory, index, expected_layers=layers, dtype=getattr(torch, dtype), verify_sha256=verify_sha256)
-        num_blocks = blocks_for_stage(kv_cache_mb, block_size, stage.args, len(stage.layers_range), getattr(torch, dtype))
-        if num_blocks < 1:
-            raise ValueError(f"{name}: kv_cache_mb={kv_cache_mb} holds not even one block of {block_size} tokens: raise cache.kv_cache_mb")
-        self.runner = StageRunner(stage, num_blocks, block_size, name)
+
+        def build() -> StageRunner:
+            torch_dtype = getattr(torch, dtype)
+            stage = load_stage(
+                directory, index, expected_layers=layers, dtype=torch_dtype, verify_sha256=verify_sha256, pack_weights=pack_weights
+            )
+            num_blocks = blocks_for_stage(kv_cache_mb, block_size, stage.args, len(stage.layers_range), torch_dtype)
+            if num_blocks < 1:
+                raise ValueError(f"{name}: kv_cache_mb={kv_cache_mb} holds not even one block of {block_size} tokens: raise cache.kv_cache_mb")
+            return StageRunner(stage, num_blocks, block_size, name)
+
+        self.runner = self._executor.submit(build).result()
         self.partition_bytes = os.path.getsize(os.path.join(directory, f"partition_{index}.safetensors"))
         self.settings = settings
         self.rpc_timeout_s = rpc_timeout_s
         self.next: rpc.RRef | None = None
         self.next_name = ""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chatloop-{name}")
         global CURRENT_HOST
         CURRENT_HOST = self
 

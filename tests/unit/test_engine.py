@@ -11,7 +11,7 @@ import torch
 from chatloop import ChatLoop, SamplingParams, load_config
 from chatloop.engine import BlockAllocator, QueueFullError, SamplerInput, sample
 from chatloop.engine.detokenizer import Detokenizer
-from chatloop.worker_settings import cores_for_worker
+from chatloop.worker_settings import cores_for_worker, stages_at_once
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,25 @@ def test_detokenizer_holds_back_a_possible_stop_string():
 
 @pytest.mark.parametrize(
     "index, workers, threads, cores, expected",
-    [(1, 4, 2, list(range(8)), [2, 3]), (3, 4, 8, [0, 1], [1]), (2, 4, 8, [0, 1], [0]), (0, 1, 8, [0, 1], [0, 1])],
+    [(1, 4, 2, list(range(8)), [2, 3]), (3, 4, 8, [0, 1], [0, 1]), (2, 4, 1, [0, 1], [0, 1]), (0, 1, 8, [0, 1], [0, 1])],
 )
 def test_worker_cores(index, workers, threads, cores, expected):
     assert cores_for_worker(index, workers, threads, cores) == expected
+
+
+def _worker(host: str, cores: list[int], threads: int) -> dict:
+    return {"host": host, "cores": cores, "threads": threads}
+
+
+@pytest.mark.parametrize(
+    "workers, expected",
+    [
+        ([_worker("a", [2 * k, 2 * k + 1], 2) for k in range(4)], 4),  # cores of their own: all at once
+        ([_worker("a", [0, 1], 2) for _ in range(4)], 1),  # 2 cores shared by 2-thread workers: one at a time
+        ([_worker("a", list(range(16)), 8) for _ in range(4)], 2),
+        ([_worker("a", [0, 1], 2), _worker("a", [0, 1], 2), _worker("b", [0, 1], 2)], 2),  # hosts add up
+        ([_worker("a", [0, 1], 1) for _ in range(4)], 2),
+    ],
+)
+def test_stages_at_once(workers, expected):
+    assert stages_at_once(workers) == expected
