@@ -21,6 +21,8 @@ import time
 import torch
 import torch.distributed.rpc as rpc
 
+from chatloop.config import ClusterConfig
+
 __all__ = ["EchoGroup", "identity"]
 
 
@@ -30,8 +32,13 @@ def identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def _options(port: int, timeout: float) -> rpc.TensorPipeRpcBackendOptions:
+    cluster = ClusterConfig()  # the product's transports and channels
     return rpc.TensorPipeRpcBackendOptions(
-        num_worker_threads=16, rpc_timeout=timeout, init_method=f"tcp://127.0.0.1:{port}"
+        num_worker_threads=cluster.num_rpc_threads,
+        rpc_timeout=timeout,
+        init_method=f"tcp://127.0.0.1:{port}",
+        _transports=list(cluster.rpc_transports),
+        _channels=list(cluster.rpc_channels),
     )
 
 
