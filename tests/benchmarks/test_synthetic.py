@@ -7,11 +7,12 @@ from benchmarks.synthetic import run_synthetic
 
 def test_four_stages_with_four_micro_batches_in_flight_reach_90_percent_of_ideal():
     # Best of three: a timing check on a shared 2-core machine, where another process can delay a wake-up.
-    result = max((run_synthetic(num_stages=4, stage_ms=10, new_tokens=25) for _ in range(3)), key=lambda r: r.ratio)
-    assert result.max_in_flight == 4
-    assert result.num_micro_batches == 4 * 25  # one sequence per micro-batch, one micro-batch per token
-    assert result.ratio >= 0.9, result
-    assert min(result.busy_fractions) >= 0.8, result
+    runs = [run_synthetic(num_stages=4, stage_ms=10, new_tokens=25) for _ in range(3)]
+    for result in runs:
+        assert result.max_in_flight == 4
+        assert result.num_micro_batches == 4 * 25  # one sequence per micro-batch, one micro-batch per token
+    # One run must keep the pipeline full: >= 90% of ideal throughput with every stage >= 80% busy.
+    assert any(r.ratio >= 0.9 and min(r.busy_fractions) >= 0.8 for r in runs), runs
 
 
 def test_one_micro_batch_in_flight_leaves_three_of_four_stages_idle():
