@@ -65,6 +65,12 @@ class WorkerSpec:
     """Partition file name, e.g. partition_0.safetensors."""
 
 
+RPC_TRANSPORTS = ("uv", "shm", "ibv")
+"""TensorPipe's transports (torch.distributed.rpc)."""
+RPC_CHANNELS = ("basic", "cma", "mpt_uv", "xth")
+"""TensorPipe's CPU channels."""
+
+
 @dataclass(kw_only=True)
 class ClusterConfig:
     """The ranks: rank 0 is the coordinator, rank k is worker k-1 owning partition k-1."""
@@ -100,6 +106,16 @@ class ClusterConfig:
         _require(0 < self.master_port < 65536, f"cluster.master_port={self.master_port} is not a TCP port")
         _require(self.rpc_timeout_s > 0, "cluster.rpc_timeout_s must be > 0")
         _require(self.max_in_flight is None or self.max_in_flight >= 1, "cluster.max_in_flight must be >= 1 or null")
+        for name, given, known in (
+            ("rpc_transports", self.rpc_transports, RPC_TRANSPORTS),
+            ("rpc_channels", self.rpc_channels, RPC_CHANNELS),
+        ):
+            unknown = [x for x in given if x not in known]
+            _require(
+                bool(given) and not unknown,
+                f"cluster.{name}={list(given)}: give one or more of {', '.join(known)}"
+                + (f" ({', '.join(unknown)} is not one)" if unknown else ""),
+            )
         _require(
             not self.workers or len(self.workers) == self.num_workers,
             f"cluster.workers lists {len(self.workers)} workers but cluster.num_workers={self.num_workers}: make them agree",

@@ -95,6 +95,19 @@ def test_bad_sampling_values(bad):
         SamplingParams(**bad)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cluster.rpc_transports=[tcp]", r"cluster.rpc_transports=\['tcp'\]: give one or more of uv, shm, ibv \(tcp is not one\)"),
+        ("cluster.rpc_transports=[]", r"cluster.rpc_transports=\[\]: give one or more of uv"),
+        ("cluster.rpc_channels=[basic,fast]", r"cluster.rpc_channels=.*\(fast is not one\)"),
+    ],
+)
+def test_bad_rpc_transport_names(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config([override])
+
+
 def test_sampler_is_seeded_per_sequence_and_step():
     logits = torch.randn(3, 50)
     logits[2] = logits[0]
