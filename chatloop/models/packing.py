@@ -37,10 +37,6 @@ class PackedLinear(nn.Module):
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
         self.bias = None if bias is None else bias.detach().contiguous()
 
-    @property
-    def num_bytes(self) -> int:
-        return self.out_features * self.in_features * 4 + (0 if self.bias is None else self.bias.nbytes)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 

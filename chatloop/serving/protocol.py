@@ -100,18 +100,24 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class _CompletionChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
-    text: str
     logprobs: None = None
     finish_reason: Optional[Literal["stop", "length"]]
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
     id: str
-    object: Literal["text_completion"]
     created: int
     model: str
+
+
+class _CompletionChoice(_Choice):
+    text: str
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"]
     choices: list[_CompletionChoice]
     usage: Optional[Usage] = None
 
@@ -121,18 +127,12 @@ class _AssistantMessage(BaseModel):
     content: str
 
 
-class _ChatChoice(BaseModel):
-    index: int
+class _ChatChoice(_Choice):
     message: _AssistantMessage
-    logprobs: None = None
-    finish_reason: Optional[Literal["stop", "length"]]
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"]
-    created: int
-    model: str
     choices: list[_ChatChoice]
     usage: Usage
 

@@ -192,12 +192,15 @@ def test_sharded_source_checkpoint(tiny_checkpoint, tmp_path):
         assert all(torch.equal(sharded_part[k], single_part[k]) for k in sharded_part)
 
 
-def test_pytorch_model_bin_source(tiny_checkpoint, tmp_path):
-    checkpoint = tiny_checkpoint("llama")
-    folder = tmp_path / "bin"
+def _config_only_copy(checkpoint, folder):
+    """A folder with the checkpoint's config.json only (the test writes the weights its own way), and the weights."""
     folder.mkdir()
     (folder / "config.json").write_text((checkpoint.path / "config.json").read_text())
-    source = load_source(checkpoint.path)
+    return folder, load_source(checkpoint.path)
+
+
+def test_pytorch_model_bin_source(tiny_checkpoint, tmp_path):
+    folder, source = _config_only_copy(tiny_checkpoint("llama"), tmp_path / "bin")
     torch.save(source, folder / "pytorch_model.bin")
     manifest = split_model(folder, tmp_path / "out", 4, progress=False)
     assert_union_equals_source(load_partitions(tmp_path / "out", manifest), source)
@@ -207,11 +210,7 @@ def test_gpt2_checkpoint_without_the_transformer_prefix(tiny_checkpoint, tmp_pat
     """GPT-2 hub files name tensors ``h.0.attn...``; partitions use save_pretrained's ``transformer.h.0.attn...``."""
     from safetensors.torch import save_file
 
-    checkpoint = tiny_checkpoint("gpt2")
-    folder = tmp_path / "hub-style"
-    folder.mkdir()
-    (folder / "config.json").write_text((checkpoint.path / "config.json").read_text())
-    source = load_source(checkpoint.path)
+    folder, source = _config_only_copy(tiny_checkpoint("gpt2"), tmp_path / "hub-style")
     save_file({k.removeprefix("transformer."): v for k, v in source.items()}, folder / "model.safetensors")
     manifest = split_model(folder, tmp_path / "out", 2, progress=False)
     assert_union_equals_source(load_partitions(tmp_path / "out", manifest), source)
