@@ -215,13 +215,15 @@ def test_stream_disconnect_cancels_and_frees_blocks(client, url):
     with httpx.Client(base_url=url, timeout=60) as own:
         with own.stream("POST", "/v1/chat/completions", json=payload) as r:
             assert r.status_code == 200
-            seen = 0
-            for line in r.iter_lines():
-                seen += line.startswith("data: ")
-                if seen == 4:
-                    break
+            # Keep the line iterator: a `for ... break` drops it, and closing it closes the connection,
+            # which the server then (rightly) sees as a disconnect before the check below.
+            lines, events = r.iter_lines(), []
+            while len(events) < 4:
+                line = next(lines)
+                if line.startswith("data: "):
+                    events.append(line)
             free, capacity, running = _kv(url)
-            assert free < capacity and running == 1  # the stream holds its blocks
+            assert free < capacity and running == 1, (free, capacity, running, events)  # the stream holds its blocks
         # leaving the block closes the connection mid-stream
     wait_until(lambda: _blocks_all_free(url), 10, message="every KV block free after the disconnect")
     after = scrape(f"{url}/metrics")
