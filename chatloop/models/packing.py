@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .stage import Stage
+
 __all__ = ["PackedLinear", "can_pack", "pack_linear_weights"]
 
 
@@ -52,7 +54,7 @@ def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | 
     return as_linear() if as_linear is not None else None
 
 
-def pack_linear_weights(stage: nn.Module) -> int:
+def pack_linear_weights(stage: Stage) -> int:
     """Replace every linear layer of ``stage`` (and a tied head) by a :class:`PackedLinear`.
 
     Returns how many were packed: 0 when the stage's dtype cannot be packed. The plain
@@ -60,8 +62,6 @@ def pack_linear_weights(stage: nn.Module) -> int:
     A last stage whose head is tied to the token embedding gets a packed copy of it; when the
     stage does not embed tokens too, the embedding is dropped.
     """
-    from .stage import Stage
-
     dtype = next(stage.parameters()).dtype
     if not can_pack(dtype):
         return 0
@@ -72,7 +72,7 @@ def pack_linear_weights(stage: nn.Module) -> int:
         parent = stage.get_submodule(parent_name)
         setattr(parent, child, PackedLinear(*_as_linear(getattr(parent, child))))
     packed = len(names)
-    if isinstance(stage, Stage) and stage.is_last and stage.lm_head is None:
+    if stage.is_last and stage.lm_head is None:
         embedding = stage.get_submodule(stage.embedding_path)
         stage.lm_head = PackedLinear(embedding.weight)
         if not stage.is_first:
