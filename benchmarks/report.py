@@ -286,7 +286,8 @@ def _host_lines(rows: list[dict]) -> list[str]:
     ]
     if bandwidth:
         lines += [
-            "Memory bandwidth (sum of a large fp32 tensor, median of the jobs): "
+            "Memory bandwidth (the faster of torch's sum and ChatLoop's four-stream read of a large fp32 tensor, "
+            "median of the jobs): "
             f"{statistics.median(bandwidth):.1f} GB/s "
             f"with {rows[0].get('bandwidth', {}).get('threads', '?')} threads"
             + (f", {statistics.median(bandwidth_1t):.1f} GB/s with 1 thread." if bandwidth_1t else "."),

@@ -39,15 +39,20 @@ def test_stage_decode_step(benchmark, note, smollm2_partitions, bandwidth_gbs, w
     """One decode step (1 new token per sequence, 64 cached) of a SmolLM2 stage, float32.
 
     middle: stage 1 of 4 (layers 8-15); last: stage 3 of 4 (layers 23-29, norm, head: logits);
-    full: the whole model as one stage.
+    full: the whole model as one stage. Linear layers prepared as the workers do (``worker.pack_weights``).
     """
     from chatloop.models import StepBatch
+    from chatloop.models.packing import pack_linear_weights
     from chatloop.partition import load_stage
 
     directory, index = (
         (smollm2_partitions(1), 0) if which == "full" else (smollm2_partitions(4), 1 if which == "middle" else 3)
     )
     stage = load_stage(directory, index)
+    weights = sum(p.numel() * p.element_size() for p in stage.parameters())  # counted before packing hides them
+    if stage.is_first and not stage.is_last:
+        weights -= stage.args.vocab_size * stage.args.hidden_size * 4  # an embedding lookup reads one row
+    pack_linear_weights(stage)
     blocks_per_sequence = math.ceil((CONTEXT + 1) / BLOCK_SIZE)
     cache = stage.new_cache(batch * blocks_per_sequence, BLOCK_SIZE)
     tables = [list(range(b * blocks_per_sequence, (b + 1) * blocks_per_sequence)) for b in range(batch)]
@@ -67,9 +72,6 @@ def test_stage_decode_step(benchmark, note, smollm2_partitions, bandwidth_gbs, w
     median = _median(benchmark)
     if median is None:
         return
-    weights = sum(p.numel() * p.element_size() for p in stage.parameters())
-    if stage.is_first and not stage.is_last:
-        weights -= stage.args.vocab_size * stage.args.hidden_size * 4  # an embedding lookup reads one row
     benchmark.extra_info.update(
         layers=str(stage.layers_range),
         batch=batch,

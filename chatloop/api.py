@@ -266,7 +266,8 @@ def _load_runners(cfg: ChatLoopConfig, manifest: Manifest) -> list[StageRunner]:
     runners = []
     for k, part in enumerate(manifest.partitions):
         stage = load_stage(
-            directory, k, manifest=manifest, dtype=dtype, verify_sha256=cfg.model.verify_sha256, pack_weights=cfg.worker.pack_weights
+            directory, k, manifest=manifest, dtype=dtype, verify_sha256=cfg.model.verify_sha256,
+            pack_weights=cfg.worker.pack_weights, native_kernels=cfg.worker.native_kernels,
         )
         num_blocks = blocks_for_stage(cfg.cache.kv_cache_mb, cfg.cache.block_size, stage.args, len(part.layers), dtype)
         runners.append(StageRunner(stage, max(num_blocks, 1), cfg.cache.block_size, f"stage{k}"))

@@ -168,8 +168,12 @@ class WorkerConfig:
     enable_simd: bool = True
     """False makes torch use its plain kernels (ATEN_CPU_CAPABILITY=default)."""
     pack_weights: bool = True
-    """Reorder float32 linear weights into oneDNN's layout at load (1.5-2.8x faster decode matmuls on CPU);
-    other dtypes keep plain weights."""
+    """Prepare float32 linear layers at load for decode's small matmuls: ChatLoop's native kernel, or
+    oneDNN's packed weights without it (1.5-2.8x faster than torch's plain matmuls on CPU); other dtypes
+    keep plain weights."""
+    native_kernels: bool = True
+    """With pack_weights: run float32 matmuls of up to 16 rows on ChatLoop's C kernel, built at first use
+    with the system C compiler (x86-64 with AVX2 and FMA; off with enable_simd=false); false: oneDNN's."""
     metrics_port: int = 9091
     """Worker k serves Prometheus metrics on metrics_port + k."""
 

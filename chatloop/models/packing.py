@@ -1,29 +1,39 @@
-"""Linear weights reordered once, at load time, into oneDNN's blocked layout.
+"""Linear layers prepared once, at load time, for decode steps' small matmuls.
 
-This is the reorder torch.compile's freezing does, without compiling. A decode step's
-matmuls have 1-16 rows: on the 2-core AVX2 host MKL read a plain [out, in] float32 weight at
-10-18 GB/s there, oneDNN's packed copy at 20-30 GB/s (a TinyLlama-1.1B layer: 1.5x faster
-at 1 row, 2-2.8x at 4-16 rows), while a 1024-token prefill got ~15% slower. float32 only:
-oneDNN packs bfloat16 weights only on CPUs with AVX-512.
+A decode step multiplies 1-16 rows by every weight matrix, so it runs at the speed at which
+the weights stream from memory. On the 2-core AVX2 host MKL read a plain [out, in] float32
+weight at 10-18 GB/s there. Two ways to do better, both float32 only:
+
+- :class:`KernelLinear`: ChatLoop's own kernel (``chatloop/kernels/gemv.c``) on the plain
+  weight for up to 16 rows, torch's GEMM above that (prefill). 1.2-2.2x faster than oneDNN's
+  packed GEMM on TinyLlama and SmolLM2 shapes, 33 GB/s at 1 row. Used where the kernel builds.
+- :class:`PackedLinear`: the weight reordered into oneDNN's blocked layout, the reorder
+  torch.compile's freezing does (1.5x over MKL at 1 row, 2-2.8x at 4-16 rows; a 1024-token
+  prefill ~15% slower). The fallback where no C compiler is available. oneDNN packs
+  bfloat16 weights only on CPUs with AVX-512.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import MAX_KERNEL_ROWS, kernel_linear, load_kernels
 from .stage import Stage
 
-__all__ = ["PackedLinear", "can_pack", "pack_linear_weights"]
+__all__ = ["KernelLinear", "PackedLinear", "fast_linear_for", "pack_linear_weights"]
 
 
-def can_pack(dtype: torch.dtype) -> bool:
-    """Whether this torch build and dtype support packed linear weights."""
-    return (
-        dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+def fast_linear_for(dtype: torch.dtype, use_kernel: bool = True) -> type[nn.Module] | None:
+    """The fastest linear layer this machine has for ``dtype``, or None for torch's own."""
+    if dtype != torch.float32:
+        return None
+    if use_kernel and load_kernels() is not None:
+        return KernelLinear
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return PackedLinear
+    return None
 
 
 class PackedLinear(nn.Module):
@@ -46,6 +56,27 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class KernelLinear(nn.Module):
+    """``y = x @ weight.T + bias`` on ChatLoop's kernel for up to 16 rows, on torch's GEMM for more.
+
+    ``weight`` [out, in] stays plain (one copy) but gets memory of its own, off the checkpoint's mapping.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight.detach().clone(memory_format=torch.contiguous_format)
+        self.bias = None if bias is None else bias.detach().clone(memory_format=torch.contiguous_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= MAX_KERNEL_ROWS * self.in_features:
+            return kernel_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight [out, in], bias) of a linear layer, whatever layout it stores; None for other modules."""
     if isinstance(module, nn.Linear):
@@ -54,27 +85,28 @@ def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | 
     return as_linear() if as_linear is not None else None
 
 
-def pack_linear_weights(stage: Stage) -> int:
-    """Replace every linear layer of ``stage`` (and a tied head) by a :class:`PackedLinear`.
+def pack_linear_weights(stage: Stage, use_kernel: bool = True) -> int:
+    """Replace every linear layer of ``stage`` (and a tied head) by a :class:`KernelLinear`.
 
-    Returns how many were packed: 0 when the stage's dtype cannot be packed. The plain
+    :class:`PackedLinear` instead where the kernel cannot be built or ``use_kernel`` is
+    false. Returns how many were replaced: 0 when the stage's dtype cannot be packed. The plain
     weights are released one by one, so packing needs one extra matrix of memory at a time.
-    A last stage whose head is tied to the token embedding gets a packed copy of it; when the
+    A last stage whose head is tied to the token embedding gets a copy of it; when the
     stage does not embed tokens too, the embedding is dropped.
     """
-    dtype = next(stage.parameters()).dtype
-    if not can_pack(dtype):
+    fast_linear = fast_linear_for(next(stage.parameters()).dtype, use_kernel)
+    if fast_linear is None:
         return 0
     # Names, not modules: a list of modules would keep every plain weight alive until the end.
     names = [name for name, module in stage.named_modules() if _as_linear(module) is not None]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = stage.get_submodule(parent_name)
-        setattr(parent, child, PackedLinear(*_as_linear(getattr(parent, child))))
+        setattr(parent, child, fast_linear(*_as_linear(getattr(parent, child))))
     packed = len(names)
     if stage.is_last and stage.lm_head is None:
         embedding = stage.get_submodule(stage.embedding_path)
-        stage.lm_head = PackedLinear(embedding.weight)
+        stage.lm_head = fast_linear(embedding.weight)
         if not stage.is_first:
             parent_name, _, child = stage.embedding_path.rpartition(".")
             delattr(stage.get_submodule(parent_name), child)

@@ -47,14 +47,16 @@ def load_stage(
     verify_sha256: bool = False,
     manifest: Manifest | None = None,
     pack_weights: bool = False,
+    native_kernels: bool = True,
 ) -> Stage:
     """Build stage ``index`` from ``directory/partition_{index}.safetensors``.
 
     Checks, before any weight is read: the partition exists, its size (and with
     ``verify_sha256`` its hash) matches the manifest, its layers match ``expected_layers``,
     its tensors are exactly the stage's, in the manifest's dtype. ``dtype`` casts the weights
-    after loading (the stage then computes in it). ``pack_weights`` then reorders float32
-    linear weights for oneDNN (:func:`~chatloop.models.packing.pack_linear_weights`).
+    after loading (the stage then computes in it). ``pack_weights`` then prepares float32
+    linear layers for small matmuls, on the native kernel if ``native_kernels``
+    (:func:`~chatloop.models.packing.pack_linear_weights`).
     """
     directory = Path(directory)
     manifest = manifest or Manifest.load(directory)
@@ -108,7 +110,7 @@ def load_stage(
     if dtype is not None:
         stage.to(dtype)
     stage.eval().requires_grad_(False)
-    if pack_weights and pack_linear_weights(stage):
+    if pack_weights and pack_linear_weights(stage, use_kernel=native_kernels):
         # The rest (norms, embeddings) still point into the file's mapping, which keeps every
         # page read while packing resident: give them memory of their own so it is unmapped.
         for parameter in stage.parameters():

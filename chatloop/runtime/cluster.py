@@ -199,7 +199,8 @@ class RpcCluster:
             spec = cfg.cluster.workers[k] if cfg.cluster.workers else None
             expected = (spec.start_layer, spec.end_layer) if spec else None
             args = (name, os.path.abspath(partitions_dir), k, expected, cfg.model.dtype, cfg.cache.kv_cache_mb,
-                    cfg.cache.block_size, cfg.model.verify_sha256, cfg.worker.pack_weights, cfg.cluster.rpc_timeout_s)
+                    cfg.cache.block_size, cfg.model.verify_sha256, cfg.worker.pack_weights, cfg.worker.native_kernels,
+                    cfg.cluster.rpc_timeout_s)
             hosts.append(rpc.remote(name, _create_host, args=args, timeout=cfg.cluster.startup_timeout_s))
         infos = []
         for name, host in zip(names, hosts):

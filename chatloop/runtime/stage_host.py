@@ -53,6 +53,7 @@ class StageHost:
         block_size: int,
         verify_sha256: bool,
         pack_weights: bool,
+        native_kernels: bool,
         rpc_timeout_s: float,
         settings: dict,
     ) -> None:
@@ -64,7 +65,8 @@ class StageHost:
         def build() -> StageRunner:
             torch_dtype = getattr(torch, dtype)
             stage = load_stage(
-                directory, index, expected_layers=layers, dtype=torch_dtype, verify_sha256=verify_sha256, pack_weights=pack_weights
+                directory, index, expected_layers=layers, dtype=torch_dtype, verify_sha256=verify_sha256,
+                pack_weights=pack_weights, native_kernels=native_kernels,
             )
             num_blocks = blocks_for_stage(kv_cache_mb, block_size, stage.args, len(stage.layers_range), torch_dtype)
             if num_blocks < 1:

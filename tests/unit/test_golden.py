@@ -13,16 +13,19 @@ import pytest
 import torch
 
 from chatloop.models import ModelArgs
-from chatloop.models.packing import PackedLinear
+from chatloop.kernels import load_kernels
+from chatloop.models.packing import KernelLinear, PackedLinear, _as_linear
 from chatloop.partition import Manifest
 from chatloop.partition.splitter import split_model
 
 TOLERANCE = 1e-4  # max abs logit difference, fp32
-# SmolLM2's logits reach ~30 over 30 layers: oneDNN's packed GEMMs round differently from MKL's
-# (1.2e-4 seen, 4e-6 relative); a wrong mask, position or cache slot moves them by > 1e-1.
+# SmolLM2's logits reach ~30 over 30 layers: oneDNN's packed GEMMs and ChatLoop's kernel sum in
+# another order than MKL (1.2e-4 seen, 4e-6 relative); a wrong mask, position or cache slot moves them by > 1e-1.
 SMOLLM2_TOLERANCE = 2e-4
 NUM_DECODE_STEPS = 16
 NUM_GREEDY_TOKENS = 32
+# How the linear layers run: torch's nn.Linear, oneDNN's packed weights, ChatLoop's native kernel.
+LINEAR_MODES = {"plain": (False, False, None), "onednn": (True, False, PackedLinear), "kernel": (True, True, KernelLinear)}
 
 
 def reference_logits(hf_model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
@@ -119,15 +122,29 @@ def test_tiny_model_features_are_what_the_goldens_claim(tiny_checkpoint):
     assert gpt2.family == "gpt2" and gpt2.tie_word_embeddings
 
 
-@pytest.mark.parametrize("pack_weights", [False, True], ids=["plain", "packed"])
-def test_tiny_prefill_and_decode_match_transformers(tiny_split, load_pipeline, pack_weights):
+def load_with_linear_mode(load_pipeline, directory, mode: str, **options):
+    """The split model loaded with its linear layers in ``mode``, checked to really be so (tied heads included)."""
+    pack_weights, native_kernels, linear_type = LINEAR_MODES[mode]
+    if mode == "kernel" and load_kernels() is None:
+        pytest.skip("ChatLoop's native kernel cannot be built here (see the log)")
+    pipeline = load_pipeline(directory, pack_weights=pack_weights, native_kernels=native_kernels, **options)
+    modules = [m for stage in pipeline.stages for m in stage.modules()]
+    prepared = [m for m in modules if isinstance(m, (PackedLinear, KernelLinear))]
+    if pack_weights:  # no plain linear layer (nn.Linear, GPT-2's Conv1D) is left
+        assert prepared and all(type(m) is linear_type for m in prepared)
+        assert not any(_as_linear(m) for m in modules)
+        assert isinstance(pipeline.stages[-1].lm_head, linear_type)
+    else:
+        assert not prepared
+    return pipeline
+
+
+@pytest.mark.parametrize("mode", LINEAR_MODES)
+def test_tiny_prefill_and_decode_match_transformers(tiny_split, load_pipeline, mode):
     checkpoint, parts = tiny_split
     prompts, continuations = tiny_prompts()
     assert len(prompts[0]) != len(prompts[1])
-    pipeline = load_pipeline(parts, pack_weights=pack_weights, block_size=4, num_blocks=32)
-    if pack_weights:  # the stages really run on oneDNN's packed weights, tied heads included
-        assert not any(isinstance(m, torch.nn.Linear) for stage in pipeline.stages for m in stage.modules())
-        assert isinstance(pipeline.stages[-1].lm_head, PackedLinear)
+    pipeline = load_with_linear_mode(load_pipeline, parts, mode, block_size=4, num_blocks=32)
     worst = check_against_reference(pipeline, checkpoint.model, prompts, continuations)
     print(f"{checkpoint.family}: max abs logit diff {worst:.2e}")
 
@@ -136,7 +153,7 @@ def test_packing_frees_plain_weights_and_leaves_other_dtypes_alone(tiny_checkpoi
     from chatloop.partition import load_stage
 
     split_model(tiny_checkpoint("qwen2").path, tmp_path / "parts", 2, progress=False)
-    last = load_stage(tmp_path / "parts", 1, pack_weights=True)
+    last = load_stage(tmp_path / "parts", 1, pack_weights=True, native_kernels=False)
     assert isinstance(last.lm_head, PackedLinear)
     assert not hasattr(last.model, "embed_tokens")  # the tied head has its packed copy; nothing embeds here
     first = load_stage(tmp_path / "parts", 0, pack_weights=True)
@@ -195,10 +212,8 @@ def chat_prompt_ids(tokenizer, question: str) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pack_weights", [False, True], ids=["plain", "packed"])
-def test_smollm2_prefill_and_decode_match_transformers(
-    smollm2_split, smollm2_hf, smollm2_tokenizer, load_pipeline, pack_weights
-):
+@pytest.mark.parametrize("mode", LINEAR_MODES)
+def test_smollm2_prefill_and_decode_match_transformers(smollm2_split, smollm2_hf, smollm2_tokenizer, load_pipeline, mode):
     manifest = Manifest.load(smollm2_split)
     assert manifest.num_partitions == 4
     assert manifest.dtype == "float32"
@@ -209,7 +224,7 @@ def test_smollm2_prefill_and_decode_match_transformers(
     assert len(prompts[0]) > len(prompts[1])
     g = torch.Generator().manual_seed(0)
     continuations = [torch.randint(0, 49152, (NUM_DECODE_STEPS,), generator=g).tolist() for _ in prompts]
-    pipeline = load_pipeline(smollm2_split, pack_weights=pack_weights, block_size=16, num_blocks=16)
+    pipeline = load_with_linear_mode(load_pipeline, smollm2_split, mode, block_size=16, num_blocks=16)
     worst = check_against_reference(pipeline, smollm2_hf, prompts, continuations, SMOLLM2_TOLERANCE)
     print(f"smollm2: max abs logit diff {worst:.2e}")
 
@@ -240,7 +255,7 @@ def test_smollm2_greedy_decoding_equals_transformers_generate(
         expected.append(out[0, len(prompt) :].tolist())
         assert len(expected[-1]) == NUM_GREEDY_TOKENS
 
-    pipeline = load_pipeline(smollm2_split, block_size=16, num_blocks=16)
+    pipeline = load_pipeline(smollm2_split, pack_weights=True, block_size=16, num_blocks=16)  # as the product runs
     logits = pipeline.prefill(prompts)
     generated = [[] for _ in prompts]
     for _ in range(NUM_GREEDY_TOKENS):

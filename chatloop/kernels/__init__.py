@@ -1,0 +1,122 @@
+"""ChatLoop's native kernels, compiled from C at first use with the system's C compiler.
+
+``gemv.c`` holds the small-batch linear kernel that decode steps run on (see its header).
+It is built once per CPU into ``$CHATLOOP_CACHE/kernels`` with ``-march=native -fopenmp``
+and loaded with ctypes; ctypes releases the GIL during the call. Where it cannot be built
+(no compiler, not x86-64 with AVX2 and FMA, SIMD turned off, ``CHATLOOP_KERNELS=0``) :func:`load_kernels`
+returns None, says why once in the log, and callers keep torch's own kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..embedded import cache_root
+
+__all__ = ["MAX_KERNEL_ROWS", "load_kernels", "kernel_linear", "stream_read"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+MAX_KERNEL_ROWS = 16
+"""Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get("CHATLOOP_KERNELS", "1") == "0":
+        return "CHATLOOP_KERNELS=0"
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        return "SIMD is off (worker.enable_simd=false)"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"the kernel is written for x86-64, this is {platform.machine()}"
+    flags = _cpu_flags().split()
+    if not {"avx2", "fma"} <= set(flags):
+        return "this CPU lacks AVX2 or FMA"
+    if not shutil.which(os.environ.get("CC", "cc")):
+        return f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH: install gcc to build it"
+    return None
+
+
+def _build(compiler: str) -> Path:
+    """Compile gemv.c for this CPU (once: the file name hashes the source, flags and CPU)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode() + compiler.encode())
+    target = cache_root() / "kernels" / f"chatloop_gemv-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Workers build side by side: each into a file of its own, then an atomic rename.
+    fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", scratch], check=True, capture_output=True, text=True, timeout=120)
+        os.replace(scratch, target)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    return target
+
+
+@functools.cache
+def load_kernels() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (logged once) where they cannot be built here."""
+    reason = _unavailable_reason()
+    if reason is None:
+        try:
+            library = ctypes.CDLL(str(_build(os.environ.get("CC", "cc"))))
+        except subprocess.CalledProcessError as e:
+            reason = f"the C compiler failed: {e.stderr.strip()[:300]}"
+        except (OSError, subprocess.SubprocessError) as e:
+            reason = str(e)
+        else:
+            pointer, size = ctypes.c_void_p, ctypes.c_int64
+            library.chatloop_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
+            library.chatloop_linear.restype = None
+            library.chatloop_stream_read.argtypes = [pointer, size, ctypes.c_int]
+            library.chatloop_stream_read.restype = ctypes.c_float
+            return library
+    log.info("ChatLoop's native kernels are off (%s): linear layers use torch's kernels", reason)
+    return None
+
+
+def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` on the native kernel: float32, ``weight`` [out, in] contiguous, any rows.
+
+    Callers check ``load_kernels()`` first and send it at most ``MAX_KERNEL_ROWS`` rows.
+    """
+    library = load_kernels()
+    assert library is not None and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
+    x = x.contiguous()
+    out_features, in_features = weight.shape
+    out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
+    library.chatloop_linear(
+        x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+        x.numel() // in_features, out_features, in_features, torch.get_num_threads(),
+    )
+    return out
+
+
+def stream_read(t: torch.Tensor) -> float:
+    """Read a contiguous float32 tensor (numel a multiple of 4096) the way the kernel reads weights."""
+    library = load_kernels()
+    assert library is not None and t.dtype == torch.float32 and t.is_contiguous() and t.numel() % 4096 == 0
+    return library.chatloop_stream_read(t.data_ptr(), t.numel(), torch.get_num_threads())

@@ -1,0 +1,97 @@
+"""ChatLoop's native small-batch linear kernel: same results as torch, every shape, and a clear fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatloop import kernels
+from chatloop.kernels import MAX_KERNEL_ROWS, kernel_linear, load_kernels
+from chatloop.models.packing import KernelLinear, PackedLinear, fast_linear_for
+
+
+@pytest.fixture
+def kernel():
+    reason = kernels._unavailable_reason()
+    if reason and "compiler" not in reason:  # a missing compiler is a fault of the machine, the rest is the CPU's
+        pytest.skip(reason)
+    library = load_kernels()
+    assert library is not None, "the kernel did not build: see the log"
+    return library
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """load_kernels() decides again, building into an empty cache."""
+    monkeypatch.setenv("CHATLOOP_CACHE", str(tmp_path))
+    load_kernels.cache_clear()
+    yield
+    load_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("out_features,in_features", [(576, 576), (17, 64), (5, 13), (8, 7), (1, 8)])
+def test_kernel_matches_torch_for_every_row_count(kernel, out_features, in_features):
+    g = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, generator=g)
+    bias = torch.randn(out_features, generator=g)
+    for rows in range(MAX_KERNEL_ROWS + 2):  # tiles of 3, 2 and 1 rows, and tails of 4 output rows
+        x = torch.randn(rows, in_features, generator=g)
+        torch.testing.assert_close(kernel_linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(kernel_linear(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+
+
+def test_kernel_takes_any_leading_shape_and_strided_inputs(kernel):
+    weight = torch.randn(48, 64)
+    x = torch.randn(2, 3, 128)[..., ::2]  # [2, 3, 64], not contiguous
+    out = kernel_linear(x, weight)
+    assert out.shape == (2, 3, 48)
+    torch.testing.assert_close(out, x @ weight.T, atol=1e-4, rtol=1e-5)
+
+
+def test_kernel_linear_hands_larger_matmuls_to_torch(kernel, monkeypatch):
+    linear = torch.nn.Linear(64, 32)
+    layer = KernelLinear(linear.weight, linear.bias)
+    assert layer.weight.data_ptr() != linear.weight.data_ptr()  # memory of its own, off any file mapping
+    calls = []
+    monkeypatch.setattr("chatloop.models.packing.kernel_linear", lambda *a: calls.append(a[0].shape) or kernel_linear(*a))
+    with torch.inference_mode():
+        for rows in (1, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 1, 300):
+            x = torch.randn(rows, 1, 64)
+            torch.testing.assert_close(layer(x), linear(x), atol=1e-4, rtol=1e-5)
+    assert calls == [(1, 1, 64), (MAX_KERNEL_ROWS, 1, 64)]
+
+
+def test_fast_linear_choice(kernel):
+    assert fast_linear_for(torch.float32) is KernelLinear
+    assert fast_linear_for(torch.float32, use_kernel=False) is PackedLinear
+    assert fast_linear_for(torch.bfloat16) is None
+
+
+def test_kernel_builds_once_per_cpu_into_the_cache(kernel, fresh_kernels, tmp_path):
+    assert load_kernels() is not None
+    built = list((tmp_path / "kernels").glob("chatloop_gemv-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.so.tmp*"))
+    load_kernels.cache_clear()
+    mtime = built[0].stat().st_mtime_ns
+    assert load_kernels() is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+@pytest.mark.parametrize(
+    "env,reason",
+    [
+        ({"CHATLOOP_KERNELS": "0"}, "CHATLOOP_KERNELS=0"),
+        ({"ATEN_CPU_CAPABILITY": "default"}, "worker.enable_simd=false"),
+        ({"CC": "chatloop-no-such-compiler"}, "install gcc"),
+        ({"CC": "false"}, "the C compiler failed"),
+    ],
+)
+def test_without_the_kernel_layers_fall_back_to_onednn_and_say_why(fresh_kernels, monkeypatch, caplog, env, reason):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.INFO, logger="chatloop.kernels"):
+        assert load_kernels() is None
+    assert reason in caplog.text and "linear layers use torch's kernels" in caplog.text
+    assert fast_linear_for(torch.float32) is PackedLinear
