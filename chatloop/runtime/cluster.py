@@ -23,6 +23,7 @@ import torch.distributed.rpc as rpc
 from ..config import ChatLoopConfig
 from ..engine.pipeline import MicroBatch, StageError
 from ..worker_settings import SIMD_ENV, apply_worker_settings
+from . import results
 from .stage_host import StageHost
 
 __all__ = ["RpcCluster", "under_torchrun", "run_worker", "StartupError"]
@@ -90,7 +91,7 @@ def _create_host(*args) -> StageHost:
 
 
 class RpcPipeline:
-    """Micro-batches enter worker0 and come back from it as token ids, after the whole chain."""
+    """Micro-batches enter worker0; the last worker sends their token ids back here (``results.deliver``)."""
 
     def __init__(self, hosts: list[rpc.RRef], names: list[str], num_blocks: int, block_size: int, timeout: float) -> None:
         self.hosts, self.names = hosts, names
@@ -99,21 +100,29 @@ class RpcPipeline:
         self.timeout = timeout
 
     def submit(self, mb: MicroBatch) -> concurrent.futures.Future:
-        result: concurrent.futures.Future = concurrent.futures.Future()
+        result = results.expect(mb.id)
         first = self.hosts[0]
-        future = rpc.rpc_async(
-            first.owner(), StageHost.forward, args=(first, mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling), timeout=self.timeout
-        )
+        try:
+            chain = rpc.rpc_async(
+                first.owner(), StageHost.forward, args=(first, mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling), timeout=self.timeout
+            )
+        except Exception as e:
+            results.fail(mb.id, StageError(f"{self.names[0]} is unreachable: {e}"))
+            return result
 
-        def done(f) -> None:
+        def done(f) -> None:  # the chain completes after the tokens arrived, or with the failing stage's error
             try:
-                result.set_result(f.wait())
+                results.raise_failure(f)
+            except StageError as e:
+                results.fail(mb.id, e)
             except Exception as e:
                 text = str(e)
                 named = any(n in text for n in self.names)
-                result.set_exception(StageError(text if named else f"{self.names[0]}: {text}"))
+                results.fail(mb.id, StageError(text if named else f"{self.names[0]}: {text}"))
+            else:
+                results.fail(mb.id, StageError(f"{self.names[-1]} finished micro-batch {mb.id}, but its tokens never arrived"))
 
-        future.add_done_callback(done)
+        chain.add_done_callback(done)
         return result
 
     def describe(self, timeout: float = 5.0) -> list[dict]:
@@ -178,7 +187,7 @@ class RpcCluster:
             processes = _spawn_workers(cfg, world_size)
         cluster = cls(cfg, processes)
         try:
-            rpc.init_rpc("coordinator", rank=0, world_size=world_size, rpc_backend_options=_backend_options(cfg, cfg.cluster.startup_timeout_s))
+            rpc.init_rpc(results.COORDINATOR, rank=0, world_size=world_size, rpc_backend_options=_backend_options(cfg, cfg.cluster.startup_timeout_s))
         except Exception as e:
             cluster._stop_processes()
             raise StartupError(f"RPC rendezvous on {cfg.cluster.master_addr}:{cfg.cluster.master_port} failed: {e}") from e

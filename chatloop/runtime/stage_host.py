@@ -1,8 +1,10 @@
-"""A worker's stage as an RPC object: it computes, forwards to the next stage, and relays the answer.
+"""A worker's stage as an RPC object: it computes and forwards to the next stage; the last one answers the coordinator.
 
 ``forward`` is an ``async_execution`` function: it returns a future at once, the compute runs
 on the stage's own thread, and the call to the next stage is asynchronous too, so no RPC
-thread ever blocks and any number of micro-batches can be in flight.
+thread ever blocks and any number of micro-batches can be in flight. The last stage sends
+the sampled token ids straight to the coordinator (``results.deliver``); each ``forward``
+future then completes with None, or with the error of the stage that failed, named.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import psutil
 import torch
 import torch.distributed.rpc as rpc
 
-from ..engine.pipeline import StageRunner, compute_thread
+from ..engine.pipeline import StageError, StageRunner, compute_thread
 from ..models import StepBatch
 from ..models.kv_cache import blocks_for_stage
 from ..partition.loader import load_stage
 from ..partition.plan import LayerRange
+from .results import COORDINATOR, deliver, raise_failure
 
 __all__ = ["StageHost"]
 
@@ -138,7 +141,7 @@ class StageHost:
             _observe({"queue_s": started - arrived, "compute_s": time.perf_counter() - started,
                       "bytes_in": inputs.numel() * inputs.element_size(), "bytes_out": nbytes})
         if self.next is None:
-            result.set_result(out)
+            self._deliver(result, mb_id, out)
             return
         sent = time.perf_counter()
         try:
@@ -153,9 +156,29 @@ class StageHost:
             if OBSERVERS:
                 _observe({"downstream_s": time.perf_counter() - sent})
             try:
-                result.set_result(f.wait())
-            except Exception as e:
+                raise_failure(f)
+                result.set_result(None)
+            except StageError as e:  # a stage's own failure names it already
+                result.set_exception(e)
+            except Exception as e:  # the transport's: name the stage it could not reach
                 text = str(e)
                 result.set_exception(RuntimeError(text if self.next_name in text else f"{self.next_name}: {text}"))
 
         downstream.add_done_callback(relay)
+
+    def _deliver(self, result: torch.futures.Future, mb_id: int, token_ids: list[int]) -> None:
+        """Hand the last stage's tokens to the coordinator; ``result`` completes once it has them."""
+        try:
+            delivered = rpc.rpc_async(COORDINATOR, deliver, args=(mb_id, token_ids), timeout=self.rpc_timeout_s)
+        except Exception as e:
+            result.set_exception(RuntimeError(f"{self.name} cannot reach the coordinator: {e}"))
+            return
+
+        def acknowledge(f: torch.futures.Future) -> None:
+            try:
+                f.wait()
+                result.set_result(None)
+            except Exception as e:
+                result.set_exception(RuntimeError(f"{self.name} could not hand micro-batch {mb_id}'s tokens to the coordinator: {e}"))
+
+        delivered.add_done_callback(acknowledge)

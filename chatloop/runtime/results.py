@@ -1,0 +1,60 @@
+"""Where the last stage's answers land on the coordinator.
+
+The last stage sends a micro-batch's sampled token ids straight to the coordinator
+(``rpc_async(COORDINATOR, deliver, ...)``) instead of back through every stage: a step then
+costs one hop per stage plus one, not two per stage. The chain of ``forward`` calls still
+completes backwards, carrying only success or the first stage's error, so failures keep
+their path and their names; the coordinator resolves each micro-batch on whichever arrives first.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+__all__ = ["COORDINATOR", "expect", "deliver", "fail", "raise_failure"]
+
+COORDINATOR = "coordinator"
+"""The coordinator's RPC name (rank 0)."""
+
+_pending: dict[int, concurrent.futures.Future] = {}
+_lock = threading.Lock()
+
+
+def raise_failure(forward_future) -> None:
+    """Wait for a ``forward`` call and raise its failure.
+
+    The exception a stage sets on its ``async_execution`` future reaches the caller as the
+    future's value, not raised by ``wait()``: both count as a failure.
+    """
+    value = forward_future.wait()
+    if isinstance(value, BaseException):
+        raise value
+
+
+def expect(mb_id: int) -> concurrent.futures.Future:
+    """A future for micro-batch ``mb_id``'s token ids (coordinator side)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    with _lock:
+        assert mb_id not in _pending, f"micro-batch {mb_id} is already in flight"
+        _pending[mb_id] = future
+    return future
+
+
+def _take(mb_id: int) -> concurrent.futures.Future | None:
+    with _lock:
+        return _pending.pop(mb_id, None)
+
+
+def deliver(mb_id: int, token_ids: list[int]) -> None:
+    """Runs on the coordinator, called by the last stage: micro-batch ``mb_id`` is done."""
+    future = _take(mb_id)
+    if future is not None:
+        future.set_result(token_ids)
+
+
+def fail(mb_id: int, error: BaseException) -> None:
+    """Micro-batch ``mb_id`` failed (or its chain finished without delivering); no-op once resolved."""
+    future = _take(mb_id)
+    if future is not None:
+        future.set_exception(error)

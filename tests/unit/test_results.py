@@ -1,0 +1,44 @@
+"""The coordinator's inbox for the last stage's answers: each micro-batch resolves once, first answer wins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatloop.runtime import results
+
+
+def test_delivered_tokens_resolve_the_micro_batch_and_a_later_failure_is_ignored():
+    future = results.expect(1001)
+    results.deliver(1001, [5, 7])
+    results.fail(1001, RuntimeError("the chain finished late"))  # arrives after the tokens: no effect
+    assert future.result(timeout=1) == [5, 7]
+    results.deliver(1001, [9])  # a duplicate or unknown micro-batch is dropped
+    results.deliver(424242, [1])
+
+
+def test_a_failure_first_resolves_with_the_error_and_late_tokens_are_dropped():
+    future = results.expect(1002)
+    results.fail(1002, RuntimeError("worker2 failed"))
+    results.deliver(1002, [1])
+    with pytest.raises(RuntimeError, match="worker2 failed"):
+        future.result(timeout=1)
+
+
+def test_a_micro_batch_id_is_in_flight_once():
+    results.expect(1003)
+    with pytest.raises(AssertionError, match="already in flight"):
+        results.expect(1003)
+    results.deliver(1003, [])
+
+
+@pytest.mark.parametrize("outcome", ["value", "raised"])
+def test_raise_failure_raises_errors_that_rpc_returns_as_values(outcome):
+    future = torch.futures.Future()
+    error = ValueError("stage failed")
+    future.set_result(error) if outcome == "value" else future.set_exception(error)
+    with pytest.raises(ValueError, match="stage failed"):
+        results.raise_failure(future)
+    ok = torch.futures.Future()
+    ok.set_result(None)
+    results.raise_failure(ok)  # success raises nothing
