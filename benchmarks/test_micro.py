@@ -10,12 +10,9 @@ for the splitter); ``--benchmark-json`` keeps it.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-BLOCK_SIZE = 16
 CONTEXT = 64  # tokens already cached when the measured decode step runs
 
 
@@ -26,13 +23,6 @@ def _median(benchmark) -> float | None:
 
 
 # ---- a stage's decode step ------------------------------------------------------------------------
-def _stage_inputs(stage, batch: int, tokens: int) -> torch.Tensor:
-    """Token ids [B, T] for a first stage, hidden states [B, T, C] for the others."""
-    if stage.is_first:
-        return torch.randint(256, stage.args.vocab_size, (batch, tokens))
-    return torch.randn(batch, tokens, stage.args.hidden_size)
-
-
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("which", ["middle", "last", "full"])
 def test_stage_decode_step(benchmark, note, smollm2_partitions, bandwidth_gbs, which, batch):
@@ -41,7 +31,7 @@ def test_stage_decode_step(benchmark, note, smollm2_partitions, bandwidth_gbs, w
     middle: stage 1 of 4 (layers 8-15); last: stage 3 of 4 (layers 23-29, norm, head: logits);
     full: the whole model as one stage. Linear layers prepared as the workers do (``worker.pack_weights``).
     """
-    from chatloop.models import StepBatch
+    from benchmarks.roofline import decode_step
     from chatloop.models.packing import pack_linear_weights
     from chatloop.partition import load_stage
 
@@ -53,22 +43,7 @@ def test_stage_decode_step(benchmark, note, smollm2_partitions, bandwidth_gbs, w
     if stage.is_first and not stage.is_last:
         weights -= stage.args.vocab_size * stage.args.hidden_size * 4  # an embedding lookup reads one row
     pack_linear_weights(stage)
-    blocks_per_sequence = math.ceil((CONTEXT + 1) / BLOCK_SIZE)
-    cache = stage.new_cache(batch * blocks_per_sequence, BLOCK_SIZE)
-    tables = [list(range(b * blocks_per_sequence, (b + 1) * blocks_per_sequence)) for b in range(batch)]
-    with torch.inference_mode():
-        stage(
-            _stage_inputs(stage, batch, CONTEXT),
-            StepBatch.build([0] * batch, [CONTEXT] * batch, tables, BLOCK_SIZE),
-            cache,
-        )
-        step = StepBatch.build([CONTEXT] * batch, [1] * batch, tables, BLOCK_SIZE)
-        x = _stage_inputs(stage, batch, 1)
-
-        def decode_step():
-            return stage(x, step, cache)
-
-        benchmark(decode_step)
+    benchmark(decode_step(stage, batch, CONTEXT))
     median = _median(benchmark)
     if median is None:
         return

@@ -107,3 +107,22 @@ def test_baselines_ignore_the_cluster_settings():
     assert _baseline_key(two, hf) == _baseline_key(four, hf)
     assert _baseline_key(two, hf) != _baseline_key(two, chatloop)
     assert _baseline_key(two, hf) != _baseline_key({**two, "batching": {"max_batch_size": 8}}, hf)
+
+
+def test_roofline_pairs_bandwidth_and_decode_rounds(tmp_path):
+    from benchmarks.checkpoints import SHAPES, write_random_checkpoint
+
+    checkpoint = write_random_checkpoint(SHAPES["tiny"], tmp_path / "random-tiny", dtype="float32")
+    out = tmp_path / "roofline.json"
+    command = [sys.executable, "-m", "benchmarks.roofline", "--model", str(checkpoint), "--rounds", "3", "--steps", "2",
+               "--bandwidth-mb", "64", "--json", str(out), "worker.native_kernels=false"]
+    env = {**os.environ, "CHATLOOP_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]) == 3 and result["overrides"] == ["worker.native_kernels=false"]
+    for r in result["rounds"]:
+        assert r["bandwidth_gbs"] > 0 and r["step_ms"] > 0
+        assert r["fraction"] == pytest.approx(result["weight_bytes_per_token"] / (r["bandwidth_gbs"] * 1e9) * 1e3 / r["step_ms"])
+    assert result["fraction_min"] <= result["fraction_median"] <= result["fraction_max"]
+    assert "of the roofline (median of 3 rounds" in proc.stdout
