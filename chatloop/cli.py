@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import CONF_DIR, ChatLoopConfig, register_configs, to_config
+from .worker_settings import worker_environment
 
 __all__ = ["generate_main", "chat_main", "run_rank"]
 
@@ -32,9 +33,10 @@ def run_rank(cfg: ChatLoopConfig, coordinator: Callable[[ChatLoopConfig], None])
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     rank = int(os.environ.get("RANK", "0")) if under_torchrun() else 0
     if rank > 0:
-        if not cfg.worker.enable_simd and os.environ.get("ATEN_CPU_CAPABILITY") != "default":
-            # torch reads the capability when it is imported: restart this rank with it set.
-            os.environ["ATEN_CPU_CAPABILITY"] = "default"
+        env = worker_environment(cfg.worker)
+        if any(os.environ.get(name) != value for name, value in env.items()):
+            # torch and libgomp read these when they are loaded: restart this rank with them set.
+            os.environ.update(env)
             os.execv(sys.executable, [sys.executable, *sys.argv])
         run_worker(rank, int(os.environ["WORLD_SIZE"]), cfg)
         return

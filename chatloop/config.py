@@ -174,11 +174,19 @@ class WorkerConfig:
     native_kernels: bool = True
     """With pack_weights: run float32 matmuls of up to 16 rows on ChatLoop's C kernel, built at first use
     with the system C compiler (x86-64 with AVX2 and FMA; off with enable_simd=false); false: oneDNN's."""
+    omp_spin_count: Optional[int] = 20000
+    """GOMP_SPINCOUNT of worker processes: how long an idle OpenMP thread spins before it sleeps (~0.5 ms
+    here). libgomp's default (300000, ~7 ms) kept the stage that had just finished spinning on the cores the
+    next stage needed. null: the environment's or libgomp's default."""
     metrics_port: int = 9091
     """Worker k serves Prometheus metrics on metrics_port + k."""
 
     def __post_init__(self) -> None:
         _require(self.worker_threads >= 1, f"worker.worker_threads={self.worker_threads}: need >= 1")
+        _require(
+            self.omp_spin_count is None or self.omp_spin_count >= 0,
+            f"worker.omp_spin_count={self.omp_spin_count}: need >= 0 or null",
+        )
 
 
 @dataclass(kw_only=True)

@@ -7,10 +7,24 @@ import os
 from collections import defaultdict
 from typing import Sequence
 
-__all__ = ["cores_for_worker", "apply_worker_settings", "stages_at_once", "SIMD_ENV"]
+__all__ = ["cores_for_worker", "apply_worker_settings", "stages_at_once", "worker_environment", "SIMD_ENV"]
 
 log = logging.getLogger(__name__)
 SIMD_ENV = "ATEN_CPU_CAPABILITY"
+SPIN_ENV = "GOMP_SPINCOUNT"
+
+
+def worker_environment(worker) -> dict[str, str]:
+    """Environment variables a worker process needs before it imports torch (``worker``: WorkerConfig).
+
+    torch reads its CPU capability, and libgomp its spin count, once, when they are loaded.
+    """
+    env = {}
+    if not worker.enable_simd:
+        env[SIMD_ENV] = "default"
+    if worker.omp_spin_count is not None:
+        env[SPIN_ENV] = str(worker.omp_spin_count)
+    return env
 
 
 def cores_for_worker(index: int, num_workers: int, threads: int, available: list[int]) -> list[int]:
@@ -61,6 +75,7 @@ def apply_worker_settings(index: int, num_workers: int, threads: int, pinning: b
         "cores": cores,
         "threads": num_threads,
         "simd": torch.backends.cpu.get_cpu_capability(),
+        "omp_spin_count": os.environ.get(SPIN_ENV),  # what libgomp read when torch loaded it
     }
     if num_threads < threads:
         log.info("worker %d: worker_threads=%d capped at its %d cores", index, threads, len(cores))

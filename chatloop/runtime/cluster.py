@@ -22,7 +22,7 @@ import torch.distributed.rpc as rpc
 
 from ..config import ChatLoopConfig
 from ..engine.pipeline import MicroBatch, StageError
-from ..worker_settings import SIMD_ENV, apply_worker_settings
+from ..worker_settings import apply_worker_settings, worker_environment
 from . import results
 from .stage_host import StageHost
 
@@ -266,9 +266,9 @@ class RpcCluster:
 
 def _spawn_workers(cfg: ChatLoopConfig, world_size: int) -> list[multiprocessing.Process]:
     ctx = multiprocessing.get_context("spawn")
-    saved = os.environ.get(SIMD_ENV)
-    if not cfg.worker.enable_simd:
-        os.environ[SIMD_ENV] = "default"  # read by torch when the child imports it
+    env = worker_environment(cfg.worker)  # read when the child imports torch: set it around the spawn
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
         processes = []
         for rank in range(1, world_size):
@@ -277,10 +277,11 @@ def _spawn_workers(cfg: ChatLoopConfig, world_size: int) -> list[multiprocessing
             processes.append(p)
         return processes
     finally:
-        if saved is None:
-            os.environ.pop(SIMD_ENV, None)
-        else:
-            os.environ[SIMD_ENV] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,7 +11,7 @@ import torch
 from chatloop import ChatLoop, SamplingParams, load_config
 from chatloop.engine import BlockAllocator, QueueFullError, SamplerInput, sample
 from chatloop.engine.detokenizer import Detokenizer
-from chatloop.worker_settings import cores_for_worker, stages_at_once
+from chatloop.worker_settings import cores_for_worker, stages_at_once, worker_environment
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,12 @@ def _worker(host: str, cores: list[int], threads: int) -> dict:
 )
 def test_stages_at_once(workers, expected):
     assert stages_at_once(workers) == expected
+
+
+def test_worker_environment_is_set_before_torch_loads():
+    default = load_config([]).worker
+    assert worker_environment(default) == {"GOMP_SPINCOUNT": "20000"}
+    plain = load_config(["worker.enable_simd=false", "worker.omp_spin_count=null"]).worker
+    assert worker_environment(plain) == {"ATEN_CPU_CAPABILITY": "default"}
+    with pytest.raises(ValueError, match="worker.omp_spin_count=-1: need >= 0 or null"):
+        load_config(["worker.omp_spin_count=-1"])
