@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..embedded import cache_root
+from ..worker_settings import SIMD_ENV
 
 __all__ = ["MAX_KERNEL_ROWS", "load_kernels", "kernel_linear", "stream_read"]
 
@@ -45,7 +46,7 @@ def _cpu_flags() -> str:
 def _unavailable_reason() -> str | None:
     if os.environ.get("CHATLOOP_KERNELS", "1") == "0":
         return "CHATLOOP_KERNELS=0"
-    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+    if os.environ.get(SIMD_ENV) == "default":
         return "SIMD is off (worker.enable_simd=false)"
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"the kernel is written for x86-64, this is {platform.machine()}"

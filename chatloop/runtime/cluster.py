@@ -112,13 +112,9 @@ class RpcPipeline:
 
         def done(f) -> None:  # the chain completes after the tokens arrived, or with the failing stage's error
             try:
-                results.raise_failure(f)
+                results.raise_failure(f, self.names[0])
             except StageError as e:
                 results.fail(mb.id, e)
-            except Exception as e:
-                text = str(e)
-                named = any(n in text for n in self.names)
-                results.fail(mb.id, StageError(text if named else f"{self.names[0]}: {text}"))
             else:
                 results.fail(mb.id, StageError(f"{self.names[-1]} finished micro-batch {mb.id}, but its tokens never arrived"))
 

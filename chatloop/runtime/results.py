@@ -12,6 +12,8 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 
+from ..engine.pipeline import StageError
+
 __all__ = ["COORDINATOR", "expect", "deliver", "fail", "raise_failure"]
 
 COORDINATOR = "coordinator"
@@ -21,15 +23,24 @@ _pending: dict[int, concurrent.futures.Future] = {}
 _lock = threading.Lock()
 
 
-def raise_failure(forward_future) -> None:
-    """Wait for a ``forward`` call and raise its failure.
+def raise_failure(forward_future, callee: str) -> None:
+    """Wait for a ``forward`` call to stage ``callee``; raise its failure as a :class:`StageError` naming a stage.
 
     The exception a stage sets on its ``async_execution`` future reaches the caller as the
-    future's value, not raised by ``wait()``: both count as a failure.
+    future's value, not raised by ``wait()``: both count as a failure. A stage's own
+    ``StageError`` names it already; any other error (the transport's: a dead or unreachable
+    stage, a timeout) is named after ``callee`` unless its text names it.
     """
-    value = forward_future.wait()
-    if isinstance(value, BaseException):
-        raise value
+    try:
+        error = forward_future.wait()
+    except Exception as e:
+        error = e
+    if not isinstance(error, BaseException):
+        return
+    if isinstance(error, StageError):
+        raise error
+    text = str(error)
+    raise StageError(text if callee in text else f"{callee}: {text}")
 
 
 def expect(mb_id: int) -> concurrent.futures.Future:

@@ -156,13 +156,10 @@ class StageHost:
             if OBSERVERS:
                 _observe({"downstream_s": time.perf_counter() - sent})
             try:
-                raise_failure(f)
+                raise_failure(f, self.next_name)
                 result.set_result(None)
-            except StageError as e:  # a stage's own failure names it already
+            except StageError as e:
                 result.set_exception(e)
-            except Exception as e:  # the transport's: name the stage it could not reach
-                text = str(e)
-                result.set_exception(RuntimeError(text if self.next_name in text else f"{self.next_name}: {text}"))
 
         downstream.add_done_callback(relay)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chatloop.engine.pipeline import StageError
 from chatloop.runtime import results
 
 
@@ -35,10 +36,21 @@ def test_a_micro_batch_id_is_in_flight_once():
 @pytest.mark.parametrize("outcome", ["value", "raised"])
 def test_raise_failure_raises_errors_that_rpc_returns_as_values(outcome):
     future = torch.futures.Future()
-    error = ValueError("stage failed")
+    error = ValueError("connection reset")
     future.set_result(error) if outcome == "value" else future.set_exception(error)
-    with pytest.raises(ValueError, match="stage failed"):
-        results.raise_failure(future)
+    with pytest.raises(StageError, match="^worker1: connection reset$"):  # named after the stage it called
+        results.raise_failure(future, "worker1")
     ok = torch.futures.Future()
     ok.set_result(None)
-    results.raise_failure(ok)  # success raises nothing
+    results.raise_failure(ok, "worker1")  # success raises nothing
+
+
+def test_raise_failure_keeps_a_stage_error_and_a_named_transport_error_as_they_are():
+    own = torch.futures.Future()
+    own.set_result(StageError("worker2 (layers 16-22) failed: RuntimeError: bad shape"))
+    with pytest.raises(StageError, match="^worker2 \\(layers 16-22\\) failed"):
+        results.raise_failure(own, "worker1")
+    named = torch.futures.Future()
+    named.set_exception(RuntimeError("worker1 is unreachable"))
+    with pytest.raises(StageError, match="^worker1 is unreachable$"):
+        results.raise_failure(named, "worker1")
