@@ -1,9 +1,9 @@
 /* ChatLoop's small-batch linear kernel: y[b, o] = sum_i w[o, i] x[b, i] + bias[o].
  *
  * A decode step multiplies 1-16 rows by every weight matrix, so its time is the time to
- * stream the weights from memory. Four weight rows are read side by side (four hardware
- * prefetch streams per thread) and each is used for up to three input rows while it is in
- * registers. w is row-major [O, I] float32, as checkpoints store it: no second copy.
+ * stream the weights from memory (at 16 rows, also the FMAs). Four weight rows are read side
+ * by side (four hardware prefetch streams per thread) and each is used for up to three input
+ * rows while it is in registers. w is row-major [O, I] float32, as checkpoints store it: no second copy.
  * Built with -march=native -fopenmp; OpenMP resolves to the runtime torch already loaded.
  */
 #include <immintrin.h>
@@ -16,27 +16,68 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-/* Rows o..o+3 of w against input rows b..b+NB-1 (NB = 1, 2 or 3). */
+/* Writes y[b + j, o + r] for the tile's accumulators acc[r][j]: horizontal sum, the tail of
+ * I past the last full vector, bias. */
+static inline void store_tile(const __m256 (*acc)[3], int nb, const float* x, const float* const* wr,
+                              const float* bias, float* y, int64_t b, int64_t o, int rows, int64_t O,
+                              int64_t I, int64_t vec_end) {
+  for (int j = 0; j < nb; ++j) {
+    const float* xb = x + (b + j) * I;
+    for (int r = 0; r < rows; ++r) {
+      float sum = hsum(acc[r][j]);
+      for (int64_t i = vec_end; i < I; ++i) sum += wr[r][i] * xb[i];
+      y[(b + j) * O + o + r] = sum + (bias ? bias[o + r] : 0.0f);
+    }
+  }
+}
+
+/* Rows o..o+3 of w against input rows b..b+2, prefetching the first pf_lines cache lines at pf
+ * into L2 on the way. Twelve accumulators, three input vectors and one weight vector fill the
+ * sixteen ymm registers: 7 loads per 12 FMAs. The empty asm statements pin the loaded vectors
+ * to registers; gcc otherwise folds every use into an FMA memory operand (16 loads per 12 FMAs:
+ * load-bound at ~60% of the FMA peak at 16 rows). */
+static inline void tile3(const float* x, const float* const* wr, const float* bias, float* y,
+                         int64_t b, int64_t o, int rows, int64_t O, int64_t I, int64_t vec_end,
+                         const char* pf, int64_t pf_lines) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+  __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+  const float *x0 = x + b * I, *x1 = x0 + I, *x2 = x1 + I;
+  for (int64_t i = 0; i < vec_end; i += 8) {
+    __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i), v2 = _mm256_loadu_ps(x2 + i);
+    __asm__("" : "+x"(v0), "+x"(v1), "+x"(v2));
+    if ((i >> 3) < pf_lines) _mm_prefetch(pf + 8 * i, _MM_HINT_T1);  /* line i/8: 8 floats a step */
+    __m256 w = _mm256_loadu_ps(wr[0] + i);
+    __asm__("" : "+x"(w));
+    a00 = _mm256_fmadd_ps(w, v0, a00), a01 = _mm256_fmadd_ps(w, v1, a01), a02 = _mm256_fmadd_ps(w, v2, a02);
+    w = _mm256_loadu_ps(wr[1] + i);
+    __asm__("" : "+x"(w));
+    a10 = _mm256_fmadd_ps(w, v0, a10), a11 = _mm256_fmadd_ps(w, v1, a11), a12 = _mm256_fmadd_ps(w, v2, a12);
+    w = _mm256_loadu_ps(wr[2] + i);
+    __asm__("" : "+x"(w));
+    a20 = _mm256_fmadd_ps(w, v0, a20), a21 = _mm256_fmadd_ps(w, v1, a21), a22 = _mm256_fmadd_ps(w, v2, a22);
+    w = _mm256_loadu_ps(wr[3] + i);
+    __asm__("" : "+x"(w));
+    a30 = _mm256_fmadd_ps(w, v0, a30), a31 = _mm256_fmadd_ps(w, v1, a31), a32 = _mm256_fmadd_ps(w, v2, a32);
+  }
+  const __m256 acc[4][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
+  store_tile(acc, 3, x, wr, bias, y, b, o, rows, O, I, vec_end);
+}
+
+/* The same for the last one or two input rows (NB = 1 or 2), where gcc allocates registers well. */
 #define TILE(NB)                                                                              \
   do {                                                                                        \
-    __m256 acc[4 * NB];                                                                       \
-    for (int k = 0; k < 4 * NB; ++k) acc[k] = _mm256_setzero_ps();                           \
+    __m256 acc[4][3];                                                                         \
+    for (int r = 0; r < 4; ++r)                                                               \
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();                          \
     for (int64_t i = 0; i < vec_end; i += 8) {                                                \
       __m256 xv[NB];                                                                          \
       for (int j = 0; j < NB; ++j) xv[j] = _mm256_loadu_ps(x + (b + j) * I + i);             \
       for (int r = 0; r < 4; ++r) {                                                           \
         const __m256 wv = _mm256_loadu_ps(wr[r] + i);                                         \
-        for (int j = 0; j < NB; ++j) acc[j * 4 + r] = _mm256_fmadd_ps(wv, xv[j], acc[j * 4 + r]); \
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(wv, xv[j], acc[r][j]);      \
       }                                                                                       \
     }                                                                                         \
-    for (int j = 0; j < NB; ++j) {                                                            \
-      const float* xb = x + (b + j) * I;                                                      \
-      for (int r = 0; r < rows; ++r) {                                                        \
-        float sum = hsum(acc[j * 4 + r]);                                                     \
-        for (int64_t i = vec_end; i < I; ++i) sum += wr[r][i] * xb[i];                        \
-        y[(b + j) * O + o + r] = sum + (bias ? bias[o + r] : 0.0f);                           \
-      }                                                                                       \
-    }                                                                                         \
+    store_tile((const __m256(*)[3])acc, NB, x, wr, bias, y, b, o, rows, O, I, vec_end);       \
   } while (0)
 
 void chatloop_linear(const float* x, const float* w, const float* bias, float* y,
@@ -47,8 +88,16 @@ void chatloop_linear(const float* x, const float* w, const float* bias, float* y
     const int rows = O - o < 4 ? (int)(O - o) : 4;
     const float* wr[4];
     for (int r = 0; r < 4; ++r) wr[r] = w + (o + (r < rows ? r : 0)) * I;  /* past the end: repeat row o, unused */
+    /* From 4 input rows on, a group of weight rows is read by several tiles and the hardware
+     * prefetcher stops running ahead: fetch the next group (4 rows x I floats = I/4 lines) into
+     * L2 while this one computes, a share per tile. 1.1-1.3x faster at 16 rows from DRAM. */
+    const int64_t tiles = B / 3, next_lines = (B > 3 && o + 8 <= O) ? I / 4 : 0;
+    const char* next = (const char*)(w + (o + 4) * I);
     int64_t b = 0;
-    for (; b + 3 <= B; b += 3) TILE(3);
+    for (int64_t t = 0; b + 3 <= B; b += 3, ++t) {
+      const int64_t first = t * next_lines / tiles, last = (t + 1) * next_lines / tiles;
+      tile3(x, wr, bias, y, b, o, rows, O, I, vec_end, next + 64 * first, last - first);
+    }
     if (B - b == 2) TILE(2);
     else if (B - b == 1) TILE(1);
   }
