@@ -172,8 +172,9 @@ class WorkerConfig:
     oneDNN's packed weights without it (1.5-2.8x faster than torch's plain matmuls on CPU); other dtypes
     keep plain weights."""
     native_kernels: bool = True
-    """With pack_weights: run float32 matmuls of up to 16 rows on ChatLoop's C kernel, built at first use
-    with the system C compiler (x86-64 with AVX2 and FMA; off with enable_simd=false); false: oneDNN's."""
+    """ChatLoop's C kernels, built at first use with the system C compiler (x86-64 with AVX2 and FMA; off
+    with enable_simd=false): float32 decode attention read in place from the paged KV cache and, with
+    pack_weights, float32 matmuls of up to 16 rows. false: torch's SDPA and oneDNN's packed matmuls."""
     omp_spin_count: Optional[int] = 20000
     """GOMP_SPINCOUNT of worker processes: how long an idle OpenMP thread spins before it sleeps (~0.5 ms
     here). libgomp's default (300000, ~7 ms) kept the stage that had just finished spinning on the cores the

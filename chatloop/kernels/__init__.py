@@ -1,7 +1,7 @@
 """ChatLoop's native kernels, compiled from C at first use with the system's C compiler.
 
-``gemv.c`` holds the small-batch linear kernel that decode steps run on (see its header).
-It is built once per CPU into ``$CHATLOOP_CACHE/kernels`` with ``-march=native -fopenmp``
+``gemv.c`` holds the small-batch linear kernel that decode steps run on, ``attention.c`` the
+decode attention over the paged KV cache (see their headers). They are built once per CPU into ``$CHATLOOP_CACHE/kernels`` with ``-march=native -fopenmp``
 and loaded with ctypes; ctypes releases the GIL during the call. Where it cannot be built
 (no compiler, not x86-64 with AVX2 and FMA, SIMD turned off, ``CHATLOOP_KERNELS=0``) :func:`load_kernels`
 returns None, says why once in the log, and callers keep torch's own kernels.
@@ -25,11 +25,12 @@ import torch
 from ..embedded import cache_root
 from ..worker_settings import SIMD_ENV
 
-__all__ = ["MAX_KERNEL_ROWS", "load_kernels", "kernel_linear", "stream_read"]
+__all__ = ["MAX_KERNEL_ROWS", "load_kernels", "kernel_decode_attention", "kernel_linear", "stream_read"]
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("gemv.c")
+SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
@@ -59,8 +60,9 @@ def _unavailable_reason() -> str | None:
 
 
 def _build(compiler: str) -> Path:
-    """Compile gemv.c for this CPU (once: the file name hashes the source, flags and CPU)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode() + compiler.encode())
+    """Compile the C sources for this CPU (once: the file name hashes the sources, flags and CPU)."""
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
+    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + _cpu_flags().encode() + compiler.encode())
     target = cache_root() / "kernels" / f"chatloop_gemv-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -69,7 +71,7 @@ def _build(compiler: str) -> Path:
     fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", scratch], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", scratch], check=True, capture_output=True, text=True, timeout=120)
         os.replace(scratch, target)
     finally:
         if os.path.exists(scratch):
@@ -92,6 +94,8 @@ def load_kernels() -> ctypes.CDLL | None:
             pointer, size = ctypes.c_void_p, ctypes.c_int64
             library.chatloop_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
             library.chatloop_linear.restype = None
+            library.chatloop_decode_attention.argtypes = [pointer] * 7 + [size] * 7 + [ctypes.c_float, ctypes.c_int]
+            library.chatloop_decode_attention.restype = None
             library.chatloop_stream_read.argtypes = [pointer, size, ctypes.c_int]
             library.chatloop_stream_read.restype = ctypes.c_float
             return library
@@ -112,6 +116,37 @@ def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     library.chatloop_linear(
         x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
         x.numel() // in_features, out_features, in_features, torch.get_num_threads(),
+    )
+    return out
+
+
+def kernel_decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tables: torch.Tensor,
+    block_size: int,
+    lengths: torch.Tensor,
+    max_length: int,
+) -> torch.Tensor:
+    """Attention of one new token per sequence, ``q`` [B, H, D], over the first ``lengths[b]``
+    positions of its context in one layer's paged ``keys``/``values`` [slots, K, D], found
+    through the block ``tables`` [B, N] (int64) of ``block_size`` slots a block;
+    ``max_length`` = ``lengths.max()``. Returns [B, H, D].
+
+    float32 throughout; scale 1/sqrt(D), as SDPA's default. Callers check ``load_kernels()`` first.
+    """
+    library = load_kernels()
+    assert library is not None and q.dtype == keys.dtype == values.dtype == torch.float32
+    assert keys.is_contiguous() and values.is_contiguous() and tables.dtype == lengths.dtype == torch.int64
+    q, tables, lengths = q.contiguous(), tables.contiguous(), lengths.contiguous()
+    (batch, heads, head_dim), kv_heads = q.shape, keys.shape[1]
+    out = torch.empty_like(q)
+    scratch = torch.empty(batch * heads * max_length, dtype=torch.float32)
+    library.chatloop_decode_attention(
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lengths.data_ptr(), scratch.data_ptr(),
+        out.data_ptr(), batch, heads, kv_heads, head_dim, tables.shape[1], block_size, max_length,
+        head_dim**-0.5, torch.get_num_threads(),
     )
     return out
 

@@ -6,15 +6,8 @@
  * rows while it is in registers. w is row-major [O, I] float32, as checkpoints store it: no second copy.
  * Built with -march=native -fopenmp; OpenMP resolves to the runtime torch already loaded.
  */
-#include <immintrin.h>
+#include "simd.h"
 #include <stdint.h>
-
-static inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_hadd_ps(lo, lo);
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(lo);
-}
 
 /* Writes y[b + j, o + r] for the tile's accumulators acc[r][j]: horizontal sum, the tail of
  * I past the last full vector, bias. */

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import kernel_decode_attention
 from .batch import StepBatch
 
 __all__ = ["PagedKVCache", "blocks_for_budget", "blocks_for_stage", "bytes_per_block"]
@@ -45,6 +46,7 @@ class PagedKVCache:
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype = torch.float32,
+        native_attention: bool = False,
     ) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache has room for {num_blocks} blocks: raise kv_cache_mb or lower block_size")
@@ -59,6 +61,10 @@ class PagedKVCache:
         self._slots: torch.Tensor | None = None
         self._write_index: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
+        self.native_attention = native_attention
+        """Decode steps attend on ChatLoop's kernel, reading the blocks in place (float32 only)."""
+        self.decode_in_place = False
+        """This micro-batch attends in place: set by :meth:`begin`."""
 
     @property
     def num_bytes(self) -> int:
@@ -70,14 +76,19 @@ class PagedKVCache:
         self._write_index = torch.nonzero(slots >= 0).squeeze(1)
         self._slots = slots[self._write_index]
         self._batch = batch
+        self.decode_in_place = self.native_attention and batch.positions.shape[1] == 1 and bool(batch.valid.all())
+        if self.decode_in_place:  # one new token per sequence: it sees positions 0..its own
+            self._lengths = batch.positions[:, 0] + 1
+            self._max_length = int(self._lengths.max())
+            return
         # Slot j of a gathered context holds position j; a token sees the positions up to its own.
         # Additive float mask: SDPA converts a boolean one on every call (every layer).
         key_positions = torch.arange(batch.block_tables.shape[1] * self.block_size)
         visible = key_positions[None, None, None, :] <= batch.positions[:, None, :, None]  # [B, 1, T, S]
         self.mask = torch.zeros(visible.shape, dtype=self.keys.dtype).masked_fill_(~visible, float("-inf"))
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new ``k``/``v`` [B, T, K, D] of ``layer``; return its whole context [B, N*block_size, K, D]."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new ``k``/``v`` [B, T, K, D] of ``layer`` (padding left out)."""
         assert self._slots is not None, "begin() must run before the layers"
         i = layer - self.layer_offset
         num_kv_heads, head_dim = k.shape[2], k.shape[3]
@@ -85,6 +96,23 @@ class PagedKVCache:
         flat_v = v.reshape(-1, num_kv_heads, head_dim).index_select(0, self._write_index)
         self.keys[i].index_copy_(0, self._slots, flat_k.to(self.keys.dtype))
         self.values[i].index_copy_(0, self._slots, flat_v.to(self.values.dtype))
+
+    def decode_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of the new tokens' ``q`` [B, 1, H, D] over ``layer``'s cache, read in place; [B, 1, H*D].
+
+        Only where :attr:`decode_in_place`; :meth:`write` must have stored the step's keys and values.
+        """
+        i = layer - self.layer_offset
+        out = kernel_decode_attention(
+            q[:, 0], self.keys[i], self.values[i], self._batch.block_tables, self.block_size, self._lengths, self._max_length
+        )
+        return out.view(q.shape[0], 1, -1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new ``k``/``v`` [B, T, K, D] of ``layer``; return its whole context [B, N*block_size, K, D]."""
+        self.write(layer, k, v)
+        i = layer - self.layer_offset
+        num_kv_heads, head_dim = k.shape[2], k.shape[3]
         tables = self._batch.block_tables  # [B, N]
         shape = (tables.shape[0], tables.shape[1] * self.block_size, num_kv_heads, head_dim)
         # index_select over a 2-D view of whole blocks: advanced indexing (pool[tables]) took

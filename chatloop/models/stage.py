@@ -20,6 +20,9 @@ __all__ = ["Stage", "attend"]
 
 def attend(q: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, batch: StepBatch) -> torch.Tensor:
     """Causal attention of ``q`` [B, T, H, D] over the cached context plus the new ``k``/``v`` [B, T, K, D]."""
+    if cache.decode_in_place:
+        cache.write(layer, k, v)
+        return cache.decode_attention(layer, q)
     context_k, context_v = cache.update(layer, k, v)  # [B, S, K, D]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), context_k.transpose(1, 2), context_v.transpose(1, 2), attn_mask=cache.mask, enable_gqa=True
@@ -47,12 +50,17 @@ class Stage(nn.Module):
         self.is_first = is_first
         self.is_last = is_last
         self.lm_head: nn.Module | None = None  # an untied head; a tied one reads the token embedding
+        self.native_attention = False
+        """Its caches run decode attention on ChatLoop's kernel (set by the loader where it can)."""
 
     def new_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> PagedKVCache:
         """A KV block pool for this stage's layers."""
         dtype = dtype or next(self.parameters()).dtype
         a = self.args
-        return PagedKVCache(self.layers_range.indices, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype)
+        return PagedKVCache(
+            self.layers_range.indices, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype,
+            native_attention=self.native_attention and dtype == torch.float32,
+        )
 
     def forward(
         self, inputs: torch.Tensor, batch: StepBatch, cache: PagedKVCache, all_logits: bool = False

@@ -11,6 +11,7 @@ from torch import nn
 from safetensors import safe_open
 
 from ..models import ModelArgs, Stage, build_stage, family_of
+from ..kernels import load_kernels
 from ..models.packing import pack_linear_weights
 from .manifest import Manifest, ManifestError
 from .plan import LayerRange
@@ -56,7 +57,8 @@ def load_stage(
     its tensors are exactly the stage's, in the manifest's dtype. ``dtype`` casts the weights
     after loading (the stage then computes in it). ``pack_weights`` then prepares float32
     linear layers for small matmuls, on the native kernel if ``native_kernels``
-    (:func:`~chatloop.models.packing.pack_linear_weights`).
+    (:func:`~chatloop.models.packing.pack_linear_weights`); ``native_kernels`` also runs float32
+    decode attention on ChatLoop's kernel.
     """
     directory = Path(directory)
     manifest = manifest or Manifest.load(directory)
@@ -110,6 +112,7 @@ def load_stage(
     if dtype is not None:
         stage.to(dtype)
     stage.eval().requires_grad_(False)
+    stage.native_attention = native_kernels and load_kernels() is not None
     if pack_weights and pack_linear_weights(stage, use_kernel=native_kernels):
         # The rest (norms, embeddings) still point into the file's mapping, which keeps every
         # page read while packing resident: give them memory of their own so it is unmapped.

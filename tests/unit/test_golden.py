@@ -14,6 +14,7 @@ import torch
 
 from chatloop.models import ModelArgs
 from chatloop.kernels import load_kernels
+from chatloop.models.kv_cache import PagedKVCache
 from chatloop.models.packing import KernelLinear, PackedLinear, _as_linear
 from chatloop.partition import Manifest
 from chatloop.partition.splitter import split_model
@@ -136,6 +137,7 @@ def load_with_linear_mode(load_pipeline, directory, mode: str, **options):
         assert isinstance(pipeline.stages[-1].lm_head, linear_type)
     else:
         assert not prepared
+    assert all(cache.native_attention == native_kernels for cache in pipeline.caches)
     return pipeline
 
 
@@ -145,7 +147,12 @@ def test_tiny_prefill_and_decode_match_transformers(tiny_split, load_pipeline, m
     prompts, continuations = tiny_prompts()
     assert len(prompts[0]) != len(prompts[1])
     pipeline = load_with_linear_mode(load_pipeline, parts, mode, block_size=4, num_blocks=32)
-    worst = check_against_reference(pipeline, checkpoint.model, prompts, continuations)
+    in_place = []  # decode steps that attended on the kernel, reading the cache in place
+    original = PagedKVCache.decode_attention
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PagedKVCache, "decode_attention", lambda self, *a: in_place.append(1) or original(self, *a))
+        worst = check_against_reference(pipeline, checkpoint.model, prompts, continuations)
+    assert bool(in_place) == (mode == "kernel")
     print(f"{checkpoint.family}: max abs logit diff {worst:.2e}")
 
 

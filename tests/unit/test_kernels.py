@@ -95,3 +95,43 @@ def test_without_the_kernel_layers_fall_back_to_onednn_and_say_why(fresh_kernels
         assert load_kernels() is None
     assert reason in caplog.text and "linear layers use torch's kernels" in caplog.text
     assert fast_linear_for(torch.float32) is PackedLinear
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(6, 2, 64, 16), (4, 4, 12, 5), (8, 1, 128, 8)])
+def test_decode_attention_matches_sdpa_over_the_gathered_context(kernel, heads, kv_heads, head_dim, block_size):
+    """Grouped and plain heads, head dims with and without a vector tail, blocks shorter than 8, ragged lengths."""
+    g = torch.Generator().manual_seed(head_dim)
+    lengths = torch.tensor([1, 7, 33, 2 * block_size])
+    blocks = -(-int(lengths.max()) // block_size)
+    keys = torch.randn(len(lengths) * blocks * block_size + block_size, kv_heads, head_dim, generator=g)
+    values = torch.randn(keys.shape, generator=g)
+    tables = torch.randperm(len(lengths) * blocks + 1, generator=g)[: len(lengths) * blocks].view(len(lengths), blocks)
+    q = torch.randn(len(lengths), heads, head_dim, generator=g)
+
+    out = kernels.kernel_decode_attention(q, keys, values, tables, block_size, lengths, int(lengths.max()))
+
+    def gathered(pool):  # [B, S, K, D]: each sequence's blocks in order
+        return pool.view(-1, block_size, kv_heads, head_dim)[tables].view(len(lengths), -1, kv_heads, head_dim)
+
+    visible = torch.arange(blocks * block_size)[None, :] < lengths[:, None]
+    mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))[:, None, None, :]
+    expected = F.scaled_dot_product_attention(
+        q[:, :, None], gathered(keys).transpose(1, 2), gathered(values).transpose(1, 2), attn_mask=mask, enable_gqa=True
+    )[:, :, 0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_is_used_only_for_float32_single_token_steps():
+    from chatloop.models import StepBatch, build_stage
+    from chatloop.partition.plan import LayerRange
+    from tests.conftest import tiny_hf_config
+
+    stage = build_stage(tiny_hf_config("llama").to_dict(), LayerRange(0, 1), True, False)
+    stage.native_attention = load_kernels() is not None
+    cache = stage.new_cache(8, 4)
+    assert cache.native_attention == stage.native_attention
+    cache.begin(StepBatch.build([0, 0], [3, 2], [[0], [1]], 4))  # prefill: torch's SDPA over the gathered context
+    assert not cache.decode_in_place
+    cache.begin(StepBatch.build([3, 2], [1, 1], [[0], [1]], 4))
+    assert cache.decode_in_place == stage.native_attention
+    assert not stage.new_cache(8, 4, dtype=torch.bfloat16).native_attention
