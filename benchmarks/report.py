@@ -99,6 +99,11 @@ def transport_overhead_ms(row: dict) -> float | None:
     return statistics.median(gaps) * 1e3 if gaps else None
 
 
+def _ratio(row: dict, baseline: dict | None, key: str) -> float | None:
+    """row[key] / baseline[key], None where either is missing (older results have no decode rate)."""
+    return row[key] / baseline[key] if baseline and row.get(key) and baseline.get(key) else None
+
+
 def _baseline(rows: list[dict], mode: str, batch) -> dict | None:
     found = [r for r in rows if r["mode"] == mode and r.get("max_batch_size") == batch]
     return found[0] if found else None
@@ -307,15 +312,16 @@ def _setting_table(setting: tuple, rows: list[dict]) -> list[str]:
     lines = [
         f"## {_setting_title(setting)}",
         "",
-        "tok/s: generated tokens of all requests / time from the first request to the last token. "
-        "vs HF / vs 1 proc: tok/s over transformers' generate() / ChatLoop with one stage in one process, same batch. "
+        "tok/s: generated tokens of all requests / time from the first request to the last token (prefill included). "
+        "decode tok/s: the steady decode rate of a full batch, batch / median inter-token gap (prefill left out). "
+        "vs HF / vs 1 proc: over transformers' generate() / ChatLoop with one stage in one process, same batch. "
         "TTFT and ITL are what a client sees (ms). overhead: median decode micro-batch round trip minus time inside "
         "the stages (ms). busy and RSS: per stage.",
         "",
-        "| mode | workers | batch | in flight | tok/s | vs HF | vs 1 proc | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | "
-        "overhead | busy % | RSS MiB | coordinator MiB | runs |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: "
-        "| ---: |",
+        "| mode | workers | batch | in flight | tok/s | vs HF | vs 1 proc | decode tok/s | vs HF | vs 1 proc "
+        "| TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | overhead | busy % | RSS MiB | coordinator MiB | runs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| --- | --- | ---: | ---: |",
     ]
     order = {"hf": 0, "inprocess": 1, "chatloop": 2}
     for r in sorted(rows, key=lambda r: (r["max_batch_size"], order.get(r["mode"], 3), r["num_workers"])):
@@ -327,6 +333,8 @@ def _setting_table(setting: tuple, rows: list[dict]) -> list[str]:
             f"| {r['tokens_per_s']:.1f} | "
             f"{_fmt(r['tokens_per_s'] / hf['tokens_per_s'] if hf else None, 2)} | "
             f"{_fmt(r['tokens_per_s'] / one['tokens_per_s'] if one else None, 2)} | "
+            f"{_fmt(r.get('decode_tokens_per_s'))} | {_fmt(_ratio(r, hf, 'decode_tokens_per_s'), 2)} | "
+            f"{_fmt(_ratio(r, one, 'decode_tokens_per_s'), 2)} | "
             f"{_fmt(r['ttft_ms']['p50'])} | {_fmt(r['ttft_ms']['p99'])} | "
             f"{_fmt(r['itl_ms']['p50'])} | {_fmt(r['itl_ms']['p99'])} | "
             f"{_fmt(transport_overhead_ms(r), 2)} | {_pct([s.get('busy_fraction') for s in stages])} | "

@@ -66,6 +66,7 @@ def test_every_job_writes_a_row_with_the_measurements(sweep):
         assert r["tokens"] == 2 * 2 and r["tokens_per_s"] > 0
         assert r["ttft_ms"]["n"] == 2 and r["ttft_ms"]["p50"] > 0
         assert r["itl_ms"]["n"] == 2 and r["itl_ms"]["p99"] >= r["itl_ms"]["p50"] > 0
+        assert r["decode_tokens_per_s"] == pytest.approx(1 / r["itl_ms"]["p50"] * 1e3)  # batch 1: one token a gap
         assert r["bandwidth"]["read_gbs"] > 0 and r["roofline_ms"] > 0 and r["weight_bytes_per_token"] > 0
         assert r["config"]["model"]["name"].endswith("random-tiny") and r["max_batch_size"] == 1
         assert r["coordinator_rss_bytes"] > 0 and r["host"]["cores"] >= 1
@@ -88,6 +89,7 @@ def test_report_writes_markdown_and_plots(sweep):
     assert main([str(results), "--out", str(out)]) == 0
     markdown = (out / "report.md").read_text()
     assert "| transformers | 1 | 1 |" in markdown and "| ChatLoop 2 workers | 2 | 1 |" in markdown
+    assert "| decode tok/s |" in markdown
     assert "Memory-bandwidth roofline" in markdown and "Pipeline timelines" in markdown
     pictures = [line.split("](")[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]
     assert "throughput_vs_workers.png" in pictures and "throughput_vs_batch.png" in pictures
