@@ -209,16 +209,18 @@ class Pipeline:
 
 @pytest.fixture(scope="session")
 def load_pipeline() -> Callable[..., Pipeline]:
-    """``load_pipeline(directory, pack_weights=False, native_kernels=True, **pipeline_options)``: every stage of a
-    split model, loaded with ``load_stage``."""
+    """``load_pipeline(directory, pack_weights=False, native_kernels=True, dtype=None, **pipeline_options)``: every
+    stage of a split model, loaded with ``load_stage``."""
     from chatloop.partition import Manifest, load_stage
 
-    def load(directory: Path, pack_weights: bool = False, native_kernels: bool = True, **options) -> Pipeline:
+    def load(
+        directory: Path, pack_weights: bool = False, native_kernels: bool = True, dtype=None, **options
+    ) -> Pipeline:
         manifest = Manifest.load(directory)
         stages = [
             load_stage(
                 directory, i, expected_layers=manifest.partitions[i].layers, verify_sha256=True,
-                pack_weights=pack_weights, native_kernels=native_kernels,
+                pack_weights=pack_weights, native_kernels=native_kernels, dtype=dtype,
             )
             for i in range(manifest.num_partitions)
         ]

@@ -31,7 +31,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        if x.dtype == torch.float32:  # one fused op instead of seven (~20 us a call here, 61 calls a step)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        x32 = x.float()  # transformers' order for narrower dtypes: normalise in float32, cast, then scale
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -59,10 +61,17 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return inv_freq
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply rotary embeddings to x [B, T, H, D] with cos/sin [B, T, 1, D] (half-split layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embeddings to x [B, T, H, D] (half-split layout) with cos and ``signed_sin`` [B, T, 1, D].
+
+    ``signed_sin`` is sin with its first half negated, so that ``x * cos + cat(-x2, x1) * sin`` is
+    ``x * cos + cat(x2, x1) * signed_sin``: a flip of the halves and, in float32, one addcmul.
+    """
+    B, T, H, D = x.shape
+    swapped = x.view(B, T, H, 2, D // 2).flip(3).view(B, T, H, D)  # cat(x2, x1)
+    if x.dtype == torch.float32:
+        return torch.addcmul(x * cos, swapped, signed_sin)
+    return x * cos + swapped * signed_sin  # rounded twice, as transformers does: bf16 logits stay bit-equal
 
 
 class Attention(nn.Module):
@@ -104,8 +113,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), (cos, sin), batch, cache)
+    def forward(
+        self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache, cos: torch.Tensor, signed_sin: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), (cos, signed_sin), batch, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -133,10 +144,12 @@ class LlamaStage(Stage):
         return list(self.model.layers.values())
 
     def layer_inputs(self, batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary cos and sin [B, T, 1, D] of the micro-batch's positions."""
+        """Rotary cos and signed sin (see :func:`rotate`) [B, T, 1, D] of the micro-batch's positions."""
         angles = batch.positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, T, 1, D]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        sin = angles.sin()
+        sin[..., : sin.shape[-1] // 2].neg_()
+        return angles.cos().to(dtype), sin.to(dtype)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x)

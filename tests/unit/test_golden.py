@@ -277,3 +277,16 @@ def test_smollm2_greedy_decoding_equals_transformers_generate(
             f"prompt {b}: split {decode(generated[b])!r} != transformers {decode(expected[b])!r}"
         )
     assert "Paris" in decode(generated[0]) + decode(generated[1])
+
+
+def test_smollm2_bfloat16_logits_are_bit_equal_to_transformers(smollm2_split, smollm2_checkpoint, load_pipeline):
+    """In bfloat16 every rounding shows: the stages round where transformers does (norms, rotary positions),
+    through 4 stages, so the logits are the same bits."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.bfloat16).eval()
+    prompt = torch.randint(300, 40000, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0].float()
+    pipeline = load_pipeline(smollm2_split, pack_weights=True, dtype=torch.bfloat16)
+    torch.testing.assert_close(pipeline.prefill([prompt], all_logits=True)[0], expected, rtol=0, atol=0)
