@@ -78,6 +78,7 @@ def _baseline_key(config: dict, bench: BenchmarkConfig) -> str:
         "batching": config["batching"],
         "mode": bench.mode,
         "load": [bench.num_requests, bench.prompt_tokens, bench.new_tokens, bench.warmup_new_tokens, bench.seed],
+        "tag": bench.tag,  # benchmark.tag=r1,r2,r3 repeats the baselines too
     }
     if bench.mode == "inprocess":
         relevant.update(cache=config["cache"])
