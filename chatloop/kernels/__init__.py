@@ -1,9 +1,9 @@
 """ChatLoop's native kernels, compiled from C at first use with the system's C compiler.
 
 ``gemv.c`` holds the small-batch linear kernel that decode steps run on, ``attention.c`` the
-decode attention over the paged KV cache (see their headers). They are built once per CPU into ``$CHATLOOP_CACHE/kernels`` with ``-march=native -fopenmp``
-and loaded with ctypes; ctypes releases the GIL during the call. Where it cannot be built
-(no compiler, not x86-64 with AVX2 and FMA, SIMD turned off, ``CHATLOOP_KERNELS=0``) :func:`load_kernels`
+decode attention over the paged KV cache (see their headers). They are built once per CPU into
+one library in ``$CHATLOOP_CACHE/kernels`` with ``-march=native -fopenmp`` and loaded with
+ctypes, which releases the GIL during a call. Where they cannot be built (no compiler, not x86-64 with AVX2 and FMA, SIMD turned off, ``CHATLOOP_KERNELS=0``) :func:`load_kernels`
 returns None, says why once in the log, and callers keep torch's own kernels.
 """
 
@@ -63,7 +63,7 @@ def _build(compiler: str) -> Path:
     """Compile the C sources for this CPU (once: the file name hashes the sources, flags and CPU)."""
     sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(sources + " ".join(FLAGS).encode() + _cpu_flags().encode() + compiler.encode())
-    target = cache_root() / "kernels" / f"chatloop_gemv-{key.hexdigest()[:16]}.so"
+    target = cache_root() / "kernels" / f"chatloop_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def test_fast_linear_choice(kernel):
 
 def test_kernel_builds_once_per_cpu_into_the_cache(kernel, fresh_kernels, tmp_path):
     assert load_kernels() is not None
-    built = list((tmp_path / "kernels").glob("chatloop_gemv-*.so"))
+    built = list((tmp_path / "kernels").glob("chatloop_kernels-*.so"))
     assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.so.tmp*"))
     load_kernels.cache_clear()
     mtime = built[0].stat().st_mtime_ns
