@@ -3,8 +3,9 @@
 ``gemv.c`` holds the small-batch linear kernel that decode steps run on, ``attention.c`` the
 decode attention over the paged KV cache (see their headers). They are built once per CPU into
 one library in ``$CHATLOOP_CACHE/kernels`` with ``-march=native -fopenmp`` and loaded with
-ctypes, which releases the GIL during a call. Where they cannot be built (no compiler, not x86-64 with AVX2 and FMA, SIMD turned off, ``CHATLOOP_KERNELS=0``) :func:`load_kernels`
-returns None, says why once in the log, and callers keep torch's own kernels.
+ctypes, which releases the GIL during a call. Where they cannot be built (no compiler, not
+x86-64 with AVX2 and FMA, SIMD turned off, ``CHATLOOP_KERNELS=0``) :func:`load_kernels` returns
+None, says why once in the log, and callers keep torch's own kernels.
 """
 
 from __future__ import annotations
