@@ -31,7 +31,7 @@ from chatloop.config import ChatLoopConfig
 
 from .config import BenchmarkConfig
 
-__all__ = ["run", "memory_bandwidth", "weight_bytes_per_token", "make_prompts", "summarize", "host_info"]
+__all__ = ["run", "ChatLoopSession", "HFSession", "memory_bandwidth", "weight_bytes_per_token", "make_prompts", "summarize", "host_info"]
 
 log = logging.getLogger(__name__)
 
@@ -256,35 +256,57 @@ def _check_capacity(llm, cfg: ChatLoopConfig, bench: BenchmarkConfig) -> None:
         )
 
 
-def measure_chatloop(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
-    from chatloop import ChatLoop
-    from chatloop.api import prepare_partitions
+class ChatLoopSession:
+    """ChatLoop started and warmed up for a load: ``measure()`` offers it once; ``close()`` stops ChatLoop."""
 
-    in_temporary_thread(prepare_partitions, cfg)  # a first split converts tensors: not on this thread
-    started = time.perf_counter()
-    llm = ChatLoop.start(cfg)
-    startup_s = time.perf_counter() - started
+    def __init__(self, cfg: ChatLoopConfig, bench: BenchmarkConfig) -> None:
+        from chatloop import ChatLoop
+        from chatloop.api import prepare_partitions
+
+        in_temporary_thread(prepare_partitions, cfg)  # a first split converts tensors: not on this thread
+        started = time.perf_counter()
+        self.llm = ChatLoop.start(cfg)
+        self.startup_s = time.perf_counter() - started
+        self.batch_size, self.new_tokens, self.timeout_s = cfg.batching.max_batch_size, bench.new_tokens, bench.timeout_s
+        try:
+            _check_capacity(self.llm, cfg, bench)
+            vocab_size = self.llm.manifest.model_config["vocab_size"]
+            self.prompts = make_prompts(bench.num_requests, bench.prompt_tokens, vocab_size, bench.seed)
+            self.recorder = RecordingPipeline(self.llm.scheduler.pipeline)
+            self.llm.scheduler.pipeline = self.recorder  # the scheduler reads its pipeline at every launch
+            if bench.warmup_new_tokens:
+                _drive(self.llm.submit, self.prompts[: self.batch_size], bench.warmup_new_tokens, bench.timeout_s)
+        except BaseException:
+            self.llm.shutdown()
+            raise
+
+    def measure(self) -> dict:
+        """Offer every prompt at once and return the client-side figures (:func:`_latency_metrics`)."""
+        self.t0_wall, self.t0 = time.time(), time.perf_counter()
+        submitted, arrivals = _drive(self.llm.submit, self.prompts, self.new_tokens, self.timeout_s)
+        return _latency_metrics(self.t0, submitted, arrivals, self.batch_size)
+
+    def close(self) -> None:
+        self.llm.shutdown()
+
+
+def measure_chatloop(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
+    session = ChatLoopSession(cfg, bench)
+    llm, recorder = session.llm, session.recorder
     try:
         manifest = llm.manifest
-        _check_capacity(llm, cfg, bench)
-        prompts = make_prompts(bench.num_requests, bench.prompt_tokens, manifest.model_config["vocab_size"], bench.seed)
-        recorder = RecordingPipeline(llm.scheduler.pipeline)
-        llm.scheduler.pipeline = recorder  # the scheduler reads its pipeline at every launch
-        if bench.warmup_new_tokens:
-            _drive(llm.submit, prompts[: cfg.batching.max_batch_size], bench.warmup_new_tokens, bench.timeout_s)
         before = {s["name"]: s for s in _stage_stats(llm, manifest)}
         _take_timings(llm)
         recorder.records.clear()
-        t0_wall, t0 = time.time(), time.perf_counter()
-        submitted, arrivals = _drive(llm.submit, prompts, bench.new_tokens, bench.timeout_s)
+        result = session.measure()
         after = _stage_stats(llm, manifest)
         timings = _take_timings(llm)
         records = list(recorder.records)
         max_in_flight = llm.scheduler.max_in_flight
         coordinator_rss = psutil.Process().memory_info().rss  # with the stages loaded, for the in-process modes
     finally:
-        llm.shutdown()
-    result = _latency_metrics(t0, submitted, arrivals, cfg.batching.max_batch_size)
+        session.close()
+    t0_wall, t0, startup_s = session.t0_wall, session.t0, session.startup_s
     elapsed = result["elapsed_s"]
     stages = []
     for s in after:
@@ -382,31 +404,38 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def measure_hf(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
-    from transformers import AutoModelForCausalLM
+class HFSession:
+    """A transformers model loaded and warmed up for a load: ``measure()`` runs ``generate()`` over it once,
+    in batches of ``batching.max_batch_size`` (left padding, greedy, exactly ``new_tokens`` each)."""
 
-    from chatloop.embedded import resolve_model
+    def __init__(self, cfg: ChatLoopConfig, bench: BenchmarkConfig) -> None:
+        from transformers import AutoModelForCausalLM
 
-    folder = resolve_model(cfg.model.name)
-    started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.model.dtype)).eval()
-    startup_s = time.perf_counter() - started
-    prompts = make_prompts(bench.num_requests, bench.prompt_tokens, model.config.vocab_size, bench.seed)
-    batch_size = cfg.batching.max_batch_size
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        from chatloop.embedded import resolve_model
 
-    def generate(batch: list[list[int]], new_tokens: int) -> list[float]:
-        ids, mask = left_pad(batch, pad_id)
+        folder = resolve_model(cfg.model.name)
+        started = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.model.dtype)).eval()
+        self.startup_s = time.perf_counter() - started
+        config = self.model.config
+        self.prompts = make_prompts(bench.num_requests, bench.prompt_tokens, config.vocab_size, bench.seed)
+        self.batch_size, self.new_tokens = cfg.batching.max_batch_size, bench.new_tokens
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        if bench.warmup_new_tokens:
+            self._generate(self.prompts[: self.batch_size], bench.warmup_new_tokens)
+
+    def _generate(self, batch: list[list[int]], new_tokens: int) -> list[float]:
+        ids, mask = left_pad(batch, self.pad_id)
         streamer = _StepTimes()
         with torch.inference_mode():
-            out = model.generate(
+            out = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
                 num_beams=1,
-                pad_token_id=pad_id,
+                pad_token_id=self.pad_id,
                 streamer=streamer,
                 use_cache=True,
             )
@@ -415,18 +444,26 @@ def measure_hf(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
         )
         return streamer.times
 
-    if bench.warmup_new_tokens:
-        generate(prompts[:batch_size], bench.warmup_new_tokens)
-    t0 = time.perf_counter()
-    submitted = [t0] * len(prompts)  # offered at once, like ChatLoop's requests
-    arrivals: list[list[float]] = []
-    for first in range(0, len(prompts), batch_size):
-        batch = prompts[first : first + batch_size]
-        steps = generate(batch, bench.new_tokens)
-        arrivals.extend([list(steps) for _ in batch])
-    result = _latency_metrics(t0, submitted, arrivals, batch_size)
+    def measure(self) -> dict:
+        """All prompts, offered at once like ChatLoop's requests; the client-side figures (:func:`_latency_metrics`)."""
+        t0 = time.perf_counter()
+        submitted = [t0] * len(self.prompts)
+        arrivals: list[list[float]] = []
+        for first in range(0, len(self.prompts), self.batch_size):
+            batch = self.prompts[first : first + self.batch_size]
+            steps = self._generate(batch, self.new_tokens)
+            arrivals.extend([list(steps) for _ in batch])
+        return _latency_metrics(t0, submitted, arrivals, self.batch_size)
+
+    def close(self) -> None:
+        del self.model
+
+
+def measure_hf(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
+    session = HFSession(cfg, bench)
+    result = session.measure()
     result.update(
-        startup_s=startup_s,
+        startup_s=session.startup_s,
         max_in_flight=1,
         coordinator_rss_bytes=psutil.Process().memory_info().rss,  # the model is still loaded
         stages=[],

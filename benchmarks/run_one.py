@@ -16,13 +16,17 @@ from pathlib import Path
 
 def load_spec(path: str | Path):
     """The typed (ChatLoopConfig, BenchmarkConfig) of a spec file; every ``__post_init__`` check runs."""
+    return typed_spec(json.loads(Path(path).read_text()))
+
+
+def typed_spec(spec: dict):
+    """(ChatLoopConfig, BenchmarkConfig) of a spec's plain ``config`` and ``benchmark`` dicts."""
     from omegaconf import OmegaConf
 
     from chatloop.config import ChatLoopConfig
 
     from .config import BenchmarkConfig
 
-    spec = json.loads(Path(path).read_text())
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ChatLoopConfig), spec["config"]))
     bench = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchmarkConfig), spec["benchmark"]))
     return cfg, bench

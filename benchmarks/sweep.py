@@ -43,7 +43,7 @@ from chatloop.config import CONF_DIR
 from .config import BenchmarkConfig, SweepConfig, register_sweep_configs
 from .results import append_row, read_rows
 
-__all__ = ["main", "run_job"]
+__all__ = ["main", "run_job", "effective_config", "free_port"]
 
 log = logging.getLogger("benchmarks.sweep")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,13 +52,13 @@ SCHEMA_VERSION = 1
 register_sweep_configs()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _effective_config(raw: DictConfig) -> tuple[dict, BenchmarkConfig]:
+def effective_config(raw: DictConfig) -> tuple[dict, BenchmarkConfig]:
     """The job's ChatLoop configuration (as a plain dict) after the mode's adjustments, and its benchmark fields."""
     typed: SweepConfig = OmegaConf.to_object(raw)  # runs every __post_init__ check
     bench = typed.benchmark
@@ -110,7 +110,7 @@ def run_job(raw: DictConfig) -> dict | None:
         "model": OmegaConf.select(raw, "model.name"),
     }
     try:
-        config, bench = _effective_config(raw)
+        config, bench = effective_config(raw)
     except Exception as e:  # a bad value: recorded, the sweep goes on
         row["error"] = f"{type(e).__name__}: {e}"
         results = Path(OmegaConf.select(raw, "benchmark.results") or Path(sweep) / "results.jsonl")
@@ -151,7 +151,7 @@ def run_job(raw: DictConfig) -> dict | None:
         append_row(results, row)
         return row
     if bench.free_port:
-        config["cluster"]["master_port"] = _free_port()
+        config["cluster"]["master_port"] = free_port()
     spec = job_dir / "spec.json"
     spec.write_text(
         json.dumps({"config": config, "benchmark": OmegaConf.to_container(raw.benchmark, resolve=True)}, indent=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,51 @@ def test_roofline_pairs_bandwidth_and_decode_rounds(tmp_path):
         assert r["fraction"] == pytest.approx(result["weight_bytes_per_token"] / (r["bandwidth_gbs"] * 1e9) * 1e3 / r["step_ms"])
     assert result["fraction_min"] <= result["fraction_median"] <= result["fraction_max"]
     assert "of the roofline (median of 3 rounds" in proc.stdout
+
+
+def test_paired_measures_every_mode_in_turns_and_takes_ratios_within_rounds(tmp_path):
+    from benchmarks.checkpoints import SHAPES, write_random_checkpoint
+
+    checkpoint = write_random_checkpoint(SHAPES["tiny"], tmp_path / "random-tiny", dtype="float32")
+    out = tmp_path / "paired.json"
+    command = [sys.executable, "-m", "benchmarks.paired", "--rounds", "2", "--json", str(out),
+               f"model.name={checkpoint}", "model.dtype=float32", "cluster.num_workers=2", "batching.max_batch_size=2",
+               "benchmark.num_requests=2", "benchmark.prompt_tokens=8", "benchmark.new_tokens=3",
+               "benchmark.timeout_s=150", "cache.kv_cache_mb=16", "worker.worker_threads=1"]
+    env = {**os.environ, "CHATLOOP_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    assert set(result["specs"]) == {"hf", "inprocess", "chatloop"}
+    assert result["specs"]["inprocess"]["config"]["cluster"]["num_workers"] == 1  # the sweep's baseline adjustments
+    assert result["specs"]["chatloop"]["config"]["cluster"]["num_workers"] == 2
+    assert len(result["rounds"]) == 2
+    for row in result["rounds"]:
+        assert set(row) == {"hf", "inprocess", "chatloop"}
+        for figures in row.values():
+            assert figures["tokens"] == 2 * 3 and figures["decode_tokens_per_s"] > 0
+    assert list(result["rounds"][0]) == ["hf", "inprocess", "chatloop"]  # the order rotates
+    assert list(result["rounds"][1]) == ["inprocess", "chatloop", "hf"]
+    ratio = result["ratios"]["chatloop/inprocess"]["decode_tokens_per_s"]
+    within = [r["chatloop"]["decode_tokens_per_s"] / r["inprocess"]["decode_tokens_per_s"] for r in result["rounds"]]
+    assert ratio["median"] == pytest.approx(statistics.median(within))
+    assert set(result["ratios"]) == {"inprocess/hf", "chatloop/hf", "chatloop/inprocess"}
+    assert "2 workers / 1 process: decode" in proc.stdout
+
+
+def test_paired_refuses_fewer_than_two_modes():
+    command = [sys.executable, "-m", "benchmarks.paired", "--modes", "chatloop"]
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "give two or more of" in proc.stderr
+
+
+def test_paired_names_the_contender_that_cannot_load(tmp_path):
+    from benchmarks.checkpoints import SHAPES, write_random_checkpoint
+
+    checkpoint = write_random_checkpoint(SHAPES["tiny"], tmp_path / "random-tiny", dtype="float32")
+    command = [sys.executable, "-m", "benchmarks.paired", "--modes", "inprocess,chatloop", f"model.name={checkpoint}",
+               "model.dtype=float32", "benchmark.num_requests=64", "benchmark.prompt_tokens=500", "cache.kv_cache_mb=1"]
+    env = {**os.environ, "CHATLOOP_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "paired: inprocess: ValueError: the KV cache holds" in proc.stderr and "raise cache.kv_cache_mb" in proc.stderr
