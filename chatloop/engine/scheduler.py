@@ -237,9 +237,8 @@ class Scheduler:
     def _send(self, seqs: list[_Sequence]) -> None:
         steps = [s.next_step() for s in seqs]
         lengths = [len(ids) for ids, _ in steps]
-        token_ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
-        for b, (ids, _) in enumerate(steps):
-            token_ids[b, : len(ids)] = torch.tensor(ids)
+        width = max(lengths)
+        token_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in steps], dtype=torch.long)
         needed = [self.allocator.blocks_for(start + n) for (_, start), n in zip(steps, lengths)]
         batch = StepBatch.build(
             [start for _, start in steps], lengths, [s.blocks[:k] for s, k in zip(seqs, needed)], self.allocator.block_size
@@ -271,12 +270,13 @@ class Scheduler:
 
     def _on_result(self, micro_batch: MicroBatch, seqs: list[_Sequence], result) -> None:
         self.stats.num_in_flight -= 1
+        new_tokens = micro_batch.batch.valid.sum(dim=1).tolist()
         for b, seq in enumerate(seqs):
             seq.in_flight = False
             if isinstance(result, BaseException):
                 self._finish(seq, "error", error=result)
                 continue
-            seq.num_cached += int(micro_batch.batch.valid[b].sum())
+            seq.num_cached += new_tokens[b]
             if seq.cancelled:
                 self._finish(seq, "cancelled")
                 continue

@@ -33,9 +33,7 @@ class StepBatch:
         positions = torch.tensor(starts)[:, None] + offsets[None, :]
         valid = offsets[None, :] < torch.tensor(lengths)[:, None]
         num_blocks = max(len(t) for t in block_tables)
-        tables = torch.zeros(len(block_tables), num_blocks, dtype=torch.long)
-        for b, table in enumerate(block_tables):
-            tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+        tables = torch.tensor([[*t] + [0] * (num_blocks - len(t)) for t in block_tables], dtype=torch.long)
         return cls(positions.masked_fill(~valid, 0), valid, tables, block_size)
 
     @property

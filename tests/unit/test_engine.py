@@ -159,6 +159,45 @@ def test_detokenizer_holds_back_a_possible_stop_string():
     assert d.flush() == "Ny"
 
 
+def _stream(detokenizer: Detokenizer, ids: list[int]) -> str:
+    return "".join(detokenizer.add(i)[0] for i in ids) + detokenizer.flush()
+
+
+class _CountingTokenizer:
+    """Forwards to a tokenizer and records how many ids each decode was given."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.lengths = inner, []
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.lengths.append(len(ids))
+        return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_detokenizer_streams_what_a_whole_decode_gives_and_decodes_only_a_few_ids_per_token(smollm2_checkpoint):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint)
+    text = "Grüße aus Köln! 世界 and 🙂🚀, naïve café. " * 20
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = ids[:50] + [tokenizer.eos_token_id] + ids[50:] + list(range(1000, 1300))  # a special token, then odd ids
+    counting = _CountingTokenizer(tokenizer)
+    assert _stream(Detokenizer(counting), ids) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(ids) > 500 and max(counting.lengths) <= 8  # not the whole sequence again at every token
+
+
+def test_detokenizer_keeps_the_space_a_sentencepiece_decode_strips_at_the_start():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "\u2581Hello": 1, "\u2581world": 2, "!": 3, "\u2581again": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert tokenizer.decode([2]) == "world"  # alone, the leading space is gone
+    assert _stream(Detokenizer(tokenizer), [1, 2, 3, 4]) == tokenizer.decode([1, 2, 3, 4]) == "Hello world! again"
+
+
 @pytest.mark.parametrize(
     "index, workers, threads, cores, expected",
     [(1, 4, 2, list(range(8)), [2, 3]), (3, 4, 8, [0, 1], [0, 1]), (2, 4, 1, [0, 1], [0, 1]), (0, 1, 8, [0, 1], [0, 1])],
