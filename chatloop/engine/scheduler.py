@@ -238,7 +238,7 @@ class Scheduler:
         steps = [s.next_step() for s in seqs]
         lengths = [len(ids) for ids, _ in steps]
         width = max(lengths)
-        token_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in steps], dtype=torch.long)
+        token_ids = torch.tensor([[*ids] + [0] * (width - len(ids)) for ids, _ in steps], dtype=torch.long)
         needed = [self.allocator.blocks_for(start + n) for (_, start), n in zip(steps, lengths)]
         batch = StepBatch.build(
             [start for _, start in steps], lengths, [s.blocks[:k] for s, k in zip(seqs, needed)], self.allocator.block_size
