@@ -31,7 +31,10 @@ from chatloop.config import ChatLoopConfig
 
 from .config import BenchmarkConfig
 
-__all__ = ["run", "ChatLoopSession", "HFSession", "memory_bandwidth", "weight_bytes_per_token", "make_prompts", "summarize", "host_info"]
+__all__ = [
+    "run", "ChatLoopSession", "HFSession", "memory_bandwidth", "weight_bytes_per_token", "make_prompts", "summarize",
+    "host_info",
+]
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
-from ..models import StepBatch
+from ..models.batch import StepBatch, padded
 from .blocks import BlockAllocator
 from .detokenizer import Detokenizer
 from .pipeline import MicroBatch, Pipeline
@@ -237,8 +235,7 @@ class Scheduler:
     def _send(self, seqs: list[_Sequence]) -> None:
         steps = [s.next_step() for s in seqs]
         lengths = [len(ids) for ids, _ in steps]
-        width = max(lengths)
-        token_ids = torch.tensor([[*ids] + [0] * (width - len(ids)) for ids, _ in steps], dtype=torch.long)
+        token_ids = padded([ids for ids, _ in steps])
         needed = [self.allocator.blocks_for(start + n) for (_, start), n in zip(steps, lengths)]
         batch = StepBatch.build(
             [start for _, start in steps], lengths, [s.blocks[:k] for s, k in zip(seqs, needed)], self.allocator.block_size

@@ -6,10 +6,17 @@ Shape legend: B sequences, T new tokens per sequence (padded), N blocks per bloc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-__all__ = ["StepBatch"]
+__all__ = ["StepBatch", "padded"]
+
+
+def padded(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """int64 [len(rows), longest row] of ``rows``, each right-padded with 0 (one tensor call, not one per row)."""
+    width = max(len(row) for row in rows)
+    return torch.tensor([[*row] + [0] * (width - len(row)) for row in rows], dtype=torch.long)
 
 
 @dataclass
@@ -32,9 +39,7 @@ class StepBatch:
         offsets = torch.arange(num_tokens)
         positions = torch.tensor(starts)[:, None] + offsets[None, :]
         valid = offsets[None, :] < torch.tensor(lengths)[:, None]
-        num_blocks = max(len(t) for t in block_tables)
-        tables = torch.tensor([[*t] + [0] * (num_blocks - len(t)) for t in block_tables], dtype=torch.long)
-        return cls(positions.masked_fill(~valid, 0), valid, tables, block_size)
+        return cls(positions.masked_fill(~valid, 0), valid, padded(block_tables), block_size)
 
     @property
     def last_token_index(self) -> torch.Tensor:

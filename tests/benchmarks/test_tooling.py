@@ -161,10 +161,15 @@ def test_paired_measures_every_mode_in_turns_and_takes_ratios_within_rounds(tmp_
     assert "2 workers / 1 process: decode" in proc.stdout
 
 
-def test_paired_refuses_fewer_than_two_modes():
-    command = [sys.executable, "-m", "benchmarks.paired", "--modes", "chatloop"]
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--modes", "chatloop"], "give two or more of"), (["--modes", "hf,gpu"], "give two or more of"),
+     (["--rounds", "0"], "--rounds 0: need >= 1")],
+)
+def test_paired_refuses_bad_arguments_and_says_what_to_give(args, message):
+    command = [sys.executable, "-m", "benchmarks.paired", *args]
     proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "give two or more of" in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_paired_names_the_contender_that_cannot_load(tmp_path):

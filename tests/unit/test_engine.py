@@ -231,3 +231,10 @@ def test_worker_environment_is_set_before_torch_loads():
     assert worker_environment(plain) == {"ATEN_CPU_CAPABILITY": "default"}
     with pytest.raises(ValueError, match="worker.omp_spin_count=-1: need >= 0 or null"):
         load_config(["worker.omp_spin_count=-1"])
+
+
+def test_padded_rows_make_one_int64_tensor_of_any_sequence_type():
+    from chatloop.models.batch import padded
+
+    out = padded([(5, 6, 7), [8], range(2)])
+    assert out.dtype == torch.long and out.tolist() == [[5, 6, 7], [8, 0, 0], [0, 1, 0]]
