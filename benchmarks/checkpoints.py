@@ -195,7 +195,7 @@ def random_checkpoint(
     name: str, dtype: str = "bfloat16", root: str | Path | None = None, progress: bool = True
 ) -> Path:
     """The random checkpoint ``name`` (a key of :data:`SHAPES`), written once into ``root`` (default: the cache)."""
-    from chatloop.embedded import cache_root
+    from chatloop.paths import cache_root
 
     if name not in SHAPES:
         raise ValueError(f"no random checkpoint shape {name!r}: choose one of {', '.join(SHAPES)}")

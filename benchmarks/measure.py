@@ -159,25 +159,14 @@ def host_info() -> dict:
 
 
 # ---- ChatLoop ---------------------------------------------------------------------------------
-class RecordingPipeline:
-    """Wraps the scheduler's pipeline to record, per micro-batch, when the coordinator sent it and got its tokens."""
+class StepRecorder:
+    """Observes the pipeline (``Pipeline.add_observer``): when the coordinator sent each micro-batch and got its tokens."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.num_stages, self.num_blocks, self.block_size = inner.num_stages, inner.num_blocks, inner.block_size
+    def __init__(self) -> None:
         self.records: list[tuple[int, int, int, float, float]] = []  # (id, sequences, tokens per sequence, sent, done)
 
-    def submit(self, micro_batch):
-        sent = time.perf_counter()
-        future = self.inner.submit(micro_batch)
-        shape = tuple(micro_batch.token_ids.shape)
-        future.add_done_callback(
-            lambda _: self.records.append((micro_batch.id, shape[0], shape[1], sent, time.perf_counter()))
-        )
-        return future
-
-    def close(self) -> None:
-        self.inner.close()
+    def __call__(self, record) -> None:
+        self.records.append((record.micro_batch, record.num_sequences, record.num_tokens, record.sent, record.done))
 
 
 def _drive(submit, prompts: list[list[int]], new_tokens: int, timeout: float) -> tuple[list[float], list[list[float]]]:
@@ -213,47 +202,24 @@ def _drive(submit, prompts: list[list[int]], new_tokens: int, timeout: float) ->
     return submitted, arrivals
 
 
-def _stage_stats(llm, manifest) -> list[dict]:
-    pipeline = llm.pipeline
-    if hasattr(pipeline, "describe"):  # RpcPipeline
-        return pipeline.describe()
-    rss = psutil.Process().memory_info().rss
-    return [
-        {
-            "name": r.name,
-            "layers": str(r.stage.layers_range),
-            "busy_s": r.busy_seconds,
-            "num_micro_batches": r.num_micro_batches,
-            "rss_bytes": rss,
-            "kv_cache_bytes": r.cache.num_bytes,
-            "partition_bytes": manifest.partitions[k].num_bytes,
-            "threads": torch.get_num_threads(),
-            "in_coordinator": True,
-        }
-        for k, r in enumerate(pipeline.runners)
-    ]
+def _stage_stats(llm) -> list[dict]:
+    """Every stage's report, as a dict (an in-process stage's ``rss_bytes`` is the coordinator's)."""
+    return [report.as_dict() for report in llm.describe_stages(timeout=30.0)]
 
 
 def _take_timings(llm) -> dict[str, list[tuple[int, float, float]]]:
     """Each stage's (micro-batch, start, end) since the last call, in wall-clock seconds; forgets them."""
-    pipeline = llm.pipeline
-    if hasattr(pipeline, "timings"):  # RpcPipeline: wall clock, cleared on read
-        return {name: [tuple(t) for t in rows] for name, rows in pipeline.timings().items()}
-    offset = time.time() - time.perf_counter()
-    out = {}
-    for runner in pipeline.runners:
-        out[runner.name] = [(t.micro_batch, t.start + offset, t.end + offset) for t in runner.timings]
-        runner.timings.clear()
-    return out
+    return {name: [tuple(t) for t in rows] for name, rows in llm.pipeline.take_timings().items()}
 
 
 def _check_capacity(llm, cfg: ChatLoopConfig, bench: BenchmarkConfig) -> None:
     """Refuse a load whose concurrent sequences do not fit the KV cache: they would queue and distort the numbers."""
     concurrent = min(bench.num_requests, cfg.batching.max_batch_size)
     per_sequence = -(-(bench.prompt_tokens + bench.new_tokens) // cfg.cache.block_size)
-    if concurrent * per_sequence > llm.pipeline.num_blocks:
+    num_blocks = llm.stats().kv_blocks_total
+    if concurrent * per_sequence > num_blocks:
         raise ValueError(
-            f"the KV cache holds {llm.pipeline.num_blocks} blocks of {cfg.cache.block_size} tokens per stage, "
+            f"the KV cache holds {num_blocks} blocks of {cfg.cache.block_size} tokens per stage, "
             f"{concurrent} sequences of {bench.prompt_tokens} + {bench.new_tokens} tokens need "
             f"{concurrent * per_sequence}: raise cache.kv_cache_mb"
         )
@@ -273,10 +239,9 @@ class ChatLoopSession:
         self.batch_size, self.new_tokens, self.timeout_s = cfg.batching.max_batch_size, bench.new_tokens, bench.timeout_s
         try:
             _check_capacity(self.llm, cfg, bench)
-            vocab_size = self.llm.manifest.model_config["vocab_size"]
-            self.prompts = make_prompts(bench.num_requests, bench.prompt_tokens, vocab_size, bench.seed)
-            self.recorder = RecordingPipeline(self.llm.scheduler.pipeline)
-            self.llm.scheduler.pipeline = self.recorder  # the scheduler reads its pipeline at every launch
+            self.prompts = make_prompts(bench.num_requests, bench.prompt_tokens, self.llm.vocab_size, bench.seed)
+            self.recorder = StepRecorder()
+            self.llm.pipeline.add_observer(self.recorder)
             if bench.warmup_new_tokens:
                 _drive(self.llm.submit, self.prompts[: self.batch_size], bench.warmup_new_tokens, bench.timeout_s)
         except BaseException:
@@ -297,12 +262,11 @@ def measure_chatloop(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
     session = ChatLoopSession(cfg, bench)
     llm, recorder = session.llm, session.recorder
     try:
-        manifest = llm.manifest
-        before = {s["name"]: s for s in _stage_stats(llm, manifest)}
+        before = {s["name"]: s for s in _stage_stats(llm)}
         _take_timings(llm)
         recorder.records.clear()
         result = session.measure()
-        after = _stage_stats(llm, manifest)
+        after = _stage_stats(llm)
         timings = _take_timings(llm)
         records = list(recorder.records)
         max_in_flight = llm.scheduler.max_in_flight
@@ -314,7 +278,7 @@ def measure_chatloop(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
     stages = []
     for s in after:
         b = before.get(s["name"], {})
-        busy = s.get("busy_s", 0.0) - b.get("busy_s", 0.0)
+        busy = (s.get("busy_s") or 0.0) - (b.get("busy_s") or 0.0)
         stages.append(
             {
                 "name": s["name"],
@@ -322,7 +286,7 @@ def measure_chatloop(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
                 "rss_bytes": s.get("rss_bytes"),
                 "busy_s": busy,
                 "busy_fraction": busy / elapsed if elapsed > 0 else None,
-                "num_micro_batches": s.get("num_micro_batches", 0) - b.get("num_micro_batches", 0),
+                "num_micro_batches": (s.get("num_micro_batches") or 0) - (b.get("num_micro_batches") or 0),
                 "partition_bytes": s.get("partition_bytes"),
                 "kv_cache_bytes": s.get("kv_cache_bytes"),
                 "threads": s.get("threads"),

@@ -46,7 +46,9 @@ def job_specs(config_name: str, overrides: list[str], modes: list[str]) -> dict[
 
     from .checkpoints import resolve_model_name
     from .config import register_sweep_configs
-    from .sweep import effective_config, free_port
+    from chatloop.network import free_port
+
+    from .sweep import effective_config
 
     register_sweep_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

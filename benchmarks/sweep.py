@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -39,23 +38,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from chatloop.config import CONF_DIR
+from chatloop.network import free_port
 
 from .config import BenchmarkConfig, SweepConfig, register_sweep_configs
 from .results import append_row, read_rows
 
-__all__ = ["main", "run_job", "effective_config", "free_port"]
+__all__ = ["main", "run_job", "effective_config"]
 
 log = logging.getLogger("benchmarks.sweep")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_VERSION = 1
 
 register_sweep_configs()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def effective_config(raw: DictConfig) -> tuple[dict, BenchmarkConfig]:

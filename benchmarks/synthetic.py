@@ -23,7 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from chatloop.engine import MicroBatch, SamplingParams, Scheduler
+from chatloop.engine import MicroBatch, Pipeline, SamplingParams, Scheduler, StageReport, StageTiming
 
 __all__ = ["SleepingPipeline", "SyntheticResult", "run_synthetic", "main"]
 
@@ -37,7 +37,7 @@ class _NullTokenizer:
         return ""
 
 
-class SleepingPipeline:
+class SleepingPipeline(Pipeline):
     """A :class:`chatloop.engine.Pipeline` of ``num_stages`` threads that sleep instead of computing.
 
     Stage k takes ``stage_s + per_sequence_s * sequences`` per micro-batch, one micro-batch at a
@@ -55,7 +55,7 @@ class SleepingPipeline:
     ) -> None:
         if num_stages < 1:
             raise ValueError(f"num_stages={num_stages}: need at least 1 stage")
-        self.num_stages, self.num_blocks, self.block_size = num_stages, num_blocks, block_size
+        super().__init__([f"sleeping{k}" for k in range(num_stages)], num_blocks, block_size)
         self.stage_s, self.per_sequence_s, self.token_id = stage_s, per_sequence_s, token_id
         self._stages = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sleeping-stage{k}") for k in range(num_stages)
@@ -67,7 +67,7 @@ class SleepingPipeline:
     def cost(self, num_sequences: int) -> float:
         return self.stage_s + self.per_sequence_s * num_sequences
 
-    def submit(self, micro_batch: MicroBatch) -> Future:
+    def _submit(self, micro_batch: MicroBatch) -> Future:
         future: Future = Future()
         with self._lock:
             self.micro_batches.append((micro_batch.id, micro_batch.token_ids.shape[0]))
@@ -82,6 +82,16 @@ class SleepingPipeline:
             self._stages[k + 1].submit(self._work, k + 1, mb, future)
         else:
             future.set_result([self.token_id] * mb.token_ids.shape[0])
+
+    def describe(self, timeout: float) -> list[StageReport]:
+        return [StageReport(name=name, index=k, in_process=True) for k, name in enumerate(self.stage_names)]
+
+    def take_timings(self) -> dict[str, list[StageTiming]]:
+        """Each stage's (micro-batch, start, end) in perf_counter seconds, kept (``timings`` holds them too)."""
+        return {name: [StageTiming(*t) for t in rows] for name, rows in zip(self.stage_names, self.timings)}
+
+    def inject_failure(self, stage: int, message: str = "injected") -> None:
+        raise NotImplementedError("a sleeping pipeline does not fail")
 
     def close(self) -> None:
         for stage in self._stages:

@@ -17,14 +17,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import torch
-
 from .config import CONF_DIR, ChatLoopConfig
-from .embedded import cache_root
-from .engine import LocalPipeline, SamplingParams, Scheduler, SequenceEvent, StageRunner
+from .engine import (
+    EngineStats, FinishReason, LocalPipeline, Pipeline, SamplingParams, Scheduler, SequenceEvent, StageReport,
+    StageRunner, build_stage_runner,
+)
 from .engine.pipeline import compute_thread
-from .models.kv_cache import blocks_for_stage
-from .partition import Manifest, ManifestError, load_stage
+from .engine.runner import kv_blocks, stage_specs
+from .models import LayerRange, ModelArgs
+from .partition import Manifest, ManifestError, split_model
+from .paths import cache_root
 from .worker_settings import stages_at_once
 
 __all__ = ["ChatLoop", "Completion", "load_config"]
@@ -38,7 +40,7 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
 
     @property
@@ -67,9 +69,10 @@ def partitions_dir_for(cfg: ChatLoopConfig) -> Path:
 
 
 def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
-    """The manifest of this configuration's partitions, splitting the model first if needed and allowed."""
-    from .partition import LayerRange, split_model
+    """The manifest of this configuration's partitions, splitting the model first if needed and allowed.
 
+    Also checks, before any worker starts, that every stage's KV cache holds one ordinary request.
+    """
     directory = partitions_dir_for(cfg)
     try:
         manifest = Manifest.load(directory)
@@ -86,36 +89,31 @@ def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
             f"{cfg.cluster.num_workers}) or set cluster.num_workers={manifest.num_partitions}"
         )
     for k, spec in enumerate(cfg.cluster.workers):
+        if spec.partition and spec.partition != manifest.partitions[k].file:
+            raise ManifestError(
+                f"cluster.workers[{k}].partition is {spec.partition!r}, the manifest in {directory} gives worker {k} "
+                f"{manifest.partitions[k].file!r}: make them match (or leave partition empty)"
+            )
         if (spec.start_layer, spec.end_layer) != (manifest.partitions[k].start_layer, manifest.partitions[k].end_layer):
             raise ManifestError(
                 f"cluster.workers[{k}] has layers {spec.start_layer}-{spec.end_layer}, the manifest in {directory} gives "
                 f"partition {k} layers {manifest.partitions[k].layers}: make the ranges match "
                 f"({', '.join(str(r) for r in manifest.plan)}) or split again with --ranges"
             )
-    _check_cache_capacity(cfg, manifest)
+    args = ModelArgs.from_hf_config(manifest.model_config)
+    for spec, part in zip(stage_specs(cfg, directory), manifest.partitions):
+        kv_blocks(spec, args, len(part.layers))
     return manifest
 
 
-def _check_cache_capacity(cfg: ChatLoopConfig, manifest: Manifest) -> None:
-    """Fail before any worker starts when kv_cache_mb cannot hold one ordinary request on some stage."""
-    from .models import ModelArgs
-
-    args = ModelArgs.from_hf_config(manifest.model_config)
-    dtype = getattr(torch, cfg.model.dtype)
-    for part in manifest.partitions:
-        blocks = blocks_for_stage(cfg.cache.kv_cache_mb, cfg.cache.block_size, args, len(part.layers), dtype)
-        if blocks * cfg.cache.block_size < cfg.cache.min_capacity_tokens:
-            raise ValueError(
-                f"cache.kv_cache_mb={cfg.cache.kv_cache_mb} holds {blocks * cfg.cache.block_size} tokens on worker "
-                f"{part.index} (layers {part.layers}), fewer than cache.min_capacity_tokens={cfg.cache.min_capacity_tokens}: "
-                f"raise cache.kv_cache_mb"
-            )
-
-
 class ChatLoop:
-    """A running model: the coordinator's scheduler in front of the pipeline of stages."""
+    """A running model: the coordinator's scheduler in front of the pipeline of stages.
 
-    def __init__(self, cfg: ChatLoopConfig, manifest: Manifest, pipeline, cluster=None) -> None:
+    It is the engine a front end talks to (:class:`~chatloop.engine.EngineClient`): ``encode``,
+    ``submit``, ``stats``, ``describe_stages``, ``context_length``, ``vocab_size``, ``stage_names``.
+    """
+
+    def __init__(self, cfg: ChatLoopConfig, manifest: Manifest, pipeline: Pipeline, cluster=None) -> None:
         from transformers import AutoTokenizer
 
         self.config = cfg
@@ -124,14 +122,9 @@ class ChatLoop:
         self.cluster = cluster
         directory = partitions_dir_for(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        capacity = pipeline.num_blocks * pipeline.block_size
-        if capacity < cfg.cache.min_capacity_tokens:
-            self.shutdown()
-            raise ValueError(
-                f"cache.kv_cache_mb={cfg.cache.kv_cache_mb} holds {capacity} tokens on the smallest stage, fewer than "
-                f"cache.min_capacity_tokens={cfg.cache.min_capacity_tokens}: raise cache.kv_cache_mb"
-            )
-        log.info("KV cache capacity: %d tokens (%d blocks of %d) per stage", capacity, pipeline.num_blocks, pipeline.block_size)
+        self.capacity_tokens = pipeline.num_blocks * pipeline.block_size
+        log.info("KV cache capacity: %d tokens (%d blocks of %d) per stage", self.capacity_tokens, pipeline.num_blocks,
+                 pipeline.block_size)
         self.scheduler = Scheduler(
             pipeline,
             self.tokenizer,
@@ -143,13 +136,12 @@ class ChatLoop:
             max_tokens_per_micro_batch=cfg.batching.max_tokens_per_micro_batch,
             eos_token_ids=_eos_ids(directory, self.tokenizer),
         )
-        self.capacity_tokens = capacity
 
     def _stages_at_once(self) -> int:
         """Micro-batches worth keeping in flight: more only split the batch, and each re-reads the weights."""
         if self.cluster is None:  # in one process the stages run one after another
             return 1
-        return stages_at_once(self.cluster.stage_infos)
+        return stages_at_once(self.cluster.stage_reports)
 
     @classmethod
     def start(cls, cfg: ChatLoopConfig | None = None, overrides: Sequence[str] = ()) -> ChatLoop:
@@ -177,7 +169,34 @@ class ChatLoop:
             cluster.shutdown()
             raise
 
-    # ---- requests ------------------------------------------------------------------------
+    # ---- the engine interface (EngineClient) ---------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        """The most tokens one request may hold, prompt and completion: the model's context or the KV cache."""
+        return self.scheduler.policy.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest.model_config["vocab_size"])
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.pipeline.stage_names)
+
+    def stats(self) -> EngineStats:
+        """The coordinator's counters now."""
+        s, allocator = self.scheduler.stats, self.scheduler.allocator
+        return EngineStats(
+            num_waiting=s.num_waiting, num_running=s.num_running, num_in_flight=s.num_in_flight,
+            last_batch_size=s.last_batch_size, generated_tokens=s.generated_tokens, finished=dict(s.finished),
+            queue_capacity=self.scheduler.policy.max_queue_size, kv_blocks_total=allocator.num_blocks,
+            kv_blocks_free=allocator.num_free, kv_block_size=allocator.block_size,
+        )
+
+    def describe_stages(self, timeout: float = 5.0) -> list[StageReport]:
+        """Every stage's report; a stage that does not answer within ``timeout`` seconds is reported down."""
+        return self.pipeline.describe(timeout)
+
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
         """Token ids of a prompt: text, ids, or (with ``chat``) a list of chat messages."""
         if isinstance(prompt, str) and not chat:
@@ -220,7 +239,7 @@ class ChatLoop:
     def generate(self, prompt, *, chat: bool = False, **sampling) -> Completion:
         """One completion of a prompt (text or token ids); sampling keywords as :class:`SamplingParams`."""
         prompt_ids = self.encode(prompt, chat)
-        text, ids, reason = [], [], "error"
+        text, ids, reason = [], [], FinishReason.ERROR
         for event in self.stream_events(prompt_ids, **sampling):
             text.append(event.text)
             ids.extend(event.token_ids)
@@ -261,17 +280,7 @@ def _local_pipeline(cfg: ChatLoopConfig, manifest: Manifest) -> LocalPipeline:
 
 
 def _load_runners(cfg: ChatLoopConfig, manifest: Manifest) -> list[StageRunner]:
-    directory = partitions_dir_for(cfg)
-    dtype = getattr(torch, cfg.model.dtype)
-    runners = []
-    for k, part in enumerate(manifest.partitions):
-        stage = load_stage(
-            directory, k, manifest=manifest, dtype=dtype, verify_sha256=cfg.model.verify_sha256,
-            pack_weights=cfg.worker.pack_weights, native_kernels=cfg.worker.native_kernels,
-        )
-        num_blocks = blocks_for_stage(cfg.cache.kv_cache_mb, cfg.cache.block_size, stage.args, len(part.layers), dtype)
-        runners.append(StageRunner(stage, max(num_blocks, 1), cfg.cache.block_size, f"stage{k}"))
-    return runners
+    return [build_stage_runner(spec, manifest) for spec in stage_specs(cfg, partitions_dir_for(cfg))]
 
 
 def _eos_ids(directory: Path, tokenizer) -> set[int]:

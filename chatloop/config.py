@@ -1,9 +1,10 @@
 """Typed configuration: one dataclass per concern, registered with Hydra's ConfigStore.
 
 YAML under ``conf/`` only chooses values; every field is documented here and checked in
-``__post_init__`` (a ``ValueError`` that says what to change). The seed's configuration
-table is here with the seed's defaults: worker_threads 8, enable_cpu_pinning true,
-max_batch_size 16, batching_window_ms 5, max_queue_size 256, kv_cache_mb 512, enable_simd true.
+``__post_init__`` (a ``ValueError`` that says what to change). The reference deployment's
+settings (``shared/seed/WORKER_CONFIGURATION.md``) are the defaults: worker_threads 8,
+enable_cpu_pinning true, max_batch_size 16, batching_window_ms 5, max_queue_size 256,
+kv_cache_mb 512, enable_simd true.
 """
 
 from __future__ import annotations
@@ -49,20 +50,22 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class WorkerSpec:
-    """One row of the seed's worker table."""
+    """One row of the cluster's worker table (the reference deployment's worker configs)."""
 
-    name: str = ""
-    """Display name, e.g. worker-0."""
-    host: str = "127.0.0.1"
-    """Where the worker runs (informational: torchrun places the ranks)."""
-    port: int = 0
-    """The seed's per-worker port. TensorPipe picks its own listening ports; this one is reported by status."""
     start_layer: int = 0
-    """First layer of this worker (inclusive)."""
+    """First layer of this worker (inclusive); the manifest's partition must start here."""
     end_layer: int = 0
-    """Last layer of this worker (inclusive)."""
+    """Last layer of this worker (inclusive); the manifest's partition must end here."""
     partition: str = ""
-    """Partition file name, e.g. partition_0.safetensors."""
+    """The partition file this worker loads, e.g. partition_0.safetensors; it must be the manifest's file for
+    this worker. Empty: the manifest's."""
+    host: str = ""
+    """The host this worker must run on (a name or address of one of its interfaces); a worker rank that
+    torchrun placed elsewhere refuses to start. Empty: any host."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.start_layer <= self.end_layer,
+                 f"a worker's layers {self.start_layer}-{self.end_layer} are empty or negative: need 0 <= start <= end")
 
 
 RPC_TRANSPORTS = ("uv", "shm", "ibv")
@@ -82,7 +85,7 @@ class ClusterConfig:
     master_addr: str = "127.0.0.1"
     """Rendezvous host (torchrun's --master-addr). Keep RPC on a private network: it executes pickled data."""
     master_port: int = 50050
-    """Rendezvous port: the seed's coordinator port."""
+    """Rendezvous port: the reference deployment's coordinator port."""
     workers: list[WorkerSpec] = field(default_factory=list)
     """Explicit layer ranges per worker; empty: an even split. Must match the manifest."""
     rpc_timeout_s: float = 20.0

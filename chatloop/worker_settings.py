@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from .engine.pipeline import StageReport
 
 __all__ = ["cores_for_worker", "apply_worker_settings", "stages_at_once", "worker_environment", "SIMD_ENV"]
 
@@ -43,19 +46,19 @@ def cores_for_worker(index: int, num_workers: int, threads: int, available: list
     return available[index * threads : (index + 1) * threads]
 
 
-def stages_at_once(workers: Sequence[dict]) -> int:
+def stages_at_once(workers: Sequence[StageReport]) -> int:
     """How many stages can compute at the same moment: the micro-batches worth keeping in flight.
 
     ``workers`` are the stages' reports (``host``, ``cores``, ``threads``): workers of one host
     whose cores are too few for all their threads take turns.
     """
-    by_host: dict[str, list[dict]] = defaultdict(list)
+    by_host: dict[str, list[StageReport]] = defaultdict(list)
     for worker in workers:
-        by_host[worker["host"]].append(worker)
+        by_host[worker.host or ""].append(worker)
     total = 0
     for group in by_host.values():
-        cores = set().union(*(worker["cores"] for worker in group))
-        threads = max(worker["threads"] for worker in group)
+        cores = set().union(*(worker.cores or () for worker in group))
+        threads = max(worker.threads or 1 for worker in group)
         total += min(len(group), max(1, len(cores) // threads))
     return total
 

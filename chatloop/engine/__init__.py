@@ -1,14 +1,26 @@
-"""The coordinator's engine: sampling, KV block allocation, the scheduler, the in-process pipeline.
+"""The coordinator's engine: requests, the scheduling policy and its driver, KV block allocation,
+the pipeline boundary and the stage runner, sampling.
 
-Nothing here imports torch.distributed.rpc: the transport plugs in as a ``Pipeline``.
+Nothing here imports torch.distributed.rpc: the transport plugs in as a :class:`Pipeline`.
+Serving talks to the engine through :class:`EngineClient` only.
 """
 
 from .blocks import BlockAllocator
-from .pipeline import LocalPipeline, MicroBatch, Pipeline, StageError, StageRunner
-from .sampling import SamplerInput, SamplingParams, sample
-from .scheduler import QueueFullError, Scheduler, SequenceEvent
+from .client import EngineClient, EngineStats
+from .errors import (
+    ContextLengthError, EmptyPromptError, EngineError, QueueFullError, RequestError, SchedulerClosedError, StageError,
+)
+from .pipeline import LocalPipeline, MicroBatch, Pipeline, StageReport, StageTiming, StepRecord
+from .policy import SchedulerPolicy, Step
+from .requests import FinishReason, SamplerInput, SamplingParams, SequenceEvent
+from .runner import CapacityError, StageRunner, StageSpec, build_stage_runner
+from .sampling import sample
+from .scheduler import Scheduler
 
 __all__ = [
-    "BlockAllocator", "LocalPipeline", "MicroBatch", "Pipeline", "QueueFullError", "SamplerInput",
-    "SamplingParams", "Scheduler", "SequenceEvent", "StageError", "StageRunner", "sample",
+    "BlockAllocator", "CapacityError", "ContextLengthError", "EmptyPromptError", "EngineClient", "EngineError",
+    "EngineStats", "FinishReason", "LocalPipeline", "MicroBatch", "Pipeline", "QueueFullError", "RequestError",
+    "SamplerInput", "SamplingParams", "Scheduler", "SchedulerClosedError", "SchedulerPolicy", "SequenceEvent",
+    "StageError", "StageReport", "StageRunner", "StageSpec", "StageTiming", "Step", "StepRecord",
+    "build_stage_runner", "sample",
 ]

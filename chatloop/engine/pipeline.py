@@ -1,28 +1,32 @@
-"""What travels through the pipeline, what a stage does with it, and the in-process pipeline.
+"""The pipeline boundary: what travels through the stages, what a stage reports, and the in-process pipeline.
 
-The scheduler talks to any ``Pipeline``: ``LocalPipeline`` here runs every stage in this
-process (the one-process baseline and the unit tests); ``chatloop.runtime`` chains the
-stages over torch.distributed.rpc.
+The scheduler talks to any :class:`Pipeline`: :class:`LocalPipeline` here runs every stage in
+this process (the one-process baseline and the unit tests); ``chatloop.runtime`` chains the
+stages over torch.distributed.rpc. Everything a caller may ask of a pipeline is on the class:
+its stages' names and reports, their timings, observers of each step, a failure to inject.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ..models import Stage, StepBatch
-from .sampling import SamplerInput, sample
+from ..models import StepBatch
+from .requests import SamplerInput
 
-__all__ = ["MicroBatch", "StageRunner", "Pipeline", "LocalPipeline", "StageError"]
+__all__ = [
+    "LocalPipeline", "MicroBatch", "Pipeline", "StageReport", "StageTiming", "StepObserver", "StepRecord",
+    "compute_thread",
+]
 
-
-class StageError(RuntimeError):
-    """A stage failed on a micro-batch; the message names the stage."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,60 +39,123 @@ class MicroBatch:
     sampling: list[SamplerInput]
 
 
-@dataclass
-class StageTiming:
-    """Timestamps a stage records per micro-batch (for metrics and the pipeline timeline)."""
+class StageTiming(NamedTuple):
+    """When a stage computed one micro-batch: wall-clock seconds (time.time())."""
 
     micro_batch: int
     start: float
     end: float
 
 
-@dataclass
-class StageRunner:
-    """One stage with its KV pool: runs a micro-batch's share of the model.
+@dataclass(frozen=True)
+class StepRecord:
+    """One micro-batch as the coordinator saw it: sent, and answered (perf_counter seconds)."""
 
-    Returns hidden states for the next stage, or, on the last stage, the sampled token ids.
+    micro_batch: int
+    num_sequences: int
+    num_tokens: int
+    """Token columns per sequence (the prompt's length for a prefill, 1 for a decode)."""
+    sent: float
+    done: float
+    failed: bool
+
+
+StepObserver = Callable[[StepRecord], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageReport:
+    """What a stage says about itself (health, status, metrics and the benchmarks read it).
+
+    A stage that did not answer has only ``name``, ``index`` and ``error``.
     """
 
-    stage: Stage
-    num_blocks: int
-    block_size: int
-    name: str = "stage"
-    timings: list[StageTiming] = field(default_factory=list)
-    max_timings: int = 10_000
+    name: str
+    index: int
+    error: str | None = None
+    """Why the stage is down; None when it answered."""
+    layers: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    in_process: bool = False
+    """It runs inside the coordinator's process (no RPC)."""
+    partition: str | None = None
+    partition_bytes: int | None = None
+    num_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    rss_bytes: int | None = None
+    uptime_s: float | None = None
+    busy_s: float | None = None
+    num_micro_batches: int | None = None
+    cores: tuple[int, ...] | None = None
+    threads: int | None = None
+    simd: str | None = None
+    omp_spin_count: str | None = None
+    metrics_port: int | None = None
 
-    def __post_init__(self) -> None:
-        self.cache = self.stage.new_cache(self.num_blocks, self.block_size)
-        self.busy_seconds = 0.0
-        self.num_micro_batches = 0
+    @property
+    def up(self) -> bool:
+        return self.error is None
 
-    @torch.inference_mode()
-    def run(self, inputs: torch.Tensor, batch: StepBatch, sampling: list[SamplerInput], micro_batch: int = -1):
-        start = time.perf_counter()
-        try:
-            out = self.stage(inputs, batch, self.cache)
-            result = sample(out, sampling) if self.stage.is_last else out
-        except Exception as e:
-            raise StageError(f"{self.name} (layers {self.stage.layers_range}) failed: {type(e).__name__}: {e}") from e
-        end = time.perf_counter()
-        self.busy_seconds += end - start
-        self.num_micro_batches += 1
-        if len(self.timings) < self.max_timings:
-            self.timings.append(StageTiming(micro_batch, start, end))
-        return result
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def down(cls, name: str, index: int, error: str) -> StageReport:
+        return cls(name=name, index=index, error=error)
 
 
-class Pipeline(Protocol):
-    """Runs micro-batches through all stages; each future resolves to one token id per sequence."""
+class Pipeline(ABC):
+    """Runs micro-batches through all stages; each submitted future resolves to one token id per sequence."""
 
-    num_stages: int
-    num_blocks: int
-    block_size: int
+    def __init__(self, stage_names: list[str], num_blocks: int, block_size: int) -> None:
+        self.stage_names = list(stage_names)
+        self.num_stages = len(self.stage_names)
+        self.num_blocks = num_blocks
+        """KV blocks every stage has (the smallest stage's pool)."""
+        self.block_size = block_size
+        self._observers: list[StepObserver] = []
 
-    def submit(self, micro_batch: MicroBatch) -> Future: ...
+    def submit(self, micro_batch: MicroBatch) -> Future:
+        """Start a micro-batch; the future resolves to its token ids or fails with a :class:`StageError`."""
+        future = self._submit(micro_batch)
+        if self._observers:
+            sent = time.perf_counter()
+            num_sequences, num_tokens = micro_batch.token_ids.shape
 
-    def close(self) -> None: ...
+            def observe(f: Future) -> None:
+                record = StepRecord(micro_batch.id, num_sequences, num_tokens, sent, time.perf_counter(),
+                                    f.exception() is not None)
+                for observer in self._observers:
+                    try:
+                        observer(record)
+                    except Exception:  # an observer never breaks a step
+                        log.exception("a step observer failed")
+
+            future.add_done_callback(observe)
+        return future
+
+    def add_observer(self, observer: StepObserver) -> None:
+        """Call ``observer(StepRecord)`` when each micro-batch submitted from now on is answered."""
+        self._observers.append(observer)
+
+    @abstractmethod
+    def _submit(self, micro_batch: MicroBatch) -> Future: ...
+
+    @abstractmethod
+    def describe(self, timeout: float) -> list[StageReport]:
+        """Every stage's report, within ``timeout`` seconds; a stage that does not answer is reported down."""
+
+    @abstractmethod
+    def take_timings(self) -> dict[str, list[StageTiming]]:
+        """Each stage's micro-batch timings since the last call (then forgotten)."""
+
+    @abstractmethod
+    def inject_failure(self, stage: int, message: str = "injected") -> None:
+        """Test hook: make ``stage`` fail its next micro-batch."""
+
+    def close(self) -> None:
+        """Release what the pipeline holds in this process."""
 
 
 def compute_thread(name: str) -> ThreadPoolExecutor:
@@ -102,18 +169,16 @@ def compute_thread(name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chatloop-{name}")
 
 
-class LocalPipeline:
+class LocalPipeline(Pipeline):
     """All stages in this process, one after another, one micro-batch at a time."""
 
-    def __init__(self, runners: list[StageRunner], executor: ThreadPoolExecutor | None = None) -> None:
-        self.runners = runners
-        self.num_stages = len(runners)
-        self.num_blocks = min(r.num_blocks for r in runners)
-        self.block_size = runners[0].block_size
+    def __init__(self, runners: list, executor: ThreadPoolExecutor | None = None) -> None:
+        super().__init__([r.name for r in runners], min(r.num_blocks for r in runners), runners[0].block_size)
+        self.runners = runners  # StageRunner
         self._executor = executor or compute_thread("local")  # the thread that loaded the stages, if given
         self._lock = threading.Lock()
 
-    def submit(self, micro_batch: MicroBatch) -> Future:
+    def _submit(self, micro_batch: MicroBatch) -> Future:
         return self._executor.submit(self._run, micro_batch)
 
     def _run(self, mb: MicroBatch) -> list[int]:
@@ -121,6 +186,15 @@ class LocalPipeline:
         for runner in self.runners:
             x = runner.run(x, mb.batch, mb.sampling, mb.id)
         return x
+
+    def describe(self, timeout: float) -> list[StageReport]:
+        return [replace(runner.describe(), in_process=True) for runner in self.runners]
+
+    def take_timings(self) -> dict[str, list[StageTiming]]:
+        return {runner.name: runner.take_timings() for runner in self.runners}
+
+    def inject_failure(self, stage: int, message: str = "injected") -> None:
+        self.runners[stage].fail_next(message)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..embedded import cache_root
+from ..paths import cache_root
 from ..worker_settings import SIMD_ENV
 
 __all__ = ["MAX_KERNEL_ROWS", "load_kernels", "kernel_decode_attention", "kernel_linear", "stream_read"]
@@ -104,15 +104,33 @@ def load_kernels() -> ctypes.CDLL | None:
     return None
 
 
+def _library() -> ctypes.CDLL:
+    library = load_kernels()
+    if library is None:
+        raise RuntimeError(f"ChatLoop's native kernels are not available here ({_unavailable_reason() or 'see the log'})")
+    return library
+
+
+def _require(ok: bool, message: str) -> None:
+    # Checked on every call, not asserted: a wrong pointer here reads or writes out of bounds.
+    if not ok:
+        raise ValueError(message)
+
+
 def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` on the native kernel: float32, ``weight`` [out, in] contiguous, any rows.
 
     Callers check ``load_kernels()`` first and send it at most ``MAX_KERNEL_ROWS`` rows.
     """
-    library = load_kernels()
-    assert library is not None and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
-    x = x.contiguous()
+    library = _library()
+    _require(x.dtype == weight.dtype == torch.float32, f"kernel_linear takes float32, got x {x.dtype}, weight {weight.dtype}")
+    _require(weight.dim() == 2 and weight.is_contiguous(), f"kernel_linear's weight must be a contiguous [out, in] matrix, "
+             f"got shape {tuple(weight.shape)}, contiguous={weight.is_contiguous()}")
     out_features, in_features = weight.shape
+    _require(x.shape[-1] == in_features, f"kernel_linear: x has {x.shape[-1]} features, the weight takes {in_features}")
+    _require(bias is None or (bias.dtype == torch.float32 and bias.shape == (out_features,) and bias.is_contiguous()),
+             f"kernel_linear's bias must be a contiguous float32 [{out_features}] vector")
+    x = x.contiguous()
     out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
     library.chatloop_linear(
         x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
@@ -137,11 +155,22 @@ def kernel_decode_attention(
 
     float32 throughout; scale 1/sqrt(D), as SDPA's default. Callers check ``load_kernels()`` first.
     """
-    library = load_kernels()
-    assert library is not None and q.dtype == keys.dtype == values.dtype == torch.float32
-    assert keys.is_contiguous() and values.is_contiguous() and tables.dtype == lengths.dtype == torch.int64
-    q, tables, lengths = q.contiguous(), tables.contiguous(), lengths.contiguous()
+    library = _library()
+    _require(q.dtype == keys.dtype == values.dtype == torch.float32,
+             f"kernel_decode_attention takes float32, got q {q.dtype}, keys {keys.dtype}, values {values.dtype}")
+    _require(keys.is_contiguous() and values.is_contiguous(), "kernel_decode_attention's keys and values must be contiguous")
+    _require(tables.dtype == lengths.dtype == torch.int64, "kernel_decode_attention's tables and lengths must be int64")
+    _require(q.dim() == 3 and keys.dim() == 3 and keys.shape == values.shape and keys.shape[2] == q.shape[2],
+             f"kernel_decode_attention: q must be [B, H, D] and keys/values [slots, K, D] with the same D, got q "
+             f"{tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}")
     (batch, heads, head_dim), kv_heads = q.shape, keys.shape[1]
+    _require(heads % kv_heads == 0, f"kernel_decode_attention: {heads} query heads are not a multiple of {kv_heads} kv heads")
+    _require(tables.dim() == 2 and tables.shape[0] == batch and lengths.shape == (batch,),
+             f"kernel_decode_attention: need tables [{batch}, N] and lengths [{batch}], got {tuple(tables.shape)} "
+             f"and {tuple(lengths.shape)}")
+    _require(0 < max_length <= tables.shape[1] * block_size,
+             f"kernel_decode_attention: max_length {max_length} is not within the tables' {tables.shape[1] * block_size} slots")
+    q, tables, lengths = q.contiguous(), tables.contiguous(), lengths.contiguous()
     out = torch.empty_like(q)
     scratch = torch.empty(batch * heads * max_length, dtype=torch.float32)
     library.chatloop_decode_attention(
@@ -154,6 +183,7 @@ def kernel_decode_attention(
 
 def stream_read(t: torch.Tensor) -> float:
     """Read a contiguous float32 tensor (numel a multiple of 4096) the way the kernel reads weights."""
-    library = load_kernels()
-    assert library is not None and t.dtype == torch.float32 and t.is_contiguous() and t.numel() % 4096 == 0
+    library = _library()
+    _require(t.dtype == torch.float32 and t.is_contiguous() and t.numel() % 4096 == 0,
+             f"stream_read takes a contiguous float32 tensor of a multiple of 4096 elements, got {t.dtype} {tuple(t.shape)}")
     return library.chatloop_stream_read(t.data_ptr(), t.numel(), torch.get_num_threads())

@@ -6,22 +6,22 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..partition.plan import LayerRange
+from .layer_range import LayerRange
 from .args import ModelArgs
 from .batch import StepBatch
 from .gpt2 import GPT2Stage
 from .kv_cache import PagedKVCache
 from .llama import LlamaStage
-from .stage import Stage
+from .stage_model import StageModel
 
-__all__ = ["Family", "ModelArgs", "PagedKVCache", "Stage", "StepBatch", "build_stage", "family_of"]
+__all__ = ["Family", "LayerRange", "ModelArgs", "PagedKVCache", "StageModel", "StepBatch", "build_stage", "family_of"]
 
 
 @dataclass(frozen=True)
 class Family:
     """How one architecture names its tensors in a Hugging Face checkpoint."""
 
-    stage_class: type[Stage]
+    stage_class: type[StageModel]
     layer_pattern: re.Pattern[str]  # group 1 is the global layer index
     first_prefixes: tuple[str, ...]  # embeddings: owned by the first stage
     last_prefixes: tuple[str, ...]  # final norm and head: owned by the last stage
@@ -78,7 +78,7 @@ def family_of(args: ModelArgs) -> Family:
     return _FAMILIES[args.family]
 
 
-def build_stage(config: dict[str, Any] | ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> Stage:
+def build_stage(config: dict[str, Any] | ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> StageModel:
     """An uninitialised stage for ``layers`` of the model described by a ``config.json`` dict."""
     args = config if isinstance(config, ModelArgs) else ModelArgs.from_hf_config(config)
     return family_of(args).stage_class(args, layers, is_first, is_last)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..partition.plan import LayerRange
+from .layer_range import LayerRange
 from .args import ModelArgs
 from .batch import StepBatch
 from .kv_cache import PagedKVCache
-from .stage import Stage, attend
+from .stage_model import StageModel, attend
 
 __all__ = ["GPT2Stage"]
 
@@ -70,7 +70,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2Stage(Stage):
+class GPT2Stage(StageModel):
     """A contiguous range of GPT-2 blocks; the first stage embeds, the last holds ``ln_f`` and the tied head."""
 
     embedding_path = "transformer.wte"

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..partition.plan import LayerRange
+from .layer_range import LayerRange
 from .args import ModelArgs
 from .batch import StepBatch
 from .kv_cache import PagedKVCache
-from .stage import Stage, attend
+from .stage_model import StageModel, attend
 
 __all__ = ["LlamaStage"]
 
@@ -120,7 +120,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaStage(Stage):
+class LlamaStage(StageModel):
     """A contiguous range of Llama-family layers, plus the embeddings and/or head at the ends."""
 
     embedding_path = "model.embed_tokens"

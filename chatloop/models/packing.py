@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import MAX_KERNEL_ROWS, kernel_linear, load_kernels
-from .stage import Stage
+from .stage_model import StageModel
 
 __all__ = ["KernelLinear", "PackedLinear", "fast_linear_for", "pack_linear_weights"]
 
@@ -85,7 +85,7 @@ def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | 
     return as_linear() if as_linear is not None else None
 
 
-def pack_linear_weights(stage: Stage, use_kernel: bool = True) -> int:
+def pack_linear_weights(stage: StageModel, use_kernel: bool = True) -> int:
     """Replace every linear layer of ``stage`` (and a tied head) by a :class:`KernelLinear`.
 
     :class:`PackedLinear` instead where the kernel cannot be built or ``use_kernel`` is

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from safetensors import safe_open
 
-from ..models import ModelArgs, Stage, build_stage, family_of
+from ..models import ModelArgs, StageModel, build_stage, family_of
 from ..kernels import load_kernels
 from ..models.packing import pack_linear_weights
 from .manifest import Manifest, ManifestError
-from .plan import LayerRange
+from ..models import LayerRange
 from .safetensors_stream import SafetensorsError, read_header, sha256_of
 
 __all__ = ["PartitionError", "load_stage"]
@@ -44,15 +44,17 @@ def load_stage(
     index: int,
     *,
     expected_layers: LayerRange | None = None,
+    expected_file: str | None = None,
     dtype: torch.dtype | None = None,
     verify_sha256: bool = False,
     manifest: Manifest | None = None,
     pack_weights: bool = False,
     native_kernels: bool = True,
-) -> Stage:
+) -> StageModel:
     """Build stage ``index`` from ``directory/partition_{index}.safetensors``.
 
-    Checks, before any weight is read: the partition exists, its size (and with
+    Checks, before any weight is read: the partition is the file ``expected_file`` names (if
+    given) and exists, its size (and with
     ``verify_sha256`` its hash) matches the manifest, its layers match ``expected_layers``,
     its tensors are exactly the stage's, in the manifest's dtype. ``dtype`` casts the weights
     after loading (the stage then computes in it). ``pack_weights`` then prepares float32
@@ -68,6 +70,11 @@ def load_stage(
             f"split the model into as many partitions as there are workers"
         )
     info = manifest.partitions[index]
+    if expected_file is not None and expected_file != info.file:
+        raise PartitionError(
+            f"the configuration gives worker {index} partition {expected_file!r}, the manifest in {directory} says "
+            f"{info.file!r}: set cluster.workers[{index}].partition to {info.file!r} (or leave it empty)"
+        )
     path = directory / info.file
     if not path.is_file():
         raise PartitionError(f"{path} is missing: copy it from the splitter's output, or split the model again")

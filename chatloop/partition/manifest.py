@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .plan import LayerRange
+from ..models import LayerRange
 
 __all__ = ["Manifest", "PartitionInfo", "ManifestError", "MANIFEST_NAME", "FORMAT_VERSION"]
 
@@ -25,7 +25,7 @@ class PartitionInfo:
 
     index: int
     file: str
-    start_layer: int  # inclusive, as in the seed's worker configs
+    start_layer: int  # inclusive, as in the reference deployment's worker configs
     end_layer: int  # inclusive
     has_embeddings: bool
     has_head: bool

@@ -2,46 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["LayerRange", "PlanError", "plan_layers", "parse_ranges"]
+from ..models import LayerRange
+
+__all__ = ["PlanError", "plan_layers", "parse_ranges"]
 
 
 class PlanError(ValueError):
     """A plan that cannot be built: the message says what to change."""
 
 
-@dataclass(frozen=True)
-class LayerRange:
-    """Layers ``start`` to ``end`` of the model, both inclusive (the seed's ``start_layer``/``end_layer``)."""
-
-    start: int
-    end: int
-
-    def __post_init__(self) -> None:
-        if self.start < 0 or self.end < self.start:
-            raise PlanError(f"layer range {self.start}-{self.end} is empty or negative: need 0 <= start <= end")
-
-    @property
-    def indices(self) -> range:
-        return range(self.start, self.end + 1)
-
-    def __len__(self) -> int:
-        return self.end - self.start + 1
-
-    def __str__(self) -> str:
-        return f"{self.start}-{self.end}"
-
-
 def parse_ranges(text: str) -> list[LayerRange]:
-    """Parse ``"0-7,8-15"`` (inclusive ranges, as in the seed's table) into layer ranges."""
+    """Parse ``"0-7,8-15"`` (inclusive ranges, as in the worker configs) into layer ranges."""
     ranges = []
     for part in text.split(","):
         bounds = part.strip().split("-")
         if len(bounds) != 2 or not all(b.strip().isdigit() for b in bounds):
             raise PlanError(f"cannot read layer range {part.strip()!r}: write ranges like '0-7,8-15'")
-        ranges.append(LayerRange(int(bounds[0]), int(bounds[1])))
+        try:
+            ranges.append(LayerRange(int(bounds[0]), int(bounds[1])))
+        except ValueError as e:
+            raise PlanError(f"{e}: write ranges like '0-7,8-15'") from None
     return ranges
 
 

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from ..embedded import copy_tokenizer, resolve_model
 from ..models import ModelArgs, family_of
 from .manifest import Manifest, PartitionInfo
-from .plan import LayerRange, parse_ranges, plan_layers
+from ..models import LayerRange
+from .plan import parse_ranges, plan_layers
 from .safetensors_stream import StreamingWriter, read_header, read_tensor
 
 __all__ = ["split_model", "main", "CheckpointSource"]

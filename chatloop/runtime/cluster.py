@@ -21,10 +21,12 @@ from typing import Any
 import torch.distributed.rpc as rpc
 
 from ..config import ChatLoopConfig
-from ..engine.pipeline import MicroBatch, StageError
+from ..engine import MicroBatch, Pipeline, StageError, StageReport, StageSpec, StageTiming
+from ..engine.runner import stage_specs
 from ..worker_settings import apply_worker_settings, worker_environment
 from . import results
-from .stage_host import StageHost
+from .remote_stage import RemoteStage
+from .worker_metrics import start_worker_metrics
 
 __all__ = ["RpcCluster", "under_torchrun", "run_worker", "StartupError"]
 
@@ -66,81 +68,72 @@ def run_worker(rank: int, world_size: int, cfg: ChatLoopConfig, parent_pid: int 
     if parent_pid is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    settings = apply_worker_settings(rank - 1, world_size - 1, cfg.worker.worker_threads, cfg.worker.enable_cpu_pinning)
-    _WORKER_SETTINGS.update(settings)
-    rpc.init_rpc(f"worker{rank - 1}", rank=rank, world_size=world_size, rpc_backend_options=_backend_options(cfg, cfg.cluster.startup_timeout_s))
-    _serve_metrics(rank - 1, cfg)
+    apply_worker_settings(rank - 1, world_size - 1, cfg.worker.worker_threads, cfg.worker.enable_cpu_pinning)
+    backend = _backend_options(cfg, cfg.cluster.startup_timeout_s)
+    rpc.init_rpc(f"worker{rank - 1}", rank=rank, world_size=world_size, rpc_backend_options=backend)
+    port = cfg.worker.metrics_port + rank - 1
+    global _METRICS_PORT
+    _METRICS_PORT = port if start_worker_metrics(rank - 1, port) is not None else None
     rpc.shutdown(graceful=True)  # returns once the coordinator shuts down
 
 
-_WORKER_SETTINGS: dict[str, Any] = {}
+_METRICS_PORT: int | None = None
+"""This worker's Prometheus port, once it serves one."""
 _STARTED = False
 
 
-def _serve_metrics(index: int, cfg: ChatLoopConfig) -> None:
-    """Start the worker's Prometheus endpoint, if the serving package provides one."""
-    try:
-        from ..serving.worker_metrics import start_worker_metrics
-    except ImportError:
-        return
-    start_worker_metrics(index, cfg.worker.metrics_port + index)
+def _create_stage(spec: StageSpec, rpc_timeout_s: float) -> RemoteStage:
+    return RemoteStage(spec, rpc_timeout_s, metrics_port=_METRICS_PORT)
 
 
-def _create_host(*args) -> StageHost:
-    return StageHost(*args, settings=dict(_WORKER_SETTINGS))
-
-
-class RpcPipeline:
+class RpcPipeline(Pipeline):
     """Micro-batches enter worker0; the last worker sends their token ids back here (``results.deliver``)."""
 
-    def __init__(self, hosts: list[rpc.RRef], names: list[str], num_blocks: int, block_size: int, timeout: float) -> None:
-        self.hosts, self.names = hosts, names
-        self.num_stages = len(hosts)
-        self.num_blocks, self.block_size = num_blocks, block_size
+    def __init__(self, stages: list[rpc.RRef], names: list[str], num_blocks: int, block_size: int, timeout: float) -> None:
+        super().__init__(names, num_blocks, block_size)
+        self.stages = stages
         self.timeout = timeout
 
-    def submit(self, mb: MicroBatch) -> concurrent.futures.Future:
+    def _submit(self, mb: MicroBatch) -> concurrent.futures.Future:
         result = results.expect(mb.id)
-        first = self.hosts[0]
+        first = self.stages[0]
+        names = self.stage_names
         try:
             chain = rpc.rpc_async(
-                first.owner(), StageHost.forward, args=(first, mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling), timeout=self.timeout
+                first.owner(), RemoteStage.forward, args=(first, mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling),
+                timeout=self.timeout,
             )
         except Exception as e:
-            results.fail(mb.id, StageError(f"{self.names[0]} is unreachable: {e}"))
+            results.fail(mb.id, StageError(f"{names[0]} is unreachable: {e}"))
             return result
 
         def done(f) -> None:  # the chain completes after the tokens arrived, or with the failing stage's error
             try:
-                results.raise_failure(f, self.names[0])
+                results.raise_failure(f, names[0])
             except StageError as e:
                 results.fail(mb.id, e)
             else:
-                results.fail(mb.id, StageError(f"{self.names[-1]} finished micro-batch {mb.id}, but its tokens never arrived"))
+                results.fail(mb.id, StageError(f"{names[-1]} finished micro-batch {mb.id}, but its tokens never arrived"))
 
         chain.add_done_callback(done)
         return result
 
-    def describe(self, timeout: float = 5.0) -> list[dict]:
-        """Each stage's ``describe()``, or ``{"name", "error"}`` for a stage that does not answer."""
-        futures = [h.rpc_async(timeout=timeout).describe() for h in self.hosts]
+    def describe(self, timeout: float = 5.0) -> list[StageReport]:
+        futures = [stage.rpc_async(timeout=timeout).describe() for stage in self.stages]
         out = []
-        for name, f in zip(self.names, futures):
+        for k, (name, f) in enumerate(zip(self.stage_names, futures)):
             try:
                 out.append(f.wait())
             except Exception as e:
-                out.append({"name": name, "error": str(e).splitlines()[0][:300]})
+                out.append(StageReport.down(name, k, str(e).splitlines()[0][:300]))
         return out
 
-    def timings(self) -> dict[str, list]:
-        return {n: h.rpc_sync(timeout=self.timeout).timings() for n, h in zip(self.names, self.hosts)}
+    def take_timings(self) -> dict[str, list[StageTiming]]:
+        futures = [stage.rpc_async(timeout=self.timeout).take_timings() for stage in self.stages]
+        return {name: [StageTiming(*t) for t in f.wait()] for name, f in zip(self.stage_names, futures)}
 
     def inject_failure(self, stage: int, message: str = "injected") -> None:
-        """Test hook: make ``stage`` fail its next micro-batch."""
-        self.hosts[stage].rpc_sync().fail_next(message)
-
-    def close(self) -> None:
-        pass
+        self.stages[stage].rpc_sync().fail_next(message)
 
 
 class RpcCluster:
@@ -190,38 +183,35 @@ class RpcCluster:
         try:
             if manifest is None and prepare:
                 manifest = prepare()
-            cluster._load_stages(partitions_dir, manifest)
+            cluster._load_stages(partitions_dir)
         except BaseException:
             cluster.shutdown()
             raise
         return cluster
 
-    def _load_stages(self, partitions_dir: str, manifest) -> None:
+    def _load_stages(self, partitions_dir: str) -> None:
         cfg = self.cfg
-        names = [f"worker{k}" for k in range(cfg.cluster.num_workers)]
-        hosts = []
-        for k, name in enumerate(names):
-            spec = cfg.cluster.workers[k] if cfg.cluster.workers else None
-            expected = (spec.start_layer, spec.end_layer) if spec else None
-            args = (name, os.path.abspath(partitions_dir), k, expected, cfg.model.dtype, cfg.cache.kv_cache_mb,
-                    cfg.cache.block_size, cfg.model.verify_sha256, cfg.worker.pack_weights, cfg.worker.native_kernels,
-                    cfg.cluster.rpc_timeout_s)
-            hosts.append(rpc.remote(name, _create_host, args=args, timeout=cfg.cluster.startup_timeout_s))
-        infos = []
-        for name, host in zip(names, hosts):
+        specs = stage_specs(cfg, partitions_dir)
+        names = [spec.name for spec in specs]
+        stages = [
+            rpc.remote(spec.name, _create_stage, args=(spec, cfg.cluster.rpc_timeout_s), timeout=cfg.cluster.startup_timeout_s)
+            for spec in specs
+        ]
+        reports: list[StageReport] = []
+        for name, stage in zip(names, stages):
             try:
-                infos.append(host.rpc_sync(timeout=cfg.cluster.startup_timeout_s).describe())
+                reports.append(stage.rpc_sync(timeout=cfg.cluster.startup_timeout_s).describe())
             except Exception as e:
                 raise StartupError(f"{name} could not load its stage: {_first_line(e)}") from None
-        for k, host in enumerate(hosts):
-            nxt = hosts[k + 1] if k + 1 < len(hosts) else None
-            host.rpc_sync().connect(nxt, names[k + 1] if nxt else "")
-        num_blocks = min(i["num_blocks"] for i in infos)
-        self.stage_infos = infos
-        self.pipeline = RpcPipeline(hosts, names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s)
-        for info in infos:
+        for k, stage in enumerate(stages):
+            nxt = stages[k + 1] if k + 1 < len(stages) else None
+            stage.rpc_sync().connect(nxt, names[k + 1] if nxt else "")
+        self.stage_reports = reports
+        num_blocks = min(r.num_blocks for r in reports)
+        self.pipeline = RpcPipeline(stages, names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s)
+        for r in reports:
             log.info("%s: layers %s, %d KV blocks, pid %s, cores %s, %s threads, CPU capability %s",
-                     info["name"], info["layers"], info["num_blocks"], info["pid"], info.get("cores"), info.get("threads"), info.get("simd"))
+                     r.name, r.layers, r.num_blocks, r.pid, list(r.cores or ()), r.threads, r.simd)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every rank within ``timeout`` seconds; kill the spawned workers that do not stop."""

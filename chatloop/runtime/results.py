@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 
-from ..engine.pipeline import StageError
+from ..engine.errors import StageError
 
 __all__ = ["COORDINATOR", "expect", "deliver", "fail", "raise_failure"]
 

@@ -30,6 +30,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .. import __version__
 from ..config import ChatLoopConfig
+from ..engine import EngineClient
 from . import protocol as p
 from .completions import ENDPOINTS, CompletionService
 from .errors import APIError, install_error_handlers
@@ -49,17 +50,18 @@ def model_id(cfg: ChatLoopConfig) -> str:
     return cfg.server.model_name or Path(cfg.model.name).name
 
 
-def create_app(llm, cfg: ChatLoopConfig, *, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
-    """The FastAPI app serving ``llm``: the caller starts ``llm`` and shuts it down.
+def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (a started :class:`~chatloop.ChatLoop`): the caller starts and stops it.
 
     ``on_shutdown`` runs (in a thread) when the server stops, after the last connection: the
-    place to shut ``llm`` down, since uvicorn re-raises SIGTERM right after and the process ends.
+    place to shut the engine down, since uvicorn re-raises SIGTERM right after and the process ends.
     """
     name = model_id(cfg)
     started = time.time()
-    health = HealthMonitor(llm.pipeline, timeout_s=cfg.server.health_timeout_s, interval_s=cfg.server.health_interval_s)
-    metrics = ServerMetrics(llm.scheduler, health)
-    service = CompletionService(llm, cfg, name, metrics, health)
+    health = HealthMonitor(engine.describe_stages, engine.stage_names, timeout_s=cfg.server.health_timeout_s,
+                           interval_s=cfg.server.health_interval_s)
+    metrics = ServerMetrics(engine.stats, health)
+    service = CompletionService(engine, cfg, name, metrics, health)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,7 +79,7 @@ def create_app(llm, cfg: ChatLoopConfig, *, on_shutdown: Callable[[], None] | No
         summary="OpenAI-compatible completions from a model split across pipeline-parallel workers.",
         lifespan=lifespan,
     )
-    app.state.llm, app.state.health, app.state.metrics = llm, health, metrics
+    app.state.engine, app.state.health, app.state.metrics = engine, health, metrics
 
     def count(request: Request, error: APIError) -> None:
         endpoint = ENDPOINTS.get(request.url.path)
@@ -129,8 +131,7 @@ def create_app(llm, cfg: ChatLoopConfig, *, on_shutdown: Callable[[], None] | No
     @v1.get("/status", summary="The coordinator and every stage (what chatloop-status prints)")
     async def status() -> dict:
         report = await health.check(max_age=1.0)
-        metrics_port = None if cfg.cluster.in_process else cfg.worker.metrics_port
-        return build_status(llm, report, model=name, started=started, metrics_port=metrics_port)
+        return build_status(engine.stats(), report, model=name)
 
     app.include_router(v1)
 

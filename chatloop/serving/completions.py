@@ -19,7 +19,10 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from ..config import ChatLoopConfig
-from ..engine import QueueFullError, SamplingParams, SequenceEvent, StageError
+from ..engine import (
+    ContextLengthError, EngineClient, FinishReason, QueueFullError, RequestError, SamplingParams, SchedulerClosedError,
+    SequenceEvent, StageError,
+)
 from . import protocol as p
 from .bridge import ClientDisconnected, EventStream
 from .errors import APIError
@@ -69,18 +72,17 @@ SSE_DONE = "data: [DONE]\n\n"
 class CompletionService:
     """Turns OpenAI requests into scheduler submissions and events into OpenAI answers."""
 
-    def __init__(self, llm, cfg: ChatLoopConfig, model_name: str, metrics: ServerMetrics, health: HealthMonitor) -> None:
-        self.llm = llm
+    def __init__(
+        self, engine: EngineClient, cfg: ChatLoopConfig, model_name: str, metrics: ServerMetrics, health: HealthMonitor
+    ) -> None:
+        self.engine = engine
         self.cfg = cfg
         self.model_name = model_name
         self.metrics = metrics
         self.health = health
-        scheduler = llm.scheduler
-        limits = [n for n in (scheduler.max_context, scheduler.allocator.capacity_tokens) if n]
-        self.context_tokens = min(limits)
-        self.vocab_size = llm.manifest.model_config.get("vocab_size")
-        pipeline = llm.pipeline
-        self.stage_names = list(getattr(pipeline, "names", None) or [r.name for r in getattr(pipeline, "runners", [])])
+        self.context_tokens = engine.context_length
+        self.vocab_size = engine.vocab_size
+        self.stage_names = engine.stage_names
 
     # ---- entry point -----------------------------------------------------------------------
     async def handle(self, endpoint: str, body: Body, request: Request) -> Response:
@@ -131,10 +133,10 @@ class CompletionService:
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "prompt is empty: send some text", param="prompt", code="invalid_value")
-            ids = self._tokenize(lambda: self.llm.encode(prompt), "prompt")
+            ids = self._tokenize(lambda: self.engine.encode(prompt), "prompt")
         else:
             ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < (self.vocab_size or 2**63)]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise APIError(400, f"prompt holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})",
                                param="prompt", code="invalid_value")
@@ -151,7 +153,7 @@ class CompletionService:
                 raise APIError(400, f"messages[{i}] holds {', '.join(sorted(kinds))} content: ChatLoop reads text parts only",
                                param=f"messages.{i}.content", code="unsupported")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return self._tokenize(lambda: self.llm.encode(messages, chat=True), "messages")
+        return self._tokenize(lambda: self.engine.encode(messages, chat=True), "messages")
 
     def _tokenize(self, encode: Callable[[], list[int]], param: str) -> list[int]:
         try:
@@ -207,22 +209,22 @@ class CompletionService:
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams) -> EventStream:
         try:
-            return EventStream(self.llm.submit, prompt_ids, params,
+            return EventStream(self.engine.submit, prompt_ids, params,
                                on_first_token=self.metrics.time_to_first_token.observe,
                                on_inter_token=self.metrics.inter_token_latency.observe)
         except QueueFullError as e:
             raise APIError(429, f"{e}", code="queue_full", headers={"Retry-After": "1"}) from None
-        except ValueError as e:  # checked above already; the scheduler's own checks as a backstop
-            exceeds = "exceeds" in str(e)
-            raise APIError(400, str(e), param="max_tokens" if exceeds else None,
-                           code="context_length_exceeded" if exceeds else "invalid_value") from None
-        except RuntimeError as e:  # the scheduler is shut down
+        except ContextLengthError as e:  # checked above already; the engine's own checks as a backstop
+            raise APIError(400, str(e), param=e.param, code="context_length_exceeded") from None
+        except RequestError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+        except SchedulerClosedError as e:
             raise APIError(503, f"{e}: the server is stopping", code="shutting_down") from None
 
     # ---- answers -----------------------------------------------------------------------------
     def _failure(self, event: SequenceEvent) -> APIError:
         """The error a request that ended with ``error`` (or ``cancelled`` by a shutdown) gets."""
-        if event.finish_reason == "cancelled":
+        if event.finish_reason is FinishReason.CANCELLED:
             return APIError(503, "the request was cancelled because the server is stopping: retry later", code="shutting_down")
         error = event.error
         text = _short(error) if error is not None else "unknown error"
@@ -248,7 +250,7 @@ class CompletionService:
         try:
             while True:
                 event = await stream.next(request.is_disconnected)
-                if event.finish_reason in ("error", "cancelled"):
+                if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
                     raise self._failure(event)
                 pieces.append(event.text)
                 if event.finish_reason is not None:
@@ -258,11 +260,11 @@ class CompletionService:
             return Response(status_code=499)
         finally:
             stream.close()
-        self._finish(endpoint, stream, stream.submitted, event.finish_reason)
+        self._finish(endpoint, stream, stream.submitted, event.finish_reason.value)
         use = p.usage(num_prompt, stream.num_tokens)
         text = "".join(pieces)
         build = p.chat_response if chat else p.completion_response
-        return _json(build(id_, self.model_name, text, event.finish_reason, use))
+        return _json(build(id_, self.model_name, text, event.finish_reason.value, use))
 
     async def _stream(self, endpoint: str, body: Body, request: Request, stream: EventStream, id_: str,
                       num_prompt: int, chat: bool) -> Response:
@@ -272,7 +274,7 @@ class CompletionService:
             stream.close()
             self._finish(endpoint, stream, stream.submitted, "disconnected")
             return Response(status_code=499)
-        if first.finish_reason in ("error", "cancelled"):
+        if first.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
             stream.close()
             raise self._failure(first)
         created = int(time.time())
@@ -291,7 +293,7 @@ class CompletionService:
                     yield sse(p.chat_chunk(id_, self.model_name, created, {"role": "assistant", "content": ""}, None))
                 event = first
                 while True:
-                    if event.finish_reason in ("error", "cancelled"):
+                    if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
                         failure = self._failure(event)
                         outcome = "unavailable" if failure.status == 503 else "error"
                         yield sse(failure.body())
@@ -300,7 +302,7 @@ class CompletionService:
                     if event.text:
                         yield sse(piece(event.text, None))
                     if event.finish_reason is not None:
-                        outcome = event.finish_reason
+                        outcome = event.finish_reason.value
                         yield sse(piece("", event.finish_reason))
                         if include_usage:
                             yield sse(p.usage_chunk(id_, object_, self.model_name, created, p.usage(num_prompt, stream.num_tokens)))

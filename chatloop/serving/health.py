@@ -1,22 +1,21 @@
-"""Is every stage answering? The pipeline's ``describe()`` with a short timeout, on the event loop.
+"""Is every stage answering? The engine's ``describe_stages()`` with a short timeout, off the event loop.
 
-A check asks every stage for its ``describe()`` at once (an RPC each) in a worker thread, so
-the event loop never blocks; concurrent callers share one check, and a result younger than
-``max_age`` is reused. The monitor also checks in the background (every ``interval_s``, and
-at once after a request failed), so that new requests fail fast with 503 while a stage is
-known to be down instead of waiting for ``cluster.rpc_timeout_s``. An in-process pipeline
-has no remote stage: it is always healthy.
+A check asks every stage for its report at once (an RPC each, for workers) in a worker thread,
+so the event loop never blocks; concurrent callers share one check, and a result younger
+than ``max_age`` is reused. The monitor also checks in the background (every ``interval_s``,
+and at once after a request failed), so that new requests fail fast with 503 while a stage
+is known to be down instead of waiting for ``cluster.rpc_timeout_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from ..engine import StageReport
 
 __all__ = ["HealthMonitor", "HealthReport"]
 
@@ -25,14 +24,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HealthReport:
-    """Every stage's ``describe()`` (or ``{"name", "error"}``) at ``checked_at`` (time.time())."""
+    """Every stage's report at ``checked_at`` (time.time())."""
 
-    stages: list[dict[str, Any]]
+    stages: list[StageReport]
     checked_at: float = field(default_factory=time.time)
 
     @property
-    def down(self) -> list[dict[str, Any]]:
-        return [s for s in self.stages if "error" in s]
+    def down(self) -> list[StageReport]:
+        return [s for s in self.stages if not s.up]
 
     @property
     def healthy(self) -> bool:
@@ -40,40 +39,26 @@ class HealthReport:
 
     def summary(self) -> str:
         """'worker2 (eof ...), worker3 (...)' for messages."""
-        return ", ".join(f"{s['name']} ({s['error']})" for s in self.down)
+        return ", ".join(f"{s.name} ({s.error})" for s in self.down)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "status": "ok" if self.healthy else "unavailable",
-            "down": [s["name"] for s in self.down],
-            "stages": [{"name": s["name"], "up": "error" not in s, **({"error": s["error"]} if "error" in s else {})} for s in self.stages],
+            "down": [s.name for s in self.down],
+            "stages": [{"name": s.name, "up": s.up, **({"error": s.error} if not s.up else {})} for s in self.stages],
             "checked_at": self.checked_at,
         }
-
-
-def describe_local(pipeline) -> list[dict[str, Any]]:
-    """What an in-process pipeline's stages would say about themselves."""
-    out = []
-    for runner in getattr(pipeline, "runners", []):
-        out.append({
-            "name": runner.name,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "layers": str(runner.stage.layers_range),
-            "num_blocks": runner.num_blocks,
-            "busy_s": runner.busy_seconds,
-            "num_micro_batches": runner.num_micro_batches,
-            "in_process": True,
-        })
-    return out
 
 
 class HealthMonitor:
     """Checks the stages; ``last`` is the latest report (None before the first check)."""
 
-    def __init__(self, pipeline, *, timeout_s: float = 3.0, interval_s: float = 10.0) -> None:
-        self.pipeline = pipeline
-        self.remote = hasattr(pipeline, "describe")
+    def __init__(
+        self, describe: Callable[[float], list[StageReport]], stage_names: list[str], *, timeout_s: float = 3.0,
+        interval_s: float = 10.0,
+    ) -> None:
+        self.describe = describe
+        self.stage_names = list(stage_names)
         self.timeout_s = timeout_s
         self.interval_s = interval_s
         self.last: HealthReport | None = None
@@ -90,10 +75,7 @@ class HealthMonitor:
         return await asyncio.shield(self._running)
 
     async def _check(self) -> HealthReport:
-        if not self.remote:
-            report = HealthReport(describe_local(self.pipeline))
-        else:
-            report = await self._describe_remote()
+        report = await self._describe()
         if self.last is not None and self.last.healthy and not report.healthy:
             log.error("stage(s) down: %s", report.summary())
         elif self.last is not None and not self.last.healthy and report.healthy:
@@ -101,19 +83,17 @@ class HealthMonitor:
         self.last = report
         return report
 
-    async def _describe_remote(self) -> HealthReport:
-        names = list(getattr(self.pipeline, "names", []))
+    async def _describe(self) -> HealthReport:
         try:
-            stages = await asyncio.wait_for(asyncio.to_thread(self.pipeline.describe, self.timeout_s), self.timeout_s + 2)
+            stages = await asyncio.wait_for(asyncio.to_thread(self.describe, self.timeout_s), self.timeout_s + 2)
         except Exception as e:  # the RPC agent itself is gone or stuck
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            stages = [{"name": n, "error": f"no answer within {self.timeout_s:.0f} s ({reason})"} for n in names]
+            error = f"no answer within {self.timeout_s:.0f} s ({reason})"
+            stages = [StageReport.down(name, k, error) for k, name in enumerate(self.stage_names)]
         return HealthReport(stages)
 
     def latest(self) -> HealthReport | None:
-        """The last report without waiting (an in-process pipeline's is made now: it costs nothing)."""
-        if not self.remote:
-            return HealthReport(describe_local(self.pipeline))
+        """The last report, without waiting (None before the first check)."""
         return self.last
 
     @property
@@ -128,8 +108,8 @@ class HealthMonitor:
 
     # ---- background monitor ------------------------------------------------------------------
     def start(self) -> None:
-        """Run checks in the background (call on the event loop); only a remote pipeline needs them."""
-        if not self.remote or self._monitor is not None:
+        """Run checks in the background (call on the event loop)."""
+        if self._monitor is not None:
             return
         self._wake = asyncio.Event()
         self._monitor = asyncio.ensure_future(self._run())

@@ -1,8 +1,8 @@
 """The coordinator's Prometheus metrics (GET /metrics), all named ``chatloop_*``.
 
-Request-side metrics are observed by the routes; the scheduler's state (queue, running
+Request-side metrics are observed by the routes; the engine's state (queue, running
 sequences, micro-batches in flight, KV blocks, tokens) is read at scrape time by a collector,
-so the scheduler never calls into the serving layer. Each app has its own registry, so
+so the engine never calls into the serving layer. Each app has its own registry, so
 several apps can live in one process (tests).
 
 =============================================  =========  ==============================================
@@ -31,12 +31,15 @@ chatloop_stage_up{stage}                       gauge      1 if the stage answere
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from ..engine import EngineStats
+from .health import HealthMonitor
 
 __all__ = ["ServerMetrics", "CONTENT_TYPE"]
 
@@ -45,18 +48,17 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-class _SchedulerCollector(Collector):
-    """Reads the scheduler's stats, its allocator and the last health report at scrape time."""
+class _EngineCollector(Collector):
+    """Reads the engine's stats and the last health report at scrape time."""
 
-    def __init__(self, scheduler, health) -> None:
-        self.scheduler = scheduler
+    def __init__(self, stats: Callable[[], EngineStats], health: HealthMonitor) -> None:
+        self.stats = stats
         self.health = health
 
     def collect(self) -> Iterator[Metric]:
-        s = self.scheduler
-        stats = s.stats
+        stats = self.stats()
         yield _gauge("chatloop_queue_depth", "Requests waiting for admission.", stats.num_waiting)
-        yield _gauge("chatloop_queue_capacity", "Most requests that may wait (batching.max_queue_size).", s.max_queue_size)
+        yield _gauge("chatloop_queue_capacity", "Most requests that may wait (batching.max_queue_size).", stats.queue_capacity)
         yield _gauge("chatloop_sequences_running", "Sequences admitted and generating.", stats.num_running)
         yield _gauge("chatloop_micro_batches_in_flight", "Micro-batches inside the pipeline.", stats.num_in_flight)
         yield _gauge("chatloop_micro_batch_size", "Sequences in the last micro-batch sent.", stats.last_batch_size)
@@ -67,17 +69,16 @@ class _SchedulerCollector(Collector):
         for reason, count in sorted(dict(stats.finished).items()):
             finished.add_metric([reason], count)
         yield finished
-        allocator = s.allocator
-        free = allocator.num_free
-        yield _gauge("chatloop_kv_blocks_free", "KV cache blocks free on every stage.", free)
-        yield _gauge("chatloop_kv_blocks_used", "KV cache blocks held by sequences.", allocator.num_blocks - free)
-        yield _gauge("chatloop_kv_blocks_capacity", "KV cache blocks per stage (the smallest stage's pool).", allocator.num_blocks)
-        yield _gauge("chatloop_kv_block_size_tokens", "Tokens per KV cache block.", allocator.block_size)
+        yield _gauge("chatloop_kv_blocks_free", "KV cache blocks free on every stage.", stats.kv_blocks_free)
+        yield _gauge("chatloop_kv_blocks_used", "KV cache blocks held by sequences.", stats.kv_blocks_used)
+        yield _gauge("chatloop_kv_blocks_capacity", "KV cache blocks per stage (the smallest stage's pool).",
+                     stats.kv_blocks_total)
+        yield _gauge("chatloop_kv_block_size_tokens", "Tokens per KV cache block.", stats.kv_block_size)
         report = self.health.latest()
         if report is not None:
             up = GaugeMetricFamily("chatloop_stage_up", "1 if the stage answered the last health check.", labels=["stage"])
             for stage in report.stages:
-                up.add_metric([stage["name"]], 0 if "error" in stage else 1)
+                up.add_metric([stage.name], 1 if stage.up else 0)
             yield up
 
 
@@ -88,7 +89,7 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 class ServerMetrics:
     """The coordinator's registry and the request-side metrics the routes observe."""
 
-    def __init__(self, scheduler, health) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], health: HealthMonitor) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -106,7 +107,7 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("chatloop_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.completion_tokens = Counter("chatloop_completion_tokens", "Generated tokens returned to clients.", registry=r)
-        r.register(_SchedulerCollector(scheduler, health))
+        r.register(_EngineCollector(stats, health))
 
     def outcome(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint, outcome).inc()

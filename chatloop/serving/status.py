@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from ..engine import EngineStats
 from .health import HealthReport
 
 __all__ = ["build_status", "format_table", "main"]
@@ -31,14 +32,11 @@ __all__ = ["build_status", "format_table", "main"]
 COLUMNS = ("NAME", "ROLE/RANK", "HOST", "LAYERS", "PARTITION", "UP", "MEMORY", "STATE")
 
 
-def build_status(llm, report: HealthReport, *, model: str, started: float, metrics_port: int | None) -> dict[str, Any]:
+def build_status(stats: EngineStats, report: HealthReport, *, model: str) -> dict[str, Any]:
     """The coordinator and every stage: where it runs, what it holds, how long it has been up, its state."""
-    stats = llm.scheduler.stats
-    allocator = llm.scheduler.allocator
-    in_process = not hasattr(llm.pipeline, "describe")
     queue = {
         "num_waiting": stats.num_waiting, "num_running": stats.num_running, "num_in_flight": stats.num_in_flight,
-        "kv_blocks_used": allocator.num_blocks - allocator.num_free, "kv_blocks_total": allocator.num_blocks,
+        "kv_blocks_used": stats.kv_blocks_used, "kv_blocks_total": stats.kv_blocks_total,
         "generated_tokens": stats.generated_tokens,
     }
     me = psutil.Process()
@@ -47,28 +45,26 @@ def build_status(llm, report: HealthReport, *, model: str, started: float, metri
         "layers": None, "partition": None, "partition_bytes": None, "uptime_s": time.time() - me.create_time(),
         "rss_bytes": me.memory_info().rss, "state": "serving" if report.healthy else "degraded", **queue,
     }]
-    partitions = llm.manifest.partitions
-    for k, stage in enumerate(report.stages):
-        part = partitions[k] if k < len(partitions) else None
+    for stage in report.stages:
         node = {
-            "name": stage["name"],
-            "role": "stage" if in_process else "worker",
-            "rank": 0 if in_process else k + 1,
-            "host": stage.get("host"),
-            "pid": stage.get("pid"),
-            "layers": stage.get("layers") or (str(part.layers) if part else None),
-            "partition": part.file if part else None,
-            "partition_bytes": stage.get("partition_bytes") or (part.num_bytes if part else None),
-            "uptime_s": stage.get("uptime_s", time.time() - started if in_process else None),
-            "rss_bytes": stage.get("rss_bytes"),
-            "state": "down" if "error" in stage else "up",
-            "busy_s": stage.get("busy_s"),
-            "num_micro_batches": stage.get("num_micro_batches"),
-            "num_blocks": stage.get("num_blocks"),
-            "metrics_port": None if in_process or metrics_port is None else metrics_port + k,
+            "name": stage.name,
+            "role": "stage" if stage.in_process else "worker",
+            "rank": 0 if stage.in_process else stage.index + 1,
+            "host": stage.host,
+            "pid": stage.pid,
+            "layers": stage.layers,
+            "partition": stage.partition,
+            "partition_bytes": stage.partition_bytes,
+            "uptime_s": stage.uptime_s,
+            "rss_bytes": stage.rss_bytes,
+            "state": "up" if stage.up else "down",
+            "busy_s": stage.busy_s,
+            "num_micro_batches": stage.num_micro_batches,
+            "num_blocks": stage.num_blocks,
+            "metrics_port": stage.metrics_port,
         }
-        if "error" in stage:
-            node["error"] = stage["error"]
+        if not stage.up:
+            node["error"] = stage.error
         nodes.append(node)
     return {"model": model, "healthy": report.healthy, "checked_at": report.checked_at, "nodes": nodes}
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from chatloop.network import free_port
 
 DRIVER = Path(__file__).with_name("driver.py")
 PLAIN_PROMPT = "The capital of France is"
@@ -15,14 +16,13 @@ CHAT_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY_32 = {"max_new_tokens": 32, "temperature": 0.0, "ignore_eos": True}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["CHAT_PROMPT", "GREEDY_32", "PLAIN_PROMPT", "free_port", "run_cluster"]
 
 
-def run_cluster(overrides: list[str], ops: list[dict], timeout: float = 300) -> list:
-    """Start a cluster in a fresh process, run ``ops`` (see driver.py), return their results."""
+def run_cluster(overrides: list[str], ops: list[dict], timeout: float = 300) -> dict:
+    """Start a cluster in a fresh process, run ``ops`` (see driver.py) in order; return ``{op name: result}``."""
+    names = [op["name"] for op in ops]
+    assert len(set(names)) == len(names), f"op names must be unique: {names}"
     spec = {"overrides": [f"cluster.master_port={free_port()}", "cache.kv_cache_mb=64", *overrides], "ops": ops}
     proc = subprocess.run(
         [sys.executable, str(DRIVER), json.dumps(spec)], capture_output=True, text=True, timeout=timeout,

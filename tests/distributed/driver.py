@@ -1,7 +1,8 @@
 """Runs one ChatLoop cluster in its own process and a script of requests against it.
 
 torch.distributed.rpc starts once per process, so every cluster a test needs gets a fresh
-coordinator process: ``python driver.py SPEC_JSON`` prints one JSON line with a result per op.
+coordinator process: ``python driver.py SPEC_JSON`` runs the named ops in order and prints one
+JSON line ``{name: result}``.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ def run_op(llm, op: dict):
         # Wait for the scheduler to settle (a cancelled sequence frees at its next step).
         done = threading.Event()
         for _ in range(100):
-            if llm.scheduler.allocator.num_free == llm.scheduler.allocator.num_blocks:
+            if llm.stats().kv_blocks_free == llm.stats().kv_blocks_total:
                 break
             done.wait(0.05)
-        return {"free": llm.scheduler.allocator.num_free, "total": llm.scheduler.allocator.num_blocks}
+        stats = llm.stats()
+        return {"free": stats.kv_blocks_free, "total": stats.kv_blocks_total}
     if kind == "inject":
         llm.pipeline.inject_failure(op["stage"])
         return {}
     if kind == "describe":
-        return llm.pipeline.describe()
+        return [report.as_dict() for report in llm.describe_stages(10.0)]
     raise ValueError(f"unknown op {kind}")
 
 
@@ -50,7 +52,7 @@ def main() -> int:
     spec = json.loads(sys.argv[1])
     llm = ChatLoop.start(load_config(spec["overrides"]))
     try:
-        results = [run_op(llm, op) for op in spec["ops"]]
+        results = {op["name"]: run_op(llm, op) for op in spec["ops"]}
     finally:
         llm.shutdown()
     print("RESULT " + json.dumps(results), flush=True)

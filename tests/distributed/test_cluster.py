@@ -19,52 +19,52 @@ SAMPLED = {"max_new_tokens": 16, "temperature": 0.9, "top_k": 40, "top_p": 0.95,
 @pytest.fixture(scope="module")
 def four_workers():
     ops = [
-        {"op": "generate", "prompt": PLAIN_PROMPT, "params": GREEDY_32},
-        {"op": "generate", "prompt": CHAT_PROMPT, "chat": True, "params": GREEDY_32},
-        {"op": "concurrent", "requests": REQUESTS},
-        *({"op": "generate", **r} for r in REQUESTS),
-        {"op": "generate", "prompt": PLAIN_PROMPT, "params": {**SAMPLED, "seed": 123}},
-        {"op": "generate", "prompt": PLAIN_PROMPT, "params": {**SAMPLED, "seed": 123}},
-        {"op": "generate", "prompt": PLAIN_PROMPT, "params": {**SAMPLED, "seed": 7}},
-        {"op": "cancel_after", "prompt": PLAIN_PROMPT, "tokens": 3, "params": {"max_new_tokens": 200, "ignore_eos": True}},
-        {"op": "blocks"},
-        {"op": "inject", "stage": 2},
-        {"op": "generate", "prompt": PLAIN_PROMPT, "params": {"max_new_tokens": 4}},
-        {"op": "generate", "prompt": PLAIN_PROMPT, "params": {"max_new_tokens": 4, "ignore_eos": True}},
-        {"op": "blocks"},
+        {"name": "plain", "op": "generate", "prompt": PLAIN_PROMPT, "params": GREEDY_32},
+        {"name": "chat", "op": "generate", "prompt": CHAT_PROMPT, "chat": True, "params": GREEDY_32},
+        {"name": "together", "op": "concurrent", "requests": REQUESTS},
+        *({"name": f"alone{i}", "op": "generate", **r} for i, r in enumerate(REQUESTS)),
+        {"name": "seed123", "op": "generate", "prompt": PLAIN_PROMPT, "params": {**SAMPLED, "seed": 123}},
+        {"name": "seed123_again", "op": "generate", "prompt": PLAIN_PROMPT, "params": {**SAMPLED, "seed": 123}},
+        {"name": "seed7", "op": "generate", "prompt": PLAIN_PROMPT, "params": {**SAMPLED, "seed": 7}},
+        {"name": "cancelled", "op": "cancel_after", "prompt": PLAIN_PROMPT, "tokens": 3,
+         "params": {"max_new_tokens": 200, "ignore_eos": True}},
+        {"name": "blocks_after_cancel", "op": "blocks"},
+        {"name": "inject", "op": "inject", "stage": 2},
+        {"name": "failed", "op": "generate", "prompt": PLAIN_PROMPT, "params": {"max_new_tokens": 4}},
+        {"name": "after_failure", "op": "generate", "prompt": PLAIN_PROMPT, "params": {"max_new_tokens": 4, "ignore_eos": True}},
+        {"name": "blocks_at_end", "op": "blocks"},
     ]
     return run_cluster(["cluster.num_workers=4"], ops)
 
 
 def test_greedy_equals_transformers(four_workers, hf_greedy):
-    assert four_workers[0]["token_ids"] == hf_greedy["plain"]
-    assert four_workers[1]["token_ids"] == hf_greedy["chat"]
-    assert "Paris" in four_workers[1]["text"]
+    assert four_workers["plain"]["token_ids"] == hf_greedy["plain"]
+    assert four_workers["chat"]["token_ids"] == hf_greedy["chat"]
+    assert "Paris" in four_workers["chat"]["text"]
 
 
 def test_concurrent_requests_equal_their_single_answers(four_workers):
-    together, alone = four_workers[2], four_workers[3 : 3 + len(REQUESTS)]
+    together = four_workers["together"]
     assert all("error" not in r for r in together)
-    for i, (a, b) in enumerate(zip(together, alone)):
-        assert a["token_ids"] == b["token_ids"], f"request {i} changed when batched"
-        assert len(a["token_ids"]) == REQUESTS[i]["params"]["max_new_tokens"]
+    for i, batched in enumerate(together):
+        assert batched["token_ids"] == four_workers[f"alone{i}"]["token_ids"], f"request {i} changed when batched"
+        assert len(batched["token_ids"]) == REQUESTS[i]["params"]["max_new_tokens"]
 
 
 def test_seeded_sampling_is_reproducible(four_workers):
-    first, second, other = four_workers[19:22]
-    assert first["token_ids"] == second["token_ids"]
-    assert first["token_ids"] != other["token_ids"]
+    assert four_workers["seed123"]["token_ids"] == four_workers["seed123_again"]["token_ids"]
+    assert four_workers["seed123"]["token_ids"] != four_workers["seed7"]["token_ids"]
 
 
 def test_cancelled_and_finished_sequences_give_back_their_blocks(four_workers):
-    assert four_workers[22]["received"] == 3
-    blocks = four_workers[23]
+    assert four_workers["cancelled"]["received"] == 3
+    blocks = four_workers["blocks_after_cancel"]
     assert blocks["free"] == blocks["total"] > 0
-    final = four_workers[-1]
+    final = four_workers["blocks_at_end"]
     assert final["free"] == final["total"]
 
 
 def test_stage_error_names_the_stage_and_the_cluster_goes_on(four_workers):
-    failed, after = four_workers[25], four_workers[26]
+    failed = four_workers["failed"]
     assert "error" in failed and "worker2" in failed["error"], failed
-    assert after["token_ids"] == four_workers[0]["token_ids"][:4]
+    assert four_workers["after_failure"]["token_ids"] == four_workers["plain"]["token_ids"][:4]

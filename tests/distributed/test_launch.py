@@ -16,8 +16,8 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def greedy_by_workers():
-    ops = [{"op": "generate", "prompt": PLAIN_PROMPT, "params": GREEDY_32}]
-    return {n: run_cluster([f"cluster.num_workers={n}"], ops)[0]["token_ids"] for n in (1, 2, 3, 4)}
+    ops = [{"name": "greedy", "op": "generate", "prompt": PLAIN_PROMPT, "params": GREEDY_32}]
+    return {n: run_cluster([f"cluster.num_workers={n}"], ops)["greedy"]["token_ids"] for n in (1, 2, 3, 4)}
 
 
 def test_one_to_four_workers_give_identical_greedy_tokens(greedy_by_workers, hf_greedy):

@@ -16,10 +16,10 @@ BIN = Path(sys.executable).parent
 
 
 def test_pinning_threads_and_plain_kernels():
-    (stages,) = run_cluster(
+    stages = run_cluster(
         ["cluster.num_workers=2", "worker.worker_threads=1", "worker.enable_simd=false", "worker.omp_spin_count=1234"],
-        [{"op": "describe"}],
-    )
+        [{"name": "describe", "op": "describe"}],
+    )["describe"]
     assert [s["simd"] for s in stages] == ["DEFAULT", "DEFAULT"]  # ATEN_CPU_CAPABILITY=default took effect
     assert [s["omp_spin_count"] for s in stages] == ["1234", "1234"]  # in the workers' environment before torch loaded
     assert all(s["threads"] == 1 for s in stages)

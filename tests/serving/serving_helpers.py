@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -10,36 +9,12 @@ from typing import Iterator
 
 import pytest
 
+from chatloop.network import free_port, free_ports
+
+__all__ = ["GREETING", "HOST", "free_port", "free_ports", "scrape", "serve_in_thread", "wait_until"]
+
 HOST = "127.0.0.1"
 GREETING = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (bind to port 0 and let the kernel choose)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free ports (worker k serves metrics on base + k)."""
-    for _ in range(200):
-        base = free_port()
-        if base + count >= 65536:
-            continue
-        sockets = []
-        try:
-            for k in range(count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind((HOST, base + k))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"found no {count} consecutive free ports")
 
 
 @contextmanager

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from chatloop.models import LayerRange
 from chatloop.partition import (
-    LayerRange,
     Manifest,
     ManifestError,
     PartitionError,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatloop import ChatLoop, SamplingParams, load_config
-from chatloop.engine import BlockAllocator, QueueFullError, SamplerInput, sample
+from chatloop.engine import BlockAllocator, QueueFullError, SamplerInput, StageReport, sample
 from chatloop.engine.detokenizer import Detokenizer
 from chatloop.worker_settings import cores_for_worker, stages_at_once, worker_environment
 
@@ -19,6 +19,11 @@ def llm(smollm2_split):
     cfg = load_config(["cluster=single", "cluster.num_workers=4", f"model.partitions_dir={smollm2_split}", "cache.kv_cache_mb=32"])
     with ChatLoop.start(cfg) as llm:
         yield llm
+
+
+def _all_blocks_free(llm) -> bool:
+    stats = llm.stats()
+    return stats.kv_blocks_free == stats.kv_blocks_total > 0
 
 
 def test_generate_stream_and_chat_agree(llm):
@@ -43,7 +48,7 @@ def test_concurrent_requests_equal_single_ones(llm):
     for t in threads:
         t.join(60)
     assert together == alone
-    assert llm.scheduler.allocator.num_free == llm.scheduler.allocator.num_blocks
+    assert _all_blocks_free(llm)
 
 
 def test_stop_strings_end_the_text_before_them(llm):
@@ -57,12 +62,12 @@ def test_stop_strings_end_the_text_before_them(llm):
 def test_cancel_frees_blocks_at_once(llm):
     events = llm.stream_events("Once upon a time", max_new_tokens=500, ignore_eos=True)
     next(events)
-    assert llm.scheduler.allocator.num_free < llm.scheduler.allocator.num_blocks
+    assert not _all_blocks_free(llm)
     events.close()
     deadline = time.monotonic() + 5
-    while llm.scheduler.allocator.num_free != llm.scheduler.allocator.num_blocks and time.monotonic() < deadline:
+    while not _all_blocks_free(llm) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert llm.scheduler.allocator.num_free == llm.scheduler.allocator.num_blocks
+    assert _all_blocks_free(llm)
 
 
 def test_requests_that_cannot_fit_are_refused(llm):
@@ -206,8 +211,8 @@ def test_worker_cores(index, workers, threads, cores, expected):
     assert cores_for_worker(index, workers, threads, cores) == expected
 
 
-def _worker(host: str, cores: list[int], threads: int) -> dict:
-    return {"host": host, "cores": cores, "threads": threads}
+def _worker(host: str, cores: list[int], threads: int) -> StageReport:
+    return StageReport(name="w", index=0, host=host, cores=tuple(cores), threads=threads)
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,7 @@ def test_decode_attention_matches_sdpa_over_the_gathered_context(kernel, heads, 
 
 def test_decode_attention_is_used_only_for_float32_single_token_steps():
     from chatloop.models import StepBatch, build_stage
-    from chatloop.partition.plan import LayerRange
+    from chatloop.models import LayerRange
     from tests.conftest import tiny_hf_config
 
     stage = build_stage(tiny_hf_config("llama").to_dict(), LayerRange(0, 1), True, False)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chatloop.partition.plan import LayerRange, PlanError, parse_ranges, plan_layers
+from chatloop.models import LayerRange
+from chatloop.partition.plan import PlanError, parse_ranges, plan_layers
 
 
 def as_text(plan: list[LayerRange]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatloop.engine.pipeline import StageError
+from chatloop.engine import StageError
 from chatloop.runtime import results
 
 

@@ -2,8 +2,8 @@
 
 ``chatloop.runtime.cluster`` calls :func:`start_worker_metrics` in each worker process right
 after ``init_rpc``, before the stage exists. Per-micro-batch numbers come from the observer
-this module registers in ``chatloop.runtime.stage_host.OBSERVERS``; the rest is read from
-``stage_host.CURRENT_HOST`` at scrape time. Every metric has the label ``stage`` (worker0...).
+this module registers in ``chatloop.runtime.remote_stage.OBSERVERS``; the rest is read from
+``remote_stage.CURRENT`` at scrape time. Every metric has the label ``stage`` (worker0...).
 
 =============================================  =========  ==============================================
 name                                           type       meaning
@@ -45,6 +45,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import remote_stage
+
 __all__ = ["WorkerMetrics", "start_worker_metrics", "METRICS_HOST_ENV"]
 
 log = logging.getLogger(__name__)
@@ -54,16 +56,14 @@ _COMPUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class _HostCollector(Collector):
-    """Reads the live StageHost at scrape time (nothing until the stage has loaded)."""
+    """Reads the live RemoteStage at scrape time (nothing until the stage has loaded)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.process = psutil.Process()
 
     def collect(self) -> Iterator[Metric]:
-        from ..runtime import stage_host
-
-        host = stage_host.CURRENT_HOST
+        host = remote_stage.CURRENT
         labels, values = ["stage"], [self.name]
 
         def gauge(metric: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -75,7 +75,7 @@ class _HostCollector(Collector):
         if host is None:
             return
         runner = host.runner
-        uptime = max(time.time() - host.started, 1e-9)
+        uptime = max(time.time() - runner.started, 1e-9)
         busy = CounterMetricFamily("chatloop_stage_busy_seconds", "Seconds spent computing micro-batches.", labels=labels)
         busy.add_metric(values, runner.busy_seconds)
         yield busy
@@ -83,7 +83,7 @@ class _HostCollector(Collector):
         yield gauge("chatloop_stage_uptime_seconds", "Seconds since the stage loaded.", uptime)
         yield gauge("chatloop_stage_kv_blocks", "KV cache blocks in this stage's pool.", runner.num_blocks)
         yield gauge("chatloop_stage_kv_cache_bytes", "Bytes of this stage's KV pool.", runner.cache.num_bytes)
-        yield gauge("chatloop_stage_partition_bytes", "Size of this stage's partition file.", host.partition_bytes)
+        yield gauge("chatloop_stage_partition_bytes", "Size of this stage's partition file.", runner.partition_bytes or 0)
         info = GaugeMetricFamily("chatloop_stage_info", "The stage's layers, host and pid.", labels=["stage", "layers", "host", "pid"])
         info.add_metric([self.name, str(runner.stage.layers_range), socket.gethostname(), str(os.getpid())], 1)
         yield info
@@ -108,7 +108,7 @@ class WorkerMetrics:
         r.register(_HostCollector(name))
 
     def observe(self, record: dict) -> None:
-        """The stage host's observer (see ``stage_host.OBSERVERS``)."""
+        """The stage host's observer (see ``remote_stage.OBSERVERS``)."""
         if "compute_s" in record:
             self.compute.observe(record["compute_s"])
             self.queue.observe(max(0.0, record["queue_s"]))
@@ -124,10 +124,8 @@ def start_worker_metrics(index: int, port: int, host: str | None = None) -> Work
 
     A metrics endpoint that cannot start never stops the worker from serving its stage.
     """
-    from ..runtime import stage_host
-
     metrics = WorkerMetrics(f"worker{index}")
-    stage_host.OBSERVERS.append(metrics.observe)
+    remote_stage.OBSERVERS.append(metrics.observe)
     address = host or os.environ.get(METRICS_HOST_ENV, "127.0.0.1")
     try:
         start_http_server(port, addr=address, registry=metrics.registry)

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..partition.plan import LayerRange
+from .layer_range import LayerRange
 from .args import ModelArgs
 from .batch import StepBatch
 from .kv_cache import PagedKVCache
 
-__all__ = ["Stage", "attend"]
+__all__ = ["StageModel", "attend"]
 
 
 def attend(q: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, batch: StepBatch) -> torch.Tensor:
@@ -30,7 +30,7 @@ def attend(q: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, cache:
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)  # [B, T, H*D]
 
 
-class Stage(nn.Module):
+class StageModel(nn.Module):
     """The model with the modules of other stages left out.
 
     Parameter names equal the Hugging Face checkpoint's (layers keep their global index), so a

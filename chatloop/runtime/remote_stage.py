@@ -9,29 +9,27 @@ future then completes with None, or with the error of the stage that failed, nam
 
 from __future__ import annotations
 
-import os
 import socket
 import time
+from dataclasses import replace
 from typing import Callable
 
-import psutil
 import torch
 import torch.distributed.rpc as rpc
 
-from ..engine.pipeline import StageError, StageRunner, compute_thread
+from ..engine import StageError, StageReport, StageRunner, StageSpec, StageTiming, build_stage_runner
+from ..engine.pipeline import compute_thread
 from ..models import StepBatch
-from ..models.kv_cache import blocks_for_stage
-from ..partition.loader import load_stage
-from ..partition.plan import LayerRange
+from ..network import local_addresses, runs_here
 from .results import COORDINATOR, deliver, raise_failure
 
-__all__ = ["StageHost"]
+__all__ = ["RemoteStage"]
 
-CURRENT_HOST: StageHost | None = None
-"""The stage this worker process hosts, once created (chatloop.serving.worker_metrics reads it)."""
+CURRENT: RemoteStage | None = None
+"""The stage this worker process hosts, once created (``worker_metrics`` reads it at scrape time)."""
 OBSERVERS: list[Callable[[dict], None]] = []
 """Called with {"queue_s", "compute_s", "bytes_in", "bytes_out"} after each micro-batch (stage thread), and with
-{"downstream_s"} when the next stage answers (RPC thread); chatloop.serving.worker_metrics registers one."""
+{"downstream_s"} when the next stage answers (RPC thread); ``worker_metrics`` registers one."""
 
 
 def _observe(record: dict) -> None:
@@ -42,85 +40,46 @@ def _observe(record: dict) -> None:
             pass
 
 
-class StageHost:
-    """Lives on a worker (created there with ``rpc.remote``); holds the stage, its KV pool and its thread."""
+class RemoteStage:
+    """Lives on a worker (created there with ``rpc.remote``); holds the stage runner and its thread."""
 
-    def __init__(
-        self,
-        name: str,
-        directory: str,
-        index: int,
-        expected_layers: tuple[int, int] | None,
-        dtype: str,
-        kv_cache_mb: float,
-        block_size: int,
-        verify_sha256: bool,
-        pack_weights: bool,
-        native_kernels: bool,
-        rpc_timeout_s: float,
-        settings: dict,
-    ) -> None:
-        self.name = name
-        self.started = time.time()
-        self._executor = compute_thread(name)  # builds the stage and its KV pool too: see compute_thread
-        layers = LayerRange(*expected_layers) if expected_layers else None
-
-        def build() -> StageRunner:
-            torch_dtype = getattr(torch, dtype)
-            stage = load_stage(
-                directory, index, expected_layers=layers, dtype=torch_dtype, verify_sha256=verify_sha256,
-                pack_weights=pack_weights, native_kernels=native_kernels,
+    def __init__(self, spec: StageSpec, rpc_timeout_s: float, metrics_port: int | None = None) -> None:
+        if spec.host and not runs_here(spec.host):
+            raise ValueError(
+                f"{spec.name} is configured to run on {spec.host!r} (cluster.workers[{spec.index}].host), but this rank "
+                f"runs on {socket.gethostname()} ({', '.join(sorted(local_addresses()))}): start rank {spec.index + 1} "
+                f"on {spec.host}, or change the host in the configuration"
             )
-            num_blocks = blocks_for_stage(kv_cache_mb, block_size, stage.args, len(stage.layers_range), torch_dtype)
-            if num_blocks < 1:
-                raise ValueError(f"{name}: kv_cache_mb={kv_cache_mb} holds not even one block of {block_size} tokens: raise cache.kv_cache_mb")
-            return StageRunner(stage, num_blocks, block_size, name)
-
-        self.runner = self._executor.submit(build).result()
-        self.partition_bytes = os.path.getsize(os.path.join(directory, f"partition_{index}.safetensors"))
-        self.settings = settings
+        self.name = spec.name
+        self._executor = compute_thread(spec.name)  # builds the stage and its KV pool too: see compute_thread
+        self.runner: StageRunner = self._executor.submit(build_stage_runner, spec).result()
         self.rpc_timeout_s = rpc_timeout_s
+        self.metrics_port = metrics_port
         self.next: rpc.RRef | None = None
         self.next_name = ""
-        global CURRENT_HOST
-        CURRENT_HOST = self
+        global CURRENT
+        CURRENT = self
 
     def connect(self, next_stage: rpc.RRef | None, next_name: str) -> None:
         """Point this stage at the one after it (None for the last)."""
         self.next, self.next_name = next_stage, next_name
 
-    def describe(self) -> dict:
+    def describe(self) -> StageReport:
         """What status, health and the coordinator's start-up report show."""
-        return {
-            "name": self.name,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "layers": str(self.runner.stage.layers_range),
-            "num_blocks": self.runner.num_blocks,
-            "kv_cache_bytes": self.runner.cache.num_bytes,
-            "partition_bytes": self.partition_bytes,
-            "rss_bytes": psutil.Process().memory_info().rss,
-            "uptime_s": time.time() - self.started,
-            "busy_s": self.runner.busy_seconds,
-            "num_micro_batches": self.runner.num_micro_batches,
-            **self.settings,
-        }
+        return replace(self.runner.describe(), metrics_port=self.metrics_port)
 
-    def timings(self) -> list[tuple[int, float, float]]:
-        """(micro-batch, start, end) wall-clock seconds of the recorded micro-batches, then forget them."""
-        offset = time.time() - time.perf_counter()
-        out = [(t.micro_batch, t.start + offset, t.end + offset) for t in self.runner.timings]
-        self.runner.timings.clear()
-        return out
+    def take_timings(self) -> list[StageTiming]:
+        """The micro-batches computed since the last call (wall-clock seconds), then forgotten."""
+        return self.runner.take_timings()
 
     def fail_next(self, message: str) -> None:
         """Test hook: the next micro-batch raises inside this stage."""
-        self._inject = message
+        self.runner.fail_next(message)
 
     @staticmethod
     @rpc.functions.async_execution
     def forward(host_rref: rpc.RRef, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list) -> torch.futures.Future:
-        host: StageHost = host_rref.local_value()
+        host: RemoteStage = host_rref.local_value()
         result: torch.futures.Future = torch.futures.Future()
         host._executor.submit(host._work, result, mb_id, inputs, batch, sampling, time.perf_counter())
         return result
@@ -128,10 +87,6 @@ class StageHost:
     def _work(self, result: torch.futures.Future, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list, arrived: float = 0.0) -> None:
         started = time.perf_counter()
         try:
-            inject = getattr(self, "_inject", None)
-            if inject:
-                self._inject = None
-                inputs = inputs[..., :-1] if inputs.dim() == 3 else inputs[:, :0]  # a wrong shape, as a bug would make
             out = self.runner.run(inputs, StepBatch.from_payload(batch), sampling, mb_id)
         except Exception as e:
             result.set_exception(e)
@@ -146,7 +101,7 @@ class StageHost:
         sent = time.perf_counter()
         try:
             downstream = rpc.rpc_async(
-                self.next.owner(), StageHost.forward, args=(self.next, mb_id, out, batch, sampling), timeout=self.rpc_timeout_s
+                self.next.owner(), RemoteStage.forward, args=(self.next, mb_id, out, batch, sampling), timeout=self.rpc_timeout_s
             )
         except Exception as e:
             result.set_exception(RuntimeError(f"{self.next_name} is unreachable: {e}"))

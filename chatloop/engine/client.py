@@ -1,0 +1,70 @@
+"""The one interface between a front end (the HTTP API) and the engine, in the spirit of vLLM's ``EngineClient``.
+
+Serving depends on this protocol only, never on the scheduler, the allocator, the manifest or
+the pipeline behind it: :class:`chatloop.ChatLoop` implements it, and a test can hand the
+HTTP app any object that does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from .pipeline import StageReport
+from .requests import SamplingParams, SequenceEvent
+
+__all__ = ["EngineClient", "EngineStats"]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the coordinator's state (metrics and status read it)."""
+
+    num_waiting: int
+    num_running: int
+    num_in_flight: int
+    last_batch_size: int
+    generated_tokens: int
+    finished: dict[str, int] = field(default_factory=dict)
+    """Sequences that ended, by finish reason."""
+    queue_capacity: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    kv_block_size: int = 0
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_free
+
+
+class EngineClient(Protocol):
+    """What a front end may ask of a running engine."""
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens one request may hold, prompt and completion together."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to ``vocab_size - 1``."""
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The stages, in pipeline order."""
+
+    def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
+        """Token ids of text, of ids, or (with ``chat``) of chat messages; ``ValueError`` when it cannot."""
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[SequenceEvent], None]
+    ) -> Callable[[], None]:
+        """Queue a request; ``emit`` gets its events (on the engine's thread, must not block). Returns ``cancel()``.
+
+        Raises ``RequestError`` (the request cannot run), ``QueueFullError`` or ``SchedulerClosedError``.
+        """
+
+    def stats(self) -> EngineStats:
+        """The coordinator's counters now."""
+
+    def describe_stages(self, timeout: float) -> list[StageReport]:
+        """Every stage's report (blocking, up to about ``timeout`` seconds); a stage that does not answer is down."""

@@ -1,0 +1,44 @@
+"""The engine's typed errors: callers (the HTTP layer, the Python API) act on the type, not the text.
+
+Request errors are ``ValueError`` subclasses whose message says what to change; ``param``
+names the request field at fault, where one is.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ContextLengthError", "EmptyPromptError", "EngineError", "QueueFullError", "RequestError",
+    "SchedulerClosedError", "StageError",
+]
+
+
+class EngineError(RuntimeError):
+    """The engine cannot take a request now (not the request's fault)."""
+
+
+class QueueFullError(EngineError):
+    """The request queue is full: retry later (HTTP 429)."""
+
+
+class SchedulerClosedError(EngineError):
+    """The scheduler is shut down: no request is taken any more (HTTP 503)."""
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run as given; ``param`` names the field to change."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EmptyPromptError(RequestError):
+    """The prompt has no tokens."""
+
+
+class ContextLengthError(RequestError):
+    """Prompt plus max_new_tokens do not fit the model's context or the KV cache."""
+
+
+class StageError(RuntimeError):
+    """A stage failed on a micro-batch, or did not answer; the message names the stage."""

@@ -1,0 +1,306 @@
+"""The scheduling policy: admission, continuous batching, micro-batches, stopping. Plain data in and out.
+
+No thread, no clock and no torch: the driver (:class:`~chatloop.engine.scheduler.Scheduler`)
+passes the time in, launches the :class:`Step` s this returns, feeds their results back, and
+delivers the events. So every rule here is tested with a fake pipeline and a fake clock.
+
+- Requests wait in a bounded queue (``max_queue_size``; more raise :class:`QueueFullError`).
+- A request is admitted when the running set has room (``max_batch_size``) and the block
+  allocator can reserve its whole length (prompt + max_new_tokens), first come first served;
+  admissions wait up to ``batching_window_s`` for company unless the batch would be full.
+- Running sequences are cut into up to ``max_in_flight`` micro-batches so that every stage
+  has work; a sequence has at most one step in flight; prompts and decodes go in separate
+  micro-batches (a decode padded to a prompt's length wastes work).
+- A sequence stops at an end-of-sequence token, a stop string, or ``max_new_tokens``;
+  finished, failed and cancelled sequences give their blocks back at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from .blocks import BlockAllocator
+from .detokenizer import Detokenizer
+from .errors import ContextLengthError, EmptyPromptError, QueueFullError
+from .requests import FinishReason, SamplerInput, SamplingParams, SequenceEvent
+
+__all__ = ["Output", "SchedulerPolicy", "SchedulerStats", "Step"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One micro-batch to launch: for each sequence, the new token ids, where they start, its blocks."""
+
+    id: int
+    sequence_ids: tuple[int, ...]
+    token_ids: tuple[tuple[int, ...], ...]
+    starts: tuple[int, ...]
+    block_tables: tuple[tuple[int, ...], ...]
+    sampling: tuple[SamplerInput, ...]
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.sequence_ids)
+
+
+Output = tuple[int, SequenceEvent]
+"""An event for the consumer of sequence ``id``."""
+
+
+@dataclass
+class SchedulerStats:
+    """Counters of the policy (read by metrics and status)."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_in_flight: int = 0
+    last_batch_size: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    generated_tokens: int = 0
+
+
+@dataclass(eq=False)
+class _Sequence:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    detokenizer: Detokenizer
+    arrival: float
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose keys and values are in the cache
+    in_flight: bool = False
+    cancelled: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        """The most tokens it can hold: what its blocks are reserved for."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+    def next_tokens(self) -> list[int]:
+        """The token ids to feed at its next step: the prompt first, then the last token."""
+        return self.prompt_ids if self.num_cached == 0 else [self.output_ids[-1]]
+
+
+class SchedulerPolicy:
+    """Every sequence's state and the rules above; the caller serialises calls (one lock)."""
+
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        tokenizer,
+        *,
+        max_batch_size: int = 16,
+        batching_window_s: float = 0.005,
+        max_queue_size: int = 256,
+        max_in_flight: int = 1,
+        max_context: int | None = None,
+        max_tokens_per_micro_batch: int = 4096,
+        eos_token_ids: set[int] | frozenset[int] = frozenset(),
+    ) -> None:
+        self.allocator = allocator
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.batching_window_s = batching_window_s
+        self.max_queue_size = max_queue_size
+        self.max_in_flight = max_in_flight
+        self.max_context = max_context
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.stats = SchedulerStats()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._by_id: dict[int, _Sequence] = {}
+        self._steps: dict[int, tuple[list[_Sequence], list[int]]] = {}  # in flight: sequences, tokens fed
+        self._ids = itertools.count()
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens (prompt + generated) one sequence may have: the model's context or the KV cache."""
+        limits = [self.allocator.capacity_tokens] + ([self.max_context] if self.max_context else [])
+        return min(limits)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add(self, prompt_ids: list[int], params: SamplingParams, now: float) -> int:
+        """Queue a request; return its sequence id. Raises a typed error for a request that cannot run."""
+        if not prompt_ids:
+            raise EmptyPromptError("the prompt is empty: send at least one token", param="prompt")
+        total = len(prompt_ids) + params.max_new_tokens
+        if self.max_context is not None and total > self.max_context:
+            raise ContextLengthError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
+                f"the model's context of {self.max_context} tokens: shorten the prompt or lower max_new_tokens",
+                param="max_tokens",
+            )
+        if total > self.allocator.capacity_tokens:
+            raise ContextLengthError(
+                f"prompt + max_new_tokens = {total} tokens exceeds the KV cache's {self.allocator.capacity_tokens} "
+                f"tokens: lower max_new_tokens or raise cache.kv_cache_mb",
+                param="max_tokens",
+            )
+        if len(self._waiting) >= self.max_queue_size:
+            raise QueueFullError(f"the request queue is full ({self.max_queue_size} waiting): retry later")
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        seq = _Sequence(next(self._ids), list(prompt_ids), params, seed, Detokenizer(self.tokenizer, params.stop), now)
+        self._waiting.append(seq)
+        self._by_id[seq.id] = seq
+        self.stats.num_waiting = len(self._waiting)
+        return seq.id
+
+    def cancel(self, sequence_id: int) -> None:
+        """Cancel a sequence: it ends with ``CANCELLED`` at the next :meth:`schedule` (or when its step returns)."""
+        seq = self._by_id.get(sequence_id)
+        if seq is not None:
+            seq.cancelled = True
+
+    # ---- scheduling --------------------------------------------------------------------------
+    def schedule(self, now: float) -> tuple[list[Step], list[Output]]:
+        """End cancelled sequences, admit waiting ones, and cut the micro-batches to launch now."""
+        outputs: list[Output] = []
+        for seq in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(seq)
+            outputs.append(self._finish(seq, FinishReason.CANCELLED))
+        for seq in [s for s in self._running if s.cancelled and not s.in_flight]:
+            outputs.append(self._finish(seq, FinishReason.CANCELLED))
+        self._admit(now)
+        steps = self._cut()
+        self.stats.num_waiting, self.stats.num_running = len(self._waiting), len(self._running)
+        return steps, outputs
+
+    def next_wakeup(self, now: float) -> float | None:
+        """Seconds until :meth:`schedule` may have something to do (0: now; None: not until something happens)."""
+        # A cancelled sequence still in flight is finished when its step returns: no busy wait.
+        if any(s.cancelled for s in self._waiting) or any(s.cancelled and not s.in_flight for s in self._running):
+            return 0.0
+        if self._can_launch():
+            return 0.0
+        if self._waiting and len(self._running) < self.max_batch_size and self._has_blocks_for(self._waiting[0]):
+            return max(0.0, self.batching_window_s - (now - self._waiting[0].arrival))
+        return None
+
+    def _has_blocks_for(self, seq: _Sequence) -> bool:
+        return self.allocator.blocks_for(seq.total_tokens) <= self.allocator.num_free
+
+    def _admit(self, now: float) -> None:
+        if not self._waiting:
+            return
+        room = self.max_batch_size - len(self._running)
+        # Wait for company for up to the batching window, unless the batch is full already.
+        if len(self._waiting) < room and now - self._waiting[0].arrival < self.batching_window_s:
+            return
+        while self._waiting and len(self._running) < self.max_batch_size:
+            seq = self._waiting[0]
+            blocks = self.allocator.allocate(seq.total_tokens)
+            if blocks is None:
+                break  # first come, first served: later requests do not overtake
+            self._waiting.popleft()
+            seq.blocks = blocks
+            self._running.append(seq)
+
+    def _ready(self) -> list[_Sequence]:
+        return [s for s in self._running if not s.in_flight and not s.cancelled]
+
+    def _can_launch(self) -> bool:
+        return self.stats.num_in_flight < self.max_in_flight and any(
+            not s.in_flight and not s.cancelled for s in self._running
+        )
+
+    def _cut(self) -> list[Step]:
+        steps = []
+        while self.stats.num_in_flight < self.max_in_flight:
+            ready = self._ready()
+            if not ready:
+                break
+            prefill = [s for s in ready if s.num_cached == 0]
+            group = prefill or ready
+            cap = max(1, math.ceil(len(self._running) / self.max_in_flight))
+            chosen: list[_Sequence] = []
+            longest = 0
+            for seq in group[:cap]:
+                longest = max(longest, len(seq.next_tokens()))
+                if chosen and longest * (len(chosen) + 1) > self.max_tokens_per_micro_batch:
+                    break
+                chosen.append(seq)
+            steps.append(self._step(chosen))
+        return steps
+
+    def _step(self, seqs: list[_Sequence]) -> Step:
+        tokens = [s.next_tokens() for s in seqs]
+        tables = [
+            tuple(s.blocks[: self.allocator.blocks_for(s.num_cached + len(t))]) for s, t in zip(seqs, tokens)
+        ]
+        sampling = tuple(
+            SamplerInput(
+                s.params.temperature, s.params.top_k, s.params.top_p, s.params.repetition_penalty, s.seed,
+                len(s.output_ids), tuple(s.prompt_ids + s.output_ids) if s.params.repetition_penalty != 1.0 else (),
+            )
+            for s in seqs
+        )
+        step = Step(
+            next(self._ids), tuple(s.id for s in seqs), tuple(tuple(t) for t in tokens),
+            tuple(s.num_cached for s in seqs), tuple(tables), sampling,
+        )
+        for s in seqs:
+            s.in_flight = True
+        self._steps[step.id] = (seqs, [len(t) for t in tokens])
+        self.stats.num_in_flight += 1
+        self.stats.last_batch_size = len(seqs)
+        return step
+
+    # ---- results -----------------------------------------------------------------------------
+    def complete(self, step_id: int, result: list[int] | BaseException) -> list[Output]:
+        """A step's sampled token ids (one per sequence), or the error that failed it."""
+        seqs, fed = self._steps.pop(step_id)
+        self.stats.num_in_flight -= 1
+        outputs: list[Output] = []
+        for b, seq in enumerate(seqs):
+            seq.in_flight = False
+            if isinstance(result, BaseException):
+                outputs.append(self._finish(seq, FinishReason.ERROR, error=result))
+                continue
+            seq.num_cached += fed[b]
+            if seq.cancelled:
+                outputs.append(self._finish(seq, FinishReason.CANCELLED))
+                continue
+            outputs.append(self._accept(seq, int(result[b])))
+        self.stats.num_running = len(self._running)
+        return outputs
+
+    def _accept(self, seq: _Sequence, token: int) -> Output:
+        self.stats.generated_tokens += 1
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
+            return self._finish(seq, FinishReason.STOP)
+        seq.output_ids.append(token)
+        text, stopped = seq.detokenizer.add(token)
+        if stopped:
+            return self._finish(seq, FinishReason.STOP, text=text)
+        if len(seq.output_ids) >= seq.params.max_new_tokens:
+            return self._finish(seq, FinishReason.LENGTH, text=text, token=token)
+        return seq.id, SequenceEvent(text, (token,))
+
+    def _finish(
+        self, seq: _Sequence, reason: FinishReason, *, text: str = "", token: int | None = None,
+        error: BaseException | None = None,
+    ) -> Output:
+        if seq.blocks:
+            self.allocator.free(seq.blocks)
+            seq.blocks = []
+        if seq in self._running:
+            self._running.remove(seq)
+        self._by_id.pop(seq.id, None)
+        self.stats.finished[reason.value] = self.stats.finished.get(reason.value, 0) + 1
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            text += seq.detokenizer.flush()
+        return seq.id, SequenceEvent(text, () if token is None else (token,), finish_reason=reason, error=error)
+
+    def close(self) -> list[Output]:
+        """End every waiting and running sequence with ``CANCELLED`` (the engine is shutting down)."""
+        outputs = [self._finish(seq, FinishReason.CANCELLED) for seq in [*self._waiting, *self._running]]
+        self._waiting.clear()
+        self.stats.num_waiting = self.stats.num_running = 0
+        return outputs

@@ -1,0 +1,98 @@
+"""What a request asks for and what it gets back: plain data, no torch.
+
+:class:`SamplingParams` is a request's choice of sampling and stopping; :class:`SamplerInput`
+is the small, picklable part of it the last stage needs for one step; :class:`SequenceEvent`
+is what the request's consumer receives, the last one with a :class:`FinishReason`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = ["FinishReason", "SamplerInput", "SamplingParams", "SequenceEvent"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops."""
+
+    max_new_tokens: int = 128
+    """Most tokens to generate (the prompt not counted)."""
+    temperature: float = 0.0
+    """0 is greedy; higher is more random."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 keeps all."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches top_p."""
+    repetition_penalty: float = 1.0
+    """Above 1 makes tokens already in the sequence less likely (CTRL-style, as in transformers)."""
+    seed: int | None = None
+    """Same seed, same output; None draws a random seed."""
+    stop: tuple[str, ...] = ()
+    """Stop before any of these strings; they are not returned."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token (benchmarks)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0,
+             f"temperature must be >= 0, got {self.temperature}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SamplerInput:
+    """What the last stage needs to sample one sequence's next token (small, picklable)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: int
+    step: int
+    history: tuple[int, ...] = ()  # token ids so far, sent only when repetition_penalty != 1
+
+
+class FinishReason(str, Enum):
+    """Why a sequence ended: the ``finish_reason`` of its last event."""
+
+    STOP = "stop"
+    """An end-of-sequence token or a stop string."""
+    LENGTH = "length"
+    """max_new_tokens reached."""
+    CANCELLED = "cancelled"
+    """The consumer cancelled it, or the engine shut down."""
+    ERROR = "error"
+    """The pipeline failed; the event carries the error."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class SequenceEvent:
+    """What a request's consumer receives: new text and token ids, then a final event."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    """Set on the last event only."""
+    error: BaseException | None = None
+    """With ``FinishReason.ERROR``: what failed."""

@@ -1,0 +1,186 @@
+"""One stage at work: its model slice and KV pool running micro-batches, and the one factory that builds it.
+
+:class:`StageSpec` says everything a process needs to build a stage (picklable: a worker gets
+it over RPC as it is); :func:`build_stage_runner` builds the :class:`StageRunner`, both for the
+in-process pipeline and on a worker, and :func:`kv_blocks` is the one capacity check, also run
+before any worker starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from ..config import ChatLoopConfig
+from ..models import LayerRange, ModelArgs, StageModel, StepBatch
+from ..models.kv_cache import blocks_for_stage
+from ..partition import Manifest, load_stage
+from ..worker_settings import SPIN_ENV
+from .errors import StageError
+from .pipeline import StageReport, StageTiming
+from .requests import SamplerInput
+from .sampling import sample
+
+__all__ = [
+    "CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks", "stage_name", "stage_specs",
+]
+
+
+def stage_name(index: int, in_process: bool = False) -> str:
+    """Stage ``index``'s name: ``worker{index}`` (its RPC name) in a worker process, ``stage{index}`` in process."""
+    return f"stage{index}" if in_process else f"worker{index}"
+
+
+class CapacityError(ValueError):
+    """The KV cache budget cannot hold one ordinary request on a stage."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    """How to build stage ``index`` from the partitions in ``directory``."""
+
+    name: str
+    index: int
+    directory: str
+    expected_layers: LayerRange | None = None
+    """The layers the configuration gives this stage; the partition must hold exactly these."""
+    expected_file: str | None = None
+    """The partition file the configuration names; it must be the manifest's for this stage."""
+    host: str | None = None
+    """The host the configuration puts this stage on (checked by a worker before it loads)."""
+    dtype: str = "float32"
+    kv_cache_mb: float = 512
+    block_size: int = 16
+    min_capacity_tokens: int = 256
+    verify_sha256: bool = False
+    pack_weights: bool = True
+    native_kernels: bool = True
+
+
+def stage_specs(cfg: ChatLoopConfig, directory: str | Path) -> list[StageSpec]:
+    """One spec per stage of a configuration."""
+    specs = []
+    for k in range(cfg.cluster.num_workers):
+        name = stage_name(k, cfg.cluster.in_process)
+        worker = cfg.cluster.workers[k] if cfg.cluster.workers else None
+        specs.append(StageSpec(
+            name=name, index=k, directory=os.path.abspath(directory),
+            expected_layers=LayerRange(worker.start_layer, worker.end_layer) if worker else None,
+            expected_file=(worker.partition or None) if worker else None, host=(worker.host or None) if worker else None,
+            dtype=cfg.model.dtype, kv_cache_mb=cfg.cache.kv_cache_mb, block_size=cfg.cache.block_size,
+            min_capacity_tokens=cfg.cache.min_capacity_tokens, verify_sha256=cfg.model.verify_sha256,
+            pack_weights=cfg.worker.pack_weights, native_kernels=cfg.worker.native_kernels,
+        ))
+    return specs
+
+
+def kv_blocks(spec: StageSpec, args: ModelArgs, num_layers: int) -> int:
+    """Blocks of ``spec.block_size`` tokens that ``spec.kv_cache_mb`` holds for ``num_layers`` layers of ``args``.
+
+    Raises :class:`CapacityError` when they hold fewer than ``spec.min_capacity_tokens`` tokens.
+    """
+    num_blocks = blocks_for_stage(spec.kv_cache_mb, spec.block_size, args, num_layers, getattr(torch, spec.dtype))
+    if num_blocks * spec.block_size < spec.min_capacity_tokens:
+        raise CapacityError(
+            f"cache.kv_cache_mb={spec.kv_cache_mb} holds {num_blocks * spec.block_size} tokens on {spec.name} "
+            f"({num_layers} layers), fewer than cache.min_capacity_tokens={spec.min_capacity_tokens}: "
+            f"raise cache.kv_cache_mb"
+        )
+    return num_blocks
+
+
+def build_stage_runner(spec: StageSpec, manifest: Manifest | None = None) -> StageRunner:
+    """Load ``spec``'s partition (checked against the manifest) and give it its KV pool."""
+    manifest = manifest or Manifest.load(Path(spec.directory))
+    dtype = getattr(torch, spec.dtype)
+    stage = load_stage(
+        spec.directory, spec.index, manifest=manifest, expected_layers=spec.expected_layers,
+        expected_file=spec.expected_file, dtype=dtype,
+        verify_sha256=spec.verify_sha256, pack_weights=spec.pack_weights, native_kernels=spec.native_kernels,
+    )
+    num_blocks = kv_blocks(spec, stage.args, len(stage.layers_range))
+    partition = manifest.partitions[spec.index]
+    return StageRunner(stage, num_blocks, spec.block_size, spec.name, spec.index, partition.file, partition.num_bytes)
+
+
+@dataclass
+class StageRunner:
+    """One stage with its KV pool: runs a micro-batch's share of the model.
+
+    Returns hidden states for the next stage, or, on the last stage, the sampled token ids.
+    """
+
+    stage: StageModel
+    num_blocks: int
+    block_size: int
+    name: str = "stage"
+    index: int = 0
+    partition: str | None = None
+    partition_bytes: int | None = None
+    max_timings: int = 10_000
+    timings: list[StageTiming] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cache = self.stage.new_cache(self.num_blocks, self.block_size)
+        self.busy_seconds = 0.0
+        self.num_micro_batches = 0
+        self.started = time.time()
+        self._inject: str | None = None
+        # Read on the thread that computes (the runner is built there): what its matmuls use.
+        self._compute_settings = dict(
+            cores=tuple(sorted(os.sched_getaffinity(0))), threads=torch.get_num_threads(),
+            simd=torch.backends.cpu.get_cpu_capability(), omp_spin_count=os.environ.get(SPIN_ENV),
+        )
+
+    @torch.inference_mode()
+    def run(self, inputs: torch.Tensor, batch: StepBatch, sampling: list[SamplerInput], micro_batch: int = -1):
+        start = time.perf_counter()
+        try:
+            if self._inject is not None:
+                self._inject = None
+                inputs = inputs[..., :-1] if inputs.dim() == 3 else inputs[:, :0]  # a wrong shape, as a bug would make
+            out = self.stage(inputs, batch, self.cache)
+            result = sample(out, sampling) if self.stage.is_last else out
+        except Exception as e:
+            raise StageError(f"{self.name} (layers {self.stage.layers_range}) failed: {type(e).__name__}: {e}") from e
+        end = time.perf_counter()
+        self.busy_seconds += end - start
+        self.num_micro_batches += 1
+        if len(self.timings) < self.max_timings:
+            offset = time.time() - time.perf_counter()
+            self.timings.append(StageTiming(micro_batch, start + offset, end + offset))
+        return result
+
+    def fail_next(self, message: str) -> None:
+        """Test hook: the next micro-batch fails inside the stage (a wrong input shape, as a bug would make)."""
+        self._inject = message
+
+    def take_timings(self) -> list[StageTiming]:
+        """The recorded timings, then forget them."""
+        out, self.timings = self.timings, []
+        return out
+
+    def describe(self) -> StageReport:
+        """This stage and the process it runs in."""
+        return StageReport(
+            name=self.name,
+            index=self.index,
+            layers=str(self.stage.layers_range),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            partition=self.partition,
+            partition_bytes=self.partition_bytes,
+            num_blocks=self.num_blocks,
+            kv_cache_bytes=self.cache.num_bytes,
+            rss_bytes=psutil.Process().memory_info().rss,
+            uptime_s=time.time() - self.started,
+            busy_s=self.busy_seconds,
+            num_micro_batches=self.num_micro_batches,
+            **self._compute_settings,
+        )
