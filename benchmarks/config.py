@@ -8,7 +8,6 @@ schema that ``conf/config.yaml`` starts from, so every ChatLoop field keeps its 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from chatloop.config import ChatLoopConfig
 
@@ -35,7 +34,7 @@ class BenchmarkConfig:
     """A first, untimed pass of min(num_requests, max_batch_size) requests with this many tokens; 0: none."""
     seed: int = 0
     """Seed of the prompt token ids."""
-    results: Optional[str] = None
+    results: str | None = None
     """JSON-lines file each job appends one row to; None: results.jsonl in the sweep's (or run's) output folder."""
     timeline: bool = True
     """Keep each stage's (micro-batch, start, end) timestamps in the row, for the report's pipeline timeline."""
@@ -43,7 +42,7 @@ class BenchmarkConfig:
     """Size of the tensor whose sum measures memory bandwidth (the roofline); 0 skips the measurement."""
     timeout_s: float = 3600.0
     """A job that runs longer is killed and recorded as an error; the sweep goes on."""
-    threads: Optional[int] = None
+    threads: int | None = None
     """torch threads of the measuring process (the coordinator, the in-process baseline, transformers); None: torch's
     default (all cores). ChatLoop's workers use worker.worker_threads."""
     free_port: bool = True

@@ -6,8 +6,8 @@ in a section at the end of pytest's output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

@@ -13,6 +13,7 @@ torch.distributed.rpc starts once per process: call :func:`run` once per process
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -328,7 +329,7 @@ def _latency_metrics(t0: float, submitted: list[float], arrivals: list[list[floa
     elapsed = end - t0
     tokens = sum(len(a) for a in arrivals)
     ttft = [a[0] - s for s, a in zip(submitted, arrivals)]
-    itl = [later - earlier for a in arrivals for earlier, later in zip(a, a[1:])]
+    itl = [later - earlier for a in arrivals for earlier, later in itertools.pairwise(a)]
     per_request_decode = [(len(a) - 1) / (a[-1] - a[0]) for a in arrivals if len(a) > 1 and a[-1] > a[0]]
     itl_p50 = statistics.median(itl) if itl else None
     return {

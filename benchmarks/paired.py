@@ -43,11 +43,10 @@ def job_specs(config_name: str, overrides: list[str], modes: list[str]) -> dict[
     from omegaconf import open_dict
 
     from chatloop.config import CONF_DIR
+    from chatloop.network import free_port
 
     from .checkpoints import resolve_model_name
     from .config import register_sweep_configs
-    from chatloop.network import free_port
-
     from .sweep import effective_config
 
     register_sweep_configs()

@@ -22,9 +22,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from .results import read_rows  # noqa: E402
+from .results import read_rows
 
 __all__ = ["write_report", "main"]
 

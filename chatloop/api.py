@@ -13,14 +13,22 @@ import json
 import logging
 import os
 import queue
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from .config import CONF_DIR, ChatLoopConfig
 from .engine import (
-    EngineStats, FinishReason, LocalPipeline, Pipeline, SamplingParams, Scheduler, SequenceEvent, StageReport,
-    StageRunner, build_stage_runner,
+    EngineStats,
+    FinishReason,
+    LocalPipeline,
+    Pipeline,
+    SamplingParams,
+    Scheduler,
+    SequenceEvent,
+    StageReport,
+    StageRunner,
+    build_stage_runner,
 )
 from .engine.pipeline import compute_thread
 from .engine.runner import kv_blocks, stage_specs
@@ -51,12 +59,18 @@ class Completion:
 def load_config(overrides: Sequence[str] = ()) -> ChatLoopConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides (``["cluster.num_workers=2"]``) into typed config."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     from .config import register_configs, to_config
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return to_config(compose(config_name="config", overrides=list(overrides)))
+        try:
+            composed = compose(config_name="config", overrides=list(overrides))
+        except HydraException as e:  # Hydra keeps the useful part (say, an unknown key) in the cause
+            cause = f"\n{str(e.__cause__).splitlines()[0]}" if e.__cause__ is not None else ""
+            raise ValueError(f"{e}{cause}") from None
+        return to_config(composed)
 
 
 def partitions_dir_for(cfg: ChatLoopConfig) -> Path:

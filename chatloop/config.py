@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 __all__ = [
     "CONF_DIR", "ModelConfig", "WorkerSpec", "ClusterConfig", "BatchingConfig", "CacheConfig", "WorkerConfig",
@@ -35,7 +35,7 @@ class ModelConfig:
 
     name: str = "smollm2"
     """A Hugging Face checkpoint folder, or an embedded model's name ('smollm2')."""
-    partitions_dir: Optional[str] = None
+    partitions_dir: str | None = None
     """Folder with manifest.json and partition_N.safetensors; None: a cache folder per model and worker count."""
     auto_split: bool = True
     """Split the model into partitions_dir at start-up when it holds no manifest yet."""
@@ -100,7 +100,7 @@ class ClusterConfig:
     rpc_channels: list[str] = field(default_factory=lambda: ["basic"])
     """TensorPipe channels for tensor payloads: 'basic' sends them through the transport ('cma' reads the
     sender's memory directly, same host only)."""
-    max_in_flight: Optional[int] = None
+    max_in_flight: int | None = None
     """Micro-batches in flight through the pipeline; None: as many as stages can compute at once
     (one per stage when each worker has cores of its own, fewer when workers share a host's cores)."""
 
@@ -178,7 +178,7 @@ class WorkerConfig:
     """ChatLoop's C kernels, built at first use with the system C compiler (x86-64 with AVX2 and FMA; off
     with enable_simd=false): float32 decode attention read in place from the paged KV cache and, with
     pack_weights, float32 matmuls of up to 16 rows. false: torch's SDPA and oneDNN's packed matmuls."""
-    omp_spin_count: Optional[int] = 20000
+    omp_spin_count: int | None = 20000
     """GOMP_SPINCOUNT of worker processes: how long an idle OpenMP thread spins before it sleeps (~0.5 ms
     here). libgomp's default (300000, ~7 ms) kept the stage that had just finished spinning on the cores the
     next stage needed. null: the environment's or libgomp's default."""
@@ -201,9 +201,9 @@ class ServerConfig:
     """Bind address; loopback by default."""
     port: int = 8000
     """HTTP port."""
-    api_key: Optional[str] = None
+    api_key: str | None = None
     """When set, requests need 'Authorization: Bearer <api_key>'."""
-    model_name: Optional[str] = None
+    model_name: str | None = None
     """The model id the API reports; None: the model's name."""
     default_max_tokens: int = 256
     """max_tokens of a chat completion that sets none (OpenAI's /v1/completions default, 16, stays)."""
@@ -227,7 +227,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    seed: Optional[int] = None
+    seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
 

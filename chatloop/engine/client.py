@@ -7,8 +7,9 @@ HTTP app any object that does.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from .pipeline import StageReport
 from .requests import SamplingParams, SequenceEvent

@@ -12,9 +12,10 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -154,7 +155,7 @@ class Pipeline(ABC):
     def inject_failure(self, stage: int, message: str = "injected") -> None:
         """Test hook: make ``stage`` fail its next micro-batch."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most pipelines hold nothing to release
         """Release what the pipeline holds in this process."""
 
 

@@ -7,6 +7,7 @@ the same tokens whatever else shares the micro-batch, and whichever stage sample
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .requests import SamplerInput

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..models.batch import StepBatch, padded
 from .blocks import BlockAllocator

@@ -6,11 +6,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .layer_range import LayerRange
 from .args import ModelArgs
 from .batch import StepBatch
 from .gpt2 import GPT2Stage
 from .kv_cache import PagedKVCache
+from .layer_range import LayerRange
 from .llama import LlamaStage
 from .stage_model import StageModel
 

@@ -5,8 +5,8 @@ Shape legend: B sequences, T new tokens per sequence (padded), N blocks per bloc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_range import LayerRange
 from .args import ModelArgs
 from .batch import StepBatch
 from .kv_cache import PagedKVCache
+from .layer_range import LayerRange
 
 __all__ = ["StageModel", "attend"]
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from torch import nn
 from safetensors import safe_open
+from torch import nn
 
-from ..models import ModelArgs, StageModel, build_stage, family_of
 from ..kernels import load_kernels
+from ..models import LayerRange, ModelArgs, StageModel, build_stage, family_of
 from ..models.packing import pack_linear_weights
 from .manifest import Manifest, ManifestError
-from ..models import LayerRange
 from .safetensors_stream import SafetensorsError, read_header, sha256_of
 
 __all__ = ["PartitionError", "load_stage"]

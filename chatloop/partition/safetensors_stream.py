@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -115,7 +115,7 @@ class StreamingWriter:
             self._expected.append((name, dtype, tuple(shape)))
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-        self._file = open(self.path, "wb")
+        self._file = open(self.path, "wb")  # noqa: SIM115 - written tensor by tensor, closed by close()
         self._hash = hashlib.sha256()
         self._write(struct.pack("<Q", len(encoded)) + encoded)
         self._next = 0

@@ -10,17 +10,16 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from ..embedded import copy_tokenizer, resolve_model
-from ..models import ModelArgs, family_of
+from ..models import LayerRange, ModelArgs, family_of
 from .manifest import Manifest, PartitionInfo
-from ..models import LayerRange
 from .plan import parse_ranges, plan_layers
 from .safetensors_stream import StreamingWriter, read_header, read_tensor
 

@@ -16,7 +16,6 @@ import signal
 import threading
 import time
 import warnings
-from typing import Any
 
 import torch.distributed.rpc as rpc
 

@@ -38,7 +38,7 @@ import logging
 import os
 import socket
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server

@@ -13,15 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Union
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from ..config import ChatLoopConfig
 from ..engine import (
-    ContextLengthError, EngineClient, FinishReason, QueueFullError, RequestError, SamplingParams, SchedulerClosedError,
-    SequenceEvent, StageError,
+    ContextLengthError,
+    EngineClient,
+    FinishReason,
+    QueueFullError,
+    RequestError,
+    SamplingParams,
+    SchedulerClosedError,
+    SequenceEvent,
+    StageError,
 )
 from . import protocol as p
 from .bridge import ClientDisconnected, EventStream
@@ -39,7 +47,7 @@ ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_com
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default max_tokens for /v1/completions."""
 
-Body = Union[p.CompletionRequest, p.ChatCompletionRequest]
+Body = p.CompletionRequest | p.ChatCompletionRequest
 
 
 class SSEResponse(StreamingResponse):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,38 +34,38 @@ class _Sampling(_Body):
     """The fields both endpoints share."""
 
     model: str = Field(description="The model id, as listed by GET /v1/models.")
-    max_tokens: Optional[int] = Field(None, description="Most tokens to generate; the prompt plus this must fit the context.")
-    temperature: Optional[float] = Field(None, description="0 (default) is greedy; up to 2.")
-    top_p: Optional[float] = Field(None, description="Nucleus sampling, in (0, 1].")
+    max_tokens: int | None = Field(None, description="Most tokens to generate; the prompt plus this must fit the context.")
+    temperature: float | None = Field(None, description="0 (default) is greedy; up to 2.")
+    top_p: float | None = Field(None, description="Nucleus sampling, in (0, 1].")
     n: int = Field(1, description="Only 1 is supported.")
     stream: bool = Field(False, description="Send Server-Sent Events (chunks), ending with 'data: [DONE]'.")
-    stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[str, list[str]]] = Field(None, description="Up to 4 strings; generation stops before them.")
-    seed: Optional[int] = Field(None, description="Same seed, same sampled output.")
-    presence_penalty: Optional[float] = Field(None, description="Only 0 is supported (see repetition_penalty).")
-    frequency_penalty: Optional[float] = Field(None, description="Only 0 is supported (see repetition_penalty).")
-    user: Optional[str] = None
-    top_k: Optional[int] = Field(None, description="Extension: keep the k most likely tokens (0: all).")
-    repetition_penalty: Optional[float] = Field(None, description="Extension: > 1 discourages repeated tokens.")
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings; generation stops before them.")
+    seed: int | None = Field(None, description="Same seed, same sampled output.")
+    presence_penalty: float | None = Field(None, description="Only 0 is supported (see repetition_penalty).")
+    frequency_penalty: float | None = Field(None, description="Only 0 is supported (see repetition_penalty).")
+    user: str | None = None
+    top_k: int | None = Field(None, description="Extension: keep the k most likely tokens (0: all).")
+    repetition_penalty: float | None = Field(None, description="Extension: > 1 discourages repeated tokens.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past the end-of-sequence token.")
 
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Text, or token ids; a list of one prompt is accepted (batches are not)."
     )
     echo: bool = False
-    suffix: Optional[str] = None
-    best_of: Optional[int] = None
-    logprobs: Optional[int] = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
 
 
 class _ContentPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     type: str
-    text: Optional[str] = None
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -73,8 +73,8 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     role: str = Field(description="system, user, assistant (or what the model's chat template knows).")
-    content: Optional[Union[str, list[_ContentPart]]] = None
-    name: Optional[str] = None
+    content: str | list[_ContentPart] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -88,9 +88,9 @@ class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(description="The conversation so far.")
-    max_completion_tokens: Optional[int] = Field(None, description="The newer name of max_tokens.")
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    max_completion_tokens: int | None = Field(None, description="The newer name of max_tokens.")
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 # ---- responses (documented in the OpenAPI schema; built as dicts) ------------------------------
@@ -103,7 +103,7 @@ class Usage(BaseModel):
 class _Choice(BaseModel):
     index: int
     logprobs: None = None
-    finish_reason: Optional[Literal["stop", "length"]]
+    finish_reason: Literal["stop", "length"] | None
 
 
 class _Response(BaseModel):
@@ -119,7 +119,7 @@ class _CompletionChoice(_Choice):
 class CompletionResponse(_Response):
     object: Literal["text_completion"]
     choices: list[_CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class _AssistantMessage(BaseModel):

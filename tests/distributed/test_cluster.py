@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from cluster_harness import CHAT_PROMPT, GREEDY_32, PLAIN_PROMPT, run_cluster
 
 # Sixteen prompts of different lengths, so one micro-batch pads and the sequences finish apart.

@@ -55,7 +55,7 @@ def test_chat_answers_then_ctrl_c_stops_every_rank(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         proc.wait(timeout=20)
         assert time.monotonic() - started < 20
-        gone, alive = psutil.wait_procs(workers, timeout=10)
+        _gone, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, f"orphans: {alive}"
     finally:
         if proc.poll() is None:

@@ -143,7 +143,7 @@ def test_killed_worker_ends_the_stream_and_new_requests_get_503(server):
 
 def test_server_stops_on_sigterm_with_a_dead_worker(server):
     """Nothing hangs: SIGTERM stops the coordinator and its remaining workers in bounded time."""
-    proc, url, pids, log_path = server
+    proc, _url, pids, log_path = server
     os.kill(proc.pid, signal.SIGTERM)
     try:
         proc.wait(60)

@@ -212,19 +212,18 @@ def _blocks_all_free(url: str):
 def test_stream_disconnect_cancels_and_frees_blocks(client, url):
     cancelled = scrape(f"{url}/metrics").get('chatloop_sequences_finished_total{reason="cancelled"}', 0)
     payload = {"model": MODEL, "messages": GREETING, "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=url, timeout=60) as own:
-        with own.stream("POST", "/v1/chat/completions", json=payload) as r:
-            assert r.status_code == 200
-            # Keep the line iterator: a `for ... break` drops it, and closing it closes the connection,
-            # which the server then (rightly) sees as a disconnect before the check below.
-            lines, events = r.iter_lines(), []
-            while len(events) < 4:
-                line = next(lines)
-                if line.startswith("data: "):
-                    events.append(line)
-            free, capacity, running = _kv(url)
-            assert free < capacity and running == 1, (free, capacity, running, events)  # the stream holds its blocks
-        # leaving the block closes the connection mid-stream
+    with httpx.Client(base_url=url, timeout=60) as own, own.stream("POST", "/v1/chat/completions", json=payload) as r:
+        assert r.status_code == 200
+        # Keep the line iterator: a `for ... break` drops it, and closing it closes the connection,
+        # which the server then (rightly) sees as a disconnect before the check below.
+        lines, events = r.iter_lines(), []
+        while len(events) < 4:
+            line = next(lines)
+            if line.startswith("data: "):
+                events.append(line)
+        free, capacity, running = _kv(url)
+        assert free < capacity and running == 1, (free, capacity, running, events)  # the stream holds its blocks
+    # leaving the block closes the connection mid-stream
     wait_until(lambda: _blocks_all_free(url), 10, message="every KV block free after the disconnect")
     after = scrape(f"{url}/metrics")
     assert after['chatloop_sequences_finished_total{reason="cancelled"}'] == cancelled + 1
@@ -313,14 +312,13 @@ def test_full_queue_answers_429_and_admitted_requests_complete(smollm2_split):
             def one(i: int) -> None:
                 body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 6, "ignore_eos": True, "stream": i % 2 == 1}
                 start.wait()
-                with clients[i] as http:
-                    with http.stream("POST", "/v1/completions", json=body) as r:
-                        r.read()
-                        if r.status_code == 200 and body["stream"]:
-                            events = _sse(r.text.splitlines())
-                            results[i] = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
-                        else:
-                            results[i] = r
+                with clients[i] as http, http.stream("POST", "/v1/completions", json=body) as r:
+                    r.read()
+                    if r.status_code == 200 and body["stream"]:
+                        events = _sse(r.text.splitlines())
+                        results[i] = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+                    else:
+                        results[i] = r
 
             threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
             for t in threads:

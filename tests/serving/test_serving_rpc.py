@@ -32,9 +32,8 @@ def cluster(smollm2_split):
         f"model.partitions_dir={smollm2_split}", f"cluster.num_workers={NUM_WORKERS}", "cluster.master_addr=127.0.0.1",
         f"cluster.master_port={free_port()}", f"worker.metrics_port={metrics_base}", "cluster.rpc_timeout_s=60",
     ])
-    with ChatLoop.start(cfg) as llm:
-        with serve_in_thread(create_app(llm, cfg)) as url:
-            yield llm, url, metrics_base
+    with ChatLoop.start(cfg) as llm, serve_in_thread(create_app(llm, cfg)) as url:
+        yield llm, url, metrics_base
 
 
 def test_openai_client_gets_the_python_api_text(cluster):
@@ -79,7 +78,7 @@ def test_concurrent_clients_over_rpc(cluster):
 
 
 def test_health_status_and_worker_metrics(cluster, capsys):
-    llm, url, metrics_base = cluster
+    _llm, url, metrics_base = cluster
     r = httpx.get(f"{url}/health", timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["down"] == [] and [s["name"] for s in r.json()["stages"]] == [f"worker{k}" for k in range(NUM_WORKERS)]

@@ -179,7 +179,7 @@ def test_more_partitions_than_layers(tiny_checkpoint, tmp_path, capsys):
     path = tiny_checkpoint("llama").path  # 5 layers
     with pytest.raises(PlanError, match="6 stages for 5 layers"):
         split_model(path, tmp_path / "out", 6)
-    code, out, err = split_cli(capsys, path, tmp_path / "out", 6)
+    code, _out, err = split_cli(capsys, path, tmp_path / "out", 6)
     assert code == 2
     assert "chatloop-split: error: 6 stages for 5 layers" in err and "use at most 5 stages" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -341,3 +341,38 @@ def test_partition_in_another_dtype(llama_parts, tiny_checkpoint, tmp_path):
     message = r"partition_3\.safetensors: tensor .* is torch\.bfloat16, the manifest says float32"
     with pytest.raises(PartitionError, match=message):
         load_stage(llama_parts, 3)
+
+
+def test_partition_file_differs_from_the_configuration(llama_parts):
+    with pytest.raises(PartitionError, match=r"gives worker 1 partition 'partition_7.safetensors', the manifest .* says "
+                                              r"'partition_1.safetensors': set cluster.workers\[1\].partition"):
+        load_stage(llama_parts, 1, expected_file="partition_7.safetensors")
+    load_stage(llama_parts, 1, expected_file="partition_1.safetensors")
+
+
+def test_worker_host_must_be_this_machine(llama_parts):
+    from chatloop.engine import StageSpec
+    from chatloop.runtime.remote_stage import RemoteStage
+
+    spec = StageSpec(name="worker1", index=1, directory=str(llama_parts), host="192.0.2.77", min_capacity_tokens=16)
+    with pytest.raises(ValueError, match=r"worker1 is configured to run on '192.0.2.77' \(cluster.workers\[1\].host\), "
+                                         r"but this rank runs on .*: start rank 2 on 192.0.2.77"):
+        RemoteStage(spec, rpc_timeout_s=5)
+    here = RemoteStage(StageSpec(name="worker1", index=1, directory=str(llama_parts), host="localhost",
+                                 min_capacity_tokens=16), rpc_timeout_s=5)
+    assert here.describe().layers == "2-2"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cluster.workers=[{start_layer: 3, end_layer: 1}]", "a worker's layers 3-1 are empty or negative"),
+        ("cluster.workers=[{start_layer: 0, end_layer: 1, port: 50051}]", "Key 'port' not in 'WorkerSpec'"),
+        ("cluster.num_workers=two", "Value 'two' of type 'str' could not be converted to Integer"),
+    ],
+)
+def test_bad_worker_rows(override, message):
+    from chatloop import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(["cluster.num_workers=1", override])

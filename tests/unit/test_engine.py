@@ -143,9 +143,8 @@ def test_block_allocator_gives_back_everything():
         assert len(b) == 1 and allocator.num_free == 0
     allocator.free(a)
     assert allocator.num_free == 4
-    with pytest.raises(MemoryError, match="no room"):
-        with allocator.reserved(100):
-            pass
+    with pytest.raises(MemoryError, match="no room"), allocator.reserved(100):
+        pass
 
 
 class _CharTokenizer:

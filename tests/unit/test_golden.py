@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from chatloop.models import ModelArgs
 from chatloop.kernels import load_kernels
+from chatloop.models import ModelArgs
 from chatloop.models.kv_cache import PagedKVCache
 from chatloop.models.packing import KernelLinear, PackedLinear, _as_linear
 from chatloop.partition import Manifest

@@ -122,8 +122,7 @@ def test_decode_attention_matches_sdpa_over_the_gathered_context(kernel, heads, 
 
 
 def test_decode_attention_is_used_only_for_float32_single_token_steps():
-    from chatloop.models import StepBatch, build_stage
-    from chatloop.models import LayerRange
+    from chatloop.models import LayerRange, StepBatch, build_stage
     from tests.conftest import tiny_hf_config
 
     stage = build_stage(tiny_hf_config("llama").to_dict(), LayerRange(0, 1), True, False)
@@ -135,3 +134,36 @@ def test_decode_attention_is_used_only_for_float32_single_token_steps():
     cache.begin(StepBatch.build([3, 2], [1, 1], [[0], [1]], 4))
     assert cache.decode_in_place == stage.native_attention
     assert not stage.new_cache(8, 4, dtype=torch.bfloat16).native_attention
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: kernel_linear(torch.ones(2, 8, dtype=torch.float64), torch.ones(4, 8)), "takes float32, got x torch.float64"),
+        (lambda: kernel_linear(torch.ones(2, 8), torch.ones(8, 4).t()), "contiguous \\[out, in\\] matrix"),
+        (lambda: kernel_linear(torch.ones(2, 7), torch.ones(4, 8)), "x has 7 features, the weight takes 8"),
+        (lambda: kernel_linear(torch.ones(2, 8), torch.ones(4, 8), torch.ones(3)), "bias must be a contiguous float32 \\[4\\]"),
+        (lambda: kernels.kernel_decode_attention(
+            torch.ones(2, 4, 8), torch.ones(16, 2, 8), torch.ones(16, 2, 8), torch.zeros(2, 4, dtype=torch.int32), 4,
+            torch.ones(2, dtype=torch.int64), 1), "tables and lengths must be int64"),
+        (lambda: kernels.kernel_decode_attention(
+            torch.ones(2, 4, 8), torch.ones(16, 3, 8), torch.ones(16, 3, 8), torch.zeros(2, 4, dtype=torch.int64), 4,
+            torch.ones(2, dtype=torch.int64), 1), "4 query heads are not a multiple of 3 kv heads"),
+        (lambda: kernels.kernel_decode_attention(
+            torch.ones(2, 4, 8), torch.ones(16, 2, 8), torch.ones(16, 2, 8), torch.zeros(3, 4, dtype=torch.int64), 4,
+            torch.ones(2, dtype=torch.int64), 1), "need tables \\[2, N\\] and lengths \\[2\\]"),
+        (lambda: kernels.kernel_decode_attention(
+            torch.ones(2, 4, 8), torch.ones(16, 2, 8), torch.ones(16, 2, 8), torch.zeros(2, 4, dtype=torch.int64), 4,
+            torch.ones(2, dtype=torch.int64), 17), "max_length 17 is not within the tables' 16 slots"),
+        (lambda: kernels.stream_read(torch.ones(100)), "multiple of 4096 elements"),
+    ],
+)
+def test_kernel_wrappers_refuse_wrong_dtypes_and_shapes_even_under_python_O(kernel, call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_kernel_wrappers_say_why_the_kernels_are_missing(fresh_kernels, monkeypatch):
+    monkeypatch.setenv("CHATLOOP_KERNELS", "0")
+    with pytest.raises(RuntimeError, match=r"native kernels are not available here \(CHATLOOP_KERNELS=0\)"):
+        kernel_linear(torch.ones(1, 8), torch.ones(4, 8))

@@ -96,7 +96,7 @@ def test_each_partition_holds_only_its_stage_keys(family, tiny_checkpoint, tmp_p
     manifest = split_model(checkpoint.path, tmp_path, 4, progress=False)
     plan = plan_layers(checkpoint.num_layers, 4)
     assert manifest.plan == plan
-    for i, (info, part) in enumerate(zip(manifest.partitions, load_partitions(tmp_path, manifest))):
+    for i, (_info, part) in enumerate(zip(manifest.partitions, load_partitions(tmp_path, manifest))):
         is_first, is_last = i == 0, i == len(plan) - 1
         layers_seen = set()
         for key in part:
@@ -267,7 +267,7 @@ def test_smollm2_split(smollm2_split, smollm2_checkpoint):
         embedding = source.get_tensor("model.embed_tokens.weight")
         for f in (first, last):
             assert torch.equal(f.get_tensor("model.embed_tokens.weight"), embedding)
-        assert "model.norm.weight" in last.keys() and "model.norm.weight" not in first.keys()
+        assert "model.norm.weight" in last and "model.norm.weight" not in first
     total = sum(p.num_bytes for p in manifest.partitions)
     embedding = 49152 * 576 * 4
     source_size = (smollm2_checkpoint / "model.safetensors").stat().st_size

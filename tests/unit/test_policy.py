@@ -1,0 +1,379 @@
+"""The scheduling policy on its own: a fake model, a fake clock, no threads, no sleeps, no torch; then its driver."""
+
+from __future__ import annotations
+
+import ast
+import queue
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+import chatloop.engine
+from chatloop.engine import (
+    BlockAllocator,
+    ContextLengthError,
+    EmptyPromptError,
+    FinishReason,
+    Pipeline,
+    QueueFullError,
+    SamplingParams,
+    Scheduler,
+    SchedulerPolicy,
+    Step,
+)
+
+EOS = 3
+
+
+class CharTokenizer:
+    """Token id i is the character chr(i)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def text_ids(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+class FakeModel:
+    """The pipeline's answers: sequence s's k-th generated token is ``scripts[s][k]`` (then 'z' forever)."""
+
+    def __init__(self, scripts: dict[int, list[int]] | None = None) -> None:
+        self.scripts = scripts or {}
+        self.produced: dict[int, int] = {}
+
+    def answer(self, step: Step) -> list[int]:
+        tokens = []
+        for seq in step.sequence_ids:
+            k = self.produced.get(seq, 0)
+            self.produced[seq] = k + 1
+            script = self.scripts.get(seq, [])
+            tokens.append(script[k] if k < len(script) else ord("z"))
+        return tokens
+
+
+def make_policy(num_blocks: int = 64, block_size: int = 4, **options) -> SchedulerPolicy:
+    options.setdefault("batching_window_s", 0.0)
+    return SchedulerPolicy(BlockAllocator(num_blocks, block_size), CharTokenizer(), eos_token_ids={EOS}, **options)
+
+
+def params(max_new_tokens: int = 4, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, **kw)
+
+
+class Run:
+    """Drives a policy the way the scheduler thread does, one step at a time, collecting every event."""
+
+    def __init__(self, policy: SchedulerPolicy, model: FakeModel | None = None) -> None:
+        self.policy, self.model = policy, model or FakeModel()
+        self.now = 0.0
+        self.events: dict[int, list] = {}
+        self.in_flight: list[Step] = []
+
+    def collect(self, outputs) -> None:
+        for seq, event in outputs:
+            self.events.setdefault(seq, []).append(event)
+
+    def schedule(self) -> list[Step]:
+        steps, outputs = self.policy.schedule(self.now)
+        self.collect(outputs)
+        self.in_flight += steps
+        return steps
+
+    def answer(self, step: Step, result=None) -> None:
+        self.in_flight.remove(step)
+        self.collect(self.policy.complete(step.id, self.model.answer(step) if result is None else result))
+
+    def until_idle(self, max_rounds: int = 1000) -> None:
+        for _ in range(max_rounds):
+            self.schedule()
+            if not self.in_flight:
+                return
+            self.answer(self.in_flight[0])
+        raise AssertionError("the policy never went idle")
+
+    def text(self, seq: int) -> str:
+        return "".join(e.text for e in self.events[seq])
+
+    def finish(self, seq: int):
+        last = self.events[seq][-1]
+        assert last.finish_reason is not None, f"sequence {seq} has not finished"
+        assert all(e.finish_reason is None for e in self.events[seq][:-1])
+        return last
+
+
+def test_a_request_waits_for_company_for_the_batching_window():
+    policy = make_policy(batching_window_s=0.005, max_batch_size=4)
+    run = Run(policy)
+    first = policy.add([1, 2], params(), now=0.0)
+    assert run.schedule() == []
+    assert policy.next_wakeup(0.0) == pytest.approx(0.005)
+    run.now = 0.004
+    assert run.schedule() == []
+    second = policy.add([4, 5, 6], params(), now=0.004)
+    run.now = 0.005  # the first request's window is over: both go in one prefill
+    (step,) = run.schedule()
+    assert step.sequence_ids == (first, second)
+    assert step.token_ids == ((1, 2), (4, 5, 6)) and step.starts == (0, 0)
+
+
+def test_a_full_batch_does_not_wait_for_the_window():
+    policy = make_policy(batching_window_s=10.0, max_batch_size=2)
+    run = Run(policy)
+    a, b = policy.add([1], params(), 0.0), policy.add([2], params(), 0.0)
+    (step,) = run.schedule()
+    assert step.sequence_ids == (a, b)
+
+
+def test_admission_waits_for_blocks_first_come_first_served():
+    policy = make_policy(num_blocks=4, block_size=4)  # 16 tokens in all
+    run = Run(policy)
+    big = policy.add([1] * 8, params(max_new_tokens=4), 0.0)  # 12 tokens: 3 blocks
+    middle = policy.add([1] * 4, params(max_new_tokens=4), 0.0)  # 2 blocks: only 1 is left
+    small = policy.add([1], params(max_new_tokens=3), 0.0)  # 1 block: free, but must not overtake
+    (step,) = run.schedule()
+    assert step.sequence_ids == (big,)
+    assert policy.allocator.num_free == 1 and policy.stats.num_waiting == 2
+    run.answer(step)
+    assert policy.next_wakeup(0.0) == 0  # the decode step, not the blocked queue
+    run.until_idle()
+    assert run.finish(big).finish_reason is FinishReason.LENGTH
+    assert run.finish(middle).finish_reason is FinishReason.LENGTH and run.finish(small).finish_reason is FinishReason.LENGTH
+    assert policy.allocator.num_free == 4
+
+
+def test_a_blocked_queue_does_not_wake_the_scheduler():
+    policy = make_policy(num_blocks=2, block_size=4)
+    run = Run(policy)
+    policy.add([1] * 4, params(max_new_tokens=4), 0.0)  # both blocks
+    policy.add([1], params(max_new_tokens=1), 0.0)
+    (_step,) = run.schedule()
+    assert policy.next_wakeup(0.0) is None  # in flight, and no blocks for the waiting one: nothing to do
+
+
+def test_continuous_batching_lets_a_waiting_request_join_when_one_finishes():
+    policy = make_policy(max_batch_size=2, max_in_flight=1)
+    run = Run(policy)
+    short = policy.add([1], params(max_new_tokens=1), 0.0)
+    long = policy.add([2], params(max_new_tokens=3), 0.0)
+    late = policy.add([3, 3], params(max_new_tokens=2), 0.0)
+    (prefill,) = run.schedule()
+    assert prefill.sequence_ids == (short, long)  # the batch is full: late waits
+    run.answer(prefill)
+    assert run.finish(short).finish_reason is FinishReason.LENGTH
+    (join,) = run.schedule()
+    assert join.sequence_ids == (late,) and join.token_ids == ((3, 3),)  # a prompt goes before the decodes
+    run.answer(join)
+    (decode,) = run.schedule()
+    assert decode.sequence_ids == (long, late) and decode.token_ids == ((ord("z"),), (ord("z"),))
+    assert decode.starts == (1, 2)
+    run.until_idle()
+    assert [len(e.token_ids) for e in run.events[long]] == [1, 1, 1]
+
+
+def test_prefills_and_decodes_go_in_separate_micro_batches_up_to_max_in_flight():
+    policy = make_policy(max_batch_size=8, max_in_flight=2)
+    run = Run(policy)
+    first = [policy.add([1, 2, 3], params(max_new_tokens=5), 0.0) for _ in range(4)]
+    steps = run.schedule()
+    assert [s.sequence_ids for s in steps] == [tuple(first[:2]), tuple(first[2:])]  # split over 2 in flight
+    assert run.schedule() == []  # two in flight already
+    run.answer(steps[0])
+    newcomer = policy.add([9, 9], params(), 0.0)
+    (prefill,) = run.schedule()
+    assert prefill.sequence_ids == (newcomer,)  # the prompt alone, not padded into a decode
+    run.answer(steps[1])
+    (decode,) = run.schedule()
+    assert set(decode.sequence_ids) <= set(first) and all(len(t) == 1 for t in decode.token_ids)
+
+
+def test_a_sequence_never_has_two_steps_in_flight():
+    policy = make_policy(max_batch_size=1, max_in_flight=4)
+    run = Run(policy)
+    policy.add([1], params(max_new_tokens=3), 0.0)
+    assert len(run.schedule()) == 1
+    assert run.schedule() == []  # its step is out: nothing else can go
+    assert policy.next_wakeup(0.0) is None
+
+
+def test_max_tokens_per_micro_batch_splits_a_prefill():
+    policy = make_policy(max_batch_size=4, max_in_flight=1, max_tokens_per_micro_batch=10)
+    run = Run(policy)
+    a = policy.add([1] * 4, params(), 0.0)
+    b = policy.add([1] * 4, params(), 0.0)
+    c = policy.add([1] * 4, params(), 0.0)
+    (step,) = run.schedule()
+    assert step.sequence_ids == (a, b)  # 3 x 4 padded tokens would pass 10
+    run.answer(step)
+    assert run.schedule()[0].sequence_ids == (c,)
+
+
+def test_cancelled_while_in_flight_ends_when_its_step_returns_and_frees_its_blocks():
+    policy = make_policy()
+    run = Run(policy)
+    seq = policy.add([1, 2], params(max_new_tokens=10), 0.0)
+    (step,) = run.schedule()
+    policy.cancel(seq)
+    assert policy.next_wakeup(0.0) is None  # no busy wait while its step is out
+    assert run.schedule() == [] and seq not in run.events
+    run.answer(step)
+    assert run.finish(seq).finish_reason is FinishReason.CANCELLED
+    assert run.finish(seq).token_ids == ()  # the token of the abandoned step is not delivered
+    assert policy.allocator.num_free == policy.allocator.num_blocks
+    assert policy.stats.finished == {"cancelled": 1}
+
+
+def test_cancelled_while_waiting_or_between_steps_ends_at_the_next_schedule():
+    policy = make_policy(max_batch_size=1)
+    run = Run(policy)
+    running = policy.add([1], params(max_new_tokens=10), 0.0)
+    waiting = policy.add([2], params(), 0.0)
+    (step,) = run.schedule()
+    run.answer(step)
+    policy.cancel(waiting)
+    policy.cancel(running)
+    assert policy.next_wakeup(0.0) == 0
+    assert run.schedule() == []
+    assert run.finish(waiting).finish_reason is FinishReason.CANCELLED
+    assert run.finish(running).finish_reason is FinishReason.CANCELLED
+    assert policy.allocator.num_free == policy.allocator.num_blocks and policy.stats.num_running == 0
+
+
+def test_stop_strings_end_the_text_before_them():
+    policy = make_policy()
+    run = Run(policy, FakeModel({0: text_ids("abEcEND tail")}))
+    seq = policy.add([1], params(max_new_tokens=20, stop=("END",)), 0.0)
+    run.until_idle()
+    assert run.finish(seq).finish_reason is FinishReason.STOP
+    assert run.text(seq) == "abEc"
+    assert all("N" not in e.text for e in run.events[seq])  # "EN" was held back: it could become "END"
+
+
+def test_max_new_tokens_ends_with_length_and_keeps_the_last_token():
+    policy = make_policy()
+    run = Run(policy, FakeModel({0: text_ids("hello")}))
+    seq = policy.add([1], params(max_new_tokens=3), 0.0)
+    run.until_idle()
+    last = run.finish(seq)
+    assert last.finish_reason is FinishReason.LENGTH and last.token_ids == (ord("l"),)
+    assert run.text(seq) == "hel" and policy.stats.generated_tokens == 3
+
+
+def test_end_of_sequence_stops_unless_ignored():
+    policy = make_policy()
+    run = Run(policy, FakeModel({0: [ord("a"), EOS, ord("b")], 1: [ord("a"), EOS, ord("b")]}))
+    stops = policy.add([1], params(max_new_tokens=5), 0.0)
+    goes_on = policy.add([1], params(max_new_tokens=3, ignore_eos=True), 0.0)
+    run.until_idle()
+    assert run.finish(stops).finish_reason is FinishReason.STOP and run.text(stops) == "a"
+    assert run.finish(goes_on).finish_reason is FinishReason.LENGTH
+    assert [t for e in run.events[goes_on] for t in e.token_ids] == [ord("a"), EOS, ord("b")]
+
+
+def test_a_failed_step_ends_its_sequences_with_the_error_and_frees_their_blocks():
+    policy = make_policy(max_batch_size=4, max_in_flight=2)
+    run = Run(policy)
+    a, b, c = (policy.add([1], params(max_new_tokens=5), 0.0) for _ in range(3))
+    first, _second = run.schedule()
+    failure = RuntimeError("worker2 failed")
+    run.answer(first, result=failure)
+    for seq in first.sequence_ids:
+        assert run.finish(seq).finish_reason is FinishReason.ERROR and run.finish(seq).error is failure
+    run.until_idle()
+    assert run.finish(c).finish_reason is FinishReason.LENGTH
+    assert policy.allocator.num_free == policy.allocator.num_blocks
+    assert policy.stats.finished == {"error": 2, "length": 1} and {a, b} == set(first.sequence_ids)
+
+
+def test_each_step_carries_the_blocks_its_positions_need_and_seeded_sampling_inputs():
+    policy = make_policy(block_size=4)
+    run = Run(policy)
+    seq = policy.add([1] * 5, params(max_new_tokens=8, seed=42, temperature=0.5, repetition_penalty=1.2), 0.0)
+    (prefill,) = run.schedule()
+    assert len(prefill.block_tables[0]) == 2  # 5 tokens in blocks of 4
+    sampler = prefill.sampling[0]
+    assert (sampler.seed, sampler.step, sampler.temperature) == (42, 0, 0.5) and sampler.history == (1,) * 5
+    run.answer(prefill)
+    (decode,) = run.schedule()
+    assert decode.starts == (5,) and decode.sampling[0].step == 1 and len(decode.block_tables[0]) == 2
+    assert decode.sampling[0].history == (1,) * 5 + (ord("z"),)
+    assert seq in run.events
+
+
+def test_requests_that_cannot_run_raise_typed_errors():
+    policy = make_policy(num_blocks=4, block_size=4, max_queue_size=1, max_context=12)
+    with pytest.raises(EmptyPromptError, match="prompt is empty"):
+        policy.add([], params(), 0.0)
+    with pytest.raises(ContextLengthError, match="context of 12 tokens") as e:
+        policy.add([1] * 10, params(max_new_tokens=4), 0.0)
+    assert e.value.param == "max_tokens"
+    big = make_policy(num_blocks=2, block_size=4)
+    with pytest.raises(ContextLengthError, match="exceeds the KV cache's 8 tokens: lower max_new_tokens or raise"):
+        big.add([1] * 6, params(max_new_tokens=4), 0.0)
+    policy.add([1], params(), 0.0)
+    with pytest.raises(QueueFullError, match=r"queue is full \(1 waiting\)"):
+        policy.add([1], params(), 0.0)
+    assert policy.context_length == 12 and big.context_length == 8
+
+
+def test_close_cancels_everything():
+    policy = make_policy(max_batch_size=1)
+    run = Run(policy)
+    running = policy.add([1], params(), 0.0)
+    waiting = policy.add([2], params(), 0.0)
+    run.schedule()
+    run.collect(policy.close())
+    assert run.finish(running).finish_reason is FinishReason.CANCELLED
+    assert run.finish(waiting).finish_reason is FinishReason.CANCELLED
+    assert policy.stats.num_running == policy.stats.num_waiting == 0
+
+
+def test_finish_reasons_read_as_their_names():
+    assert str(FinishReason.LENGTH) == "length" and FinishReason.STOP == "stop"
+
+
+def test_the_policy_and_what_it_imports_use_no_torch_no_threads_and_no_clock():
+    folder = Path(chatloop.engine.__file__).parent
+    for module in ("policy", "blocks", "detokenizer", "errors", "requests"):
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+        assert not imported & {"torch", "time", "threading"}, f"{module}.py imports {sorted(imported)}"
+
+
+class InstantPipeline(Pipeline):
+    """A pipeline whose steps answer at once, on the caller's thread: 'z' for every sequence."""
+
+    def __init__(self) -> None:
+        super().__init__(["fake"], num_blocks=64, block_size=4)
+
+    def _submit(self, micro_batch) -> Future:
+        future: Future = Future()
+        future.set_result([ord("z")] * micro_batch.token_ids.shape[0])
+        return future
+
+    def describe(self, timeout):
+        return []
+
+    def take_timings(self):
+        return {}
+
+    def inject_failure(self, stage, message="injected"):
+        raise NotImplementedError
+
+
+def test_the_driver_delivers_every_event_and_observers_see_every_step():
+    pipeline = InstantPipeline()
+    records = []
+    pipeline.add_observer(records.append)
+    scheduler = Scheduler(pipeline, CharTokenizer(), batching_window_ms=0, eos_token_ids={EOS})
+    events: queue.Queue = queue.Queue()
+    try:
+        scheduler.submit([1, 2], params(max_new_tokens=3), events.put)
+        got = [events.get(timeout=10) for _ in range(3)]
+    finally:
+        scheduler.close()
+    assert "".join(e.text for e in got) == "zzz" and got[-1].finish_reason is FinishReason.LENGTH
+    assert [(r.num_sequences, r.num_tokens, r.failed) for r in records] == [(1, 2, False), (1, 1, False), (1, 1, False)]
