@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: run test install bench clean
+.PHONY: run test lint install bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q benchmarks --benchmark-only

@@ -161,7 +161,8 @@ def host_info() -> dict:
 
 # ---- ChatLoop ---------------------------------------------------------------------------------
 class StepRecorder:
-    """Observes the pipeline (``Pipeline.add_observer``): when the coordinator sent each micro-batch and got its tokens."""
+    """Observes the pipeline (``Pipeline.add_observer``): when the coordinator sent each micro-batch and got its
+    tokens."""
 
     def __init__(self) -> None:
         self.records: list[tuple[int, int, int, float, float]] = []  # (id, sequences, tokens per sequence, sent, done)
@@ -237,7 +238,8 @@ class ChatLoopSession:
         started = time.perf_counter()
         self.llm = ChatLoop.start(cfg)
         self.startup_s = time.perf_counter() - started
-        self.batch_size, self.new_tokens, self.timeout_s = cfg.batching.max_batch_size, bench.new_tokens, bench.timeout_s
+        self.batch_size, self.new_tokens, self.timeout_s = (
+            cfg.batching.max_batch_size, bench.new_tokens, bench.timeout_s)
         try:
             _check_capacity(self.llm, cfg, bench)
             self.prompts = make_prompts(bench.num_requests, bench.prompt_tokens, self.llm.vocab_size, bench.seed)

@@ -100,7 +100,8 @@ class Contender:
         self._timeout = spec["benchmark"]["timeout_s"]  # per load, and for loading
         self._conn, child = multiprocessing.Pipe()
         # Not a daemon: ChatLoop starts its workers from this process.
-        self._process = multiprocessing.get_context("spawn").Process(target=_serve, args=(mode, spec, child), name=f"paired-{mode}")
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=_serve, args=(mode, spec, child), name=f"paired-{mode}")
         self._process.start()
         self.startup_s = self._answer()["startup_s"]
 
@@ -171,9 +172,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--modes", default="hf,inprocess,chatloop", help=f"comma-separated, from {', '.join(MODES)}")
-    parser.add_argument("--config-name", default="benchmark/sweep", help="a sweep file of conf/, e.g. benchmark/tinyllama")
+    parser.add_argument("--config-name", default="benchmark/sweep",
+                        help="a sweep file of conf/, e.g. benchmark/tinyllama")
     parser.add_argument("--json", type=Path, help="also write every round and ratio here")
-    parser.add_argument("overrides", nargs="*", help="sweep overrides, e.g. cluster.num_workers=4 batching.max_batch_size=16")
+    parser.add_argument("overrides", nargs="*",
+                        help="sweep overrides, e.g. cluster.num_workers=4 batching.max_batch_size=16")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]

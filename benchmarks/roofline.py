@@ -85,7 +85,8 @@ def measure_roofline(
             times.append(time.perf_counter() - t)
         step_ms = statistics.median(times) * 1e3
         roofline_ms = weight_bytes / (gbs * 1e9) * 1e3
-        pairs.append({"bandwidth_gbs": gbs, "step_ms": step_ms, "roofline_ms": roofline_ms, "fraction": roofline_ms / step_ms})
+        pairs.append(
+            {"bandwidth_gbs": gbs, "step_ms": step_ms, "roofline_ms": roofline_ms, "fraction": roofline_ms / step_ms})
     fractions = [p["fraction"] for p in pairs]
     return {
         "model": model,
@@ -102,7 +103,8 @@ def measure_roofline(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="random:tinyllama-1.1b", help="checkpoint folder, embedded model or random:SHAPE")
+    parser.add_argument("--model", default="random:tinyllama-1.1b",
+                        help="checkpoint folder, embedded model or random:SHAPE")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="decode steps per round (their median counts)")
@@ -113,12 +115,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from .measure import in_temporary_thread
 
-    result = in_temporary_thread(measure_roofline, args.model, args.dtype, args.rounds, args.steps, args.bandwidth_mb, args.context, args.overrides)
+    result = in_temporary_thread(measure_roofline, args.model, args.dtype, args.rounds, args.steps, args.bandwidth_mb,
+                                 args.context, args.overrides)
     for p in result["rounds"]:
-        print(f"bandwidth {p['bandwidth_gbs']:5.1f} GB/s  roofline {p['roofline_ms']:7.2f} ms  step {p['step_ms']:7.2f} ms  fraction {p['fraction']:.2f}")
+        print(f"bandwidth {p['bandwidth_gbs']:5.1f} GB/s  roofline {p['roofline_ms']:7.2f} ms  "
+              f"step {p['step_ms']:7.2f} ms  fraction {p['fraction']:.2f}")
     print(
-        f"{args.model} {args.dtype} {' '.join(args.overrides)}, batch 1, {result['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: "
-        f"{result['fraction_median']:.2f} of the roofline (median of {args.rounds} rounds, {result['fraction_min']:.2f}-{result['fraction_max']:.2f})"
+        f"{args.model} {args.dtype} {' '.join(args.overrides)}, batch 1, "
+        f"{result['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token: "
+        f"{result['fraction_median']:.2f} of the roofline (median of {args.rounds} rounds, "
+        f"{result['fraction_min']:.2f}-{result['fraction_max']:.2f})"
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -98,7 +98,8 @@ def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
         manifest = split_model(cfg.model.name, directory, cfg.cluster.num_workers, ranges=ranges)
     if manifest.num_partitions != cfg.cluster.num_workers:
         raise ManifestError(
-            f"{directory} holds {manifest.num_partitions} partitions but cluster.num_workers={cfg.cluster.num_workers}: "
+            f"{directory} holds {manifest.num_partitions} partitions "
+            f"but cluster.num_workers={cfg.cluster.num_workers}: "
             f"split the model into {cfg.cluster.num_workers} partitions (chatloop-split --num-partitions "
             f"{cfg.cluster.num_workers}) or set cluster.num_workers={manifest.num_partitions}"
         )
@@ -110,7 +111,8 @@ def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
             )
         if (spec.start_layer, spec.end_layer) != (manifest.partitions[k].start_layer, manifest.partitions[k].end_layer):
             raise ManifestError(
-                f"cluster.workers[{k}] has layers {spec.start_layer}-{spec.end_layer}, the manifest in {directory} gives "
+                f"cluster.workers[{k}] has layers {spec.start_layer}-{spec.end_layer}, "
+                f"the manifest in {directory} gives "
                 f"partition {k} layers {manifest.partitions[k].layers}: make the ranges match "
                 f"({', '.join(str(r) for r in manifest.plan)}) or split again with --ranges"
             )
@@ -146,7 +148,8 @@ class ChatLoop:
             batching_window_ms=cfg.batching.batching_window_ms,
             max_queue_size=cfg.batching.max_queue_size,
             max_in_flight=cfg.cluster.max_in_flight or self._stages_at_once(),
-            max_context=manifest.model_config.get("max_position_embeddings") or manifest.model_config.get("n_positions"),
+            max_context=(manifest.model_config.get("max_position_embeddings")
+                         or manifest.model_config.get("n_positions")),
             max_tokens_per_micro_batch=cfg.batching.max_tokens_per_micro_batch,
             eos_token_ids=_eos_ids(directory, self.tokenizer),
         )
@@ -223,11 +226,15 @@ class ChatLoop:
             return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
         return [int(t) for t in prompt]
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[SequenceEvent], None]) -> Callable[[], None]:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[SequenceEvent], None]
+    ) -> Callable[[], None]:
         """Low level: queue token ids; ``emit`` gets the events on the scheduler's thread. Returns ``cancel()``."""
         return self.scheduler.submit(prompt_ids, params, emit)
 
-    def stream_events(self, prompt, *, chat: bool = False, params: SamplingParams | None = None, **sampling) -> Iterator[SequenceEvent]:
+    def stream_events(
+        self, prompt, *, chat: bool = False, params: SamplingParams | None = None, **sampling
+    ) -> Iterator[SequenceEvent]:
         """Every event of one request, ending with the one that has ``finish_reason``; cancels if abandoned."""
         params = _params(params, sampling)
         events: queue.Queue[SequenceEvent] = queue.Queue()

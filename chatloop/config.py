@@ -121,7 +121,8 @@ class ClusterConfig:
             )
         _require(
             not self.workers or len(self.workers) == self.num_workers,
-            f"cluster.workers lists {len(self.workers)} workers but cluster.num_workers={self.num_workers}: make them agree",
+            f"cluster.workers lists {len(self.workers)} workers but cluster.num_workers={self.num_workers}: "
+            "make them agree",
         )
 
 
@@ -266,5 +267,6 @@ def to_config(cfg: Any) -> ChatLoopConfig:
         return cfg
     result = OmegaConf.to_object(cfg)
     if not isinstance(result, ChatLoopConfig):
-        raise TypeError("the composed config is not a ChatLoopConfig: does conf/config.yaml start from chatloop_schema?")
+        raise TypeError(
+            "the composed config is not a ChatLoopConfig: does conf/config.yaml start from chatloop_schema?")
     return result

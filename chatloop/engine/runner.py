@@ -72,7 +72,8 @@ def stage_specs(cfg: ChatLoopConfig, directory: str | Path) -> list[StageSpec]:
         specs.append(StageSpec(
             name=name, index=k, directory=os.path.abspath(directory),
             expected_layers=LayerRange(worker.start_layer, worker.end_layer) if worker else None,
-            expected_file=(worker.partition or None) if worker else None, host=(worker.host or None) if worker else None,
+            expected_file=(worker.partition or None) if worker else None,
+            host=(worker.host or None) if worker else None,
             dtype=cfg.model.dtype, kv_cache_mb=cfg.cache.kv_cache_mb, block_size=cfg.cache.block_size,
             min_capacity_tokens=cfg.cache.min_capacity_tokens, verify_sha256=cfg.model.verify_sha256,
             pack_weights=cfg.worker.pack_weights, native_kernels=cfg.worker.native_kernels,

@@ -72,7 +72,8 @@ def _build(compiler: str) -> Path:
     fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", scratch], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", scratch],
+                       check=True, capture_output=True, text=True, timeout=120)
         os.replace(scratch, target)
     finally:
         if os.path.exists(scratch):
@@ -107,7 +108,8 @@ def load_kernels() -> ctypes.CDLL | None:
 def _library() -> ctypes.CDLL:
     library = load_kernels()
     if library is None:
-        raise RuntimeError(f"ChatLoop's native kernels are not available here ({_unavailable_reason() or 'see the log'})")
+        raise RuntimeError(
+            f"ChatLoop's native kernels are not available here ({_unavailable_reason() or 'see the log'})")
     return library
 
 
@@ -123,8 +125,10 @@ def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Callers check ``load_kernels()`` first and send it at most ``MAX_KERNEL_ROWS`` rows.
     """
     library = _library()
-    _require(x.dtype == weight.dtype == torch.float32, f"kernel_linear takes float32, got x {x.dtype}, weight {weight.dtype}")
-    _require(weight.dim() == 2 and weight.is_contiguous(), f"kernel_linear's weight must be a contiguous [out, in] matrix, "
+    _require(x.dtype == weight.dtype == torch.float32,
+             f"kernel_linear takes float32, got x {x.dtype}, weight {weight.dtype}")
+    _require(weight.dim() == 2 and weight.is_contiguous(),
+             f"kernel_linear's weight must be a contiguous [out, in] matrix, "
              f"got shape {tuple(weight.shape)}, contiguous={weight.is_contiguous()}")
     out_features, in_features = weight.shape
     _require(x.shape[-1] == in_features, f"kernel_linear: x has {x.shape[-1]} features, the weight takes {in_features}")
@@ -158,18 +162,21 @@ def kernel_decode_attention(
     library = _library()
     _require(q.dtype == keys.dtype == values.dtype == torch.float32,
              f"kernel_decode_attention takes float32, got q {q.dtype}, keys {keys.dtype}, values {values.dtype}")
-    _require(keys.is_contiguous() and values.is_contiguous(), "kernel_decode_attention's keys and values must be contiguous")
+    _require(keys.is_contiguous() and values.is_contiguous(),
+             "kernel_decode_attention's keys and values must be contiguous")
     _require(tables.dtype == lengths.dtype == torch.int64, "kernel_decode_attention's tables and lengths must be int64")
     _require(q.dim() == 3 and keys.dim() == 3 and keys.shape == values.shape and keys.shape[2] == q.shape[2],
              f"kernel_decode_attention: q must be [B, H, D] and keys/values [slots, K, D] with the same D, got q "
              f"{tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}")
     (batch, heads, head_dim), kv_heads = q.shape, keys.shape[1]
-    _require(heads % kv_heads == 0, f"kernel_decode_attention: {heads} query heads are not a multiple of {kv_heads} kv heads")
+    _require(heads % kv_heads == 0,
+             f"kernel_decode_attention: {heads} query heads are not a multiple of {kv_heads} kv heads")
     _require(tables.dim() == 2 and tables.shape[0] == batch and lengths.shape == (batch,),
              f"kernel_decode_attention: need tables [{batch}, N] and lengths [{batch}], got {tuple(tables.shape)} "
              f"and {tuple(lengths.shape)}")
     _require(0 < max_length <= tables.shape[1] * block_size,
-             f"kernel_decode_attention: max_length {max_length} is not within the tables' {tables.shape[1] * block_size} slots")
+             f"kernel_decode_attention: max_length {max_length} is not within the tables' "
+             f"{tables.shape[1] * block_size} slots")
     q, tables, lengths = q.contiguous(), tables.contiguous(), lengths.contiguous()
     out = torch.empty_like(q)
     scratch = torch.empty(batch * heads * max_length, dtype=torch.float32)
@@ -185,5 +192,6 @@ def stream_read(t: torch.Tensor) -> float:
     """Read a contiguous float32 tensor (numel a multiple of 4096) the way the kernel reads weights."""
     library = _library()
     _require(t.dtype == torch.float32 and t.is_contiguous() and t.numel() % 4096 == 0,
-             f"stream_read takes a contiguous float32 tensor of a multiple of 4096 elements, got {t.dtype} {tuple(t.shape)}")
+             "stream_read takes a contiguous float32 tensor of a multiple of 4096 elements, "
+             f"got {t.dtype} {tuple(t.shape)}")
     return library.chatloop_stream_read(t.data_ptr(), t.numel(), torch.get_num_threads())

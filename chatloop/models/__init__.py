@@ -30,7 +30,8 @@ class Family:
     module_prefix: str = ""  # the base model's name, which some checkpoints leave off their keys
 
     def canonical(self, key: str) -> str:
-        """The key as ``save_pretrained`` names it (GPT-2 hub files say ``h.0.attn...`` for ``transformer.h.0.attn...``)."""
+        """The key as ``save_pretrained`` names it (GPT-2 hub files say ``h.0.attn...`` for
+        ``transformer.h.0.attn...``)."""
         if self.module_prefix and not key.startswith((self.module_prefix, "lm_head.")):
             return self.module_prefix + key
         return key
@@ -43,7 +44,8 @@ class Family:
             for i, layer_range in enumerate(plan):
                 if layer in layer_range.indices:
                     return [i]
-            raise ValueError(f"tensor {key} belongs to layer {layer}, which no stage owns (plan ends at {plan[-1].end})")
+            raise ValueError(
+                f"tensor {key} belongs to layer {layer}, which no stage owns (plan ends at {plan[-1].end})")
         last = len(plan) - 1
         if key == self.tied_key and tied:
             return sorted({0, last})
@@ -51,7 +53,8 @@ class Family:
             return [0]
         if key.startswith(self.last_prefixes):
             return [last]
-        raise ValueError(f"tensor {key} is neither a layer, an embedding nor the head: is this checkpoint of the family it claims?")
+        raise ValueError(f"tensor {key} is neither a layer, an embedding nor the head: "
+                         "is this checkpoint of the family it claims?")
 
 
 _LLAMA = Family(

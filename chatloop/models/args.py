@@ -62,7 +62,8 @@ class ModelArgs:
         rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"rope_type {rope_type!r} is not supported: use a model with default, linear or llama3 RoPE")
+            raise ValueError(
+                f"rope_type {rope_type!r} is not supported: use a model with default, linear or llama3 RoPE")
         num_heads = config["num_attention_heads"]
         return cls(
             family=family,

@@ -31,7 +31,8 @@ def blocks_for_budget(budget_mb: float, **shape) -> int:
 def blocks_for_stage(budget_mb: float, block_size: int, args, num_layers: int, dtype: torch.dtype) -> int:
     """How many blocks a stage of ``num_layers`` layers of the model ``args`` (ModelArgs) fits in ``budget_mb``."""
     return blocks_for_budget(
-        budget_mb, num_layers=num_layers, block_size=block_size, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, dtype=dtype
+        budget_mb, num_layers=num_layers, block_size=block_size, num_kv_heads=args.num_kv_heads,
+        head_dim=args.head_dim, dtype=dtype
     )
 
 
@@ -104,7 +105,8 @@ class PagedKVCache:
         """
         i = layer - self.layer_offset
         out = kernel_decode_attention(
-            q[:, 0], self.keys[i], self.values[i], self._batch.block_tables, self.block_size, self._lengths, self._max_length
+            q[:, 0], self.keys[i], self.values[i], self._batch.block_tables, self.block_size, self._lengths,
+            self._max_length
         )
         return out.view(q.shape[0], 1, -1)
 

@@ -18,7 +18,9 @@ from .layer_range import LayerRange
 __all__ = ["StageModel", "attend"]
 
 
-def attend(q: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, batch: StepBatch) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, batch: StepBatch
+) -> torch.Tensor:
     """Causal attention of ``q`` [B, T, H, D] over the cached context plus the new ``k``/``v`` [B, T, K, D]."""
     if cache.decode_in_place:
         cache.write(layer, k, v)

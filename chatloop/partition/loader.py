@@ -79,7 +79,8 @@ def load_stage(
         raise PartitionError(f"{path} is missing: copy it from the splitter's output, or split the model again")
     size = path.stat().st_size
     if size != info.num_bytes:
-        raise PartitionError(f"{path} has {size} bytes, the manifest says {info.num_bytes}: the file is truncated or from another split")
+        raise PartitionError(f"{path} has {size} bytes, the manifest says {info.num_bytes}: "
+                             "the file is truncated or from another split")
     if verify_sha256 and sha256_of(path) != info.sha256:
         raise PartitionError(f"{path}: sha256 differs from the manifest's: the file is corrupt or from another split")
     if expected_layers is not None and expected_layers != info.layers:
@@ -103,10 +104,13 @@ def load_stage(
         present.discard("lm_head.weight")  # some checkpoints store the tied head too
     if present != expected:
         missing, extra = sorted(expected - present), sorted(present - expected)
-        raise PartitionError(f"{path} does not hold stage {index}'s tensors: missing {missing[:5]}, unexpected {extra[:5]}")
-    wrong = [k for k in expected if header[k].dtype.is_floating_point and str(header[k].dtype) != f"torch.{manifest.dtype}"]
+        raise PartitionError(
+            f"{path} does not hold stage {index}'s tensors: missing {missing[:5]}, unexpected {extra[:5]}")
+    wrong = [k for k in expected
+             if header[k].dtype.is_floating_point and str(header[k].dtype) != f"torch.{manifest.dtype}"]
     if wrong:
-        raise PartitionError(f"{path}: tensor {wrong[0]} is {header[wrong[0]].dtype}, the manifest says {manifest.dtype}")
+        raise PartitionError(
+            f"{path}: tensor {wrong[0]} is {header[wrong[0]].dtype}, the manifest says {manifest.dtype}")
 
     try:
         with safe_open(path, framework="pt") as f:

@@ -67,12 +67,14 @@ class Manifest:
         """Read ``DIR/manifest.json``; raise ``ManifestError`` saying what is wrong."""
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
-            raise ManifestError(f"no {MANIFEST_NAME} in {directory}: split the model there first with chatloop-split --output {directory}")
+            raise ManifestError(f"no {MANIFEST_NAME} in {directory}: "
+                                f"split the model there first with chatloop-split --output {directory}")
         try:
             raw = json.loads(path.read_text())
             if raw.get("format_version") != FORMAT_VERSION:
                 raise ManifestError(
-                    f"{path} has format_version {raw.get('format_version')}, this ChatLoop reads {FORMAT_VERSION}: split the model again"
+                    f"{path} has format_version {raw.get('format_version')}, this ChatLoop reads {FORMAT_VERSION}: "
+                    "split the model again"
                 )
             partitions = [PartitionInfo(**p) for p in raw.pop("partitions")]
             manifest = cls(partitions=partitions, **raw)

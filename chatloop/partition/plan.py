@@ -66,14 +66,18 @@ def _check_ranges(ranges: list[LayerRange], num_layers: int, num_stages: int) ->
     expected_start = 0
     for i, r in enumerate(ranges):
         if r.start > expected_start:
-            raise PlanError(f"gap: layers {expected_start}-{r.start - 1} belong to no stage (stage {i} starts at {r.start})")
+            raise PlanError(
+                f"gap: layers {expected_start}-{r.start - 1} belong to no stage (stage {i} starts at {r.start})")
         if r.start < expected_start:
-            raise PlanError(f"overlap: stage {i} starts at layer {r.start}, but layer {r.start} is already owned by stage {i - 1}")
+            raise PlanError(f"overlap: stage {i} starts at layer {r.start}, "
+                            f"but layer {r.start} is already owned by stage {i - 1}")
         expected_start = r.end + 1
     if expected_start > num_layers:
-        raise PlanError(f"ranges run past the end: the last range ends at layer {expected_start - 1}, the model has layers 0-{num_layers - 1}")
+        raise PlanError(f"ranges run past the end: the last range ends at layer {expected_start - 1}, "
+                        f"the model has layers 0-{num_layers - 1}")
     if expected_start < num_layers:
-        raise PlanError(f"layers {expected_start}-{num_layers - 1} belong to no stage: the last range must end at {num_layers - 1}")
+        raise PlanError(f"layers {expected_start}-{num_layers - 1} belong to no stage: "
+                        f"the last range must end at {num_layers - 1}")
     return ranges
 
 

@@ -59,7 +59,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise SafetensorsError(f"{path} is not a safetensors file: it is only {size} bytes long")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > min(_MAX_HEADER, size - 8):
-            raise SafetensorsError(f"{path} is corrupt or truncated: its header claims {header_len} bytes, the file has {size}")
+            raise SafetensorsError(
+                f"{path} is corrupt or truncated: its header claims {header_len} bytes, the file has {size}")
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -70,15 +71,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         if entry.get("dtype") not in DTYPES:
-            raise SafetensorsError(f"{path}: tensor {name} has dtype {entry.get('dtype')!r}, which ChatLoop cannot read")
+            raise SafetensorsError(
+                f"{path}: tensor {name} has dtype {entry.get('dtype')!r}, which ChatLoop cannot read")
         begin, end = entry["data_offsets"]
-        info = TensorInfo(path, name, DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, data_start + end)
+        info = TensorInfo(path, name, DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                          data_start + begin, data_start + end)
         expected = info.dtype.itemsize * _numel(info.shape)
         if info.num_bytes != expected:
-            raise SafetensorsError(f"{path} is corrupt: tensor {name} has {info.num_bytes} bytes, its shape needs {expected}")
+            raise SafetensorsError(
+                f"{path} is corrupt: tensor {name} has {info.num_bytes} bytes, its shape needs {expected}")
         if info.end > size:
             raise SafetensorsError(
-                f"{path} is truncated: tensor {name} ends at byte {info.end}, the file has {size} bytes; split the model again"
+                f"{path} is truncated: tensor {name} ends at byte {info.end}, the file has {size} bytes; "
+                "split the model again"
             )
         tensors[name] = info
     return tensors
@@ -103,7 +108,9 @@ class StreamingWriter:
     hashed on the way (``sha256``).
     """
 
-    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+    ) -> None:
         self.path = Path(path)
         header: dict[str, object] = {"__metadata__": metadata or {}}
         offset = 0

@@ -50,7 +50,8 @@ class CheckpointSource:
             infos = {}
             for name in files:
                 if not (folder / name).is_file():
-                    raise FileNotFoundError(f"{folder / name} is listed in {index.name} but missing: download the checkpoint again")
+                    raise FileNotFoundError(
+                        f"{folder / name} is listed in {index.name} but missing: download the checkpoint again")
                 infos.update(read_header(folder / name))
             return cls(
                 list(infos),
@@ -81,7 +82,8 @@ def split_model(
     dtype: str = "auto",
     progress: bool | None = None,
 ) -> Manifest:
-    """Split ``source`` (a checkpoint folder or an embedded model's name) into ``num_partitions`` files in ``output``."""
+    """Split ``source`` (a checkpoint folder or an embedded model's name) into ``num_partitions`` files in
+    ``output``."""
     folder = resolve_model(source)
     config = json.loads((folder / "config.json").read_text())
     args = ModelArgs.from_hf_config(config)
@@ -112,7 +114,8 @@ def split_model(
     output.mkdir(parents=True, exist_ok=True)
     total = sum(checkpoint.sizes[source_name[k]] for keys in owned for k in keys)
     partitions = []
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"splitting {folder.name}", disable=None if progress is None else not progress) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"splitting {folder.name}",
+              disable=None if progress is None else not progress) as bar:
         for index, (layers, keys) in enumerate(zip(plan, owned)):
             path = output / f"partition_{index}.safetensors"
             tmp = path.with_suffix(".tmp")

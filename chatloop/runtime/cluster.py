@@ -88,7 +88,9 @@ def _create_stage(spec: StageSpec, rpc_timeout_s: float) -> RemoteStage:
 class RpcPipeline(Pipeline):
     """Micro-batches enter worker0; the last worker sends their token ids back here (``results.deliver``)."""
 
-    def __init__(self, stages: list[rpc.RRef], names: list[str], num_blocks: int, block_size: int, timeout: float) -> None:
+    def __init__(
+        self, stages: list[rpc.RRef], names: list[str], num_blocks: int, block_size: int, timeout: float
+    ) -> None:
         super().__init__(names, num_blocks, block_size)
         self.stages = stages
         self.timeout = timeout
@@ -99,8 +101,8 @@ class RpcPipeline(Pipeline):
         names = self.stage_names
         try:
             chain = rpc.rpc_async(
-                first.owner(), RemoteStage.forward, args=(first, mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling),
-                timeout=self.timeout,
+                first.owner(), RemoteStage.forward,
+                args=(first, mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling), timeout=self.timeout,
             )
         except Exception as e:
             results.fail(mb.id, StageError(f"{names[0]} is unreachable: {e}"))
@@ -112,7 +114,8 @@ class RpcPipeline(Pipeline):
             except StageError as e:
                 results.fail(mb.id, e)
             else:
-                results.fail(mb.id, StageError(f"{names[-1]} finished micro-batch {mb.id}, but its tokens never arrived"))
+                results.fail(
+                    mb.id, StageError(f"{names[-1]} finished micro-batch {mb.id}, but its tokens never arrived"))
 
         chain.add_done_callback(done)
         return result
@@ -164,7 +167,8 @@ class RpcCluster:
             if int(os.environ["WORLD_SIZE"]) != world_size:
                 raise StartupError(
                     f"torchrun started {os.environ['WORLD_SIZE']} ranks, cluster.num_workers={num_workers} needs "
-                    f"{world_size} (1 coordinator + {num_workers} workers): use --nproc-per-node {world_size} or change num_workers"
+                    f"{world_size} (1 coordinator + {num_workers} workers): "
+                    f"use --nproc-per-node {world_size} or change num_workers"
                 )
         else:
             # On one machine nobody waits in the rendezvous yet: check (and split) before spawning,
@@ -175,10 +179,12 @@ class RpcCluster:
             processes = _spawn_workers(cfg, world_size)
         cluster = cls(cfg, processes)
         try:
-            rpc.init_rpc(results.COORDINATOR, rank=0, world_size=world_size, rpc_backend_options=_backend_options(cfg, cfg.cluster.startup_timeout_s))
+            rpc.init_rpc(results.COORDINATOR, rank=0, world_size=world_size,
+                         rpc_backend_options=_backend_options(cfg, cfg.cluster.startup_timeout_s))
         except Exception as e:
             cluster._stop_processes()
-            raise StartupError(f"RPC rendezvous on {cfg.cluster.master_addr}:{cfg.cluster.master_port} failed: {e}") from e
+            raise StartupError(
+                f"RPC rendezvous on {cfg.cluster.master_addr}:{cfg.cluster.master_port} failed: {e}") from e
         try:
             if manifest is None and prepare:
                 manifest = prepare()
@@ -193,7 +199,8 @@ class RpcCluster:
         specs = stage_specs(cfg, partitions_dir)
         names = [spec.name for spec in specs]
         stages = [
-            rpc.remote(spec.name, _create_stage, args=(spec, cfg.cluster.rpc_timeout_s), timeout=cfg.cluster.startup_timeout_s)
+            rpc.remote(spec.name, _create_stage, args=(spec, cfg.cluster.rpc_timeout_s),
+                       timeout=cfg.cluster.startup_timeout_s)
             for spec in specs
         ]
         reports: list[StageReport] = []
@@ -257,7 +264,8 @@ def _spawn_workers(cfg: ChatLoopConfig, world_size: int) -> list[multiprocessing
     try:
         processes = []
         for rank in range(1, world_size):
-            p = ctx.Process(target=run_worker, args=(rank, world_size, cfg, os.getpid()), name=f"chatloop-worker{rank - 1}", daemon=True)
+            p = ctx.Process(target=run_worker, args=(rank, world_size, cfg, os.getpid()),
+                            name=f"chatloop-worker{rank - 1}", daemon=True)
             p.start()
             processes.append(p)
         return processes

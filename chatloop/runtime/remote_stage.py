@@ -46,7 +46,8 @@ class RemoteStage:
     def __init__(self, spec: StageSpec, rpc_timeout_s: float, metrics_port: int | None = None) -> None:
         if spec.host and not runs_here(spec.host):
             raise ValueError(
-                f"{spec.name} is configured to run on {spec.host!r} (cluster.workers[{spec.index}].host), but this rank "
+                f"{spec.name} is configured to run on {spec.host!r} (cluster.workers[{spec.index}].host), "
+                "but this rank "
                 f"runs on {socket.gethostname()} ({', '.join(sorted(local_addresses()))}): start rank {spec.index + 1} "
                 f"on {spec.host}, or change the host in the configuration"
             )
@@ -78,13 +79,18 @@ class RemoteStage:
 
     @staticmethod
     @rpc.functions.async_execution
-    def forward(host_rref: rpc.RRef, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list) -> torch.futures.Future:
+    def forward(
+        host_rref: rpc.RRef, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list
+    ) -> torch.futures.Future:
         host: RemoteStage = host_rref.local_value()
         result: torch.futures.Future = torch.futures.Future()
         host._executor.submit(host._work, result, mb_id, inputs, batch, sampling, time.perf_counter())
         return result
 
-    def _work(self, result: torch.futures.Future, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list, arrived: float = 0.0) -> None:
+    def _work(
+        self, result: torch.futures.Future, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list,
+        arrived: float = 0.0,
+    ) -> None:
         started = time.perf_counter()
         try:
             out = self.runner.run(inputs, StepBatch.from_payload(batch), sampling, mb_id)
@@ -101,7 +107,8 @@ class RemoteStage:
         sent = time.perf_counter()
         try:
             downstream = rpc.rpc_async(
-                self.next.owner(), RemoteStage.forward, args=(self.next, mb_id, out, batch, sampling), timeout=self.rpc_timeout_s
+                self.next.owner(), RemoteStage.forward, args=(self.next, mb_id, out, batch, sampling),
+                timeout=self.rpc_timeout_s,
             )
         except Exception as e:
             result.set_exception(RuntimeError(f"{self.next_name} is unreachable: {e}"))
@@ -131,6 +138,7 @@ class RemoteStage:
                 f.wait()
                 result.set_result(None)
             except Exception as e:
-                result.set_exception(RuntimeError(f"{self.name} could not hand micro-batch {mb_id}'s tokens to the coordinator: {e}"))
+                result.set_exception(RuntimeError(
+                    f"{self.name} could not hand micro-batch {mb_id}'s tokens to the coordinator: {e}"))
 
         delivered.add_done_callback(acknowledge)

@@ -71,20 +71,25 @@ class _HostCollector(Collector):
             family.add_metric(values, value)
             return family
 
-        yield gauge("chatloop_stage_resident_memory_bytes", "Resident memory of the worker process.", self.process.memory_info().rss)
+        yield gauge("chatloop_stage_resident_memory_bytes", "Resident memory of the worker process.",
+                    self.process.memory_info().rss)
         if host is None:
             return
         runner = host.runner
         uptime = max(time.time() - runner.started, 1e-9)
-        busy = CounterMetricFamily("chatloop_stage_busy_seconds", "Seconds spent computing micro-batches.", labels=labels)
+        busy = CounterMetricFamily("chatloop_stage_busy_seconds", "Seconds spent computing micro-batches.",
+                                   labels=labels)
         busy.add_metric(values, runner.busy_seconds)
         yield busy
-        yield gauge("chatloop_stage_idle_ratio", "1 - busy / uptime since the stage loaded.", max(0.0, 1 - runner.busy_seconds / uptime))
+        yield gauge("chatloop_stage_idle_ratio", "1 - busy / uptime since the stage loaded.",
+                    max(0.0, 1 - runner.busy_seconds / uptime))
         yield gauge("chatloop_stage_uptime_seconds", "Seconds since the stage loaded.", uptime)
         yield gauge("chatloop_stage_kv_blocks", "KV cache blocks in this stage's pool.", runner.num_blocks)
         yield gauge("chatloop_stage_kv_cache_bytes", "Bytes of this stage's KV pool.", runner.cache.num_bytes)
-        yield gauge("chatloop_stage_partition_bytes", "Size of this stage's partition file.", runner.partition_bytes or 0)
-        info = GaugeMetricFamily("chatloop_stage_info", "The stage's layers, host and pid.", labels=["stage", "layers", "host", "pid"])
+        yield gauge("chatloop_stage_partition_bytes", "Size of this stage's partition file.",
+                    runner.partition_bytes or 0)
+        info = GaugeMetricFamily("chatloop_stage_info", "The stage's layers, host and pid.",
+                                 labels=["stage", "layers", "host", "pid"])
         info.add_metric([self.name, str(runner.stage.layers_range), socket.gethostname(), str(os.getpid())], 1)
         yield info
 
@@ -98,13 +103,16 @@ class WorkerMetrics:
         r = self.registry
         self.compute = Histogram("chatloop_stage_compute_seconds", "This stage's layers on one micro-batch.", ["stage"],
                                  buckets=_COMPUTE_BUCKETS, registry=r).labels(name)
-        self.queue = Histogram("chatloop_stage_queue_seconds", "Wait between a micro-batch's arrival and its compute.", ["stage"],
-                               buckets=_COMPUTE_BUCKETS, registry=r).labels(name)
-        self.downstream = Histogram("chatloop_stage_downstream_seconds", "Forwarding to the next stage until its answer.",
+        self.queue = Histogram("chatloop_stage_queue_seconds", "Wait between a micro-batch's arrival and its compute.",
+                               ["stage"], buckets=_COMPUTE_BUCKETS, registry=r).labels(name)
+        self.downstream = Histogram("chatloop_stage_downstream_seconds",
+                                    "Forwarding to the next stage until its answer.",
                                     ["stage"], buckets=_COMPUTE_BUCKETS, registry=r).labels(name)
-        self.received = Counter("chatloop_stage_received_bytes", "Tensor bytes received.", ["stage"], registry=r).labels(name)
+        self.received = Counter("chatloop_stage_received_bytes", "Tensor bytes received.", ["stage"],
+                                registry=r).labels(name)
         self.sent = Counter("chatloop_stage_sent_bytes", "Tensor bytes sent on.", ["stage"], registry=r).labels(name)
-        self.micro_batches = Counter("chatloop_stage_micro_batches", "Micro-batches computed.", ["stage"], registry=r).labels(name)
+        self.micro_batches = Counter("chatloop_stage_micro_batches", "Micro-batches computed.", ["stage"],
+                                     registry=r).labels(name)
         r.register(_HostCollector(name))
 
     def observe(self, record: dict) -> None:
@@ -130,7 +138,8 @@ def start_worker_metrics(index: int, port: int, host: str | None = None) -> Work
     try:
         start_http_server(port, addr=address, registry=metrics.registry)
     except OSError as e:
-        log.warning("worker%d: no metrics endpoint on %s:%d (%s): set worker.metrics_port to free ports", index, address, port, e)
+        log.warning("worker%d: no metrics endpoint on %s:%d (%s): set worker.metrics_port to free ports",
+                    index, address, port, e)
         return None
     log.info("worker%d: Prometheus metrics on http://%s:%d/metrics", index, address, port)
     return metrics

@@ -126,7 +126,8 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
     @v1.get("/models/{model}", response_model=p.ModelCard, responses={404: errors[404]}, summary="One model")
     async def model(model: str) -> dict:
         if model != name:
-            raise APIError(404, f"model {model!r} does not exist here: use {name!r}", param="model", code="model_not_found")
+            raise APIError(404, f"model {model!r} does not exist here: use {name!r}", param="model",
+                           code="model_not_found")
         return _card(name, started)
 
     @v1.get("/status", summary="The coordinator and every stage (what chatloop-status prints)")
@@ -172,7 +173,8 @@ def serve(cfg: ChatLoopConfig) -> None:
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
             pass
         if not server.started:
-            raise RuntimeError(f"could not serve on {cfg.server.host}:{cfg.server.port}: is the port taken? set server.port")
+            raise RuntimeError(
+                f"could not serve on {cfg.server.host}:{cfg.server.port}: is the port taken? set server.port")
     finally:
         llm.shutdown()
 

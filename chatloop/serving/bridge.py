@@ -59,7 +59,9 @@ class EventStream:
         except RuntimeError:  # the event loop is closed: the server is stopping
             pass
 
-    async def next(self, disconnected: Callable[[], Awaitable[bool]] | None = None, poll_s: float = 0.5) -> SequenceEvent:
+    async def next(
+        self, disconnected: Callable[[], Awaitable[bool]] | None = None, poll_s: float = 0.5
+    ) -> SequenceEvent:
         """The next event; with ``disconnected``, ask it every ``poll_s`` seconds and raise ClientDisconnected."""
         while True:
             if self._getter is None:

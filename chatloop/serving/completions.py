@@ -104,7 +104,8 @@ class CompletionService:
         down = self.health.down_now
         if down is not None:
             raise APIError(503, f"stage(s) down: {down.summary()}: the request was not run; restart the cluster "
-                                "(chatloop-status shows every rank)", code="stage_unavailable", headers={"Retry-After": "5"})
+                                "(chatloop-status shows every rank)", code="stage_unavailable",
+                           headers={"Retry-After": "5"})
         stream = self._submit(prompt_ids, params)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         id_ = p.new_id("chatcmpl" if chat else "cmpl")
@@ -115,10 +116,12 @@ class CompletionService:
     # ---- checks --------------------------------------------------------------------------------
     def _refuse_unsupported(self, body: Body) -> None:
         if body.n != 1:
-            raise APIError(400, f"n={body.n}: only n=1 is supported; send one request per completion", param="n", code="unsupported")
+            raise APIError(400, f"n={body.n}: only n=1 is supported; send one request per completion", param="n",
+                           code="unsupported")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name) not in (None, 0, 0.0):
-                raise APIError(400, f"{name} is not supported: leave it 0 (ChatLoop offers repetition_penalty)", param=name, code="unsupported")
+                raise APIError(400, f"{name} is not supported: leave it 0 (ChatLoop offers repetition_penalty)",
+                               param=name, code="unsupported")
         if isinstance(body, p.CompletionRequest):
             unsupported = [("echo", body.echo), ("suffix", body.suffix is not None),
                            ("best_of", body.best_of not in (None, 1)), ("logprobs", body.logprobs is not None)]
@@ -126,16 +129,19 @@ class CompletionService:
             unsupported = [("logprobs", bool(body.logprobs)), ("top_logprobs", body.top_logprobs is not None)]
         for name, used in unsupported:
             if used:
-                raise APIError(400, f"{name} is not supported by ChatLoop: leave it out", param=name, code="unsupported")
+                raise APIError(400, f"{name} is not supported by ChatLoop: leave it out", param=name,
+                               code="unsupported")
 
     def _encode_prompt(self, body: p.CompletionRequest) -> list[int]:
         prompt = body.prompt
         if isinstance(prompt, list):
             if not prompt:
-                raise APIError(400, "prompt is empty: send a string or a list of token ids", param="prompt", code="invalid_value")
+                raise APIError(400, "prompt is empty: send a string or a list of token ids", param="prompt",
+                               code="invalid_value")
             if isinstance(prompt[0], (str, list)):
                 if len(prompt) != 1:
-                    raise APIError(400, f"prompt holds {len(prompt)} prompts: batches are not supported, send one prompt per request",
+                    raise APIError(400, f"prompt holds {len(prompt)} prompts: batches are not supported, "
+                                        "send one prompt per request",
                                    param="prompt", code="unsupported")
                 prompt = prompt[0]
         if isinstance(prompt, str):
@@ -149,7 +155,8 @@ class CompletionService:
                 raise APIError(400, f"prompt holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})",
                                param="prompt", code="invalid_value")
         if not ids:
-            raise APIError(400, "prompt is empty after tokenization: send some text", param="prompt", code="invalid_value")
+            raise APIError(400, "prompt is empty after tokenization: send some text", param="prompt",
+                           code="invalid_value")
         return ids
 
     def _encode_chat(self, body: p.ChatCompletionRequest) -> list[int]:
@@ -158,7 +165,8 @@ class CompletionService:
         for i, m in enumerate(body.messages):
             kinds = {part.type for part in m.content} - {"text"} if isinstance(m.content, list) else set()
             if kinds:
-                raise APIError(400, f"messages[{i}] holds {', '.join(sorted(kinds))} content: ChatLoop reads text parts only",
+                raise APIError(400, f"messages[{i}] holds {', '.join(sorted(kinds))} content: "
+                                    "ChatLoop reads text parts only",
                                param=f"messages.{i}.content", code="unsupported")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         return self._tokenize(lambda: self.engine.encode(messages, chat=True), "messages")
@@ -176,8 +184,8 @@ class CompletionService:
         prompt_param = "messages" if chat else "prompt"
         room = self.context_tokens - num_prompt
         if room < 1:
-            raise APIError(413, f"the prompt has {num_prompt} tokens, the context holds {self.context_tokens} tokens for the "
-                                f"prompt and the completion together: shorten the {prompt_param}",
+            raise APIError(413, f"the prompt has {num_prompt} tokens, the context holds {self.context_tokens} tokens "
+                                f"for the prompt and the completion together: shorten the {prompt_param}",
                            param=prompt_param, code="context_length_exceeded")
         max_tokens = body.max_tokens
         name = "max_tokens"
@@ -189,9 +197,10 @@ class CompletionService:
         elif max_tokens < 1:
             raise APIError(400, f"{name}={max_tokens}: it must be at least 1", param=name, code="invalid_value")
         elif max_tokens > room:
-            raise APIError(400, f"{name}={max_tokens} is too large: the prompt has {num_prompt} tokens and the context holds "
-                                f"{self.context_tokens}, so at most {room} tokens can be generated: lower {name} or shorten the "
-                                f"{prompt_param}", param=name, code="context_length_exceeded")
+            raise APIError(400, f"{name}={max_tokens} is too large: the prompt has {num_prompt} tokens "
+                                f"and the context holds {self.context_tokens}, so at most {room} tokens "
+                                f"can be generated: lower {name} or shorten the {prompt_param}",
+                           param=name, code="context_length_exceeded")
         defaults = self.cfg.sampling
         temperature = defaults.temperature if body.temperature is None else body.temperature
         top_p = defaults.top_p if body.top_p is None else body.top_p
@@ -201,17 +210,20 @@ class CompletionService:
             ("temperature", 0 <= temperature <= 2, f"temperature={temperature}: use a value from 0 (greedy) to 2"),
             ("top_p", 0 < top_p <= 1, f"top_p={top_p}: use a value in (0, 1]"),
             ("top_k", top_k >= 0, f"top_k={top_k}: use 0 (all tokens) or more"),
-            ("repetition_penalty", 0 < penalty <= 10, f"repetition_penalty={penalty}: use a value in (0, 10] (1 disables it)"),
+            ("repetition_penalty", 0 < penalty <= 10,
+             f"repetition_penalty={penalty}: use a value in (0, 10] (1 disables it)"),
         ]
         for param, ok, message in checks:
             if not ok:
                 raise APIError(400, message, param=param, code="invalid_value")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
-            raise APIError(400, f"stop: send up to 4 non-empty strings, got {stop!r}"[:200], param="stop", code="invalid_value")
+            raise APIError(400, f"stop: send up to 4 non-empty strings, got {stop!r}"[:200], param="stop",
+                           code="invalid_value")
         try:
             return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  repetition_penalty=penalty, seed=body.seed, stop=tuple(stop), ignore_eos=body.ignore_eos)
+                                  repetition_penalty=penalty, seed=body.seed, stop=tuple(stop),
+                                  ignore_eos=body.ignore_eos)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
@@ -233,7 +245,8 @@ class CompletionService:
     def _failure(self, event: SequenceEvent) -> APIError:
         """The error a request that ended with ``error`` (or ``cancelled`` by a shutdown) gets."""
         if event.finish_reason is FinishReason.CANCELLED:
-            return APIError(503, "the request was cancelled because the server is stopping: retry later", code="shutting_down")
+            return APIError(503, "the request was cancelled because the server is stopping: retry later",
+                            code="shutting_down")
         error = event.error
         text = _short(error) if error is not None else "unknown error"
         full = str(error) if error is not None else ""
@@ -243,8 +256,8 @@ class CompletionService:
         log.warning("a request failed in the pipeline: %s", text)
         self.health.note_failure()
         if isinstance(error, StageError) or names:
-            return APIError(503, f"the pipeline failed at {', '.join(names) or 'a stage'}: {text}: retry; if it persists see "
-                                 "GET /health or chatloop-status", code="stage_unavailable")
+            return APIError(503, f"the pipeline failed at {', '.join(names) or 'a stage'}: {text}: "
+                                 "retry; if it persists see GET /health or chatloop-status", code="stage_unavailable")
         return APIError(500, f"the request failed: {text}", code="internal_error")
 
     def _finish(self, endpoint: str, stream: EventStream, started: float, outcome: str) -> None:
@@ -253,7 +266,9 @@ class CompletionService:
         if outcome in ("stop", "length"):
             self.metrics.duration.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _collect(self, endpoint: str, request: Request, stream: EventStream, id_: str, num_prompt: int, chat: bool) -> Response:
+    async def _collect(
+        self, endpoint: str, request: Request, stream: EventStream, id_: str, num_prompt: int, chat: bool
+    ) -> Response:
         pieces: list[str] = []
         try:
             while True:
@@ -313,7 +328,8 @@ class CompletionService:
                         outcome = event.finish_reason.value
                         yield sse(piece("", event.finish_reason))
                         if include_usage:
-                            yield sse(p.usage_chunk(id_, object_, self.model_name, created, p.usage(num_prompt, stream.num_tokens)))
+                            yield sse(p.usage_chunk(id_, object_, self.model_name, created,
+                                                    p.usage(num_prompt, stream.num_tokens)))
                         yield SSE_DONE
                         return
                     event = await stream.next()

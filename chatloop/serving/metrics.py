@@ -58,14 +58,16 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self.stats()
         yield _gauge("chatloop_queue_depth", "Requests waiting for admission.", stats.num_waiting)
-        yield _gauge("chatloop_queue_capacity", "Most requests that may wait (batching.max_queue_size).", stats.queue_capacity)
+        yield _gauge("chatloop_queue_capacity", "Most requests that may wait (batching.max_queue_size).",
+                     stats.queue_capacity)
         yield _gauge("chatloop_sequences_running", "Sequences admitted and generating.", stats.num_running)
         yield _gauge("chatloop_micro_batches_in_flight", "Micro-batches inside the pipeline.", stats.num_in_flight)
         yield _gauge("chatloop_micro_batch_size", "Sequences in the last micro-batch sent.", stats.last_batch_size)
         generated = CounterMetricFamily("chatloop_generated_tokens", "Tokens sampled by the pipeline.")
         generated.add_metric([], stats.generated_tokens)
         yield generated
-        finished = CounterMetricFamily("chatloop_sequences_finished", "Sequences that left the scheduler, by reason.", labels=["reason"])
+        finished = CounterMetricFamily("chatloop_sequences_finished", "Sequences that left the scheduler, by reason.",
+                                       labels=["reason"])
         for reason, count in sorted(dict(stats.finished).items()):
             finished.add_metric([reason], count)
         yield finished
@@ -76,7 +78,8 @@ class _EngineCollector(Collector):
         yield _gauge("chatloop_kv_block_size_tokens", "Tokens per KV cache block.", stats.kv_block_size)
         report = self.health.latest()
         if report is not None:
-            up = GaugeMetricFamily("chatloop_stage_up", "1 if the stage answered the last health check.", labels=["stage"])
+            up = GaugeMetricFamily("chatloop_stage_up", "1 if the stage answered the last health check.",
+                                   labels=["stage"])
             for stage in report.stages:
                 up.add_metric([stage.name], 1 if stage.up else 0)
             yield up
@@ -93,20 +96,24 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "chatloop_requests", "HTTP generation requests by endpoint and outcome.", ["endpoint", "outcome"], registry=r
+            "chatloop_requests", "HTTP generation requests by endpoint and outcome.", ["endpoint", "outcome"],
+            registry=r,
         )
         self.duration = Histogram(
             "chatloop_request_duration_seconds", "Submit to the last byte of an admitted request.", ["endpoint"],
             buckets=_DURATION_BUCKETS, registry=r,
         )
         self.time_to_first_token = Histogram(
-            "chatloop_time_to_first_token_seconds", "Submit to the first generated token.", buckets=_LATENCY_BUCKETS, registry=r
+            "chatloop_time_to_first_token_seconds", "Submit to the first generated token.", buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            "chatloop_inter_token_latency_seconds", "Time between consecutive tokens of one sequence.", buckets=_ITL_BUCKETS, registry=r
+            "chatloop_inter_token_latency_seconds", "Time between consecutive tokens of one sequence.",
+            buckets=_ITL_BUCKETS, registry=r,
         )
         self.prompt_tokens = Counter("chatloop_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
-        self.completion_tokens = Counter("chatloop_completion_tokens", "Generated tokens returned to clients.", registry=r)
+        self.completion_tokens = Counter("chatloop_completion_tokens", "Generated tokens returned to clients.",
+                                         registry=r)
         r.register(_EngineCollector(stats, health))
 
     def outcome(self, endpoint: str, outcome: str) -> None:

@@ -34,7 +34,8 @@ class _Sampling(_Body):
     """The fields both endpoints share."""
 
     model: str = Field(description="The model id, as listed by GET /v1/models.")
-    max_tokens: int | None = Field(None, description="Most tokens to generate; the prompt plus this must fit the context.")
+    max_tokens: int | None = Field(
+        None, description="Most tokens to generate; the prompt plus this must fit the context.")
     temperature: float | None = Field(None, description="0 (default) is greedy; up to 2.")
     top_p: float | None = Field(None, description="Nucleus sampling, in (0, 1].")
     n: int = Field(1, description="Only 1 is supported.")
@@ -154,7 +155,8 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _head(id_: str, object_: str, model: str, created: int | None) -> dict[str, Any]:
@@ -172,7 +174,8 @@ def completion_chunk(id_: str, model: str, created: int, text: str, finish_reaso
 
 
 def chat_response(id_: str, model: str, text: str, finish_reason: str, use: dict) -> dict[str, Any]:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+              "finish_reason": finish_reason}
     return {**_head(id_, "chat.completion", model, None), "choices": [choice], "usage": use}
 
 

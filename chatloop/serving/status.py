@@ -8,7 +8,7 @@
 
 The exit status is 0 when every stage answers, 1 when a stage is down, 2 when the server
 cannot be reached. ``--json`` prints the raw document. The server side is :func:`build_status`.
-"""
+"""  # noqa: E501 - the example table is wider than a line
 
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def _state(node: dict[str, Any]) -> str:
     if node["role"] == "coordinator":
         return (
             f"{node['state']}: {node['num_running']} running, {node['num_waiting']} waiting, "
-            f"{node['num_in_flight']} micro-batches in flight, KV {node['kv_blocks_used']}/{node['kv_blocks_total']} blocks"
+            f"{node['num_in_flight']} micro-batches in flight, "
+            f"KV {node['kv_blocks_used']}/{node['kv_blocks_total']} blocks"
         )
     if node["state"] == "down":
         return f"DOWN: {node.get('error', 'no answer')}"
@@ -152,10 +153,12 @@ def fetch_status(url: str, api_key: str | None = None, timeout: float = 10.0) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chatloop-status", description="Show the coordinator and every worker of a running ChatLoop server.")
+    parser = argparse.ArgumentParser(prog="chatloop-status",
+                                     description="Show the coordinator and every worker of a running ChatLoop server.")
     parser.add_argument("--url", default=os.environ.get("CHATLOOP_URL", "http://127.0.0.1:8000"),
                         help="the server (default: $CHATLOOP_URL or http://127.0.0.1:8000)")
-    parser.add_argument("--api-key", default=os.environ.get("CHATLOOP_API_KEY"), help="server.api_key (default: $CHATLOOP_API_KEY)")
+    parser.add_argument("--api-key", default=os.environ.get("CHATLOOP_API_KEY"),
+                        help="server.api_key (default: $CHATLOOP_API_KEY)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
     parser.add_argument("--json", action="store_true", help="print the raw JSON document")
     args = parser.parse_args(argv)
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
     else:
-        print(f"model {status['model']} at {args.url}: {'healthy' if status['healthy'] else 'DEGRADED (a stage is down)'}")
+        print(f"model {status['model']} at {args.url}: "
+              f"{'healthy' if status['healthy'] else 'DEGRADED (a stage is down)'}")
         print(format_table(status))
     return 0 if status["healthy"] else 1
 

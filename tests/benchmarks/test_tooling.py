@@ -126,7 +126,8 @@ def test_roofline_pairs_bandwidth_and_decode_rounds(tmp_path):
     assert len(result["rounds"]) == 3 and result["overrides"] == ["worker.native_kernels=false"]
     for r in result["rounds"]:
         assert r["bandwidth_gbs"] > 0 and r["step_ms"] > 0
-        assert r["fraction"] == pytest.approx(result["weight_bytes_per_token"] / (r["bandwidth_gbs"] * 1e9) * 1e3 / r["step_ms"])
+        assert r["fraction"] == pytest.approx(
+            result["weight_bytes_per_token"] / (r["bandwidth_gbs"] * 1e9) * 1e3 / r["step_ms"])
     assert result["fraction_min"] <= result["fraction_median"] <= result["fraction_max"]
     assert "of the roofline (median of 3 rounds" in proc.stdout
 
@@ -181,4 +182,5 @@ def test_paired_names_the_contender_that_cannot_load(tmp_path):
     env = {**os.environ, "CHATLOOP_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    assert "paired: inprocess: ValueError: the KV cache holds" in proc.stderr and "raise cache.kv_cache_mb" in proc.stderr
+    assert ("paired: inprocess: ValueError: the KV cache holds" in proc.stderr
+            and "raise cache.kv_cache_mb" in proc.stderr)

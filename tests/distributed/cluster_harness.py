@@ -29,5 +29,7 @@ def run_cluster(overrides: list[str], ops: list[dict], timeout: float = 300) -> 
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0 and lines, (
+        f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return json.loads(lines[-1].removeprefix("RESULT "))

@@ -12,7 +12,8 @@ TOPICS = ["the sea", "a cat", "Paris in spring", "the history of the printing pr
           "a robot who learns to paint", "winter", "how bees make honey and why it matters for farming"]
 REQUESTS = [{"prompt": f"Write about {t}.", "params": {"max_new_tokens": 8 + i % 5, "ignore_eos": True}}
             for i, t in enumerate(TOPICS)]
-SAMPLED = {"max_new_tokens": 16, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.1, "ignore_eos": True}
+SAMPLED = {"max_new_tokens": 16, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.1,
+           "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def four_workers():
         {"name": "blocks_after_cancel", "op": "blocks"},
         {"name": "inject", "op": "inject", "stage": 2},
         {"name": "failed", "op": "generate", "prompt": PLAIN_PROMPT, "params": {"max_new_tokens": 4}},
-        {"name": "after_failure", "op": "generate", "prompt": PLAIN_PROMPT, "params": {"max_new_tokens": 4, "ignore_eos": True}},
+        {"name": "after_failure", "op": "generate", "prompt": PLAIN_PROMPT,
+         "params": {"max_new_tokens": 4, "ignore_eos": True}},
         {"name": "blocks_at_end", "op": "blocks"},
     ]
     return run_cluster(["cluster.num_workers=4"], ops)

@@ -33,7 +33,8 @@ def test_torchrun_five_ranks(hf_greedy, tmp_path):
         f"prompt={PLAIN_PROMPT}", "chat=false", "max_new_tokens=12", "sampling.temperature=0", "cache.kv_cache_mb=64",
         f"hydra.run.dir={tmp_path}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     from transformers import AutoTokenizer
 
@@ -45,7 +46,8 @@ def test_torchrun_five_ranks(hf_greedy, tmp_path):
 
 def _generate(*overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "chatloop-generate"), f"cluster.master_port={free_port()}", "max_new_tokens=4", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 @pytest.fixture(scope="module")

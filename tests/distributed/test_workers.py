@@ -36,8 +36,8 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 def test_chat_answers_then_ctrl_c_stops_every_rank(tmp_path):
     proc = subprocess.Popen(
-        [str(BIN / "chatloop-chat"), "cluster.num_workers=2", f"cluster.master_port={free_port()}", "cache.kv_cache_mb=64",
-         "max_new_tokens=16", f"hydra.run.dir={tmp_path}"],
+        [str(BIN / "chatloop-chat"), "cluster.num_workers=2", f"cluster.master_port={free_port()}",
+         "cache.kv_cache_mb=64", "max_new_tokens=16", f"hydra.run.dir={tmp_path}"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )

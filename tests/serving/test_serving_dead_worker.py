@@ -153,7 +153,8 @@ def test_server_stops_on_sigterm_with_a_dead_worker(server):
     def workers_gone() -> bool:
         import psutil
 
-        alive = [p for p in pids.values() if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in pids.values()
+                 if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         return not alive
 
     wait_until(workers_gone, 15, message="every worker process gone")

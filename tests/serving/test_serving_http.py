@@ -75,7 +75,8 @@ def _sse(lines) -> list:
 
 
 def test_completion_and_chat_match_the_python_api(client, expected):
-    r = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": SHORT, "temperature": 0})
+    r = client.post("/v1/completions",
+                    json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": SHORT, "temperature": 0})
     assert r.status_code == 200, r.text
     body = r.json()
     want = expected[("completion", 0)]
@@ -97,7 +98,8 @@ def test_completion_and_chat_match_the_python_api(client, expected):
 
 
 def test_streamed_completion_is_openai_sse(client, expected):
-    payload = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": SHORT, "stream": True, "stream_options": {"include_usage": True}}
+    payload = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": SHORT, "stream": True,
+               "stream_options": {"include_usage": True}}
     with client.stream("POST", "/v1/completions", json=payload) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -107,11 +109,13 @@ def test_streamed_completion_is_openai_sse(client, expected):
     assert all(c["object"] == "text_completion" for c in chunks)
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected[("completion", 1)].text
     assert chunks[-2]["choices"][0]["finish_reason"] == expected[("completion", 1)].finish_reason
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == expected[("completion", 1)].completion_tokens
+    assert (chunks[-1]["choices"] == []
+            and chunks[-1]["usage"]["completion_tokens"] == expected[("completion", 1)].completion_tokens)
 
 
 def test_64_concurrent_clients_get_their_own_answers(url, expected):
-    """64 clients at once (completions and a few chats, a quarter streamed): each answer equals its single-request answer."""
+    """64 clients at once (completions and a few chats, a quarter streamed): each answer equals its single-request
+    answer."""
 
     async def one(http: httpx.AsyncClient, i: int) -> tuple[tuple[str, int], str, str]:
         kind = "chat" if i % 16 == 5 else "completion"  # chat prompts are long (a system prompt): keep them few
@@ -124,7 +128,8 @@ def test_64_concurrent_clients_get_their_own_answers(url, expected):
             r = await http.post(path, json=body)
             assert r.status_code == 200, r.text
             choice = r.json()["choices"][0]
-            return (kind, k), choice["message"]["content"] if kind == "chat" else choice["text"], choice["finish_reason"]
+            return ((kind, k), choice["message"]["content"] if kind == "chat" else choice["text"],
+                    choice["finish_reason"])
         async with http.stream("POST", path, json=body) as r:
             assert r.status_code == 200
             events = _sse([line async for line in r.aiter_lines()])
@@ -151,15 +156,21 @@ BAD_REQUESTS = [
     ("unknown model", {"model": "gpt-4", "prompt": "Hi"}, "/v1/completions", 404, "model"),
     ("prompt longer than the context", {"model": MODEL, "prompt": "hi " * 9000}, "/v1/completions", 413, "prompt"),
     ("max_tokens 0", {"model": MODEL, "prompt": "Hi", "max_tokens": 0}, "/v1/completions", 400, "max_tokens"),
-    ("max_tokens negative", {"model": MODEL, "messages": GREETING, "max_tokens": -3}, "/v1/chat/completions", 400, "max_tokens"),
-    ("max_tokens beyond the context", {"model": MODEL, "prompt": "Hi", "max_tokens": 100_000}, "/v1/completions", 400, "max_tokens"),
-    ("temperature negative", {"model": MODEL, "prompt": "Hi", "temperature": -1}, "/v1/completions", 400, "temperature"),
+    ("max_tokens negative", {"model": MODEL, "messages": GREETING, "max_tokens": -3},
+     "/v1/chat/completions", 400, "max_tokens"),
+    ("max_tokens beyond the context", {"model": MODEL, "prompt": "Hi", "max_tokens": 100_000},
+     "/v1/completions", 400, "max_tokens"),
+    ("temperature negative", {"model": MODEL, "prompt": "Hi", "temperature": -1},
+     "/v1/completions", 400, "temperature"),
     ("top_p above 1", {"model": MODEL, "messages": GREETING, "top_p": 1.5}, "/v1/chat/completions", 400, "top_p"),
     ("top_k negative", {"model": MODEL, "prompt": "Hi", "top_k": -1}, "/v1/completions", 400, "top_k"),
     ("n > 1", {"model": MODEL, "prompt": "Hi", "n": 2}, "/v1/completions", 400, "n"),
-    ("five stop strings", {"model": MODEL, "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, "/v1/completions", 400, "stop"),
-    ("temperature as a string", {"model": MODEL, "prompt": "Hi", "temperature": "hot"}, "/v1/completions", 400, "temperature"),
-    ("max_tokens as a float", {"model": MODEL, "prompt": "Hi", "max_tokens": 2.5}, "/v1/completions", 400, "max_tokens"),
+    ("five stop strings", {"model": MODEL, "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]},
+     "/v1/completions", 400, "stop"),
+    ("temperature as a string", {"model": MODEL, "prompt": "Hi", "temperature": "hot"},
+     "/v1/completions", 400, "temperature"),
+    ("max_tokens as a float", {"model": MODEL, "prompt": "Hi", "max_tokens": 2.5},
+     "/v1/completions", 400, "max_tokens"),
     ("prompt as a number", {"model": MODEL, "prompt": 12}, "/v1/completions", 400, "prompt"),
     ("messages as a string", {"model": MODEL, "messages": "hello"}, "/v1/chat/completions", 400, "messages"),
     ("stream as a string", {"model": MODEL, "prompt": "Hi", "stream": "yes"}, "/v1/completions", 400, "stream"),
@@ -168,10 +179,13 @@ BAD_REQUESTS = [
     ("token id outside the vocabulary", {"model": MODEL, "prompt": [1, 2, 10**9]}, "/v1/completions", 400, "prompt"),
     ("a batch of prompts", {"model": MODEL, "prompt": ["a", "b"]}, "/v1/completions", 400, "prompt"),
     ("logprobs", {"model": MODEL, "prompt": "Hi", "logprobs": 2}, "/v1/completions", 400, "logprobs"),
-    ("an image part", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    ("an image part",
+     {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "/v1/chat/completions", 400, "messages.0.content"),
-    ("a message without a role", {"model": MODEL, "messages": [{"content": "Hi"}]}, "/v1/chat/completions", 400, "messages.0.role"),
-    ("a bad streamed request", {"model": MODEL, "prompt": "Hi", "stream": True, "max_tokens": 0}, "/v1/completions", 400, "max_tokens"),
+    ("a message without a role", {"model": MODEL, "messages": [{"content": "Hi"}]},
+     "/v1/chat/completions", 400, "messages.0.role"),
+    ("a bad streamed request", {"model": MODEL, "prompt": "Hi", "stream": True, "max_tokens": 0},
+     "/v1/completions", 400, "max_tokens"),
 ]
 
 
@@ -255,8 +269,10 @@ def test_metrics_parse_and_move(client, url):
     assert after["chatloop_generated_tokens_total"] >= before["chatloop_generated_tokens_total"] + 5
     assert after["chatloop_completion_tokens_total"] == before.get("chatloop_completion_tokens_total", 0) + 5
     assert after["chatloop_prompt_tokens_total"] > before.get("chatloop_prompt_tokens_total", 0)
-    assert after["chatloop_time_to_first_token_seconds_count"] == before.get("chatloop_time_to_first_token_seconds_count", 0) + 1
-    assert after["chatloop_inter_token_latency_seconds_count"] == before.get("chatloop_inter_token_latency_seconds_count", 0) + 4
+    assert (after["chatloop_time_to_first_token_seconds_count"]
+            == before.get("chatloop_time_to_first_token_seconds_count", 0) + 1)
+    assert (after["chatloop_inter_token_latency_seconds_count"]
+            == before.get("chatloop_inter_token_latency_seconds_count", 0) + 4)
     assert after['chatloop_request_duration_seconds_count{endpoint="completions"}'] >= 1
     assert after['chatloop_stage_up{stage="stage0"}'] == 1
 
@@ -265,7 +281,8 @@ def test_health_status_and_the_status_command(client, url, capsys):
     r = client.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
     status = client.get("/v1/status").json()
-    assert status["healthy"] and [n["name"] for n in status["nodes"]] == ["coordinator", "stage0", "stage1", "stage2", "stage3"]
+    assert (status["healthy"]
+            and [n["name"] for n in status["nodes"]] == ["coordinator", "stage0", "stage1", "stage2", "stage3"])
     assert status["nodes"][1]["partition"] == "partition_0.safetensors"
     assert status_main(["--url", url]) == 0
     out = capsys.readouterr().out

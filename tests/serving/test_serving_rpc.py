@@ -81,7 +81,8 @@ def test_health_status_and_worker_metrics(cluster, capsys):
     _llm, url, metrics_base = cluster
     r = httpx.get(f"{url}/health", timeout=30)
     assert r.status_code == 200, r.text
-    assert r.json()["down"] == [] and [s["name"] for s in r.json()["stages"]] == [f"worker{k}" for k in range(NUM_WORKERS)]
+    assert (r.json()["down"] == []
+            and [s["name"] for s in r.json()["stages"]] == [f"worker{k}" for k in range(NUM_WORKERS)])
 
     status = httpx.get(f"{url}/v1/status", timeout=30).json()
     workers = status["nodes"][1:]
@@ -99,20 +100,23 @@ def test_health_status_and_worker_metrics(cluster, capsys):
     worker_urls = [f"http://127.0.0.1:{metrics_base + k}/metrics" for k in range(NUM_WORKERS)]
     before = [scrape(u) for u in worker_urls]
     coordinator_before = scrape(f"{url}/metrics")
-    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 4, "ignore_eos": True}, timeout=60)
+    r = httpx.post(f"{url}/v1/completions",
+                   json={"model": MODEL, "prompt": "Hello", "max_tokens": 4, "ignore_eos": True}, timeout=60)
     assert r.status_code == 200
     after = [scrape(u) for u in worker_urls]
     for k, (b, a) in enumerate(zip(before, after)):
         label = f'{{stage="worker{k}"}}'
         assert a[f"chatloop_stage_micro_batches_total{label}"] >= b[f"chatloop_stage_micro_batches_total{label}"] + 4
-        assert a[f"chatloop_stage_compute_seconds_count{label}"] >= b[f"chatloop_stage_compute_seconds_count{label}"] + 4
+        assert (a[f"chatloop_stage_compute_seconds_count{label}"]
+                >= b[f"chatloop_stage_compute_seconds_count{label}"] + 4)
         assert a[f"chatloop_stage_received_bytes_total{label}"] > b[f"chatloop_stage_received_bytes_total{label}"]
         assert a[f"chatloop_stage_sent_bytes_total{label}"] > b[f"chatloop_stage_sent_bytes_total{label}"]
         assert a[f"chatloop_stage_busy_seconds_total{label}"] > b[f"chatloop_stage_busy_seconds_total{label}"]
         assert a[f"chatloop_stage_resident_memory_bytes{label}"] > 0
         assert 0 <= a[f"chatloop_stage_idle_ratio{label}"] <= 1
         if k < NUM_WORKERS - 1:  # the last stage forwards nothing
-            assert a[f"chatloop_stage_downstream_seconds_count{label}"] >= b[f"chatloop_stage_downstream_seconds_count{label}"] + 4
+            assert (a[f"chatloop_stage_downstream_seconds_count{label}"]
+                    >= b[f"chatloop_stage_downstream_seconds_count{label}"] + 4)
     coordinator = scrape(f"{url}/metrics")
     assert coordinator["chatloop_generated_tokens_total"] >= coordinator_before["chatloop_generated_tokens_total"] + 4
     assert all(coordinator[f'chatloop_stage_up{{stage="worker{k}"}}'] == 1 for k in range(NUM_WORKERS))

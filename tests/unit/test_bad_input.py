@@ -344,8 +344,9 @@ def test_partition_in_another_dtype(llama_parts, tiny_checkpoint, tmp_path):
 
 
 def test_partition_file_differs_from_the_configuration(llama_parts):
-    with pytest.raises(PartitionError, match=r"gives worker 1 partition 'partition_7.safetensors', the manifest .* says "
-                                              r"'partition_1.safetensors': set cluster.workers\[1\].partition"):
+    with pytest.raises(PartitionError,
+                       match=r"gives worker 1 partition 'partition_7.safetensors', the manifest .* says "
+                             r"'partition_1.safetensors': set cluster.workers\[1\].partition"):
         load_stage(llama_parts, 1, expected_file="partition_7.safetensors")
     load_stage(llama_parts, 1, expected_file="partition_1.safetensors")
 

@@ -16,7 +16,8 @@ from chatloop.worker_settings import cores_for_worker, stages_at_once, worker_en
 
 @pytest.fixture(scope="module")
 def llm(smollm2_split):
-    cfg = load_config(["cluster=single", "cluster.num_workers=4", f"model.partitions_dir={smollm2_split}", "cache.kv_cache_mb=32"])
+    cfg = load_config(["cluster=single", "cluster.num_workers=4", f"model.partitions_dir={smollm2_split}",
+                       "cache.kv_cache_mb=32"])
     with ChatLoop.start(cfg) as llm:
         yield llm
 
@@ -94,7 +95,8 @@ def test_full_queue_refuses(smollm2_split):
         assert done.wait(60)
 
 
-@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}, {"repetition_penalty": 0}])
+@pytest.mark.parametrize(
+    "bad", [{"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}, {"repetition_penalty": 0}])
 def test_bad_sampling_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
@@ -103,7 +105,8 @@ def test_bad_sampling_values(bad):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("cluster.rpc_transports=[tcp]", r"cluster.rpc_transports=\['tcp'\]: give one or more of uv, shm, ibv \(tcp is not one\)"),
+        ("cluster.rpc_transports=[tcp]",
+         r"cluster.rpc_transports=\['tcp'\]: give one or more of uv, shm, ibv \(tcp is not one\)"),
         ("cluster.rpc_transports=[]", r"cluster.rpc_transports=\[\]: give one or more of uv"),
         ("cluster.rpc_channels=[basic,fast]", r"cluster.rpc_channels=.*\(fast is not one\)"),
     ],
@@ -204,7 +207,8 @@ def test_detokenizer_keeps_the_space_a_sentencepiece_decode_strips_at_the_start(
 
 @pytest.mark.parametrize(
     "index, workers, threads, cores, expected",
-    [(1, 4, 2, list(range(8)), [2, 3]), (3, 4, 8, [0, 1], [0, 1]), (2, 4, 1, [0, 1], [0, 1]), (0, 1, 8, [0, 1], [0, 1])],
+    [(1, 4, 2, list(range(8)), [2, 3]), (3, 4, 8, [0, 1], [0, 1]), (2, 4, 1, [0, 1], [0, 1]),
+     (0, 1, 8, [0, 1], [0, 1])],
 )
 def test_worker_cores(index, workers, threads, cores, expected):
     assert cores_for_worker(index, workers, threads, cores) == expected

@@ -26,7 +26,8 @@ SMOLLM2_TOLERANCE = 2e-4
 NUM_DECODE_STEPS = 16
 NUM_GREEDY_TOKENS = 32
 # How the linear layers run: torch's nn.Linear, oneDNN's packed weights, ChatLoop's native kernel.
-LINEAR_MODES = {"plain": (False, False, None), "onednn": (True, False, PackedLinear), "kernel": (True, True, KernelLinear)}
+LINEAR_MODES = {"plain": (False, False, None), "onednn": (True, False, PackedLinear),
+                "kernel": (True, True, KernelLinear)}
 
 
 def reference_logits(hf_model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
@@ -220,7 +221,9 @@ def chat_prompt_ids(tokenizer, question: str) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", LINEAR_MODES)
-def test_smollm2_prefill_and_decode_match_transformers(smollm2_split, smollm2_hf, smollm2_tokenizer, load_pipeline, mode):
+def test_smollm2_prefill_and_decode_match_transformers(
+    smollm2_split, smollm2_hf, smollm2_tokenizer, load_pipeline, mode
+):
     manifest = Manifest.load(smollm2_split)
     assert manifest.num_partitions == 4
     assert manifest.dtype == "float32"

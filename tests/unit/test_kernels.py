@@ -56,7 +56,8 @@ def test_kernel_linear_hands_larger_matmuls_to_torch(kernel, monkeypatch):
     layer = KernelLinear(linear.weight, linear.bias)
     assert layer.weight.data_ptr() != linear.weight.data_ptr()  # memory of its own, off any file mapping
     calls = []
-    monkeypatch.setattr("chatloop.models.packing.kernel_linear", lambda *a: calls.append(a[0].shape) or kernel_linear(*a))
+    monkeypatch.setattr("chatloop.models.packing.kernel_linear",
+                        lambda *a: calls.append(a[0].shape) or kernel_linear(*a))
     with torch.inference_mode():
         for rows in (1, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 1, 300):
             x = torch.randn(rows, 1, 64)
@@ -139,10 +140,12 @@ def test_decode_attention_is_used_only_for_float32_single_token_steps():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: kernel_linear(torch.ones(2, 8, dtype=torch.float64), torch.ones(4, 8)), "takes float32, got x torch.float64"),
+        (lambda: kernel_linear(torch.ones(2, 8, dtype=torch.float64), torch.ones(4, 8)),
+         "takes float32, got x torch.float64"),
         (lambda: kernel_linear(torch.ones(2, 8), torch.ones(8, 4).t()), "contiguous \\[out, in\\] matrix"),
         (lambda: kernel_linear(torch.ones(2, 7), torch.ones(4, 8)), "x has 7 features, the weight takes 8"),
-        (lambda: kernel_linear(torch.ones(2, 8), torch.ones(4, 8), torch.ones(3)), "bias must be a contiguous float32 \\[4\\]"),
+        (lambda: kernel_linear(torch.ones(2, 8), torch.ones(4, 8), torch.ones(3)),
+         "bias must be a contiguous float32 \\[4\\]"),
         (lambda: kernels.kernel_decode_attention(
             torch.ones(2, 4, 8), torch.ones(16, 2, 8), torch.ones(16, 2, 8), torch.zeros(2, 4, dtype=torch.int32), 4,
             torch.ones(2, dtype=torch.int64), 1), "tables and lengths must be int64"),

@@ -140,7 +140,8 @@ def test_admission_waits_for_blocks_first_come_first_served():
     assert policy.next_wakeup(0.0) == 0  # the decode step, not the blocked queue
     run.until_idle()
     assert run.finish(big).finish_reason is FinishReason.LENGTH
-    assert run.finish(middle).finish_reason is FinishReason.LENGTH and run.finish(small).finish_reason is FinishReason.LENGTH
+    assert (run.finish(middle).finish_reason is FinishReason.LENGTH
+            and run.finish(small).finish_reason is FinishReason.LENGTH)
     assert policy.allocator.num_free == 4
 
 
@@ -338,8 +339,10 @@ def test_the_policy_and_what_it_imports_use_no_torch_no_threads_and_no_clock():
     folder = Path(chatloop.engine.__file__).parent
     for module in ("policy", "blocks", "detokenizer", "errors", "requests"):
         tree = ast.parse((folder / f"{module}.py").read_text())
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+        imported = {alias.name.split(".")[0]
+                    for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and not node.level}
         assert not imported & {"torch", "time", "threading"}, f"{module}.py imports {sorted(imported)}"
 
 
