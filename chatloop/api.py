@@ -151,6 +151,7 @@ class ChatLoop:
             max_context=(manifest.model_config.get("max_position_embeddings")
                          or manifest.model_config.get("n_positions")),
             max_tokens_per_micro_batch=cfg.batching.max_tokens_per_micro_batch,
+            prefill_chunk_tokens=cfg.batching.prefill_chunk_tokens,
             eos_token_ids=_eos_ids(directory, self.tokenizer),
         )
 

@@ -137,12 +137,18 @@ class BatchingConfig:
     max_queue_size: int = 256
     """Most requests waiting; more are refused (HTTP 429)."""
     max_tokens_per_micro_batch: int = 4096
-    """Bounds a prefill micro-batch's padded tokens (a longer single prompt still runs alone)."""
+    """Bounds a prefill micro-batch's padded tokens (a longer single chunk still runs alone)."""
+    prefill_chunk_tokens: int | None = 512
+    """A prompt enters the cache in chunks of at most this many tokens, taking turns with other sequences' decode
+    steps: a long prompt never makes one step outlast cluster.rpc_timeout_s, and running requests keep streaming.
+    Keep a chunk's compute time well under the RPC timeout (a big model on few cores: lower it). null: whole."""
 
     def __post_init__(self) -> None:
         _require(self.max_batch_size >= 1, f"batching.max_batch_size={self.max_batch_size}: need >= 1")
         _require(self.batching_window_ms >= 0, "batching.batching_window_ms must be >= 0")
         _require(self.max_queue_size >= 1, f"batching.max_queue_size={self.max_queue_size}: need >= 1")
+        _require(self.prefill_chunk_tokens is None or self.prefill_chunk_tokens >= 1,
+                 f"batching.prefill_chunk_tokens={self.prefill_chunk_tokens}: need >= 1 or null")
 
 
 @dataclass(kw_only=True)

@@ -26,6 +26,7 @@ from .scheduler import Scheduler
 __all__ = [
     "BlockAllocator", "CapacityError", "ContextLengthError", "EmptyPromptError", "EngineClient", "EngineError",
     "EngineStats", "FinishReason", "LocalPipeline", "MicroBatch", "Pipeline", "QueueFullError", "RequestError",
+    "SamplingError",
     "SamplerInput", "SamplingParams", "Scheduler", "SchedulerClosedError", "SchedulerPolicy", "SequenceEvent",
     "StageError", "StageReport", "StageRunner", "StageSpec", "StageTiming", "Step", "StepRecord",
     "build_stage_runner", "sample",

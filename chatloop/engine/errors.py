@@ -7,7 +7,7 @@ names the request field at fault, where one is.
 from __future__ import annotations
 
 __all__ = [
-    "ContextLengthError", "EmptyPromptError", "EngineError", "QueueFullError", "RequestError",
+    "ContextLengthError", "EmptyPromptError", "EngineError", "QueueFullError", "RequestError", "SamplingError",
     "SchedulerClosedError", "StageError",
 ]
 
@@ -38,6 +38,10 @@ class EmptyPromptError(RequestError):
 
 class ContextLengthError(RequestError):
     """Prompt plus max_new_tokens do not fit the model's context or the KV cache."""
+
+
+class SamplingError(RuntimeError):
+    """One sequence's next token could not be sampled (its neighbours in the micro-batch carry on)."""
 
 
 class StageError(RuntimeError):

@@ -11,6 +11,9 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
 - Running sequences are cut into up to ``max_in_flight`` micro-batches so that every stage
   has work; a sequence has at most one step in flight; prompts and decodes go in separate
   micro-batches (a decode padded to a prompt's length wastes work).
+- A prompt is prefilled in chunks of at most ``prefill_chunk_tokens``, and while prompts are
+  being prefilled, prefill and decode micro-batches take turns: no step grows with the prompt
+  (none runs past the RPC timeout) and running sequences keep decoding while a long one arrives.
 - A sequence stops at an end-of-sequence token, a stop string, or ``max_new_tokens``;
   finished, failed and cancelled sequences give their blocks back at once.
 """
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 
 from .blocks import BlockAllocator
 from .detokenizer import Detokenizer
-from .errors import ContextLengthError, EmptyPromptError, QueueFullError
+from .errors import ContextLengthError, EmptyPromptError, QueueFullError, SamplingError
 from .requests import FinishReason, SamplerInput, SamplingParams, SequenceEvent
 
 __all__ = ["Output", "SchedulerPolicy", "SchedulerStats", "Step"]
@@ -82,9 +85,22 @@ class _Sequence:
         """The most tokens it can hold: what its blocks are reserved for."""
         return len(self.prompt_ids) + self.params.max_new_tokens
 
-    def next_tokens(self) -> list[int]:
-        """The token ids to feed at its next step: the prompt first, then the last token."""
-        return self.prompt_ids if self.num_cached == 0 else [self.output_ids[-1]]
+    @property
+    def num_known(self) -> int:
+        """Tokens whose ids are known: the prompt and what was generated so far."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        """More than one known token still has to go into the cache (a prompt, or a replay)."""
+        return self.num_known - self.num_cached > 1
+
+    def next_tokens(self, chunk: int | None) -> list[int]:
+        """The token ids to feed at its next step: the known tokens not yet cached, at most ``chunk`` of them."""
+        end = self.num_known if chunk is None else min(self.num_known, self.num_cached + chunk)
+        if self.num_cached < len(self.prompt_ids):
+            return (self.prompt_ids + self.output_ids)[self.num_cached : end]
+        return self.output_ids[self.num_cached - len(self.prompt_ids) : end - len(self.prompt_ids)]
 
 
 class SchedulerPolicy:
@@ -101,6 +117,7 @@ class SchedulerPolicy:
         max_in_flight: int = 1,
         max_context: int | None = None,
         max_tokens_per_micro_batch: int = 4096,
+        prefill_chunk_tokens: int | None = None,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         self.allocator = allocator
@@ -111,6 +128,7 @@ class SchedulerPolicy:
         self.max_in_flight = max_in_flight
         self.max_context = max_context
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.stats = SchedulerStats()
         self._waiting: deque[_Sequence] = deque()
@@ -118,6 +136,7 @@ class SchedulerPolicy:
         self._by_id: dict[int, _Sequence] = {}
         self._steps: dict[int, tuple[list[_Sequence], list[int]]] = {}  # in flight: sequences, tokens fed
         self._ids = itertools.count()
+        self._last_cut_prefill = False
 
     @property
     def context_length(self) -> int:
@@ -216,13 +235,16 @@ class SchedulerPolicy:
             ready = self._ready()
             if not ready:
                 break
-            prefill = [s for s in ready if s.num_cached == 0]
-            group = prefill or ready
+            prefill = [s for s in ready if s.prefilling]
+            decode = [s for s in ready if not s.prefilling]
+            # Both waiting: take turns, so that decodes go on while a long prompt is prefilled in chunks.
+            group = decode if decode and (not prefill or self._last_cut_prefill) else prefill
+            self._last_cut_prefill = group is prefill
             cap = max(1, math.ceil(len(self._running) / self.max_in_flight))
             chosen: list[_Sequence] = []
             longest = 0
             for seq in group[:cap]:
-                longest = max(longest, len(seq.next_tokens()))
+                longest = max(longest, len(seq.next_tokens(self.prefill_chunk_tokens)))
                 if chosen and longest * (len(chosen) + 1) > self.max_tokens_per_micro_batch:
                     break
                 chosen.append(seq)
@@ -230,7 +252,7 @@ class SchedulerPolicy:
         return steps
 
     def _step(self, seqs: list[_Sequence]) -> Step:
-        tokens = [s.next_tokens() for s in seqs]
+        tokens = [s.next_tokens(self.prefill_chunk_tokens) for s in seqs]
         tables = [
             tuple(s.blocks[: self.allocator.blocks_for(s.num_cached + len(t))]) for s, t in zip(seqs, tokens)
         ]
@@ -253,8 +275,9 @@ class SchedulerPolicy:
         return step
 
     # ---- results -----------------------------------------------------------------------------
-    def complete(self, step_id: int, result: list[int] | BaseException) -> list[Output]:
-        """A step's sampled token ids (one per sequence), or the error that failed it."""
+    def complete(self, step_id: int, result: list[int | str] | BaseException) -> list[Output]:
+        """A step's sampled token ids (one per sequence; an error message for one that could not be sampled),
+        or the error that failed the whole step."""
         seqs, fed = self._steps.pop(step_id)
         self.stats.num_in_flight -= 1
         outputs: list[Output] = []
@@ -266,6 +289,11 @@ class SchedulerPolicy:
             seq.num_cached += fed[b]
             if seq.cancelled:
                 outputs.append(self._finish(seq, FinishReason.CANCELLED))
+                continue
+            if seq.num_cached < seq.num_known:
+                continue  # a chunk of its prompt: the token sampled after it is not the next one yet
+            if isinstance(result[b], str):  # this sequence alone could not be sampled
+                outputs.append(self._finish(seq, FinishReason.ERROR, error=SamplingError(result[b])))
                 continue
             outputs.append(self._accept(seq, int(result[b])))
         self.stats.num_running = len(self._running)

@@ -11,7 +11,16 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["FinishReason", "SamplerInput", "SamplingParams", "SequenceEvent"]
+__all__ = [
+    "GREEDY_BELOW", "MAX_REPETITION_PENALTY", "MAX_TEMPERATURE", "MIN_REPETITION_PENALTY", "FinishReason",
+    "SamplerInput", "SamplingParams", "SequenceEvent",
+]
+
+MAX_TEMPERATURE = 2.0
+GREEDY_BELOW = 1e-5
+"""Temperatures below this pick the most likely token (the limit of sampling as the temperature goes to 0)."""
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,13 +30,13 @@ class SamplingParams:
     max_new_tokens: int = 128
     """Most tokens to generate (the prompt not counted)."""
     temperature: float = 0.0
-    """0 is greedy; higher is more random."""
+    """0 to 2: 0 (and anything below ``GREEDY_BELOW``) is greedy; higher is more random."""
     top_k: int = 0
     """Keep only the k most likely tokens; 0 keeps all."""
     top_p: float = 1.0
-    """Keep the smallest set of tokens whose probability reaches top_p."""
+    """In (0, 1]: keep the smallest set of tokens whose probability reaches top_p (at least the most likely)."""
     repetition_penalty: float = 1.0
-    """Above 1 makes tokens already in the sequence less likely (CTRL-style, as in transformers)."""
+    """0.01 to 10: above 1 makes tokens already in the sequence less likely (CTRL-style, as in transformers)."""
     seed: int | None = None
     """Same seed, same output; None draws a random seed."""
     stop: tuple[str, ...] = ()
@@ -41,11 +50,14 @@ class SamplingParams:
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
              f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (math.isfinite(self.temperature) and self.temperature >= 0,
-             f"temperature must be >= 0, got {self.temperature}"),
+            (math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+             f"temperature must be from 0 to {MAX_TEMPERATURE:g}, got {self.temperature}"),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (math.isfinite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (math.isfinite(self.repetition_penalty)
+             and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"repetition_penalty must be from {MIN_REPETITION_PENALTY:g} to {MAX_REPETITION_PENALTY:g} "
+             f"(1 disables it), got {self.repetition_penalty}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
         for ok, message in checks:

@@ -1,7 +1,10 @@
 """The sampler that the last stage runs on its logits.
 
 Each sequence draws from its own generator, seeded from (seed, step): the same seed gives
-the same tokens whatever else shares the micro-batch, and whichever stage samples.
+the same tokens whatever else shares the micro-batch, whichever stage samples, and after a
+replay. Every value :class:`~chatloop.engine.SamplingParams` accepts is numerically safe: the
+penalty and the temperature are applied in float64, temperatures below ``GREEDY_BELOW`` pick
+the most likely token, and top-p always keeps the most likely token.
 """
 
 from __future__ import annotations
@@ -10,32 +13,47 @@ import math
 
 import torch
 
-from .requests import SamplerInput
+from .requests import GREEDY_BELOW, SamplerInput
 
 __all__ = ["sample"]
 
 
-def sample(logits: torch.Tensor, inputs: list[SamplerInput]) -> list[int]:
-    """One token id per row of ``logits`` [B, V] (float32)."""
-    tokens = []
+def sample(logits: torch.Tensor, inputs: list[SamplerInput]) -> list[int | str]:
+    """One token id per row of ``logits`` [B, V] (float32); a row that cannot be sampled gets an error message.
+
+    One sequence's failure never fails its neighbours: the caller ends that sequence alone.
+    """
+    tokens: list[int | str] = []
     for row, p in zip(logits, inputs):
-        if p.repetition_penalty != 1.0 and p.history:
-            seen = torch.tensor(sorted(set(p.history)), dtype=torch.long)
-            picked = row[seen]
-            row = row.clone()
-            row[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-        if p.temperature == 0:
-            tokens.append(int(row.argmax()))
-            continue
-        row = row / p.temperature
-        if p.top_k:
-            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, -math.inf)
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the token that crosses top_p
-            row = row.index_put((order[drop],), torch.tensor(-math.inf))
-        generator = torch.Generator().manual_seed((p.seed * 1_000_003 + p.step) % 2**63)
-        tokens.append(int(torch.multinomial(row.softmax(-1), 1, generator=generator)))
+        try:
+            tokens.append(_sample_row(row, p))
+        except Exception as e:  # numerically impossible input, or a bug: this sequence only
+            tokens.append(f"sampling failed: {type(e).__name__}: {e}")
     return tokens
+
+
+def _sample_row(row: torch.Tensor, p: SamplerInput) -> int:
+    if not bool(torch.isfinite(row).all()):
+        raise ValueError("the model's logits hold NaN or infinity")
+    if p.temperature < GREEDY_BELOW and p.repetition_penalty == 1.0:
+        return int(row.argmax())
+    row = row.double()  # float64: 1/temperature and the penalty cannot overflow for any accepted value
+    if p.repetition_penalty != 1.0 and p.history:
+        seen = torch.tensor(sorted(set(p.history)), dtype=torch.long)
+        picked = row[seen]
+        row = row.clone()
+        row[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    if p.temperature < GREEDY_BELOW:  # the limit of sampling as the temperature goes to 0
+        return int(row.argmax())
+    row = row / p.temperature
+    if p.top_k:
+        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+        row = row.masked_fill(row < kth, -math.inf)
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(row, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= p.top_p  # keep the token that crosses top_p
+        drop[0] = False  # and always the most likely one, however small top_p is
+        row = row.index_put((order[drop],), torch.tensor(-math.inf, dtype=row.dtype))
+    generator = torch.Generator().manual_seed((p.seed * 1_000_003 + p.step) % 2**63)
+    return int(torch.multinomial(row.softmax(-1), 1, generator=generator))

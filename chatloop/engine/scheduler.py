@@ -39,6 +39,7 @@ class Scheduler:
         max_in_flight: int | None = None,
         max_context: int | None = None,
         max_tokens_per_micro_batch: int = 4096,
+        prefill_chunk_tokens: int | None = None,
         eos_token_ids: set[int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -47,7 +48,8 @@ class Scheduler:
         self.policy = SchedulerPolicy(
             self.allocator, tokenizer, max_batch_size=max_batch_size, batching_window_s=batching_window_ms / 1000,
             max_queue_size=max_queue_size, max_in_flight=max_in_flight or pipeline.num_stages, max_context=max_context,
-            max_tokens_per_micro_batch=max_tokens_per_micro_batch, eos_token_ids=eos_token_ids or set(),
+            max_tokens_per_micro_batch=max_tokens_per_micro_batch, prefill_chunk_tokens=prefill_chunk_tokens,
+            eos_token_ids=eos_token_ids or set(),
         )
         self._clock = clock
         self._emitters: dict[int, Emit] = {}

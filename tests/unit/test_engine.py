@@ -246,3 +246,40 @@ def test_padded_rows_make_one_int64_tensor_of_any_sequence_type():
 
     out = padded([(5, 6, 7), [8], range(2)])
     assert out.dtype == torch.long and out.tolist() == [[5, 6, 7], [8, 0, 0], [0, 1, 0]]
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        SamplerInput(1e-45, 0, 1.0, 1.0, seed=1, step=0),  # below GREEDY_BELOW: the most likely token
+        SamplerInput(1.0, 0, 1e-300, 1.0, seed=1, step=0),  # top-p keeps at least the most likely token
+        SamplerInput(1e-45, 0, 1e-300, 0.01, seed=1, step=0, history=(3, 4)),
+        SamplerInput(2.0, 1, 1e-300, 10.0, seed=1, step=0, history=(3,)),
+        SamplerInput(2e-5, 0, 1.0, 0.01, seed=1, step=0, history=tuple(range(50))),  # 1/T and the penalty in float64
+    ],
+)
+def test_every_accepted_sampling_value_samples_a_token(poison):
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 30
+    (token,) = sample(logits, [poison])
+    assert isinstance(token, int) and 0 <= token < 50
+    if poison.temperature < 1e-5 and poison.repetition_penalty == 1.0:
+        assert token == int(logits[0].argmax())
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    logits = torch.randn(3, 20)
+    logits[1, 4] = float("nan")
+    greedy = SamplerInput(0.0, 0, 1.0, 1.0, seed=0, step=0)
+    out = sample(logits, [greedy, SamplerInput(0.7, 0, 1.0, 1.0, seed=0, step=0), greedy])
+    assert out[0] == int(logits[0].argmax()) and out[2] == int(logits[2].argmax())
+    assert isinstance(out[1], str) and "logits hold NaN or infinity" in out[1]
+
+
+def test_chunked_prefill_gives_the_same_tokens(llm, smollm2_split):
+    prompt = "Once upon a time, in a kingdom by the sea, there lived a princess who " * 3
+    whole = llm.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids  # one chunk: 512 by default
+    cfg = load_config(["cluster=single", "cluster.num_workers=4", f"model.partitions_dir={smollm2_split}",
+                       "cache.kv_cache_mb=32", "batching.prefill_chunk_tokens=7"])
+    with ChatLoop.start(cfg) as chunked:
+        assert len(chunked.encode(prompt)) > 40  # several chunks of 7
+        assert chunked.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids == whole

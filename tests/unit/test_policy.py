@@ -183,20 +183,11 @@ def test_prefills_and_decodes_go_in_separate_micro_batches_up_to_max_in_flight()
     assert run.schedule() == []  # two in flight already
     run.answer(steps[0])
     newcomer = policy.add([9, 9], params(), 0.0)
-    (prefill,) = run.schedule()
-    assert prefill.sequence_ids == (newcomer,)  # the prompt alone, not padded into a decode
+    (decode,) = run.schedule()  # prompts and decodes take turns: the decodes go first after a prefill
+    assert decode.sequence_ids == tuple(first[:2]) and all(len(t) == 1 for t in decode.token_ids)
     run.answer(steps[1])
-    (decode,) = run.schedule()
-    assert set(decode.sequence_ids) <= set(first) and all(len(t) == 1 for t in decode.token_ids)
-
-
-def test_a_sequence_never_has_two_steps_in_flight():
-    policy = make_policy(max_batch_size=1, max_in_flight=4)
-    run = Run(policy)
-    policy.add([1], params(max_new_tokens=3), 0.0)
-    assert len(run.schedule()) == 1
-    assert run.schedule() == []  # its step is out: nothing else can go
-    assert policy.next_wakeup(0.0) is None
+    (prefill,) = run.schedule()
+    assert prefill.sequence_ids == (newcomer,) and prefill.token_ids == ((9, 9),)  # alone, not padded into a decode
 
 
 def test_max_tokens_per_micro_batch_splits_a_prefill():
@@ -208,7 +199,18 @@ def test_max_tokens_per_micro_batch_splits_a_prefill():
     (step,) = run.schedule()
     assert step.sequence_ids == (a, b)  # 3 x 4 padded tokens would pass 10
     run.answer(step)
+    assert run.schedule()[0].sequence_ids == (a, b)  # their decode, then the rest of the prompts
+    run.answer(run.in_flight[0])
     assert run.schedule()[0].sequence_ids == (c,)
+
+
+def test_a_sequence_never_has_two_steps_in_flight():
+    policy = make_policy(max_batch_size=1, max_in_flight=4)
+    run = Run(policy)
+    policy.add([1], params(max_new_tokens=3), 0.0)
+    assert len(run.schedule()) == 1
+    assert run.schedule() == []  # its step is out: nothing else can go
+    assert policy.next_wakeup(0.0) is None
 
 
 def test_cancelled_while_in_flight_ends_when_its_step_returns_and_frees_its_blocks():
@@ -380,3 +382,48 @@ def test_the_driver_delivers_every_event_and_observers_see_every_step():
         scheduler.close()
     assert "".join(e.text for e in got) == "zzz" and got[-1].finish_reason is FinishReason.LENGTH
     assert [(r.num_sequences, r.num_tokens, r.failed) for r in records] == [(1, 2, False), (1, 1, False), (1, 1, False)]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_and_only_its_last_chunk_samples():
+    policy = make_policy(prefill_chunk_tokens=4)
+    run = Run(policy)
+    seq = policy.add(list(range(100, 110)), params(max_new_tokens=2), 0.0)
+    chunks = []
+    for _ in range(3):
+        (step,) = run.schedule()
+        chunks.append((step.starts[0], step.token_ids[0]))
+        run.answer(step)
+        assert seq not in run.events or chunks[-1][0] == 8  # no token before the last chunk
+    assert chunks == [(0, (100, 101, 102, 103)), (4, (104, 105, 106, 107)), (8, (108, 109))]
+    assert [e.token_ids for e in run.events[seq]] == [(ord("z"),)]
+    assert run.model.produced[seq] == 3  # the sampler ran after each chunk; two of those tokens were dropped
+    run.until_idle()
+    assert run.finish(seq).finish_reason is FinishReason.LENGTH and run.text(seq) == "zz"
+
+
+def test_decodes_take_turns_with_a_long_prefill():
+    policy = make_policy(prefill_chunk_tokens=2, max_batch_size=4, max_in_flight=1)
+    run = Run(policy)
+    short = policy.add([1], params(max_new_tokens=6), 0.0)
+    run.answer(run.schedule()[0])  # its prompt: it decodes from now on
+    long = policy.add(list(range(40, 50)), params(max_new_tokens=1), 0.0)
+    kinds = []
+    while long not in run.events:
+        (step,) = run.schedule()
+        kinds.append("prefill" if step.sequence_ids == (long,) else "decode")
+        run.answer(step)
+    assert kinds == ["prefill", "decode", "prefill", "decode", "prefill", "decode", "prefill", "decode", "prefill"]
+    assert len(run.events[short]) == 1 + 4  # its first token, then a decode between every two chunks
+
+
+def test_one_sequence_that_cannot_be_sampled_ends_alone():
+    policy = make_policy(max_batch_size=3)
+    run = Run(policy)
+    a, b, c = (policy.add([1], params(max_new_tokens=2), 0.0) for _ in range(3))
+    (step,) = run.schedule()
+    run.answer(step, result=[ord("x"), "sampling failed: ValueError: the model's logits hold NaN", ord("y")])
+    failed = run.finish(b)
+    assert failed.finish_reason is FinishReason.ERROR and "logits hold NaN" in str(failed.error)
+    run.until_idle()
+    assert run.text(a) == "xz" and run.text(c) == "yz"
+    assert run.finish(a).finish_reason is FinishReason.LENGTH and run.finish(c).finish_reason is FinishReason.LENGTH
