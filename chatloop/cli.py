@@ -28,7 +28,9 @@ register_configs()
 
 def run_rank(cfg: ChatLoopConfig, coordinator: Callable[[ChatLoopConfig], None]) -> None:
     """Run ``coordinator(cfg)`` on rank 0, or serve as a worker on the other torchrun ranks."""
-    from .runtime import run_worker, under_torchrun
+    from .network import rank_interfaces
+    from .runtime import StartupError, serve_worker, under_torchrun
+    from .runtime.rendezvous import Rendezvous, RendezvousError
 
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     rank = int(os.environ.get("RANK", "0")) if under_torchrun() else 0
@@ -38,7 +40,11 @@ def run_rank(cfg: ChatLoopConfig, coordinator: Callable[[ChatLoopConfig], None])
             # torch and libgomp read these when they are loaded: restart this rank with them set.
             os.environ.update(env)
             os.execv(sys.executable, [sys.executable, *sys.argv])
-        run_worker(rank, int(os.environ["WORLD_SIZE"]), cfg)
+        try:
+            os.environ.update(rank_interfaces(os.environ["MASTER_ADDR"], dict(os.environ)))
+            serve_worker(rank - 1, cfg, Rendezvous.torchrun(cfg.cluster.startup_timeout_s))
+        except (RendezvousError, OSError) as e:
+            raise StartupError(f"worker{rank - 1}: {e}") from None
         return
     coordinator(cfg)
 

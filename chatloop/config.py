@@ -89,7 +89,11 @@ class ClusterConfig:
     workers: list[WorkerSpec] = field(default_factory=list)
     """Explicit layer ranges per worker; empty: an even split. Must match the manifest."""
     rpc_timeout_s: float = 20.0
-    """A micro-batch that takes longer fails with an error naming the stage (a dead worker)."""
+    """A micro-batch that takes longer fails with an error naming the stage that holds it up, and every stage
+    drops it."""
+    progress_deadline_s: float = 10.0
+    """A stage that has computed one micro-batch for longer, or holds up the oldest one in flight for longer, is
+    reported down by /health and /v1/status (a stage that answers but does not finish steps is not healthy)."""
     startup_timeout_s: float = 300.0
     """Time for every worker to join and load its partition."""
     num_rpc_threads: int = 16
@@ -108,6 +112,7 @@ class ClusterConfig:
         _require(self.num_workers >= 1, f"cluster.num_workers={self.num_workers}: need at least 1 worker")
         _require(0 < self.master_port < 65536, f"cluster.master_port={self.master_port} is not a TCP port")
         _require(self.rpc_timeout_s > 0, "cluster.rpc_timeout_s must be > 0")
+        _require(self.progress_deadline_s > 0, "cluster.progress_deadline_s must be > 0")
         _require(self.max_in_flight is None or self.max_in_flight >= 1, "cluster.max_in_flight must be >= 1 or null")
         for name, given, known in (
             ("rpc_transports", self.rpc_transports, RPC_TRANSPORTS),

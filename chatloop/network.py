@@ -1,4 +1,5 @@
-"""This host on the network: its addresses, whether a configured host name means this machine, free ports."""
+"""This host on the network: its addresses, the interface that reaches a peer, whether a host name means this
+machine, free ports."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import socket
 
 import psutil
 
-__all__ = ["free_port", "free_ports", "local_addresses", "runs_here"]
+__all__ = [
+    "GLOO_IFNAME_ENV", "TP_IFNAME_ENV", "free_port", "free_ports", "interface_towards", "local_addresses",
+    "rank_interfaces", "resolve", "runs_here",
+]
+
+GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
+"""The interface Gloo (torch RPC's barrier) binds and connects through."""
+TP_IFNAME_ENV = "TP_SOCKET_IFNAME"
+"""The interface TensorPipe (torch RPC's transport) listens on and advertises to its peers."""
 
 
 def local_addresses() -> set[str]:
@@ -57,3 +66,48 @@ def free_ports(count: int, host: str = "127.0.0.1") -> int:
             for s in sockets:
                 s.close()
     raise RuntimeError(f"found no {count} consecutive free ports on {host}")
+
+
+def resolve(host: str) -> str:
+    """The IPv4 address of ``host`` (an address stays as it is); ``OSError`` saying what failed."""
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise OSError(f"cannot resolve {host!r} ({e}): give an address or a name this host can resolve") from None
+
+
+def interface_towards(address: str) -> tuple[str, str]:
+    """(interface name, local address) this host uses to reach ``address``, as its routing table says.
+
+    A UDP socket's ``connect`` picks the route without sending anything. An address of this
+    host itself is reached through the interface that holds it, so a coordinator whose
+    MASTER_ADDR is its own private address binds that interface, where its peers reach it.
+    """
+    target = resolve(address)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((target, 9))
+        except OSError as e:
+            raise OSError(f"no route from this host to {address} ({target}): {e}") from None
+        local = s.getsockname()[0]
+    if target in local_addresses():
+        local = target
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addresses):
+            return name, local
+    raise OSError(f"the route to {address} leaves from {local}, which no interface of this host holds")
+
+
+def rank_interfaces(master_addr: str, environ: dict[str, str]) -> dict[str, str]:
+    """The GLOO_SOCKET_IFNAME and TP_SOCKET_IFNAME a rank needs to reach ``master_addr``, to add to ``environ``.
+
+    Both must name the same interface: with only one set, Gloo and TensorPipe disagree on the
+    address the rank is reached at. What the user set wins; with neither set, the interface
+    that routes to ``master_addr``. Hosts whose name resolves to a loopback address (Debian's
+    and Ubuntu's default) otherwise advertise 127.0.0.1 to their peers on other hosts.
+    """
+    given = {name: environ[name] for name in (GLOO_IFNAME_ENV, TP_IFNAME_ENV) if environ.get(name)}
+    if len(given) == 2:
+        return {}
+    interface = next(iter(given.values())) if given else interface_towards(master_addr)[0]
+    return {name: interface for name in (GLOO_IFNAME_ENV, TP_IFNAME_ENV) if name not in given}

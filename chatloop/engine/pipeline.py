@@ -93,6 +93,13 @@ class StageReport:
     simd: str | None = None
     omp_spin_count: str | None = None
     metrics_port: int | None = None
+    queued: int | None = None
+    """Micro-batches waiting for this stage's compute thread."""
+    computing_s: float | None = None
+    """How long the micro-batch it computes now has been computing (None: idle)."""
+    consecutive_failures: int | None = None
+    """Micro-batches that failed here in a row (0 after a success)."""
+    last_error: str | None = None
 
     @property
     def up(self) -> bool:

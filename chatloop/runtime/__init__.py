@@ -1,10 +1,13 @@
 """The transport: every torch.distributed.rpc import of ChatLoop lives in this package.
 
-``cluster``: ranks, rendezvous, the RPC pipeline and shutdown; ``remote_stage``: a worker's
-stage as an RPC object; ``results``: where the last stage's tokens land on the coordinator;
-``worker_metrics``: each worker's Prometheus endpoint.
+``cluster``: the coordinator's side (worker processes, the RPC world, the RPC pipeline);
+``rendezvous``: the store ranks meet in and one RPC world per generation; ``worker``: a worker
+process; ``processes``: starting one; ``remote_stage``: a worker's stage as an RPC object;
+``results``: where the last stage's tokens land on the coordinator; ``worker_metrics``: each
+worker's Prometheus endpoint.
 """
 
-from .cluster import RpcCluster, StartupError, run_worker, under_torchrun
+from .cluster import RpcCluster, StartupError, under_torchrun
+from .worker import serve_worker
 
-__all__ = ["RpcCluster", "StartupError", "run_worker", "under_torchrun"]
+__all__ = ["RpcCluster", "StartupError", "serve_worker", "under_torchrun"]

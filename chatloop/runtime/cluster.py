@@ -1,38 +1,52 @@
-"""Ranks, rendezvous, the RPC pipeline and shutdown: every torch.distributed.rpc call outside the stage host.
+"""The coordinator's side of the cluster: worker processes, the store, the RPC world, the RPC pipeline.
 
-Rank 0 is the coordinator (RPC name ``coordinator``), rank k is ``worker{k-1}``. Under
-torchrun the ranks come from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; without it the
-coordinator spawns the worker processes itself. The weights load after ``init_rpc``, so a
-slow load never trips the rendezvous timeout.
+Rank 0 is the coordinator (RPC name ``coordinator``), rank k is ``worker{k-1}``. On one host
+the coordinator starts the worker processes itself and hosts the store on
+``cluster.master_addr:cluster.master_port`` (loopback by default); under torchrun every rank
+meets in torchrun's store. Each rank talks to the others through the interface that routes to
+the coordinator (:func:`~chatloop.network.rank_interfaces`), so several hosts work without
+GLOO_SOCKET_IFNAME / TP_SOCKET_IFNAME. A worker that exits while the cluster starts fails the
+start at once, with its exit status and the last lines it wrote.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import logging
-import multiprocessing
 import os
-import signal
+import shutil
 import threading
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch.distributed.rpc as rpc
 
 from ..config import ChatLoopConfig
-from ..engine import MicroBatch, Pipeline, StageError, StageReport, StageSpec, StageTiming
+from ..engine import MicroBatch, Pipeline, StageError, StageReport, StageTiming
 from ..engine.runner import stage_specs
-from ..worker_settings import apply_worker_settings, worker_environment
+from ..network import rank_interfaces
+from ..worker_settings import worker_environment
 from . import results
-from .remote_stage import RemoteStage
-from .worker_metrics import start_worker_metrics
+from .processes import WorkerProcess, write_config
+from .remote_stage import RemoteStage, create_stage
+from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdown_rpc
+from .worker import backend_options
 
-__all__ = ["RpcCluster", "under_torchrun", "run_worker", "StartupError"]
+__all__ = ["RpcCluster", "RpcPipeline", "StartupError", "under_torchrun"]
 
 log = logging.getLogger(__name__)
 # torch's RPC builds its barrier on a Gloo group through an API torch itself deprecates; the
 # warning is about torch's code, not ours, and each rank printed it on every start.
 warnings.filterwarnings("ignore", message="You are using a Backend .*ProcessGroupGloo", category=UserWarning)
+
+LOST = ("timeout", "timed out", "ran for more than", "eof", "epipe", "econnreset", "econnrefused", "pipe closed",
+        "connection reset", "connection refused", "broken pipe", "unreachable", "no route", "shut down")
+"""Words of transport errors: the step did not fail in a stage, it was lost between them."""
+UNHEALTHY_AFTER_FAILURES = 3
+"""A stage whose last this many micro-batches all failed in it is reported down."""
 
 
 class StartupError(RuntimeError):
@@ -43,92 +57,126 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def _backend_options(cfg: ChatLoopConfig, timeout: float) -> rpc.TensorPipeRpcBackendOptions:
-    return rpc.TensorPipeRpcBackendOptions(
-        num_worker_threads=cfg.cluster.num_rpc_threads,
-        rpc_timeout=timeout,
-        init_method="env://",
-        _transports=list(cfg.cluster.rpc_transports),
-        _channels=list(cfg.cluster.rpc_channels),
-    )
-
-
-def _watch_parent(parent_pid: int) -> None:
-    # A spawned worker must not outlive its coordinator (kill -9, crash): poll and leave.
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-
-def run_worker(rank: int, world_size: int, cfg: ChatLoopConfig, parent_pid: int | None = None) -> None:
-    """A worker rank: set up the CPU, join the RPC group, serve until the coordinator shuts down."""
-    logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s worker{rank - 1} %(levelname)s %(message)s")
-    if parent_pid is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    apply_worker_settings(rank - 1, world_size - 1, cfg.worker.worker_threads, cfg.worker.enable_cpu_pinning)
-    backend = _backend_options(cfg, cfg.cluster.startup_timeout_s)
-    rpc.init_rpc(f"worker{rank - 1}", rank=rank, world_size=world_size, rpc_backend_options=backend)
-    port = cfg.worker.metrics_port + rank - 1
-    global _METRICS_PORT
-    _METRICS_PORT = port if start_worker_metrics(rank - 1, port) is not None else None
-    rpc.shutdown(graceful=True)  # returns once the coordinator shuts down
-
-
-_METRICS_PORT: int | None = None
-"""This worker's Prometheus port, once it serves one."""
-_STARTED = False
-
-
-def _create_stage(spec: StageSpec, rpc_timeout_s: float) -> RemoteStage:
-    return RemoteStage(spec, rpc_timeout_s, metrics_port=_METRICS_PORT)
-
-
 class RpcPipeline(Pipeline):
-    """Micro-batches enter worker0; the last worker sends their token ids back here (``results.deliver``)."""
+    """Micro-batches enter worker0; the last worker sends their token ids back here (``results.deliver``).
+
+    A step that times out or is lost in transport is located (each stage says how far it got)
+    and cancelled on every stage; its error names the stage that did not finish it. ``describe``
+    reports a stage down when it does not answer, has computed one micro-batch for longer than
+    the progress deadline, or failed its last micro-batches.
+    """
 
     def __init__(
-        self, stages: list[rpc.RRef], names: list[str], num_blocks: int, block_size: int, timeout: float
+        self, stages: list[rpc.RRef], names: list[str], num_blocks: int, block_size: int, timeout: float,
+        progress_deadline_s: float,
     ) -> None:
         super().__init__(names, num_blocks, block_size)
         self.stages = stages
         self.timeout = timeout
+        self.progress_deadline_s = progress_deadline_s
+        self._sent: dict[int, float] = {}  # micro-batches in flight: when each was sent (monotonic)
+        self._diagnose = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chatloop-diagnose")
 
     def _submit(self, mb: MicroBatch) -> concurrent.futures.Future:
         result = results.expect(mb.id)
         first = self.stages[0]
         names = self.stage_names
+        self._sent[mb.id] = time.monotonic()
         try:
-            chain = rpc.rpc_async(
-                first.owner(), RemoteStage.forward,
-                args=(first, mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling), timeout=self.timeout,
-            )
+            args = (first, mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling)
+            chain = rpc.rpc_async(first.owner(), RemoteStage.forward, args=args, timeout=self.timeout)
         except Exception as e:
+            self._sent.pop(mb.id, None)
             results.fail(mb.id, StageError(f"{names[0]} is unreachable: {e}"))
             return result
 
         def done(f) -> None:  # the chain completes after the tokens arrived, or with the failing stage's error
+            self._sent.pop(mb.id, None)
             try:
                 results.raise_failure(f, names[0])
             except StageError as e:
-                results.fail(mb.id, e)
+                if _lost(e):  # find out where, off the RPC thread (it asks every stage)
+                    self._diagnose.submit(self._fail_lost, mb.id, e)
+                else:
+                    results.fail(mb.id, e)
             else:
-                results.fail(
-                    mb.id, StageError(f"{names[-1]} finished micro-batch {mb.id}, but its tokens never arrived"))
+                lost = StageError(f"{names[-1]} finished micro-batch {mb.id}, but its tokens never arrived")
+                results.fail(mb.id, lost)
 
         chain.add_done_callback(done)
         return result
 
+    # ---- where a step is -----------------------------------------------------------------------
+    def locate(self, mb_id: int, timeout: float | None = None) -> list[tuple[str, float] | str]:
+        """Each stage's (state, seconds) for micro-batch ``mb_id``, or why it did not answer."""
+        timeout = timeout or max(1.0, min(5.0, self.timeout / 4))
+        futures = [stage.rpc_async(timeout=timeout).progress(mb_id) for stage in self.stages]
+        out: list[tuple[str, float] | str] = []
+        for f in futures:
+            try:
+                out.append(tuple(f.wait()))  # type: ignore[arg-type]
+            except Exception as e:
+                out.append(_first_line(e))
+        return out
+
+    def blame(self, mb_id: int, where: list[tuple[str, float] | str]) -> str:
+        """Which stage holds micro-batch ``mb_id`` up, from :meth:`locate`'s answer."""
+        silent = [name for name, state in zip(self.stage_names, where) if isinstance(state, str)]
+        if silent:
+            return (f"{', '.join(silent)} {'does' if len(silent) == 1 else 'do'} not answer (stopped, overloaded or "
+                    f"unreachable): micro-batch {mb_id} was lost")
+        for name, (state, seconds) in zip(self.stage_names, where):  # type: ignore[misc]
+            if state not in ("done", "forwarded") or (name == self.stage_names[-1] and state != "done"):
+                return f"{name} did not finish micro-batch {mb_id} ({state} for {seconds:.1f} s)"
+        return f"micro-batch {mb_id} passed every stage, but its tokens never reached the coordinator"
+
+    def _fail_lost(self, mb_id: int, error: StageError) -> None:
+        where = self.locate(mb_id)
+        self.cancel([mb_id])
+        results.fail(mb_id, StageError(f"{self.blame(mb_id, where)} ({_first_line(error)})"))
+
+    def cancel(self, mb_ids: list[int]) -> None:
+        """Tell every stage to skip these micro-batches (best effort: a stage that does not answer is skipped)."""
+        for stage in self.stages:
+            try:
+                stage.rpc_async(timeout=2.0).cancel(mb_ids)
+            except Exception:  # an unreachable stage computes nothing anyway
+                pass
+
+    # ---- the Pipeline interface -----------------------------------------------------------------
     def describe(self, timeout: float = 5.0) -> list[StageReport]:
         futures = [stage.rpc_async(timeout=timeout).describe() for stage in self.stages]
-        out = []
+        reports = []
         for k, (name, f) in enumerate(zip(self.stage_names, futures)):
             try:
-                out.append(f.wait())
+                reports.append(self._judge(f.wait()))
             except Exception as e:
-                out.append(StageReport.down(name, k, str(e).splitlines()[0][:300]))
-        return out
+                reports.append(StageReport.down(name, k, f"no answer within {timeout:g} s: {_first_line(e)}"))
+        return self._judge_progress(reports)
+
+    def _judge(self, report: StageReport) -> StageReport:
+        """A stage that answers but does not get on with its work is down too."""
+        if report.computing_s is not None and report.computing_s > self.progress_deadline_s:
+            return _down(report, f"no progress: one micro-batch has been computing for {report.computing_s:.0f} s "
+                                 f"(cluster.progress_deadline_s={self.progress_deadline_s:g})")
+        if (report.consecutive_failures or 0) >= UNHEALTHY_AFTER_FAILURES:
+            return _down(report, f"its last {report.consecutive_failures} micro-batches failed: {report.last_error}")
+        return report
+
+    def _judge_progress(self, reports: list[StageReport]) -> list[StageReport]:
+        """The oldest micro-batch in flight, if it is past the deadline, names the stage that holds it up."""
+        now = time.monotonic()
+        late = [(sent, mb_id) for mb_id, sent in list(self._sent.items()) if now - sent > self.progress_deadline_s]
+        if not late or not all(r.up for r in reports):
+            return reports
+        sent, mb_id = min(late)
+        where = self.locate(mb_id)
+        for k, state in enumerate(where):
+            if isinstance(state, str) or state[0] not in ("done", "forwarded"):
+                reports[k] = _down(reports[k], f"no progress: {self.blame(mb_id, where)}, sent {now - sent:.0f} s ago "
+                                               f"(cluster.progress_deadline_s={self.progress_deadline_s:g})")
+                break
+        return reports
 
     def take_timings(self) -> dict[str, list[StageTiming]]:
         futures = [stage.rpc_async(timeout=self.timeout).take_timings() for stage in self.stages]
@@ -137,144 +185,190 @@ class RpcPipeline(Pipeline):
     def inject_failure(self, stage: int, message: str = "injected") -> None:
         self.stages[stage].rpc_sync().fail_next(message)
 
+    def close(self) -> None:
+        self._diagnose.shutdown(wait=False, cancel_futures=True)
+
 
 class RpcCluster:
     """The coordinator's view of the ranks; ``start`` returns once every stage has loaded."""
 
-    def __init__(self, cfg: ChatLoopConfig, processes: list[multiprocessing.Process]) -> None:
+    def __init__(self, cfg: ChatLoopConfig, rendezvous: Rendezvous, workers: list[WorkerProcess],
+                 config_file: str | None = None) -> None:
         self.cfg = cfg
-        self.processes = processes
+        self.rendezvous = rendezvous
+        self.workers = workers
+        self.generation = 0
         self.pipeline: RpcPipeline | None = None
+        self.stage_reports: list[StageReport] = []
+        self._config_file = config_file
         self._shut = False
 
     @classmethod
-    def start(cls, cfg: ChatLoopConfig, partitions_dir: str, prepare=None) -> RpcCluster:
-        """Join (torchrun) or spawn the workers, init RPC, run ``prepare()`` (e.g. the split), load the stages."""
-        global _STARTED
-        if _STARTED:
-            # torch numbers a process's init_rpc calls in private state that a new group of
-            # workers does not share; a second group in one process hangs or fails.
-            raise StartupError(
-                "this process already ran a ChatLoop cluster: torch.distributed.rpc starts once per process, "
-                "so start the next cluster in a new process (or use cluster.in_process=true)"
-            )
-        _STARTED = True
+    def start(cls, cfg: ChatLoopConfig, partitions_dir: str, prepare: Callable[[], object] | None = None) -> RpcCluster:
+        """Check and split (``prepare``), start or meet the workers, start RPC, load the stages."""
         num_workers = cfg.cluster.num_workers
-        world_size = num_workers + 1
-        processes: list[multiprocessing.Process] = []
-        manifest = None
-        if under_torchrun():
-            if int(os.environ["WORLD_SIZE"]) != world_size:
-                raise StartupError(
-                    f"torchrun started {os.environ['WORLD_SIZE']} ranks, cluster.num_workers={num_workers} needs "
-                    f"{world_size} (1 coordinator + {num_workers} workers): "
-                    f"use --nproc-per-node {world_size} or change num_workers"
-                )
-        else:
-            # On one machine nobody waits in the rendezvous yet: check (and split) before spawning,
-            # so that a bad configuration fails in a second. Under torchrun the other ranks are
-            # waiting, so that happens after init_rpc, where a slow split cannot time them out.
-            manifest = prepare() if prepare else None
-            os.environ.update(MASTER_ADDR=cfg.cluster.master_addr, MASTER_PORT=str(cfg.cluster.master_port))
-            processes = _spawn_workers(cfg, world_size)
-        cluster = cls(cfg, processes)
-        try:
-            rpc.init_rpc(results.COORDINATOR, rank=0, world_size=world_size,
-                         rpc_backend_options=_backend_options(cfg, cfg.cluster.startup_timeout_s))
-        except Exception as e:
-            cluster._stop_processes()
+        timeout = cfg.cluster.startup_timeout_s
+        if under_torchrun() and int(os.environ["WORLD_SIZE"]) != num_workers + 1:
             raise StartupError(
-                f"RPC rendezvous on {cfg.cluster.master_addr}:{cfg.cluster.master_port} failed: {e}") from e
+                f"torchrun started {os.environ['WORLD_SIZE']} ranks, cluster.num_workers={num_workers} needs "
+                f"{num_workers + 1} (1 coordinator + {num_workers} workers): use --nproc-per-node {num_workers + 1} "
+                "or change num_workers"
+            )
+        if prepare:  # workers wait in the store meanwhile: a slow first split times nothing out
+            prepare()
         try:
-            if manifest is None and prepare:
-                manifest = prepare()
+            if under_torchrun():
+                master = os.environ["MASTER_ADDR"]
+                rendezvous = Rendezvous.torchrun(timeout)
+            else:
+                master = cfg.cluster.master_addr
+                rendezvous = Rendezvous.host(master, cfg.cluster.master_port, timeout)
+            os.environ.update(rank_interfaces(master, dict(os.environ)))
+        except (RendezvousError, OSError) as e:
+            raise StartupError(str(e)) from None
+        cluster = cls(cfg, rendezvous, [])
+        try:
+            if not under_torchrun():
+                cluster._config_file = str(write_config(cfg))
+                cluster.workers = _start_workers(cfg, cluster._config_file, rendezvous.where)
+            cluster._form(0)
             cluster._load_stages(partitions_dir)
         except BaseException:
             cluster.shutdown()
             raise
         return cluster
 
+    # ---- forming a generation ------------------------------------------------------------------
+    def _form(self, generation: int) -> None:
+        """Wait for every worker to announce itself, then start RPC for ``generation`` with them."""
+        cfg, rendezvous = self.cfg, self.rendezvous
+        n = cfg.cluster.num_workers
+        rendezvous.open_generation(generation)
+        deadline = time.monotonic() + cfg.cluster.startup_timeout_s
+        seen: set[int] = set()
+        while True:
+            ready = rendezvous.ready(generation, n)
+            for k in sorted(set(ready) - seen):
+                log.info("worker%d joined (pid %s on %s)", k, ready[k].get("pid"), ready[k].get("host"))
+            seen = set(ready)
+            if len(ready) == n:
+                break
+            self._check_workers("while the cluster started")
+            if time.monotonic() > deadline:
+                missing = ", ".join(f"worker{k}" for k in range(n) if k not in ready)
+                raise StartupError(
+                    f"{missing} did not join the coordinator at {rendezvous.where} within "
+                    f"cluster.startup_timeout_s={cfg.cluster.startup_timeout_s:g} s: start them (rank k+1 is worker "
+                    "k), or check that they can reach this address"
+                )
+            time.sleep(0.05)
+        rendezvous.start(generation)
+        options = backend_options(cfg, cfg.cluster.startup_timeout_s)
+        self._while_watching(
+            lambda: init_rpc_generation(results.COORDINATOR, 0, n + 1, generation, rendezvous, options),
+            deadline, "while RPC started",
+        )
+        self.generation = generation
+
+    def _check_workers(self, when: str) -> None:
+        for worker in self.workers:
+            if worker.poll() is not None:
+                raise StartupError(f"{worker.name} (pid {worker.pid}) {worker.exit_description()} {when}; its last "
+                                   f"output:\n{worker.tail() or '(nothing)'}")
+
+    def _while_watching(self, call: Callable[[], None], deadline: float, when: str) -> None:
+        """Run ``call`` in a thread; fail at once if a worker we started exits meanwhile."""
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                call()
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=run, daemon=True, name="chatloop-init")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            self._check_workers(when)
+            if time.monotonic() > deadline:
+                raise StartupError(f"RPC did not start within cluster.startup_timeout_s="
+                                   f"{self.cfg.cluster.startup_timeout_s:g} s (store {self.rendezvous.where})")
+        if outcome and outcome[0] is not None:
+            raise StartupError(f"RPC start-up through {self.rendezvous.where} failed: {_first_line(outcome[0])}")
+
     def _load_stages(self, partitions_dir: str) -> None:
         cfg = self.cfg
         specs = stage_specs(cfg, partitions_dir)
         names = [spec.name for spec in specs]
         stages = [
-            rpc.remote(spec.name, _create_stage, args=(spec, cfg.cluster.rpc_timeout_s),
+            rpc.remote(spec.name, create_stage, args=(spec, cfg.cluster.rpc_timeout_s),
                        timeout=cfg.cluster.startup_timeout_s)
             for spec in specs
         ]
         reports: list[StageReport] = []
-        for name, stage in zip(names, stages):
+        for k, (name, stage) in enumerate(zip(names, stages)):
             try:
                 reports.append(stage.rpc_sync(timeout=cfg.cluster.startup_timeout_s).describe())
             except Exception as e:
+                self._check_workers("while it loaded its stage")
                 raise StartupError(f"{name} could not load its stage: {_first_line(e)}") from None
+            assert reports[k].name == name
         for k, stage in enumerate(stages):
             nxt = stages[k + 1] if k + 1 < len(stages) else None
             stage.rpc_sync().connect(nxt, names[k + 1] if nxt else "")
         self.stage_reports = reports
-        num_blocks = min(r.num_blocks for r in reports)
-        self.pipeline = RpcPipeline(stages, names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s)
+        num_blocks = min(r.num_blocks or 0 for r in reports)
+        self.pipeline = RpcPipeline(stages, names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s,
+                                    cfg.cluster.progress_deadline_s)
         for r in reports:
-            log.info("%s: layers %s, %d KV blocks, pid %s, cores %s, %s threads, CPU capability %s",
-                     r.name, r.layers, r.num_blocks, r.pid, list(r.cores or ()), r.threads, r.simd)
+            log.info("%s: layers %s, %d KV blocks, pid %s on %s, cores %s, %s threads, CPU capability %s",
+                     r.name, r.layers, r.num_blocks, r.pid, r.host, list(r.cores or ()), r.threads, r.simd)
 
+    # ---- stopping ------------------------------------------------------------------------------
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop every rank within ``timeout`` seconds; kill the spawned workers that do not stop."""
+        """Stop every rank within about ``timeout`` seconds; kill the workers we started that do not stop."""
         if self._shut:
             return
         self._shut = True
-        self.pipeline = None
-        done = threading.Event()
-
-        def graceful() -> None:
-            try:
-                rpc.shutdown(graceful=True)
-            except Exception as e:  # a dead worker makes the graceful barrier fail
-                log.warning("graceful RPC shutdown failed: %s", _first_line(e))
-                try:
-                    rpc.shutdown(graceful=False)
-                except Exception:
-                    pass
-            done.set()
-
-        threading.Thread(target=graceful, daemon=True, name="chatloop-rpc-shutdown").start()
-        if not done.wait(timeout):
+        if self.pipeline is not None:
+            self.pipeline.close()
+        self.pipeline = None  # its RRefs go before the agent does: no leak warnings
+        gc.collect()
+        try:
+            self.rendezvous.close_service()
+            self.rendezvous.end(self.generation)
+        except Exception as e:  # the store is ours on one host; under torchrun it may be gone already
+            log.debug("could not tell the workers to leave: %s", _first_line(e))
+        if not shutdown_rpc(graceful=True, timeout_s=timeout):
             log.warning("RPC shutdown did not finish in %.0f s: stopping the workers", timeout)
-        self._stop_processes()
-
-    def _stop_processes(self) -> None:
         deadline = time.monotonic() + 5
-        for p in self.processes:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(2)
-            if p.is_alive():
-                p.kill()
-                p.join(1)
+        for worker in self.workers:
+            while worker.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            worker.stop(timeout_s=2)
+        self.rendezvous.close()
+        if self._config_file:
+            shutil.rmtree(os.path.dirname(self._config_file), ignore_errors=True)
 
 
-def _spawn_workers(cfg: ChatLoopConfig, world_size: int) -> list[multiprocessing.Process]:
-    ctx = multiprocessing.get_context("spawn")
-    env = worker_environment(cfg.worker)  # read when the child imports torch: set it around the spawn
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        processes = []
-        for rank in range(1, world_size):
-            p = ctx.Process(target=run_worker, args=(rank, world_size, cfg, os.getpid()),
-                            name=f"chatloop-worker{rank - 1}", daemon=True)
-            p.start()
-            processes.append(p)
-        return processes
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def _start_workers(cfg: ChatLoopConfig, config_file: str, coordinator: str) -> list[WorkerProcess]:
+    env = {**os.environ, **worker_environment(cfg.worker)}  # read when a worker imports torch
+    return [
+        WorkerProcess(k, ["--index", str(k), "--config", config_file, "--coordinator", coordinator,
+                          "--parent-pid", str(os.getpid())], {**env, "CHATLOOP_WORKER_INDEX": str(k)})
+        for k in range(cfg.cluster.num_workers)
+    ]
+
+
+def _lost(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in LOST)
+
+
+def _down(report: StageReport, error: str) -> StageReport:
+    return replace(report, error=error)
 
 
 def _first_line(e: BaseException) -> str:

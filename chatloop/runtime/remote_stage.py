@@ -9,7 +9,9 @@ future then completes with None, or with the error of the stage that failed, nam
 
 from __future__ import annotations
 
+import collections
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,10 +25,14 @@ from ..models import StepBatch
 from ..network import local_addresses, runs_here
 from .results import COORDINATOR, deliver, raise_failure
 
-__all__ = ["RemoteStage"]
+__all__ = ["METRICS_PORT", "RemoteStage", "create_stage"]
 
 CURRENT: RemoteStage | None = None
 """The stage this worker process hosts, once created (``worker_metrics`` reads it at scrape time)."""
+METRICS_PORT: int | None = None
+"""This worker's Prometheus port, once it serves one (reported by ``describe``)."""
+MAX_TRACKED = 4096
+"""Micro-batches whose progress a stage remembers (the coordinator asks about recent ones only)."""
 OBSERVERS: list[Callable[[dict], None]] = []
 """Called with {"queue_s", "compute_s", "bytes_in", "bytes_out"} after each micro-batch (stage thread), and with
 {"downstream_s"} when the next stage answers (RPC thread); ``worker_metrics`` registers one."""
@@ -40,8 +46,21 @@ def _observe(record: dict) -> None:
             pass
 
 
+def create_stage(spec: StageSpec, rpc_timeout_s: float) -> RemoteStage:
+    """Run on a worker by ``rpc.remote``: its stage for this generation (the loaded one again, if it is the same)."""
+    if CURRENT is not None and CURRENT.spec == spec:
+        CURRENT.rejoin(rpc_timeout_s)
+        return CURRENT
+    return RemoteStage(spec, rpc_timeout_s, metrics_port=METRICS_PORT)
+
+
 class RemoteStage:
-    """Lives on a worker (created there with ``rpc.remote``); holds the stage runner and its thread."""
+    """Lives on a worker (created there with ``rpc.remote``); holds the stage runner and its thread.
+
+    It remembers where each recent micro-batch is (queued, computing, forwarded, done, failed,
+    cancelled), so that the coordinator can tell which stage a late step is stuck at, and it
+    skips the micro-batches the coordinator cancelled.
+    """
 
     def __init__(self, spec: StageSpec, rpc_timeout_s: float, metrics_port: int | None = None) -> None:
         if spec.host and not runs_here(spec.host):
@@ -51,15 +70,47 @@ class RemoteStage:
                 f"runs on {socket.gethostname()} ({', '.join(sorted(local_addresses()))}): start rank {spec.index + 1} "
                 f"on {spec.host}, or change the host in the configuration"
             )
+        self.spec = spec
         self.name = spec.name
         self._executor = compute_thread(spec.name)  # builds the stage and its KV pool too: see compute_thread
         self.runner: StageRunner = self._executor.submit(build_stage_runner, spec).result()
-        self.rpc_timeout_s = rpc_timeout_s
         self.metrics_port = metrics_port
-        self.next: rpc.RRef | None = None
-        self.next_name = ""
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self.rejoin(rpc_timeout_s)
         global CURRENT
         CURRENT = self
+
+    def rejoin(self, rpc_timeout_s: float) -> None:
+        """Forget the last generation's neighbours and micro-batches (its KV blocks are overwritten by a replay)."""
+        self.rpc_timeout_s = rpc_timeout_s
+        self.next: rpc.RRef | None = None
+        self.next_name = ""
+        with self._lock:
+            self._progress: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
+            self._cancelled: set[int] = set()
+            self._computing: tuple[int, float] | None = None
+
+    def _mark(self, mb_id: int, state: str) -> None:
+        with self._lock:
+            self._progress[mb_id] = (state, time.monotonic())
+            self._progress.move_to_end(mb_id)
+            while len(self._progress) > MAX_TRACKED:
+                self._progress.popitem(last=False)
+
+    def progress(self, mb_id: int) -> tuple[str, float]:
+        """Where micro-batch ``mb_id`` is here, and for how many seconds: ('unseen', 0.0) if it never arrived."""
+        with self._lock:
+            state, since = self._progress.get(mb_id, ("unseen", time.monotonic()))
+        return state, time.monotonic() - since
+
+    def cancel(self, mb_ids: list[int]) -> None:
+        """The coordinator gave these micro-batches up: do not compute or forward them."""
+        with self._lock:
+            self._cancelled.update(mb_ids)
+            if len(self._cancelled) > MAX_TRACKED:
+                self._cancelled = set(sorted(self._cancelled)[-MAX_TRACKED:])
 
     def connect(self, next_stage: rpc.RRef | None, next_name: str) -> None:
         """Point this stage at the one after it (None for the last)."""
@@ -67,7 +118,14 @@ class RemoteStage:
 
     def describe(self) -> StageReport:
         """What status, health and the coordinator's start-up report show."""
-        return replace(self.runner.describe(), metrics_port=self.metrics_port)
+        with self._lock:
+            computing = self._computing
+            queued = sum(1 for state, _ in self._progress.values() if state == "queued")
+        return replace(
+            self.runner.describe(), metrics_port=self.metrics_port, queued=queued,
+            computing_s=None if computing is None else time.monotonic() - computing[1],
+            consecutive_failures=self.consecutive_failures, last_error=self.last_error,
+        )
 
     def take_timings(self) -> list[StageTiming]:
         """The micro-batches computed since the last call (wall-clock seconds), then forgotten."""
@@ -84,6 +142,7 @@ class RemoteStage:
     ) -> torch.futures.Future:
         host: RemoteStage = host_rref.local_value()
         result: torch.futures.Future = torch.futures.Future()
+        host._mark(mb_id, "queued")
         host._executor.submit(host._work, result, mb_id, inputs, batch, sampling, time.perf_counter())
         return result
 
@@ -92,10 +151,28 @@ class RemoteStage:
         arrived: float = 0.0,
     ) -> None:
         started = time.perf_counter()
+        with self._lock:
+            cancelled = mb_id in self._cancelled
+            if not cancelled:
+                self._computing = (mb_id, time.monotonic())
+        if cancelled:
+            self._mark(mb_id, "cancelled")
+            result.set_exception(StageError(f"{self.name}: micro-batch {mb_id} was cancelled by the coordinator"))
+            return
+        self._mark(mb_id, "computing")
         try:
             out = self.runner.run(inputs, StepBatch.from_payload(batch), sampling, mb_id)
         except Exception as e:
+            self._failed(mb_id, e)
             result.set_exception(e)
+            return
+        finally:
+            with self._lock:
+                self._computing = None
+        self.consecutive_failures = 0
+        if mb_id in self._cancelled:  # given up while it computed: the rest of the pipeline need not see it
+            self._mark(mb_id, "cancelled")
+            result.set_exception(StageError(f"{self.name}: micro-batch {mb_id} was cancelled by the coordinator"))
             return
         if OBSERVERS:
             nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 8 * len(out)
@@ -105,6 +182,7 @@ class RemoteStage:
             self._deliver(result, mb_id, out)
             return
         sent = time.perf_counter()
+        self._mark(mb_id, "forwarded")
         try:
             downstream = rpc.rpc_async(
                 self.next.owner(), RemoteStage.forward, args=(self.next, mb_id, out, batch, sampling),
@@ -119,6 +197,7 @@ class RemoteStage:
                 _observe({"downstream_s": time.perf_counter() - sent})
             try:
                 raise_failure(f, self.next_name)
+                self._mark(mb_id, "done")
                 result.set_result(None)
             except StageError as e:
                 result.set_exception(e)
@@ -127,6 +206,7 @@ class RemoteStage:
 
     def _deliver(self, result: torch.futures.Future, mb_id: int, token_ids: list[int]) -> None:
         """Hand the last stage's tokens to the coordinator; ``result`` completes once it has them."""
+        self._mark(mb_id, "forwarded")
         try:
             delivered = rpc.rpc_async(COORDINATOR, deliver, args=(mb_id, token_ids), timeout=self.rpc_timeout_s)
         except Exception as e:
@@ -136,9 +216,15 @@ class RemoteStage:
         def acknowledge(f: torch.futures.Future) -> None:
             try:
                 f.wait()
+                self._mark(mb_id, "done")
                 result.set_result(None)
             except Exception as e:
                 result.set_exception(RuntimeError(
                     f"{self.name} could not hand micro-batch {mb_id}'s tokens to the coordinator: {e}"))
 
         delivered.add_done_callback(acknowledge)
+
+    def _failed(self, mb_id: int, error: BaseException) -> None:
+        self._mark(mb_id, "failed")
+        self.consecutive_failures += 1
+        self.last_error = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
