@@ -90,7 +90,7 @@ class SleepingPipeline(Pipeline):
         """Each stage's (micro-batch, start, end) in perf_counter seconds, kept (``timings`` holds them too)."""
         return {name: [StageTiming(*t) for t in rows] for name, rows in zip(self.stage_names, self.timings)}
 
-    def inject_failure(self, stage: int, message: str = "injected") -> None:
+    def inject_failure(self, stage: int, message: str = "injected", stall_s: float = 0.0) -> None:
         raise NotImplementedError("a sleeping pipeline does not fail")
 
     def close(self) -> None:

@@ -112,5 +112,5 @@ def hydra_app(coordinator: Callable[[ChatLoopConfig], None], program: str = "cha
     return app
 
 
-generate_main = hydra_app(_generate)
-chat_main = hydra_app(_chat)
+generate_main = hydra_app(_generate, program="chatloop-generate")
+chat_main = hydra_app(_chat, program="chatloop-chat")

@@ -159,8 +159,8 @@ class Pipeline(ABC):
         """Each stage's micro-batch timings since the last call (then forgotten)."""
 
     @abstractmethod
-    def inject_failure(self, stage: int, message: str = "injected") -> None:
-        """Test hook: make ``stage`` fail its next micro-batch."""
+    def inject_failure(self, stage: int, message: str = "injected", stall_s: float = 0.0) -> None:
+        """Test hook: make ``stage`` fail its next micro-batch (with ``stall_s``: compute it only that late)."""
 
     def close(self) -> None:  # noqa: B027 - optional: most pipelines hold nothing to release
         """Release what the pipeline holds in this process."""
@@ -201,8 +201,8 @@ class LocalPipeline(Pipeline):
     def take_timings(self) -> dict[str, list[StageTiming]]:
         return {runner.name: runner.take_timings() for runner in self.runners}
 
-    def inject_failure(self, stage: int, message: str = "injected") -> None:
-        self.runners[stage].fail_next(message)
+    def inject_failure(self, stage: int, message: str = "injected", stall_s: float = 0.0) -> None:
+        self.runners[stage].fail_next(message, stall_s)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

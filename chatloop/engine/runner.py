@@ -133,6 +133,7 @@ class StageRunner:
         self.num_micro_batches = 0
         self.started = time.time()
         self._inject: str | None = None
+        self._stall_s = 0.0
         # Read on the thread that computes (the runner is built there): what its matmuls use.
         self._compute_settings = dict(
             cores=tuple(sorted(os.sched_getaffinity(0))), threads=torch.get_num_threads(),
@@ -143,6 +144,9 @@ class StageRunner:
     def run(self, inputs: torch.Tensor, batch: StepBatch, sampling: list[SamplerInput], micro_batch: int = -1):
         start = time.perf_counter()
         try:
+            if self._stall_s:
+                stall, self._stall_s = self._stall_s, 0.0
+                time.sleep(stall)
             if self._inject is not None:
                 self._inject = None
                 inputs = inputs[..., :-1] if inputs.dim() == 3 else inputs[:, :0]  # a wrong shape, as a bug would make
@@ -158,9 +162,13 @@ class StageRunner:
             self.timings.append(StageTiming(micro_batch, start + offset, end + offset))
         return result
 
-    def fail_next(self, message: str) -> None:
-        """Test hook: the next micro-batch fails inside the stage (a wrong input shape, as a bug would make)."""
-        self._inject = message
+    def fail_next(self, message: str, stall_s: float = 0.0) -> None:
+        """Test hook: the next micro-batch fails inside the stage (a wrong input shape, as a bug would make); with
+        ``stall_s``, it computes only after that many seconds instead, and succeeds (a stage that stopped)."""
+        if stall_s:
+            self._stall_s = stall_s
+        else:
+            self._inject = message
 
     def take_timings(self) -> list[StageTiming]:
         """The recorded timings, then forget them."""

@@ -182,8 +182,8 @@ class RpcPipeline(Pipeline):
         futures = [stage.rpc_async(timeout=self.timeout).take_timings() for stage in self.stages]
         return {name: [StageTiming(*t) for t in f.wait()] for name, f in zip(self.stage_names, futures)}
 
-    def inject_failure(self, stage: int, message: str = "injected") -> None:
-        self.stages[stage].rpc_sync().fail_next(message)
+    def inject_failure(self, stage: int, message: str = "injected", stall_s: float = 0.0) -> None:
+        self.stages[stage].rpc_sync().fail_next(message, stall_s)
 
     def close(self) -> None:
         self._diagnose.shutdown(wait=False, cancel_futures=True)

@@ -131,9 +131,9 @@ class RemoteStage:
         """The micro-batches computed since the last call (wall-clock seconds), then forgotten."""
         return self.runner.take_timings()
 
-    def fail_next(self, message: str) -> None:
-        """Test hook: the next micro-batch raises inside this stage."""
-        self.runner.fail_next(message)
+    def fail_next(self, message: str, stall_s: float = 0.0) -> None:
+        """Test hook: the next micro-batch raises inside this stage (or, with ``stall_s``, computes that late)."""
+        self.runner.fail_next(message, stall_s)
 
     @staticmethod
     @rpc.functions.async_execution

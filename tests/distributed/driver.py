@@ -8,9 +8,15 @@ JSON line ``{name: result}``.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+
+BACKGROUND: dict = {}
+PIDS: dict[int, int] = {}
 
 
 def run_op(llm, op: dict):
@@ -39,8 +45,26 @@ def run_op(llm, op: dict):
         stats = llm.stats()
         return {"free": stats.kv_blocks_free, "total": stats.kv_blocks_total}
     if kind == "inject":
-        llm.pipeline.inject_failure(op["stage"])
+        llm.pipeline.inject_failure(op["stage"], stall_s=op.get("stall_s", 0.0))
         return {}
+    if kind == "start":  # an op in the background: "join" waits for it
+        pool = ThreadPoolExecutor(1)
+        started = time.monotonic()
+        BACKGROUND[op["id"]] = (pool.submit(run_op, llm, op["inner"]), started)
+        return {}
+    if kind == "join":
+        future, started = BACKGROUND.pop(op["id"])
+        return {"result": future.result(), "elapsed_s": time.monotonic() - started}
+    if kind == "sleep":
+        time.sleep(op["seconds"])
+        return {}
+    if kind == "signal":  # to stage k's worker process (its pid looked up once: a stopped stage does not answer)
+        pid = PIDS.setdefault(op["stage"], llm.describe_stages(10.0)[op["stage"]].pid)
+        os.kill(pid, getattr(signal, op["signal"]))
+        return {"pid": pid}
+    if kind == "timed_generate":
+        started = time.monotonic()
+        return {"result": run_op(llm, {**op, "op": "generate"}), "elapsed_s": time.monotonic() - started}
     if kind == "describe":
         return [report.as_dict() for report in llm.describe_stages(10.0)]
     raise ValueError(f"unknown op {kind}")

@@ -365,7 +365,7 @@ class InstantPipeline(Pipeline):
     def take_timings(self):
         return {}
 
-    def inject_failure(self, stage, message="injected"):
+    def inject_failure(self, stage, message="injected", stall_s=0.0):
         raise NotImplementedError
 
 
