@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from .config import CONF_DIR, ChatLoopConfig
 from .engine import (
+    ContextLengthError,
     EngineStats,
     FinishReason,
     LocalPipeline,
@@ -216,16 +218,40 @@ class ChatLoop:
         return self.pipeline.describe(timeout)
 
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
-        """Token ids of a prompt: text, ids, or (with ``chat``) a list of chat messages."""
+        """Token ids of a prompt: text, ids, or (with ``chat``) a list of chat messages.
+
+        Text too long to fit the context whatever its tokens (more characters than the context
+        times the longest token's) raises ``ContextLengthError`` before it is tokenized.
+        """
         if isinstance(prompt, str) and not chat:
+            self._refuse_overlong(len(prompt), "prompt")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if chat or (prompt and isinstance(prompt[0], dict)):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             if not self.tokenizer.chat_template:
                 raise ValueError("this model's tokenizer has no chat template: send a plain prompt")
+            self._refuse_overlong(sum(len(str(m.get("content") or "")) for m in messages), "messages")
             encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
         return [int(t) for t in prompt]
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """The most characters one token of this tokenizer decodes to (its longest piece)."""
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        return max(len(piece) for piece in pieces if piece is not None)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """No prompt text longer than this can fit the context."""
+        return self.context_length * self.max_chars_per_token
+
+    def _refuse_overlong(self, num_chars: int, what: str) -> None:
+        if num_chars > self.max_prompt_chars:
+            raise ContextLengthError(
+                f"the {what} has {num_chars} characters: at {self.max_chars_per_token} characters per token at most, "
+                f"that is more than the context's {self.context_length} tokens: shorten it", param=what,
+            )
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[SequenceEvent], None]

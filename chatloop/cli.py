@@ -109,7 +109,15 @@ def hydra_app(coordinator: Callable[[ChatLoopConfig], None], program: str = "cha
             print(f"{program}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    return app
+    def main() -> None:
+        # Before Hydra reads the command line: it would write the key into the run folder.
+        if any(arg.lstrip("+~").startswith("server.api_key=") for arg in sys.argv[1:]):
+            print(f"{program}: error: do not put the API key on the command line (ps shows it, and it would be "
+                  "written to the run folder): set CHATLOOP_API_KEY, or server.api_key_file=PATH", file=sys.stderr)
+            sys.exit(2)
+        app()
+
+    return main
 
 
 generate_main = hydra_app(_generate, program="chatloop-generate")

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "CONF_DIR", "ModelConfig", "WorkerSpec", "ClusterConfig", "BatchingConfig", "CacheConfig", "WorkerConfig",
-    "ServerConfig", "SamplingConfig", "ChatLoopConfig", "register_configs", "to_config",
+    "API_KEY_ENV", "CONF_DIR", "ModelConfig", "WorkerSpec", "ClusterConfig", "BatchingConfig", "CacheConfig",
+    "WorkerConfig", "ServerConfig", "SamplingConfig", "ChatLoopConfig", "register_configs", "to_config",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
+API_KEY_ENV = "CHATLOOP_API_KEY"
+"""The environment variable that holds the HTTP API key (see ServerConfig.api_key_file)."""
 CONF_DIR = os.environ.get("CHATLOOP_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
 """The ``conf/`` folder Hydra composes from (a source checkout's; CHATLOOP_CONF_DIR points elsewhere)."""
 
@@ -213,8 +215,12 @@ class ServerConfig:
     """Bind address; loopback by default."""
     port: int = 8000
     """HTTP port."""
-    api_key: str | None = None
-    """When set, requests need 'Authorization: Bearer <api_key>'."""
+    api_key_file: str | None = None
+    """A file whose first line is the API key requests must send as 'Authorization: Bearer <key>'. Without it the
+    key is $CHATLOOP_API_KEY, and without that there is none. (No option takes the key itself: a command line
+    shows in ps and in Hydra's run folder.)"""
+    max_request_mb: float = 32
+    """Larger request bodies are refused with 413 before they are read."""
     model_name: str | None = None
     """The model id the API reports; None: the model's name."""
     default_max_tokens: int = 256
@@ -227,6 +233,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, f"server.port={self.port} is not a TCP port")
         _require(self.default_max_tokens >= 1, f"server.default_max_tokens={self.default_max_tokens}: need >= 1")
+        _require(self.max_request_mb > 0, f"server.max_request_mb={self.max_request_mb}: need > 0")
         _require(self.health_timeout_s > 0, f"server.health_timeout_s={self.health_timeout_s}: need > 0")
         _require(self.health_interval_s > 0, f"server.health_interval_s={self.health_interval_s}: need > 0")
 

@@ -46,6 +46,10 @@ class EngineClient(Protocol):
         """The most tokens one request may hold, prompt and completion together."""
 
     @property
+    def max_prompt_chars(self) -> int:
+        """No prompt text longer than this can fit the context (the context times the longest token's characters)."""
+
+    @property
     def vocab_size(self) -> int:
         """Token ids run from 0 to ``vocab_size - 1``."""
 

@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import torch.distributed.rpc as rpc
 
-from ..config import ChatLoopConfig
+from ..config import API_KEY_ENV, ChatLoopConfig
 from ..engine import MicroBatch, Pipeline, StageError, StageReport, StageTiming
 from ..engine.runner import stage_specs
 from ..network import rank_interfaces
@@ -355,6 +355,7 @@ class RpcCluster:
 
 def _start_workers(cfg: ChatLoopConfig, config_file: str, coordinator: str) -> list[WorkerProcess]:
     env = {**os.environ, **worker_environment(cfg.worker)}  # read when a worker imports torch
+    env.pop(API_KEY_ENV, None)  # a worker has no use for the HTTP key
     return [
         WorkerProcess(k, ["--index", str(k), "--config", config_file, "--coordinator", coordinator,
                           "--parent-pid", str(os.getpid())], {**env, "CHATLOOP_WORKER_INDEX": str(k)})

@@ -1,14 +1,14 @@
 """``chatloop-serve``: the OpenAI-compatible HTTP API in front of a running :class:`~chatloop.ChatLoop`.
 
     chatloop-serve                                    # embedded SmolLM2 over 4 workers, http://127.0.0.1:8000/v1
-    chatloop-serve server.port=8080 server.api_key=secret cluster.num_workers=2
+    CHATLOOP_API_KEY=secret chatloop-serve server.port=8080 cluster.num_workers=2
     torchrun --nproc-per-node 5 --no-python chatloop-serve    # rank 0 serves, ranks 1..4 are workers
 
 Routes: POST /v1/completions, POST /v1/chat/completions (``stream: true`` for Server-Sent
 Events), GET /v1/models, GET /v1/status (what ``chatloop-status`` prints), GET /health
 (200 when every stage answers, else 503 naming the stages down), GET /metrics (Prometheus),
-GET /openapi.json and /docs. With ``server.api_key`` set, /v1/* needs ``Authorization:
-Bearer <key>``; /health and /metrics stay open for probes and scrapers.
+GET /openapi.json and /docs. With a key ($CHATLOOP_API_KEY or ``server.api_key_file``), /v1/* needs
+``Authorization: Bearer <key>``; /health and /metrics stay open for probes and scrapers.
 
 The RPC ports of the cluster (``cluster.master_port`` and TensorPipe's) execute pickled data:
 keep them on a private network. Only this HTTP port is meant for clients.
@@ -25,13 +25,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .. import __version__
 from ..config import ChatLoopConfig
 from ..engine import EngineClient
 from . import protocol as p
+from .auth import load_api_key
 from .completions import ENDPOINTS, CompletionService
 from .errors import APIError, install_error_handlers
 from .health import HealthMonitor
@@ -55,9 +56,11 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
 
     ``on_shutdown`` runs (in a thread) when the server stops, after the last connection: the
     place to shut the engine down, since uvicorn re-raises SIGTERM right after and the process ends.
+    The API key comes from ``server.api_key_file`` or ``$CHATLOOP_API_KEY`` (:func:`load_api_key`).
     """
     name = model_id(cfg)
     started = time.time()
+    api_key = load_api_key(cfg.server)
     health = HealthMonitor(engine.describe_stages, engine.stage_names, timeout_s=cfg.server.health_timeout_s,
                            interval_s=cfg.server.health_interval_s)
     metrics = ServerMetrics(engine.stats, health)
@@ -80,6 +83,10 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
         lifespan=lifespan,
     )
     app.state.engine, app.state.health, app.state.metrics = engine, health, metrics
+    # A prompt of max_prompt_chars characters takes at most 6 bytes a character in JSON (\\uXXXX): a bigger body
+    # cannot fit the context, and is refused before it is parsed (on the event loop health probes share).
+    app.add_middleware(BodyLimit, max_bytes=int(cfg.server.max_request_mb * 2**20),
+                       prompt_bytes=6 * engine.max_prompt_chars + 2**16)
 
     def count(request: Request, error: APIError) -> None:
         endpoint = ENDPOINTS.get(request.url.path)
@@ -88,65 +95,148 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
 
     install_error_handlers(app, on_error=count)
 
-    bearer = HTTPBearer(auto_error=False, description="server.api_key, when the server sets one.")
-
-    # FastAPI's idiom; Annotated would not do here: with postponed annotations it cannot see the local ``bearer``.
-    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        key = cfg.server.api_key
-        if not key:
-            return
-        if credentials is None:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>' (the server sets server.api_key)",
-                           code="invalid_api_key")
-        if not secrets.compare_digest(credentials.credentials.encode(), key.encode()):
-            raise APIError(401, "invalid API key: send the server's server.api_key as 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
-    errors = {
-        400: {"description": "Invalid request (OpenAI error body)"}, 401: {"description": "Missing or wrong API key"},
-        404: {"description": "Unknown model"}, 413: {"description": "Prompt longer than the context"},
-        429: {"description": "Queue full: retry after Retry-After seconds"}, 503: {"description": "A stage is down"},
+    # The schema declares Bearer auth only when the server checks a key.
+    dependencies = [Depends(_bearer_check(api_key))] if api_key else []
+    v1 = APIRouter(prefix="/v1", dependencies=dependencies)
+    error = {"model": p.ErrorResponse}
+    errors: dict[int | str, dict] = {
+        400: {**error, "description": "Invalid request: the message says what to change"},
+        404: {**error, "description": "Unknown model"},
+        413: {**error, "description": "Request body or prompt too long for the server or the context"},
+        429: {**error, "description": "Queue full: retry after Retry-After seconds"},
+        500: {**error, "description": "A sequence failed inside the pipeline"},
+        503: {**error, "description": "A stage is down, or the server is stopping"},
     }
+    if api_key:
+        errors[401] = {**error, "description": "Missing or wrong API key"}
+    streamed = {"text/event-stream": {"schema": {"type": "string", "description": (
+        "With stream: true, Server-Sent Events: 'data: <chunk JSON>' lines, then 'data: [DONE]'; a failure after the "
+        "first event ends the stream with 'data: {\"error\": {...}}'.")}}}
 
-    @v1.post("/completions", response_model=p.CompletionResponse, responses=errors,
+    def answers(model: type) -> dict[int | str, dict]:
+        ok = {"description": "The answer (JSON), or with stream: true a stream of chunks",
+              "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+                          **streamed}}
+        return {200: ok, **errors}
+
+    @v1.post("/completions", response_model=p.CompletionResponse, responses=answers(p.CompletionResponse),
              summary="Complete a prompt (stream: true for Server-Sent Events)")
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
         return await service.handle("completions", body, request)
 
-    @v1.post("/chat/completions", response_model=p.ChatCompletionResponse, responses=errors,
+    @v1.post("/chat/completions", response_model=p.ChatCompletionResponse,
+             responses=answers(p.ChatCompletionResponse),
              summary="Answer a conversation (stream: true for Server-Sent Events)")
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         return await service.handle("chat_completions", body, request)
 
-    @v1.get("/models", response_model=p.ModelList, summary="The model this server runs")
+    auth_errors = {401: errors[401]} if api_key else {}
+
+    @v1.get("/models", response_model=p.ModelList, responses=auth_errors, summary="The model this server runs")
     async def models() -> dict:
         return {"object": "list", "data": [_card(name, started)]}
 
-    @v1.get("/models/{model}", response_model=p.ModelCard, responses={404: errors[404]}, summary="One model")
+    @v1.get("/models/{model}", response_model=p.ModelCard, responses={404: errors[404], **auth_errors},
+            summary="One model")
     async def model(model: str) -> dict:
         if model != name:
             raise APIError(404, f"model {model!r} does not exist here: use {name!r}", param="model",
                            code="model_not_found")
         return _card(name, started)
 
-    @v1.get("/status", summary="The coordinator and every stage (what chatloop-status prints)")
+    @v1.get("/status", responses=auth_errors, summary="The coordinator and every stage (what chatloop-status prints)")
     async def status() -> dict:
         report = await health.check(max_age=1.0)
         return build_status(engine.stats(), report, model=name)
 
     app.include_router(v1)
 
-    @app.get("/health", summary="200 when every stage answers, else 503 naming the stages down")
+    @app.get("/health", response_model=p.HealthResponse,
+             responses={503: {"model": p.HealthResponse, "description": "A stage is down or makes no progress"}},
+             summary="200 when every stage answers and makes progress, else 503 naming the stages down")
     async def health_route() -> JSONResponse:
         report = await health.check(max_age=1.0)
         return JSONResponse(report.as_json(), status_code=200 if report.healthy else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics of the coordinator (chatloop_*)")
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics of the coordinator (chatloop_*)",
+             responses={200: {"description": "Prometheus text format", "content": {CONTENT_TYPE.split(";")[0]: {
+                 "schema": {"type": "string"}}}}})
     async def metrics_route() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _bearer_check(key: str) -> Callable:
+    bearer = HTTPBearer(auto_error=False,
+                        description="The server's API key ($CHATLOOP_API_KEY or server.api_key_file).")
+
+    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        # (FastAPI's idiom: Annotated would not do here, postponed annotations cannot see the local ``bearer``.)
+        if credentials is None:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not secrets.compare_digest(credentials.credentials.encode(), key.encode()):
+            raise APIError(401, "invalid API key: send the server's key as 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    return authorize
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than ``max_bytes`` gets 413 without being read whole.
+
+    A declared Content-Length over the limit is refused at once; a body without one (chunked)
+    is read up to the limit, then refused, or handed on as it was. A completion request larger
+    than ``prompt_bytes`` cannot hold a prompt that fits the context: 413 too, unparsed.
+    """
+
+    def __init__(self, app, max_bytes: int, prompt_bytes: int | None = None) -> None:
+        self.app, self.max_bytes, self.prompt_bytes = app, max_bytes, prompt_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit():
+            size = int(declared)
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if self.prompt_bytes and size > self.prompt_bytes and scope["path"] in ENDPOINTS:
+                error = APIError(
+                    413, f"the request has {size / 2**20:.1f} MiB: no prompt that fits the model's context is that "
+                         f"long (at most {self.prompt_bytes / 2**20:.1f} MiB of JSON): shorten it",
+                    code="context_length_exceeded")
+                return await error.response()(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope.get("method") in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        error = APIError(413, f"the request body is larger than server.max_request_mb "
+                              f"({self.max_bytes / 2**20:g} MiB): send less", code="request_too_large")
+        await error.response()(scope, receive, send)
 
 
 def _card(name: str, created: float) -> dict:

@@ -70,7 +70,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|[A-Z_].*|.*[\[(].*)$")
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|constrained-\w+|[A-Z_].*|.*[\[(].*)$")
 
 
 def _param(loc: tuple) -> str | None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from ..engine.requests import GREEDY_BELOW, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY
 
 __all__ = [
     "StreamOptions", "CompletionRequest", "ChatMessage", "ChatCompletionRequest", "Usage",
-    "CompletionResponse", "ChatCompletionResponse", "ModelCard", "ModelList",
+    "CompletionResponse", "ChatCompletionResponse", "ErrorResponse", "HealthResponse", "ModelCard", "ModelList",
     "new_id", "completion_response", "completion_chunk", "chat_response", "chat_chunk", "usage", "usage_chunk",
 ]
 
@@ -30,37 +32,51 @@ class StreamOptions(_Body):
     """Send a last chunk with ``usage`` and no choices before ``[DONE]``."""
 
 
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class _Sampling(_Body):
-    """The fields both endpoints share."""
+    """The fields both endpoints share. Bounds are stated here, so the schema says what the server enforces."""
 
     model: str = Field(description="The model id, as listed by GET /v1/models.")
     max_tokens: int | None = Field(
-        None, description="Most tokens to generate; the prompt plus this must fit the context.")
-    temperature: float | None = Field(None, description="0 (default) is greedy; up to 2.")
-    top_p: float | None = Field(None, description="Nucleus sampling, in (0, 1].")
-    n: int = Field(1, description="Only 1 is supported.")
+        None, ge=1, description="Most tokens to generate; the prompt plus this must fit the context.")
+    temperature: float | None = Field(
+        None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+        description=f"0 (default) is greedy, as is anything below {GREEDY_BELOW:g}; up to {MAX_TEMPERATURE:g}.")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
+                                description="Nucleus sampling, in (0, 1]; the most likely token is always kept.")
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: bool = Field(False, description="Send Server-Sent Events (chunks), ending with 'data: [DONE]'.")
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings; generation stops before them.")
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = Field(
+        None, description="Up to 4 non-empty strings; generation stops before them (they are not returned).")
     seed: int | None = Field(None, description="Same seed, same sampled output.")
-    presence_penalty: float | None = Field(None, description="Only 0 is supported (see repetition_penalty).")
-    frequency_penalty: float | None = Field(None, description="Only 0 is supported (see repetition_penalty).")
+    presence_penalty: float | None = Field(None, ge=0, le=0,
+                                           description="Only 0 is supported (see repetition_penalty).")
+    frequency_penalty: float | None = Field(None, ge=0, le=0,
+                                            description="Only 0 is supported (see repetition_penalty).")
     user: str | None = None
-    top_k: int | None = Field(None, description="Extension: keep the k most likely tokens (0: all).")
-    repetition_penalty: float | None = Field(None, description="Extension: > 1 discourages repeated tokens.")
+    top_k: int | None = Field(None, ge=0, description="Extension: keep the k most likely tokens (0: all).")
+    repetition_penalty: float | None = Field(
+        None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
+        description=f"Extension: > 1 discourages repeated tokens, < 1 encourages them; {MIN_REPETITION_PENALTY:g} to "
+                    f"{MAX_REPETITION_PENALTY:g}, 1 disables it.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past the end-of-sequence token.")
 
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, or token ids; a list of one prompt is accepted (batches are not)."
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1, max_length=1)] = Field(
+        description="Text, or token ids; a list of one prompt is accepted (batches are not). Not empty."
     )
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
+    echo: bool = Field(False, description="Only false is supported.")
+    suffix: str | None = Field(None, description="Not supported: leave it out.")
+    best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    logprobs: int | None = Field(None, description="Not supported: leave it out.")
 
 
 class _ContentPart(BaseModel):
@@ -73,7 +89,7 @@ class ChatMessage(BaseModel):
     """One message of the conversation."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: str = Field(description="system, user, assistant (or what the model's chat template knows).")
+    role: NonEmpty = Field(description="system, user, assistant (or what the model's chat template knows).")
     content: str | list[_ContentPart] | None = None
     name: str | None = None
 
@@ -88,10 +104,10 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(description="The conversation so far.")
-    max_completion_tokens: int | None = Field(None, description="The newer name of max_tokens.")
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far (at least one message).")
+    max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of max_tokens.")
+    logprobs: bool | None = Field(None, description="Not supported: leave it out or false.")
+    top_logprobs: int | None = Field(None, description="Not supported: leave it out.")
 
 
 # ---- responses (documented in the OpenAPI schema; built as dicts) ------------------------------
@@ -136,6 +152,34 @@ class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"]
     choices: list[_ChatChoice]
     usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: OpenAI's error object."""
+
+    error: ErrorDetail
+
+
+class StageHealth(BaseModel):
+    name: str
+    up: bool
+    error: str | None = None
+
+
+class HealthResponse(BaseModel):
+    """GET /health: 'ok' with 200 when every stage makes progress, else 'unavailable' with 503."""
+
+    status: Literal["ok", "unavailable"]
+    down: list[str]
+    stages: list[StageHealth]
+    checked_at: float
 
 
 class ModelCard(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from dataclasses import replace
 
 import httpx
@@ -299,8 +300,25 @@ def test_openapi_schema_is_published(client):
     assert "CompletionRequest" in schema["components"]["schemas"]
 
 
-def test_api_key_is_required_when_set(llm):
-    cfg = replace(llm.config, server=replace(llm.config.server, api_key="sekrit"))
+def test_openapi_declares_bearer_auth_only_when_a_key_is_set(client, llm, tmp_path):
+    assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
+    key_file = tmp_path / "key"
+    key_file.write_text("sekrit\n")
+    cfg = replace(llm.config, server=replace(llm.config.server, api_key_file=str(key_file)))
+    with serve_in_thread(create_app(llm, cfg)) as url:
+        schema = httpx.get(f"{url}/openapi.json").json()
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    assert "401" in schema["paths"]["/v1/completions"]["post"]["responses"]
+
+
+@pytest.mark.parametrize("source", ["file", "environment"])
+def test_api_key_is_required_when_set(llm, tmp_path, monkeypatch, source):
+    if source == "file":
+        (tmp_path / "key").write_text("sekrit\n")
+        cfg = replace(llm.config, server=replace(llm.config.server, api_key_file=str(tmp_path / "key")))
+    else:
+        monkeypatch.setenv("CHATLOOP_API_KEY", "sekrit")
+        cfg = llm.config
     with serve_in_thread(create_app(llm, cfg)) as url:
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic c2Vrcml0"}):
@@ -312,8 +330,19 @@ def test_api_key_is_required_when_set(llm):
         assert r.status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200  # probes and scrapers need no key
         assert httpx.get(f"{url}/metrics").status_code == 200
+        monkeypatch.delenv("CHATLOOP_API_KEY", raising=False)
         assert status_main(["--url", url]) == 2
         assert status_main(["--url", url, "--api-key", "sekrit"]) == 0
+
+
+def test_a_key_file_that_gives_no_key_is_refused(llm, tmp_path):
+    for content, message in [(None, "cannot read it"), ("", "is empty: write the key on its first line")]:
+        path = tmp_path / "key"
+        if content is not None:
+            path.write_text(content)
+        cfg = replace(llm.config, server=replace(llm.config.server, api_key_file=str(path)))
+        with pytest.raises(ValueError, match=message):
+            create_app(llm, cfg)
 
 
 def test_full_queue_answers_429_and_admitted_requests_complete(smollm2_split):
@@ -357,3 +386,48 @@ def test_full_queue_answers_429_and_admitted_requests_complete(smollm2_split):
             assert m["chatloop_queue_capacity"] == 2
             r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=60)
             assert r.status_code == 200
+
+
+def test_health_answers_fast_while_a_10_mb_prompt_is_refused(client, url):
+    huge = json.dumps({"model": MODEL, "prompt": "lorem ipsum " * (10 * 2**20 // 12), "max_tokens": 4}).encode()
+    headers = {"Content-Type": "application/json"}
+    outcome: dict = {}
+
+    def send() -> None:
+        started = time.monotonic()
+        outcome["response"] = httpx.post(f"{url}/v1/completions", content=huge, headers=headers, timeout=60)
+        outcome["seconds"] = time.monotonic() - started
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    probes = []
+    while sender.is_alive() or len(probes) < 5:
+        started = time.monotonic()
+        assert client.get("/health").status_code == 200
+        probes.append(time.monotonic() - started)
+    sender.join()
+    r = outcome["response"]
+    assert r.status_code == 413 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+    assert "no prompt that fits the model's context is that long" in r.json()["error"]["message"]
+    assert outcome["seconds"] < 5 and max(probes) < 0.1, (outcome, probes)
+    # Under the body bound, text that cannot fit is refused before it is tokenized (off the event loop anyway).
+    chars = 6 * 2**20 // 7
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * chars, "max_tokens": 1})
+    assert r.status_code == 413 and f"the prompt has {chars} characters" in r.json()["error"]["message"], r.text
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(llm):
+    cfg = replace(llm.config, server=replace(llm.config.server, max_request_mb=1))
+    with serve_in_thread(create_app(llm, cfg)) as url:
+        body = json.dumps({"model": MODEL, "prompt": "x" * (2 * 2**20), "max_tokens": 1})
+        r = httpx.post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert "server.max_request_mb (1 MiB)" in r.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(3):
+                yield b" " * 2**20
+            yield body.encode()
+
+        r = httpx.post(f"{url}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
