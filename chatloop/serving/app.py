@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -158,6 +159,8 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
         report = await health.check(max_age=1.0)
         return JSONResponse(report.as_json(), status_code=200 if report.healthy else 503)
 
+    _state_limits_in_schema(app, name, engine)
+
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics of the coordinator (chatloop_*)",
              responses={200: {"description": "Prometheus text format", "content": {CONTENT_TYPE.split(";")[0]: {
                  "schema": {"type": "string"}}}}})
@@ -165,6 +168,40 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _state_limits_in_schema(app: FastAPI, name: str, engine: EngineClient) -> None:
+    """Add what only the running engine knows to the schema: the model id, the vocabulary, the context."""
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schemas = schema["components"]["schemas"]
+            for request in ("CompletionRequest", "ChatCompletionRequest"):
+                fields = schemas[request]["properties"]
+                fields["model"]["enum"] = [name]
+                for field in ("max_tokens", "max_completion_tokens"):
+                    if field in fields:
+                        for option in fields[field].get("anyOf", [fields[field]]):
+                            if option.get("type") == "integer":
+                                option["maximum"] = engine.context_length - 1
+            for option in _walk(schemas["CompletionRequest"]["properties"]["prompt"]):
+                if option.get("type") == "integer":
+                    option["maximum"] = engine.vocab_size - 1
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _walk(node):
+    """Every dict inside a JSON-schema node."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
 
 
 def _bearer_check(key: str) -> Callable:
