@@ -43,8 +43,9 @@ class ModelConfig:
     """Split the model into partitions_dir at start-up when it holds no manifest yet."""
     dtype: str = "float32"
     """Weights and activations on every stage: float32, bfloat16 or float16."""
-    verify_sha256: bool = False
-    """Hash each partition at load time and compare it with the manifest (slow for big files)."""
+    verify_sha256: bool = True
+    """Check each partition's sha256 against the manifest before loading it: once per file (a stamp beside it, or
+    in $CHATLOOP_CACHE, records the file it verified; the splitter stamps what it writes)."""
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")

@@ -58,7 +58,7 @@ class StageSpec:
     kv_cache_mb: float = 512
     block_size: int = 16
     min_capacity_tokens: int = 256
-    verify_sha256: bool = False
+    verify_sha256: bool = True
     pack_weights: bool = True
     native_kernels: bool = True
 

@@ -13,8 +13,9 @@ from torch import nn
 from ..kernels import load_kernels
 from ..models import LayerRange, ModelArgs, StageModel, build_stage, family_of
 from ..models.packing import pack_linear_weights
+from .integrity import verify
 from .manifest import Manifest, ManifestError
-from .safetensors_stream import SafetensorsError, read_header, sha256_of
+from .safetensors_stream import SafetensorsError, read_header
 
 __all__ = ["PartitionError", "load_stage"]
 
@@ -45,7 +46,7 @@ def load_stage(
     expected_layers: LayerRange | None = None,
     expected_file: str | None = None,
     dtype: torch.dtype | None = None,
-    verify_sha256: bool = False,
+    verify_sha256: bool = True,
     manifest: Manifest | None = None,
     pack_weights: bool = False,
     native_kernels: bool = True,
@@ -53,9 +54,9 @@ def load_stage(
     """Build stage ``index`` from ``directory/partition_{index}.safetensors``.
 
     Checks, before any weight is read: the partition is the file ``expected_file`` names (if
-    given) and exists, its size (and with
-    ``verify_sha256`` its hash) matches the manifest, its layers match ``expected_layers``,
-    its tensors are exactly the stage's, in the manifest's dtype. ``dtype`` casts the weights
+    given) and exists, its size (and with ``verify_sha256``, once per file, its hash: see
+    :mod:`~chatloop.partition.integrity`) matches the manifest, its layers match
+    ``expected_layers``, its tensors are exactly the stage's, in the manifest's dtype. ``dtype`` casts the weights
     after loading (the stage then computes in it). ``pack_weights`` then prepares float32
     linear layers for small matmuls, on the native kernel if ``native_kernels``
     (:func:`~chatloop.models.packing.pack_linear_weights`); ``native_kernels`` also runs float32
@@ -81,7 +82,7 @@ def load_stage(
     if size != info.num_bytes:
         raise PartitionError(f"{path} has {size} bytes, the manifest says {info.num_bytes}: "
                              "the file is truncated or from another split")
-    if verify_sha256 and sha256_of(path) != info.sha256:
+    if verify_sha256 and not verify(path, info.sha256):
         raise PartitionError(f"{path}: sha256 differs from the manifest's: the file is corrupt or from another split")
     if expected_layers is not None and expected_layers != info.layers:
         raise PartitionError(

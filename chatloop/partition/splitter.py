@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ..embedded import copy_tokenizer, resolve_model
 from ..models import LayerRange, ModelArgs, family_of
+from .integrity import STAMP_SUFFIX, stamp
 from .manifest import Manifest, PartitionInfo
 from .plan import parse_ranges, plan_layers
 from .safetensors_stream import StreamingWriter, read_header, read_tensor
@@ -126,6 +127,7 @@ def split_model(
                 bar.update(checkpoint.sizes[source_name[key]])
             digest = writer.close()
             os.replace(tmp, path)
+            stamp(path, digest)  # hashed while written: the first load need not read it again
             partitions.append(
                 PartitionInfo(
                     index=index,
@@ -139,8 +141,8 @@ def split_model(
                     num_tensors=len(keys),
                 )
             )
-    for stale in output.glob("partition_*.safetensors"):  # left by an earlier split into more parts
-        if stale.name not in {p.file for p in partitions}:
+    for stale in [*output.glob("partition_*.safetensors"), *output.glob(f"partition_*.safetensors{STAMP_SUFFIX}")]:
+        if stale.name.removesuffix(STAMP_SUFFIX) not in {p.file for p in partitions}:  # an earlier split's
             stale.unlink()
     manifest = Manifest(
         model_config=config,

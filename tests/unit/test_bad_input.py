@@ -290,14 +290,16 @@ def test_truncated_partition_is_caught_by_its_header_too(llama_parts):
     partitions[1] = dataclasses.replace(partitions[1], num_bytes=path.stat().st_size)
     patched = dataclasses.replace(manifest, partitions=partitions)
     with pytest.raises(PartitionError, match=r"partition_1\.safetensors is truncated"):
-        load_stage(llama_parts, 1, manifest=patched)
+        load_stage(llama_parts, 1, manifest=patched, verify_sha256=False)
 
 
 def test_garbage_partition_of_the_right_size(llama_parts):
     path = llama_parts / "partition_1.safetensors"
     path.write_bytes(b"\xff" * path.stat().st_size)
-    with pytest.raises(PartitionError, match=r"partition_1\.safetensors is corrupt or truncated"):
+    with pytest.raises(PartitionError, match=r"partition_1\.safetensors: sha256 differs"):
         load_stage(llama_parts, 1)
+    with pytest.raises(PartitionError, match=r"partition_1\.safetensors is corrupt or truncated"):
+        load_stage(llama_parts, 1, verify_sha256=False)
 
 
 def test_layers_differ_from_the_configuration(llama_parts):
@@ -314,8 +316,8 @@ def test_sha256_mismatch_after_a_flipped_byte(llama_parts):
     data[-5] ^= 0x01  # inside the last tensor: the size and the header stay valid
     path.write_bytes(bytes(data))
     with pytest.raises(PartitionError, match=r"partition_2\.safetensors: sha256 differs from the manifest's"):
-        load_stage(llama_parts, 2, verify_sha256=True)
-    load_stage(llama_parts, 2)  # without the hash check the damage goes unseen: that is what the option is for
+        load_stage(llama_parts, 2)  # by default, although the splitter stamped the file: it changed since
+    load_stage(llama_parts, 2, verify_sha256=False)  # without the check the damage goes unseen
 
 
 def test_partition_from_another_split(llama_parts):
@@ -327,7 +329,7 @@ def test_partition_from_another_split(llama_parts):
     two.write_bytes(one_bytes)
     message = r"does not hold stage 1's tensors: missing \['model\.layers\.2\..*unexpected \['model\.layers\.3\."
     with pytest.raises(PartitionError, match=message):
-        load_stage(llama_parts, 1)
+        load_stage(llama_parts, 1, verify_sha256=False)
 
 
 def test_partition_in_another_dtype(llama_parts, tiny_checkpoint, tmp_path):
@@ -340,7 +342,7 @@ def test_partition_in_another_dtype(llama_parts, tiny_checkpoint, tmp_path):
     (llama_parts / "manifest.json").write_text(json.dumps(raw))
     message = r"partition_3\.safetensors: tensor .* is torch\.bfloat16, the manifest says float32"
     with pytest.raises(PartitionError, match=message):
-        load_stage(llama_parts, 3)
+        load_stage(llama_parts, 3, verify_sha256=False)
 
 
 def test_partition_file_differs_from_the_configuration(llama_parts):
@@ -377,3 +379,36 @@ def test_bad_worker_rows(override, message):
 
     with pytest.raises(ValueError, match=message):
         load_config(["cluster.num_workers=1", override])
+
+
+def test_a_partition_is_hashed_once_and_again_only_when_it_changed(llama_parts, monkeypatch, tmp_path):
+    from chatloop.partition import integrity
+
+    hashed = []
+    real = integrity.sha256_of
+    monkeypatch.setattr(integrity, "sha256_of", lambda path: hashed.append(path.name) or real(path))
+    load_stage(llama_parts, 1)
+    assert hashed == []  # the splitter stamped what it wrote
+    (llama_parts / "partition_1.safetensors.verified").unlink()
+    load_stage(llama_parts, 1)
+    load_stage(llama_parts, 1)
+    assert hashed == ["partition_1.safetensors"]  # once, then the new stamp
+    copy = tmp_path / "copy"
+    shutil.copytree(llama_parts, copy)  # stamps and mtimes come along, the inodes do not
+    load_stage(copy, 1)
+    assert hashed == ["partition_1.safetensors"] * 2
+
+
+def test_a_read_only_partition_folder_keeps_its_stamps_in_the_cache(llama_parts, monkeypatch, tmp_path):
+    from chatloop.partition import integrity
+
+    monkeypatch.setenv("CHATLOOP_CACHE", str(tmp_path / "cache"))
+    for stamp in llama_parts.glob("*.verified"):
+        stamp.unlink()
+    real = integrity._stamp_paths
+    # Beside the partition cannot be written (as in a read-only mount; root writes anywhere else).
+    monkeypatch.setattr(integrity, "_stamp_paths", lambda path: [path / "not-a-folder", *real(path)[1:]])
+    load_stage(llama_parts, 2)
+    assert list((tmp_path / "cache" / "verified").glob("*.json"))
+    sha256 = Manifest.load(llama_parts).partitions[2].sha256
+    assert integrity.is_stamped(llama_parts / "partition_2.safetensors", sha256)

@@ -222,7 +222,8 @@ def test_splitting_again_into_fewer_partitions_removes_stale_files(tiny_checkpoi
     split_model(checkpoint.path, tmp_path, 4, progress=False)
     split_model(checkpoint.path, tmp_path, 2, progress=False)
     names = sorted(p.name for p in tmp_path.glob("partition_*"))
-    assert names == ["partition_0.safetensors", "partition_1.safetensors"]
+    assert names == ["partition_0.safetensors", "partition_0.safetensors.verified", "partition_1.safetensors",
+                     "partition_1.safetensors.verified"]  # the earlier split's files and stamps are gone
     assert Manifest.load(tmp_path).num_partitions == 2
     load_stage(tmp_path, 1, verify_sha256=True)
 
