@@ -33,6 +33,8 @@ def test_a_stopped_or_stalled_stage_is_reported_and_named():
             {"name": "while_stopped", "op": "timed_generate", "prompt": PLAIN_PROMPT, "params": short},
             {"name": "health_stopped", "op": "describe"},
             {"name": "cont", "op": "signal", "stage": 2, "signal": "SIGCONT"},
+            {"name": "settle", "op": "sleep", "seconds": 1.0},
+            {"name": "after_cont", "op": "describe"},
             {"name": "after", "op": "generate", "prompt": PLAIN_PROMPT, "params": short},
             {"name": "blocks", "op": "blocks"},
         ],
@@ -46,5 +48,9 @@ def test_a_stopped_or_stalled_stage_is_reported_and_named():
     assert "worker2" in stopped["result"]["error"] and "does not answer" in stopped["result"]["error"], stopped
     assert stopped["elapsed_s"] < RPC_TIMEOUT_S + 8  # the timeout, plus asking each stage where the step is
     assert "worker2" in _down(results["health_stopped"])
+    # Woken up, worker2 skips the micro-batch the coordinator cancelled: nothing more is computed anywhere.
+    computed = {s["name"]: s["num_micro_batches"] for s in results["after_cont"]}
+    while_stopped = {s["name"]: s["num_micro_batches"] for s in results["health_stopped"]}
+    assert computed["worker3"] == while_stopped["worker3"] and computed["worker2"] == computed["worker3"]
     assert results["after"]["token_ids"] == results["before"]["token_ids"]  # the dropped step left nothing behind
     assert results["blocks"]["free"] == results["blocks"]["total"]
