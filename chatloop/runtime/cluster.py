@@ -15,6 +15,7 @@ import concurrent.futures
 import gc
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -133,7 +134,11 @@ class RpcPipeline(Pipeline):
     def _fail_lost(self, mb_id: int, error: StageError) -> None:
         where = self.locate(mb_id)
         self.cancel([mb_id])
-        results.fail(mb_id, StageError(f"{self.blame(mb_id, where)} ({_first_line(error)})"))
+        text = _first_line(error)
+        # The error names the stage the coordinator called (worker0), not the one that held the step up.
+        reason = (f"no answer within cluster.rpc_timeout_s={self.timeout:g} s" if "ran for more than" in text
+                  else re.sub(r"^worker\d+: ", "", text))
+        results.fail(mb_id, StageError(f"{self.blame(mb_id, where)} ({reason})"))
 
     def cancel(self, mb_ids: list[int]) -> None:
         """Tell every stage to skip these micro-batches (best effort: a stage that does not answer is skipped)."""

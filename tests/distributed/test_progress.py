@@ -48,9 +48,10 @@ def test_a_stopped_or_stalled_stage_is_reported_and_named():
     assert "worker2" in stopped["result"]["error"] and "does not answer" in stopped["result"]["error"], stopped
     assert stopped["elapsed_s"] < RPC_TIMEOUT_S + 8  # the timeout, plus asking each stage where the step is
     assert "worker2" in _down(results["health_stopped"])
-    # Woken up, worker2 skips the micro-batch the coordinator cancelled: nothing more is computed anywhere.
+    # Woken up, worker2 drops the micro-batch the coordinator cancelled (it may have computed it already, if the
+    # step reached its compute thread before the cancel did, but it does not forward it): worker3 never sees it.
     computed = {s["name"]: s["num_micro_batches"] for s in results["after_cont"]}
     while_stopped = {s["name"]: s["num_micro_batches"] for s in results["health_stopped"]}
-    assert computed["worker3"] == while_stopped["worker3"] and computed["worker2"] == computed["worker3"]
+    assert computed["worker3"] == while_stopped["worker3"] and computed["worker2"] - computed["worker3"] in (0, 1)
     assert results["after"]["token_ids"] == results["before"]["token_ids"]  # the dropped step left nothing behind
     assert results["blocks"]["free"] == results["blocks"]["total"]
