@@ -431,3 +431,33 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(llm):
 
         r = httpx.post(f"{url}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
         assert r.status_code == 413
+
+
+@pytest.mark.parametrize("poison", [
+    {"temperature": 1e-45}, {"temperature": 1.0, "top_p": 1e-300}, {"repetition_penalty": 1e-45},
+])
+def test_extreme_sampling_values_hurt_no_one_batched_with_them(url, expected, poison):
+    """Each value that once failed every request sharing its micro-batch, sent at the same moment as six others."""
+    normal = [{"model": MODEL, "prompt": PROMPTS[i % 4], "max_tokens": SHORT} for i in range(6)]
+    bodies = [{"model": MODEL, "prompt": PROMPTS[0], "max_tokens": SHORT, **poison}, *normal]
+    start = threading.Barrier(len(bodies))
+    answers: list = [None] * len(bodies)
+
+    def send(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as own:
+            start.wait()
+            answers[i] = own.post("/v1/completions", json=bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, r in enumerate(answers[1:]):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected[("completion", i % 4)].text
+    poisoned = answers[0]
+    if "repetition_penalty" in poison:  # outside the stated bounds: refused up front
+        assert poisoned.status_code == 400 and poisoned.json()["error"]["param"] == "repetition_penalty"
+    else:  # inside them: sampled safely (a temperature that small is greedy; top-p keeps the likeliest token)
+        assert poisoned.status_code == 200, poisoned.text
