@@ -54,3 +54,17 @@ def test_raise_failure_keeps_a_stage_error_and_a_named_transport_error_as_they_a
     named.set_exception(RuntimeError("worker1 is unreachable"))
     with pytest.raises(StageError, match="^worker1 is unreachable$"):
         results.raise_failure(named, "worker1")
+
+
+def test_a_stage_that_answers_but_makes_no_progress_is_down():
+    from chatloop.engine import StageReport
+    from chatloop.runtime.cluster import RpcPipeline
+
+    pipeline = RpcPipeline([], [], num_blocks=1, block_size=16, timeout=20, progress_deadline_s=10)
+    fine = StageReport(name="worker1", index=1, computing_s=2.0, consecutive_failures=0)
+    assert pipeline._judge(fine).up
+    stuck = pipeline._judge(StageReport(name="worker1", index=1, host="h", computing_s=12.5))
+    assert not stuck.up and "one micro-batch has been computing for 12 s" in stuck.error and stuck.host == "h"
+    failing = pipeline._judge(StageReport(name="worker2", index=2, consecutive_failures=3, last_error="boom"))
+    assert not failing.up and failing.error == "its last 3 micro-batches failed: boom"
+    pipeline.close()
