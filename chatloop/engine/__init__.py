@@ -8,11 +8,14 @@ Serving talks to the engine through :class:`EngineClient` only.
 from .blocks import BlockAllocator
 from .client import EngineClient, EngineStats
 from .errors import (
+    ClusterUnavailableError,
     ContextLengthError,
+    DeadlineExceededError,
     EmptyPromptError,
     EngineError,
     QueueFullError,
     RequestError,
+    SamplingError,
     SchedulerClosedError,
     StageError,
 )
@@ -24,10 +27,9 @@ from .sampling import sample
 from .scheduler import Scheduler
 
 __all__ = [
-    "BlockAllocator", "CapacityError", "ContextLengthError", "EmptyPromptError", "EngineClient", "EngineError",
-    "EngineStats", "FinishReason", "LocalPipeline", "MicroBatch", "Pipeline", "QueueFullError", "RequestError",
-    "SamplingError",
-    "SamplerInput", "SamplingParams", "Scheduler", "SchedulerClosedError", "SchedulerPolicy", "SequenceEvent",
-    "StageError", "StageReport", "StageRunner", "StageSpec", "StageTiming", "Step", "StepRecord",
-    "build_stage_runner", "sample",
+    "BlockAllocator", "CapacityError", "ClusterUnavailableError", "ContextLengthError", "DeadlineExceededError",
+    "EmptyPromptError", "EngineClient", "EngineError", "EngineStats", "FinishReason", "LocalPipeline", "MicroBatch",
+    "Pipeline", "QueueFullError", "RequestError", "SamplerInput", "SamplingError", "SamplingParams", "Scheduler",
+    "SchedulerClosedError", "SchedulerPolicy", "SequenceEvent", "StageError", "StageReport", "StageRunner",
+    "StageSpec", "StageTiming", "Step", "StepRecord", "build_stage_runner", "sample",
 ]

@@ -7,8 +7,8 @@ names the request field at fault, where one is.
 from __future__ import annotations
 
 __all__ = [
-    "ContextLengthError", "EmptyPromptError", "EngineError", "QueueFullError", "RequestError", "SamplingError",
-    "SchedulerClosedError", "StageError",
+    "ClusterUnavailableError", "ContextLengthError", "DeadlineExceededError", "EmptyPromptError", "EngineError",
+    "QueueFullError", "RequestError", "SamplingError", "SchedulerClosedError", "StageError",
 ]
 
 
@@ -22,6 +22,14 @@ class QueueFullError(EngineError):
 
 class SchedulerClosedError(EngineError):
     """The scheduler is shut down: no request is taken any more (HTTP 503)."""
+
+
+class DeadlineExceededError(EngineError):
+    """A request did not finish within its ``timeout_s`` (for instance while the cluster recovered a worker)."""
+
+
+class ClusterUnavailableError(EngineError):
+    """A stage is lost and the cluster could not get it back in time: the message names it and says why."""
 
 
 class RequestError(ValueError):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from .blocks import BlockAllocator
 from .detokenizer import Detokenizer
-from .errors import ContextLengthError, EmptyPromptError, QueueFullError, SamplingError
+from .errors import ContextLengthError, DeadlineExceededError, EmptyPromptError, QueueFullError, SamplingError
 from .requests import FinishReason, SamplerInput, SamplingParams, SequenceEvent
 
 __all__ = ["Output", "SchedulerPolicy", "SchedulerStats", "Step"]
@@ -64,6 +64,8 @@ class SchedulerStats:
     last_batch_size: int = 0
     finished: dict[str, int] = field(default_factory=dict)
     generated_tokens: int = 0
+    replays: int = 0
+    """Sequences prefilled again after their pipeline was lost."""
 
 
 @dataclass(eq=False)
@@ -79,6 +81,9 @@ class _Sequence:
     num_cached: int = 0  # tokens whose keys and values are in the cache
     in_flight: bool = False
     cancelled: bool = False
+    deadline: float | None = None
+    expired: bool = False  # past its deadline: ends with an error as soon as no step of it is out
+    replays: int = 0  # times its tokens went into fresh KV blocks again (a lost worker was replaced)
 
     @property
     def total_tokens(self) -> int:
@@ -137,6 +142,8 @@ class SchedulerPolicy:
         self._steps: dict[int, tuple[list[_Sequence], list[int]]] = {}  # in flight: sequences, tokens fed
         self._ids = itertools.count()
         self._last_cut_prefill = False
+        self.paused_reason = ""
+        """Why no step is launched now (the driver says, while a lost worker is replaced); used in messages."""
 
     @property
     def context_length(self) -> int:
@@ -166,6 +173,8 @@ class SchedulerPolicy:
             raise QueueFullError(f"the request queue is full ({self.max_queue_size} waiting): retry later")
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = _Sequence(next(self._ids), list(prompt_ids), params, seed, Detokenizer(self.tokenizer, params.stop), now)
+        if params.timeout_s is not None:
+            seq.deadline = now + params.timeout_s
         self._waiting.append(seq)
         self._by_id[seq.id] = seq
         self.stats.num_waiting = len(self._waiting)
@@ -178,29 +187,51 @@ class SchedulerPolicy:
             seq.cancelled = True
 
     # ---- scheduling --------------------------------------------------------------------------
-    def schedule(self, now: float) -> tuple[list[Step], list[Output]]:
-        """End cancelled sequences, admit waiting ones, and cut the micro-batches to launch now."""
+    def schedule(self, now: float, launch: bool = True) -> tuple[list[Step], list[Output]]:
+        """End cancelled and expired sequences, admit waiting ones, and cut the micro-batches to launch now.
+
+        ``launch=False`` (the pipeline is being rebuilt): end what must end, admit and cut nothing.
+        """
+        for seq in [*self._waiting, *self._running]:
+            if seq.deadline is not None and now >= seq.deadline and not seq.expired:
+                seq.expired = seq.cancelled = True
         outputs: list[Output] = []
         for seq in [s for s in self._waiting if s.cancelled]:
             self._waiting.remove(seq)
-            outputs.append(self._finish(seq, FinishReason.CANCELLED))
+            outputs.append(self._end_cancelled(seq))
         for seq in [s for s in self._running if s.cancelled and not s.in_flight]:
-            outputs.append(self._finish(seq, FinishReason.CANCELLED))
-        self._admit(now)
-        steps = self._cut()
+            outputs.append(self._end_cancelled(seq))
+        steps = []
+        if launch:
+            self._admit(now)
+            steps = self._cut()
         self.stats.num_waiting, self.stats.num_running = len(self._waiting), len(self._running)
         return steps, outputs
 
-    def next_wakeup(self, now: float) -> float | None:
+    def next_wakeup(self, now: float, launch: bool = True) -> float | None:
         """Seconds until :meth:`schedule` may have something to do (0: now; None: not until something happens)."""
         # A cancelled sequence still in flight is finished when its step returns: no busy wait.
         if any(s.cancelled for s in self._waiting) or any(s.cancelled and not s.in_flight for s in self._running):
             return 0.0
-        if self._can_launch():
+        deadlines = [s.deadline - now for s in [*self._waiting, *self._running] if s.deadline is not None and not
+                     s.expired]
+        wakeups = [max(0.0, min(deadlines))] if deadlines else []
+        if launch and self._can_launch():
             return 0.0
-        if self._waiting and len(self._running) < self.max_batch_size and self._has_blocks_for(self._waiting[0]):
-            return max(0.0, self.batching_window_s - (now - self._waiting[0].arrival))
-        return None
+        if launch and self._waiting and len(self._running) < self.max_batch_size and self._has_blocks_for(
+                self._waiting[0]):
+            wakeups.append(max(0.0, self.batching_window_s - (now - self._waiting[0].arrival)))
+        return min(wakeups) if wakeups else None
+
+    def _end_cancelled(self, seq: _Sequence) -> Output:
+        if not seq.expired:
+            return self._finish(seq, FinishReason.CANCELLED)
+        waited = f" (the cluster was recovering: {self.paused_reason})" if self.paused_reason else ""
+        error = DeadlineExceededError(
+            f"the request did not finish within its timeout of {seq.params.timeout_s:g} s{waited}: retry, or allow "
+            "more time"
+        )
+        return self._finish(seq, FinishReason.ERROR, error=error)
 
     def _has_blocks_for(self, seq: _Sequence) -> bool:
         return self.allocator.blocks_for(seq.total_tokens) <= self.allocator.num_free
@@ -278,6 +309,8 @@ class SchedulerPolicy:
     def complete(self, step_id: int, result: list[int | str] | BaseException) -> list[Output]:
         """A step's sampled token ids (one per sequence; an error message for one that could not be sampled),
         or the error that failed the whole step."""
+        if step_id not in self._steps:  # a step of a pipeline that was lost: its sequences were requeued
+            return []
         seqs, fed = self._steps.pop(step_id)
         self.stats.num_in_flight -= 1
         outputs: list[Output] = []
@@ -288,7 +321,7 @@ class SchedulerPolicy:
                 continue
             seq.num_cached += fed[b]
             if seq.cancelled:
-                outputs.append(self._finish(seq, FinishReason.CANCELLED))
+                outputs.append(self._end_cancelled(seq))
                 continue
             if seq.num_cached < seq.num_known:
                 continue  # a chunk of its prompt: the token sampled after it is not the next one yet
@@ -325,6 +358,36 @@ class SchedulerPolicy:
         if reason in (FinishReason.STOP, FinishReason.LENGTH):
             text += seq.detokenizer.flush()
         return seq.id, SequenceEvent(text, () if token is None else (token,), finish_reason=reason, error=error)
+
+    # ---- a lost pipeline ----------------------------------------------------------------------
+    def requeue_all(self) -> int:
+        """The pipeline is gone with every KV block: each running sequence goes back to the front of the queue, to
+        be prefilled again from its prompt and the tokens it already has (nothing is emitted twice). Returns how
+        many. Steps still out are forgotten: their results are ignored."""
+        requeued = self._running
+        for seq in requeued:
+            if seq.blocks:
+                self.allocator.free(seq.blocks)
+                seq.blocks = []
+            seq.num_cached = 0
+            seq.in_flight = False
+            seq.replays += 1
+        self._waiting.extendleft(reversed(requeued))
+        self._running = []
+        self._steps.clear()
+        self.stats.num_in_flight = 0
+        self.stats.replays += len(requeued)
+        self.stats.num_waiting, self.stats.num_running = len(self._waiting), 0
+        return len(requeued)
+
+    def fail_all(self, error: BaseException) -> list[Output]:
+        """End every waiting and running sequence with ``error`` (the cluster cannot serve them)."""
+        outputs = [self._finish(seq, FinishReason.ERROR, error=error) for seq in [*self._waiting, *self._running]]
+        self._waiting.clear()
+        self._steps.clear()
+        self.stats.num_in_flight = 0
+        self.stats.num_waiting = self.stats.num_running = 0
+        return outputs
 
     def close(self) -> list[Output]:
         """End every waiting and running sequence with ``CANCELLED`` (the engine is shutting down)."""

@@ -43,6 +43,9 @@ class SamplingParams:
     """Stop before any of these strings; they are not returned."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks)."""
+    timeout_s: float | None = None
+    """End the request with an error if it has not finished this many seconds after it was submitted (waiting in
+    the queue, and any wait while the cluster replaces a lost worker, included). None: no limit."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +62,8 @@ class SamplingParams:
              f"repetition_penalty must be from {MIN_REPETITION_PENALTY:g} to {MAX_REPETITION_PENALTY:g} "
              f"(1 disables it), got {self.repetition_penalty}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.timeout_s is None or (math.isfinite(self.timeout_s) and self.timeout_s > 0),
+             f"timeout_s must be > 0 seconds or None, got {self.timeout_s}"),
         ]
         for ok, message in checks:
             if not ok:

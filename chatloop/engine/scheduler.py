@@ -52,6 +52,7 @@ class Scheduler:
             eos_token_ids=eos_token_ids or set(),
         )
         self._clock = clock
+        self._suspended = False
         self._emitters: dict[int, Emit] = {}
         self._completed: list[tuple[Step, list[int] | BaseException]] = []
         self._cond = threading.Condition()
@@ -88,6 +89,42 @@ class Scheduler:
 
         return cancel
 
+    # ---- a lost pipeline ----------------------------------------------------------------------
+    def suspend(self, reason: str) -> int:
+        """The pipeline is lost: launch nothing; every running sequence waits to be prefilled again. Returns how many.
+
+        Requests keep arriving (and being cancelled, or expiring) meanwhile; clients see a delay.
+        """
+        with self._cond:
+            self._suspended = True
+            self.policy.paused_reason = reason
+            self._completed.clear()
+            replayed = self.policy.requeue_all()
+            self._cond.notify()
+        return replayed
+
+    def resume(self, pipeline: Pipeline) -> None:
+        """Carry on with a new pipeline (same stages); the requeued sequences are prefilled again first."""
+        with self._cond:
+            self.pipeline = pipeline
+            if (pipeline.num_blocks, pipeline.block_size) != (self.allocator.num_blocks, self.allocator.block_size):
+                # Every sequence was requeued: none holds a block of the old pool.
+                self.allocator = BlockAllocator(pipeline.num_blocks, pipeline.block_size)
+                self.policy.allocator = self.allocator
+            self._suspended = False
+            self.policy.paused_reason = ""
+            self._cond.notify()
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every waiting and running request with ``error`` (the cluster cannot serve them now)."""
+        with self._cond:
+            outputs = self.policy.fail_all(error)
+        self._deliver(outputs)
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
+
     def close(self) -> None:
         """Stop the loop; queued and running requests end with ``FinishReason.CANCELLED``."""
         with self._cond:
@@ -99,7 +136,9 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                timeout = 0.0 if self._completed or self._closing else self.policy.next_wakeup(self._clock())
+                launch = not self._suspended
+                timeout = (0.0 if self._completed or self._closing
+                           else self.policy.next_wakeup(self._clock(), launch=launch))
                 if timeout is None or timeout > 0:
                     self._cond.wait(timeout)
                 if self._closing:
@@ -108,19 +147,20 @@ class Scheduler:
                 outputs: list[Output] = []
                 for step, result in completed:
                     outputs += self.policy.complete(step.id, result)
-                steps, cancelled = self.policy.schedule(self._clock())
+                steps, cancelled = self.policy.schedule(self._clock(), launch=not self._suspended)
                 outputs += cancelled
+                pipeline = self.pipeline  # the one these steps are for: a step never reaches a later pipeline
             for step in steps:
-                self._launch(step)
+                self._launch(pipeline, step)
             self._deliver(outputs)
         with self._cond:
             outputs = self.policy.close()
         self._deliver(outputs)
 
-    def _launch(self, step: Step) -> None:
+    def _launch(self, pipeline: Pipeline, step: Step) -> None:
         micro_batch = self._micro_batch(step)
         try:
-            future = self.pipeline.submit(micro_batch)
+            future = pipeline.submit(micro_batch)
         except Exception as e:  # the transport refused at once (e.g. a dead worker)
             self._complete(step, e)
             return

@@ -38,19 +38,20 @@ def text_ids(text: str) -> list[int]:
 
 
 class FakeModel:
-    """The pipeline's answers: sequence s's k-th generated token is ``scripts[s][k]`` (then 'z' forever)."""
+    """The pipeline's answers, as a model's depend only on the tokens before: after a sequence's prompt and k
+    generated tokens, its next token is ``scripts[s][k]`` (then 'z' forever)."""
 
     def __init__(self, scripts: dict[int, list[int]] | None = None) -> None:
         self.scripts = scripts or {}
-        self.produced: dict[int, int] = {}
+        self.produced: dict[int, int] = {}  # how often each sequence was sampled
 
-    def answer(self, step: Step) -> list[int]:
+    def answer(self, step: Step, prompt_lengths: dict[int, int]) -> list[int]:
         tokens = []
-        for seq in step.sequence_ids:
-            k = self.produced.get(seq, 0)
-            self.produced[seq] = k + 1
+        for seq, start, fed in zip(step.sequence_ids, step.starts, step.token_ids):
+            self.produced[seq] = self.produced.get(seq, 0) + 1
+            k = start + len(fed) - prompt_lengths[seq]  # generated tokens before the one sampled now
             script = self.scripts.get(seq, [])
-            tokens.append(script[k] if k < len(script) else ord("z"))
+            tokens.append(script[k] if 0 <= k < len(script) else ord("z"))
         return tokens
 
 
@@ -84,7 +85,10 @@ class Run:
 
     def answer(self, step: Step, result=None) -> None:
         self.in_flight.remove(step)
-        self.collect(self.policy.complete(step.id, self.model.answer(step) if result is None else result))
+        if result is None:
+            lengths = {seq: len(self.policy._by_id[seq].prompt_ids) for seq in step.sequence_ids}
+            result = self.model.answer(step, lengths)
+        self.collect(self.policy.complete(step.id, result))
 
     def until_idle(self, max_rounds: int = 1000) -> None:
         for _ in range(max_rounds):
@@ -427,3 +431,72 @@ def test_one_sequence_that_cannot_be_sampled_ends_alone():
     run.until_idle()
     assert run.text(a) == "xz" and run.text(c) == "yz"
     assert run.finish(a).finish_reason is FinishReason.LENGTH and run.finish(c).finish_reason is FinishReason.LENGTH
+
+
+def test_a_lost_pipeline_requeues_running_sequences_to_be_prefilled_again_with_what_they_have():
+    policy = make_policy(max_batch_size=2, prefill_chunk_tokens=4)
+    run = Run(policy, FakeModel({0: text_ids("abcdef"), 1: text_ids("uvwxyz")}))
+    a = policy.add([1, 2, 3], params(max_new_tokens=6), 0.0)
+    b = policy.add([4, 5], params(max_new_tokens=6), 0.0)
+    late = policy.add([9], params(max_new_tokens=6), 0.0)  # waits: the batch is full
+    for _ in range(3):  # the prompts, then two decodes
+        run.answer(run.schedule()[0])
+    assert run.text(a) == "abc" and run.text(b) == "uvw"
+    (lost_step,) = run.schedule()
+    assert policy.requeue_all() == 2 and policy.stats.replays == 2
+    assert policy.allocator.num_free == policy.allocator.num_blocks  # fresh blocks at re-admission
+    assert policy.complete(lost_step.id, [ord("!"), ord("!")]) == []  # the lost step's answer is ignored
+    run.in_flight.clear()
+    (replay,) = run.schedule()
+    assert replay.sequence_ids == (a, b)  # back first, in their order, before the one that waited
+    assert replay.token_ids == ((1, 2, 3, ord("a")), (4, 5, ord("u"), ord("v")))  # chunks of 4 of what is known
+    assert replay.sampling[0].step == 3  # the seeded generator goes on from the next token
+    run.until_idle()
+    assert run.text(a) == "abcdef" and run.text(b) == "uvwxyz"  # nothing lost, nothing repeated
+    assert [e.finish_reason for e in run.events[late]][-1] is FinishReason.LENGTH
+
+
+def test_a_request_past_its_deadline_ends_with_a_clear_error():
+    policy = make_policy(max_batch_size=1)
+    run = Run(policy)
+    running = policy.add([1], params(max_new_tokens=50, timeout_s=2.0), 0.0)
+    waiting = policy.add([2], params(max_new_tokens=5, timeout_s=1.0), 0.0)
+    (step,) = run.schedule()
+    assert policy.next_wakeup(0.0) == pytest.approx(1.0)  # the earliest deadline wakes the driver
+    policy.paused_reason = "worker2 was lost"
+    run.now = 1.5
+    run.schedule()
+    error = run.finish(waiting).error
+    assert "did not finish within its timeout of 1 s (the cluster was recovering: worker2 was lost)" in str(error)
+    run.now = 2.5
+    run.schedule()  # still in flight: it ends when its step returns
+    run.answer(step)
+    assert run.finish(running).finish_reason is FinishReason.ERROR
+    assert policy.allocator.num_free == policy.allocator.num_blocks
+
+
+def test_fail_all_ends_everything_with_the_error():
+    policy = make_policy(max_batch_size=1)
+    run = Run(policy)
+    a, b = policy.add([1], params(), 0.0), policy.add([2], params(), 0.0)
+    run.schedule()
+    down = RuntimeError("worker2 is down")
+    run.collect(policy.fail_all(down))
+    assert run.finish(a).error is down and run.finish(b).error is down
+    assert policy.allocator.num_free == policy.allocator.num_blocks
+
+
+def test_the_driver_suspends_on_a_lost_pipeline_and_resumes_on_a_new_one():
+    first, second = InstantPipeline(), InstantPipeline()
+    scheduler = Scheduler(first, CharTokenizer(), batching_window_ms=0, eos_token_ids={EOS})
+    events: queue.Queue = queue.Queue()
+    try:
+        assert scheduler.suspend("worker0 was lost") == 0
+        scheduler.submit([1, 2], params(max_new_tokens=3), events.put)
+        with pytest.raises(queue.Empty):
+            events.get(timeout=0.3)  # nothing runs while suspended
+        scheduler.resume(second)
+        got = [events.get(timeout=10) for _ in range(3)]
+    finally:
+        scheduler.close()
+    assert "".join(e.text for e in got) == "zzz" and scheduler.pipeline is second
