@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import CONF_DIR, ChatLoopConfig
 from .engine import (
+    ClusterUnavailableError,
     ContextLengthError,
     EngineStats,
     FinishReason,
@@ -156,6 +157,19 @@ class ChatLoop:
             prefill_chunk_tokens=cfg.batching.prefill_chunk_tokens,
             eos_token_ids=_eos_ids(directory, self.tokenizer),
         )
+        if cluster is not None:
+            cluster.listener = self  # it tells us when it loses and rebuilds the pipeline
+
+    # ---- the cluster's listener (chatloop.runtime.cluster.ClusterListener) ---------------------------
+    def pipeline_lost(self, reason: str) -> int:
+        return self.scheduler.suspend(reason)
+
+    def pipeline_restored(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.scheduler.resume(pipeline)
+
+    def pipeline_unavailable(self, error: BaseException) -> None:
+        self.scheduler.fail_all(error)
 
     def _stages_at_once(self) -> int:
         """Micro-batches worth keeping in flight: more only split the batch, and each re-reads the weights."""
@@ -203,18 +217,31 @@ class ChatLoop:
     def stage_names(self) -> list[str]:
         return list(self.pipeline.stage_names)
 
+    @property
+    def cluster_state(self) -> str:
+        """serving, recovering (a lost worker is being replaced: requests wait) or degraded (it did not come back)."""
+        watchdog = self.cluster.watchdog if self.cluster is not None else None
+        return watchdog.state if watchdog is not None else "serving"
+
     def stats(self) -> EngineStats:
         """The coordinator's counters now."""
         s, allocator = self.scheduler.stats, self.scheduler.allocator
+        watchdog = self.cluster.watchdog if self.cluster is not None else None
         return EngineStats(
             num_waiting=s.num_waiting, num_running=s.num_running, num_in_flight=s.num_in_flight,
             last_batch_size=s.last_batch_size, generated_tokens=s.generated_tokens, finished=dict(s.finished),
             queue_capacity=self.scheduler.policy.max_queue_size, kv_blocks_total=allocator.num_blocks,
-            kv_blocks_free=allocator.num_free, kv_block_size=allocator.block_size,
+            kv_blocks_free=allocator.num_free, kv_block_size=allocator.block_size, replays=s.replays,
+            cluster_state=self.cluster_state,
+            recovery_seconds=list(watchdog.recovery_seconds) if watchdog is not None else [],
+            worker_restarts=watchdog.restarts if watchdog is not None else {},
         )
 
     def describe_stages(self, timeout: float = 5.0) -> list[StageReport]:
-        """Every stage's report; a stage that does not answer within ``timeout`` seconds is reported down."""
+        """Every stage's report; a stage that does not answer within ``timeout`` seconds is reported down, and
+        while the cluster replaces a lost worker, that stage says so."""
+        if self.cluster is not None:
+            return self.cluster.describe(timeout)
         return self.pipeline.describe(timeout)
 
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
@@ -256,7 +283,15 @@ class ChatLoop:
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[SequenceEvent], None]
     ) -> Callable[[], None]:
-        """Low level: queue token ids; ``emit`` gets the events on the scheduler's thread. Returns ``cancel()``."""
+        """Low level: queue token ids; ``emit`` gets the events on the scheduler's thread. Returns ``cancel()``.
+
+        While a lost worker is being replaced the request waits; while the cluster is degraded it is refused
+        (``ClusterUnavailableError``)."""
+        if self.cluster_state == "degraded":
+            lost = self.cluster.watchdog.lost  # type: ignore[union-attr]
+            raise ClusterUnavailableError(
+                "; ".join(f"worker{k} is down: {why.splitlines()[0]}" for k, why in sorted(lost.items()))
+                + ": the request was not run (chatloop-status shows every rank)")
         return self.scheduler.submit(prompt_ids, params, emit)
 
     def stream_events(

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import hydra
 from omegaconf import DictConfig
 
-from .config import CONF_DIR, ChatLoopConfig, register_configs, to_config
+from .config import API_KEY_ENV, CONF_DIR, ChatLoopConfig, register_configs, to_config
 from .worker_settings import worker_environment
 
 __all__ = ["generate_main", "chat_main", "run_rank"]
@@ -27,26 +27,47 @@ register_configs()
 
 
 def run_rank(cfg: ChatLoopConfig, coordinator: Callable[[ChatLoopConfig], None]) -> None:
-    """Run ``coordinator(cfg)`` on rank 0, or serve as a worker on the other torchrun ranks."""
-    from .network import rank_interfaces
-    from .runtime import StartupError, serve_worker, under_torchrun
-    from .runtime.rendezvous import Rendezvous, RendezvousError
+    """Run ``coordinator(cfg)`` on rank 0; on the other torchrun ranks, supervise a worker process."""
+    from .runtime import StartupError, under_torchrun
 
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     rank = int(os.environ.get("RANK", "0")) if under_torchrun() else 0
     if rank > 0:
-        env = worker_environment(cfg.worker)
-        if any(os.environ.get(name) != value for name, value in env.items()):
-            # torch and libgomp read these when they are loaded: restart this rank with them set.
-            os.environ.update(env)
-            os.execv(sys.executable, [sys.executable, *sys.argv])
         try:
-            os.environ.update(rank_interfaces(os.environ["MASTER_ADDR"], dict(os.environ)))
-            serve_worker(rank - 1, cfg, Rendezvous.torchrun(cfg.cluster.startup_timeout_s))
-        except (RendezvousError, OSError) as e:
+            sys.exit(_supervise_rank(rank - 1, cfg))
+        except (OSError, RuntimeError) as e:
             raise StartupError(f"worker{rank - 1}: {e}") from None
-        return
     coordinator(cfg)
+
+
+def _supervise_rank(index: int, cfg: ChatLoopConfig) -> int:
+    """A torchrun worker rank: run worker ``index`` as a child process and start it again when it dies.
+
+    The rank itself never fails (that would make torchrun stop every rank, the coordinator with
+    its running requests): the coordinator replaces the lost stage in a new generation.
+    """
+    import shutil
+
+    from .network import rank_interfaces
+    from .runtime.processes import write_config
+    from .runtime.rendezvous import Rendezvous
+    from .runtime.supervisor import WorkerSupervisor, supervise_forever
+
+    os.environ.update(rank_interfaces(os.environ["MASTER_ADDR"], dict(os.environ)))
+    env = {**os.environ, **worker_environment(cfg.worker)}  # read when the worker imports torch
+    env.pop(API_KEY_ENV, None)
+    config_file = write_config(cfg)
+    rendezvous = Rendezvous.torchrun(cfg.cluster.startup_timeout_s)
+    supervisor = WorkerSupervisor(
+        index, ["--index", str(index), "--config", str(config_file), "--coordinator", "torchrun",
+                "--parent-pid", str(os.getpid())], env, cfg.cluster.max_restarts)
+    try:
+        return supervise_forever(supervisor, closed=rendezvous.closed,
+                                 evicted=lambda pid: rendezvous.evicted(index, pid),
+                                 report=lambda reason: rendezvous.report_failure(index, reason))
+    finally:
+        supervisor.stop()
+        shutil.rmtree(config_file.parent, ignore_errors=True)
 
 
 def _generate(cfg: ChatLoopConfig) -> None:

@@ -97,6 +97,18 @@ class ClusterConfig:
     progress_deadline_s: float = 10.0
     """A stage that has computed one micro-batch for longer, or holds up the oldest one in flight for longer, is
     reported down by /health and /v1/status (a stage that answers but does not finish steps is not healthy)."""
+    self_healing: bool = True
+    """Replace a lost worker and replay the running sequences (see chatloop.runtime.healing); false: a lost worker
+    fails the requests that need it until the cluster is restarted."""
+    max_restarts: int = 3
+    """Failed starts in a row after which a worker is given up (the service stays degraded and says why)."""
+    recovery_timeout_s: float = 60.0
+    """How long requests wait for a lost worker to be back before they fail (503); the coordinator keeps trying and
+    takes the stage back when it returns."""
+    heartbeat_interval_s: float = 1.0
+    """How often the coordinator asks every worker for a sign of life."""
+    heartbeat_timeout_s: float = 3.0
+    """A worker that gives none within this is lost (a stopped process, a cut cable)."""
     startup_timeout_s: float = 300.0
     """Time for every worker to join and load its partition."""
     num_rpc_threads: int = 16
@@ -116,6 +128,9 @@ class ClusterConfig:
         _require(0 < self.master_port < 65536, f"cluster.master_port={self.master_port} is not a TCP port")
         _require(self.rpc_timeout_s > 0, "cluster.rpc_timeout_s must be > 0")
         _require(self.progress_deadline_s > 0, "cluster.progress_deadline_s must be > 0")
+        _require(self.max_restarts >= 0, f"cluster.max_restarts={self.max_restarts}: need >= 0")
+        for name in ("recovery_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s"):
+            _require(getattr(self, name) > 0, f"cluster.{name}={getattr(self, name)}: need > 0")
         _require(self.max_in_flight is None or self.max_in_flight >= 1, "cluster.max_in_flight must be >= 1 or null")
         for name, given, known in (
             ("rpc_transports", self.rpc_transports, RPC_TRANSPORTS),
@@ -223,6 +238,9 @@ class ServerConfig:
     shows in ps and in Hydra's run folder.)"""
     max_request_mb: float = 32
     """Larger request bodies are refused with 413 before they are read."""
+    request_timeout_s: float | None = None
+    """A request not finished this many seconds after it arrived ends with 504 (waiting in the queue, or for a lost
+    worker to be replaced, included). null: no limit of its own (cluster.recovery_timeout_s still applies)."""
     model_name: str | None = None
     """The model id the API reports; None: the model's name."""
     default_max_tokens: int = 256
@@ -236,6 +254,8 @@ class ServerConfig:
         _require(0 <= self.port < 65536, f"server.port={self.port} is not a TCP port")
         _require(self.default_max_tokens >= 1, f"server.default_max_tokens={self.default_max_tokens}: need >= 1")
         _require(self.max_request_mb > 0, f"server.max_request_mb={self.max_request_mb}: need > 0")
+        _require(self.request_timeout_s is None or self.request_timeout_s > 0,
+                 f"server.request_timeout_s={self.request_timeout_s}: need > 0 or null")
         _require(self.health_timeout_s > 0, f"server.health_timeout_s={self.health_timeout_s}: need > 0")
         _require(self.health_interval_s > 0, f"server.health_interval_s={self.health_interval_s}: need > 0")
 

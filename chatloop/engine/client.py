@@ -32,6 +32,13 @@ class EngineStats:
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0
     kv_block_size: int = 0
+    replays: int = 0
+    """Sequences prefilled again after a lost worker was replaced."""
+    cluster_state: str = "serving"
+    """serving, recovering or degraded."""
+    recovery_seconds: list[float] = field(default_factory=list)
+    """Each recovery's time, from noticing the lost worker to the rebuilt pipeline."""
+    worker_restarts: dict[str, int] = field(default_factory=dict)
 
     @property
     def kv_blocks_used(self) -> int:

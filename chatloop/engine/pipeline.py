@@ -100,6 +100,8 @@ class StageReport:
     consecutive_failures: int | None = None
     """Micro-batches that failed here in a row (0 after a success)."""
     last_error: str | None = None
+    recovering: bool = False
+    """Down, and being replaced: requests wait for it rather than fail."""
 
     @property
     def up(self) -> bool:

@@ -12,7 +12,6 @@ start at once, with its exit status and the last lines it wrote.
 from __future__ import annotations
 
 import concurrent.futures
-import gc
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Protocol
 
 import torch.distributed.rpc as rpc
 
@@ -30,13 +30,14 @@ from ..engine import MicroBatch, Pipeline, StageError, StageReport, StageTiming
 from ..engine.runner import stage_specs
 from ..network import rank_interfaces
 from ..worker_settings import worker_environment
-from . import results
+from . import remote_stage, results
+from .healing import Watchdog
 from .processes import WorkerProcess, write_config
-from .remote_stage import RemoteStage, create_stage
 from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdown_rpc
+from .supervisor import WorkerSupervisor
 from .worker import backend_options
 
-__all__ = ["RpcCluster", "RpcPipeline", "StartupError", "under_torchrun"]
+__all__ = ["ClusterListener", "GenerationError", "RpcCluster", "RpcPipeline", "StartupError", "under_torchrun"]
 
 log = logging.getLogger(__name__)
 # torch's RPC builds its barrier on a Gloo group through an API torch itself deprecates; the
@@ -68,24 +69,23 @@ class RpcPipeline(Pipeline):
     """
 
     def __init__(
-        self, stages: list[rpc.RRef], names: list[str], num_blocks: int, block_size: int, timeout: float,
-        progress_deadline_s: float,
+        self, names: list[str], num_blocks: int, block_size: int, timeout: float, progress_deadline_s: float,
     ) -> None:
         super().__init__(names, num_blocks, block_size)
-        self.stages = stages
         self.timeout = timeout
         self.progress_deadline_s = progress_deadline_s
         self._sent: dict[int, float] = {}  # micro-batches in flight: when each was sent (monotonic)
+        self.on_silent: Callable[[list[int], str], None] | None = None
+        """Told which stages did not answer when a lost step was located (the watchdog replaces them)."""
         self._diagnose = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chatloop-diagnose")
 
     def _submit(self, mb: MicroBatch) -> concurrent.futures.Future:
         result = results.expect(mb.id)
-        first = self.stages[0]
         names = self.stage_names
         self._sent[mb.id] = time.monotonic()
         try:
-            args = (first, mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling)
-            chain = rpc.rpc_async(first.owner(), RemoteStage.forward, args=args, timeout=self.timeout)
+            args = (mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling)
+            chain = rpc.rpc_async(names[0], remote_stage.forward, args=args, timeout=self.timeout)
         except Exception as e:
             self._sent.pop(mb.id, None)
             results.fail(mb.id, StageError(f"{names[0]} is unreachable: {e}"))
@@ -108,10 +108,30 @@ class RpcPipeline(Pipeline):
         return result
 
     # ---- where a step is -----------------------------------------------------------------------
+    def oldest_in_flight(self) -> tuple[int, float] | None:
+        """(micro-batch, seconds since it was sent) of the oldest one in flight."""
+        sent = list(self._sent.items())
+        if not sent:
+            return None
+        mb_id, at = min(sent, key=lambda item: item[1])
+        return mb_id, time.monotonic() - at
+
+    def heartbeat(self, timeout: float) -> dict[int, str]:
+        """Ask every stage's RPC threads for a sign of life: {stage: why} for those that give none."""
+        futures = [rpc.rpc_async(name, remote_stage.alive, timeout=timeout) for name in self.stage_names]
+        silent = {}
+        for k, f in enumerate(futures):
+            try:
+                f.wait()
+            except Exception as e:
+                silent[k] = f"no answer to the heartbeat within {timeout:g} s ({_first_line(e)})"
+        return silent
+
     def locate(self, mb_id: int, timeout: float | None = None) -> list[tuple[str, float] | str]:
         """Each stage's (state, seconds) for micro-batch ``mb_id``, or why it did not answer."""
         timeout = timeout or max(1.0, min(5.0, self.timeout / 4))
-        futures = [stage.rpc_async(timeout=timeout).progress(mb_id) for stage in self.stages]
+        futures = [rpc.rpc_async(name, remote_stage.progress, args=(mb_id,), timeout=timeout)
+                   for name in self.stage_names]
         out: list[tuple[str, float] | str] = []
         for f in futures:
             try:
@@ -133,6 +153,9 @@ class RpcPipeline(Pipeline):
 
     def _fail_lost(self, mb_id: int, error: StageError) -> None:
         where = self.locate(mb_id)
+        silent = [k for k, state in enumerate(where) if isinstance(state, str)]
+        if silent and self.on_silent is not None:
+            self.on_silent(silent, f"no answer: {where[silent[0]]}")
         self.cancel([mb_id])
         text = _first_line(error)
         # The error names the stage the coordinator called (worker0), not the one that held the step up.
@@ -142,15 +165,15 @@ class RpcPipeline(Pipeline):
 
     def cancel(self, mb_ids: list[int]) -> None:
         """Tell every stage to skip these micro-batches (best effort: a stage that does not answer is skipped)."""
-        for stage in self.stages:
+        for name in self.stage_names:
             try:
-                stage.rpc_async(timeout=2.0).cancel(mb_ids)
+                rpc.rpc_async(name, remote_stage.cancel, args=(mb_ids,), timeout=2.0)
             except Exception:  # an unreachable stage computes nothing anyway
                 pass
 
     # ---- the Pipeline interface -----------------------------------------------------------------
     def describe(self, timeout: float = 5.0) -> list[StageReport]:
-        futures = [stage.rpc_async(timeout=timeout).describe() for stage in self.stages]
+        futures = [rpc.rpc_async(name, remote_stage.describe, timeout=timeout) for name in self.stage_names]
         reports = []
         for k, (name, f) in enumerate(zip(self.stage_names, futures)):
             try:
@@ -184,29 +207,57 @@ class RpcPipeline(Pipeline):
         return reports
 
     def take_timings(self) -> dict[str, list[StageTiming]]:
-        futures = [stage.rpc_async(timeout=self.timeout).take_timings() for stage in self.stages]
+        futures = [rpc.rpc_async(name, remote_stage.take_timings, timeout=self.timeout) for name in self.stage_names]
         return {name: [StageTiming(*t) for t in f.wait()] for name, f in zip(self.stage_names, futures)}
 
     def inject_failure(self, stage: int, message: str = "injected", stall_s: float = 0.0) -> None:
-        self.stages[stage].rpc_sync().fail_next(message, stall_s)
+        rpc.rpc_sync(self.stage_names[stage], remote_stage.fail_next, args=(message, stall_s))
 
     def close(self) -> None:
         self._diagnose.shutdown(wait=False, cancel_futures=True)
 
 
-class RpcCluster:
-    """The coordinator's view of the ranks; ``start`` returns once every stage has loaded."""
+class ClusterListener(Protocol):
+    """What the cluster tells its user (``ChatLoop``: the scheduler) while it heals itself."""
 
-    def __init__(self, cfg: ChatLoopConfig, rendezvous: Rendezvous, workers: list[WorkerProcess],
-                 config_file: str | None = None) -> None:
+    def pipeline_lost(self, reason: str) -> int:
+        """Stop launching steps; requeue the running sequences for a replay. Returns how many."""
+
+    def pipeline_restored(self, pipeline: RpcPipeline) -> None:
+        """Carry on with the rebuilt pipeline."""
+
+    def pipeline_unavailable(self, error: BaseException) -> None:
+        """The lost stages did not come back in time: end the waiting and running requests with ``error``."""
+
+
+class RpcCluster:
+    """The coordinator's view of the ranks; ``start`` returns once every stage has loaded.
+
+    After that a watchdog (:mod:`~chatloop.runtime.healing`) notices lost workers and rebuilds the
+    pipeline in a new generation: the workers it started are started again, the others (torchrun,
+    other hosts) are waited for.
+    """
+
+    def __init__(self, cfg: ChatLoopConfig, rendezvous: Rendezvous, partitions_dir: str) -> None:
         self.cfg = cfg
         self.rendezvous = rendezvous
-        self.workers = workers
+        self.partitions_dir = partitions_dir
+        self.supervisors: list[WorkerSupervisor] = []
+        """The workers this process started (on one host); empty under torchrun."""
         self.generation = 0
         self.pipeline: RpcPipeline | None = None
         self.stage_reports: list[StageReport] = []
-        self._config_file = config_file
+        self.members: dict[int, dict] = {}
+        """What each worker said when it joined the current generation (pid, host)."""
+        self.listener: ClusterListener | None = None
+        self.watchdog: Watchdog | None = None
+        self._observers: list = []
+        self._config_file: str | None = None
         self._shut = False
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        return [s.process for s in self.supervisors if s.process is not None]
 
     @classmethod
     def start(cls, cfg: ChatLoopConfig, partitions_dir: str, prepare: Callable[[], object] | None = None) -> RpcCluster:
@@ -231,58 +282,75 @@ class RpcCluster:
             os.environ.update(rank_interfaces(master, dict(os.environ)))
         except (RendezvousError, OSError) as e:
             raise StartupError(str(e)) from None
-        cluster = cls(cfg, rendezvous, [])
+        cluster = cls(cfg, rendezvous, partitions_dir)
         try:
             if not under_torchrun():
                 cluster._config_file = str(write_config(cfg))
-                cluster.workers = _start_workers(cfg, cluster._config_file, rendezvous.where)
-            cluster._form(0)
-            cluster._load_stages(partitions_dir)
+                cluster.supervisors = _start_workers(cfg, cluster._config_file, rendezvous.where)
+            deadline = time.monotonic() + timeout
+            cluster.form(0, deadline, on_exit=cluster._refuse_exit)
+            cluster.load_stages(deadline)
+        except GenerationError as e:
+            cluster.shutdown()
+            raise StartupError(str(e)) from None
         except BaseException:
             cluster.shutdown()
             raise
+        if cfg.cluster.self_healing:
+            cluster.watchdog = Watchdog(cluster)
         return cluster
 
+    def _refuse_exit(self, supervisor: WorkerSupervisor, ended: str) -> bool:
+        """At start-up a worker that exits fails the start at once: nothing is started again."""
+        raise GenerationError([supervisor.index], _while(ended, "while the cluster started"))
+
     # ---- forming a generation ------------------------------------------------------------------
-    def _form(self, generation: int) -> None:
-        """Wait for every worker to announce itself, then start RPC for ``generation`` with them."""
+    def form(self, generation: int, deadline: float,
+             on_exit: Callable[[WorkerSupervisor, str], bool]) -> None:
+        """Wait for every worker to announce itself, then start RPC for ``generation`` with them.
+
+        ``on_exit(supervisor, how)`` handles a started worker that exited meanwhile: True if it was
+        started again, else it raises :class:`GenerationError`.
+        """
         cfg, rendezvous = self.cfg, self.rendezvous
         n = cfg.cluster.num_workers
         rendezvous.open_generation(generation)
-        deadline = time.monotonic() + cfg.cluster.startup_timeout_s
         seen: set[int] = set()
         while True:
             ready = rendezvous.ready(generation, n)
             for k in sorted(set(ready) - seen):
-                log.info("worker%d joined (pid %s on %s)", k, ready[k].get("pid"), ready[k].get("host"))
+                log.info("worker%d joined generation %d (pid %s on %s)", k, generation, ready[k].get("pid"),
+                         ready[k].get("host"))
             seen = set(ready)
             if len(ready) == n:
                 break
-            self._check_workers("while the cluster started")
+            self._check_exits(on_exit)
             if time.monotonic() > deadline:
-                missing = ", ".join(f"worker{k}" for k in range(n) if k not in ready)
-                raise StartupError(
-                    f"{missing} did not join the coordinator at {rendezvous.where} within "
-                    f"cluster.startup_timeout_s={cfg.cluster.startup_timeout_s:g} s: start them (rank k+1 is worker "
-                    "k), or check that they can reach this address"
-                )
+                missing = [k for k in range(n) if k not in ready]
+                failures = [f for f in (rendezvous.failure(k) for k in missing) if f]
+                raise GenerationError(missing, (
+                    f"{', '.join(f'worker{k}' for k in missing)} did not join the coordinator at {rendezvous.where} "
+                    f"in time: start them (rank k+1 is worker k), or check that they can reach this address"
+                    + (f" ({'; '.join(failures)})" if failures else "")))
             time.sleep(0.05)
+        self.members = ready
         rendezvous.start(generation)
         options = backend_options(cfg, cfg.cluster.startup_timeout_s)
         self._while_watching(
             lambda: init_rpc_generation(results.COORDINATOR, 0, n + 1, generation, rendezvous, options),
-            deadline, "while RPC started",
+            deadline, on_exit,
         )
         self.generation = generation
 
-    def _check_workers(self, when: str) -> None:
-        for worker in self.workers:
-            if worker.poll() is not None:
-                raise StartupError(f"{worker.name} (pid {worker.pid}) {worker.exit_description()} {when}; its last "
-                                   f"output:\n{worker.tail() or '(nothing)'}")
+    def _check_exits(self, on_exit: Callable[[WorkerSupervisor, str], bool]) -> None:
+        for supervisor in self.supervisors:
+            ended = supervisor.exited()
+            if ended is not None:
+                on_exit(supervisor, ended)
 
-    def _while_watching(self, call: Callable[[], None], deadline: float, when: str) -> None:
-        """Run ``call`` in a thread; fail at once if a worker we started exits meanwhile."""
+    def _while_watching(self, call: Callable[[], None], deadline: float,
+                        on_exit: Callable[[WorkerSupervisor, str], bool]) -> None:
+        """Run ``call`` in a thread; stop waiting for it if a worker we started exits meanwhile."""
         outcome: list[BaseException | None] = []
 
         def run() -> None:
@@ -296,40 +364,76 @@ class RpcCluster:
         thread.start()
         while thread.is_alive():
             thread.join(0.1)
-            self._check_workers(when)
+            self._check_exits(on_exit)
             if time.monotonic() > deadline:
-                raise StartupError(f"RPC did not start within cluster.startup_timeout_s="
-                                   f"{self.cfg.cluster.startup_timeout_s:g} s (store {self.rendezvous.where})")
+                raise GenerationError(list(range(self.cfg.cluster.num_workers)), (
+                    f"RPC did not start in time (store {self.rendezvous.where})"))
         if outcome and outcome[0] is not None:
-            raise StartupError(f"RPC start-up through {self.rendezvous.where} failed: {_first_line(outcome[0])}")
+            raise GenerationError(list(range(self.cfg.cluster.num_workers)), (
+                f"RPC start-up through {self.rendezvous.where} failed: {_first_line(outcome[0])}"))
 
-    def _load_stages(self, partitions_dir: str) -> None:
+    def load_stages(self, deadline: float) -> None:
+        """Every worker builds (or, in a later generation, keeps) its stage; the stages are chained."""
         cfg = self.cfg
-        specs = stage_specs(cfg, partitions_dir)
+        specs = stage_specs(cfg, self.partitions_dir)
         names = [spec.name for spec in specs]
-        stages = [
-            rpc.remote(spec.name, create_stage, args=(spec, cfg.cluster.rpc_timeout_s),
-                       timeout=cfg.cluster.startup_timeout_s)
-            for spec in specs
-        ]
+        timeout = max(1.0, deadline - time.monotonic())
+        futures = [rpc.rpc_async(spec.name, remote_stage.create_stage, args=(spec, cfg.cluster.rpc_timeout_s),
+                                 timeout=timeout) for spec in specs]
         reports: list[StageReport] = []
-        for k, (name, stage) in enumerate(zip(names, stages)):
+        for k, (name, future) in enumerate(zip(names, futures)):
             try:
-                reports.append(stage.rpc_sync(timeout=cfg.cluster.startup_timeout_s).describe())
+                reports.append(future.wait())
             except Exception as e:
-                self._check_workers("while it loaded its stage")
-                raise StartupError(f"{name} could not load its stage: {_first_line(e)}") from None
-            assert reports[k].name == name
-        for k, stage in enumerate(stages):
-            nxt = stages[k + 1] if k + 1 < len(stages) else None
-            stage.rpc_sync().connect(nxt, names[k + 1] if nxt else "")
+                ended = next((s.exited() for s in self.supervisors if s.index == k and s.exited()), None)
+                raise GenerationError([k], (ended and _while(ended, "while it loaded its stage"))
+                                      or f"{name} could not load its stage: {_first_line(e)}") from None
+        for k, name in enumerate(names):
+            rpc.rpc_sync(name, remote_stage.connect, args=(names[k + 1] if k + 1 < len(names) else "",))
         self.stage_reports = reports
         num_blocks = min(r.num_blocks or 0 for r in reports)
-        self.pipeline = RpcPipeline(stages, names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s,
-                                    cfg.cluster.progress_deadline_s)
+        pipeline = RpcPipeline(names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s,
+                               cfg.cluster.progress_deadline_s)
+        if self.pipeline is not None:  # the step observers (benchmarks) carry over
+            pipeline._observers = self.pipeline._observers
+        pipeline.on_silent = self._stages_silent
+        self.pipeline = pipeline
         for r in reports:
             log.info("%s: layers %s, %d KV blocks, pid %s on %s, cores %s, %s threads, CPU capability %s",
                      r.name, r.layers, r.num_blocks, r.pid, r.host, list(r.cores or ()), r.threads, r.simd)
+
+    def _stages_silent(self, indices: list[int], reason: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.report({k: reason for k in indices})
+
+    def leave_generation(self) -> None:
+        """End the current generation: steps in flight fail, this rank's RPC agent goes; workers rejoin the next."""
+        if self.pipeline is not None:
+            self.pipeline.close()
+        results.fail_all(StageError(f"the pipeline of generation {self.generation} was lost"))
+        try:
+            self.rendezvous.end(self.generation)
+        except Exception as e:
+            log.warning("could not end generation %d in the store: %s", self.generation, _first_line(e))
+        self.pipeline = None
+        if not shutdown_rpc(graceful=False, timeout_s=10):
+            log.warning("the RPC agent of generation %d did not stop within 10 s", self.generation)
+
+    def describe(self, timeout: float) -> list[StageReport]:
+        """Every stage's report; while the cluster heals, the lost stages say so (and why)."""
+        if self.watchdog is not None and self.watchdog.lost:
+            lost = dict(self.watchdog.lost)
+            state = self.watchdog.state
+            return [replace(StageReport.down(name, k, f"{state}: {lost[k]}"), recovering=state == "recovering")
+                    if k in lost else StageReport(name=name, index=k, host=(self.members.get(k) or {}).get("host"))
+                    for k, name in enumerate(self.stage_names)]
+        if self.pipeline is None:
+            return [StageReport.down(name, k, "the cluster is stopped") for k, name in enumerate(self.stage_names)]
+        return self.pipeline.describe(timeout)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [f"worker{k}" for k in range(self.cfg.cluster.num_workers)]
 
     # ---- stopping ------------------------------------------------------------------------------
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -337,10 +441,11 @@ class RpcCluster:
         if self._shut:
             return
         self._shut = True
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.pipeline is not None:
             self.pipeline.close()
-        self.pipeline = None  # its RRefs go before the agent does: no leak warnings
-        gc.collect()
+        self.pipeline = None
         try:
             self.rendezvous.close_service()
             self.rendezvous.end(self.generation)
@@ -349,23 +454,40 @@ class RpcCluster:
         if not shutdown_rpc(graceful=True, timeout_s=timeout):
             log.warning("RPC shutdown did not finish in %.0f s: stopping the workers", timeout)
         deadline = time.monotonic() + 5
-        for worker in self.workers:
-            while worker.poll() is None and time.monotonic() < deadline:
+        for supervisor in self.supervisors:
+            while supervisor.process is not None and supervisor.process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-            worker.stop(timeout_s=2)
+            supervisor.stop()
         self.rendezvous.close()
         if self._config_file:
             shutil.rmtree(os.path.dirname(self._config_file), ignore_errors=True)
 
 
-def _start_workers(cfg: ChatLoopConfig, config_file: str, coordinator: str) -> list[WorkerProcess]:
+class GenerationError(RuntimeError):
+    """A generation could not form or load: which workers held it up, and why."""
+
+    def __init__(self, indices: list[int], message: str) -> None:
+        super().__init__(message)
+        self.indices = indices
+
+
+def _while(ended: str, when: str) -> str:
+    """Put ``when`` after the exit status: 'worker1 (pid 9) exited with code 3 while ...; its last output: ...'."""
+    head, sep, tail = ended.partition(";")
+    return f"{head} {when}{sep}{tail}"
+
+
+def _start_workers(cfg: ChatLoopConfig, config_file: str, coordinator: str) -> list[WorkerSupervisor]:
     env = {**os.environ, **worker_environment(cfg.worker)}  # read when a worker imports torch
     env.pop(API_KEY_ENV, None)  # a worker has no use for the HTTP key
-    return [
-        WorkerProcess(k, ["--index", str(k), "--config", config_file, "--coordinator", coordinator,
-                          "--parent-pid", str(os.getpid())], {**env, "CHATLOOP_WORKER_INDEX": str(k)})
-        for k in range(cfg.cluster.num_workers)
-    ]
+    supervisors = []
+    for k in range(cfg.cluster.num_workers):
+        arguments = ["--index", str(k), "--config", config_file, "--coordinator", coordinator,
+                     "--parent-pid", str(os.getpid())]
+        supervisor = WorkerSupervisor(k, arguments, env, cfg.cluster.max_restarts)
+        supervisor.start()
+        supervisors.append(supervisor)
+    return supervisors
 
 
 def _lost(error: BaseException) -> bool:

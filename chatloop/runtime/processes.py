@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from ..config import ChatLoopConfig
@@ -48,6 +49,7 @@ class WorkerProcess:
             stderr=subprocess.PIPE,
         )
         self.pid = self.process.pid
+        self.started = time.monotonic()
         self._reader = threading.Thread(target=self._pass_through, name=f"chatloop-{self.name}-stderr", daemon=True)
         self._reader.start()
 

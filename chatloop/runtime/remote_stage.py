@@ -1,4 +1,9 @@
-"""A worker's stage as an RPC object: it computes and forwards to the next stage; the last one answers the coordinator.
+"""A worker's stage behind RPC: it computes and forwards to the next stage; the last one answers the coordinator.
+
+A worker holds one stage (:data:`CURRENT`); the module's functions are what other ranks call on
+it, by the worker's RPC name (``rpc.rpc_async("worker2", remote_stage.describe)``). No RRef is
+used: torch binds its RRef machinery to a process's first RPC agent for good, and a worker lives
+through several generations, each with an agent of its own.
 
 ``forward`` is an ``async_execution`` function: it returns a future at once, the compute runs
 on the stage's own thread, and the call to the next stage is asynchronous too, so no RPC
@@ -10,6 +15,7 @@ future then completes with None, or with the error of the stage that failed, nam
 from __future__ import annotations
 
 import collections
+import os
 import socket
 import threading
 import time
@@ -25,7 +31,10 @@ from ..models import StepBatch
 from ..network import local_addresses, runs_here
 from .results import COORDINATOR, deliver, raise_failure
 
-__all__ = ["METRICS_PORT", "RemoteStage", "create_stage"]
+__all__ = [
+    "METRICS_PORT", "RemoteStage", "alive", "cancel", "connect", "create_stage", "describe", "fail_next", "forward",
+    "progress", "release", "take_timings",
+]
 
 CURRENT: RemoteStage | None = None
 """The stage this worker process hosts, once created (``worker_metrics`` reads it at scrape time)."""
@@ -46,16 +55,70 @@ def _observe(record: dict) -> None:
             pass
 
 
-def create_stage(spec: StageSpec, rpc_timeout_s: float) -> RemoteStage:
-    """Run on a worker by ``rpc.remote``: its stage for this generation (the loaded one again, if it is the same)."""
+def release() -> None:
+    """A generation ends on this worker: disown the micro-batches still in the compute thread's queue."""
+    if CURRENT is not None:
+        CURRENT.next_name = ""
+        CURRENT.epoch += 1
+
+
+# ---- what other ranks call on this worker ----------------------------------------------------------
+def create_stage(spec: StageSpec, rpc_timeout_s: float) -> StageReport:
+    """This worker's stage for the new generation (the loaded one again, if it is the same); its report."""
     if CURRENT is not None and CURRENT.spec == spec:
         CURRENT.rejoin(rpc_timeout_s)
-        return CURRENT
-    return RemoteStage(spec, rpc_timeout_s, metrics_port=METRICS_PORT)
+        return CURRENT.describe()
+    return RemoteStage(spec, rpc_timeout_s, metrics_port=METRICS_PORT).describe()
+
+
+def _stage() -> RemoteStage:
+    if CURRENT is None:
+        raise StageError("this worker holds no stage yet")
+    return CURRENT
+
+
+def connect(next_name: str) -> None:
+    """Point this stage at the next one (by its RPC name; empty for the last)."""
+    _stage().next_name = next_name
+
+
+def describe() -> StageReport:
+    return _stage().describe()
+
+
+def alive() -> int:
+    """The coordinator's heartbeat (answered by an RPC thread, whatever the compute thread does): the pid."""
+    return os.getpid()
+
+
+def progress(mb_id: int) -> tuple[str, float]:
+    return _stage().progress(mb_id)
+
+
+def cancel(mb_ids: list[int]) -> None:
+    _stage().cancel(mb_ids)
+
+
+def take_timings() -> list[StageTiming]:
+    return _stage().take_timings()
+
+
+def fail_next(message: str, stall_s: float = 0.0) -> None:
+    _stage().fail_next(message, stall_s)
+
+
+@rpc.functions.async_execution
+def forward(mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list) -> torch.futures.Future:
+    """Compute micro-batch ``mb_id`` here, then pass it on; completes once the rest of the pipeline has it."""
+    host = _stage()
+    result: torch.futures.Future = torch.futures.Future()
+    host._mark(mb_id, "queued")
+    host._executor.submit(host._work, result, mb_id, inputs, batch, sampling, time.perf_counter(), host.epoch)
+    return result
 
 
 class RemoteStage:
-    """Lives on a worker (created there with ``rpc.remote``); holds the stage runner and its thread.
+    """Lives on a worker (made by :func:`create_stage`); holds the stage runner and its thread.
 
     It remembers where each recent micro-batch is (queued, computing, forwarded, done, failed,
     cancelled), so that the coordinator can tell which stage a late step is stuck at, and it
@@ -77,6 +140,8 @@ class RemoteStage:
         self.metrics_port = metrics_port
         self.consecutive_failures = 0
         self.last_error: str | None = None
+        self.epoch = 0
+        """Counts generations: a micro-batch of an earlier one is computed, if it was started, but goes nowhere."""
         self._lock = threading.Lock()
         self.rejoin(rpc_timeout_s)
         global CURRENT
@@ -85,7 +150,6 @@ class RemoteStage:
     def rejoin(self, rpc_timeout_s: float) -> None:
         """Forget the last generation's neighbours and micro-batches (its KV blocks are overwritten by a replay)."""
         self.rpc_timeout_s = rpc_timeout_s
-        self.next: rpc.RRef | None = None
         self.next_name = ""
         with self._lock:
             self._progress: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
@@ -112,10 +176,6 @@ class RemoteStage:
             if len(self._cancelled) > MAX_TRACKED:
                 self._cancelled = set(sorted(self._cancelled)[-MAX_TRACKED:])
 
-    def connect(self, next_stage: rpc.RRef | None, next_name: str) -> None:
-        """Point this stage at the one after it (None for the last)."""
-        self.next, self.next_name = next_stage, next_name
-
     def describe(self) -> StageReport:
         """What status, health and the coordinator's start-up report show."""
         with self._lock:
@@ -135,24 +195,13 @@ class RemoteStage:
         """Test hook: the next micro-batch raises inside this stage (or, with ``stall_s``, computes that late)."""
         self.runner.fail_next(message, stall_s)
 
-    @staticmethod
-    @rpc.functions.async_execution
-    def forward(
-        host_rref: rpc.RRef, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list
-    ) -> torch.futures.Future:
-        host: RemoteStage = host_rref.local_value()
-        result: torch.futures.Future = torch.futures.Future()
-        host._mark(mb_id, "queued")
-        host._executor.submit(host._work, result, mb_id, inputs, batch, sampling, time.perf_counter())
-        return result
-
     def _work(
         self, result: torch.futures.Future, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list,
-        arrived: float = 0.0,
+        arrived: float = 0.0, epoch: int = 0,
     ) -> None:
         started = time.perf_counter()
         with self._lock:
-            cancelled = mb_id in self._cancelled
+            cancelled = mb_id in self._cancelled or epoch != self.epoch
             if not cancelled:
                 self._computing = (mb_id, time.monotonic())
         if cancelled:
@@ -170,7 +219,7 @@ class RemoteStage:
             with self._lock:
                 self._computing = None
         self.consecutive_failures = 0
-        if mb_id in self._cancelled:  # given up while it computed: the rest of the pipeline need not see it
+        if mb_id in self._cancelled or epoch != self.epoch:  # given up while it computed: it goes no further
             self._mark(mb_id, "cancelled")
             result.set_exception(StageError(f"{self.name}: micro-batch {mb_id} was cancelled by the coordinator"))
             return
@@ -178,16 +227,14 @@ class RemoteStage:
             nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 8 * len(out)
             _observe({"queue_s": started - arrived, "compute_s": time.perf_counter() - started,
                       "bytes_in": inputs.numel() * inputs.element_size(), "bytes_out": nbytes})
-        if self.next is None:
+        if not self.next_name:
             self._deliver(result, mb_id, out)
             return
         sent = time.perf_counter()
         self._mark(mb_id, "forwarded")
         try:
-            downstream = rpc.rpc_async(
-                self.next.owner(), RemoteStage.forward, args=(self.next, mb_id, out, batch, sampling),
-                timeout=self.rpc_timeout_s,
-            )
+            downstream = rpc.rpc_async(self.next_name, forward, args=(mb_id, out, batch, sampling),
+                                       timeout=self.rpc_timeout_s)
         except Exception as e:
             result.set_exception(RuntimeError(f"{self.next_name} is unreachable: {e}"))
             return

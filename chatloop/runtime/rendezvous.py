@@ -9,7 +9,8 @@ generation in the same process, keeping their loaded weights.
 
 Keys (under a prefix per store): ``generation`` (the one the coordinator is forming),
 ``ready/G/K`` (worker K is ready for generation G, JSON about it), ``start/G``, ``end/G``,
-``closed`` (the service stopped: workers leave).
+``closed`` (the service stopped: workers leave), ``evict/K/PID`` (that process of worker K stopped
+answering: its supervisor kills it), ``failed/K`` (worker K's supervisor gave it up, and why).
 """
 
 from __future__ import annotations
@@ -129,6 +130,23 @@ class Rendezvous:
     def close_service(self) -> None:
         """The service stops: workers leave for good once their generation ends (call before :meth:`end`)."""
         self.store.set("closed", "1")
+
+    def closed(self) -> bool:
+        return self._has("closed")
+
+    def evict(self, index: int, pid: int) -> None:
+        """Worker ``index``'s process ``pid`` stopped answering: its supervisor kills it and starts another."""
+        self.store.set(f"evict/{index}/{pid}", "1")
+
+    def evicted(self, index: int, pid: int) -> bool:
+        return self._has(f"evict/{index}/{pid}")
+
+    def report_failure(self, index: int, reason: str) -> None:
+        """A supervisor gave worker ``index`` up: why (the coordinator shows it)."""
+        self.store.set(f"failed/{index}", reason)
+
+    def failure(self, index: int) -> str | None:
+        return self._get(f"failed/{index}") if self._has(f"failed/{index}") else None
 
     # ---- a worker's side ---------------------------------------------------------------------
     def next_generation(self, after: int, timeout_s: float) -> int | None:

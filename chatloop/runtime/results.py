@@ -14,7 +14,7 @@ import threading
 
 from ..engine.errors import StageError
 
-__all__ = ["COORDINATOR", "expect", "deliver", "fail", "raise_failure"]
+__all__ = ["COORDINATOR", "expect", "deliver", "fail", "fail_all", "raise_failure"]
 
 COORDINATOR = "coordinator"
 """The coordinator's RPC name (rank 0)."""
@@ -62,6 +62,16 @@ def deliver(mb_id: int, token_ids: list[int]) -> None:
     future = _take(mb_id)
     if future is not None:
         future.set_result(token_ids)
+
+
+def fail_all(error: BaseException) -> None:
+    """Every micro-batch in flight failed (the pipeline was lost)."""
+    with _lock:
+        pending = list(_pending.values())
+        _pending.clear()
+    for future in pending:
+        if not future.done():
+            future.set_exception(error)
 
 
 def fail(mb_id: int, error: BaseException) -> None:

@@ -25,6 +25,7 @@ from ..network import rank_interfaces
 from ..worker_settings import apply_worker_settings
 from . import remote_stage
 from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdown_rpc
+from .supervisor import EXIT_COORDINATOR_LOST
 from .worker_metrics import start_worker_metrics
 
 __all__ = ["backend_options", "main", "serve_worker"]
@@ -59,7 +60,13 @@ def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous) -> Non
                             backend_options(cfg, cfg.cluster.startup_timeout_s))
         log.info("%s: serving generation %d", name, generation)
         closed = rendezvous.wait_end(generation)
-        shutdown_rpc(graceful=closed)
+        left = time.monotonic()
+        remote_stage.release()
+        if not shutdown_rpc(graceful=closed, timeout_s=30):
+            # Its agent is stuck: a new one could be torn down by the old shutdown. A fresh process joins instead.
+            log.error("%s: leaving generation %d hung: exiting to be started again", name, generation)
+            raise RendezvousError(f"{name} could not leave generation {generation}")
+        log.info("%s: left generation %d in %.2f s", name, generation, time.monotonic() - left)
         if closed:
             break
     log.info("%s: the coordinator closed the service", name)
@@ -77,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatloop.runtime", description=__doc__)
     parser.add_argument("--index", type=int, required=True, help="which worker (stage) this is, from 0")
     parser.add_argument("--config", required=True, help="the coordinator's configuration (a pickle it wrote)")
-    parser.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator's store")
+    parser.add_argument("--coordinator", required=True,
+                        help="HOST:PORT of the coordinator's store, or 'torchrun' for torchrun's (MASTER_ADDR/PORT)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the coordinator) is gone")
     args = parser.parse_args(argv)
     with open(args.config, "rb") as f:
@@ -86,16 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
         threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
-    host, _, port = args.coordinator.rpartition(":")
+    if args.coordinator == "torchrun":
+        host = os.environ["MASTER_ADDR"]
+    else:
+        host, _, port = args.coordinator.rpartition(":")
     os.environ.update(rank_interfaces(host, dict(os.environ)))
     try:
-        serve_worker(args.index, cfg, Rendezvous.join(host, int(port), cfg.cluster.startup_timeout_s))
-    except RendezvousError as e:
-        print(f"worker{args.index}: {e}", file=sys.stderr)
-        return 1
-    except (RuntimeError, OSError) as e:  # the coordinator's store went away under us
+        timeout = cfg.cluster.startup_timeout_s
+        rendezvous = (Rendezvous.torchrun(timeout) if args.coordinator == "torchrun"
+                      else Rendezvous.join(host, int(port), timeout))
+        serve_worker(args.index, cfg, rendezvous)
+    except (RendezvousError, RuntimeError, OSError) as e:  # no coordinator (yet, or any more): its supervisor retries
         print(f"worker{args.index}: lost the coordinator at {args.coordinator}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_COORDINATOR_LOST
     return 0
 
 

@@ -44,7 +44,7 @@ __all__ = ["create_app", "model_id", "main", "serve"]
 
 log = logging.getLogger(__name__)
 
-_OUTCOMES = {401: "unauthorized", 429: "queue_full", 503: "unavailable"}
+_OUTCOMES = {401: "unauthorized", 429: "queue_full", 503: "unavailable", 504: "timeout"}
 
 
 def model_id(cfg: ChatLoopConfig) -> str:
@@ -107,6 +107,7 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
         429: {**error, "description": "Queue full: retry after Retry-After seconds"},
         500: {**error, "description": "A sequence failed inside the pipeline"},
         503: {**error, "description": "A stage is down, or the server is stopping"},
+        504: {**error, "description": "The request did not finish within server.request_timeout_s"},
     }
     if api_key:
         errors[401] = {**error, "description": "Missing or wrong API key"}

@@ -22,7 +22,9 @@ from fastapi.responses import StreamingResponse
 
 from ..config import ChatLoopConfig
 from ..engine import (
+    ClusterUnavailableError,
     ContextLengthError,
+    DeadlineExceededError,
     EngineClient,
     FinishReason,
     QueueFullError,
@@ -105,9 +107,8 @@ class CompletionService:
         params = self._params(body, len(prompt_ids), chat)
         down = self.health.down_now
         if down is not None:
-            raise APIError(503, f"stage(s) down: {down.summary()}: the request was not run; restart the cluster "
-                                "(chatloop-status shows every rank)", code="stage_unavailable",
-                           headers={"Retry-After": "5"})
+            raise APIError(503, f"stage(s) down: {down.summary()}: the request was not run (chatloop-status shows "
+                                "every rank)", code="stage_unavailable", headers={"Retry-After": "5"})
         stream = self._submit(prompt_ids, params)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         id_ = p.new_id("chatcmpl" if chat else "cmpl")
@@ -208,7 +209,7 @@ class CompletionService:
         try:
             return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=penalty, seed=body.seed, stop=tuple(stop),
-                                  ignore_eos=body.ignore_eos)
+                                  ignore_eos=body.ignore_eos, timeout_s=self.cfg.server.request_timeout_s)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
@@ -225,6 +226,9 @@ class CompletionService:
             raise APIError(400, str(e), param=e.param, code="invalid_value") from None
         except SchedulerClosedError as e:
             raise APIError(503, f"{e}: the server is stopping", code="shutting_down") from None
+        except ClusterUnavailableError as e:
+            self.health.note_failure()
+            raise APIError(503, str(e), code="stage_unavailable", headers={"Retry-After": "5"}) from None
 
     # ---- answers -----------------------------------------------------------------------------
     def _failure(self, event: SequenceEvent) -> APIError:
@@ -233,6 +237,11 @@ class CompletionService:
             return APIError(503, "the request was cancelled because the server is stopping: retry later",
                             code="shutting_down")
         error = event.error
+        if isinstance(error, DeadlineExceededError):
+            return APIError(504, str(error), code="timeout")
+        if isinstance(error, ClusterUnavailableError):
+            self.health.note_failure()
+            return APIError(503, str(error), code="stage_unavailable", headers={"Retry-After": "5"})
         text = _short(error) if error is not None else "unknown error"
         full = str(error) if error is not None else ""
         names = [n for n in self.stage_names if n in full]

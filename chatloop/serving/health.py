@@ -99,8 +99,12 @@ class HealthMonitor:
 
     @property
     def down_now(self) -> HealthReport | None:
-        """The latest report if it says a stage is down (new requests then fail fast), else None."""
-        return self.last if self.last is not None and not self.last.healthy else None
+        """The latest report if a stage is down and not being replaced (new requests then fail fast), else None.
+
+        While a lost worker is being replaced, new requests wait with the others (clients see a delay)."""
+        if self.last is None or all(s.up or s.recovering for s in self.last.stages):
+            return None
+        return self.last
 
     def note_failure(self) -> None:
         """A request failed in the pipeline: check again now (a dead worker shows up in the next report)."""

@@ -26,6 +26,10 @@ chatloop_micro_batch_size                      gauge      sequences in the last 
 chatloop_kv_blocks_used / _free / _capacity    gauge      the coordinator's KV block allocator
 chatloop_kv_block_size_tokens                  gauge      tokens per block
 chatloop_stage_up{stage}                       gauge      1 if the stage answered the last health check
+chatloop_cluster_state{state}                  gauge      1 for the current state: serving, recovering, degraded
+chatloop_replays_total                         counter    sequences prefilled again after a lost worker was replaced
+chatloop_recovery_seconds                      histogram  from noticing a lost worker to the rebuilt pipeline
+chatloop_worker_restarts_total{stage}          counter    workers started again by the coordinator
 =============================================  =========  ==============================================
 """
 
@@ -35,7 +39,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..engine import EngineStats
@@ -45,6 +49,7 @@ __all__ = ["ServerMetrics", "CONTENT_TYPE"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_RECOVERY_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -76,6 +81,7 @@ class _EngineCollector(Collector):
         yield _gauge("chatloop_kv_blocks_capacity", "KV cache blocks per stage (the smallest stage's pool).",
                      stats.kv_blocks_total)
         yield _gauge("chatloop_kv_block_size_tokens", "Tokens per KV cache block.", stats.kv_block_size)
+        yield from _healing(stats)
         report = self.health.latest()
         if report is not None:
             up = GaugeMetricFamily("chatloop_stage_up", "1 if the stage answered the last health check.",
@@ -83,6 +89,27 @@ class _EngineCollector(Collector):
             for stage in report.stages:
                 up.add_metric([stage.name], 1 if stage.up else 0)
             yield up
+
+
+def _healing(stats: EngineStats) -> Iterator[Metric]:
+    state = GaugeMetricFamily("chatloop_cluster_state", "1 for the cluster's current state.", labels=["state"])
+    for name in ("serving", "recovering", "degraded"):
+        state.add_metric([name], 1 if stats.cluster_state == name else 0)
+    yield state
+    replays = CounterMetricFamily("chatloop_replays", "Sequences prefilled again after a lost worker was replaced.")
+    replays.add_metric([], stats.replays)
+    yield replays
+    durations = sorted(stats.recovery_seconds)
+    buckets = [(f"{bound:g}", sum(1 for d in durations if d <= bound)) for bound in _RECOVERY_BUCKETS]
+    recovery = HistogramMetricFamily("chatloop_recovery_seconds",
+                                     "From noticing a lost worker to the rebuilt pipeline.")
+    recovery.add_metric([], [*buckets, ("+Inf", len(durations))], sum_value=sum(durations))
+    yield recovery
+    restarts = CounterMetricFamily("chatloop_worker_restarts", "Workers started again by the coordinator.",
+                                   labels=["stage"])
+    for stage, count in sorted(stats.worker_restarts.items()):
+        restarts.add_metric([stage], count)
+    yield restarts
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -60,8 +60,34 @@ def run_op(llm, op: dict):
         return {}
     if kind == "signal":  # to stage k's worker process (its pid looked up once: a stopped stage does not answer)
         pid = PIDS.setdefault(op["stage"], llm.describe_stages(10.0)[op["stage"]].pid)
-        os.kill(pid, getattr(signal, op["signal"]))
-        return {"pid": pid}
+        try:
+            os.kill(pid, getattr(signal, op["signal"]))
+        except ProcessLookupError:
+            return {"pid": pid, "at": time.monotonic(), "gone": True}
+        return {"pid": pid, "at": time.monotonic()}
+    if kind == "streams":  # requests at once, each token's arrival time kept
+        def one(request: dict) -> dict:
+            times, ids, reason, error = [], [], None, None
+            try:
+                for event in llm.stream_events(request["prompt"], **request.get("params", {})):
+                    times.extend([time.monotonic()] * len(event.token_ids))
+                    ids.extend(event.token_ids)
+                    reason = event.finish_reason
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+            return {"token_ids": ids, "times": times, "finish_reason": reason, "error": error}
+
+        with ThreadPoolExecutor(len(op["requests"])) as pool:
+            return list(pool.map(one, op["requests"]))
+    if kind == "stats":
+        stats = llm.stats()
+        return {"replays": stats.replays, "recovery_seconds": stats.recovery_seconds, "state": stats.cluster_state,
+                "restarts": stats.worker_restarts}
+    if kind == "wait_state":
+        deadline = time.monotonic() + op.get("timeout", 120)
+        while llm.stats().cluster_state != op["state"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return {"state": llm.stats().cluster_state}
     if kind == "timed_generate":
         started = time.monotonic()
         return {"result": run_op(llm, {**op, "op": "generate"}), "elapsed_s": time.monotonic() - started}

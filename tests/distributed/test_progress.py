@@ -1,5 +1,6 @@
 """A stage that stops making progress: health says so and names it, a step that times out names it and is
-dropped everywhere, and the cluster carries on once the stage is back."""
+dropped everywhere, and the cluster carries on once the stage is back. (Without self-healing: with it, such a
+stage is replaced, see test_self_healing.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def test_a_stopped_or_stalled_stage_is_reported_and_named():
     short = {"max_new_tokens": 4, "ignore_eos": True}
     results = run_cluster(
         ["cluster.num_workers=4", f"cluster.rpc_timeout_s={RPC_TIMEOUT_S}",
-         f"cluster.progress_deadline_s={DEADLINE_S}"],
+         f"cluster.progress_deadline_s={DEADLINE_S}", "cluster.self_healing=false"],
         [
             {"name": "before", "op": "generate", "prompt": PLAIN_PROMPT, "params": short},
             # worker1's compute thread stalls 6 s (under the RPC timeout) while its RPC threads answer: not healthy

@@ -1,4 +1,5 @@
-"""A worker killed with SIGKILL while a stream is running: errors that name it, fast, and a coordinator that stays up.
+"""A worker killed with SIGKILL while a stream is running, without self-healing: errors that name it, fast, and a
+coordinator that stays up (with self-healing the worker is replaced: test_self_healing.py).
 
 The cluster runs in a ``chatloop-serve`` subprocess (its own session, so that a hung RPC
 shutdown can never reach the pytest process); it and its workers are killed at the end.
@@ -53,6 +54,7 @@ def server(smollm2_split, tmp_path_factory):
     command = _serve_command() + [
         f"model.partitions_dir={smollm2_split}", "cluster.num_workers=4", f"cluster.master_addr={HOST}",
         f"cluster.master_port={free_port()}", f"cluster.rpc_timeout_s={RPC_TIMEOUT_S}", f"server.host={HOST}",
+        "cluster.self_healing=false",
         f"server.port={port}", f"worker.metrics_port={free_ports(4)}", "log_level=WARNING",
     ]
     log_path = logs / "serve.log"
