@@ -94,9 +94,10 @@ class ClusterConfig:
     rpc_timeout_s: float = 20.0
     """A micro-batch that takes longer fails with an error naming the stage that holds it up, and every stage
     drops it."""
-    progress_deadline_s: float = 10.0
-    """A stage that has computed one micro-batch for longer, or holds up the oldest one in flight for longer, is
-    reported down by /health and /v1/status (a stage that answers but does not finish steps is not healthy)."""
+    progress_deadline_s: float = 30.0
+    """A stage whose compute thread has been on one micro-batch for longer has stopped making progress: /health and
+    /v1/status report it down, and self-healing replaces it. Keep it above the longest step of one stage (a prefill
+    chunk of a big model on few cores)."""
     self_healing: bool = True
     """Replace a lost worker and replay the running sequences (see chatloop.runtime.healing); false: a lost worker
     fails the requests that need it until the cluster is restarted."""

@@ -18,6 +18,7 @@ from .errors import (
     SamplingError,
     SchedulerClosedError,
     StageError,
+    StageLostError,
 )
 from .pipeline import LocalPipeline, MicroBatch, Pipeline, StageReport, StageTiming, StepRecord
 from .policy import SchedulerPolicy, Step
@@ -30,6 +31,6 @@ __all__ = [
     "BlockAllocator", "CapacityError", "ClusterUnavailableError", "ContextLengthError", "DeadlineExceededError",
     "EmptyPromptError", "EngineClient", "EngineError", "EngineStats", "FinishReason", "LocalPipeline", "MicroBatch",
     "Pipeline", "QueueFullError", "RequestError", "SamplerInput", "SamplingError", "SamplingParams", "Scheduler",
-    "SchedulerClosedError", "SchedulerPolicy", "SequenceEvent", "StageError", "StageReport", "StageRunner",
-    "StageSpec", "StageTiming", "Step", "StepRecord", "build_stage_runner", "sample",
+    "SchedulerClosedError", "SchedulerPolicy", "SequenceEvent", "StageError", "StageLostError", "StageReport",
+    "StageRunner", "StageSpec", "StageTiming", "Step", "StepRecord", "build_stage_runner", "sample",
 ]

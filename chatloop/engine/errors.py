@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ClusterUnavailableError", "ContextLengthError", "DeadlineExceededError", "EmptyPromptError", "EngineError",
-    "QueueFullError", "RequestError", "SamplingError", "SchedulerClosedError", "StageError",
+    "QueueFullError", "RequestError", "SamplingError", "SchedulerClosedError", "StageError", "StageLostError",
 ]
 
 
@@ -54,3 +54,8 @@ class SamplingError(RuntimeError):
 
 class StageError(RuntimeError):
     """A stage failed on a micro-batch, or did not answer; the message names the stage."""
+
+
+class StageLostError(StageError):
+    """A micro-batch was lost between stages (a worker died, stopped, or cannot be reached), not failed by one:
+    with self-healing its sequences are prefilled again once the pipeline is rebuilt."""

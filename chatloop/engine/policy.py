@@ -142,6 +142,7 @@ class SchedulerPolicy:
         self._steps: dict[int, tuple[list[_Sequence], list[int]]] = {}  # in flight: sequences, tokens fed
         self._ids = itertools.count()
         self._last_cut_prefill = False
+        self._retry_at = 0.0  # after a lost step, nothing is launched before this
         self.paused_reason = ""
         """Why no step is launched now (the driver says, while a lost worker is replaced); used in messages."""
 
@@ -202,7 +203,7 @@ class SchedulerPolicy:
         for seq in [s for s in self._running if s.cancelled and not s.in_flight]:
             outputs.append(self._end_cancelled(seq))
         steps = []
-        if launch:
+        if launch and now >= self._retry_at:
             self._admit(now)
             steps = self._cut()
         self.stats.num_waiting, self.stats.num_running = len(self._waiting), len(self._running)
@@ -216,6 +217,8 @@ class SchedulerPolicy:
         deadlines = [s.deadline - now for s in [*self._waiting, *self._running] if s.deadline is not None and not
                      s.expired]
         wakeups = [max(0.0, min(deadlines))] if deadlines else []
+        if launch and now < self._retry_at:
+            return min([*wakeups, self._retry_at - now])
         if launch and self._can_launch():
             return 0.0
         if launch and self._waiting and len(self._running) < self.max_batch_size and self._has_blocks_for(
@@ -360,24 +363,40 @@ class SchedulerPolicy:
         return seq.id, SequenceEvent(text, () if token is None else (token,), finish_reason=reason, error=error)
 
     # ---- a lost pipeline ----------------------------------------------------------------------
-    def requeue_all(self) -> int:
-        """The pipeline is gone with every KV block: each running sequence goes back to the front of the queue, to
-        be prefilled again from its prompt and the tokens it already has (nothing is emitted twice). Returns how
-        many. Steps still out are forgotten: their results are ignored."""
-        requeued = self._running
-        for seq in requeued:
+    def requeue_step(self, step_id: int, retry_at: float) -> int:
+        """One step was lost on its way (not failed by a stage): its sequences go back to the front of the queue,
+        to be prefilled again, no sooner than ``retry_at`` (the pipeline is probably being rebuilt)."""
+        if step_id not in self._steps:
+            return 0
+        seqs, _ = self._steps.pop(step_id)
+        self.stats.num_in_flight -= 1
+        for seq in seqs:
+            seq.in_flight = False
+        self._requeue([s for s in seqs if s in self._running])
+        self._retry_at = max(self._retry_at, retry_at)
+        return len(seqs)
+
+    def _requeue(self, seqs: list[_Sequence]) -> None:
+        for seq in seqs:
             if seq.blocks:
                 self.allocator.free(seq.blocks)
                 seq.blocks = []
             seq.num_cached = 0
             seq.in_flight = False
             seq.replays += 1
-        self._waiting.extendleft(reversed(requeued))
-        self._running = []
+            self._running.remove(seq)
+        self._waiting.extendleft(reversed(seqs))
+        self.stats.replays += len(seqs)
+        self.stats.num_waiting, self.stats.num_running = len(self._waiting), len(self._running)
+
+    def requeue_all(self) -> int:
+        """The pipeline is gone with every KV block: each running sequence goes back to the front of the queue, to
+        be prefilled again from its prompt and the tokens it already has (nothing is emitted twice). Returns how
+        many. Steps still out are forgotten: their results are ignored."""
+        requeued = list(self._running)
+        self._requeue(requeued)
         self._steps.clear()
         self.stats.num_in_flight = 0
-        self.stats.replays += len(requeued)
-        self.stats.num_waiting, self.stats.num_running = len(self._waiting), 0
         return len(requeued)
 
     def fail_all(self, error: BaseException) -> list[Output]:

@@ -14,12 +14,15 @@ from collections.abc import Callable
 
 from ..models.batch import StepBatch, padded
 from .blocks import BlockAllocator
-from .errors import SchedulerClosedError
+from .errors import SchedulerClosedError, StageLostError
 from .pipeline import MicroBatch, Pipeline
 from .policy import Output, SchedulerPolicy, SchedulerStats, Step
 from .requests import SamplingParams, SequenceEvent
 
 __all__ = ["Emit", "Scheduler"]
+
+LOST_STEP_RETRY_S = 0.25
+"""After a lost step, how long the scheduler waits before it launches again (the watchdog suspends it meanwhile)."""
 
 Emit = Callable[[SequenceEvent], None]
 """Receives a request's events on the scheduler thread: must not block."""
@@ -41,6 +44,7 @@ class Scheduler:
         max_tokens_per_micro_batch: int = 4096,
         prefill_chunk_tokens: int | None = None,
         eos_token_ids: set[int] | None = None,
+        replay_lost_steps: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pipeline = pipeline
@@ -52,6 +56,9 @@ class Scheduler:
             eos_token_ids=eos_token_ids or set(),
         )
         self._clock = clock
+        self.replay_lost_steps = replay_lost_steps
+        """A step lost between stages (``StageLostError``) requeues its sequences instead of failing them: the
+        pipeline heals itself (chatloop.runtime.healing)."""
         self._suspended = False
         self._emitters: dict[int, Emit] = {}
         self._completed: list[tuple[Step, list[int] | BaseException]] = []
@@ -146,7 +153,10 @@ class Scheduler:
                 completed, self._completed = self._completed, []
                 outputs: list[Output] = []
                 for step, result in completed:
-                    outputs += self.policy.complete(step.id, result)
+                    if self.replay_lost_steps and isinstance(result, StageLostError):
+                        self.policy.requeue_step(step.id, retry_at=self._clock() + LOST_STEP_RETRY_S)
+                    else:
+                        outputs += self.policy.complete(step.id, result)
                 steps, cancelled = self.policy.schedule(self._clock(), launch=not self._suspended)
                 outputs += cancelled
                 pipeline = self.pipeline  # the one these steps are for: a step never reaches a later pipeline

@@ -26,7 +26,7 @@ from typing import Protocol
 import torch.distributed.rpc as rpc
 
 from ..config import API_KEY_ENV, ChatLoopConfig
-from ..engine import MicroBatch, Pipeline, StageError, StageReport, StageTiming
+from ..engine import MicroBatch, Pipeline, StageError, StageLostError, StageReport, StageTiming
 from ..engine.runner import stage_specs
 from ..network import rank_interfaces
 from ..worker_settings import worker_environment
@@ -88,7 +88,7 @@ class RpcPipeline(Pipeline):
             chain = rpc.rpc_async(names[0], remote_stage.forward, args=args, timeout=self.timeout)
         except Exception as e:
             self._sent.pop(mb.id, None)
-            results.fail(mb.id, StageError(f"{names[0]} is unreachable: {e}"))
+            results.fail(mb.id, StageLostError(f"{names[0]} is unreachable: {e}"))
             return result
 
         def done(f) -> None:  # the chain completes after the tokens arrived, or with the failing stage's error
@@ -108,24 +108,21 @@ class RpcPipeline(Pipeline):
         return result
 
     # ---- where a step is -----------------------------------------------------------------------
-    def oldest_in_flight(self) -> tuple[int, float] | None:
-        """(micro-batch, seconds since it was sent) of the oldest one in flight."""
-        sent = list(self._sent.items())
-        if not sent:
-            return None
-        mb_id, at = min(sent, key=lambda item: item[1])
-        return mb_id, time.monotonic() - at
-
     def heartbeat(self, timeout: float) -> dict[int, str]:
-        """Ask every stage's RPC threads for a sign of life: {stage: why} for those that give none."""
+        """Ask every stage's RPC threads for a sign of life: {stage: why} for those that give none, or whose compute
+        thread has been on one micro-batch for longer than the progress deadline."""
         futures = [rpc.rpc_async(name, remote_stage.alive, timeout=timeout) for name in self.stage_names]
-        silent = {}
+        lost = {}
         for k, f in enumerate(futures):
             try:
-                f.wait()
+                _, computing_s = f.wait()
             except Exception as e:
-                silent[k] = f"no answer to the heartbeat within {timeout:g} s ({_first_line(e)})"
-        return silent
+                lost[k] = f"no answer to the heartbeat within {timeout:g} s ({_first_line(e)})"
+                continue
+            if computing_s is not None and computing_s > self.progress_deadline_s:
+                lost[k] = (f"no progress: one micro-batch has been computing for {computing_s:.0f} s "
+                           f"(cluster.progress_deadline_s={self.progress_deadline_s:g})")
+        return lost
 
     def locate(self, mb_id: int, timeout: float | None = None) -> list[tuple[str, float] | str]:
         """Each stage's (state, seconds) for micro-batch ``mb_id``, or why it did not answer."""
@@ -161,7 +158,10 @@ class RpcPipeline(Pipeline):
         # The error names the stage the coordinator called (worker0), not the one that held the step up.
         reason = (f"no answer within cluster.rpc_timeout_s={self.timeout:g} s" if "ran for more than" in text
                   else re.sub(r"^worker\d+: ", "", text))
-        results.fail(mb_id, StageError(f"{self.blame(mb_id, where)} ({reason})"))
+        # A stage that does not answer was lost (its sequences wait for the rebuilt pipeline); a step that only
+        # took too long where every stage answers fails its requests: replaying it would take as long again.
+        kind = StageLostError if silent else StageError
+        results.fail(mb_id, kind(f"{self.blame(mb_id, where)} ({reason})"))
 
     def cancel(self, mb_ids: list[int]) -> None:
         """Tell every stage to skip these micro-batches (best effort: a stage that does not answer is skipped)."""
@@ -180,7 +180,7 @@ class RpcPipeline(Pipeline):
                 reports.append(self._judge(f.wait()))
             except Exception as e:
                 reports.append(StageReport.down(name, k, f"no answer within {timeout:g} s: {_first_line(e)}"))
-        return self._judge_progress(reports)
+        return reports
 
     def _judge(self, report: StageReport) -> StageReport:
         """A stage that answers but does not get on with its work is down too."""
@@ -190,21 +190,6 @@ class RpcPipeline(Pipeline):
         if (report.consecutive_failures or 0) >= UNHEALTHY_AFTER_FAILURES:
             return _down(report, f"its last {report.consecutive_failures} micro-batches failed: {report.last_error}")
         return report
-
-    def _judge_progress(self, reports: list[StageReport]) -> list[StageReport]:
-        """The oldest micro-batch in flight, if it is past the deadline, names the stage that holds it up."""
-        now = time.monotonic()
-        late = [(sent, mb_id) for mb_id, sent in list(self._sent.items()) if now - sent > self.progress_deadline_s]
-        if not late or not all(r.up for r in reports):
-            return reports
-        sent, mb_id = min(late)
-        where = self.locate(mb_id)
-        for k, state in enumerate(where):
-            if isinstance(state, str) or state[0] not in ("done", "forwarded"):
-                reports[k] = _down(reports[k], f"no progress: {self.blame(mb_id, where)}, sent {now - sent:.0f} s ago "
-                                               f"(cluster.progress_deadline_s={self.progress_deadline_s:g})")
-                break
-        return reports
 
     def take_timings(self) -> dict[str, list[StageTiming]]:
         futures = [rpc.rpc_async(name, remote_stage.take_timings, timeout=self.timeout) for name in self.stage_names]
@@ -410,7 +395,7 @@ class RpcCluster:
         """End the current generation: steps in flight fail, this rank's RPC agent goes; workers rejoin the next."""
         if self.pipeline is not None:
             self.pipeline.close()
-        results.fail_all(StageError(f"the pipeline of generation {self.generation} was lost"))
+        results.fail_all(StageLostError(f"the pipeline of generation {self.generation} was lost"))
         try:
             self.rendezvous.end(self.generation)
         except Exception as e:

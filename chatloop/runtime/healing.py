@@ -2,8 +2,8 @@
 
 A worker is lost when its process exits (the ones the coordinator started: seen within 0.2 s),
 when it does not answer a heartbeat (``cluster.heartbeat_interval_s`` / ``heartbeat_timeout_s``: a
-stopped process or a cut cable, within ~4 s by default), when a step finds it silent, or when it
-holds the oldest micro-batch in flight past ``cluster.progress_deadline_s``. Then:
+stopped process or a cut cable, within ~4 s by default), when a step finds it silent, or when its
+compute thread has been on one micro-batch for longer than ``cluster.progress_deadline_s``. Then:
 
 1. the scheduler stops launching and requeues every running sequence (nothing is lost: the
    coordinator has every token), and the current generation ends on every rank;
@@ -57,6 +57,8 @@ class Watchdog:
         self.recovery_seconds: list[float] = []
         """From noticing the loss to the rebuilt pipeline, per recovery."""
         self.replays = 0
+        self.last_noticed: float | None = None
+        """When (time.monotonic()) the last loss was noticed."""
         self._reports: queue.SimpleQueue[dict[int, str]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -120,20 +122,11 @@ class Watchdog:
             return lost
         if heartbeat:
             lost.update(pipeline.heartbeat(cfg.heartbeat_timeout_s))
-        oldest = pipeline.oldest_in_flight()
-        if not lost and oldest is not None and oldest[1] > cfg.progress_deadline_s:
-            mb_id, age = oldest
-            where = pipeline.locate(mb_id)
-            for k, state in enumerate(where):
-                if isinstance(state, str) or state[0] not in ("done", "forwarded"):
-                    lost[k] = (f"no progress: {pipeline.blame(mb_id, where)}, sent {age:.0f} s ago "
-                               f"(cluster.progress_deadline_s={cfg.progress_deadline_s:g})")
-                    break
         return lost
 
     def _heal(self, lost: dict[int, str]) -> None:
         cluster, listener = self.cluster, self.cluster.listener
-        started = time.monotonic()
+        started = self.last_noticed = time.monotonic()
         self.state, self.lost = "recovering", dict(lost)
         reason = _summary(lost)
         log.error("lost %s: rebuilding the pipeline", reason)

@@ -86,9 +86,11 @@ def describe() -> StageReport:
     return _stage().describe()
 
 
-def alive() -> int:
-    """The coordinator's heartbeat (answered by an RPC thread, whatever the compute thread does): the pid."""
-    return os.getpid()
+def alive() -> tuple[int, float | None]:
+    """The coordinator's heartbeat, answered by an RPC thread whatever the compute thread does: the pid, and for
+    how long the micro-batch being computed has been computing (None: idle)."""
+    computing = CURRENT._computing if CURRENT is not None else None
+    return os.getpid(), None if computing is None else time.monotonic() - computing[1]
 
 
 def progress(mb_id: int) -> tuple[str, float]:

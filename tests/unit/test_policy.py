@@ -500,3 +500,18 @@ def test_the_driver_suspends_on_a_lost_pipeline_and_resumes_on_a_new_one():
     finally:
         scheduler.close()
     assert "".join(e.text for e in got) == "zzz" and scheduler.pipeline is second
+
+
+def test_a_lost_step_requeues_its_sequences_and_nothing_is_launched_for_a_moment():
+    policy = make_policy(max_batch_size=2)
+    run = Run(policy, FakeModel({0: text_ids("abc"), 1: text_ids("xyz")}))
+    a = policy.add([1], params(max_new_tokens=3), 0.0)
+    b = policy.add([2], params(max_new_tokens=3), 0.0)
+    run.answer(run.schedule()[0])
+    (lost,) = run.schedule()
+    run.in_flight.clear()
+    assert policy.requeue_step(lost.id, retry_at=1.0) == 2
+    assert policy.schedule(0.5)[0] == [] and policy.next_wakeup(0.5) == pytest.approx(0.5)
+    run.now = 1.0
+    run.until_idle()
+    assert run.text(a) == "abc" and run.text(b) == "xyz" and policy.stats.replays == 2

@@ -60,7 +60,7 @@ def test_a_stage_that_answers_but_makes_no_progress_is_down():
     from chatloop.engine import StageReport
     from chatloop.runtime.cluster import RpcPipeline
 
-    pipeline = RpcPipeline([], [], num_blocks=1, block_size=16, timeout=20, progress_deadline_s=10)
+    pipeline = RpcPipeline([], num_blocks=1, block_size=16, timeout=20, progress_deadline_s=10)
     fine = StageReport(name="worker1", index=1, computing_s=2.0, consecutive_failures=0)
     assert pipeline._judge(fine).up
     stuck = pipeline._judge(StageReport(name="worker1", index=1, host="h", computing_s=12.5))
