@@ -70,13 +70,16 @@ class RpcPipeline(Pipeline):
 
     def __init__(
         self, names: list[str], num_blocks: int, block_size: int, timeout: float, progress_deadline_s: float,
+        generation: int = 0,
     ) -> None:
         super().__init__(names, num_blocks, block_size)
+        self.generation = generation
         self.timeout = timeout
         self.progress_deadline_s = progress_deadline_s
         self._sent: dict[int, float] = {}  # micro-batches in flight: when each was sent (monotonic)
-        self.on_silent: Callable[[list[int], str], None] | None = None
-        """Told which stages did not answer when a lost step was located (the watchdog replaces them)."""
+        self.on_silent: Callable[[list[int], str, int], None] | None = None
+        """Told which stages did not answer when a lost step was located, and in which generation (the watchdog
+        replaces them, if that is still the current one)."""
         self._diagnose = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chatloop-diagnose")
 
     def _submit(self, mb: MicroBatch) -> concurrent.futures.Future:
@@ -97,7 +100,10 @@ class RpcPipeline(Pipeline):
                 results.raise_failure(f, names[0])
             except StageError as e:
                 if _lost(e):  # find out where, off the RPC thread (it asks every stage)
-                    self._diagnose.submit(self._fail_lost, mb.id, e)
+                    try:
+                        self._diagnose.submit(self._fail_lost, mb.id, e)
+                    except RuntimeError:  # this pipeline is closed: its generation was lost already
+                        results.fail(mb.id, StageLostError(f"{_first_line(e)} (generation {self.generation})"))
                 else:
                     results.fail(mb.id, e)
             else:
@@ -152,7 +158,7 @@ class RpcPipeline(Pipeline):
         where = self.locate(mb_id)
         silent = [k for k, state in enumerate(where) if isinstance(state, str)]
         if silent and self.on_silent is not None:
-            self.on_silent(silent, f"no answer: {where[silent[0]]}")
+            self.on_silent(silent, f"no answer: {where[silent[0]]}", self.generation)
         self.cancel([mb_id])
         text = _first_line(error)
         # The error names the stage the coordinator called (worker0), not the one that held the step up.
@@ -378,7 +384,7 @@ class RpcCluster:
         self.stage_reports = reports
         num_blocks = min(r.num_blocks or 0 for r in reports)
         pipeline = RpcPipeline(names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s,
-                               cfg.cluster.progress_deadline_s)
+                               cfg.cluster.progress_deadline_s, generation=self.generation)
         if self.pipeline is not None:  # the step observers (benchmarks) carry over
             pipeline._observers = self.pipeline._observers
         pipeline.on_silent = self._stages_silent
@@ -387,9 +393,9 @@ class RpcCluster:
             log.info("%s: layers %s, %d KV blocks, pid %s on %s, cores %s, %s threads, CPU capability %s",
                      r.name, r.layers, r.num_blocks, r.pid, r.host, list(r.cores or ()), r.threads, r.simd)
 
-    def _stages_silent(self, indices: list[int], reason: str) -> None:
+    def _stages_silent(self, indices: list[int], reason: str, generation: int) -> None:
         if self.watchdog is not None:
-            self.watchdog.report({k: reason for k in indices})
+            self.watchdog.report({k: reason for k in indices}, generation)
 
     def leave_generation(self) -> None:
         """End the current generation: steps in flight fail, this rank's RPC agent goes; workers rejoin the next."""

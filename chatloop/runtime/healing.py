@@ -59,7 +59,7 @@ class Watchdog:
         self.replays = 0
         self.last_noticed: float | None = None
         """When (time.monotonic()) the last loss was noticed."""
-        self._reports: queue.SimpleQueue[dict[int, str]] = queue.SimpleQueue()
+        self._reports: queue.SimpleQueue[tuple[int, dict[int, str]]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._rpc_up = True  # this rank's RPC agent belongs to a formed generation
@@ -70,9 +70,9 @@ class Watchdog:
     def restarts(self) -> dict[str, int]:
         return {s.name: s.restarts for s in self.cluster.supervisors}
 
-    def report(self, lost: dict[int, str]) -> None:
-        """Something else found stages lost (a step that could not reach them)."""
-        self._reports.put(lost)
+    def report(self, lost: dict[int, str], generation: int) -> None:
+        """Something else found stages lost in ``generation`` (a step that could not reach them)."""
+        self._reports.put((generation, lost))
         self._wake.set()
 
     def stop(self) -> None:
@@ -113,7 +113,9 @@ class Watchdog:
         cfg, pipeline = self.cluster.cfg.cluster, self.cluster.pipeline
         lost: dict[int, str] = {}
         while not self._reports.empty():
-            lost.update(self._reports.get())
+            generation, reported = self._reports.get()
+            if generation == self.cluster.generation:  # news of an earlier generation is stale: it was rebuilt
+                lost.update(reported)
         for supervisor in self.cluster.supervisors:
             ended = supervisor.exited()
             if ended is not None:

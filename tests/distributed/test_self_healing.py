@@ -110,3 +110,30 @@ def test_a_worker_that_fails_at_every_start_is_given_up_with_the_reason(tmp_path
     assert "failed 3 starts in a row (cluster.max_restarts=2)" in down["worker1"]
     assert "exited with code 7" in down["worker1"] and "the partition disk is gone" in down["worker1"]
     assert "ClusterUnavailableError" in results["refused"]["error"] and "worker1" in results["refused"]["error"]
+
+
+def test_a_request_whose_deadline_passes_during_recovery_ends_with_a_clear_error(tmp_path):
+    # worker1's replacement takes 8 s to start: long enough for a 2-second request to give up, clearly.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('CHATLOOP_WORKER_INDEX') == '1' and os.environ.get('CHATLOOP_WORKER_ATTEMPT') != '0':\n"
+        "    time.sleep(8)\n"
+    )
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    short = {"max_new_tokens": 8, "ignore_eos": True}
+    try:
+        results = run_cluster(HEALING, [
+            {"name": "kill", "op": "signal", "stage": 1, "signal": "SIGKILL"},
+            {"name": "recovering", "op": "wait_state", "state": "recovering", "timeout": 10},
+            {"name": "hurried", "op": "timed_generate", "prompt": "Hello", "params": {**short, "timeout_s": 2}},
+            {"name": "patient", "op": "timed_generate", "prompt": "Hello", "params": short},
+            {"name": "stats", "op": "stats"},
+        ], timeout=300)
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    hurried = results["hurried"]
+    assert "DeadlineExceededError" in hurried["result"]["error"], hurried
+    assert "within its timeout of 2 s (the cluster was recovering: worker1" in hurried["result"]["error"]
+    assert hurried["elapsed_s"] < 4
+    assert "error" not in results["patient"]["result"] and len(results["patient"]["result"]["token_ids"]) == 8
+    assert results["stats"]["state"] == "serving"
