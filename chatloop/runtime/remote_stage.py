@@ -56,10 +56,12 @@ def _observe(record: dict) -> None:
 
 
 def release() -> None:
-    """A generation ends on this worker: disown the micro-batches still in the compute thread's queue."""
+    """A generation ends on this worker: disown its micro-batches, computing or queued (their answers and their
+    calls onwards would go through its agent, which goes now)."""
     if CURRENT is not None:
-        CURRENT.next_name = ""
-        CURRENT.epoch += 1
+        with CURRENT._lock:
+            CURRENT.next_name = ""
+            CURRENT.epoch += 1
 
 
 # ---- what other ranks call on this worker ----------------------------------------------------------
@@ -160,10 +162,13 @@ class RemoteStage:
 
     def _mark(self, mb_id: int, state: str) -> None:
         with self._lock:
-            self._progress[mb_id] = (state, time.monotonic())
-            self._progress.move_to_end(mb_id)
-            while len(self._progress) > MAX_TRACKED:
-                self._progress.popitem(last=False)
+            self._mark_locked(mb_id, state)
+
+    def _mark_locked(self, mb_id: int, state: str) -> None:
+        self._progress[mb_id] = (state, time.monotonic())
+        self._progress.move_to_end(mb_id)
+        while len(self._progress) > MAX_TRACKED:
+            self._progress.popitem(last=False)
 
     def progress(self, mb_id: int) -> tuple[str, float]:
         """Where micro-batch ``mb_id`` is here, and for how many seconds: ('unseen', 0.0) if it never arrived."""
@@ -197,6 +202,17 @@ class RemoteStage:
         """Test hook: the next micro-batch raises inside this stage (or, with ``stall_s``, computes that late)."""
         self.runner.fail_next(message, stall_s)
 
+    def _answer(self, result: torch.futures.Future, epoch: int, error: BaseException | None = None) -> None:
+        """Complete a ``forward`` call, unless its generation ended: its agent is gone, and completing the future
+        would send the answer through it (a use after free that aborted a worker)."""
+        with self._lock:  # release() takes it too: no answer slips out after the epoch changed
+            if epoch != self.epoch:
+                return
+            if error is None:
+                result.set_result(None)
+            else:
+                result.set_exception(error)
+
     def _work(
         self, result: torch.futures.Future, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list,
         arrived: float = 0.0, epoch: int = 0,
@@ -208,70 +224,61 @@ class RemoteStage:
                 self._computing = (mb_id, time.monotonic())
         if cancelled:
             self._mark(mb_id, "cancelled")
-            result.set_exception(StageError(f"{self.name}: micro-batch {mb_id} was cancelled by the coordinator"))
+            self._answer(result, epoch,
+                         StageError(f"{self.name}: micro-batch {mb_id} was cancelled by the coordinator"))
             return
         self._mark(mb_id, "computing")
         try:
             out = self.runner.run(inputs, StepBatch.from_payload(batch), sampling, mb_id)
         except Exception as e:
             self._failed(mb_id, e)
-            result.set_exception(e)
+            self._answer(result, epoch, e)
             return
         finally:
             with self._lock:
                 self._computing = None
         self.consecutive_failures = 0
-        if mb_id in self._cancelled or epoch != self.epoch:  # given up while it computed: it goes no further
-            self._mark(mb_id, "cancelled")
-            result.set_exception(StageError(f"{self.name}: micro-batch {mb_id} was cancelled by the coordinator"))
-            return
         if OBSERVERS:
             nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 8 * len(out)
             _observe({"queue_s": started - arrived, "compute_s": time.perf_counter() - started,
                       "bytes_in": inputs.numel() * inputs.element_size(), "bytes_out": nbytes})
-        if not self.next_name:
-            self._deliver(result, mb_id, out)
-            return
-        sent = time.perf_counter()
-        self._mark(mb_id, "forwarded")
-        try:
-            downstream = rpc.rpc_async(self.next_name, forward, args=(mb_id, out, batch, sampling),
-                                       timeout=self.rpc_timeout_s)
-        except Exception as e:
-            result.set_exception(RuntimeError(f"{self.next_name} is unreachable: {e}"))
-            return
+        with self._lock:  # the next call goes out in this generation, or not at all
+            if mb_id in self._cancelled or epoch != self.epoch:  # given up while it computed: it goes no further
+                self._mark_locked(mb_id, "cancelled")
+                if epoch == self.epoch:
+                    result.set_exception(StageError(f"{self.name}: micro-batch {mb_id} was cancelled by the "
+                                                    "coordinator"))
+                return
+            sent = time.perf_counter()
+            self._mark_locked(mb_id, "forwarded")
+            try:
+                if not self.next_name:
+                    downstream = rpc.rpc_async(COORDINATOR, deliver, args=(mb_id, out), timeout=self.rpc_timeout_s)
+                else:
+                    downstream = rpc.rpc_async(self.next_name, forward, args=(mb_id, out, batch, sampling),
+                                               timeout=self.rpc_timeout_s)
+            except Exception as e:
+                result.set_exception(
+                    StageError(f"{self.next_name or COORDINATOR} is unreachable from {self.name}: {e}"))
+                return
 
         def relay(f: torch.futures.Future) -> None:
-            if OBSERVERS:
+            if OBSERVERS and self.next_name:
                 _observe({"downstream_s": time.perf_counter() - sent})
             try:
-                raise_failure(f, self.next_name)
-                self._mark(mb_id, "done")
-                result.set_result(None)
-            except StageError as e:
-                result.set_exception(e)
+                if self.next_name:
+                    raise_failure(f, self.next_name)
+                else:
+                    f.wait()
+            except Exception as e:
+                error = e if isinstance(e, StageError) else StageError(
+                    f"{self.name} could not hand micro-batch {mb_id}'s tokens to the coordinator: {e}")
+                self._answer(result, epoch, error)
+                return
+            self._mark(mb_id, "done")
+            self._answer(result, epoch)
 
         downstream.add_done_callback(relay)
-
-    def _deliver(self, result: torch.futures.Future, mb_id: int, token_ids: list[int]) -> None:
-        """Hand the last stage's tokens to the coordinator; ``result`` completes once it has them."""
-        self._mark(mb_id, "forwarded")
-        try:
-            delivered = rpc.rpc_async(COORDINATOR, deliver, args=(mb_id, token_ids), timeout=self.rpc_timeout_s)
-        except Exception as e:
-            result.set_exception(RuntimeError(f"{self.name} cannot reach the coordinator: {e}"))
-            return
-
-        def acknowledge(f: torch.futures.Future) -> None:
-            try:
-                f.wait()
-                self._mark(mb_id, "done")
-                result.set_result(None)
-            except Exception as e:
-                result.set_exception(RuntimeError(
-                    f"{self.name} could not hand micro-batch {mb_id}'s tokens to the coordinator: {e}"))
-
-        delivered.add_done_callback(acknowledge)
 
     def _failed(self, mb_id: int, error: BaseException) -> None:
         self._mark(mb_id, "failed")
