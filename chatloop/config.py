@@ -85,8 +85,14 @@ class ClusterConfig:
     """Pipeline stages, one worker process each."""
     in_process: bool = False
     """Run every stage inside the coordinator's process, without RPC (the one-process baseline)."""
+    launch: str = "spawn"
+    """Who starts the workers: spawn (this process, on this host) or external (each started elsewhere with
+    chatloop-worker --config FILE --coordinator HOST:PORT, in a container or on another host, and joining here).
+    Under torchrun the ranks are torchrun's."""
     master_addr: str = "127.0.0.1"
-    """Rendezvous host (torchrun's --master-addr). Keep RPC on a private network: it executes pickled data."""
+    """Where the coordinator's store listens and the workers find it (torchrun's --master-addr). Loopback by default;
+    for workers on other hosts or containers, this host's private address or name. Keep RPC on a private network: it
+    executes pickled data."""
     master_port: int = 50050
     """Rendezvous port: the reference deployment's coordinator port."""
     workers: list[WorkerSpec] = field(default_factory=list)
@@ -130,6 +136,7 @@ class ClusterConfig:
         _require(self.rpc_timeout_s > 0, "cluster.rpc_timeout_s must be > 0")
         _require(self.progress_deadline_s > 0, "cluster.progress_deadline_s must be > 0")
         _require(self.max_restarts >= 0, f"cluster.max_restarts={self.max_restarts}: need >= 0")
+        _require(self.launch in ("spawn", "external"), f"cluster.launch={self.launch!r}: choose spawn or external")
         for name in ("recovery_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s"):
             _require(getattr(self, name) > 0, f"cluster.{name}={getattr(self, name)}: need > 0")
         _require(self.max_in_flight is None or self.max_in_flight >= 1, "cluster.max_in_flight must be >= 1 or null")

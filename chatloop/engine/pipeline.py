@@ -93,6 +93,8 @@ class StageReport:
     simd: str | None = None
     omp_spin_count: str | None = None
     metrics_port: int | None = None
+    health_port: int | None = None
+    """A worker started from its own config file serves GET /health there."""
     queued: int | None = None
     """Micro-batches waiting for this stage's compute thread."""
     computing_s: float | None = None

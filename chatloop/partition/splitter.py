@@ -152,7 +152,26 @@ def split_model(
         source=str(source),
     )
     manifest.save(output)
+    write_worker_configs(output, manifest)
     return manifest
+
+
+def write_worker_configs(output: Path, manifest: Manifest) -> list[Path]:
+    """``configs/worker-config-N.yaml`` in ``output``, one per partition, in the reference deployment's layout."""
+    from ..worker_config import CONFIG_DIR, worker_files
+
+    folder = Path(output) / CONFIG_DIR
+    folder.mkdir(exist_ok=True)
+    files = worker_files(manifest.num_partitions, [(p.start_layer, p.end_layer, p.file) for p in manifest.partitions])
+    paths = []
+    for config in files:
+        path = folder / f"worker-config-{config.worker}.yaml"
+        path.write_text(config.as_yaml())
+        paths.append(path)
+    for stale in folder.glob("worker-config-*.yaml"):  # an earlier split's, into more parts
+        if stale not in paths:
+            stale.unlink()
+    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in manifest.partitions:
         print(f"{ns.output}/{p.file}: layers {p.layers}, {p.num_bytes / 2**20:.1f} MiB, {p.num_tensors} tensors")
     print(f"{ns.output}/manifest.json")
+    for p in manifest.partitions:
+        print(f"{ns.output}/configs/worker-config-{p.index}.yaml")
     return 0
 
 

@@ -275,9 +275,12 @@ class RpcCluster:
             raise StartupError(str(e)) from None
         cluster = cls(cfg, rendezvous, partitions_dir)
         try:
-            if not under_torchrun():
+            if not under_torchrun() and cfg.cluster.launch == "spawn":
                 cluster._config_file = str(write_config(cfg))
                 cluster.supervisors = _start_workers(cfg, cluster._config_file, rendezvous.where)
+            elif not under_torchrun():
+                log.info("waiting for %d workers at %s (chatloop-worker --config configs/worker-config-N.yaml "
+                         "--coordinator %s)", num_workers, rendezvous.where, rendezvous.where)
             deadline = time.monotonic() + timeout
             cluster.form(0, deadline, on_exit=cluster._refuse_exit)
             cluster.load_stages(deadline)

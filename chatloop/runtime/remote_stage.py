@@ -27,7 +27,7 @@ import torch.distributed.rpc as rpc
 
 from ..engine import StageError, StageReport, StageRunner, StageSpec, StageTiming, build_stage_runner
 from ..engine.pipeline import compute_thread
-from ..models import StepBatch
+from ..models import LayerRange, StepBatch
 from ..network import local_addresses, runs_here
 from .results import COORDINATOR, deliver, raise_failure
 
@@ -40,6 +40,11 @@ CURRENT: RemoteStage | None = None
 """The stage this worker process hosts, once created (``worker_metrics`` reads it at scrape time)."""
 METRICS_PORT: int | None = None
 """This worker's Prometheus port, once it serves one (reported by ``describe``)."""
+HEALTH_PORT: int | None = None
+"""This worker's health endpoint, if it has one (``chatloop-worker``)."""
+OWN = None
+"""This worker's own config file (a ``WorkerFile``), when it was started from one: the coordinator's requests are
+checked against it, and its partitions folder and KV budget are this host's."""
 MAX_TRACKED = 4096
 """Micro-batches whose progress a stage remembers (the coordinator asks about recent ones only)."""
 OBSERVERS: list[Callable[[dict], None]] = []
@@ -67,10 +72,28 @@ def release() -> None:
 # ---- what other ranks call on this worker ----------------------------------------------------------
 def create_stage(spec: StageSpec, rpc_timeout_s: float) -> StageReport:
     """This worker's stage for the new generation (the loaded one again, if it is the same); its report."""
+    if OWN is not None:
+        spec = _as_configured(spec, OWN)
     if CURRENT is not None and CURRENT.spec == spec:
         CURRENT.rejoin(rpc_timeout_s)
         return CURRENT.describe()
     return RemoteStage(spec, rpc_timeout_s, metrics_port=METRICS_PORT).describe()
+
+
+def _as_configured(spec: StageSpec, own) -> StageSpec:
+    """The coordinator's spec, checked against this worker's file, with this host's folder and KV budget."""
+    asked = (spec.index, spec.expected_layers)
+    if spec.index != own.worker:
+        raise ValueError(f"{own.source} is worker {own.worker}, the coordinator took it for worker {spec.index}: "
+                         f"start each worker with its own file")
+    if spec.expected_layers is not None and (spec.expected_layers.start, spec.expected_layers.end) != (
+            own.start_layer, own.end_layer):
+        raise ValueError(f"{own.source} gives {own.name} layers {own.start_layer}-{own.end_layer}, the coordinator "
+                         f"asks for {spec.expected_layers} ({asked}): make the coordinator's cluster.workers match")
+    if spec.expected_file is not None and spec.expected_file != own.partition:
+        raise ValueError(f"{own.source} names partition {own.partition}, the coordinator {spec.expected_file}")
+    return replace(spec, directory=own.partitions_dir, kv_cache_mb=own.kv_cache_mb, expected_file=own.partition,
+                   expected_layers=LayerRange(own.start_layer, own.end_layer))
 
 
 def _stage() -> RemoteStage:
@@ -81,7 +104,11 @@ def _stage() -> RemoteStage:
 
 def connect(next_name: str) -> None:
     """Point this stage at the next one (by its RPC name; empty for the last)."""
-    _stage().next_name = next_name
+    stage = _stage()
+    if OWN is not None and bool(next_name) != (OWN.next_worker is not None):
+        raise ValueError(f"{OWN.source} says {OWN.name}'s next worker is {OWN.next_worker}, the coordinator's chain "
+                         f"{'continues to ' + next_name if next_name else 'ends here'}: split and configure again")
+    stage.next_name = next_name
 
 
 def describe() -> StageReport:
@@ -189,7 +216,7 @@ class RemoteStage:
             computing = self._computing
             queued = sum(1 for state, _ in self._progress.values() if state == "queued")
         return replace(
-            self.runner.describe(), metrics_port=self.metrics_port, queued=queued,
+            self.runner.describe(), metrics_port=self.metrics_port, health_port=HEALTH_PORT, queued=queued,
             computing_s=None if computing is None else time.monotonic() - computing[1],
             consecutive_failures=self.consecutive_failures, last_error=self.last_error,
         )

@@ -22,11 +22,12 @@ import torch.distributed.rpc as rpc
 
 from ..config import ChatLoopConfig
 from ..network import rank_interfaces
+from ..worker_config import WorkerFile, load_worker_file
 from ..worker_settings import apply_worker_settings
 from . import remote_stage
 from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdown_rpc
 from .supervisor import EXIT_COORDINATOR_LOST
-from .worker_metrics import start_worker_metrics
+from .worker_metrics import METRICS_HOST_ENV, start_worker_metrics
 
 __all__ = ["backend_options", "main", "serve_worker"]
 
@@ -41,14 +42,22 @@ def backend_options(cfg: ChatLoopConfig, timeout_s: float) -> rpc.TensorPipeRpcB
     )
 
 
-def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous) -> None:
-    """Worker ``index``: set up this process, then serve every generation until the service closes."""
+def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous, own: WorkerFile | None = None) -> None:
+    """Worker ``index``: set up this process, then serve every generation until the service closes.
+
+    ``own``: the worker's config file (``chatloop-worker``), which the coordinator's requests are checked
+    against, and whose ``port`` serves ``GET /health``.
+    """
     apply_worker_settings(index, cfg.cluster.num_workers, cfg.worker.worker_threads, cfg.worker.enable_cpu_pinning)
     port = cfg.worker.metrics_port + index
     remote_stage.METRICS_PORT = port if start_worker_metrics(index, port) is not None else None
+    remote_stage.OWN = own
     name, world_size = f"worker{index}", cfg.cluster.num_workers + 1
+    if own is not None:
+        remote_stage.HEALTH_PORT = start_health_endpoint(name, own.port)
     generation = -1
     while True:
+        STATE.update(state="joining", generation=None)
         found = rendezvous.next_generation(after=generation, timeout_s=cfg.cluster.startup_timeout_s)
         if found is None:
             break
@@ -58,8 +67,10 @@ def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous) -> Non
             continue
         init_rpc_generation(name, index + 1, world_size, generation, rendezvous,
                             backend_options(cfg, cfg.cluster.startup_timeout_s))
+        STATE.update(state="serving", generation=generation)
         log.info("%s: serving generation %d", name, generation)
         closed = rendezvous.wait_end(generation)
+        STATE.update(state="leaving")
         left = time.monotonic()
         remote_stage.release()
         if not shutdown_rpc(graceful=closed, timeout_s=30):
@@ -70,6 +81,46 @@ def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous) -> Non
         if closed:
             break
     log.info("%s: the coordinator closed the service", name)
+
+
+STATE: dict = {"state": "starting", "generation": None}
+"""What this worker is doing, for its health endpoint."""
+
+
+def start_health_endpoint(name: str, port: int) -> int | None:
+    """``GET /health`` on ``port``: 200 while this worker serves a generation with its stage loaded, else 503.
+
+    Binds ``$CHATLOOP_METRICS_HOST`` (127.0.0.1 by default: a container's health check runs inside it).
+    """
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/health":
+                self.send_error(404, "only GET /health here")
+                return
+            serving = STATE["state"] == "serving" and remote_stage.CURRENT is not None
+            body = json.dumps({"name": name, "pid": os.getpid(), **STATE, "stage_loaded": remote_stage.CURRENT
+                               is not None}).encode()
+            self.send_response(200 if serving else 503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # health checks every few seconds: not worth a log line each
+            pass
+
+    host = os.environ.get(METRICS_HOST_ENV, "127.0.0.1")
+    try:
+        server = ThreadingHTTPServer((host, port), Health)
+    except OSError as e:
+        log.warning("%s: no health endpoint on %s:%d (%s): change port in its worker config", name, host, port, e)
+        return None
+    threading.Thread(target=server.serve_forever, name="chatloop-health", daemon=True).start()
+    log.info("%s: health on http://%s:%d/health", name, host, port)
+    return port
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -110,3 +161,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``chatloop-worker --config configs/worker-config-2.yaml --coordinator HOST:50050``: one worker, any host.
+
+    Joins the coordinator (``chatloop-serve cluster.launch=external``), retrying until it is up, serves its
+    stage, and rejoins after the coordinator rebuilds the pipeline. Exits 75 when it loses the coordinator,
+    so that a supervisor (Docker's restart policy, systemd) starts it again.
+    """
+    parser = argparse.ArgumentParser(prog="chatloop-worker", description=cli_main.__doc__)
+    parser.add_argument("--config", required=True,
+                        help="this worker's file (chatloop-split writes configs/worker-config-N.yaml)")
+    parser.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator (its cluster.master_port)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    try:
+        own = load_worker_file(args.config)
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--coordinator {args.coordinator!r}: give HOST:PORT, e.g. coordinator:50050")
+        from ..api import load_config
+
+        cfg = load_config([f"log_level={args.log_level}"])
+    except ValueError as e:
+        print(f"chatloop-worker: error: {e}", file=sys.stderr)
+        return 2
+    own.apply(cfg)
+    logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s {own.name} %(levelname)s %(message)s")
+    os.environ.update(rank_interfaces(host, dict(os.environ)))
+    try:
+        rendezvous = Rendezvous.join(host, int(port), cfg.cluster.startup_timeout_s)
+        serve_worker(own.worker, cfg, rendezvous, own)
+    except (RendezvousError, RuntimeError, OSError) as e:
+        print(f"chatloop-worker: {own.name} lost the coordinator at {args.coordinator}: {e}", file=sys.stderr)
+        return EXIT_COORDINATOR_LOST
+    return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -147,9 +148,9 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
         return _card(name, started)
 
     @v1.get("/status", responses=auth_errors, summary="The coordinator and every stage (what chatloop-status prints)")
-    async def status() -> dict:
+    async def status(request: Request) -> dict:
         report = await health.check(max_age=1.0)
-        return build_status(engine.stats(), report, model=name)
+        return build_status(engine.stats(), report, model=name, ports=_own_ports(cfg, request.url.port))
 
     app.include_router(v1)
 
@@ -275,6 +276,16 @@ class BodyLimit:
         error = APIError(413, f"the request body is larger than server.max_request_mb "
                               f"({self.max_bytes / 2**20:g} MiB): send less", code="request_too_large")
         await error.response()(scope, receive, send)
+
+
+def _own_ports(cfg: ChatLoopConfig, http_port: int | None) -> dict[str, int]:
+    """The coordinator's listening ports: HTTP (the one this request came to), and the store the workers join
+    (torchrun's under torchrun)."""
+    ports = {"http": http_port or cfg.server.port}
+    if not cfg.cluster.in_process:
+        ports["store"] = int(os.environ.get("MASTER_PORT", cfg.cluster.master_port)) if "TORCHELASTIC_RUN_ID" in \
+            os.environ else cfg.cluster.master_port
+    return ports
 
 
 def _card(name: str, created: float) -> dict:

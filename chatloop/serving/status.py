@@ -1,14 +1,14 @@
 """``chatloop-status``: one line per rank, from a running server's GET /v1/status.
 
     $ chatloop-status --url http://127.0.0.1:8000
-    NAME         ROLE/RANK      HOST  LAYERS  PARTITION                          UP      MEMORY   STATE
-    coordinator  coordinator/0  vm    -       -                                  5m02s   1.1 GiB  serving: 3 running, 0 waiting, ...
-    worker0      worker/1       vm    0-7     partition_0.safetensors (216 MiB)  5m00s   972 MiB  up: 812 micro-batches, 31% busy
-    ...
+    NAME         ROLE/RANK      HOST  PORTS                     LAYERS  PARTITION              MEMORY   STATUS
+    coordinator  coordinator/0  vm    http 8000, store 50050    -       -                      455 MiB  up 25s (...)
+    worker0      worker/1       vm    health 50051, metrics 9091  0-7   partition_0.safetensors  1.0 GiB  up 17s (...)
+    worker2      worker/3       vm    metrics 9093              16-22   partition_2.safetensors  -  DOWN: no answer ...
 
 The exit status is 0 when every stage answers, 1 when a stage is down, 2 when the server
 cannot be reached. ``--json`` prints the raw document. The server side is :func:`build_status`.
-"""  # noqa: E501 - the example table is wider than a line
+"""
 
 from __future__ import annotations
 
@@ -29,11 +29,15 @@ from .health import HealthReport
 
 __all__ = ["build_status", "format_table", "main"]
 
-COLUMNS = ("NAME", "ROLE/RANK", "HOST", "LAYERS", "PARTITION", "UP", "MEMORY", "STATE")
+COLUMNS = ("NAME", "ROLE/RANK", "HOST", "PORTS", "LAYERS", "PARTITION", "MEMORY", "STATUS")
 
 
-def build_status(stats: EngineStats, report: HealthReport, *, model: str) -> dict[str, Any]:
-    """The coordinator and every stage: where it runs, what it holds, how long it has been up, its state."""
+def build_status(stats: EngineStats, report: HealthReport, *, model: str,
+                 ports: dict[str, int] | None = None) -> dict[str, Any]:
+    """The coordinator and every stage: where it runs, what it holds, how long it has been up, its state.
+
+    ``ports``: the coordinator's own ({"http": 8000, "store": 50050}); a worker reports its own.
+    """
     queue = {
         "num_waiting": stats.num_waiting, "num_running": stats.num_running, "num_in_flight": stats.num_in_flight,
         "kv_blocks_used": stats.kv_blocks_used, "kv_blocks_total": stats.kv_blocks_total,
@@ -43,7 +47,8 @@ def build_status(stats: EngineStats, report: HealthReport, *, model: str) -> dic
     nodes: list[dict[str, Any]] = [{
         "name": "coordinator", "role": "coordinator", "rank": 0, "host": socket.gethostname(), "pid": os.getpid(),
         "layers": None, "partition": None, "partition_bytes": None, "uptime_s": time.time() - me.create_time(),
-        "rss_bytes": me.memory_info().rss, "state": "serving" if report.healthy else "degraded", **queue,
+        "rss_bytes": me.memory_info().rss, "ports": dict(ports or {}),
+        "state": stats.cluster_state if stats.cluster_state != "serving" or report.healthy else "degraded", **queue,
     }]
     for stage in report.stages:
         node = {
@@ -57,11 +62,13 @@ def build_status(stats: EngineStats, report: HealthReport, *, model: str) -> dic
             "partition_bytes": stage.partition_bytes,
             "uptime_s": stage.uptime_s,
             "rss_bytes": stage.rss_bytes,
-            "state": "up" if stage.up else "down",
+            "state": "up" if stage.up else "recovering" if stage.recovering else "down",
             "busy_s": stage.busy_s,
             "num_micro_batches": stage.num_micro_batches,
             "num_blocks": stage.num_blocks,
             "metrics_port": stage.metrics_port,
+            "ports": {name: port for name, port in (("health", stage.health_port), ("metrics", stage.metrics_port))
+                      if port is not None},
         }
         if not stage.up:
             node["error"] = stage.error
@@ -93,19 +100,20 @@ def _bytes(n: float | None) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def _state(node: dict[str, Any]) -> str:
+def _status(node: dict[str, Any]) -> str:
+    """'up 5m02s (...)', or 'DOWN: why' / 'RECOVERING: why'."""
     if node["role"] == "coordinator":
-        return (
-            f"{node['state']}: {node['num_running']} running, {node['num_waiting']} waiting, "
-            f"{node['num_in_flight']} micro-batches in flight, "
-            f"KV {node['kv_blocks_used']}/{node['kv_blocks_total']} blocks"
-        )
-    if node["state"] == "down":
-        return f"DOWN: {node.get('error', 'no answer')}"
-    busy = node.get("busy_s")
-    up = node.get("uptime_s")
+        return (f"up {_duration(node.get('uptime_s'))} ({node['state']}: {node['num_running']} running, "
+                f"{node['num_waiting']} waiting, KV {node['kv_blocks_used']}/{node['kv_blocks_total']} blocks)")
+    if node["state"] != "up":
+        return f"{node['state'].upper()}: {node.get('error', 'no answer')}"
+    busy, up = node.get("busy_s"), node.get("uptime_s")
     share = f", {100 * busy / up:.0f}% busy" if busy is not None and up else ""
-    return f"up: {node.get('num_micro_batches', 0)} micro-batches{share}"
+    return f"up {_duration(up)} ({node.get('num_micro_batches', 0)} micro-batches{share})"
+
+
+def _ports(node: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {port}" for name, port in (node.get("ports") or {}).items()) or "-"
 
 
 def _row(node: dict[str, Any]) -> list[str]:
@@ -116,11 +124,11 @@ def _row(node: dict[str, Any]) -> list[str]:
         node["name"],
         f"{node['role']}/{node['rank']}",
         node.get("host") or "-",
+        _ports(node),
         node.get("layers") or "-",
         partition or "-",
-        _duration(node.get("uptime_s")),
         _bytes(node.get("rss_bytes")),
-        _state(node),
+        _status(node),
     ]
 
 

@@ -288,8 +288,13 @@ def test_health_status_and_the_status_command(client, url, capsys):
     assert status_main(["--url", url]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("NAME"))
-    assert header.split() == ["NAME", "ROLE/RANK", "HOST", "LAYERS", "PARTITION", "UP", "MEMORY", "STATE"]
+    assert header.split() == ["NAME", "ROLE/RANK", "HOST", "PORTS", "LAYERS", "PARTITION", "MEMORY", "STATUS"]
     assert "coordinator/0" in out and "stage3" in out and "serving" in out
+    coordinator = next(line for line in out.splitlines() if line.startswith("coordinator"))
+    assert "http " in coordinator and " up " in coordinator
+    assert status_main(["--url", url, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["nodes"][0]["ports"] == {"http": int(url.rsplit(":", 1)[1])}  # in process: no store
     assert status_main(["--url", "http://127.0.0.1:9"]) == 2
 
 
