@@ -22,8 +22,17 @@ __all__ = [
 DTYPES = ("float32", "bfloat16", "float16")
 API_KEY_ENV = "CHATLOOP_API_KEY"
 """The environment variable that holds the HTTP API key (see ServerConfig.api_key_file)."""
-CONF_DIR = os.environ.get("CHATLOOP_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
-"""The ``conf/`` folder Hydra composes from (a source checkout's; CHATLOOP_CONF_DIR points elsewhere)."""
+def _conf_dir() -> str:
+    # A source checkout (editable install) has conf/ beside the package; a wheel ships it as chatloop/conf.
+    for candidate in (Path(__file__).resolve().parent.parent / "conf", Path(__file__).resolve().parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError("ChatLoop's conf/ folder is missing from this installation: reinstall chatloop")
+
+
+CONF_DIR = os.environ.get("CHATLOOP_CONF_DIR") or _conf_dir()
+"""The ``conf/`` folder Hydra composes from: the source checkout's, the installed package's (``chatloop/conf``),
+or ``$CHATLOOP_CONF_DIR``."""
 
 
 def _require(ok: bool, message: str) -> None:
