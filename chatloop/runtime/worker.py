@@ -9,6 +9,7 @@ in the same process, keeping its loaded stage, until the service closes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import pickle
@@ -17,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch.distributed.rpc as rpc
 
@@ -174,10 +176,14 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True,
                         help="this worker's file (chatloop-split writes configs/worker-config-N.yaml)")
     parser.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator (its cluster.master_port)")
+    parser.add_argument("--partitions-dir", help="where this host keeps the partitions (default: the file's "
+                                                  "partitions_dir, relative to the file)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     try:
         own = load_worker_file(args.config)
+        if args.partitions_dir:
+            own = dataclasses.replace(own, partitions_dir=str(Path(args.partitions_dir).resolve()))
         host, _, port = args.coordinator.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--coordinator {args.coordinator!r}: give HOST:PORT, e.g. coordinator:50050")

@@ -1,0 +1,53 @@
+# The reference deployment's script: the same verbs as launch/docker-run.sh.
+#   .\launch\docker-run.ps1 build
+#   .\launch\docker-run.ps1 run-coordinator
+#   .\launch\docker-run.ps1 run-worker 0        (then 1, 2, 3)
+#   .\launch\docker-run.ps1 status
+#   .\launch\docker-run.ps1 stop
+# $env:MODELS = "C:\path\to\models" mounts its partitions folder (your own split) read-only; $env:HTTP_PORT,
+# $env:METRICS_PORT (host ports, default 8000 and 9091 + N) and $env:PREFIX (container names, default chatloop)
+# let a second deployment run beside the first.
+param(
+    [Parameter(Position = 0)][ValidateSet("build", "run-coordinator", "run-worker", "status", "stop")][string]$Verb,
+    [Parameter(Position = 1)][string]$Worker,
+    [Parameter(ValueFromRemainingArguments = $true)][string[]]$Rest
+)
+$ErrorActionPreference = "Stop"
+Set-Location (Join-Path $PSScriptRoot "..")
+$Image = if ($env:IMAGE) { $env:IMAGE } else { "chatloop-all-in-one:latest" }
+$Network = if ($env:NETWORK) { $env:NETWORK } else { "chatloop" }
+$Prefix = if ($env:PREFIX) { $env:PREFIX } else { "chatloop" }
+$HttpPort = if ($env:HTTP_PORT) { [int]$env:HTTP_PORT } else { 8000 }
+$MetricsPort = if ($env:METRICS_PORT) { [int]$env:METRICS_PORT } else { 9091 }
+$Mounts = @()
+if ($env:MODELS) { $Mounts = @("-v", "$((Resolve-Path $env:MODELS).Path)/partitions:/home/chatloop/models/partitions:ro") }
+
+function Ensure-Network {
+    docker network inspect $Network *> $null
+    if ($LASTEXITCODE -ne 0) { docker network create $Network | Out-Null }
+}
+
+switch ($Verb) {
+    "build" { docker build -f launch/Dockerfile -t $Image . }
+    "run-coordinator" {
+        Ensure-Network
+        docker run -d --name "${Prefix}-coordinator" --network $Network --network-alias coordinator `
+            --restart unless-stopped -e CHATLOOP_ROLE=coordinator -p "${HttpPort}:8000" @Mounts $Image @Rest
+    }
+    "run-worker" {
+        if ($Worker -notmatch '^\d+$') { throw "usage: docker-run.ps1 run-worker N (N = 0, 1, 2, ...)" }
+        $n = [int]$Worker
+        Ensure-Network
+        docker run -d --name "${Prefix}-worker-$n" --network $Network --network-alias "worker-$n" --restart unless-stopped `
+            -e CHATLOOP_ROLE=worker -e "CHATLOOP_WORKER=$n" -p "$($MetricsPort + $n):$(9091 + $n)" @Mounts $Image @Rest
+    }
+    "status" {
+        docker ps -a --filter "name=^${Prefix}-" --format "table {{.Names}}`t{{.Status}}`t{{.Ports}}"
+        docker exec "${Prefix}-coordinator" chatloop-status --url http://127.0.0.1:8000 @Rest
+    }
+    "stop" {
+        $ids = docker ps -aq --filter "name=^${Prefix}-"
+        if ($ids) { docker rm -f $ids | Out-Null }
+    }
+    default { Get-Content $PSCommandPath -TotalCount 9; exit 2 }
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The reference deployment's docker-run.ps1, for Linux and macOS: the same verbs.
+#   launch/docker-run.sh build                 build chatloop-all-in-one:latest (once)
+#   launch/docker-run.sh run-coordinator       the coordinator (HTTP on 8000), waiting for its workers
+#   launch/docker-run.sh run-worker N          worker N (0-3), metrics on 909(1+N)
+#   launch/docker-run.sh status                the containers, then chatloop-status inside the coordinator
+#   launch/docker-run.sh stop                  stop and remove this deployment's containers
+# DOCKER="podman --runtime runc" uses podman; MODELS=DIR mounts DIR/partitions (your own split) read-only;
+# BUILD_ARGS passes more to the build (a base image, a proxy's CA, a local wheel folder: see README, Deploy);
+# HTTP_PORT and METRICS_PORT (host ports, default 8000 and 9091 + N) and PREFIX (container names, default
+# chatloop) let a second deployment run beside the first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DOCKER=${DOCKER:-docker}
+IMAGE=${IMAGE:-chatloop-all-in-one:latest}
+NETWORK=${NETWORK:-chatloop}
+PREFIX=${PREFIX:-chatloop}
+HTTP_PORT=${HTTP_PORT:-8000}
+METRICS_PORT=${METRICS_PORT:-9091}
+eval "BUILD_EXTRA=(${BUILD_ARGS:-})"   # shell words: quote a value with spaces
+mounts=()
+if [ -n "${MODELS:-}" ]; then mounts=(-v "$(cd "$MODELS" && pwd)/partitions:/home/chatloop/models/partitions:ro"); fi
+
+network() { $DOCKER network inspect "$NETWORK" >/dev/null 2>&1 || $DOCKER network create "$NETWORK" >/dev/null; }
+
+case "${1:-}" in
+  build)
+    $DOCKER build "${BUILD_EXTRA[@]}" -f launch/Dockerfile -t "$IMAGE" . ;;
+  run-coordinator)
+    network
+    $DOCKER run -d --name "$PREFIX-coordinator" --network "$NETWORK" --network-alias coordinator \
+      --restart unless-stopped -e CHATLOOP_ROLE=coordinator -p "$HTTP_PORT:8000" "${mounts[@]}" "$IMAGE" "${@:2}" ;;
+  run-worker)
+    n=${2:?usage: docker-run.sh run-worker N}
+    [[ "$n" =~ ^[0-9]+$ ]] || { echo "worker number must be 0, 1, 2, ... (got '$n')" >&2; exit 2; }
+    network
+    $DOCKER run -d --name "$PREFIX-worker-$n" --network "$NETWORK" --network-alias "worker-$n" --restart unless-stopped \
+      -e CHATLOOP_ROLE=worker -e CHATLOOP_WORKER="$n" -p "$((METRICS_PORT + n)):$((9091 + n))" "${mounts[@]}" \
+      "$IMAGE" "${@:3}" ;;
+  status)
+    $DOCKER ps -a --filter "name=^$PREFIX-" --format 'table {{.Names}}\t{{.Status}}\t{{.Ports}}'
+    echo
+    $DOCKER exec "$PREFIX-coordinator" chatloop-status --url http://127.0.0.1:8000 "${@:2}" ;;
+  stop)
+    ids=$($DOCKER ps -aq --filter "name=^$PREFIX-")
+    if [ -n "$ids" ]; then $DOCKER rm -f $ids >/dev/null; fi ;;
+  *)
+    sed -n '2,11p' "$0" >&2; exit 2 ;;
+esac
