@@ -29,6 +29,7 @@ from ..engine import StageError, StageReport, StageRunner, StageSpec, StageTimin
 from ..engine.pipeline import compute_thread
 from ..models import LayerRange, StepBatch
 from ..network import local_addresses, runs_here
+from ..partition import Manifest
 from .results import COORDINATOR, deliver, raise_failure
 
 __all__ = [
@@ -92,6 +93,12 @@ def _as_configured(spec: StageSpec, own) -> StageSpec:
                          f"asks for {spec.expected_layers} ({asked}): make the coordinator's cluster.workers match")
     if spec.expected_file is not None and spec.expected_file != own.partition:
         raise ValueError(f"{own.source} names partition {own.partition}, the coordinator {spec.expected_file}")
+    held = {p.file: (p.start_layer, p.end_layer) for p in Manifest.load(own.partitions_dir).partitions}
+    if held.get(own.partition, (own.start_layer, own.end_layer)) != (own.start_layer, own.end_layer):
+        start, end = held[own.partition]
+        raise ValueError(f"{own.source} gives {own.name} layers {own.start_layer}-{own.end_layer}, but "
+                         f"{own.partition} in {own.partitions_dir} holds layers {start}-{end}: use the file "
+                         f"chatloop-split wrote with these partitions")
     return replace(spec, directory=own.partitions_dir, kv_cache_mb=own.kv_cache_mb, expected_file=own.partition,
                    expected_layers=LayerRange(own.start_layer, own.end_layer))
 
