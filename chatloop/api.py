@@ -37,7 +37,9 @@ from .engine.pipeline import compute_thread
 from .engine.runner import kv_blocks, stage_specs
 from .models import LayerRange, ModelArgs
 from .partition import Manifest, ManifestError, split_model
+from .partition.splitter import write_worker_configs
 from .paths import cache_root
+from .worker_config import CONFIG_DIR
 from .worker_settings import stages_at_once
 
 __all__ = ["ChatLoop", "Completion", "load_config"]
@@ -99,6 +101,11 @@ def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
         ranges = [LayerRange(w.start_layer, w.end_layer) for w in cfg.cluster.workers] or None
         log.info("splitting %s into %d partitions in %s", cfg.model.name, cfg.cluster.num_workers, directory)
         manifest = split_model(cfg.model.name, directory, cfg.cluster.num_workers, ranges=ranges)
+    if cfg.cluster.launch == "external" and not (directory / CONFIG_DIR).is_dir():
+        try:  # a split made before ChatLoop wrote worker configs: the workers started by hand need them
+            write_worker_configs(directory, manifest)
+        except OSError as e:
+            log.warning("no worker configs in %s and cannot write them (%s): split again", directory, e)
     if manifest.num_partitions != cfg.cluster.num_workers:
         raise ManifestError(
             f"{directory} holds {manifest.num_partitions} partitions "
