@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import queue
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,8 @@ from .engine import (
     Pipeline,
     SamplingParams,
     Scheduler,
+    SchedulerClosedError,
+    ScoredToken,
     SequenceEvent,
     StageReport,
     StageRunner,
@@ -35,6 +38,7 @@ from .engine import (
 )
 from .engine.pipeline import compute_thread
 from .engine.runner import kv_blocks, stage_specs
+from .engine.token_bytes import token_byte_table
 from .models import LayerRange, ModelArgs
 from .partition import Manifest, ManifestError, split_model
 from .partition.splitter import write_worker_configs
@@ -42,7 +46,7 @@ from .paths import cache_root
 from .worker_config import CONFIG_DIR
 from .worker_settings import stages_at_once
 
-__all__ = ["ChatLoop", "Completion", "load_config"]
+__all__ = ["ChatLoop", "Completion", "Score", "load_config"]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +59,34 @@ class Completion:
     token_ids: list[int]
     finish_reason: FinishReason
     prompt_tokens: int
+    logprobs: list[ScoredToken] | None = None
+    """With ``logprobs=N``: each generated token's score and its N most likely alternatives."""
+    prompt_logprobs: list[ScoredToken] | None = None
+    """With ``prompt_logprobs=True``: the score of each prompt token after the first."""
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Score:
+    """How likely the model finds a text: each token's log-probability given the tokens before it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    """Of ``token_ids[1:]`` (the first token has no context to be predicted from)."""
+    top: list[tuple[tuple[int, float], ...]]
+    """The most likely alternatives at each scored position (with ``top_logprobs``)."""
+
+    @property
+    def total(self) -> float:
+        """The log-probability of the whole text after its first token."""
+        return math.fsum(self.logprobs)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.total / len(self.logprobs)) if self.logprobs else math.nan
 
 
 def load_config(overrides: Sequence[str] = ()) -> ChatLoopConfig:
@@ -225,6 +253,11 @@ class ChatLoop:
     def stage_names(self) -> list[str]:
         return list(self.pipeline.stage_names)
 
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes]:
+        """Each token id's own bytes (see :func:`~chatloop.engine.token_bytes.token_byte_table`)."""
+        return token_byte_table(self.tokenizer)
+
     @property
     def cluster_state(self) -> str:
         """serving, recovering (a lost worker is being replaced: requests wait) or degraded (it did not come back)."""
@@ -330,12 +363,52 @@ class ChatLoop:
     def generate(self, prompt, *, chat: bool = False, **sampling) -> Completion:
         """One completion of a prompt (text or token ids); sampling keywords as :class:`SamplingParams`."""
         prompt_ids = self.encode(prompt, chat)
-        text, ids, reason = [], [], FinishReason.ERROR
+        text, ids, reason, scores, prompt_scores = [], [], FinishReason.ERROR, [], None
         for event in self.stream_events(prompt_ids, **sampling):
             text.append(event.text)
             ids.extend(event.token_ids)
+            scores.extend(event.logprobs)
+            prompt_scores = list(event.prompt_logprobs) if event.prompt_logprobs is not None else prompt_scores
             reason = event.finish_reason or reason
-        return Completion("".join(text), ids, reason, len(prompt_ids))
+        wanted = sampling.get("logprobs") is not None
+        return Completion("".join(text), ids, reason, len(prompt_ids), scores if wanted else None, prompt_scores)
+
+    def score(self, texts: str | Sequence[int] | Sequence[str | Sequence[int]], *, top_logprobs: int = 0,
+              timeout_s: float | None = None) -> Score | list[Score]:
+        """How likely the model finds each text (a string or token ids): one :class:`Score` per text (one for one).
+
+        The texts are scored concurrently, as many at a time as the request queue takes; nothing is generated.
+        Tokenized with the model's special tokens (as ``generate`` does), so a Llama text starts with BOS.
+        """
+        single = isinstance(texts, str) or (len(texts) > 0 and isinstance(texts[0], int))
+        batch = [texts] if single else list(texts)
+        params = SamplingParams(max_new_tokens=0, prompt_logprobs=True, logprobs=top_logprobs, timeout_s=timeout_s)
+        encoded = [self.encode(t) for t in batch]
+        results: list[Score | None] = [None] * len(batch)
+        done: queue.Queue[tuple[int, SequenceEvent]] = queue.Queue()
+        window = max(1, self.config.batching.max_queue_size // 2)  # leave room in the queue for other clients
+        cancels: dict[int, Callable[[], None]] = {}
+        next_text = 0
+        try:
+            while next_text < len(batch) or cancels:
+                while next_text < len(batch) and len(cancels) < window:
+                    k = next_text
+                    cancels[k] = self.submit(encoded[k], params, lambda e, k=k: done.put((k, e)))
+                    next_text += 1
+                k, event = done.get()
+                if event.error is not None:
+                    raise event.error
+                if event.finish_reason is FinishReason.CANCELLED:
+                    raise SchedulerClosedError("the engine shut down while scoring")
+                if event.finish_reason is None:
+                    continue
+                cancels.pop(k)
+                scored = event.prompt_logprobs or ()
+                results[k] = Score(encoded[k], [s.logprob for s in scored], [s.top for s in scored])
+        finally:
+            for cancel in cancels.values():
+                cancel()
+        return results[0] if single else results  # type: ignore[return-value]
 
     def chat(self, messages: list[dict] | str, **sampling) -> Completion:
         """The assistant's answer to a conversation (a list of ``{"role", "content"}`` messages)."""

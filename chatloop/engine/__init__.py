@@ -22,15 +22,17 @@ from .errors import (
 )
 from .pipeline import LocalPipeline, MicroBatch, Pipeline, StageReport, StageTiming, StepRecord
 from .policy import SchedulerPolicy, Step
-from .requests import FinishReason, SamplerInput, SamplingParams, SequenceEvent
+from .requests import FinishReason, SampledToken, SamplerInput, SamplingParams, ScoredToken, SequenceEvent
 from .runner import CapacityError, StageRunner, StageSpec, build_stage_runner
 from .sampling import sample
 from .scheduler import Scheduler
+from .scoring import sample_and_score
 
 __all__ = [
     "BlockAllocator", "CapacityError", "ClusterUnavailableError", "ContextLengthError", "DeadlineExceededError",
     "EmptyPromptError", "EngineClient", "EngineError", "EngineStats", "FinishReason", "LocalPipeline", "MicroBatch",
-    "Pipeline", "QueueFullError", "RequestError", "SamplerInput", "SamplingError", "SamplingParams", "Scheduler",
-    "SchedulerClosedError", "SchedulerPolicy", "SequenceEvent", "StageError", "StageLostError", "StageReport",
-    "StageRunner", "StageSpec", "StageTiming", "Step", "StepRecord", "build_stage_runner", "sample",
+    "Pipeline", "QueueFullError", "RequestError", "SampledToken", "SamplerInput", "SamplingError", "SamplingParams",
+    "Scheduler", "SchedulerClosedError", "SchedulerPolicy", "ScoredToken", "SequenceEvent", "StageError",
+    "StageLostError", "StageReport", "StageRunner", "StageSpec", "StageTiming", "Step", "StepRecord",
+    "build_stage_runner", "sample", "sample_and_score",
 ]

@@ -64,6 +64,10 @@ class EngineClient(Protocol):
     def stage_names(self) -> list[str]:
         """The stages, in pipeline order."""
 
+    @property
+    def token_bytes(self) -> Sequence[bytes]:
+        """Each token id's own bytes (a token may hold part of a UTF-8 character)."""
+
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
         """Token ids of text, of ids, or (with ``chat``) of chat messages; ``ValueError`` when it cannot."""
 

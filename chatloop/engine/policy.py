@@ -16,6 +16,8 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   (none runs past the RPC timeout) and running sequences keep decoding while a long one arrives.
 - A sequence stops at an end-of-sequence token, a stop string, or ``max_new_tokens``;
   finished, failed and cancelled sequences give their blocks back at once.
+- A request that scores its prompt sends, with each chunk, the prompt tokens that follow it, and
+  collects their scores; a replay never scores a token twice.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from .blocks import BlockAllocator
 from .detokenizer import Detokenizer
 from .errors import ContextLengthError, DeadlineExceededError, EmptyPromptError, QueueFullError, SamplingError
-from .requests import FinishReason, SamplerInput, SamplingParams, SequenceEvent
+from .requests import FinishReason, SampledToken, SamplerInput, SamplingParams, ScoredToken, SequenceEvent
 
 __all__ = ["Output", "SchedulerPolicy", "SchedulerStats", "Step"]
 
@@ -84,6 +86,8 @@ class _Sequence:
     deadline: float | None = None
     expired: bool = False  # past its deadline: ends with an error as soon as no step of it is out
     replays: int = 0  # times its tokens went into fresh KV blocks again (a lost worker was replaced)
+    prompt_scores: list[ScoredToken] = field(default_factory=list)  # of prompt tokens 1, 2, ... (prompt_logprobs)
+    prompt_scores_sent: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -106,6 +110,18 @@ class _Sequence:
         if self.num_cached < len(self.prompt_ids):
             return (self.prompt_ids + self.output_ids)[self.num_cached : end]
         return self.output_ids[self.num_cached - len(self.prompt_ids) : end - len(self.prompt_ids)]
+
+    def targets(self, num_fed: int) -> tuple[int, tuple[int, ...]]:
+        """The prompt tokens to score at a step that feeds ``num_fed`` tokens: (offset in the step, token ids).
+
+        Position p predicts prompt token p + 1; tokens already scored (before a replay) are not asked again."""
+        if not self.params.prompt_logprobs:
+            return 0, ()
+        first = max(self.num_cached + 1, len(self.prompt_scores) + 1)  # the first prompt index not yet scored
+        last = min(self.num_cached + num_fed, len(self.prompt_ids) - 1)
+        if first > last:
+            return 0, ()
+        return first - 1 - self.num_cached, tuple(self.prompt_ids[first : last + 1])
 
 
 class SchedulerPolicy:
@@ -290,13 +306,7 @@ class SchedulerPolicy:
         tables = [
             tuple(s.blocks[: self.allocator.blocks_for(s.num_cached + len(t))]) for s, t in zip(seqs, tokens)
         ]
-        sampling = tuple(
-            SamplerInput(
-                s.params.temperature, s.params.top_k, s.params.top_p, s.params.repetition_penalty, s.seed,
-                len(s.output_ids), tuple(s.prompt_ids + s.output_ids) if s.params.repetition_penalty != 1.0 else (),
-            )
-            for s in seqs
-        )
+        sampling = tuple(self._sampler_input(s, len(t)) for s, t in zip(seqs, tokens))
         step = Step(
             next(self._ids), tuple(s.id for s in seqs), tuple(tuple(t) for t in tokens),
             tuple(s.num_cached for s in seqs), tuple(tables), sampling,
@@ -307,6 +317,16 @@ class SchedulerPolicy:
         self.stats.num_in_flight += 1
         self.stats.last_batch_size = len(seqs)
         return step
+
+    @staticmethod
+    def _sampler_input(seq: _Sequence, num_fed: int) -> SamplerInput:
+        p = seq.params
+        score_from, targets = seq.targets(num_fed)
+        return SamplerInput(
+            p.temperature, p.top_k, p.top_p, p.repetition_penalty, seq.seed, len(seq.output_ids),
+            tuple(seq.prompt_ids + seq.output_ids) if p.repetition_penalty != 1.0 else (),
+            logprobs=p.logprobs, targets=targets, score_from=score_from,
+        )
 
     # ---- results -----------------------------------------------------------------------------
     def complete(self, step_id: int, result: list[int | str] | BaseException) -> list[Output]:
@@ -322,20 +342,29 @@ class SchedulerPolicy:
             if isinstance(result, BaseException):
                 outputs.append(self._finish(seq, FinishReason.ERROR, error=result))
                 continue
+            answer = result[b]
+            if isinstance(answer, SampledToken):
+                seq.prompt_scores.extend(answer.prompt)
             seq.num_cached += fed[b]
             if seq.cancelled:
                 outputs.append(self._end_cancelled(seq))
                 continue
             if seq.num_cached < seq.num_known:
                 continue  # a chunk of its prompt: the token sampled after it is not the next one yet
-            if isinstance(result[b], str):  # this sequence alone could not be sampled
-                outputs.append(self._finish(seq, FinishReason.ERROR, error=SamplingError(result[b])))
+            if isinstance(answer, str):  # this sequence alone could not be sampled
+                outputs.append(self._finish(seq, FinishReason.ERROR, error=SamplingError(answer)))
                 continue
-            outputs.append(self._accept(seq, int(result[b])))
+            if seq.params.max_new_tokens == 0:  # the prompt scored, nothing to generate
+                outputs.append(self._finish(seq, FinishReason.LENGTH))
+                continue
+            if isinstance(answer, SampledToken):
+                outputs.append(self._accept(seq, answer.token_id, answer.scored))
+            else:
+                outputs.append(self._accept(seq, int(answer)))
         self.stats.num_running = len(self._running)
         return outputs
 
-    def _accept(self, seq: _Sequence, token: int) -> Output:
+    def _accept(self, seq: _Sequence, token: int, scored: ScoredToken | None = None) -> Output:
         self.stats.generated_tokens += 1
         if token in self.eos_token_ids and not seq.params.ignore_eos:
             return self._finish(seq, FinishReason.STOP)
@@ -344,12 +373,21 @@ class SchedulerPolicy:
         if stopped:
             return self._finish(seq, FinishReason.STOP, text=text)
         if len(seq.output_ids) >= seq.params.max_new_tokens:
-            return self._finish(seq, FinishReason.LENGTH, text=text, token=token)
-        return seq.id, SequenceEvent(text, (token,))
+            return self._finish(seq, FinishReason.LENGTH, text=text, token=token, scored=scored)
+        return seq.id, SequenceEvent(text, (token,), logprobs=(scored,) if scored else (),
+                                     prompt_logprobs=self._prompt_scores(seq))
+
+    @staticmethod
+    def _prompt_scores(seq: _Sequence) -> tuple[ScoredToken, ...] | None:
+        """The prompt's scores, on the first event of a sequence that asked for them."""
+        if not seq.params.prompt_logprobs or seq.prompt_scores_sent:
+            return None
+        seq.prompt_scores_sent = True
+        return tuple(seq.prompt_scores)
 
     def _finish(
         self, seq: _Sequence, reason: FinishReason, *, text: str = "", token: int | None = None,
-        error: BaseException | None = None,
+        scored: ScoredToken | None = None, error: BaseException | None = None,
     ) -> Output:
         if seq.blocks:
             self.allocator.free(seq.blocks)
@@ -358,9 +396,12 @@ class SchedulerPolicy:
             self._running.remove(seq)
         self._by_id.pop(seq.id, None)
         self.stats.finished[reason.value] = self.stats.finished.get(reason.value, 0) + 1
+        prompt_scores = None
         if reason in (FinishReason.STOP, FinishReason.LENGTH):
             text += seq.detokenizer.flush()
-        return seq.id, SequenceEvent(text, () if token is None else (token,), finish_reason=reason, error=error)
+            prompt_scores = self._prompt_scores(seq)
+        return seq.id, SequenceEvent(text, () if token is None else (token,), finish_reason=reason, error=error,
+                                     logprobs=(scored,) if scored else (), prompt_logprobs=prompt_scores)
 
     # ---- a lost pipeline ----------------------------------------------------------------------
     def requeue_step(self, step_id: int, retry_at: float) -> int:

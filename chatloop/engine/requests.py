@@ -1,8 +1,9 @@
 """What a request asks for and what it gets back: plain data, no torch.
 
 :class:`SamplingParams` is a request's choice of sampling and stopping; :class:`SamplerInput`
-is the small, picklable part of it the last stage needs for one step; :class:`SequenceEvent`
-is what the request's consumer receives, the last one with a :class:`FinishReason`.
+is the small, picklable part of it the last stage needs for one step (:class:`SampledToken` is
+what it returns when log-probabilities were asked for); :class:`SequenceEvent` is what the
+request's consumer receives, the last one with a :class:`FinishReason`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 __all__ = [
-    "GREEDY_BELOW", "MAX_REPETITION_PENALTY", "MAX_TEMPERATURE", "MIN_REPETITION_PENALTY", "FinishReason",
-    "SamplerInput", "SamplingParams", "SequenceEvent",
+    "GREEDY_BELOW", "MAX_LOGPROBS", "MAX_REPETITION_PENALTY", "MAX_TEMPERATURE", "MIN_REPETITION_PENALTY",
+    "FinishReason", "SampledToken", "SamplerInput", "SamplingParams", "ScoredToken", "SequenceEvent",
 ]
 
 MAX_TEMPERATURE = 2.0
@@ -21,6 +22,8 @@ GREEDY_BELOW = 1e-5
 """Temperatures below this pick the most likely token (the limit of sampling as the temperature goes to 0)."""
 MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 10.0
+MAX_LOGPROBS = 20
+"""The most alternatives a token's log-probability comes with (OpenAI's chat API allows 20)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +31,7 @@ class SamplingParams:
     """How one request picks its tokens and when it stops."""
 
     max_new_tokens: int = 128
-    """Most tokens to generate (the prompt not counted)."""
+    """Most tokens to generate (the prompt not counted); 0 scores the prompt only (with ``prompt_logprobs``)."""
     temperature: float = 0.0
     """0 to 2: 0 (and anything below ``GREEDY_BELOW``) is greedy; higher is more random."""
     top_k: int = 0
@@ -46,13 +49,21 @@ class SamplingParams:
     timeout_s: float | None = None
     """End the request with an error if it has not finished this many seconds after it was submitted (waiting in
     the queue, and any wait while the cluster replaces a lost worker, included). None: no limit."""
+    logprobs: int | None = None
+    """Return each generated token's log-probability with this many most likely alternatives (0 to
+    ``MAX_LOGPROBS``); None: none. Log-probabilities are the model's own (log-softmax of its logits), whatever
+    the temperature, penalty, top-k or top-p that picked the token."""
+    prompt_logprobs: bool = False
+    """Also score the prompt: the log-probability of each prompt token after the first, given those before it
+    (with ``logprobs`` alternatives each)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-             f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= (0 if self.prompt_logprobs else 1),
+             f"max_new_tokens must be >= 1 (0 only to score the prompt, with prompt_logprobs), "
+             f"got {self.max_new_tokens}"),
             (math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
              f"temperature must be from 0 to {MAX_TEMPERATURE:g}, got {self.temperature}"),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
@@ -64,6 +75,8 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.timeout_s is None or (math.isfinite(self.timeout_s) and self.timeout_s > 0),
              f"timeout_s must be > 0 seconds or None, got {self.timeout_s}"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs must be from 0 to {MAX_LOGPROBS} alternatives, or None, got {self.logprobs}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -85,6 +98,37 @@ class SamplerInput:
     seed: int
     step: int
     history: tuple[int, ...] = ()  # token ids so far, sent only when repetition_penalty != 1
+    logprobs: int | None = None
+    """Score the sampled token, with this many alternatives (None: do not)."""
+    targets: tuple[int, ...] = ()
+    """Prompt scoring: the token ids that follow this step's tokens ``score_from``, ``score_from`` + 1, ...;
+    each is scored given the tokens up to its predecessor."""
+    score_from: int = 0
+
+    @property
+    def scores(self) -> bool:
+        return self.logprobs is not None or bool(self.targets)
+
+
+@dataclass(frozen=True)
+class ScoredToken:
+    """A token and its log-probability under the model, with the most likely alternatives at its place."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-probability), most likely first."""
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """The last stage's answer for one sequence when it asked for scores (else a plain token id)."""
+
+    token_id: int
+    scored: ScoredToken | None = None
+    """The sampled token's score, when ``logprobs`` was asked for."""
+    prompt: tuple[ScoredToken, ...] = ()
+    """The scores of ``targets``."""
 
 
 class FinishReason(str, Enum):
@@ -113,3 +157,7 @@ class SequenceEvent:
     """Set on the last event only."""
     error: BaseException | None = None
     """With ``FinishReason.ERROR``: what failed."""
+    logprobs: tuple[ScoredToken, ...] = ()
+    """With ``logprobs``: the score of each of ``token_ids``."""
+    prompt_logprobs: tuple[ScoredToken, ...] | None = None
+    """With ``prompt_logprobs``, on the sequence's first event: the scores of its prompt tokens after the first."""

@@ -26,6 +26,7 @@ from .errors import StageError
 from .pipeline import StageReport, StageTiming
 from .requests import SamplerInput
 from .sampling import sample
+from .scoring import sample_and_score
 
 __all__ = [
     "CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks", "stage_name", "stage_specs",
@@ -150,8 +151,12 @@ class StageRunner:
             if self._inject is not None:
                 self._inject = None
                 inputs = inputs[..., :-1] if inputs.dim() == 3 else inputs[:, :0]  # a wrong shape, as a bug would make
-            out = self.stage(inputs, batch, self.cache)
-            result = sample(out, sampling) if self.stage.is_last else out
+            if self.stage.is_last and any(p.scores for p in sampling):
+                result = sample_and_score(self.stage.head, self.stage(inputs, batch, self.cache, hidden=True),
+                                          batch, sampling)
+            else:
+                out = self.stage(inputs, batch, self.cache)
+                result = sample(out, sampling) if self.stage.is_last else out
         except Exception as e:
             raise StageError(f"{self.name} (layers {self.stage.layers_range}) failed: {type(e).__name__}: {e}") from e
         end = time.perf_counter()

@@ -65,19 +65,20 @@ class StageModel(nn.Module):
         )
 
     def forward(
-        self, inputs: torch.Tensor, batch: StepBatch, cache: PagedKVCache, all_logits: bool = False
+        self, inputs: torch.Tensor, batch: StepBatch, cache: PagedKVCache, all_logits: bool = False,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """Token ids [B, T] (first stage) or hidden states [B, T, C] in; hidden states or logits out.
 
-        The last stage returns float32 logits of each sequence's last real token [B, V], or of
-        every token [B, T, V] with ``all_logits``.
+        The last stage returns float32 logits of each sequence's last real token [B, V], of every
+        token [B, T, V] with ``all_logits``, or its hidden states before :meth:`head` with ``hidden``.
         """
         cache.begin(batch)
         x = self.embed(inputs, batch) if self.is_first else inputs
         shared = self.layer_inputs(batch, x.dtype)  # computed once per micro-batch, used by every layer
         for layer in self.decoder_layers():
             x = layer(x, batch, cache, *shared)
-        if not self.is_last:
+        if not self.is_last or hidden:
             return x
         if not all_logits:
             x = x[torch.arange(x.shape[0]), batch.last_token_index][:, None]  # [B, 1, C]

@@ -67,15 +67,19 @@ def run_op(llm, op: dict):
         return {"pid": pid, "at": time.monotonic()}
     if kind == "streams":  # requests at once, each token's arrival time kept
         def one(request: dict) -> dict:
-            times, ids, reason, error = [], [], None, None
+            times, ids, reason, error, logprobs, prompt_logprobs = [], [], None, None, [], None
             try:
                 for event in llm.stream_events(request["prompt"], **request.get("params", {})):
                     times.extend([time.monotonic()] * len(event.token_ids))
                     ids.extend(event.token_ids)
+                    logprobs.extend(s.logprob for s in event.logprobs)
+                    if event.prompt_logprobs is not None:
+                        prompt_logprobs = [s.logprob for s in event.prompt_logprobs]
                     reason = event.finish_reason
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
-            return {"token_ids": ids, "times": times, "finish_reason": reason, "error": error}
+            return {"token_ids": ids, "times": times, "finish_reason": reason, "error": error, "logprobs": logprobs,
+                    "prompt_logprobs": prompt_logprobs}
 
         with ThreadPoolExecutor(len(op["requests"])) as pool:
             return list(pool.map(one, op["requests"]))

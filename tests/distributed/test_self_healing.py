@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from cluster_harness import run_cluster
 
 TOPICS = ["the sea", "a cat", "Paris", "music", "bread", "rain", "mountains", "chess", "coffee", "the moon",
@@ -13,6 +14,8 @@ STREAMS = [{"prompt": f"Write a few sentences about {t}.", "params": {"max_new_t
            for t in TOPICS]
 SEEDED = {"prompt": "Tell me a story.", "params": {"max_new_tokens": 40, "temperature": 0.8, "seed": 5,
                                                    "ignore_eos": True}}
+SCORED = {"prompt": "Explain, step by step and in detail, how bread is made from wheat: " * 4,
+          "params": {"max_new_tokens": 80, "ignore_eos": True, "logprobs": 2, "prompt_logprobs": True}}
 HEALING = ["cluster.num_workers=4", "cluster.rpc_timeout_s=20", "cluster.heartbeat_timeout_s=2",
            "cluster.progress_deadline_s=6"]
 
@@ -33,6 +36,9 @@ def _check_replayed(results: dict, faulty: str, fault: str) -> float:
     assert all(s["error"] is None for s in during), [s["error"] for s in during if s["error"]]
     for i, (want, got) in enumerate(zip(reference, during)):
         assert got["token_ids"] == want["token_ids"], f"stream {i} changed across the fault"
+        for key in ("logprobs", "prompt_logprobs"):  # scored once each, and equally, across the replay
+            if want[key]:
+                assert got[key] == pytest.approx(want[key], abs=1e-4), f"stream {i}'s {key} changed across the fault"
     at = results[fault]["at"]
     assert any(t < at for s in during for t in s["times"]), "the fault came before any token: too early"
     assert all(s["times"][-1] > at + 0.5 for s in during), "some streams were done before the fault: too late"
@@ -41,8 +47,8 @@ def _check_replayed(results: dict, faulty: str, fault: str) -> float:
 
 def test_a_killed_worker_is_replaced_and_every_stream_goes_on():
     results = run_cluster(HEALING, [
-        {"name": "reference", "op": "streams", "requests": [*STREAMS, SEEDED]},
-        {"name": "bg", "op": "start", "id": "run", "inner": {"op": "streams", "requests": [*STREAMS, SEEDED]}},
+        {"name": "reference", "op": "streams", "requests": [*STREAMS, SEEDED, SCORED]},
+        {"name": "bg", "op": "start", "id": "run", "inner": {"op": "streams", "requests": [*STREAMS, SEEDED, SCORED]}},
         {"name": "wait", "op": "sleep", "seconds": 2.0},
         {"name": "kill", "op": "signal", "stage": 2, "signal": "SIGKILL"},
         {"name": "run", "op": "join", "id": "run"},
