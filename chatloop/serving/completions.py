@@ -31,6 +31,7 @@ from ..engine import (
     RequestError,
     SamplingParams,
     SchedulerClosedError,
+    ScoredToken,
     SequenceEvent,
     StageError,
 )
@@ -38,6 +39,7 @@ from . import protocol as p
 from .bridge import ClientDisconnected, EventStream
 from .errors import APIError
 from .health import HealthMonitor
+from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 
 __all__ = ["CompletionService", "SSEResponse"]
@@ -105,6 +107,7 @@ class CompletionService:
         # Tokenizing is CPU work (seconds for megabytes): off the event loop, which health probes share.
         prompt_ids = await (self._encode_chat(body) if chat else self._encode_prompt(body))  # type: ignore[arg-type]
         params = self._params(body, len(prompt_ids), chat)
+        echo = self._echo_text(body, prompt_ids) if not chat and body.echo else None  # type: ignore[union-attr]
         down = self.health.down_now
         if down is not None:
             raise APIError(503, f"stage(s) down: {down.summary()}: the request was not run (chatloop-status shows "
@@ -114,20 +117,32 @@ class CompletionService:
         id_ = p.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             return await self._stream(endpoint, body, request, stream, id_, len(prompt_ids), chat)
-        return await self._collect(endpoint, request, stream, id_, len(prompt_ids), chat)
+        return await self._collect(endpoint, body, request, stream, id_, prompt_ids, echo)
 
     # ---- checks --------------------------------------------------------------------------------
     def _refuse_unsupported(self, body: Body) -> None:
         """What the schema allows but ChatLoop does not do (n, best_of and the penalties the schema bounds itself)."""
         if isinstance(body, p.CompletionRequest):
-            unsupported = [("echo", body.echo), ("suffix", body.suffix is not None),
-                           ("best_of", body.best_of not in (None, 1)), ("logprobs", body.logprobs is not None)]
+            if body.echo and body.stream:
+                raise APIError(400, "echo is not supported with stream: leave one out", param="echo",
+                               code="unsupported")
+            unsupported = [("suffix", body.suffix is not None), ("best_of", body.best_of not in (None, 1))]
         else:
-            unsupported = [("logprobs", bool(body.logprobs)), ("top_logprobs", body.top_logprobs is not None)]
+            if body.top_logprobs is not None and not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+            unsupported = []
         for name, used in unsupported:
             if used:
                 raise APIError(400, f"{name} is not supported by ChatLoop: leave it out", param=name,
                                code="unsupported")
+
+    def _echo_text(self, body: p.CompletionRequest, prompt_ids: list[int]) -> str:
+        """The prompt as ``echo`` returns it: the text sent, or the text of the token ids sent."""
+        prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], (str, list)) \
+            else body.prompt
+        if isinstance(prompt, str):
+            return prompt
+        return b"".join(self.engine.token_bytes[t] for t in prompt_ids).decode("utf-8", errors="replace")
 
     async def _encode_prompt(self, body: p.CompletionRequest) -> list[int]:
         prompt = body.prompt
@@ -182,7 +197,11 @@ class CompletionService:
     def _params(self, body: Body, num_prompt: int, chat: bool) -> SamplingParams:
         prompt_param = "messages" if chat else "prompt"
         room = self.context_tokens - num_prompt
-        if room < 1:
+        score_only = body.max_tokens == 0
+        if score_only and not body.echo:  # type: ignore[union-attr]  (chat's schema says max_tokens >= 1)
+            raise APIError(400, "max_tokens=0 generates nothing: it is only for scoring a prompt, with echo=true "
+                                "(and logprobs)", param="max_tokens", code="invalid_value")
+        if room < (0 if score_only else 1):
             raise APIError(413, f"the prompt has {num_prompt} tokens, the context holds {self.context_tokens} tokens "
                                 f"for the prompt and the completion together: shorten the {prompt_param}",
                            param=prompt_param, code="context_length_exceeded")
@@ -193,8 +212,6 @@ class CompletionService:
         if max_tokens is None:
             default = self.cfg.server.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
             max_tokens = min(default, room)
-        elif max_tokens < 1:
-            raise APIError(400, f"{name}={max_tokens}: it must be at least 1", param=name, code="invalid_value")
         elif max_tokens > room:
             raise APIError(400, f"{name}={max_tokens} is too large: the prompt has {num_prompt} tokens "
                                 f"and the context holds {self.context_tokens}, so at most {room} tokens "
@@ -206,10 +223,17 @@ class CompletionService:
         top_k = defaults.top_k if body.top_k is None else body.top_k
         penalty = defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])  # the schema bounds them
+        if chat:
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None  # type: ignore[union-attr]
+            prompt_logprobs = False
+        else:
+            logprobs = body.logprobs  # type: ignore[union-attr]
+            prompt_logprobs = body.echo and logprobs is not None  # type: ignore[union-attr]
         try:
             return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=penalty, seed=body.seed, stop=tuple(stop),
-                                  ignore_eos=body.ignore_eos, timeout_s=self.cfg.server.request_timeout_s)
+                                  ignore_eos=body.ignore_eos, timeout_s=self.cfg.server.request_timeout_s,
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
@@ -260,16 +284,19 @@ class CompletionService:
         if outcome in ("stop", "length"):
             self.metrics.duration.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _collect(
-        self, endpoint: str, request: Request, stream: EventStream, id_: str, num_prompt: int, chat: bool
-    ) -> Response:
+    async def _collect(self, endpoint: str, body: Body, request: Request, stream: EventStream, id_: str,
+                       prompt_ids: list[int], echo: str | None) -> Response:
         pieces: list[str] = []
+        scores: list[ScoredToken] = []
+        prompt_scores: tuple[ScoredToken, ...] = ()
         try:
             while True:
                 event = await stream.next(request.is_disconnected)
                 if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
                     raise self._failure(event)
                 pieces.append(event.text)
+                scores.extend(event.logprobs)
+                prompt_scores = event.prompt_logprobs or prompt_scores
                 if event.finish_reason is not None:
                     break
         except ClientDisconnected:
@@ -278,10 +305,17 @@ class CompletionService:
         finally:
             stream.close()
         self._finish(endpoint, stream, stream.submitted, event.finish_reason.value)
-        use = p.usage(num_prompt, stream.num_tokens)
+        use = p.usage(len(prompt_ids), stream.num_tokens)
         text = "".join(pieces)
-        build = p.chat_response if chat else p.completion_response
-        return _json(build(id_, self.model_name, text, event.finish_reason.value, use))
+        if isinstance(body, p.ChatCompletionRequest):
+            logprobs = chat_logprobs(self.engine.token_bytes, scores) if body.logprobs else None
+            return _json(p.chat_response(id_, self.model_name, text, event.finish_reason.value, use, logprobs))
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(self.engine.token_bytes, [*prompt_scores, *scores] if echo is not None
+                                           else scores, first_token=prompt_ids[0] if echo is not None else None)
+        text = text if echo is None else echo + text
+        return _json(p.completion_response(id_, self.model_name, text, event.finish_reason.value, use, logprobs))
 
     async def _stream(self, endpoint: str, body: Body, request: Request, stream: EventStream, id_: str,
                       num_prompt: int, chat: bool) -> Response:
@@ -298,10 +332,21 @@ class CompletionService:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         object_ = "chat.completion.chunk" if chat else "text_completion"
 
-        def piece(text: str, finish: str | None) -> dict:
+        wants_logprobs = bool(body.logprobs) if chat else body.logprobs is not None  # type: ignore[union-attr]
+        offset = 0  # characters streamed so far (completions' text_offset)
+
+        def piece(text: str, finish: str | None, scored: tuple[ScoredToken, ...] = ()) -> dict:
+            nonlocal offset
+            logprobs = None
             if chat:
-                return p.chat_chunk(id_, self.model_name, created, {"content": text} if text else {}, finish)
-            return p.completion_chunk(id_, self.model_name, created, text, finish)
+                if wants_logprobs and scored:
+                    logprobs = chat_logprobs(self.engine.token_bytes, scored)
+                return p.chat_chunk(id_, self.model_name, created, {"content": text} if text else {}, finish,
+                                    logprobs)
+            if wants_logprobs and scored:
+                logprobs = completion_logprobs(self.engine.token_bytes, scored, offset=offset)
+                offset += sum(len(t) for t in logprobs["tokens"])
+            return p.completion_chunk(id_, self.model_name, created, text, finish, logprobs)
 
         async def events() -> AsyncIterator[str]:
             outcome = "disconnected"
@@ -316,8 +361,8 @@ class CompletionService:
                         yield sse(failure.body())
                         yield SSE_DONE
                         return
-                    if event.text:
-                        yield sse(piece(event.text, None))
+                    if event.text or (wants_logprobs and event.logprobs):
+                        yield sse(piece(event.text, None, event.logprobs))
                     if event.finish_reason is not None:
                         outcome = event.finish_reason.value
                         yield sse(piece("", event.finish_reason))

@@ -2,8 +2,8 @@
 
 Requests are strict about types (``"0.5"`` is not a number) and ignore fields they do not
 know. Supported beyond OpenAI's fields, as vLLM does: ``top_k``, ``repetition_penalty``,
-``ignore_eos``. Fields ChatLoop cannot honour (``n > 1``, ``logprobs``, penalties, ``echo``,
-``suffix``, ``best_of > 1``) are refused with a 400 saying so, rather than silently ignored.
+``ignore_eos``. Fields ChatLoop cannot honour (``n > 1``, penalties, ``suffix``, ``best_of > 1``,
+``echo`` with ``stream``) are refused with a 400 saying so, rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -14,10 +14,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from ..engine.requests import GREEDY_BELOW, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY
+from ..engine.requests import (
+    GREEDY_BELOW,
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+)
 
 __all__ = [
-    "StreamOptions", "CompletionRequest", "ChatMessage", "ChatCompletionRequest", "Usage",
+    "StreamOptions", "CompletionRequest", "ChatMessage", "ChatCompletionRequest", "Usage", "CompletionLogprobs",
+    "ChatLogprobs",
     "CompletionResponse", "ChatCompletionResponse", "ErrorResponse", "HealthResponse", "ModelCard", "ModelList",
     "new_id", "completion_response", "completion_chunk", "chat_response", "chat_chunk", "usage", "usage_chunk",
 ]
@@ -73,10 +80,16 @@ class CompletionRequest(_Sampling):
         list[TokenIds], Field(min_length=1, max_length=1)] = Field(
         description="Text, or token ids; a list of one prompt is accepted (batches are not). Not empty."
     )
-    echo: bool = Field(False, description="Only false is supported.")
+    max_tokens: int | None = Field(
+        None, ge=0, description="Most tokens to generate; the prompt plus this must fit the context. 0 (with echo): "
+                                "score the prompt, generate nothing.")
+    echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: the prompt "
+                                          "tokens' too, the first one's null). Not with stream.")
     suffix: str | None = Field(None, description="Not supported: leave it out.")
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
-    logprobs: int | None = Field(None, description="Not supported: leave it out.")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Return each token's log-probability with this many most likely alternatives "
+                                      "(0 to 5); the model's own, whatever the sampling settings.")
 
 
 class _ContentPart(BaseModel):
@@ -106,8 +119,11 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far (at least one message).")
     max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of max_tokens.")
-    logprobs: bool | None = Field(None, description="Not supported: leave it out or false.")
-    top_logprobs: int | None = Field(None, description="Not supported: leave it out.")
+    logprobs: bool | None = Field(None, description="Return each generated token's log-probability (the model's "
+                                                     "own, whatever the sampling settings).")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description=f"With logprobs: this many most likely alternatives (0 to "
+                                                 f"{MAX_LOGPROBS}) at each token.")
 
 
 # ---- responses (documented in the OpenAPI schema; built as dicts) ------------------------------
@@ -119,7 +135,6 @@ class Usage(BaseModel):
 
 class _Choice(BaseModel):
     index: int
-    logprobs: None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -129,8 +144,33 @@ class _Response(BaseModel):
     model: str
 
 
+class CompletionLogprobs(BaseModel):
+    """One entry per token: its text, log-probability (null for an echoed prompt's first token), the most likely
+    alternatives and the token itself as {text: log-probability}, and where its text starts."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class _CompletionChoice(_Choice):
     text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class _TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class _TokenLogprob(_TopLogprob):
+    top_logprobs: list[_TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[_TokenLogprob]
 
 
 class CompletionResponse(_Response):
@@ -146,6 +186,7 @@ class _AssistantMessage(BaseModel):
 
 class _ChatChoice(_Choice):
     message: _AssistantMessage
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -207,24 +248,28 @@ def _head(id_: str, object_: str, model: str, created: int | None) -> dict[str, 
     return {"id": id_, "object": object_, "created": created or int(time.time()), "model": model}
 
 
-def completion_response(id_: str, model: str, text: str, finish_reason: str, use: dict) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_response(id_: str, model: str, text: str, finish_reason: str, use: dict,
+                        logprobs: dict | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**_head(id_, "text_completion", model, None), "choices": [choice], "usage": use}
 
 
-def completion_chunk(id_: str, model: str, created: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_chunk(id_: str, model: str, created: int, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**_head(id_, "text_completion", model, created), "choices": [choice]}
 
 
-def chat_response(id_: str, model: str, text: str, finish_reason: str, use: dict) -> dict[str, Any]:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+def chat_response(id_: str, model: str, text: str, finish_reason: str, use: dict,
+                  logprobs: dict | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
               "finish_reason": finish_reason}
     return {**_head(id_, "chat.completion", model, None), "choices": [choice], "usage": use}
 
 
-def chat_chunk(id_: str, model: str, created: int, delta: dict, finish_reason: str | None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_chunk(id_: str, model: str, created: int, delta: dict, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**_head(id_, "chat.completion.chunk", model, created), "choices": [choice]}
 
 
