@@ -1,0 +1,101 @@
+"""Perplexity of a text file over the pipeline (and, to compare, in transformers on the same checkpoint).
+
+    python -m benchmarks.perplexity                                           # tests/data/perplexity.txt, SmolLM2
+    python -m benchmarks.perplexity --text book.txt --window 1024 --stride 512 --transformers cluster.num_workers=2
+
+The text is tokenized once and scored in windows of ``--window`` tokens every ``--stride`` tokens (Hugging Face's
+sliding-window recipe): each token is predicted once, from up to ``window`` tokens before it, and the first token
+is not predicted. Perplexity is exp(mean negative log-likelihood). All windows are scored concurrently
+(``ChatLoop.score``), so the pipeline is full. Any other argument is a Hydra override of ChatLoop's config; one
+JSON line goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["DEFAULT_TEXT", "main", "perplexity", "windows"]
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "perplexity.txt"
+
+
+def windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window: together they predict tokens 1 .. num_tokens - 1 once
+    (with ``stride == window``, not the first token of each window, which has no context in it)."""
+    if window < 2 or not 1 <= stride <= window:
+        raise ValueError(f"--window {window} --stride {stride}: need window >= 2 and 1 <= stride <= window")
+    out, scored_up_to, begin = [], 1, 0
+    while scored_up_to < num_tokens:
+        end = min(begin + window, num_tokens)
+        out.append((begin, end, max(scored_up_to, begin + 1)))
+        scored_up_to = end
+        begin += stride
+    return out
+
+
+def perplexity(score: Callable[[list[list[int]]], list[list[float]]], ids: Sequence[int], window: int,
+               stride: int) -> tuple[float, int]:
+    """(perplexity, tokens predicted): ``score`` maps windows of token ids to the log-probabilities of their
+    tokens after the first."""
+    plan = windows(len(ids), window, stride)
+    logprobs = score([list(ids[begin:end]) for begin, end, _ in plan])
+    kept = [lp for (begin, _, first), row in zip(plan, logprobs) for lp in row[first - begin - 1:]]
+    return math.exp(-math.fsum(kept) / len(kept)), len(kept)
+
+
+def transformers_scores(checkpoint: Path) -> Callable[[list[list[int]]], list[list[float]]]:
+    """The same scores from transformers' own model (float32), window by window."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+    def score(batch: list[list[int]]) -> list[list[float]]:
+        out = []
+        with torch.no_grad():
+            for ids in batch:
+                logprobs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+                out.append(logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist())
+        return out
+
+    return score
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perplexity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--transformers", action="store_true", help="also measure it in transformers, to compare")
+    args, overrides = parser.parse_known_args(argv)
+
+    from chatloop import ChatLoop, load_config
+    from chatloop.embedded import resolve_model
+
+    cfg = load_config(overrides)
+    text = args.text.read_text()
+    with ChatLoop.start(cfg) as llm:
+        ids = llm.tokenizer.encode(text)
+        started = time.perf_counter()
+        value, count = perplexity(lambda batch: [s.logprobs for s in llm.score(batch)], ids, args.window, args.stride)
+        seconds = time.perf_counter() - started
+    result = {"model": cfg.model.name, "dtype": cfg.model.dtype, "workers": cfg.cluster.num_workers,
+              "text": args.text.name, "tokens": len(ids), "predicted": count, "window": args.window,
+              "stride": args.stride, "perplexity": value, "seconds": round(seconds, 2)}
+    if args.transformers:
+        reference, _ = perplexity(transformers_scores(resolve_model(cfg.model.name)), ids, args.window, args.stride)
+        result["transformers_perplexity"] = reference
+        result["relative_difference"] = value / reference - 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
