@@ -6,6 +6,10 @@ one library in ``$CHATLOOP_CACHE/kernels`` with ``-march=native -fopenmp`` and l
 ctypes, which releases the GIL during a call. Where they cannot be built (no compiler, not
 x86-64 with AVX2 and FMA, SIMD turned off, ``CHATLOOP_KERNELS=0``) :func:`load_kernels` returns
 None, says why once in the log, and callers keep torch's own kernels.
+
+``qgemv.c``, the quantized linear kernel, is a library of its own, built without ``-march=native``: it holds a
+portable, an AVX2 and an AVX-512 VNNI path, and :func:`quant_isa` picks one at run time from what the CPU has
+(``CHATLOOP_ISA`` forces one, for tests and comparisons).
 """
 
 from __future__ import annotations
@@ -26,13 +30,20 @@ import torch
 from ..paths import cache_root
 from ..worker_settings import SIMD_ENV
 
-__all__ = ["MAX_KERNEL_ROWS", "load_kernels", "kernel_decode_attention", "kernel_linear", "stream_read"]
+__all__ = ["ISAS", "MAX_KERNEL_ROWS", "available_isas", "kernel_dequantize_rows", "kernel_decode_attention",
+           "kernel_linear", "kernel_quant_linear", "load_kernels", "load_quant_kernels", "quant_isa", "stream_read"]
 
 log = logging.getLogger(__name__)
 
-SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+SOURCES = [Path(__file__).parent / name for name in ("attention.c", "gemv.c")]
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+QUANT_SOURCES = [Path(__file__).parent / "qgemv.c"]
+QUANT_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma", "f16c"}),
+        "avx512_vnni": (2, {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})}
+"""The quantized kernel's paths: (its number in qgemv.c, the CPU flags it needs), slowest first."""
+FORMAT_IDS = {"q8_0": 0, "q4_1": 1}
 MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
 
@@ -60,11 +71,12 @@ def _unavailable_reason() -> str | None:
     return None
 
 
-def _build(compiler: str) -> Path:
-    """Compile the C sources for this CPU (once: the file name hashes the sources, flags and CPU)."""
-    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + _cpu_flags().encode() + compiler.encode())
-    target = cache_root() / "kernels" / f"chatloop_kernels-{key.hexdigest()[:16]}.so"
+def _build(compiler: str, sources: list[Path] = SOURCES, flags: list[str] = FLAGS, name: str = "chatloop_kernels",
+           libraries: tuple[str, ...] = ()) -> Path:
+    """Compile C sources for this CPU (once: the file name hashes the sources, flags and CPU)."""
+    text = b"".join(source.read_bytes() for source in sources + HEADERS)
+    key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_flags().encode() + compiler.encode())
+    target = cache_root() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +84,7 @@ def _build(compiler: str) -> Path:
     fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", scratch],
+        subprocess.run([compiler, *flags, *map(str, sources), "-o", scratch, *libraries],
                        check=True, capture_output=True, text=True, timeout=120)
         os.replace(scratch, target)
     finally:
@@ -103,6 +115,107 @@ def load_kernels() -> ctypes.CDLL | None:
             return library
     log.info("ChatLoop's native kernels are off (%s): linear layers use torch's kernels", reason)
     return None
+
+
+@functools.cache
+def load_quant_kernels() -> ctypes.CDLL | None:
+    """The quantized kernels' library, or None (logged once): quantized layers then compute in torch."""
+    reason = None
+    if os.environ.get("CHATLOOP_KERNELS", "1") == "0":
+        reason = "CHATLOOP_KERNELS=0"
+    elif platform.machine() not in ("x86_64", "AMD64"):
+        reason = f"the kernel is written for x86-64, this is {platform.machine()}"
+    elif not shutil.which(os.environ.get("CC", "cc")):
+        reason = f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH: install gcc to build it"
+    else:
+        try:
+            library = ctypes.CDLL(str(_build(os.environ.get("CC", "cc"), QUANT_SOURCES, QUANT_FLAGS,
+                                              "chatloop_quant_kernels", ("-lm",))))
+        except subprocess.CalledProcessError as e:
+            reason = f"the C compiler failed: {e.stderr.strip()[:300]}"
+        except (OSError, subprocess.SubprocessError) as e:
+            reason = str(e)
+        else:
+            pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            library.chatloop_quant_linear.argtypes = [pointer] * 4 + [size] * 3 + [integer] * 3 + [pointer] * 3
+            library.chatloop_quant_linear.restype = None
+            library.chatloop_dequantize_rows.argtypes = [pointer] * 3 + [size] * 2 + [integer]
+            library.chatloop_dequantize_rows.restype = None
+            return library
+    log.info("ChatLoop's quantized kernels are off (%s): quantized layers dequantize into torch's kernels", reason)
+    return None
+
+
+def available_isas() -> list[str]:
+    """The quantized kernel's paths this CPU can run, slowest first (empty where the kernels are off)."""
+    if load_quant_kernels() is None:
+        return []
+    if os.environ.get(SIMD_ENV) == "default":  # worker.enable_simd=false
+        return ["portable"]
+    flags = set(_cpu_flags().split())
+    return [name for name, (_, needs) in ISAS.items() if needs <= flags]
+
+
+def quant_isa() -> str:
+    """The path quantized layers use: ``CHATLOOP_ISA`` if set (it must be one this CPU runs), else the fastest."""
+    available = available_isas()
+    forced = os.environ.get("CHATLOOP_ISA")
+    if forced:
+        if forced not in available:
+            raise ValueError(f"CHATLOOP_ISA={forced}: this machine runs {', '.join(available) or 'none'}")
+        return forced
+    return available[-1] if available else "none"
+
+
+def kernel_quant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, in_features: int,
+                        bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``W`` quantized as ``fmt`` (``q8_0`` or ``q4_1``) in ``data`` [out, bytes]: the
+    activations are quantized in blocks of 32 too (see ``qgemv.c``). ``isa``: a path of :func:`available_isas`
+    (default :func:`quant_isa`)."""
+    library = load_quant_kernels()
+    if library is None:
+        raise RuntimeError("ChatLoop's quantized kernels are not available here (see the log)")
+    isa = isa or quant_isa()
+    _require(isa in available_isas(), f"kernel_quant_linear: isa {isa!r} is not one of {available_isas()}")
+    _require(fmt in FORMAT_IDS, f"kernel_quant_linear: format {fmt!r} is not one of {', '.join(FORMAT_IDS)}")
+    block_bytes = 34 if fmt == "q8_0" else 20
+    _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
+             and data.shape[1] * 32 == in_features * block_bytes,
+             f"kernel_quant_linear: a {fmt} matrix of {in_features} inputs is contiguous uint8 "
+             f"[out, {in_features // 32 * block_bytes}], got {data.dtype} {tuple(data.shape)}")
+    _require(x.dtype == torch.float32 and x.shape[-1] == in_features,
+             f"kernel_quant_linear takes float32 x with {in_features} features, got {x.dtype} {tuple(x.shape)}")
+    out_features = data.shape[0]
+    _require(bias is None or (bias.dtype == torch.float32 and bias.shape == (out_features,) and bias.is_contiguous()),
+             f"kernel_quant_linear's bias must be a contiguous float32 [{out_features}] vector")
+    x = x.contiguous()
+    rows = x.numel() // in_features
+    out = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    xq = torch.empty(rows * in_features, dtype=torch.int8)
+    xd = torch.empty(rows * in_features // 32, dtype=torch.float32)
+    xs = torch.empty_like(xd)
+    library.chatloop_quant_linear(
+        x.data_ptr(), data.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
+        out_features, in_features, FORMAT_IDS[fmt], ISAS[isa][0], torch.get_num_threads(), xq.data_ptr(),
+        xd.data_ptr(), xs.data_ptr(),
+    )
+    return out
+
+
+def kernel_dequantize_rows(data: torch.Tensor, ids: torch.Tensor, fmt: str, in_features: int) -> torch.Tensor:
+    """Rows ``ids`` (any shape, int64) of a quantized matrix as float32 [*ids.shape, in_features]."""
+    library = load_quant_kernels()
+    if library is None:
+        raise RuntimeError("ChatLoop's quantized kernels are not available here (see the log)")
+    _require(fmt in FORMAT_IDS and data.dtype == torch.uint8 and data.is_contiguous(),
+             f"kernel_dequantize_rows: need a contiguous uint8 {fmt} matrix")
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    _require(bool(((flat >= 0) & (flat < data.shape[0])).all()),
+             f"kernel_dequantize_rows: ids outside [0, {data.shape[0]})")
+    out = torch.empty(flat.numel(), in_features, dtype=torch.float32)
+    library.chatloop_dequantize_rows(data.data_ptr(), flat.data_ptr(), out.data_ptr(), flat.numel(), in_features,
+                                     FORMAT_IDS[fmt])
+    return out.reshape(*ids.shape, in_features)
 
 
 def _library() -> ctypes.CDLL:

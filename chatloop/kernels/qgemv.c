@@ -1,0 +1,192 @@
+/* ChatLoop's quantized linear kernel: y[b, o] = sum_i W[o, i] x[b, i] + bias[o] for W in GGUF's q8_0 or q4_1
+ * blocks of 32 (see chatloop/quant/formats.py), x float32.
+ *
+ * As llama.cpp does, each block of 32 activations is quantized to int8 first (a float scale d and s = d * sum(q)),
+ * once per call and by the same scalar code on every path, so that the paths differ only in the order of float
+ * additions; then each block's product is an integer dot product:
+ *   q8_0:  d_w d_x sum(q_w q_x)            q4_1:  d_w d_x sum(q_w q_x) + m_w s_x
+ * Three paths, chosen at run time by the caller (what the CPU has, or CHATLOOP_ISA): portable C, AVX2 (maddubs),
+ * AVX-512 VNNI (vpdpbusd). This file is compiled without -march=native: each path states its own target.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { FMT_Q8_0 = 0, FMT_Q4_1 = 1 };
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
+#define QK 32
+#define ROW_TILE 16 /* input rows whose activations stay in cache while a group of weight rows is read */
+
+static inline int block_bytes(int fmt) { return fmt == FMT_Q8_0 ? 34 : 20; }
+
+/* IEEE half to float, without F16C (the portable path). */
+static inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  uint32_t bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else { /* subnormal: normalise */
+    int shift = 0;
+    uint32_t m = mantissa;
+    while (!(m & 0x400)) m <<= 1, ++shift;
+    bits = sign | ((uint32_t)(113 - shift) << 23) | ((m & 0x3FF) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+/* Row b of x as int8 blocks: xq[b, i], xd[b, k], xs[b, k]. Ties round to even (nearbyintf), as torch.round. */
+static void quantize_row(const float* x, int8_t* xq, float* xd, float* xs, int64_t nb) {
+  for (int64_t k = 0; k < nb; ++k) {
+    const float* v = x + k * QK;
+    float amax = 0.0f;
+    for (int j = 0; j < QK; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < QK; ++j) {
+      const int q = (int)nearbyintf(v[j] * inv);
+      xq[k * QK + j] = (int8_t)q;
+      sum += q;
+    }
+    xd[k] = d;
+    xs[k] = d * (float)sum;
+  }
+}
+
+/* ---- portable ----------------------------------------------------------------------------------------------- */
+static float dot_portable(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int fmt) {
+  float acc = 0.0f;
+  const int bb = block_bytes(fmt);
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = w + k * bb;
+    const int8_t* q = xq + k * QK;
+    int sum = 0;
+    if (fmt == FMT_Q8_0) {
+      for (int j = 0; j < QK; ++j) sum += (int8_t)blk[2 + j] * q[j];
+      acc += half_to_float(blk) * xd[k] * (float)sum;
+    } else {
+      for (int j = 0; j < 16; ++j) sum += (blk[4 + j] & 0x0F) * q[j] + (blk[4 + j] >> 4) * q[j + 16];
+      acc += half_to_float(blk) * xd[k] * (float)sum + half_to_float(blk + 2) * xs[k];
+    }
+  }
+  return acc;
+}
+
+/* ---- AVX2 --------------------------------------------------------------------------------------------------- */
+__attribute__((target("avx2,fma,f16c"))) static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma,f16c"))) static inline float half_f16c(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+/* The 32 weights of a q4_1 block as bytes 0..15: weight j in lane j (low nibbles, then high nibbles). */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256i q4_weights(const uint8_t* blk) {
+  const __m128i raw = _mm_loadu_si128((const __m128i*)(blk + 4));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+__attribute__((target("avx2,fma,f16c"))) static float dot_avx2(const uint8_t* w, const int8_t* xq, const float* xd,
+                                                                 const float* xs, int64_t nb, int fmt) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;
+  const int bb = block_bytes(fmt);
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = w + k * bb;
+    const __m256i qx = _mm256_loadu_si256((const __m256i*)(xq + k * QK));
+    __m256i products;
+    if (fmt == FMT_Q8_0) {
+      const __m256i qw = _mm256_loadu_si256((const __m256i*)(blk + 2));
+      /* maddubs multiplies unsigned by signed: |w| times x with w's sign. */
+      products = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+    } else {
+      products = _mm256_maddubs_epi16(q4_weights(blk), qx);
+      mins += half_f16c(blk + 2) * xs[k];
+    }
+    const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(half_f16c(blk) * xd[k]), sums, acc);
+  }
+  return hsum256(acc) + mins;
+}
+
+/* ---- AVX-512 VNNI ------------------------------------------------------------------------------------------- */
+#define VNNI_TARGET "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
+__attribute__((target(VNNI_TARGET))) static float dot_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
+                                                            const float* xs, int64_t nb, int fmt) {
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;
+  const int bb = block_bytes(fmt);
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = w + k * bb;
+    const __m256i qx = _mm256_loadu_si256((const __m256i*)(xq + k * QK));
+    __m256i sums;
+    if (fmt == FMT_Q8_0) {
+      const __m256i qw = _mm256_loadu_si256((const __m256i*)(blk + 2));
+      sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(qw), _mm256_sign_epi8(qx, qw));
+    } else {
+      sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_weights(blk), qx);
+      mins += half_f16c(blk + 2) * xs[k];
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(half_f16c(blk) * xd[k]), _mm256_cvtepi32_ps(sums), acc);
+  }
+  return hsum256(acc) + mins;
+}
+
+typedef float (*dot_fn)(const uint8_t*, const int8_t*, const float*, const float*, int64_t, int);
+
+/* y [B, O] = x [B, I] W^T + bias. xq [B, I], xd and xs [B, I / 32]: scratch the caller provides. */
+void chatloop_quant_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
+                           int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, float* xs) {
+  const int64_t nb = I / QK, row_bytes = nb * block_bytes(fmt);
+  const dot_fn dot = isa == ISA_AVX512_VNNI ? dot_vnni : isa == ISA_AVX2 ? dot_avx2 : dot_portable;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t b = 0; b < B; ++b) quantize_row(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t o0 = 0; o0 < O; o0 += ROW_TILE) {
+    const int64_t o1 = o0 + ROW_TILE < O ? o0 + ROW_TILE : O;
+    for (int64_t b0 = 0; b0 < B; b0 += ROW_TILE) {
+      const int64_t b1 = b0 + ROW_TILE < B ? b0 + ROW_TILE : B;
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t b = b0; b < b1; ++b)
+          y[b * O + o] = dot(w + o * row_bytes, xq + b * I, xd + b * nb, xs + b * nb, nb, fmt) + (bias ? bias[o] : 0.0f);
+    }
+  }
+}
+
+/* Rows ids[r] of a quantized matrix as float32 [R, I] (embedding lookups). */
+void chatloop_dequantize_rows(const uint8_t* w, const int64_t* ids, float* out, int64_t R, int64_t I, int fmt) {
+  const int64_t nb = I / QK, row_bytes = nb * block_bytes(fmt);
+  for (int64_t r = 0; r < R; ++r) {
+    const uint8_t* row = w + ids[r] * row_bytes;
+    float* dst = out + r * I;
+    for (int64_t k = 0; k < nb; ++k) {
+      const uint8_t* blk = row + k * block_bytes(fmt);
+      const float d = half_to_float(blk);
+      if (fmt == FMT_Q8_0) {
+        for (int j = 0; j < QK; ++j) dst[k * QK + j] = d * (float)(int8_t)blk[2 + j];
+      } else {
+        const float m = half_to_float(blk + 2);
+        for (int j = 0; j < 16; ++j) {
+          dst[k * QK + j] = d * (float)(blk[4 + j] & 0x0F) + m;
+          dst[k * QK + j + 16] = d * (float)(blk[4 + j] >> 4) + m;
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,121 @@
+"""Linear and embedding layers over quantized weights (see :mod:`~chatloop.quant.formats`).
+
+The weight stays quantized in memory (a uint8 buffer named ``weight``, so a partition's tensor loads into it by
+name). :class:`QuantLinear` multiplies up to ``KERNEL_ROWS`` rows (decode steps) on ChatLoop's quantized kernel,
+which streams the quantized bytes once; more rows (prefill) are compute-bound, and there it dequantizes a slice
+of the weight at a time into torch's GEMM (float32 activations: a little more accurate than the kernel). Where
+the kernel cannot be built, every call takes that second way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import kernel_dequantize_rows, kernel_quant_linear, load_quant_kernels
+from .formats import FORMATS, dequantize, in_features_of
+
+__all__ = ["QuantEmbedding", "QuantLinear", "quantize_modules", "tie_quantized_head"]
+
+KERNEL_ROWS = 16
+"""Up to this many input rows go to the quantized kernel; more to dequantize-and-GEMM."""
+SLICE_ROWS = 1024
+"""Weight rows dequantized at once for a GEMM (1024 x 4096 float32: 16 MiB)."""
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + bias`` with ``W`` [out, in] held as ``fmt`` blocks in ``weight`` [out, bytes] (uint8)."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.in_features = in_features_of(weight, fmt) if weight.device.type != "meta" else 0
+        self.out_features = weight.shape[0]
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight" in state_dict:  # a module built on meta learns its input size from the real weight
+            self.in_features = in_features_of(state_dict[prefix + "weight"], self.fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        kernels = load_quant_kernels() is not None
+        if kernels and x.numel() <= KERNEL_ROWS * self.in_features:
+            return kernel_quant_linear(x, self.weight, self.fmt, self.in_features, self.bias)
+        outputs = []
+        for start in range(0, self.out_features, SLICE_ROWS):
+            rows = torch.arange(start, min(start + SLICE_ROWS, self.out_features))
+            weight = (kernel_dequantize_rows(self.weight, rows, self.fmt, self.in_features) if kernels
+                      else dequantize(self.weight[rows], self.fmt))
+            outputs.append(F.linear(x, weight))
+        y = torch.cat(outputs, -1)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, " \
+               f"bias={self.bias is not None}"
+
+
+class QuantEmbedding(nn.Module):
+    """Rows of an embedding table [vocab, dim] held as ``fmt`` blocks, dequantized as they are looked up."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.embedding_dim = in_features_of(weight, fmt) if weight.device.type != "meta" else 0
+        self.register_buffer("weight", weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight" in state_dict:
+            self.embedding_dim = in_features_of(state_dict[prefix + "weight"], self.fmt)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if load_quant_kernels() is not None:
+            return kernel_dequantize_rows(self.weight, ids, self.fmt, self.embedding_dim)
+        return dequantize(self.weight[ids.reshape(-1)], self.fmt).reshape(*ids.shape, self.embedding_dim)
+
+    def tied_head(self) -> QuantLinear:
+        """A tied head over the same bytes."""
+        head = QuantLinear(self.weight, self.fmt)
+        head.in_features = self.embedding_dim
+        return head
+
+
+def quantize_modules(stage: nn.Module, formats: dict[str, str], state: dict[str, torch.Tensor]) -> None:
+    """Before ``stage`` (built on the meta device) loads ``state``: make the linear and embedding layers whose
+    weights ``formats`` names ({"model.layers.0.mlp.up_proj.weight": "q4_1", ...}) quantized ones."""
+    for key, fmt in formats.items():
+        if fmt not in FORMATS:
+            raise ValueError(f"tensor {key} is in format {fmt!r}; this ChatLoop computes with {', '.join(FORMATS)}")
+        name, _, leaf = key.rpartition(".")
+        if leaf != "weight" or key not in state:
+            raise ValueError(f"quantized tensor {key} is not a weight of this stage")
+        in_features_of(state[key], fmt)  # checks the bytes' shape
+        parent_name, _, child = name.rpartition(".")
+        parent = stage.get_submodule(parent_name) if parent_name else stage
+        module = getattr(parent, child)
+        if isinstance(module, nn.Linear):
+            bias = None if module.bias is None else torch.empty_like(module.bias, device="meta")
+            replacement: nn.Module = QuantLinear(torch.empty_like(state[key], device="meta"), fmt, bias)
+        elif isinstance(module, nn.Embedding):
+            replacement = QuantEmbedding(torch.empty_like(state[key], device="meta"), fmt)
+        else:
+            raise ValueError(f"quantized tensor {key} belongs to a {type(module).__name__}, not a linear layer")
+        setattr(parent, child, replacement)
+
+
+def tie_quantized_head(stage) -> None:
+    """A last stage whose head is tied to a quantized embedding reads the same bytes; a last stage that does not
+    embed tokens too keeps only the head."""
+    if not stage.is_last or stage.lm_head is not None:
+        return
+    parent_name, _, child = stage.embedding_path.rpartition(".")
+    embedding = getattr(stage.get_submodule(parent_name), child, None)
+    if isinstance(embedding, QuantEmbedding):
+        stage.lm_head = embedding.tied_head()
+        if not stage.is_first:
+            delattr(stage.get_submodule(parent_name), child)
