@@ -111,6 +111,8 @@ def partitions_dir_for(cfg: ChatLoopConfig) -> Path:
     if cfg.model.partitions_dir:
         return Path(cfg.model.partitions_dir)
     name = Path(cfg.model.name).name.lower() if os.sep in cfg.model.name else cfg.model.name.lower()
+    if cfg.model.quantization:
+        name += f"-{cfg.model.quantization}"
     ranges = "-".join(f"{w.start_layer}_{w.end_layer}" for w in cfg.cluster.workers) or "even"
     return cache_root() / "partitions" / f"{name}-{cfg.cluster.num_workers}-{ranges}"
 
@@ -128,7 +130,13 @@ def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
             raise
         ranges = [LayerRange(w.start_layer, w.end_layer) for w in cfg.cluster.workers] or None
         log.info("splitting %s into %d partitions in %s", cfg.model.name, cfg.cluster.num_workers, directory)
-        manifest = split_model(cfg.model.name, directory, cfg.cluster.num_workers, ranges=ranges)
+        manifest = split_model(cfg.model.name, directory, cfg.cluster.num_workers, ranges=ranges,
+                               quantize=cfg.model.quantization)
+    if cfg.model.quantization and manifest.quantization != cfg.model.quantization:
+        raise ManifestError(
+            f"model.quantization={cfg.model.quantization}, but the partitions in {directory} are "
+            f"{manifest.quantization or 'not quantized'}: split again with --quantize {cfg.model.quantization}, or "
+            f"set model.quantization={manifest.quantization or 'null'}")
     if cfg.cluster.launch == "external" and not (directory / CONFIG_DIR).is_dir():
         try:  # a split made before ChatLoop wrote worker configs: the workers started by hand need them
             write_worker_configs(directory, manifest)

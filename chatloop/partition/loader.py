@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +14,9 @@ from torch import nn
 from ..kernels import load_kernels
 from ..models import LayerRange, ModelArgs, StageModel, build_stage, family_of
 from ..models.packing import pack_linear_weights
+from ..quant.modules import quantize_modules, tie_quantized_head
 from .integrity import verify
-from .manifest import Manifest, ManifestError
+from .manifest import QUANTIZED_KEY, Manifest, ManifestError
 from .safetensors_stream import SafetensorsError, read_header
 
 __all__ = ["PartitionError", "load_stage"]
@@ -115,11 +117,17 @@ def load_stage(
 
     try:
         with safe_open(path, framework="pt") as f:
+            formats = json.loads((f.metadata() or {}).get(QUANTIZED_KEY, "{}"))
             state = {k: f.get_tensor(k) for k in expected}
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise PartitionError(f"{path} cannot be read ({e}): split the model again") from None
+    try:
+        quantize_modules(stage, formats, state)
+    except ValueError as e:
+        raise PartitionError(f"{path}: {e}: split the model again") from None
     stage.load_state_dict(state, assign=True, strict=True)
     del state  # the stage holds the only reference: packing can free each plain weight
+    tie_quantized_head(stage)
     if dtype is not None:
         stage.to(dtype)
     stage.eval().requires_grad_(False)

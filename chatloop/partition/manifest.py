@@ -9,10 +9,12 @@ from typing import Any
 
 from ..models import LayerRange
 
-__all__ = ["Manifest", "PartitionInfo", "ManifestError", "MANIFEST_NAME", "FORMAT_VERSION"]
+__all__ = ["Manifest", "PartitionInfo", "ManifestError", "MANIFEST_NAME", "FORMAT_VERSION", "QUANTIZED_KEY"]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+QUANTIZED_KEY = "chatloop.quantized"
+"""A partition's safetensors metadata entry: JSON {tensor name: format} of its quantized tensors."""
 
 
 class ManifestError(ValueError):
@@ -48,6 +50,8 @@ class Manifest:
     tokenizer_files: list[str] = field(default_factory=list)
     source: str = ""
     format_version: int = FORMAT_VERSION
+    quantization: str | None = None
+    """The scheme the linear weights were stored with (int8, int4, gguf); None: all floating, in ``dtype``."""
 
     @property
     def num_partitions(self) -> int:

@@ -1,7 +1,9 @@
 """The streaming splitter: a key filter plus a plan.
 
 Every tensor of the source checkpoint goes to the partition(s) of the stage that owns it,
-read and written one at a time, so peak memory stays near the largest tensor.
+read and written one at a time, so peak memory stays near the largest tensor. With ``quantize``
+the linear weights are quantized on the way (:mod:`chatloop.quant`); a GGUF file's quantized
+tensors are copied as they are.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,14 +21,22 @@ from tqdm import tqdm
 
 from ..embedded import copy_tokenizer, resolve_model
 from ..models import LayerRange, ModelArgs, family_of
+from ..quant import BLOCK, BLOCK_BYTES, q4_0_as_q4_1
+from ..quant import quantize as quantize_matrix
+from ..quant.scheme import SCHEMES, format_for
+from .gguf_source import gguf_path, open_gguf
 from .integrity import STAMP_SUFFIX, stamp
-from .manifest import Manifest, PartitionInfo
+from .manifest import QUANTIZED_KEY, Manifest, PartitionInfo
 from .plan import parse_ranges, plan_layers
 from .safetensors_stream import StreamingWriter, read_header, read_tensor
 
 __all__ = ["split_model", "main", "CheckpointSource"]
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+QUANTIZE_ROWS = 4096
+"""Rows of a matrix quantized at once: the float32 working copies stay small."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,8 @@ class CheckpointSource:
     dtypes: dict[str, torch.dtype]
     sizes: dict[str, int]
     read: Callable[[str], torch.Tensor]
+    formats: dict[str, str] = field(default_factory=dict)
+    """Tensors stored quantized in the source (a GGUF file): name -> format; ``read`` gives their bytes."""
 
     @classmethod
     def open(cls, folder: Path) -> CheckpointSource:
@@ -82,17 +94,32 @@ def split_model(
     ranges: Sequence[LayerRange] | None = None,
     dtype: str = "auto",
     progress: bool | None = None,
+    quantize: str | None = None,
 ) -> Manifest:
-    """Split ``source`` (a checkpoint folder or an embedded model's name) into ``num_partitions`` files in
-    ``output``."""
-    folder = resolve_model(source)
-    config = json.loads((folder / "config.json").read_text())
+    """Split ``source`` (a checkpoint folder, a GGUF file, or an embedded model's name) into ``num_partitions``
+    files in ``output``; ``quantize`` (int8, int4; gguf: the embedded model's own GGUF file) quantizes the linear
+    weights (see :mod:`chatloop.quant.scheme`)."""
+    if quantize is not None and quantize not in SCHEMES:
+        raise ValueError(f"--quantize {quantize!r} is not one of {', '.join(SCHEMES)}")
+    gguf_file = gguf_path(source, quantize)
+    if gguf_file is not None:
+        checkpoint, config, folder = open_gguf(gguf_file)
+        quantize = "gguf"
+    elif quantize == "gguf":
+        raise ValueError(f"--quantize gguf needs a GGUF file (or an embedded model): {source} is not one")
+    else:
+        folder = resolve_model(source)
+        config = json.loads((folder / "config.json").read_text())
+        checkpoint = CheckpointSource.open(folder)
     args = ModelArgs.from_hf_config(config)
     family = family_of(args)
     plan = plan_layers(args.num_layers, num_partitions, ranges=ranges)
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPE_NAMES)}")
-    checkpoint = CheckpointSource.open(folder)
+    if quantize and args.family == "gpt2":
+        raise ValueError("--quantize supports Llama-family checkpoints (Llama, Mistral, Qwen2), not GPT-2")
+    if quantize and dtype not in ("auto", "float32"):
+        raise ValueError(f"--quantize {quantize} keeps the other tensors in float32: leave out --dtype {dtype}")
 
     source_name = {family.canonical(k): k for k in checkpoint.names}  # partitions use the canonical names
     owned: list[list[str]] = [[] for _ in plan]
@@ -102,11 +129,41 @@ def split_model(
     if args.tie_word_embeddings and family.tied_key not in source_name:
         raise ValueError(f"{folder}: tie_word_embeddings is set but {family.tied_key} is missing")
 
-    def target_dtype(key: str) -> torch.dtype:
-        source_dtype = checkpoint.dtypes[source_name[key]]
-        return DTYPE_NAMES[dtype] if dtype != "auto" and source_dtype.is_floating_point else source_dtype
+    formats = {}  # the partitions' quantized tensors: canonical name -> format
+    for key, name in source_name.items():
+        stored = checkpoint.formats.get(name)
+        if stored is not None:
+            formats[key] = "q4_1" if stored == "q4_0" else stored  # q4_0 is rewritten, not dequantized
+        elif quantize in ("int8", "int4"):
+            fmt = format_for(key, checkpoint.shapes[name], quantize)
+            if fmt is not None:
+                formats[key] = fmt
+    wanted = "float32" if quantize else dtype
 
-    float_dtypes = {target_dtype(k) for k in source_name if checkpoint.dtypes[source_name[k]].is_floating_point}
+    def target_dtype(key: str) -> torch.dtype:
+        if key in formats:
+            return torch.uint8
+        source_dtype = checkpoint.dtypes[source_name[key]]
+        return DTYPE_NAMES[wanted] if wanted != "auto" and source_dtype.is_floating_point else source_dtype
+
+    def target_shape(key: str) -> tuple[int, ...]:
+        shape = checkpoint.shapes[source_name[key]]
+        if key not in formats:
+            return shape
+        return (shape[0], shape[1] // BLOCK * BLOCK_BYTES[formats[key]])
+
+    def target_tensor(key: str) -> torch.Tensor:
+        name = source_name[key]
+        tensor = checkpoint.read(name)
+        if checkpoint.formats.get(name) == "q4_0":
+            return q4_0_as_q4_1(tensor)
+        if key in formats and name not in checkpoint.formats:
+            return torch.cat([quantize_matrix(tensor[i : i + QUANTIZE_ROWS], formats[key])
+                              for i in range(0, tensor.shape[0], QUANTIZE_ROWS)])
+        return tensor.to(target_dtype(key))
+
+    float_dtypes = {target_dtype(k) for k in source_name
+                    if k not in formats and checkpoint.dtypes[source_name[k]].is_floating_point}
     if len(float_dtypes) > 1:
         raise ValueError(f"{folder} mixes floating dtypes {sorted(map(str, float_dtypes))}: pass --dtype to pick one")
     dtype_name = str(float_dtypes.pop()).removeprefix("torch.") if float_dtypes else "float32"
@@ -120,10 +177,13 @@ def split_model(
         for index, (layers, keys) in enumerate(zip(plan, owned)):
             path = output / f"partition_{index}.safetensors"
             tmp = path.with_suffix(".tmp")
-            layout = [(k, target_dtype(k), checkpoint.shapes[source_name[k]]) for k in keys]
-            writer = StreamingWriter(tmp, layout, metadata={"format": "pt", "layers": str(layers)})
+            layout = [(k, target_dtype(k), target_shape(k)) for k in keys]
+            metadata = {"format": "pt", "layers": str(layers)}
+            if any(k in formats for k in keys):
+                metadata[QUANTIZED_KEY] = json.dumps({k: formats[k] for k in keys if k in formats})
+            writer = StreamingWriter(tmp, layout, metadata=metadata)
             for key in keys:
-                writer.add(key, checkpoint.read(source_name[key]).to(target_dtype(key)))
+                writer.add(key, target_tensor(key))
                 bar.update(checkpoint.sizes[source_name[key]])
             digest = writer.close()
             os.replace(tmp, path)
@@ -149,7 +209,8 @@ def split_model(
         dtype=dtype_name,
         partitions=partitions,
         tokenizer_files=copy_tokenizer(folder, output),
-        source=str(source),
+        source=str(gguf_file or source),
+        quantization=quantize,
     )
     manifest.save(output)
     write_worker_configs(output, manifest)
@@ -175,17 +236,22 @@ def write_worker_configs(output: Path, manifest: Manifest) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``chatloop-split --model SOURCE --output DIR --num-partitions N [--ranges 0-7,8-15,...] [--dtype bfloat16]``."""
+    """``chatloop-split --model SOURCE --output DIR --num-partitions N [--ranges 0-7,8-15,...] [--dtype bfloat16]
+    [--quantize int8|int4]``."""
     parser = argparse.ArgumentParser(prog="chatloop-split", description=__doc__)
-    parser.add_argument("--model", required=True, help="a Hugging Face checkpoint folder, or 'smollm2' (embedded)")
+    parser.add_argument("--model", required=True,
+                        help="a Hugging Face checkpoint folder, a .gguf file, or 'smollm2' (embedded)")
     parser.add_argument("--output", required=True, help="folder for partition_N.safetensors and manifest.json")
     parser.add_argument("--num-partitions", type=int, required=True, help="number of stages (workers)")
     parser.add_argument("--ranges", help="explicit inclusive layer ranges, e.g. 0-7,8-15,16-23,24-31")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="convert floating tensors")
+    parser.add_argument("--quantize", choices=SCHEMES,
+                        help="int8 (q8_0) or int4 (q4_1 layers, q8_0 embedding) weights; a GGUF --model keeps its own")
     ns = parser.parse_args(argv)
     try:
         ranges = parse_ranges(ns.ranges) if ns.ranges else None
-        manifest = split_model(ns.model, ns.output, ns.num_partitions, ranges=ranges, dtype=ns.dtype)
+        manifest = split_model(ns.model, ns.output, ns.num_partitions, ranges=ranges, dtype=ns.dtype,
+                               quantize=ns.quantize)
     except (ValueError, OSError) as e:  # OSError: a missing model, an --output that is a file, a full disk
         print(f"chatloop-split: error: {e}", file=sys.stderr)
         return 2
