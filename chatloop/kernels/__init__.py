@@ -30,8 +30,11 @@ import torch
 from ..paths import cache_root
 from ..worker_settings import SIMD_ENV
 
-__all__ = ["ISAS", "MAX_KERNEL_ROWS", "available_isas", "kernel_dequantize_rows", "kernel_decode_attention",
-           "kernel_linear", "kernel_quant_linear", "load_kernels", "load_quant_kernels", "quant_isa", "stream_read"]
+__all__ = [
+    "FORMAT_IDS", "ISAS", "MAX_KERNEL_ROWS", "available_isas", "kernel_decode_attention", "kernel_dequantize_rows",
+    "kernel_linear", "kernel_quant_linear", "load_kernels", "load_quant_kernels", "quant_isa", "quant_linear_unchecked",
+    "stream_read",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
 
 
+@functools.cache
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -152,8 +156,13 @@ def available_isas() -> list[str]:
         return []
     if os.environ.get(SIMD_ENV) == "default":  # worker.enable_simd=false
         return ["portable"]
-    flags = set(_cpu_flags().split())
-    return [name for name, (_, needs) in ISAS.items() if needs <= flags]
+    return _isas_of(_cpu_flags())
+
+
+@functools.cache
+def _isas_of(flags: str) -> list[str]:
+    present = set(flags.split())
+    return [name for name, (_, needs) in ISAS.items() if needs <= present]
 
 
 def quant_isa() -> str:
@@ -188,16 +197,21 @@ def kernel_quant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, in_featur
     out_features = data.shape[0]
     _require(bias is None or (bias.dtype == torch.float32 and bias.shape == (out_features,) and bias.is_contiguous()),
              f"kernel_quant_linear's bias must be a contiguous float32 [{out_features}] vector")
-    x = x.contiguous()
+    return quant_linear_unchecked(x.contiguous(), data, FORMAT_IDS[fmt], in_features, bias, ISAS[isa][0])
+
+
+def quant_linear_unchecked(x: torch.Tensor, data: torch.Tensor, fmt_id: int, in_features: int,
+                           bias: torch.Tensor | None, isa_id: int) -> torch.Tensor:
+    """:func:`kernel_quant_linear` without its checks, for layers that checked their weight once when loaded
+    (``x`` contiguous float32). A decode step makes ~200 of these calls: each microsecond counts."""
     rows = x.numel() // in_features
-    out = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
-    xq = torch.empty(rows * in_features, dtype=torch.int8)
-    xd = torch.empty(rows * in_features // 32, dtype=torch.float32)
-    xs = torch.empty_like(xd)
-    library.chatloop_quant_linear(
+    out = torch.empty(*x.shape[:-1], data.shape[0], dtype=torch.float32)
+    scratch = torch.empty(rows * in_features * 2, dtype=torch.uint8)  # int8 rows, then two floats a block
+    address = scratch.data_ptr()
+    load_quant_kernels().chatloop_quant_linear(
         x.data_ptr(), data.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
-        out_features, in_features, FORMAT_IDS[fmt], ISAS[isa][0], torch.get_num_threads(), xq.data_ptr(),
-        xd.data_ptr(), xs.data_ptr(),
+        data.shape[0], in_features, fmt_id, isa_id, torch.get_num_threads(), address, address + rows * in_features,
+        address + rows * in_features * 9 // 8,
     )
     return out
 

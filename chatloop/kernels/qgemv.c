@@ -155,16 +155,21 @@ void chatloop_quant_linear(const float* x, const uint8_t* w, const float* bias, 
                            int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, float* xs) {
   const int64_t nb = I / QK, row_bytes = nb * block_bytes(fmt);
   const dot_fn dot = isa == ISA_AVX512_VNNI ? dot_vnni : isa == ISA_AVX2 ? dot_avx2 : dot_portable;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t b = 0; b < B; ++b) quantize_row(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t o0 = 0; o0 < O; o0 += ROW_TILE) {
-    const int64_t o1 = o0 + ROW_TILE < O ? o0 + ROW_TILE : O;
-    for (int64_t b0 = 0; b0 < B; b0 += ROW_TILE) {
-      const int64_t b1 = b0 + ROW_TILE < B ? b0 + ROW_TILE : B;
-      for (int64_t o = o0; o < o1; ++o)
-        for (int64_t b = b0; b < b1; ++b)
-          y[b * O + o] = dot(w + o * row_bytes, xq + b * I, xd + b * nb, xs + b * nb, nb, fmt) + (bias ? bias[o] : 0.0f);
+  /* One parallel region (one wake-up of the threads a call): quantize the rows, wait, multiply. */
+#pragma omp parallel num_threads(num_threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) quantize_row(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
+#pragma omp for schedule(static)
+    for (int64_t o0 = 0; o0 < O; o0 += ROW_TILE) {
+      const int64_t o1 = o0 + ROW_TILE < O ? o0 + ROW_TILE : O;
+      for (int64_t b0 = 0; b0 < B; b0 += ROW_TILE) {
+        const int64_t b1 = b0 + ROW_TILE < B ? b0 + ROW_TILE : B;
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t b = b0; b < b1; ++b)
+            y[b * O + o] = dot(w + o * row_bytes, xq + b * I, xd + b * nb, xs + b * nb, nb, fmt)
+                           + (bias ? bias[o] : 0.0f);
+      }
     }
   }
 }

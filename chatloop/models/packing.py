@@ -22,7 +22,7 @@ from torch import nn
 from ..kernels import MAX_KERNEL_ROWS, kernel_linear, load_kernels
 from .stage_model import StageModel
 
-__all__ = ["KernelLinear", "PackedLinear", "fast_linear_for", "pack_linear_weights"]
+__all__ = ["KernelLinear", "PackedLinear", "concat_linear", "fast_linear_for", "pack_linear_weights"]
 
 
 def fast_linear_for(dtype: torch.dtype, use_kernel: bool = True) -> type[nn.Module] | None:
@@ -112,3 +112,34 @@ def pack_linear_weights(stage: StageModel, use_kernel: bool = True) -> int:
             delattr(stage.get_submodule(parent_name), child)
         packed += 1
     return packed
+
+
+def concat_linear(modules: list[nn.Module]) -> nn.Module | None:
+    """One layer computing ``modules``' outputs side by side (their weights' rows stacked), or None where they are
+    not all of one kind that can be stacked (plain, kernel or quantized with one format; oneDNN's packed layout
+    cannot)."""
+    from ..quant import QuantLinear
+
+    kind = type(modules[0])
+    if any(type(m) is not kind for m in modules) or kind not in (nn.Linear, KernelLinear, QuantLinear):
+        return None
+    if kind is QuantLinear and len({m.fmt for m in modules}) > 1:
+        return None
+    weight = torch.cat([m.weight.detach() for m in modules])
+    biases = [m.bias for m in modules]
+    bias = None
+    if any(b is not None for b in biases):
+        dtype = torch.float32 if kind is QuantLinear else weight.dtype
+        bias = torch.cat([b.detach() if b is not None else torch.zeros(m.out_features, dtype=dtype)
+                          for b, m in zip(biases, modules)])
+    if kind is QuantLinear:
+        merged = QuantLinear(weight, modules[0].fmt, bias)
+        merged.in_features = modules[0].in_features
+        return merged
+    if kind is KernelLinear:
+        return KernelLinear(weight, bias)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..kernels import load_kernels
 from ..models import LayerRange, ModelArgs, StageModel, build_stage, family_of
-from ..models.packing import pack_linear_weights
+from ..models.llama import LlamaStage, fuse_projections
+from ..models.packing import concat_linear, pack_linear_weights
 from ..quant.modules import quantize_modules, tie_quantized_head
 from .integrity import verify
 from .manifest import QUANTIZED_KEY, Manifest, ManifestError
@@ -61,7 +62,8 @@ def load_stage(
     ``expected_layers``, its tensors are exactly the stage's, in the manifest's dtype. ``dtype`` casts the weights
     after loading (the stage then computes in it). ``pack_weights`` then prepares float32
     linear layers for small matmuls, on the native kernel if ``native_kernels``
-    (:func:`~chatloop.models.packing.pack_linear_weights`); ``native_kernels`` also runs float32
+    (:func:`~chatloop.models.packing.pack_linear_weights`) and merges a Llama layer's q/k/v and gate/up
+    projections (:func:`~chatloop.models.llama.fuse_projections`); ``native_kernels`` also runs float32
     decode attention on ChatLoop's kernel.
     """
     directory = Path(directory)
@@ -137,4 +139,6 @@ def load_stage(
         # page read while packing resident: give them memory of their own so it is unmapped.
         for parameter in stage.parameters():
             parameter.data = parameter.data.clone()
+    if pack_weights and isinstance(stage, LlamaStage) and next(stage.parameters()).dtype == torch.float32:
+        fuse_projections(stage, concat_linear)  # float32 only: bfloat16 stays bit-equal to transformers
     return stage

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import kernel_dequantize_rows, kernel_quant_linear, load_quant_kernels
+from ..kernels import FORMAT_IDS, ISAS, kernel_dequantize_rows, load_quant_kernels, quant_isa, quant_linear_unchecked
 from .formats import FORMATS, dequantize, in_features_of
 
 __all__ = ["QuantEmbedding", "QuantLinear", "quantize_modules", "tie_quantized_head"]
@@ -32,19 +32,25 @@ class QuantLinear(nn.Module):
         self.fmt = fmt
         self.in_features = in_features_of(weight, fmt) if weight.device.type != "meta" else 0
         self.out_features = weight.shape[0]
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "weight" in state_dict:  # a module built on meta learns its input size from the real weight
             self.in_features = in_features_of(state_dict[prefix + "weight"], self.fmt)
+            self.weight = self.weight.contiguous()
+            if self.bias is not None:
+                self.bias = self.bias.float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         kernels = load_quant_kernels() is not None
         if kernels and x.numel() <= KERNEL_ROWS * self.in_features:
-            return kernel_quant_linear(x, self.weight, self.fmt, self.in_features, self.bias)
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"{self}: got {x.shape[-1]} input features")
+            return quant_linear_unchecked(x.contiguous(), self.weight, FORMAT_IDS[self.fmt], self.in_features,
+                                          self.bias, ISAS[quant_isa()][0])
         outputs = []
         for start in range(0, self.out_features, SLICE_ROWS):
             rows = torch.arange(start, min(start + SLICE_ROWS, self.out_features))
