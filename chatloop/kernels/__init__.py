@@ -32,13 +32,13 @@ from ..worker_settings import SIMD_ENV
 
 __all__ = [
     "FORMAT_IDS", "ISAS", "MAX_KERNEL_ROWS", "available_isas", "kernel_decode_attention", "kernel_dequantize_rows",
-    "kernel_linear", "kernel_quant_linear", "load_kernels", "load_quant_kernels", "quant_isa", "quant_linear_unchecked",
-    "stream_read",
+    "kernel_linear", "kernel_quant_linear", "kernel_rms_norm", "kernel_rope_", "load_kernels", "load_quant_kernels",
+    "quant_isa", "quant_linear_unchecked", "stream_read",
 ]
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / name for name in ("attention.c", "gemv.c")]
+SOURCES = [Path(__file__).parent / name for name in ("attention.c", "gemv.c", "rowops.c")]
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 QUANT_SOURCES = [Path(__file__).parent / "qgemv.c"]
@@ -116,6 +116,10 @@ def load_kernels() -> ctypes.CDLL | None:
             library.chatloop_decode_attention.restype = None
             library.chatloop_stream_read.argtypes = [pointer, size, ctypes.c_int]
             library.chatloop_stream_read.restype = ctypes.c_float
+            library.chatloop_rms_norm.argtypes = [pointer] * 3 + [size] * 2 + [ctypes.c_float]
+            library.chatloop_rms_norm.restype = None
+            library.chatloop_rope.argtypes = [pointer] * 3 + [size] * 5
+            library.chatloop_rope.restype = None
             return library
     log.info("ChatLoop's native kernels are off (%s): linear layers use torch's kernels", reason)
     return None
@@ -313,6 +317,34 @@ def kernel_decode_attention(
         head_dim**-0.5, torch.get_num_threads(),
     )
     return out
+
+
+def kernel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of a contiguous float32 ``x`` [..., dim] scaled by ``weight`` [dim] (one call)."""
+    library = _library()
+    dim = weight.shape[0]
+    _require(x.dtype == weight.dtype == torch.float32 and x.is_contiguous() and weight.is_contiguous()
+             and x.shape[-1] == dim, f"kernel_rms_norm takes contiguous float32 rows of {dim}, got {x.dtype} "
+                                     f"{tuple(x.shape)}")
+    out = torch.empty_like(x)
+    library.chatloop_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps)
+    return out
+
+
+def kernel_rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, offset: int, heads: int,
+                 head_dim: int) -> None:
+    """Rotary embeddings in place on ``heads`` vectors of ``head_dim`` from column ``offset`` of each row of a
+    contiguous float32 ``x`` [..., width] (a fused q/k/v output); ``cos``, ``signed_sin`` [..., head_dim] (one
+    row per row of ``x``), as :func:`chatloop.models.llama.rotate`."""
+    library = _library()
+    width = x.shape[-1]
+    rows = x.numel() // width
+    _require(x.dtype == cos.dtype == signed_sin.dtype == torch.float32 and x.is_contiguous()
+             and cos.is_contiguous() and signed_sin.is_contiguous() and cos.numel() == rows * head_dim
+             and signed_sin.numel() == rows * head_dim and offset >= 0 and offset + heads * head_dim <= width,
+             f"kernel_rope_: x [{rows}, {width}], cos and sin [{rows}, {head_dim}] contiguous float32 needed, "
+             f"got {tuple(x.shape)}, {tuple(cos.shape)}, {tuple(signed_sin.shape)}")
+    library.chatloop_rope(x.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), rows, width, offset, heads, head_dim)
 
 
 def stream_read(t: torch.Tensor) -> float:

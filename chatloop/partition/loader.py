@@ -13,7 +13,7 @@ from torch import nn
 
 from ..kernels import load_kernels
 from ..models import LayerRange, ModelArgs, StageModel, build_stage, family_of
-from ..models.llama import LlamaStage, fuse_projections
+from ..models.llama import LlamaStage, fuse_projections, use_row_kernels
 from ..models.packing import concat_linear, pack_linear_weights
 from ..quant.modules import quantize_modules, tie_quantized_head
 from .integrity import verify
@@ -141,4 +141,6 @@ def load_stage(
             parameter.data = parameter.data.clone()
     if pack_weights and isinstance(stage, LlamaStage) and next(stage.parameters()).dtype == torch.float32:
         fuse_projections(stage, concat_linear)  # float32 only: bfloat16 stays bit-equal to transformers
+        if stage.native_attention:
+            use_row_kernels(stage)
     return stage

@@ -170,3 +170,30 @@ def test_kernel_wrappers_say_why_the_kernels_are_missing(fresh_kernels, monkeypa
     monkeypatch.setenv("CHATLOOP_KERNELS", "0")
     with pytest.raises(RuntimeError, match=r"native kernels are not available here \(CHATLOOP_KERNELS=0\)"):
         kernel_linear(torch.ones(1, 8), torch.ones(4, 8))
+
+
+def test_row_kernels_match_torchs_norm_and_rotary(kernel):
+    from chatloop.kernels import kernel_rms_norm, kernel_rope_
+    from chatloop.models.llama import rotate
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 5, 96) * 4, torch.randn(96)
+    torch.testing.assert_close(kernel_rms_norm(x, weight, 1e-5), F.rms_norm(x, (96,), weight, 1e-5),
+                               rtol=1e-5, atol=1e-5)
+    heads, kv_heads, head_dim = 4, 2, 16
+    qkv = torch.randn(2, 3, (heads + 2 * kv_heads) * head_dim)
+    angles = torch.rand(2, 3, 1, head_dim // 2) * 6
+    angles = torch.cat([angles, angles], -1)
+    cos, sin = angles.cos(), angles.sin()
+    sin[..., : head_dim // 2].neg_()
+    q = qkv[..., : heads * head_dim].reshape(2, 3, heads, head_dim)
+    k = qkv[..., heads * head_dim : (heads + kv_heads) * head_dim].reshape(2, 3, kv_heads, head_dim)
+    expected_q, expected_k = rotate(q, cos, sin), rotate(k, cos, sin)
+    untouched = qkv[..., -kv_heads * head_dim:].clone()
+    kernel_rope_(qkv, cos.contiguous(), sin.contiguous(), 0, heads + kv_heads, head_dim)
+    torch.testing.assert_close(qkv[..., : heads * head_dim].reshape(2, 3, heads, head_dim), expected_q)
+    torch.testing.assert_close(
+        qkv[..., heads * head_dim : (heads + kv_heads) * head_dim].reshape(2, 3, kv_heads, head_dim), expected_k)
+    assert torch.equal(qkv[..., -kv_heads * head_dim:], untouched)  # the values are not rotated
+    with pytest.raises(ValueError, match="kernel_rope_"):
+        kernel_rope_(qkv, cos.contiguous(), sin.contiguous(), 0, heads + 3 * kv_heads, head_dim)
