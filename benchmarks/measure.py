@@ -466,6 +466,14 @@ def run(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
     result["weight_bytes_per_token"] = weight_bytes_per_token(folder, cfg.model.dtype)
     if bench.mode == "hf":
         result.update(measure_hf(cfg, bench))
+    elif bench.mode == "llamacpp":
+        from .llamacpp import LlamaServerSession
+
+        session = LlamaServerSession(cfg, bench)
+        try:
+            result.update(session.measure(), startup_s=session.startup_s)
+        finally:
+            session.close()
     else:
         result.update(measure_chatloop(cfg, bench))
     result["host"]["load_avg_1m_end"] = os.getloadavg()[0]  # other work on the machine disturbs every number

@@ -11,6 +11,7 @@ is reported. Every mode's model is in memory at once (SmolLM2 and the 1.1B shape
     python -m benchmarks.paired --config-name benchmark/tinyllama model.dtype=float32 batching.max_batch_size=16 \\
         benchmark.prompt_tokens=16 benchmark.new_tokens=16
     python -m benchmarks.paired --modes inprocess,chatloop --json paired.json worker.native_kernels=false
+    python -m benchmarks.paired --modes llamacpp,inprocess,chatloop model.quantization=gguf   # vs llama.cpp Q4_1
 
 Overrides are the sweep's (``conf/benchmark/sweep.yaml``): any ChatLoop field plus ``benchmark.*``
 (``benchmark.mode`` is set per contender).
@@ -32,8 +33,8 @@ from .config import MODES
 
 __all__ = ["Contender", "measure_paired", "main"]
 
-ORDER = ("hf", "inprocess", "chatloop")  # ratios: later over earlier
-LABELS = {"hf": "transformers", "inprocess": "1 process", "chatloop": "workers"}
+ORDER = ("llamacpp", "hf", "inprocess", "chatloop")  # ratios: later over earlier
+LABELS = {"llamacpp": "llama.cpp", "hf": "transformers", "inprocess": "1 process", "chatloop": "workers"}
 FIGURES = ("decode_tokens_per_s", "tokens_per_s")
 
 
@@ -77,7 +78,12 @@ def _serve(mode: str, spec: dict, conn) -> None:
         cfg, bench = typed_spec(spec)
         if bench.threads:
             torch.set_num_threads(bench.threads)
-        session = HFSession(cfg, bench) if mode == "hf" else ChatLoopSession(cfg, bench)
+        if mode == "llamacpp":
+            from .llamacpp import LlamaServerSession
+
+            session = LlamaServerSession(cfg, bench)
+        else:
+            session = HFSession(cfg, bench) if mode == "hf" else ChatLoopSession(cfg, bench)
     except Exception as e:
         conn.send({"error": f"{type(e).__name__}: {e}"})
         return

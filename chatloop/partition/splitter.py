@@ -110,9 +110,10 @@ def split_model(
     else:
         folder = resolve_model(source)
         config = json.loads((folder / "config.json").read_text())
-        checkpoint = CheckpointSource.open(folder)
+        checkpoint = None  # opened once the config is known to be a model ChatLoop runs
     args = ModelArgs.from_hf_config(config)
     family = family_of(args)
+    checkpoint = checkpoint or CheckpointSource.open(folder)
     plan = plan_layers(args.num_layers, num_partitions, ranges=ranges)
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPE_NAMES)}")
