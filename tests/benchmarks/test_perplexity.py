@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.perplexity import DEFAULT_TEXT, perplexity, windows
+from benchmarks.llamacpp import llamacpp_dir
+from benchmarks.perplexity import DEFAULT_TEXT, llamacpp_chunks, perplexity, windows
 from chatloop.network import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -25,11 +26,20 @@ def test_windows_predict_each_token_once():
         windows(10, 4, 5)
 
 
+def test_llamacpp_chunks_score_the_second_half_of_each_chunk():
+    plan = llamacpp_chunks(10, 4)  # as llama-perplexity: 2 chunks, the remainder (tokens 8, 9) dropped
+    assert plan == [(0, 4, 3), (4, 8, 7)]
+    with pytest.raises(ValueError, match="at least 2 chunks"):
+        llamacpp_chunks(7, 4)
+
+
 def test_perplexity_with_toy_scores():
     # Every token predicted with probability 1/4: perplexity 4, whatever the windows.
-    value, count = perplexity(lambda batch: [[-1.3862943611198906] * (len(ids) - 1) for ids in batch],
-                              list(range(50)), 8, 3)
-    assert count == 49 and value == pytest.approx(4.0)
+    for plan in (windows(50, 8, 3), llamacpp_chunks(50, 8)):
+        value, count = perplexity(lambda batch: [[-1.3862943611198906] * (len(ids) - 1) for ids in batch],
+                                  list(range(50)), plan)
+        assert value == pytest.approx(4.0)
+    assert count == 6 * 3  # 6 chunks of 8 tokens, 3 scored in each (tokens 5-7 of the chunk)
 
 
 @pytest.mark.slow
@@ -43,3 +53,25 @@ def test_the_command_over_two_workers_equals_transformers(smollm2_checkpoint):
     assert result["text"] == DEFAULT_TEXT.name and result["predicted"] == result["tokens"] - 1 > 600
     assert abs(result["relative_difference"]) < 1e-4, result
     assert 1 < result["perplexity"] < 100
+
+
+def _llamacpp_problem() -> str | None:
+    try:
+        llamacpp_dir()
+    except FileNotFoundError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_llamacpp_problem() is not None, reason=f"{_llamacpp_problem()}")
+def test_float32_over_the_pipeline_equals_llama_perplexity_on_the_f32_gguf(smollm2_checkpoint):
+    # The same protocol and the same weights: the figures agree, which makes the 4-bit comparison meaningful.
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.perplexity", "--llamacpp", "--window", "128", "cluster.num_workers=2",
+         "cache.kv_cache_mb=64", f"cluster.master_port={free_port()}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["protocol"] == "llama-perplexity" and result["llamacpp_gguf"].endswith("-f32.gguf")
+    assert abs(result["relative_to_llamacpp"]) < 1e-3, result

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python's standard library from 3.11")
 ROOT = Path(__file__).resolve().parents[2]
 
 
