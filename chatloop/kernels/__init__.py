@@ -1,15 +1,17 @@
 """ChatLoop's native kernels, compiled from C at first use with the system's C compiler.
 
 ``gemv.c`` holds the small-batch linear kernel that decode steps run on, ``attention.c`` the
-decode attention over the paged KV cache (see their headers). They are built once per CPU into
+decode attention over the paged KV cache, ``rowops.c`` RMSNorm and rotary embeddings, ``layers.c`` a whole
+decode step through a stage's Llama layers in one call (see their headers). They are built once per CPU into
 one library in ``$CHATLOOP_CACHE/kernels`` with ``-march=native -fopenmp`` and loaded with
 ctypes, which releases the GIL during a call. Where they cannot be built (no compiler, not
 x86-64 with AVX2 and FMA, SIMD turned off, ``CHATLOOP_KERNELS=0``) :func:`load_kernels` returns
 None, says why once in the log, and callers keep torch's own kernels.
 
-``qgemv.c``, the quantized linear kernel, is a library of its own, built without ``-march=native``: it holds a
-portable, an AVX2 and an AVX-512 VNNI path, and :func:`quant_isa` picks one at run time from what the CPU has
-(``CHATLOOP_ISA`` forces one, for tests and comparisons).
+``qgemv.c``, the quantized linear kernel, and ``bf16gemv.c``, the bfloat16 one, are a library of their own, built
+without ``-march=native``: each holds a portable, an AVX2 and an AVX-512 (VNNI, or BF16) path, and :func:`quant_isa`
+and :func:`bf16_isa` pick one at run time from what the CPU has (``CHATLOOP_ISA`` and ``CHATLOOP_BF16_ISA`` force
+one, for tests and comparisons).
 """
 
 from __future__ import annotations
@@ -31,24 +33,52 @@ from ..paths import cache_root
 from ..worker_settings import SIMD_ENV
 
 __all__ = [
-    "FORMAT_IDS", "ISAS", "MAX_KERNEL_ROWS", "available_isas", "kernel_decode_attention", "kernel_dequantize_rows",
+    "BF16_ISAS", "FORMAT_IDS", "ISAS", "MAX_KERNEL_ROWS", "LlamaLayerSpec", "LlamaShapeSpec", "MatrixSpec",
+    "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "kernel_bf16_linear",
+    "kernel_decode_attention", "kernel_dequantize_rows",
     "kernel_linear", "kernel_quant_linear", "kernel_rms_norm", "kernel_rope_", "load_kernels", "load_quant_kernels",
     "quant_isa", "quant_linear_unchecked", "stream_read",
 ]
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / name for name in ("attention.c", "gemv.c", "rowops.c")]
+SOURCES = [Path(__file__).parent / name for name in ("attention.c", "gemv.c", "layers.c", "rowops.c")]
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-QUANT_SOURCES = [Path(__file__).parent / "qgemv.c"]
+QUANT_SOURCES = [Path(__file__).parent / name for name in ("qgemv.c", "bf16gemv.c")]
 QUANT_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma", "f16c"}),
         "avx512_vnni": (2, {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})}
 """The quantized kernel's paths: (its number in qgemv.c, the CPU flags it needs), slowest first."""
+BF16_ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma"}),
+             "avx512_bf16": (2, {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})}
+"""The bfloat16 kernel's paths, as ``ISAS`` (bf16gemv.c)."""
 FORMAT_IDS = {"q8_0": 0, "q4_1": 1}
 MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
+
+
+class MatrixSpec(ctypes.Structure):
+    """One matrix of a fused decode step (``chatloop_matrix`` in layers.c): format -1 is float32 [out, in], else
+    a quantized format's number (``FORMAT_IDS``)."""
+
+    _fields_ = [("format", ctypes.c_int64), ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("out_features", ctypes.c_int64), ("in_features", ctypes.c_int64)]
+
+
+class LlamaLayerSpec(ctypes.Structure):
+    """One Llama layer's weights for ``chatloop_llama_decode`` (``chatloop_llama_layer`` in layers.c)."""
+
+    _fields_ = [("qkv", MatrixSpec), ("o", MatrixSpec), ("gate_up", MatrixSpec), ("down", MatrixSpec),
+                ("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p)]
+
+
+class LlamaShapeSpec(ctypes.Structure):
+    """A Llama stage's sizes and its quantized kernel (``chatloop_llama_shape`` in layers.c)."""
+
+    _fields_ = [("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("quant_linear", ctypes.c_void_p), ("isa", ctypes.c_int64)]
 
 
 @functools.cache
@@ -120,6 +150,12 @@ def load_kernels() -> ctypes.CDLL | None:
             library.chatloop_rms_norm.restype = None
             library.chatloop_rope.argtypes = [pointer] * 3 + [size] * 5
             library.chatloop_rope.restype = None
+            library.chatloop_llama_decode_scratch.argtypes = [pointer, size, size]
+            library.chatloop_llama_decode_scratch.restype = size
+            library.chatloop_llama_decode.argtypes = ([pointer, pointer, size, pointer, pointer, pointer, size]
+                                                      + [pointer] * 3 + [size] * 3 + [pointer] * 2
+                                                      + [size, pointer, ctypes.c_int])
+            library.chatloop_llama_decode.restype = None
             return library
     log.info("ChatLoop's native kernels are off (%s): linear layers use torch's kernels", reason)
     return None
@@ -149,35 +185,79 @@ def load_quant_kernels() -> ctypes.CDLL | None:
             library.chatloop_quant_linear.restype = None
             library.chatloop_dequantize_rows.argtypes = [pointer] * 3 + [size] * 2 + [integer]
             library.chatloop_dequantize_rows.restype = None
+            library.chatloop_bf16_linear.argtypes = [pointer] * 4 + [size] * 3 + [integer] * 2 + [pointer]
+            library.chatloop_bf16_linear.restype = None
             return library
     log.info("ChatLoop's quantized kernels are off (%s): quantized layers dequantize into torch's kernels", reason)
     return None
 
 
-def available_isas() -> list[str]:
-    """The quantized kernel's paths this CPU can run, slowest first (empty where the kernels are off)."""
+def available_isas(table: dict = ISAS) -> list[str]:
+    """The paths of a kernel (``ISAS``: quantized, ``BF16_ISAS``: bfloat16) this CPU can run, slowest first (empty
+    where the kernels are off)."""
     if load_quant_kernels() is None:
         return []
     if os.environ.get(SIMD_ENV) == "default":  # worker.enable_simd=false
         return ["portable"]
-    return _isas_of(_cpu_flags())
+    present = set(_cpu_flags().split())
+    return [name for name, (_, needs) in table.items() if needs <= present]
 
 
-@functools.cache
-def _isas_of(flags: str) -> list[str]:
-    present = set(flags.split())
-    return [name for name, (_, needs) in ISAS.items() if needs <= present]
+def available_bf16_isas() -> list[str]:
+    """The bfloat16 kernel's paths this CPU can run, slowest first."""
+    return available_isas(BF16_ISAS)
+
+
+def _chosen_isa(table: dict, variable: str) -> str:
+    available = available_isas(table)
+    forced = os.environ.get(variable)
+    if forced:
+        if forced not in available:
+            raise ValueError(f"{variable}={forced}: this machine runs {', '.join(available) or 'none'}")
+        return forced
+    return available[-1] if available else "none"
 
 
 def quant_isa() -> str:
     """The path quantized layers use: ``CHATLOOP_ISA`` if set (it must be one this CPU runs), else the fastest."""
-    available = available_isas()
-    forced = os.environ.get("CHATLOOP_ISA")
-    if forced:
-        if forced not in available:
-            raise ValueError(f"CHATLOOP_ISA={forced}: this machine runs {', '.join(available) or 'none'}")
-        return forced
-    return available[-1] if available else "none"
+    return _chosen_isa(ISAS, "CHATLOOP_ISA")
+
+
+def bf16_isa() -> str:
+    """The path bfloat16 decode matmuls use: ``CHATLOOP_BF16_ISA`` if set, else the fastest this CPU runs."""
+    return _chosen_isa(BF16_ISAS, "CHATLOOP_BF16_ISA")
+
+
+def kernel_bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       isa: str | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in bfloat16 on ChatLoop's kernel (float32 sums, one rounding, as torch's); ``isa``:
+    a path of :func:`available_bf16_isas` (default :func:`bf16_isa`)."""
+    if load_quant_kernels() is None:
+        raise RuntimeError("ChatLoop's bfloat16 kernel is not available here (see the log)")
+    isa = isa or bf16_isa()
+    _require(isa in available_bf16_isas(), f"kernel_bf16_linear: isa {isa!r} is not one of {available_bf16_isas()}")
+    _require(x.dtype == weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.is_contiguous()
+             and x.shape[-1] == weight.shape[1],
+             f"kernel_bf16_linear takes bfloat16 x [..., in] and a contiguous weight [out, in], got x {x.dtype} "
+             f"{tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}")
+    _require(bias is None or (bias.dtype == torch.bfloat16 and bias.shape == (weight.shape[0],)
+                              and bias.is_contiguous()),
+             f"kernel_bf16_linear's bias must be a contiguous bfloat16 [{weight.shape[0]}] vector")
+    return bf16_linear_unchecked(x.contiguous(), weight, bias, BF16_ISAS[isa][0])
+
+
+def bf16_linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          isa_id: int) -> torch.Tensor:
+    """:func:`kernel_bf16_linear` without its checks, for layers that checked their weight when loaded."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    out = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    scratch = torch.empty(rows * in_features, dtype=torch.float32)
+    load_quant_kernels().chatloop_bf16_linear(
+        x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
+        out_features, in_features, isa_id, torch.get_num_threads(), scratch.data_ptr(),
+    )
+    return out
 
 
 def kernel_quant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, in_features: int,

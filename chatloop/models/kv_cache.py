@@ -98,6 +98,15 @@ class PagedKVCache:
         self.keys[i].index_copy_(0, self._slots, flat_k.to(self.keys.dtype))
         self.values[i].index_copy_(0, self._slots, flat_v.to(self.values.dtype))
 
+    def in_place_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(slots [B], block tables [B, N], lengths [B], their maximum) of the micro-batch that :meth:`begin` set
+        up, where it decodes in place (:attr:`decode_in_place`): where each new token's key and value go and how
+        many positions each sequence attends to. All int64 and contiguous."""
+        if not self.decode_in_place:
+            raise RuntimeError("in_place_step: this micro-batch does not decode in place")
+        return (self._slots.contiguous(), self._batch.block_tables.contiguous(), self._lengths.contiguous(),
+                self._max_length)
+
     def decode_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of the new tokens' ``q`` [B, 1, H, D] over ``layer``'s cache, read in place; [B, 1, H*D].
 

@@ -2,15 +2,15 @@
 
 A decode step multiplies 1-16 rows by every weight matrix, so it runs at the speed at which
 the weights stream from memory. On the 2-core AVX2 host MKL read a plain [out, in] float32
-weight at 10-18 GB/s there. Two ways to do better, both float32 only:
+weight at 10-18 GB/s there. Two ways to do better:
 
-- :class:`KernelLinear`: ChatLoop's own kernel (``chatloop/kernels/gemv.c``) on the plain
-  weight for up to 16 rows, torch's GEMM above that (prefill). 1.2-2.2x faster than oneDNN's
-  packed GEMM on TinyLlama and SmolLM2 shapes, 33 GB/s at 1 row. Used where the kernel builds.
+- :class:`KernelLinear`: ChatLoop's own kernel (``chatloop/kernels/gemv.c``; ``bf16gemv.c`` for
+  bfloat16) on the plain weight for up to 16 rows, torch's GEMM above that (prefill, which so stays
+  bit-equal to transformers). float32: 1.2-2.2x faster than oneDNN's packed GEMM on TinyLlama and
+  SmolLM2 shapes, 33 GB/s at 1 row. Used where the kernel builds.
 - :class:`PackedLinear`: the weight reordered into oneDNN's blocked layout, the reorder
   torch.compile's freezing does (1.5x over MKL at 1 row, 2-2.8x at 4-16 rows; a 1024-token
-  prefill ~15% slower). The fallback where no C compiler is available. oneDNN packs
-  bfloat16 weights only on CPUs with AVX-512.
+  prefill ~15% slower). The float32 fallback where no C compiler is available.
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import MAX_KERNEL_ROWS, kernel_linear, load_kernels
+from ..kernels import (
+    BF16_ISAS,
+    MAX_KERNEL_ROWS,
+    available_bf16_isas,
+    bf16_isa,
+    bf16_linear_unchecked,
+    kernel_linear,
+    load_kernels,
+)
 from .stage_model import StageModel
 
 __all__ = ["KernelLinear", "PackedLinear", "concat_linear", "fast_linear_for", "pack_linear_weights"]
@@ -27,6 +35,8 @@ __all__ = ["KernelLinear", "PackedLinear", "concat_linear", "fast_linear_for", "
 
 def fast_linear_for(dtype: torch.dtype, use_kernel: bool = True) -> type[nn.Module] | None:
     """The fastest linear layer this machine has for ``dtype``, or None for torch's own."""
+    if dtype == torch.bfloat16:  # the bfloat16 kernel where it has a SIMD path here (not portable C alone)
+        return KernelLinear if use_kernel and len(available_bf16_isas()) > 1 else None
     if dtype != torch.float32:
         return None
     if use_kernel and load_kernels() is not None:
@@ -57,7 +67,8 @@ class PackedLinear(nn.Module):
 
 
 class KernelLinear(nn.Module):
-    """``y = x @ weight.T + bias`` on ChatLoop's kernel for up to 16 rows, on torch's GEMM for more.
+    """``y = x @ weight.T + bias`` on ChatLoop's kernel for up to 16 rows, on torch's GEMM for more; float32 or
+    bfloat16 (then ``x`` of the weight's dtype).
 
     ``weight`` [out, in] stays plain (one copy) but gets memory of its own, off the checkpoint's mapping.
     """
@@ -70,7 +81,10 @@ class KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= MAX_KERNEL_ROWS * self.in_features:
-            return kernel_linear(x, self.weight, self.bias)
+            if self.weight.dtype != torch.bfloat16:
+                return kernel_linear(x, self.weight, self.bias)
+            if x.dtype == torch.bfloat16 and x.shape[-1] == self.in_features:
+                return bf16_linear_unchecked(x.contiguous(), self.weight, self.bias, BF16_ISAS[bf16_isa()][0])
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -54,6 +54,9 @@ class StageModel(nn.Module):
         self.lm_head: nn.Module | None = None  # an untied head; a tied one reads the token embedding
         self.native_attention = False
         """Its caches run decode attention on ChatLoop's kernel (set by the loader where it can)."""
+        self.decode_kernel = None
+        """Runs a decode step's layers in one native call (set by the loader where it can, see
+        :mod:`~chatloop.models.fused_decode`): called as ``decode_kernel(x, batch, cache, *layer_inputs)``."""
 
     def new_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> PagedKVCache:
         """A KV block pool for this stage's layers."""
@@ -76,8 +79,11 @@ class StageModel(nn.Module):
         cache.begin(batch)
         x = self.embed(inputs, batch) if self.is_first else inputs
         shared = self.layer_inputs(batch, x.dtype)  # computed once per micro-batch, used by every layer
-        for layer in self.decoder_layers():
-            x = layer(x, batch, cache, *shared)
+        if self.decode_kernel is not None and cache.decode_in_place and x.dtype == torch.float32:
+            x = self.decode_kernel(x, batch, cache, *shared)
+        else:
+            for layer in self.decoder_layers():
+                x = layer(x, batch, cache, *shared)
         if not self.is_last or hidden:
             return x
         if not all_logits:

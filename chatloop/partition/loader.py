@@ -13,6 +13,7 @@ from torch import nn
 
 from ..kernels import load_kernels
 from ..models import LayerRange, ModelArgs, StageModel, build_stage, family_of
+from ..models.fused_decode import LlamaDecodeKernel
 from ..models.llama import LlamaStage, fuse_projections, use_row_kernels
 from ..models.packing import concat_linear, pack_linear_weights
 from ..quant.modules import quantize_modules, tie_quantized_head
@@ -64,7 +65,8 @@ def load_stage(
     linear layers for small matmuls, on the native kernel if ``native_kernels``
     (:func:`~chatloop.models.packing.pack_linear_weights`) and merges a Llama layer's q/k/v and gate/up
     projections (:func:`~chatloop.models.llama.fuse_projections`); ``native_kernels`` also runs float32
-    decode attention on ChatLoop's kernel.
+    decode attention on ChatLoop's kernel and, where every layer can, whole decode steps
+    (:mod:`~chatloop.models.fused_decode`).
     """
     directory = Path(directory)
     manifest = manifest or Manifest.load(directory)
@@ -143,4 +145,5 @@ def load_stage(
         fuse_projections(stage, concat_linear)  # float32 only: bfloat16 stays bit-equal to transformers
         if stage.native_attention:
             use_row_kernels(stage)
+            stage.decode_kernel = LlamaDecodeKernel.for_stage(stage)
     return stage

@@ -43,9 +43,14 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 self.bias = self.bias.float().contiguous()
 
+    @staticmethod
+    def decodes_on_kernel() -> bool:
+        """Decode steps (up to ``KERNEL_ROWS`` rows) run on the quantized kernel here: it could be built."""
+        return load_quant_kernels() is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        kernels = load_quant_kernels() is not None
+        kernels = self.decodes_on_kernel()
         if kernels and x.numel() <= KERNEL_ROWS * self.in_features:
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"{self}: got {x.shape[-1]} input features")

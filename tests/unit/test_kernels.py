@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from chatloop import kernels
-from chatloop.kernels import MAX_KERNEL_ROWS, kernel_linear, load_kernels
+from chatloop.kernels import (
+    BF16_ISAS,
+    MAX_KERNEL_ROWS,
+    available_bf16_isas,
+    kernel_bf16_linear,
+    kernel_linear,
+    load_kernels,
+)
+from chatloop.models import packing
 from chatloop.models.packing import KernelLinear, PackedLinear, fast_linear_for
 
 
@@ -68,7 +76,72 @@ def test_kernel_linear_hands_larger_matmuls_to_torch(kernel, monkeypatch):
 def test_fast_linear_choice(kernel):
     assert fast_linear_for(torch.float32) is KernelLinear
     assert fast_linear_for(torch.float32, use_kernel=False) is PackedLinear
-    assert fast_linear_for(torch.bfloat16) is None
+    assert fast_linear_for(torch.bfloat16) is (KernelLinear if len(available_bf16_isas()) > 1 else None)
+    assert fast_linear_for(torch.bfloat16, use_kernel=False) is None
+    assert fast_linear_for(torch.float16) is None
+
+
+def _bf16_isas() -> list[str]:
+    return [isa for isa in BF16_ISAS if isa in available_bf16_isas()]
+
+
+@pytest.mark.parametrize("isa", list(BF16_ISAS))
+@pytest.mark.parametrize("out_features,in_features", [(576, 576), (17, 64), (5, 13), (9, 100)])
+def test_bf16_kernel_sums_in_float32_and_rounds_once_on_every_path(isa, out_features, in_features):
+    """Every path this CPU runs: float32 sums of bfloat16 products, rounded once to bfloat16 (torch's semantics;
+    the order of the float32 additions differs, so within one bfloat16 step of the float64 result)."""
+    if isa not in available_bf16_isas():
+        pytest.skip(f"this CPU runs {available_bf16_isas()}, not {isa}")
+    g = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(out_features, in_features, generator=g).bfloat16()
+    bias = torch.randn(out_features, generator=g).bfloat16()
+    for rows in range(1, MAX_KERNEL_ROWS + 2):  # tiles of 4 input rows and their tails; vector tails of in_features
+        x = torch.randn(rows, in_features, generator=g).bfloat16()
+        for b in (bias, None):
+            exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+            out = kernel_bf16_linear(x, weight, b, isa)
+            assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+            step = exact.abs().clamp_min(1e-3) * 2**-7  # one bfloat16 ulp (8 bits of mantissa)
+            assert bool(((out.double() - exact).abs() <= step + 1e-5).all()), (isa, rows)
+
+
+def test_bf16_paths_agree_and_torch_is_within_a_rounding(kernel):
+    g = torch.Generator().manual_seed(1)
+    weight, x = torch.randn(300, 4096, generator=g).bfloat16(), torch.randn(3, 4096, generator=g).bfloat16()
+    outs = [kernel_bf16_linear(x, weight, None, isa) for isa in _bf16_isas()]
+    for out in outs:
+        torch.testing.assert_close(out.float(), F.linear(x, weight).float(), rtol=2**-7, atol=1e-2)
+
+
+def test_bf16_kernel_refuses_what_it_cannot_compute(kernel):
+    with pytest.raises(ValueError, match="takes bfloat16 x"):
+        kernel_bf16_linear(torch.randn(1, 8), torch.randn(4, 8).bfloat16())
+    with pytest.raises(ValueError, match="takes bfloat16 x"):
+        kernel_bf16_linear(torch.randn(1, 8).bfloat16(), torch.randn(4, 6).bfloat16())
+    with pytest.raises(ValueError, match="bias must be a contiguous bfloat16"):
+        kernel_bf16_linear(torch.randn(1, 8).bfloat16(), torch.randn(4, 8).bfloat16(), torch.randn(4))
+    with pytest.raises(ValueError, match="isa 'sse9' is not one of"):
+        kernel_bf16_linear(torch.randn(1, 8).bfloat16(), torch.randn(4, 8).bfloat16(), isa="sse9")
+
+
+def test_a_bf16_kernel_linear_decodes_on_the_kernel_and_prefills_on_torch(kernel, monkeypatch):
+    if len(available_bf16_isas()) < 2:
+        pytest.skip("no SIMD path of the bfloat16 kernel here")
+    linear = torch.nn.Linear(64, 32).bfloat16()
+    layer = KernelLinear(linear.weight, linear.bias)
+    calls = []
+    original = packing.bf16_linear_unchecked
+    monkeypatch.setattr(packing, "bf16_linear_unchecked", lambda x, *a: calls.append(x.shape) or original(x, *a))
+    with torch.inference_mode():
+        for rows in (1, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 1):
+            x = torch.randn(rows, 64).bfloat16()
+            torch.testing.assert_close(layer(x).float(), linear(x).float(), rtol=2**-7, atol=1e-2)
+        prefill = torch.randn(40, 64).bfloat16()
+        assert torch.equal(layer(prefill), linear(prefill))  # prefill stays bit-equal to torch (and transformers)
+    assert calls == [(1, 64), (MAX_KERNEL_ROWS, 64)]
+    monkeypatch.setenv("CHATLOOP_BF16_ISA", "sse9")
+    with pytest.raises(ValueError, match="CHATLOOP_BF16_ISA=sse9: this machine runs portable"):
+        layer(torch.randn(1, 64).bfloat16())
 
 
 def test_kernel_builds_once_per_cpu_into_the_cache(kernel, fresh_kernels, tmp_path):

@@ -1,0 +1,113 @@
+"""A float32 Llama stage's decode steps in one native call (``chatloop/kernels/layers.c``).
+
+At batch 1 a decode step of SmolLM2 spent as long between its matmuls (torch ops, ctypes calls, Python) as in
+them. Where every layer's matrices run on ChatLoop's kernels (float32 ``KernelLinear`` or quantized
+``QuantLinear``, q/k/v and gate/up fused) and the cache attends in place, :class:`LlamaDecodeKernel` runs the
+step's layers with the same kernels in the same order, from C: one call a step instead of ~20 a layer.
+Prefill, padded micro-batches and other dtypes keep the modules' path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from ..kernels import (
+    FORMAT_IDS,
+    ISAS,
+    LlamaLayerSpec,
+    LlamaShapeSpec,
+    MatrixSpec,
+    load_kernels,
+    load_quant_kernels,
+    quant_isa,
+)
+from ..quant import QuantLinear
+from .batch import StepBatch
+from .kv_cache import PagedKVCache
+from .packing import KernelLinear
+
+__all__ = ["LlamaDecodeKernel"]
+
+
+def _matrix(module: nn.Module) -> MatrixSpec | None:
+    """The kernel's view of a linear layer, or None where it is not on ChatLoop's kernels."""
+    if isinstance(module, KernelLinear) and module.weight.dtype == torch.float32:
+        fmt = -1
+    elif isinstance(module, QuantLinear) and module.decodes_on_kernel():
+        fmt = FORMAT_IDS[module.fmt]
+    else:
+        return None
+    bias = None if module.bias is None else module.bias.data_ptr()
+    return MatrixSpec(fmt, module.weight.data_ptr(), bias, module.out_features, module.in_features)
+
+
+class LlamaDecodeKernel:
+    """Runs a stage's decode steps through all its layers in one call; build it with :meth:`for_stage`."""
+
+    def __init__(self, layers: list[LlamaLayerSpec], shape: LlamaShapeSpec, keep: list[torch.Tensor]) -> None:
+        self.layers = (LlamaLayerSpec * len(layers))(*layers)
+        self.shape = shape
+        self._keep = keep  # the weights the specs point into stay alive with them
+        self.quantized = any(getattr(layer, name).format >= 0 for layer in layers
+                             for name in ("qkv", "o", "gate_up", "down"))
+
+    @classmethod
+    def for_stage(cls, stage) -> LlamaDecodeKernel | None:
+        """The kernel for a loaded float32 :class:`~chatloop.models.llama.LlamaStage` whose projections are fused
+        and on ChatLoop's kernels and whose norms and rotary run on its row kernels; None otherwise."""
+        from .llama import LlamaStage
+
+        if not isinstance(stage, LlamaStage) or not stage.native_attention or load_kernels() is None:
+            return None
+        layers, keep = [], []
+        for layer in stage.decoder_layers():
+            attention, mlp = layer.self_attn, layer.mlp
+            if not (attention.native_rope and layer.input_layernorm.native and layer.post_attention_layernorm.native
+                    and hasattr(attention, "qkv_proj") and hasattr(mlp, "gate_up_proj")):
+                return None
+            modules = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            matrices = [_matrix(m) for m in modules]
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(m is None for m in matrices) or any(n.dtype != torch.float32 for n in norms):
+                return None
+            layers.append(LlamaLayerSpec(*matrices, *(n.data_ptr() for n in norms)))
+            keep += [*norms, *(m.weight for m in modules)]
+        a = stage.args
+        quant = load_quant_kernels()
+        quant_linear = ctypes.cast(quant.chatloop_quant_linear, ctypes.c_void_p).value if quant else None
+        shape = LlamaShapeSpec(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size,
+                               a.norm_eps, quant_linear, 0)
+        return cls(layers, shape, keep) if layers else None
+
+    def __call__(self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache, cos: torch.Tensor,
+                 signed_sin: torch.Tensor) -> torch.Tensor:
+        """The hidden states [B, 1, C] after the stage's layers, for a micro-batch the cache decodes in place
+        (:attr:`PagedKVCache.decode_in_place`); writes the step's keys and values into ``cache``."""
+        library = load_kernels()
+        B, hidden, head_dim = x.shape[0], self.shape.hidden, self.shape.head_dim
+        # Checked on every call, as the kernels' wrappers do: C reads what these shapes promise.
+        if x.shape[1:] != (1, hidden) or cos.numel() != B * head_dim or signed_sin.numel() != B * head_dim:
+            raise ValueError(f"the fused decode step takes hidden states [B, 1, {hidden}] and rotary [B, 1, 1, "
+                             f"{head_dim}], got {tuple(x.shape)}, {tuple(cos.shape)}, {tuple(signed_sin.shape)}")
+        if cache.keys.dtype != torch.float32 or not (cache.keys.is_contiguous() and cache.values.is_contiguous()):
+            raise ValueError("the fused decode step needs a contiguous float32 KV cache")
+        out = x.float().reshape(B, hidden).clone()  # updated in place
+        cos, signed_sin = cos.reshape(B, head_dim).contiguous(), signed_sin.reshape(B, head_dim).contiguous()
+        slots, tables, lengths, max_length = cache.in_place_step()
+        if slots.shape != (B,) or tables.shape[0] != B or lengths.shape != (B,):
+            raise ValueError(f"the fused decode step got {B} sequences but cache slots for {tuple(slots.shape)}")
+        if not 0 <= int(tables.min()) <= int(tables.max()) < cache.num_blocks:
+            raise ValueError(f"block tables name blocks outside the cache's {cache.num_blocks}")
+        if self.quantized:
+            self.shape.isa = ISAS[quant_isa()][0]
+        scratch = torch.empty(library.chatloop_llama_decode_scratch(ctypes.byref(self.shape), B, max_length))
+        library.chatloop_llama_decode(
+            out.data_ptr(), self.layers, len(self.layers), ctypes.byref(self.shape), cache.keys.data_ptr(),
+            cache.values.data_ptr(), cache.keys.shape[1], slots.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
+            tables.shape[1], cache.block_size, max_length, cos.data_ptr(), signed_sin.data_ptr(), B,
+            scratch.data_ptr(), torch.get_num_threads(),
+        )
+        return out.view(B, 1, -1)

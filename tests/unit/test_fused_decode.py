@@ -1,0 +1,79 @@
+"""The one-call decode step (chatloop/models/fused_decode.py) computes what the stage's modules compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatloop.kernels import load_kernels, load_quant_kernels
+from chatloop.models import StepBatch
+from chatloop.models.llama import DecoderLayer
+from chatloop.partition import load_stage, split_model
+
+pytestmark = pytest.mark.skipif(load_kernels() is None or load_quant_kernels() is None,
+                                reason="ChatLoop's native kernels cannot be built here")
+
+
+def _decode(stage, fused: bool, prompts: torch.Tensor, steps: int, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill ``prompts`` [B, T] on the modules, then ``steps`` greedy decode steps, fused or on the modules;
+    (logits of the decode steps [steps, B, V], the keys the cache holds)."""
+    kernel = stage.decode_kernel
+    B, T = prompts.shape
+    tables = [[3 * b + 2, 3 * b, 3 * b + 1] for b in range(B)]  # interleaved, out of order: the tables matter
+    cache = stage.new_cache(3 * B, 16, torch.float32)
+    logits = []
+    with torch.no_grad(), monkeypatch.context() as patch:
+        stage.decode_kernel = None
+        ids = stage(prompts, StepBatch.build([0] * B, [T] * B, tables, 16), cache).argmax(-1)[:, None]
+        stage.decode_kernel = kernel if fused else None
+        if fused:  # every decode step takes the one call, none a layer module
+            patch.setattr(DecoderLayer, "forward", lambda *a: pytest.fail("a layer module ran a fused step"))
+        for step in range(steps):
+            out = stage(ids, StepBatch.build([T + step] * B, [1] * B, tables, 16), cache)
+            logits.append(out)
+            ids = out.argmax(-1)[:, None]
+    stage.decode_kernel = kernel
+    return torch.stack(logits), cache.keys.clone()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_fused_decode_step_equals_the_modules(family, quantize, batch, tiny_checkpoint, tmp_path, monkeypatch):
+    split_model(tiny_checkpoint(family).path, tmp_path, 1, quantize=quantize, progress=False)
+    stage = load_stage(tmp_path, 0, pack_weights=True)
+    assert stage.decode_kernel is not None and stage.decode_kernel.quantized == (quantize is not None)
+    prompts = torch.randint(0, 128, (batch, 7), generator=torch.Generator().manual_seed(batch))
+    fused, fused_keys = _decode(stage, True, prompts, 6, monkeypatch)
+    modules, module_keys = _decode(stage, False, prompts, 6, monkeypatch)
+    # The same kernels in the same order; only SiLU's exp differs from torch's (by an ulp or so). Quantized
+    # stages quantize activations to int8 blocks, where an ulp can move a value to the next step.
+    tolerance = 1e-4 if quantize is None else 2e-3
+    scale = modules.abs().max().item()
+    assert (fused - modules).abs().max().item() <= tolerance * scale
+    assert (fused_keys - module_keys).abs().max().item() <= tolerance * module_keys.abs().max().item()
+
+
+def test_the_fused_step_is_used_only_where_every_layer_can_run_it(tiny_checkpoint, tmp_path):
+    split_model(tiny_checkpoint("llama").path, tmp_path, 1, progress=False)
+    assert load_stage(tmp_path, 0, pack_weights=True).decode_kernel is not None
+    assert load_stage(tmp_path, 0, pack_weights=False).decode_kernel is None  # projections not fused
+    assert load_stage(tmp_path, 0, pack_weights=True, native_kernels=False).decode_kernel is None
+    assert load_stage(tmp_path, 0, pack_weights=True, dtype=torch.bfloat16).decode_kernel is None
+
+
+def test_gpt2_stages_keep_their_modules(tiny_checkpoint, tmp_path):
+    split_model(tiny_checkpoint("gpt2").path, tmp_path, 1, progress=False)
+    assert load_stage(tmp_path, 0, pack_weights=True).decode_kernel is None
+
+
+def test_a_wrong_input_is_refused_before_the_kernel_reads_it(tiny_checkpoint, tmp_path):
+    # A stage handed 63 features of 64 (a bug upstream) says so instead of reading past the end.
+    split_model(tiny_checkpoint("llama").path, tmp_path, 1, progress=False)
+    stage = load_stage(tmp_path, 0, pack_weights=True)
+    cache = stage.new_cache(4, 16, torch.float32)
+    batch = StepBatch.build([3], [1], [[0]], 16)
+    cache.begin(batch)
+    cos, signed_sin = stage.layer_inputs(batch, torch.float32)
+    with pytest.raises(ValueError, match=r"hidden states \[B, 1, 64\].*\(1, 1, 63\)"):
+        stage.decode_kernel(torch.randn(1, 1, 63), batch, cache, cos, signed_sin)
