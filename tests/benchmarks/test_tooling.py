@@ -184,3 +184,30 @@ def test_paired_names_the_contender_that_cannot_load(tmp_path):
     assert proc.returncode == 1
     assert ("paired: inprocess: ValueError: the KV cache holds" in proc.stderr
             and "raise cache.kv_cache_mb" in proc.stderr)
+
+
+def _llamacpp_problem() -> str | None:
+    from benchmarks.llamacpp import llamacpp_dir
+
+    try:
+        llamacpp_dir()
+    except FileNotFoundError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.skipif(_llamacpp_problem() is not None, reason=f"{_llamacpp_problem()}")
+def test_paired_offers_llama_server_the_same_load_on_the_same_gguf(tmp_path, smollm2_checkpoint):
+    out = tmp_path / "paired.json"
+    command = [sys.executable, "-m", "benchmarks.paired", "--modes", "llamacpp,inprocess", "--rounds", "1",
+               "--json", str(out), "model.quantization=gguf", "batching.max_batch_size=2", "benchmark.num_requests=2",
+               "benchmark.prompt_tokens=8", "benchmark.new_tokens=4", "benchmark.timeout_s=300", "cache.kv_cache_mb=16"]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    (row,) = result["rounds"]
+    assert row["llamacpp"]["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf"  # the embedded file, as ChatLoop's source
+    for figures in row.values():
+        assert figures["tokens"] == 2 * 4 and figures["decode_tokens_per_s"] > 0
+    assert set(result["ratios"]) == {"inprocess/llamacpp"}
