@@ -131,8 +131,9 @@ class LlamaServerSession:
         import httpx
 
         async def one(client: httpx.AsyncClient, prompt: list[int], arrivals: list[float]) -> float:
+            # return_tokens: each event lists its token ids (an event's text can hold several tokens, or none)
             body = {"prompt": prompt, "n_predict": new_tokens, "temperature": 0.0, "ignore_eos": True,
-                    "stream": True, "cache_prompt": False}
+                    "stream": True, "cache_prompt": False, "return_tokens": True}
             sent = time.perf_counter()
             async with client.stream("POST", f"http://127.0.0.1:{self.port}/completion", json=body) as response:
                 response.raise_for_status()
@@ -140,9 +141,12 @@ class LlamaServerSession:
                     if not line.startswith("data: "):
                         continue
                     event = json.loads(line[6:])
-                    if event.get("tokens") or event.get("content"):
-                        arrivals.extend([time.perf_counter()] * max(1, len(event.get("tokens") or [1])))
+                    now = time.perf_counter()
+                    arrivals.extend([now] * len(event.get("tokens") or ()))
                     if event.get("stop"):
+                        # Tokens whose text is not yet whole UTF-8 are held back, and some never get an event of
+                        # their own: they count as arriving with the last one.
+                        arrivals.extend([now] * (event.get("tokens_predicted", len(arrivals)) - len(arrivals)))
                         break
             return sent
 

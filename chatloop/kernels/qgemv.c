@@ -7,6 +7,7 @@
  *   q8_0:  d_w d_x sum(q_w q_x)            q4_1:  d_w d_x sum(q_w q_x) + m_w s_x
  * Three paths, chosen at run time by the caller (what the CPU has, or CHATLOOP_ISA): portable C, AVX2 (maddubs),
  * AVX-512 VNNI (vpdpbusd). This file is compiled without -march=native: each path states its own target.
+ * Each weight block is unpacked once for up to four activation rows (batch-16 SmolLM2 step 41 -> 31 ms).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -101,60 +102,108 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256i q4_weights(const 
   return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
-__attribute__((target("avx2,fma,f16c"))) static float dot_avx2(const uint8_t* w, const int8_t* xq, const float* xd,
-                                                                 const float* xs, int64_t nb, int fmt) {
+/* Dot products of one weight row with up to ROWS_AT_ONCE activation rows (xq + r * I, xd and xs + r * nb): each
+ * weight block is loaded and unpacked once for all of them. Per row, the same additions in the same order as one
+ * row alone. */
+#define ROWS_AT_ONCE 4
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void dot_avx2_n(
+    const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int fmt, int64_t I,
+    const int rows, float* out) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.0f;
+  __m256 acc[ROWS_AT_ONCE];
+  float mins[ROWS_AT_ONCE];
+  for (int r = 0; r < ROWS_AT_ONCE; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.0f;
   const int bb = block_bytes(fmt);
   for (int64_t k = 0; k < nb; ++k) {
     const uint8_t* blk = w + k * bb;
-    const __m256i qx = _mm256_loadu_si256((const __m256i*)(xq + k * QK));
-    __m256i products;
+    const float dw = half_f16c(blk);
     if (fmt == FMT_Q8_0) {
       const __m256i qw = _mm256_loadu_si256((const __m256i*)(blk + 2));
-      /* maddubs multiplies unsigned by signed: |w| times x with w's sign. */
-      products = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+      const __m256i magnitude = _mm256_sign_epi8(qw, qw);
+      for (int r = 0; r < rows; ++r) {
+        const __m256i qx = _mm256_loadu_si256((const __m256i*)(xq + r * I + k * QK));
+        /* maddubs multiplies unsigned by signed: |w| times x with w's sign. */
+        const __m256i products = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(qx, qw));
+        const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[r * nb + k]), sums, acc[r]);
+      }
     } else {
-      products = _mm256_maddubs_epi16(q4_weights(blk), qx);
-      mins += half_f16c(blk + 2) * xs[k];
+      const __m256i qw = q4_weights(blk);
+      const float mw = half_f16c(blk + 2);
+      for (int r = 0; r < rows; ++r) {
+        const __m256i qx = _mm256_loadu_si256((const __m256i*)(xq + r * I + k * QK));
+        const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[r * nb + k]), sums, acc[r]);
+        mins[r] += mw * xs[r * nb + k];
+      }
     }
-    const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(half_f16c(blk) * xd[k]), sums, acc);
   }
-  return hsum256(acc) + mins;
+  for (int r = 0; r < rows; ++r) out[r] = hsum256(acc[r]) + mins[r];
 }
 
 /* ---- AVX-512 VNNI ------------------------------------------------------------------------------------------- */
 #define VNNI_TARGET "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
-__attribute__((target(VNNI_TARGET))) static float dot_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
-                                                            const float* xs, int64_t nb, int fmt) {
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.0f;
+__attribute__((target(VNNI_TARGET), always_inline)) static inline void dot_vnni_n(
+    const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int fmt, int64_t I,
+    const int rows, float* out) {
+  __m256 acc[ROWS_AT_ONCE];
+  float mins[ROWS_AT_ONCE];
+  for (int r = 0; r < ROWS_AT_ONCE; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.0f;
   const int bb = block_bytes(fmt);
   for (int64_t k = 0; k < nb; ++k) {
     const uint8_t* blk = w + k * bb;
-    const __m256i qx = _mm256_loadu_si256((const __m256i*)(xq + k * QK));
-    __m256i sums;
+    const float dw = half_f16c(blk);
     if (fmt == FMT_Q8_0) {
       const __m256i qw = _mm256_loadu_si256((const __m256i*)(blk + 2));
-      sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(qw), _mm256_sign_epi8(qx, qw));
+      const __m256i magnitude = _mm256_abs_epi8(qw);
+      for (int r = 0; r < rows; ++r) {
+        const __m256i qx = _mm256_loadu_si256((const __m256i*)(xq + r * I + k * QK));
+        const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(qx, qw));
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[r * nb + k]), _mm256_cvtepi32_ps(sums), acc[r]);
+      }
     } else {
-      sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4_weights(blk), qx);
-      mins += half_f16c(blk + 2) * xs[k];
+      const __m256i qw = q4_weights(blk);
+      const float mw = half_f16c(blk + 2);
+      for (int r = 0; r < rows; ++r) {
+        const __m256i qx = _mm256_loadu_si256((const __m256i*)(xq + r * I + k * QK));
+        const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qw, qx);
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[r * nb + k]), _mm256_cvtepi32_ps(sums), acc[r]);
+        mins[r] += mw * xs[r * nb + k];
+      }
     }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(half_f16c(blk) * xd[k]), _mm256_cvtepi32_ps(sums), acc);
   }
-  return hsum256(acc) + mins;
+  for (int r = 0; r < rows; ++r) out[r] = hsum256(acc[r]) + mins[r];
 }
 
-typedef float (*dot_fn)(const uint8_t*, const int8_t*, const float*, const float*, int64_t, int);
+/* The row count as a constant, so that each case keeps its accumulators in registers (a variable count cost
+ * batch-1 steps 15%). */
+#define BY_ROWS(name, impl, features)                                                                            \
+  __attribute__((target(features))) static void name(const uint8_t* w, const int8_t* xq, const float* xd,          \
+                                                   const float* xs, int64_t nb, int fmt, int64_t I, int rows,    \
+                                                   float* out) {                                                 \
+    switch (rows) {                                                                                             \
+      case 1: impl(w, xq, xd, xs, nb, fmt, I, 1, out); break;                                                   \
+      case 2: impl(w, xq, xd, xs, nb, fmt, I, 2, out); break;                                                   \
+      case 3: impl(w, xq, xd, xs, nb, fmt, I, 3, out); break;                                                   \
+      default: impl(w, xq, xd, xs, nb, fmt, I, ROWS_AT_ONCE, out);                                              \
+    }                                                                                                           \
+  }
+BY_ROWS(dot_avx2, dot_avx2_n, "avx2,fma,f16c")
+BY_ROWS(dot_vnni, dot_vnni_n, VNNI_TARGET)
+
+static void dot_portable_rows(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int64_t nb,
+                              int fmt, int64_t I, int rows, float* out) {
+  for (int r = 0; r < rows; ++r) out[r] = dot_portable(w, xq + r * I, xd + r * nb, xs + r * nb, nb, fmt);
+}
+
+typedef void (*dot_fn)(const uint8_t*, const int8_t*, const float*, const float*, int64_t, int, int64_t, int,
+                       float*);
 
 /* y [B, O] = x [B, I] W^T + bias. xq [B, I], xd and xs [B, I / 32]: scratch the caller provides. */
 void chatloop_quant_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
                            int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, float* xs) {
   const int64_t nb = I / QK, row_bytes = nb * block_bytes(fmt);
-  const dot_fn dot = isa == ISA_AVX512_VNNI ? dot_vnni : isa == ISA_AVX2 ? dot_avx2 : dot_portable;
+  const dot_fn dot = isa == ISA_AVX512_VNNI ? dot_vnni : isa == ISA_AVX2 ? dot_avx2 : dot_portable_rows;
   /* One parallel region (one wake-up of the threads a call): quantize the rows, wait, multiply. */
 #pragma omp parallel num_threads(num_threads)
   {
@@ -166,9 +215,12 @@ void chatloop_quant_linear(const float* x, const uint8_t* w, const float* bias, 
       for (int64_t b0 = 0; b0 < B; b0 += ROW_TILE) {
         const int64_t b1 = b0 + ROW_TILE < B ? b0 + ROW_TILE : B;
         for (int64_t o = o0; o < o1; ++o)
-          for (int64_t b = b0; b < b1; ++b)
-            y[b * O + o] = dot(w + o * row_bytes, xq + b * I, xd + b * nb, xs + b * nb, nb, fmt)
-                           + (bias ? bias[o] : 0.0f);
+          for (int64_t b = b0; b < b1; b += ROWS_AT_ONCE) {
+            const int rows = b1 - b < ROWS_AT_ONCE ? (int)(b1 - b) : ROWS_AT_ONCE;
+            float sums[ROWS_AT_ONCE];
+            dot(w + o * row_bytes, xq + b * I, xd + b * nb, xs + b * nb, nb, fmt, I, rows, sums);
+            for (int r = 0; r < rows; ++r) y[(b + r) * O + o] = sums[r] + (bias ? bias[o] : 0.0f);
+          }
       }
     }
   }
