@@ -71,15 +71,16 @@ def test_which_tensors_a_scheme_quantizes():
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512_vnni"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 16, 37])
-def test_every_kernel_path_computes_the_reference_arithmetic(isa, fmt, rows):
+@pytest.mark.parametrize("in_features", [160, 608])  # 5 blocks (one by one); 19 (two groups of 8, then 3)
+def test_every_kernel_path_computes_the_reference_arithmetic(isa, fmt, rows, in_features):
     if isa not in available_isas():
         pytest.skip(f"this CPU cannot run the {isa} path")
     torch.manual_seed(rows)
-    w, x, bias = torch.randn(53, 160), torch.randn(rows, 160) * 3, torch.randn(53)  # 53: not a multiple of a tile
+    w, x, bias = torch.randn(53, in_features), torch.randn(rows, in_features) * 3, torch.randn(53)  # 53: no tile
     x[0, 5] = 300.0  # an outlier, as real activations have
     data = quantize(w, fmt)
     expected = reference_linear(x, data, fmt, bias)
-    got = kernel_quant_linear(x, data, fmt, 160, bias, isa=isa)
+    got = kernel_quant_linear(x, data, fmt, in_features, bias, isa=isa)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (got - expected).abs().max()
     plain = x @ dequantize(data, fmt).T + bias  # the activations' int8 blocks cost little
     assert (got - plain).abs().max() < 0.02 * plain.abs().max()
