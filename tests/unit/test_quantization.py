@@ -81,7 +81,9 @@ def test_every_kernel_path_computes_the_reference_arithmetic(isa, fmt, rows, in_
     data = quantize(w, fmt)
     expected = reference_linear(x, data, fmt, bias)
     got = kernel_quant_linear(x, data, fmt, in_features, bias, isa=isa)
-    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (got - expected).abs().max()
+    # float32 sums of terms up to ~700 (the outlier): rounding of the order of 1e-6 of the largest output
+    atol = 1e-4 + 1e-6 * expected.abs().max().item()
+    assert torch.allclose(got, expected, rtol=1e-5, atol=atol), (got - expected).abs().max()
     plain = x @ dequantize(data, fmt).T + bias  # the activations' int8 blocks cost little
     assert (got - plain).abs().max() < 0.02 * plain.abs().max()
 
