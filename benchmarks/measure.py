@@ -108,14 +108,21 @@ def memory_bandwidth(num_mb: int, threads: int | None = None, repeats: int = 5) 
         torch.set_num_threads(saved)
 
 
-def weight_bytes_per_token(folder: str | Path, dtype: str) -> int:
-    """Weight bytes one batch-1 decode step reads in ``dtype``: every tensor once, the input embedding not at all.
+def weight_bytes_per_token(folder: str | Path, dtype: str, quantization: str | None = None) -> int | None:
+    """Weight bytes one batch-1 decode step reads in ``dtype``: every tensor once, the input embedding not at all;
+    with ``quantization`` (``int8``, ``int4``) the quantized tensors in their blocks' bytes. None for ``gguf``
+    (the file decides the formats).
 
     The embedding is a lookup of one row per token; a tied head reads the embedding matrix
     (counted once). This is the numerator of the memory-bandwidth roofline.
     """
     from chatloop.models import ModelArgs, family_of
     from chatloop.partition.splitter import CheckpointSource
+    from chatloop.quant import BLOCK, BLOCK_BYTES
+    from chatloop.quant.scheme import format_for
+
+    if quantization == "gguf":
+        return None
 
     folder = Path(folder)
     args = ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
@@ -132,7 +139,8 @@ def weight_bytes_per_token(folder: str | Path, dtype: str) -> int:
         if key == "lm_head.weight" and args.tie_word_embeddings:
             continue  # a tied checkpoint that stores the head too: counted as the embedding
         numel = source.sizes[name] // source.dtypes[name].itemsize
-        total += numel * element
+        fmt = format_for(key, tuple(source.shapes[name]), quantization) if quantization else None
+        total += numel * BLOCK_BYTES[fmt] // BLOCK if fmt else numel * element
     return total
 
 
@@ -463,7 +471,7 @@ def run(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
         result["bandwidth"] = in_temporary_thread(memory_bandwidth, bench.bandwidth_mb)
     folder = in_temporary_thread(resolve_model, cfg.model.name)  # may write a random checkpoint first
     result["model_path"] = str(folder)
-    result["weight_bytes_per_token"] = weight_bytes_per_token(folder, cfg.model.dtype)
+    result["weight_bytes_per_token"] = weight_bytes_per_token(folder, cfg.model.dtype, cfg.model.quantization)
     if bench.mode == "hf":
         result.update(measure_hf(cfg, bench))
     elif bench.mode == "llamacpp":
@@ -477,7 +485,7 @@ def run(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
     else:
         result.update(measure_chatloop(cfg, bench))
     result["host"]["load_avg_1m_end"] = os.getloadavg()[0]  # other work on the machine disturbs every number
-    if bench.bandwidth_mb:
+    if bench.bandwidth_mb and result["weight_bytes_per_token"]:
         # One thread: the bound of a worker pinned to one core. Measured last, so that changing the
         # thread count cannot disturb the measurement above.
         result["bandwidth_1t"] = in_temporary_thread(memory_bandwidth, bench.bandwidth_mb, threads=1)

@@ -72,7 +72,9 @@ def measure_roofline(
         partitions_dir_for(cfg), 0, dtype=getattr(torch, dtype),
         pack_weights=cfg.worker.pack_weights, native_kernels=cfg.worker.native_kernels,
     )
-    weight_bytes = weight_bytes_per_token(folder, dtype)
+    weight_bytes = weight_bytes_per_token(folder, dtype, cfg.model.quantization)
+    if weight_bytes is None:
+        raise ValueError("model.quantization=gguf: the roofline needs a scheme (int8, int4) whose bytes are known")
     run = decode_step(stage, 1, context)
     run()
     pairs = []

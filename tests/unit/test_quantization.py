@@ -71,7 +71,7 @@ def test_which_tensors_a_scheme_quantizes():
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512_vnni"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 16, 37])
-@pytest.mark.parametrize("in_features", [160, 608])  # 5 blocks (one by one); 19 (two groups of 8, then 3)
+@pytest.mark.parametrize("in_features", [160, 2080])  # 5 blocks (one by one); 65 (8 groups of 8, then 1)
 def test_every_kernel_path_computes_the_reference_arithmetic(isa, fmt, rows, in_features):
     if isa not in available_isas():
         pytest.skip(f"this CPU cannot run the {isa} path")
