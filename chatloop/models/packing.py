@@ -5,8 +5,8 @@ the weights stream from memory. On the 2-core AVX2 host MKL read a plain [out, i
 weight at 10-18 GB/s there. Two ways to do better:
 
 - :class:`KernelLinear`: ChatLoop's own kernel (``chatloop/kernels/gemv.c``; ``bf16gemv.c`` for
-  bfloat16) on the plain weight for up to 16 rows, torch's GEMM above that (prefill, which so stays
-  bit-equal to transformers). float32: 1.2-2.2x faster than oneDNN's packed GEMM on TinyLlama and
+  bfloat16, up to 4 rows) on the plain weight for up to 16 rows, torch's GEMM above that (prefill, which
+  so stays bit-equal to transformers). float32: 1.2-2.2x faster than oneDNN's packed GEMM on TinyLlama and
   SmolLM2 shapes, 33 GB/s at 1 row. Used where the kernel builds.
 - :class:`PackedLinear`: the weight reordered into oneDNN's blocked layout, the reorder
   torch.compile's freezing does (1.5x over MKL at 1 row, 2-2.8x at 4-16 rows; a 1024-token
@@ -21,6 +21,7 @@ from torch import nn
 
 from ..kernels import (
     BF16_ISAS,
+    BF16_KERNEL_ROWS,
     MAX_KERNEL_ROWS,
     available_bf16_isas,
     bf16_isa,
@@ -80,11 +81,12 @@ class KernelLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().clone(memory_format=torch.contiguous_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= MAX_KERNEL_ROWS * self.in_features:
-            if self.weight.dtype != torch.bfloat16:
+        if self.weight.dtype != torch.bfloat16:
+            if x.numel() <= MAX_KERNEL_ROWS * self.in_features:
                 return kernel_linear(x, self.weight, self.bias)
-            if x.dtype == torch.bfloat16 and x.shape[-1] == self.in_features:
-                return bf16_linear_unchecked(x.contiguous(), self.weight, self.bias, BF16_ISAS[bf16_isa()][0])
+        elif x.numel() <= BF16_KERNEL_ROWS * self.in_features and x.dtype == torch.bfloat16 \
+                and x.shape[-1] == self.in_features:
+            return bf16_linear_unchecked(x.contiguous(), self.weight, self.bias, BF16_ISAS[bf16_isa()][0])
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

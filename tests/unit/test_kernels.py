@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from chatloop import kernels
 from chatloop.kernels import (
     BF16_ISAS,
+    BF16_KERNEL_ROWS,
     MAX_KERNEL_ROWS,
     available_bf16_isas,
     kernel_bf16_linear,
@@ -133,12 +134,12 @@ def test_a_bf16_kernel_linear_decodes_on_the_kernel_and_prefills_on_torch(kernel
     original = packing.bf16_linear_unchecked
     monkeypatch.setattr(packing, "bf16_linear_unchecked", lambda x, *a: calls.append(x.shape) or original(x, *a))
     with torch.inference_mode():
-        for rows in (1, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 1):
+        for rows in (1, BF16_KERNEL_ROWS, BF16_KERNEL_ROWS + 1):
             x = torch.randn(rows, 64).bfloat16()
             torch.testing.assert_close(layer(x).float(), linear(x).float(), rtol=2**-7, atol=1e-2)
         prefill = torch.randn(40, 64).bfloat16()
         assert torch.equal(layer(prefill), linear(prefill))  # prefill stays bit-equal to torch (and transformers)
-    assert calls == [(1, 64), (MAX_KERNEL_ROWS, 64)]
+    assert calls == [(1, 64), (BF16_KERNEL_ROWS, 64)]
     monkeypatch.setenv("CHATLOOP_BF16_ISA", "sse9")
     with pytest.raises(ValueError, match="CHATLOOP_BF16_ISA=sse9: this machine runs portable"):
         layer(torch.randn(1, 64).bfloat16())
