@@ -73,9 +73,33 @@ static inline void tile3(const float* x, const float* const* wr, const float* bi
     store_tile((const __m256(*)[3])acc, NB, x, wr, bias, y, b, o, rows, O, I, vec_end);       \
   } while (0)
 
+/* One input row (batch-1 decode): eight weight rows side by side, eight streams from memory a thread (four
+ * read a 3072 x 576 matrix at 34 GB/s here, eight at 41; SmolLM2 float32 step 16.6 -> 13-15 ms). The same
+ * additions per row as the tiles above. */
+static inline void rows8(const float* x, const float* w, const float* bias, float* y, int64_t o, int rows,
+                         int64_t I, int64_t vec_end) {
+  const float* wr[8];
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) wr[r] = w + (o + (r < rows ? r : 0)) * I, acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < vec_end; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wr[r] + i), xv, acc[r]);
+  }
+  for (int r = 0; r < rows; ++r) {
+    float sum = hsum(acc[r]);
+    for (int64_t i = vec_end; i < I; ++i) sum += wr[r][i] * x[i];
+    y[o + r] = sum + (bias ? bias[o + r] : 0.0f);
+  }
+}
+
 void chatloop_linear(const float* x, const float* w, const float* bias, float* y,
                      int64_t B, int64_t O, int64_t I, int num_threads) {
   const int64_t vec_end = I & ~(int64_t)7;
+  if (B == 1) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t o = 0; o < O; o += 8) rows8(x, w, bias, y, o, O - o < 8 ? (int)(O - o) : 8, I, vec_end);
+    return;
+  }
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t o = 0; o < O; o += 4) {
     const int rows = O - o < 4 ? (int)(O - o) : 4;
