@@ -56,12 +56,13 @@ static inline void add_weighted_rows(const float* w, const float* v, int64_t str
     for (int64_t i = d; i < D; ++i) y[i] += w[j] * v[j * stride + i];
 }
 
-void chatloop_decode_attention(const float* q, const float* keys, const float* values, const int64_t* tables,
-                               const int64_t* lengths, float* scratch, float* out, int64_t B, int64_t H,
-                               int64_t K, int64_t D, int64_t N, int64_t block_size, int64_t max_length,
-                               float scale, int num_threads) {
+/* Shared among the threads of the caller's parallel region (an orphaned omp for), as chatloop_linear_shared. */
+void chatloop_decode_attention_shared(const float* q, const float* keys, const float* values, const int64_t* tables,
+                                      const int64_t* lengths, float* scratch, float* out, int64_t B, int64_t H,
+                                      int64_t K, int64_t D, int64_t N, int64_t block_size, int64_t max_length,
+                                      float scale) {
   const int64_t group = H / K, stride = K * D;  /* consecutive slots of one kv head are K * D floats apart */
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp for schedule(static)
   for (int64_t unit = 0; unit < B * H; ++unit) {
     const int64_t b = unit / H, h = unit % H, kv = h / group, length = lengths[b];
     const int64_t* table = tables + b * N;
@@ -87,4 +88,13 @@ void chatloop_decode_attention(const float* q, const float* keys, const float* v
     }
     for (int64_t i = 0; i < D; ++i) y[i] /= total;
   }
+}
+
+void chatloop_decode_attention(const float* q, const float* keys, const float* values, const int64_t* tables,
+                               const int64_t* lengths, float* scratch, float* out, int64_t B, int64_t H,
+                               int64_t K, int64_t D, int64_t N, int64_t block_size, int64_t max_length,
+                               float scale, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+  chatloop_decode_attention_shared(q, keys, values, tables, lengths, scratch, out, B, H, K, D, N, block_size,
+                                   max_length, scale);
 }

@@ -92,15 +92,17 @@ static inline void rows8(const float* x, const float* w, const float* bias, floa
   }
 }
 
-void chatloop_linear(const float* x, const float* w, const float* bias, float* y,
-                     int64_t B, int64_t O, int64_t I, int num_threads) {
+/* The work of chatloop_linear shared among the threads of the caller's parallel region (an orphaned omp for,
+ * ending with its barrier): the fused decode step runs a whole stage in one region. */
+void chatloop_linear_shared(const float* x, const float* w, const float* bias, float* y, int64_t B, int64_t O,
+                            int64_t I) {
   const int64_t vec_end = I & ~(int64_t)7;
   if (B == 1) {
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp for schedule(static)
     for (int64_t o = 0; o < O; o += 8) rows8(x, w, bias, y, o, O - o < 8 ? (int)(O - o) : 8, I, vec_end);
     return;
   }
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp for schedule(static)
   for (int64_t o = 0; o < O; o += 4) {
     const int rows = O - o < 4 ? (int)(O - o) : 4;
     const float* wr[4];
@@ -118,6 +120,12 @@ void chatloop_linear(const float* x, const float* w, const float* bias, float* y
     if (B - b == 2) TILE(2);
     else if (B - b == 1) TILE(1);
   }
+}
+
+void chatloop_linear(const float* x, const float* w, const float* bias, float* y,
+                     int64_t B, int64_t O, int64_t I, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+  chatloop_linear_shared(x, w, bias, y, B, O, I);
 }
 
 /* Reads n floats (n % 4096 == 0) in four streams per thread and returns their sum: the

@@ -7,26 +7,28 @@
  * SiLU(gate) * up, the down projection and residual: the same kernels and the same order of operations as the
  * stage's modules (chatloop/models/llama.py), called from C.
  *
- * Matrices are float32 (chatloop_linear, gemv.c) or quantized (the quantized library's chatloop_quant_linear,
- * which the caller passes in: that library is built for several CPUs and picks its path at run time).
+ * Matrices are float32 (chatloop_linear_shared, gemv.c) or quantized (the quantized library's
+ * chatloop_quant_linear_shared, which the caller passes in: that library is built for several CPUs and picks its
+ * path at run time).
  * x [B, C] float32 is updated in place; one new token per sequence (T = 1), every sequence real (no padding).
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-void chatloop_linear(const float* x, const float* w, const float* bias, float* y, int64_t B, int64_t O, int64_t I,
-                     int num_threads);
-void chatloop_decode_attention(const float* q, const float* keys, const float* values, const int64_t* tables,
-                               const int64_t* lengths, float* scratch, float* out, int64_t B, int64_t H, int64_t K,
-                               int64_t D, int64_t N, int64_t block_size, int64_t max_length, float scale,
-                               int num_threads);
+void chatloop_linear_shared(const float* x, const float* w, const float* bias, float* y, int64_t B, int64_t O,
+                            int64_t I);
+void chatloop_decode_attention_shared(const float* q, const float* keys, const float* values, const int64_t* tables,
+                                      const int64_t* lengths, float* scratch, float* out, int64_t B, int64_t H,
+                                      int64_t K, int64_t D, int64_t N, int64_t block_size, int64_t max_length,
+                                      float scale);
 void chatloop_rms_norm(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps);
 void chatloop_rope(float* x, const float* cos, const float* signed_sin, int64_t rows, int64_t row_stride,
                    int64_t offset, int64_t heads, int64_t head_dim);
 
+/* The quantized library's chatloop_quant_linear_shared (work shared in the caller's parallel region). */
 typedef void (*quant_linear_fn)(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
-                                int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, float* xs);
+                                int64_t I, int fmt, int isa, int8_t* xq, float* xd, float* xs);
 
 /* One matrix: format -1 float32 [out, in], else the quantized format's number (qgemv.c's FMT_*). */
 typedef struct {
@@ -65,13 +67,14 @@ int64_t chatloop_llama_decode_scratch(const chatloop_llama_shape* s, int64_t B, 
               + widest / 4 + 2 * (widest / 32) + 2); /* quantized activations: int8 values, two floats a block */
 }
 
+/* Called by every thread of the region: the work is shared, and all wait at its end. */
 static void matmul(const chatloop_matrix* m, const chatloop_llama_shape* s, const float* x, float* y, int64_t B,
-                   int num_threads, int8_t* xq, float* xd, float* xs) {
+                   int8_t* xq, float* xd, float* xs) {
   if (m->format < 0)
-    chatloop_linear(x, (const float*)m->weight, m->bias, y, B, m->out_features, m->in_features, num_threads);
+    chatloop_linear_shared(x, (const float*)m->weight, m->bias, y, B, m->out_features, m->in_features);
   else
     s->quant_linear(x, (const uint8_t*)m->weight, m->bias, y, B, m->out_features, m->in_features, (int)m->format,
-                    (int)s->isa, num_threads, xq, xd, xs);
+                    (int)s->isa, xq, xd, xs);
 }
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -97,30 +100,42 @@ void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t
   float* xs = xd + B * (widest / 32) + 1;
   int8_t* xq = (int8_t*)(xs + B * (widest / 32) + 1);
   const float scale = 1.0f / sqrtf((float)D);
+  /* One parallel region for the whole step: the threads wake once, not at each of ~5 calls a layer (with four
+   * workers on two cores a stage's threads slept between calls, and each wake-up cost more than the call). The
+   * matmuls and attention share their work; the row operations between them run on one thread. */
+#pragma omp parallel num_threads(num_threads)
   for (int64_t l = 0; l < num_layers; ++l) {
     const chatloop_llama_layer* layer = layers + l;
     float* layer_keys = keys + l * pool_slots * K * D;
     float* layer_values = values + l * pool_slots * K * D;
 
+#pragma omp single
     chatloop_rms_norm(x, layer->input_norm, normed, B, C, s->eps);
-    matmul(&layer->qkv, s, normed, qkv, B, num_threads, xq, xd, xs);
-    chatloop_rope(qkv, cos, signed_sin, B, qkv_width, 0, H + K, D);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* row = qkv + b * qkv_width;
-      memcpy(q + b * H * D, row, sizeof(float) * H * D);
-      memcpy(layer_keys + slots[b] * K * D, row + H * D, sizeof(float) * K * D);
-      memcpy(layer_values + slots[b] * K * D, row + (H + K) * D, sizeof(float) * K * D);
+    matmul(&layer->qkv, s, normed, qkv, B, xq, xd, xs);
+#pragma omp single
+    {
+      chatloop_rope(qkv, cos, signed_sin, B, qkv_width, 0, H + K, D);
+      for (int64_t b = 0; b < B; ++b) {
+        const float* row = qkv + b * qkv_width;
+        memcpy(q + b * H * D, row, sizeof(float) * H * D);
+        memcpy(layer_keys + slots[b] * K * D, row + H * D, sizeof(float) * K * D);
+        memcpy(layer_values + slots[b] * K * D, row + (H + K) * D, sizeof(float) * K * D);
+      }
     }
-    chatloop_decode_attention(q, layer_keys, layer_values, tables, lengths, scores, attention, B, H, K, D, N,
-                              block_size, max_length, scale, num_threads);
-    matmul(&layer->o, s, attention, projected, B, num_threads, xq, xd, xs);
-    for (int64_t i = 0; i < B * C; ++i) x[i] += projected[i];
-
-    chatloop_rms_norm(x, layer->post_attention_norm, normed, B, C, s->eps);
-    matmul(&layer->gate_up, s, normed, gate_up, B, num_threads, xq, xd, xs);
+    chatloop_decode_attention_shared(q, layer_keys, layer_values, tables, lengths, scores, attention, B, H, K, D, N,
+                                     block_size, max_length, scale);
+    matmul(&layer->o, s, attention, projected, B, xq, xd, xs);
+#pragma omp single
+    {
+      for (int64_t i = 0; i < B * C; ++i) x[i] += projected[i];
+      chatloop_rms_norm(x, layer->post_attention_norm, normed, B, C, s->eps);
+    }
+    matmul(&layer->gate_up, s, normed, gate_up, B, xq, xd, xs);
+#pragma omp single
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < F; ++i) act[b * F + i] = silu(gate_up[b * 2 * F + i]) * gate_up[b * 2 * F + F + i];
-    matmul(&layer->down, s, act, projected, B, num_threads, xq, xd, xs);
+    matmul(&layer->down, s, act, projected, B, xq, xd, xs);
+#pragma omp single
     for (int64_t i = 0; i < B * C; ++i) x[i] += projected[i];
   }
 }

@@ -204,31 +204,36 @@ static void dot_portable_rows(const uint8_t* w, const int8_t* xq, const float* x
 typedef void (*dot_fn)(const uint8_t*, const int8_t*, const float*, const float*, int64_t, int, int64_t, int,
                        float*);
 
-/* y [B, O] = x [B, I] W^T + bias. xq [B, I], xd and xs [B, I / 32]: scratch the caller provides. */
-void chatloop_quant_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
-                           int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, float* xs) {
+/* y [B, O] = x [B, I] W^T + bias, shared among the threads of the caller's parallel region (orphaned omp fors,
+ * each ending with its barrier): quantize the rows, then multiply. xq [B, I], xd and xs [B, I / 32]: scratch the
+ * caller provides. */
+void chatloop_quant_linear_shared(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B,
+                                  int64_t O, int64_t I, int fmt, int isa, int8_t* xq, float* xd, float* xs) {
   const int64_t nb = I / QK, row_bytes = nb * block_bytes(fmt);
   const dot_fn dot = isa == ISA_AVX512_VNNI ? dot_vnni : isa == ISA_AVX2 ? dot_avx2 : dot_portable_rows;
-  /* One parallel region (one wake-up of the threads a call): quantize the rows, wait, multiply. */
-#pragma omp parallel num_threads(num_threads)
-  {
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) quantize_row(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
+  for (int64_t b = 0; b < B; ++b) quantize_row(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
 #pragma omp for schedule(static)
-    for (int64_t o0 = 0; o0 < O; o0 += ROW_TILE) {
-      const int64_t o1 = o0 + ROW_TILE < O ? o0 + ROW_TILE : O;
-      for (int64_t b0 = 0; b0 < B; b0 += ROW_TILE) {
-        const int64_t b1 = b0 + ROW_TILE < B ? b0 + ROW_TILE : B;
-        for (int64_t o = o0; o < o1; ++o)
-          for (int64_t b = b0; b < b1; b += ROWS_AT_ONCE) {
-            const int rows = b1 - b < ROWS_AT_ONCE ? (int)(b1 - b) : ROWS_AT_ONCE;
-            float sums[ROWS_AT_ONCE];
-            dot(w + o * row_bytes, xq + b * I, xd + b * nb, xs + b * nb, nb, fmt, I, rows, sums);
-            for (int r = 0; r < rows; ++r) y[(b + r) * O + o] = sums[r] + (bias ? bias[o] : 0.0f);
-          }
-      }
+  for (int64_t o0 = 0; o0 < O; o0 += ROW_TILE) {
+    const int64_t o1 = o0 + ROW_TILE < O ? o0 + ROW_TILE : O;
+    for (int64_t b0 = 0; b0 < B; b0 += ROW_TILE) {
+      const int64_t b1 = b0 + ROW_TILE < B ? b0 + ROW_TILE : B;
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t b = b0; b < b1; b += ROWS_AT_ONCE) {
+          const int rows = b1 - b < ROWS_AT_ONCE ? (int)(b1 - b) : ROWS_AT_ONCE;
+          float sums[ROWS_AT_ONCE];
+          dot(w + o * row_bytes, xq + b * I, xd + b * nb, xs + b * nb, nb, fmt, I, rows, sums);
+          for (int r = 0; r < rows; ++r) y[(b + r) * O + o] = sums[r] + (bias ? bias[o] : 0.0f);
+        }
     }
   }
+}
+
+/* The same in a parallel region of its own (one wake-up of the threads a call). */
+void chatloop_quant_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
+                           int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, float* xs) {
+#pragma omp parallel num_threads(num_threads)
+  chatloop_quant_linear_shared(x, w, bias, y, B, O, I, fmt, isa, xq, xd, xs);
 }
 
 /* Rows ids[r] of a quantized matrix as float32 [R, I] (embedding lookups). */

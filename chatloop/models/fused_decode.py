@@ -77,7 +77,7 @@ class LlamaDecodeKernel:
             keep += [*norms, *(m.weight for m in modules)]
         a = stage.args
         quant = load_quant_kernels()
-        quant_linear = ctypes.cast(quant.chatloop_quant_linear, ctypes.c_void_p).value if quant else None
+        quant_linear = ctypes.cast(quant.chatloop_quant_linear_shared, ctypes.c_void_p).value if quant else None
         shape = LlamaShapeSpec(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size,
                                a.norm_eps, quant_linear, 0)
         return cls(layers, shape, keep) if layers else None
