@@ -227,7 +227,8 @@ def test_int4_of_the_dequantized_checkpoint_gives_back_the_gguf_blocks(gguf_spli
     split_model(smollm2_checkpoint, tmp_path, 2, quantize="int4", progress=False)
     with safe_open(out / "partition_0.safetensors", framework="pt") as from_gguf, \
             safe_open(tmp_path / "partition_0.safetensors", framework="pt") as from_float:
-        keys = [k for k in from_gguf.keys() if k.endswith("_proj.weight") or k == "model.embed_tokens.weight"]
+        names = from_gguf.keys()  # safe_open is not iterable itself
+        keys = [k for k in names if k.endswith("_proj.weight") or k == "model.embed_tokens.weight"]
         assert len(keys) == 15 * 7 + 1
         for key in keys:  # the same bytes, scales and minima included
             assert torch.equal(from_float.get_tensor(key), from_gguf.get_tensor(key)), key
