@@ -101,6 +101,8 @@ class LlamaDecodeKernel:
             raise ValueError(f"the fused decode step got {B} sequences but cache slots for {tuple(slots.shape)}")
         if not 0 <= int(tables.min()) <= int(tables.max()) < cache.num_blocks:
             raise ValueError(f"block tables name blocks outside the cache's {cache.num_blocks}")
+        if not 0 < max_length <= tables.shape[1] * cache.block_size:
+            raise ValueError(f"a context of {max_length} positions does not fit block tables of {tables.shape[1]}")
         if self.quantized:
             self.shape.isa = ISAS[quant_isa()][0]
         scratch = torch.empty(library.chatloop_llama_decode_scratch(ctypes.byref(self.shape), B, max_length))
