@@ -203,8 +203,13 @@ def available_isas(table: dict = ISAS) -> list[str]:
         return []
     if os.environ.get(SIMD_ENV) == "default":  # worker.enable_simd=false
         return ["portable"]
-    present = set(_cpu_flags().split())
+    present = _present_flags()  # parsed once: quantized and bfloat16 layers ask on every call
     return [name for name, (_, needs) in table.items() if needs <= present]
+
+
+@functools.cache
+def _present_flags() -> frozenset[str]:
+    return frozenset(_cpu_flags().split())
 
 
 def available_bf16_isas() -> list[str]:

@@ -8,7 +8,7 @@
  * its own target. Eight weight rows at a time, each reused for up to four input rows from cache. Meant for 1-4
  * rows (decode steps): beyond that oneDNN's blocked GEMM is faster.
  */
-#include <immintrin.h>
+#include "multipath.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -50,13 +50,6 @@ static void tile_portable(const uint16_t* x, const uint16_t* w, const uint16_t* 
 }
 
 /* ---- AVX2 --------------------------------------------------------------------------------------------------- */
-__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 __attribute__((target("avx2,fma"))) static inline __m256 widen8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
@@ -79,7 +72,7 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(const uint16_t* x, con
   }
   for (int r = 0; r < no; ++r)
     for (int b = 0; b < nb; ++b) {
-      float sum = hsum8(acc[r][b]);
+      float sum = hsum256(acc[r][b]);
       for (int64_t i = end; i < I; ++i) sum += bf16_to_float(w[(o0 + r) * I + i]) * xf[(b0 + b) * I + i];
       store(y, bias, b0 + b, o0 + r, O, sum);
     }

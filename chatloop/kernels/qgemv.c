@@ -9,7 +9,7 @@
  * AVX-512 VNNI (vpdpbusd). This file is compiled without -march=native: each path states its own target.
  * Each weight block is unpacked once for up to four activation rows (batch-16 SmolLM2 step 41 -> 31 ms).
  */
-#include <immintrin.h>
+#include "multipath.h"
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -82,13 +82,6 @@ static float dot_portable(const uint8_t* w, const int8_t* xq, const float* xd, c
 }
 
 /* ---- SIMD helpers (AVX2) ------------------------------------------------------------------------------------ */
-__attribute__((target("avx2,fma,f16c"))) static inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 __attribute__((target("avx2,fma,f16c"))) static inline float half_f16c(const uint8_t* p) {
   uint16_t h;
   memcpy(&h, p, 2);
