@@ -22,19 +22,27 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["LlamaServerSession", "gguf_for", "llamacpp_dir"]
+__all__ = ["LlamaServerSession", "gguf_for", "llamacpp_dir", "llamacpp_missing"]
 
 DEFAULT_DIR = Path.home() / ".cache" / "chatloop-peers" / "llama.cpp"
 BUILD_SCRIPT = Path(__file__).resolve().parent / "build_llamacpp.sh"
 
 
+def llamacpp_missing() -> str | None:
+    """Why there is no llama.cpp build to use, and how to make one; None where there is one."""
+    folder = Path(os.environ.get("CHATLOOP_LLAMACPP", DEFAULT_DIR)).expanduser()
+    if (folder / "build" / "bin" / "llama-server").is_file():
+        return None
+    return (f"no llama.cpp build in {folder}: run bash {BUILD_SCRIPT} {folder} (10-15 minutes on 2 cores), or set "
+            "CHATLOOP_LLAMACPP to one")
+
+
 def llamacpp_dir() -> Path:
     """The llama.cpp build; a ``FileNotFoundError`` that says how to make it."""
-    folder = Path(os.environ.get("CHATLOOP_LLAMACPP", DEFAULT_DIR)).expanduser()
-    if not (folder / "build" / "bin" / "llama-server").is_file():
-        raise FileNotFoundError(f"no llama.cpp build in {folder}: run bash {BUILD_SCRIPT} {folder} (10-15 minutes "
-                                "on 2 cores), or set CHATLOOP_LLAMACPP to one")
-    return folder
+    problem = llamacpp_missing()
+    if problem:
+        raise FileNotFoundError(problem)
+    return Path(os.environ.get("CHATLOOP_LLAMACPP", DEFAULT_DIR)).expanduser()
 
 
 def gguf_for(gguf: str, model_name: str, quantization: str | None) -> Path:

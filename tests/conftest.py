@@ -144,6 +144,27 @@ def smollm2_split(smollm2_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def local_smollm2_config(smollm2_split) -> Callable[..., object]:
+    """``local_smollm2_config(*overrides)``: SmolLM2 over 4 stages in this process (no RPC), a small KV cache."""
+    from chatloop import load_config
+
+    def config(*more: str):
+        return load_config(["cluster=single", "cluster.num_workers=4", f"model.partitions_dir={smollm2_split}",
+                            "cache.kv_cache_mb=32", *more])
+
+    return config
+
+
+@pytest.fixture(scope="module")
+def llm(local_smollm2_config):
+    """A ChatLoop on ``local_smollm2_config()``, one per test module (a module may define its own)."""
+    from chatloop import ChatLoop
+
+    with ChatLoop.start(local_smollm2_config()) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
 def smollm2_hf(smollm2_checkpoint):
     """The embedded SmolLM2 in transformers, fp32, the golden reference."""
     from transformers import AutoModelForCausalLM

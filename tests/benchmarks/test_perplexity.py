@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.llamacpp import llamacpp_dir
 from benchmarks.perplexity import DEFAULT_TEXT, llamacpp_chunks, perplexity, windows
 from chatloop.network import free_port
 
@@ -55,17 +54,8 @@ def test_the_command_over_two_workers_equals_transformers(smollm2_checkpoint):
     assert 1 < result["perplexity"] < 100
 
 
-def _llamacpp_problem() -> str | None:
-    try:
-        llamacpp_dir()
-    except FileNotFoundError as e:
-        return str(e)
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_llamacpp_problem() is not None, reason=f"{_llamacpp_problem()}")
-def test_float32_over_the_pipeline_equals_llama_perplexity_on_the_f32_gguf(smollm2_checkpoint):
+def test_float32_over_the_pipeline_equals_llama_perplexity_on_the_f32_gguf(llamacpp_build, smollm2_checkpoint):
     # The same protocol and the same weights: the figures agree, which makes the 4-bit comparison meaningful.
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.perplexity", "--llamacpp", "--window", "128", "cluster.num_workers=2",

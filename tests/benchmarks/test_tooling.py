@@ -186,18 +186,7 @@ def test_paired_names_the_contender_that_cannot_load(tmp_path):
             and "raise cache.kv_cache_mb" in proc.stderr)
 
 
-def _llamacpp_problem() -> str | None:
-    from benchmarks.llamacpp import llamacpp_dir
-
-    try:
-        llamacpp_dir()
-    except FileNotFoundError as e:
-        return str(e)
-    return None
-
-
-@pytest.mark.skipif(_llamacpp_problem() is not None, reason=f"{_llamacpp_problem()}")
-def test_paired_offers_llama_server_the_same_load_on_the_same_gguf(tmp_path, smollm2_checkpoint):
+def test_paired_offers_llama_server_the_same_load_on_the_same_gguf(llamacpp_build, tmp_path, smollm2_checkpoint):
     out = tmp_path / "paired.json"
     command = [sys.executable, "-m", "benchmarks.paired", "--modes", "llamacpp,inprocess", "--rounds", "1",
                "--json", str(out), "model.quantization=gguf", "batching.max_batch_size=2", "benchmark.num_requests=2",

@@ -8,21 +8,12 @@ import math
 import pytest
 from serving_helpers import serve_in_thread
 
-from chatloop import ChatLoop, load_config
 from chatloop.serving import create_app
 
 MODEL = "smollm2"
 CONTEXT = "Question: What is the capital of France?\nAnswer:"
 CONTINUATION = " Paris"
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def llm(smollm2_split):
-    cfg = load_config(["cluster=single", "cluster.num_workers=4", f"model.partitions_dir={smollm2_split}",
-                       "cache.kv_cache_mb=32"])
-    with ChatLoop.start(cfg) as llm:
-        yield llm
 
 
 @pytest.fixture(scope="module")

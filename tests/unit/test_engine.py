@@ -14,14 +14,6 @@ from chatloop.engine.detokenizer import Detokenizer
 from chatloop.worker_settings import cores_for_worker, stages_at_once, worker_environment
 
 
-@pytest.fixture(scope="module")
-def llm(smollm2_split):
-    cfg = load_config(["cluster=single", "cluster.num_workers=4", f"model.partitions_dir={smollm2_split}",
-                       "cache.kv_cache_mb=32"])
-    with ChatLoop.start(cfg) as llm:
-        yield llm
-
-
 def _all_blocks_free(llm) -> bool:
     stats = llm.stats()
     return stats.kv_blocks_free == stats.kv_blocks_total > 0

@@ -5,23 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatloop import ChatLoop, load_config
+from chatloop import ChatLoop
 from chatloop.engine import BlockAllocator, FinishReason, SampledToken, SamplingParams, SchedulerPolicy, ScoredToken
 
 TOLERANCE = 2e-4  # float32 logits through 4 stages vs transformers: log-probabilities agree to ~1e-5
 TEXTS = ["The capital of France is Paris, and the capital of Italy is Rome.",
          "Once upon a time, in a kingdom by the sea, there lived a princess who loved to read."]
-
-
-def _config(split, *more: str):
-    return load_config(["cluster=single", "cluster.num_workers=4", f"model.partitions_dir={split}",
-                        "cache.kv_cache_mb=32", *more])
-
-
-@pytest.fixture(scope="module")
-def llm(smollm2_split):
-    with ChatLoop.start(_config(smollm2_split)) as llm:
-        yield llm
 
 
 def _reference(hf, ids: list[int]) -> torch.Tensor:
@@ -47,9 +36,9 @@ def test_scores_of_a_text_equal_transformers(llm, smollm2_hf):
         assert score.perplexity == pytest.approx(torch.exp(torch.tensor(-total / len(wanted))).item(), rel=1e-4)
 
 
-def test_scores_do_not_depend_on_the_prefill_chunks(llm, smollm2_split):
+def test_scores_do_not_depend_on_the_prefill_chunks(llm, local_smollm2_config):
     whole = llm.score(TEXTS[1])
-    with ChatLoop.start(_config(smollm2_split, "batching.prefill_chunk_tokens=5")) as chunked:
+    with ChatLoop.start(local_smollm2_config("batching.prefill_chunk_tokens=5")) as chunked:
         pieces = chunked.score(TEXTS[1])
     assert len(pieces.logprobs) == len(whole.logprobs)
     assert torch.allclose(torch.tensor(pieces.logprobs), torch.tensor(whole.logprobs), atol=1e-5, rtol=0)
@@ -77,8 +66,8 @@ def test_max_new_tokens_zero_scores_the_prompt_only(llm):
     assert llm.generate(TEXTS[0], max_new_tokens=3).logprobs is None  # not asked, not sent
 
 
-def test_many_texts_are_scored_within_a_small_queue(smollm2_split):
-    with ChatLoop.start(_config(smollm2_split, "batching.max_queue_size=2")) as small:
+def test_many_texts_are_scored_within_a_small_queue(local_smollm2_config):
+    with ChatLoop.start(local_smollm2_config("batching.max_queue_size=2")) as small:
         texts = [f"Number {i} is {'odd' if i % 2 else 'even'}." for i in range(9)]
         scores = small.score(texts)
         assert [s.token_ids for s in scores] == [small.encode(t) for t in texts]
