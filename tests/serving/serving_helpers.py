@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +14,7 @@ import pytest
 
 from chatloop.network import free_port, free_ports
 
-__all__ = ["GREETING", "HOST", "free_port", "free_ports", "scrape", "serve_in_thread", "wait_until"]
+__all__ = ["GREETING", "HOST", "free_port", "free_ports", "scrape", "serve_in_thread", "stop_group", "wait_until"]
 
 HOST = "127.0.0.1"
 GREETING = [{"role": "user", "content": "What is the capital of France?"}]
@@ -62,3 +65,13 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = 
         if time.monotonic() > deadline:
             pytest.fail(f"{message} not reached within {timeout} s (last: {value!r})")
         time.sleep(interval)
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 30) -> None:
+    """Send ``sig`` to the process group ``proc`` leads (a CLI and the workers it started); SIGKILL it if it is
+    still there after ``grace_s``."""
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from serving_helpers import HOST, free_port, free_ports
+from serving_helpers import HOST, free_port, free_ports, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -63,11 +63,7 @@ def test_a_server_listens_on_loopback_only_and_keeps_its_key_to_itself(smollm2_s
             if p.pid != proc.pid:  # a worker has no use for it
                 assert "CHATLOOP_API_KEY" not in p.environ()
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGINT)
     assert key not in log_path.read_text()
     written = [f for f in run_dir.rglob("*") if f.is_file()]
     assert all(key not in f.read_text(errors="replace") for f in written), written

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving_helpers import HOST, free_port, free_ports, wait_until
+from serving_helpers import HOST, free_port, free_ports, stop_group, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +40,7 @@ def torchrun_server(smollm2_split, tmp_path_factory):
         assert proc.poll() is None, (logs / "torchrun.log").read_text()[-4000:]
         yield url, logs / "torchrun.log"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGTERM)
 
 
 def _healthy(url: str) -> bool:
