@@ -117,7 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = args.text.read_text()
     with ChatLoop.start(cfg) as llm:
         ids = llm.tokenizer.encode(text)
-        plan = llamacpp_chunks(len(ids), args.window) if args.llamacpp else windows(len(ids), args.window, args.stride)
+        try:
+            plan = llamacpp_chunks(len(ids), args.window) if args.llamacpp else windows(len(ids), args.window,
+                                                                                         args.stride)
+        except ValueError as e:
+            parser.error(str(e))  # exit status 2, the cluster closes on the way out
         started = time.perf_counter()
         value, count = perplexity(lambda batch: [s.logprobs for s in llm.score(batch)], ids, plan)
         seconds = time.perf_counter() - started

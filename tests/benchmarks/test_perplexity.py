@@ -65,3 +65,12 @@ def test_float32_over_the_pipeline_equals_llama_perplexity_on_the_f32_gguf(llama
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["protocol"] == "llama-perplexity" and result["llamacpp_gguf"].endswith("-f32.gguf")
     assert abs(result["relative_to_llamacpp"]) < 1e-3, result
+
+
+@pytest.mark.parametrize("args, message", [(["--llamacpp", "--window", "1000"], "at least 2 chunks"),
+                                           (["--window", "8", "--stride", "9"], "1 <= stride <= window")])
+def test_a_plan_that_cannot_be_made_says_what_to_change(args, message, smollm2_checkpoint):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.perplexity", *args, "cluster=single"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
