@@ -1,4 +1,7 @@
-"""One RPC hop, without a model: this process and a spawned echo rank in a 2-rank TensorPipe group.
+"""One hop, without a model: torch RPC (a 2-rank TensorPipe group) against the pipeline's links.
+
+Micro-batches travel over :mod:`chatloop.runtime.links` (one TCP message a hop, no answer);
+everything else over RPC. :class:`LinkEcho` measures the first, :class:`EchoGroup` the second.
 
 A round trip of ``rpc_async(echo, identity, (tensor,))`` is two hops (there and back), each a
 pickle, a TensorPipe send over loopback and a wake-up of the other side's RPC thread. The
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import socket
 import time
 
@@ -22,8 +26,9 @@ import torch
 import torch.distributed.rpc as rpc
 
 from chatloop.config import ClusterConfig
+from chatloop.runtime.links import SECRET_CHARS, Link, LinkListener
 
-__all__ = ["EchoGroup", "identity"]
+__all__ = ["EchoGroup", "LinkEcho", "identity"]
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:
@@ -64,15 +69,7 @@ class EchoGroup:
 
     def per_hop_seconds(self, x: torch.Tensor, calls: int = 200) -> float:
         """Median round trip / 2 over ``calls`` calls (after 20 warm-up calls)."""
-        for _ in range(20):
-            self.round_trip(x)
-        times = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            self.round_trip(x)
-            times.append(time.perf_counter() - t)
-        times.sort()
-        return times[len(times) // 2] / 2
+        return _median_half_round_trip(self.round_trip, x, calls)
 
     def close(self) -> None:
         rpc.shutdown(graceful=True)
@@ -81,11 +78,71 @@ class EchoGroup:
             self._process.kill()
 
 
+def _median_half_round_trip(round_trip, x: torch.Tensor, calls: int) -> float:
+    for _ in range(20):
+        round_trip(x)
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        round_trip(x)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2] / 2
+
+
+def _echo_links(connection, secret: str) -> None:
+    """The spawned side of :class:`LinkEcho`: every message goes straight back."""
+    torch.set_num_threads(1)
+    back: list[Link] = []
+    listener = LinkListener("127.0.0.1", lambda method, args: back[0].send(method, args), name="echo")
+    listener.admit(secret)
+    connection.send(listener.address)
+    back.append(Link("bench", connection.recv(), secret))
+    connection.recv()  # until the parent closes
+
+
+class LinkEcho:
+    """This process and a spawned echo process joined by two links (there and back), as stages are."""
+
+    def __init__(self) -> None:
+        secret = os.urandom(SECRET_CHARS // 2).hex()
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._listener = LinkListener("127.0.0.1", lambda method, args: self._replies.put(args[0]), name="bench")
+        self._listener.admit(secret)
+        self._connection, theirs = multiprocessing.Pipe()
+        self._process = multiprocessing.get_context("spawn").Process(target=_echo_links, args=(theirs, secret),
+                                                                     daemon=True)
+        self._process.start()
+        self._link = Link("echo", self._connection.recv(), secret)
+        self._connection.send(self._listener.address)
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        self._link.send("forward", (x,))
+        return self._replies.get(timeout=30)
+
+    def per_hop_seconds(self, x: torch.Tensor, calls: int = 200) -> float:
+        """Median round trip / 2 over ``calls`` calls (after 20 warm-up calls)."""
+        return _median_half_round_trip(self.round_trip, x, calls)
+
+    def close(self) -> None:
+        self._link.close()
+        self._connection.send(None)
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+        self._listener.close()
+
+
 if __name__ == "__main__":
+    shapes = ((1, 1, 576), (16, 1, 576), (1, 1, 4096), (16, 1, 4096), (1, 64, 4096))
+    links = LinkEcho()
     group = EchoGroup()
     try:
-        for shape in ((1, 1, 576), (16, 1, 576), (1, 1, 4096), (16, 1, 4096), (1, 64, 4096)):
-            hop = group.per_hop_seconds(torch.randn(shape))
-            print(f"[{', '.join(map(str, shape))}] float32: {hop * 1e3:.3f} ms per hop")
+        for shape in shapes:
+            x = torch.randn(shape)
+            link_hop, rpc_hop = links.per_hop_seconds(x), group.per_hop_seconds(x)
+            print(f"[{', '.join(map(str, shape))}] float32: link {link_hop * 1e3:.3f} ms, torch RPC "
+                  f"{rpc_hop * 1e3:.3f} ms per hop")
     finally:
+        links.close()
         group.close()

@@ -85,6 +85,26 @@ def test_rpc_round_trip(benchmark, note, echo_group, shape):
         note(benchmark)
 
 
+@pytest.fixture(scope="module")
+def link_echo():
+    from benchmarks.rpc_hop import LinkEcho
+
+    echo = LinkEcho()
+    yield echo
+    echo.close()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (16, 1, 576), (1, 1, 4096)], ids=lambda s: "x".join(map(str, s)))
+def test_link_round_trip(benchmark, note, link_echo, shape):
+    """A micro-batch's hop as the pipeline makes it: a message on a link to another process and back (two hops)."""
+    x = torch.randn(shape)
+    out = benchmark(link_echo.round_trip, x)
+    assert torch.equal(out, x)
+    if _median(benchmark) is not None:
+        benchmark.extra_info.update(bytes=x.numel() * 4, per_hop_ms=round(_median(benchmark) / 2 * 1e3, 4))
+        note(benchmark)
+
+
 # ---- sampling -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["greedy", "top_k_top_p", "repetition_penalty"])
 def test_sampling(benchmark, kind):

@@ -9,7 +9,7 @@ import psutil
 
 __all__ = [
     "GLOO_IFNAME_ENV", "TP_IFNAME_ENV", "free_port", "free_ports", "interface_towards", "local_addresses",
-    "rank_interfaces", "resolve", "runs_here",
+    "rank_address", "rank_interfaces", "resolve", "runs_here",
 ]
 
 GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
@@ -111,3 +111,15 @@ def rank_interfaces(master_addr: str, environ: dict[str, str]) -> dict[str, str]
         return {}
     interface = next(iter(given.values())) if given else interface_towards(master_addr)[0]
     return {name: interface for name in (GLOO_IFNAME_ENV, TP_IFNAME_ENV) if name not in given}
+
+
+def rank_address(environ: dict[str, str]) -> str:
+    """The IPv4 address this rank is reached at: that of the interface TensorPipe uses (TP_SOCKET_IFNAME, set by
+    :func:`rank_interfaces`), so the pipeline's links go where its RPC goes; loopback when none is named."""
+    interface = environ.get(TP_IFNAME_ENV)
+    if not interface:
+        return "127.0.0.1"
+    addresses = [a.address for a in psutil.net_if_addrs().get(interface, ()) if a.family == socket.AF_INET]
+    if not addresses:
+        raise OSError(f"{TP_IFNAME_ENV}={interface} names no interface with an IPv4 address on this host")
+    return addresses[0]

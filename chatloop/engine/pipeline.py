@@ -95,6 +95,8 @@ class StageReport:
     metrics_port: int | None = None
     health_port: int | None = None
     """A worker started from its own config file serves GET /health there."""
+    link_address: str | None = None
+    """Where the previous stage sends this worker its micro-batches ("host:port")."""
     queued: int | None = None
     """Micro-batches waiting for this stage's compute thread."""
     computing_s: float | None = None

@@ -15,6 +15,7 @@ import concurrent.futures
 import logging
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -28,10 +29,11 @@ import torch.distributed.rpc as rpc
 from ..config import API_KEY_ENV, ChatLoopConfig
 from ..engine import MicroBatch, Pipeline, StageError, StageLostError, StageReport, StageTiming
 from ..engine.runner import stage_specs
-from ..network import rank_interfaces
+from ..network import rank_address, rank_interfaces
 from ..worker_settings import worker_environment
 from . import remote_stage, results
 from .healing import Watchdog
+from .links import Link, LinkListener
 from .processes import WorkerProcess, write_config
 from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdown_rpc
 from .supervisor import WorkerSupervisor
@@ -49,6 +51,8 @@ LOST = ("timeout", "timed out", "ran for more than", "eof", "epipe", "econnreset
 """Words of transport errors: the step did not fail in a stage, it was lost between them."""
 UNHEALTHY_AFTER_FAILURES = 3
 """A stage whose last this many micro-batches all failed in it is reported down."""
+DEADLINE_CHECK_S = 0.25
+"""How often the coordinator looks for steps past ``cluster.rpc_timeout_s``."""
 
 
 class StartupError(RuntimeError):
@@ -60,7 +64,8 @@ def under_torchrun() -> bool:
 
 
 class RpcPipeline(Pipeline):
-    """Micro-batches enter worker0; the last worker sends their token ids back here (``results.deliver``).
+    """Micro-batches enter worker0 through ``link``; the last worker sends their token ids back here
+    (``results.deliver``, on its link to the coordinator's listener).
 
     A step that times out or is lost in transport is located (each stage says how far it got)
     and cancelled on every stage; its error names the stage that did not finish it. ``describe``
@@ -70,48 +75,65 @@ class RpcPipeline(Pipeline):
 
     def __init__(
         self, names: list[str], num_blocks: int, block_size: int, timeout: float, progress_deadline_s: float,
-        generation: int = 0,
+        link: Link, generation: int = 0,
     ) -> None:
         super().__init__(names, num_blocks, block_size)
+        self.link = link
         self.generation = generation
         self.timeout = timeout
         self.progress_deadline_s = progress_deadline_s
         self._sent: dict[int, float] = {}  # micro-batches in flight: when each was sent (monotonic)
+        self._overdue: set[int] = set()  # those past the deadline, being located
+        self._lock = threading.Lock()
         self.on_silent: Callable[[list[int], str, int], None] | None = None
         """Told which stages did not answer when a lost step was located, and in which generation (the watchdog
         replaces them, if that is still the current one)."""
         self._diagnose = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chatloop-diagnose")
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch_deadlines, name="chatloop-deadlines", daemon=True).start()
 
     def _submit(self, mb: MicroBatch) -> concurrent.futures.Future:
         result = results.expect(mb.id)
-        names = self.stage_names
-        self._sent[mb.id] = time.monotonic()
+        with self._lock:
+            self._sent[mb.id] = time.monotonic()
+        result.add_done_callback(lambda _: self._forget(mb.id))
         try:
-            args = (mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling)
-            chain = rpc.rpc_async(names[0], remote_stage.forward, args=args, timeout=self.timeout)
+            self.link.send("forward", (mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling))
         except Exception as e:
-            self._sent.pop(mb.id, None)
-            results.fail(mb.id, StageLostError(f"{names[0]} is unreachable: {e}"))
-            return result
-
-        def done(f) -> None:  # the chain completes after the tokens arrived, or with the failing stage's error
-            self._sent.pop(mb.id, None)
-            try:
-                results.raise_failure(f, names[0])
-            except StageError as e:
-                if _lost(e):  # find out where, off the RPC thread (it asks every stage)
-                    try:
-                        self._diagnose.submit(self._fail_lost, mb.id, e)
-                    except RuntimeError:  # this pipeline is closed: its generation was lost already
-                        results.fail(mb.id, StageLostError(f"{_first_line(e)} (generation {self.generation})"))
-                else:
-                    results.fail(mb.id, e)
-            else:
-                lost = StageError(f"{names[-1]} finished micro-batch {mb.id}, but its tokens never arrived")
-                results.fail(mb.id, lost)
-
-        chain.add_done_callback(done)
+            results.fail(mb.id, StageLostError(f"{self.stage_names[0]} is unreachable: {e}"))
         return result
+
+    def _forget(self, mb_id: int) -> None:
+        with self._lock:
+            self._sent.pop(mb_id, None)
+            self._overdue.discard(mb_id)
+
+    def failed(self, mb_id: int, error: BaseException) -> None:
+        """A stage reported micro-batch ``mb_id`` failed (-1: a link closed, and every step in flight may be lost).
+
+        A stage's own error fails the step; a step lost in transport is located first (off the
+        caller's thread: it asks every stage), and its error names the stage that held it up.
+        """
+        with self._lock:
+            in_flight = [mb_id] if mb_id in self._sent else list(self._sent) if mb_id < 0 else []
+        for k in in_flight:
+            if not _lost(error):
+                results.fail(k, error)
+                continue
+            try:
+                self._diagnose.submit(self._fail_lost, k, error)
+            except RuntimeError:  # this pipeline is closed: its generation was lost already
+                results.fail(k, StageLostError(f"{_first_line(error)} (generation {self.generation})"))
+
+    def _watch_deadlines(self) -> None:
+        """A step that has not come back within the timeout is lost somewhere: locate it."""
+        while not self._closed.wait(DEADLINE_CHECK_S):
+            now = time.monotonic()
+            with self._lock:
+                late = [k for k, sent in self._sent.items() if now - sent > self.timeout and k not in self._overdue]
+                self._overdue.update(late)
+            for k in late:
+                self.failed(k, StageError(f"micro-batch {k} ran for more than {self.timeout:g} s"))
 
     # ---- where a step is -----------------------------------------------------------------------
     def heartbeat(self, timeout: float) -> dict[int, str]:
@@ -205,7 +227,9 @@ class RpcPipeline(Pipeline):
         rpc.rpc_sync(self.stage_names[stage], remote_stage.fail_next, args=(message, stall_s))
 
     def close(self) -> None:
+        self._closed.set()
         self._diagnose.shutdown(wait=False, cancel_futures=True)
+        self.link.close()
 
 
 class ClusterListener(Protocol):
@@ -241,6 +265,8 @@ class RpcCluster:
         self.members: dict[int, dict] = {}
         """What each worker said when it joined the current generation (pid, host)."""
         self.listener: ClusterListener | None = None
+        self.results_listener: LinkListener | None = None
+        """Where the last stage delivers token ids (this rank's interface, an ephemeral port)."""
         self.watchdog: Watchdog | None = None
         self._observers: list = []
         self._config_file: str | None = None
@@ -382,19 +408,43 @@ class RpcCluster:
                 ended = next((s.exited() for s in self.supervisors if s.index == k and s.exited()), None)
                 raise GenerationError([k], (ended and _while(ended, "while it loaded its stage"))
                                       or f"{name} could not load its stage: {_first_line(e)}") from None
-        for k, name in enumerate(names):
-            rpc.rpc_sync(name, remote_stage.connect, args=(names[k + 1] if k + 1 < len(names) else "",))
+        link = self._link_stages(names, reports)
         self.stage_reports = reports
         num_blocks = min(r.num_blocks or 0 for r in reports)
         pipeline = RpcPipeline(names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s,
-                               cfg.cluster.progress_deadline_s, generation=self.generation)
+                               cfg.cluster.progress_deadline_s, link, generation=self.generation)
         if self.pipeline is not None:  # the step observers (benchmarks) carry over
             pipeline._observers = self.pipeline._observers
         pipeline.on_silent = self._stages_silent
         self.pipeline = pipeline
+        results.on_failure = pipeline.failed
         for r in reports:
             log.info("%s: layers %s, %d KV blocks, pid %s on %s, cores %s, %s threads, CPU capability %s",
                      r.name, r.layers, r.num_blocks, r.pid, r.host, list(r.cores or ()), r.threads, r.simd)
+
+    def _link_stages(self, names: list[str], reports: list[StageReport]) -> Link:
+        """Chain the stages with this generation's secret, last first (each admits it before its caller links);
+        the link into the first."""
+        if self.results_listener is None:
+            self.results_listener = LinkListener(rank_address(dict(os.environ)), results.serve_call, name="results")
+        secret = secrets.token_hex(16)
+        self.results_listener.admit(secret)
+        addresses = [r.link_address for r in reports] + [self.results_listener.address]
+        for k in reversed(range(len(names))):
+            downstream = names[k + 1] if k + 1 < len(names) else ""
+            try:
+                rpc.rpc_sync(names[k], remote_stage.connect, args=(downstream, addresses[k + 1], secret))
+            except Exception as e:
+                raise GenerationError([k], f"{names[k]} could not link to {downstream or results.COORDINATOR} at "
+                                           f"{addresses[k + 1]}: {_first_line(e)}") from None
+        try:
+            return Link(names[0], addresses[0], secret, on_closed=self._first_link_closed)
+        except ConnectionError as e:
+            raise GenerationError([0], f"the coordinator could not link to {names[0]}: {e}") from None
+
+    def _first_link_closed(self, reason: str) -> None:
+        if self.pipeline is not None:
+            self.pipeline.failed(-1, StageLostError(f"{self.pipeline.stage_names[0]} is unreachable: {reason}"))
 
     def _stages_silent(self, indices: list[int], reason: str, generation: int) -> None:
         if self.watchdog is not None:
@@ -404,6 +454,7 @@ class RpcCluster:
         """End the current generation: steps in flight fail, this rank's RPC agent goes; workers rejoin the next."""
         if self.pipeline is not None:
             self.pipeline.close()
+        results.on_failure = None
         results.fail_all(StageLostError(f"the pipeline of generation {self.generation} was lost"))
         try:
             self.rendezvous.end(self.generation)
@@ -445,6 +496,8 @@ class RpcCluster:
             self.rendezvous.end(self.generation)
         except Exception as e:  # the store is ours on one host; under torchrun it may be gone already
             log.debug("could not tell the workers to leave: %s", _first_line(e))
+        if self.results_listener is not None:
+            self.results_listener.close()
         if not shutdown_rpc(graceful=True, timeout_s=timeout):
             log.warning("RPC shutdown did not finish in %.0f s: stopping the workers", timeout)
         deadline = time.monotonic() + 5

@@ -1,20 +1,21 @@
-"""A worker's stage behind RPC: it computes and forwards to the next stage; the last one answers the coordinator.
+"""A worker's stage: it computes and forwards to the next stage; the last one answers the coordinator.
 
-A worker holds one stage (:data:`CURRENT`); the module's functions are what other ranks call on
-it, by the worker's RPC name (``rpc.rpc_async("worker2", remote_stage.describe)``). No RRef is
-used: torch binds its RRef machinery to a process's first RPC agent for good, and a worker lives
-through several generations, each with an agent of its own.
+A worker holds one stage (:data:`CURRENT`); the module's functions are what the coordinator calls
+on it over RPC, by the worker's name (``rpc.rpc_async("worker2", remote_stage.describe)``). No
+RRef is used: torch binds its RRef machinery to a process's first RPC agent for good, and a
+worker lives through several generations, each with an agent of its own.
 
-``forward`` is an ``async_execution`` function: it returns a future at once, the compute runs
-on the stage's own thread, and the call to the next stage is asynchronous too, so no RPC
-thread ever blocks and any number of micro-batches can be in flight. The last stage sends
-the sampled token ids straight to the coordinator (``results.deliver``); each ``forward``
-future then completes with None, or with the error of the stage that failed, named.
+Micro-batches themselves travel over the pipeline's links (:mod:`.links`), not RPC: a ``forward``
+message queues one for the stage's own thread, which computes it and sends it on, so any number
+of micro-batches can be in flight. The last stage sends the sampled token ids straight to the
+coordinator (``deliver``). Nothing is answered on a link: a stage whose compute fails, or whose
+link onwards closes, tells the coordinator over RPC (``results.report_failure``), naming itself.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import socket
 import threading
@@ -28,14 +29,17 @@ import torch.distributed.rpc as rpc
 from ..engine import StageError, StageReport, StageRunner, StageSpec, StageTiming, build_stage_runner
 from ..engine.pipeline import compute_thread
 from ..models import LayerRange, StepBatch
-from ..network import local_addresses, runs_here
+from ..network import local_addresses, rank_address, runs_here
 from ..partition import Manifest
-from .results import COORDINATOR, deliver, raise_failure
+from .links import Link, LinkListener
+from .results import COORDINATOR, report_failure
 
 __all__ = [
     "METRICS_PORT", "RemoteStage", "alive", "cancel", "connect", "create_stage", "describe", "fail_next", "forward",
-    "progress", "release", "take_timings",
+    "listen", "progress", "release", "take_timings",
 ]
+
+log = logging.getLogger(__name__)
 
 CURRENT: RemoteStage | None = None
 """The stage this worker process hosts, once created (``worker_metrics`` reads it at scrape time)."""
@@ -43,6 +47,8 @@ METRICS_PORT: int | None = None
 """This worker's Prometheus port, once it serves one (reported by ``describe``)."""
 HEALTH_PORT: int | None = None
 """This worker's health endpoint, if it has one (``chatloop-worker``)."""
+LISTENER: LinkListener | None = None
+"""Where the previous stage (or the coordinator) sends this worker its micro-batches (see :func:`listen`)."""
 OWN = None
 """This worker's own config file (a ``WorkerFile``), when it was started from one: the coordinator's requests are
 checked against it, and its partitions folder and KV budget are this host's."""
@@ -61,12 +67,26 @@ def _observe(record: dict) -> None:
             pass
 
 
+def listen() -> str:
+    """Accept micro-batches on this rank's interface (once per process); the address they are sent to."""
+    global LISTENER
+    if LISTENER is None:
+        LISTENER = LinkListener(rank_address(dict(os.environ)), _serve_call, name="stage")
+    return LISTENER.address
+
+
+def _serve_call(method: str, args: tuple) -> None:
+    if method != "forward":
+        raise ValueError(f"a stage serves 'forward' on its link, not {method!r}")
+    forward(*args)
+
+
 def release() -> None:
     """A generation ends on this worker: disown its micro-batches, computing or queued (their answers and their
-    calls onwards would go through its agent, which goes now)."""
+    calls onwards belong to the generation that ended), and drop its links."""
     if CURRENT is not None:
         with CURRENT._lock:
-            CURRENT.next_name = ""
+            CURRENT.unlink()
             CURRENT.epoch += 1
 
 
@@ -109,13 +129,21 @@ def _stage() -> RemoteStage:
     return CURRENT
 
 
-def connect(next_name: str) -> None:
-    """Point this stage at the next one (by its RPC name; empty for the last)."""
+def connect(next_name: str, next_address: str, secret: str) -> None:
+    """Serve links that show this generation's ``secret``, and link this stage to the next one (``next_name``, at
+    ``next_address``; for the last stage, an empty name and the coordinator's address)."""
     stage = _stage()
     if OWN is not None and bool(next_name) != (OWN.next_worker is not None):
         raise ValueError(f"{OWN.source} says {OWN.name}'s next worker is {OWN.next_worker}, the coordinator's chain "
                          f"{'continues to ' + next_name if next_name else 'ends here'}: split and configure again")
-    stage.next_name = next_name
+    listen()
+    LISTENER.admit(secret)
+    epoch = stage.epoch
+    link = Link(next_name or COORDINATOR, next_address, secret,
+                on_closed=lambda reason: stage._link_lost(epoch, reason))
+    with stage._lock:
+        stage.unlink()
+        stage.next_name, stage.next_link = next_name, link
 
 
 def describe() -> StageReport:
@@ -145,14 +173,12 @@ def fail_next(message: str, stall_s: float = 0.0) -> None:
     _stage().fail_next(message, stall_s)
 
 
-@rpc.functions.async_execution
-def forward(mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list) -> torch.futures.Future:
-    """Compute micro-batch ``mb_id`` here, then pass it on; completes once the rest of the pipeline has it."""
+def forward(mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list) -> None:
+    """Queue micro-batch ``mb_id`` for this stage's thread, which computes it and passes it on (its link's
+    listener calls this for every ``forward`` message)."""
     host = _stage()
-    result: torch.futures.Future = torch.futures.Future()
     host._mark(mb_id, "queued")
-    host._executor.submit(host._work, result, mb_id, inputs, batch, sampling, time.perf_counter(), host.epoch)
-    return result
+    host._executor.submit(host._work, mb_id, inputs, batch, sampling, time.perf_counter(), host.epoch)
 
 
 class RemoteStage:
@@ -188,11 +214,19 @@ class RemoteStage:
     def rejoin(self, rpc_timeout_s: float) -> None:
         """Forget the last generation's neighbours and micro-batches (its KV blocks are overwritten by a replay)."""
         self.rpc_timeout_s = rpc_timeout_s
-        self.next_name = ""
         with self._lock:
+            self.unlink()
             self._progress: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
             self._cancelled: set[int] = set()
             self._computing: tuple[int, float] | None = None
+
+    def unlink(self) -> None:
+        """Drop the link to the next stage (a send on it fails, and is not reported once the generation ended)."""
+        link = getattr(self, "next_link", None)
+        self.next_link: Link | None = None
+        self.next_name = ""
+        if link is not None:
+            link.close()
 
     def _mark(self, mb_id: int, state: str) -> None:
         with self._lock:
@@ -223,7 +257,8 @@ class RemoteStage:
             computing = self._computing
             queued = sum(1 for state, _ in self._progress.values() if state == "queued")
         return replace(
-            self.runner.describe(), metrics_port=self.metrics_port, health_port=HEALTH_PORT, queued=queued,
+            self.runner.describe(), metrics_port=self.metrics_port, health_port=HEALTH_PORT, link_address=listen(),
+            queued=queued,
             computing_s=None if computing is None else time.monotonic() - computing[1],
             consecutive_failures=self.consecutive_failures, last_error=self.last_error,
         )
@@ -236,83 +271,65 @@ class RemoteStage:
         """Test hook: the next micro-batch raises inside this stage (or, with ``stall_s``, computes that late)."""
         self.runner.fail_next(message, stall_s)
 
-    def _answer(self, result: torch.futures.Future, epoch: int, error: BaseException | None = None) -> None:
-        """Complete a ``forward`` call, unless its generation ended: its agent is gone, and completing the future
-        would send the answer through it (a use after free that aborted a worker)."""
-        with self._lock:  # release() takes it too: no answer slips out after the epoch changed
-            if epoch != self.epoch:
-                return
-            if error is None:
-                result.set_result(None)
-            else:
-                result.set_exception(error)
-
     def _work(
-        self, result: torch.futures.Future, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list,
-        arrived: float = 0.0, epoch: int = 0,
+        self, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list, arrived: float = 0.0, epoch: int = 0,
     ) -> None:
         started = time.perf_counter()
         with self._lock:
             cancelled = mb_id in self._cancelled or epoch != self.epoch
             if not cancelled:
                 self._computing = (mb_id, time.monotonic())
-        if cancelled:
+        if cancelled:  # the coordinator gave it up already: nobody waits for it
             self._mark(mb_id, "cancelled")
-            self._answer(result, epoch,
-                         StageError(f"{self.name}: micro-batch {mb_id} was cancelled by the coordinator"))
             return
         self._mark(mb_id, "computing")
         try:
             out = self.runner.run(inputs, StepBatch.from_payload(batch), sampling, mb_id)
         except Exception as e:
             self._failed(mb_id, e)
-            self._answer(result, epoch, e)
+            self._report(mb_id, epoch, e if isinstance(e, StageError) else StageError(f"{self.name}: {e}"))
             return
         finally:
             with self._lock:
                 self._computing = None
         self.consecutive_failures = 0
-        if OBSERVERS:
-            nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 8 * len(out)
-            _observe({"queue_s": started - arrived, "compute_s": time.perf_counter() - started,
-                      "bytes_in": inputs.numel() * inputs.element_size(), "bytes_out": nbytes})
-        with self._lock:  # the next call goes out in this generation, or not at all
+        computed = time.perf_counter()
+        with self._lock:  # the message goes out in this generation, or not at all
             if mb_id in self._cancelled or epoch != self.epoch:  # given up while it computed: it goes no further
                 self._mark_locked(mb_id, "cancelled")
-                if epoch == self.epoch:
-                    result.set_exception(StageError(f"{self.name}: micro-batch {mb_id} was cancelled by the "
-                                                    "coordinator"))
                 return
-            sent = time.perf_counter()
-            self._mark_locked(mb_id, "forwarded")
-            try:
-                if not self.next_name:
-                    downstream = rpc.rpc_async(COORDINATOR, deliver, args=(mb_id, out), timeout=self.rpc_timeout_s)
-                else:
-                    downstream = rpc.rpc_async(self.next_name, forward, args=(mb_id, out, batch, sampling),
-                                               timeout=self.rpc_timeout_s)
-            except Exception as e:
-                result.set_exception(
-                    StageError(f"{self.next_name or COORDINATOR} is unreachable from {self.name}: {e}"))
-                return
+            self._mark_locked(mb_id, "forwarded" if self.next_name else "done")
+            link, next_name = self.next_link, self.next_name
+        try:
+            if link is None:
+                raise ConnectionError("not linked to it (the coordinator has not connected this stage)")
+            if next_name:
+                link.send("forward", (mb_id, out, batch, sampling))
+            else:
+                link.send("deliver", (mb_id, out))
+        except Exception as e:
+            self._report(mb_id, epoch, StageError(f"{next_name or COORDINATOR} is unreachable from {self.name}: {e}"))
+            return
+        if OBSERVERS:
+            nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 8 * len(out)
+            _observe({"queue_s": started - arrived, "compute_s": computed - started, "downstream_s":
+                      time.perf_counter() - computed, "bytes_in": inputs.numel() * inputs.element_size(),
+                      "bytes_out": nbytes})
 
-        def relay(f: torch.futures.Future) -> None:
-            if OBSERVERS and self.next_name:
-                _observe({"downstream_s": time.perf_counter() - sent})
-            try:
-                if self.next_name:
-                    raise_failure(f, self.next_name)
-                else:
-                    f.wait()
-            except Exception as e:
-                error = e if isinstance(e, StageError) else StageError(
-                    f"{self.name} could not hand micro-batch {mb_id}'s tokens to the coordinator: {e}")
-                self._answer(result, epoch, error)
-                return
-            self._mark(mb_id, "done")
-            self._answer(result, epoch)
+    def _report(self, mb_id: int, epoch: int, error: StageError) -> None:
+        """Tell the coordinator micro-batch ``mb_id`` failed here (unless its generation ended)."""
+        if epoch != self.epoch:
+            return
+        try:
+            rpc.rpc_async(COORDINATOR, report_failure, args=(mb_id, error), timeout=self.rpc_timeout_s)
+        except Exception as e:  # the coordinator is unreachable: its own deadline fails the step
+            log.warning("%s: could not report micro-batch %d's failure to the coordinator: %s", self.name, mb_id, e)
 
-        downstream.add_done_callback(relay)
+    def _link_lost(self, epoch: int, reason: str) -> None:
+        """The next stage's connection closed: whatever it held is lost; the coordinator finds out where."""
+        if epoch == self.epoch:
+            self._report(-1, epoch, StageError(f"{self.next_name or COORDINATOR} is unreachable from {self.name}: "
+                                               f"{reason}"))
 
     def _failed(self, mb_id: int, error: BaseException) -> None:
         self._mark(mb_id, "failed")

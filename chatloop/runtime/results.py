@@ -1,46 +1,27 @@
-"""Where the last stage's answers land on the coordinator.
+"""Where the last stage's answers land on the coordinator, and the stages' failure reports.
 
-The last stage sends a micro-batch's sampled token ids straight to the coordinator
-(``rpc_async(COORDINATOR, deliver, ...)``) instead of back through every stage: a step then
-costs one hop per stage plus one, not two per stage. The chain of ``forward`` calls still
-completes backwards, carrying only success or the first stage's error, so failures keep
-their path and their names; the coordinator resolves each micro-batch on whichever arrives first.
+The last stage sends a micro-batch's sampled token ids straight to the coordinator (a
+``deliver`` message on its link to the coordinator's listener, :func:`serve_call`) instead of
+back through every stage: a step costs one hop per stage plus one. Messages on links are not
+answered; a stage whose compute fails, or whose link onwards breaks, says so over RPC
+(:func:`report_failure`), naming itself, and the coordinator resolves the micro-batch with it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import threading
+from collections.abc import Callable
 
-from ..engine.errors import StageError
-
-__all__ = ["COORDINATOR", "expect", "deliver", "fail", "fail_all", "raise_failure"]
+__all__ = ["COORDINATOR", "expect", "deliver", "fail", "fail_all", "report_failure", "serve_call"]
 
 COORDINATOR = "coordinator"
 """The coordinator's RPC name (rank 0)."""
 
 _pending: dict[int, concurrent.futures.Future] = {}
 _lock = threading.Lock()
-
-
-def raise_failure(forward_future, callee: str) -> None:
-    """Wait for a ``forward`` call to stage ``callee``; raise its failure as a :class:`StageError` naming a stage.
-
-    The exception a stage sets on its ``async_execution`` future reaches the caller as the
-    future's value, not raised by ``wait()``: both count as a failure. A stage's own
-    ``StageError`` names it already; any other error (the transport's: a dead or unreachable
-    stage, a timeout) is named after ``callee`` unless its text names it.
-    """
-    try:
-        error = forward_future.wait()
-    except Exception as e:
-        error = e
-    if not isinstance(error, BaseException):
-        return
-    if isinstance(error, StageError):
-        raise error
-    text = str(error)
-    raise StageError(text if callee in text else f"{callee}: {text}")
+on_failure: Callable[[int, BaseException], None] | None = None
+"""The current pipeline's handler of a stage's failure report (see :func:`report_failure`)."""
 
 
 def expect(mb_id: int) -> concurrent.futures.Future:
@@ -62,6 +43,23 @@ def deliver(mb_id: int, token_ids: list[int]) -> None:
     future = _take(mb_id)
     if future is not None:
         future.set_result(token_ids)
+
+
+def serve_call(method: str, args: tuple) -> None:
+    """The coordinator's link listener: the last stage sends ``deliver`` on it."""
+    if method != "deliver":
+        raise ValueError(f"the coordinator serves 'deliver' on its link, not {method!r}")
+    deliver(*args)
+
+
+def report_failure(mb_id: int, error: BaseException) -> None:
+    """Runs on the coordinator, called by a stage over RPC: micro-batch ``mb_id`` failed there (-1: the stage's
+    link onwards closed, so whatever the next stage held is lost)."""
+    handler = on_failure
+    if handler is not None:
+        handler(mb_id, error)
+    elif mb_id >= 0:
+        fail(mb_id, error)
 
 
 def fail_all(error: BaseException) -> None:

@@ -10,10 +10,8 @@ name                                           type       meaning
 =============================================  =========  ==============================================
 chatloop_stage_compute_seconds                 histogram  this stage's layers on one micro-batch
 chatloop_stage_queue_seconds                   histogram  a micro-batch's wait between arriving and computing
-chatloop_stage_downstream_seconds              histogram  forwarding to the next stage until its answer
-                                                          (the next hop plus everything after it; the RPC hop
-                                                          cost is this minus the next stage's queue, compute
-                                                          and downstream times)
+chatloop_stage_downstream_seconds              histogram  handing a micro-batch on: encoding it and writing it
+                                                          to the link to the next stage (or the coordinator)
 chatloop_stage_received_bytes_total            counter    tensor bytes received (token ids or activations)
 chatloop_stage_sent_bytes_total                counter    tensor bytes sent on (activations or token ids)
 chatloop_stage_micro_batches_total             counter    micro-batches computed

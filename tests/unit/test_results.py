@@ -2,11 +2,50 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from chatloop.engine import StageError
+from chatloop.engine import MicroBatch, StageError, StageLostError
+from chatloop.models import StepBatch
 from chatloop.runtime import results
+from chatloop.runtime.cluster import RpcPipeline
+
+
+class SentMessages:
+    """A link that keeps what is sent on it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, tuple]] = []
+
+    def send(self, method: str, args: tuple) -> None:
+        self.sent.append((method, args))
+
+    def close(self) -> None:
+        pass
+
+
+def _step(mb_id: int) -> MicroBatch:
+    batch = StepBatch(torch.tensor([[3]]), torch.tensor([[True]]), torch.zeros(1, 4, dtype=torch.int32), 16)
+    return MicroBatch(mb_id, torch.tensor([[7]]), batch, [])
+
+
+@pytest.fixture
+def pipeline(monkeypatch):
+    """A coordinator's pipeline of two stages whose lost steps are located by a stand-in (no RPC)."""
+    made = RpcPipeline(["worker0", "worker1"], num_blocks=8, block_size=16, timeout=0.5, progress_deadline_s=10,
+                       link=SentMessages())
+    made.located = []
+
+    def locate_and_fail(mb_id, error):
+        made.located.append((mb_id, str(error)))
+        results.fail(mb_id, StageLostError(f"worker1 does not answer ({error})"))
+
+    monkeypatch.setattr(made, "_fail_lost", locate_and_fail)
+    monkeypatch.setattr(results, "on_failure", made.failed)
+    yield made
+    made.close()
 
 
 def test_delivered_tokens_resolve_the_micro_batch_and_a_later_failure_is_ignored():
@@ -33,34 +72,39 @@ def test_a_micro_batch_id_is_in_flight_once():
     results.deliver(1003, [])
 
 
-@pytest.mark.parametrize("outcome", ["value", "raised"])
-def test_raise_failure_raises_errors_that_rpc_returns_as_values(outcome):
-    future = torch.futures.Future()
-    error = ValueError("connection reset")
-    future.set_result(error) if outcome == "value" else future.set_exception(error)
-    with pytest.raises(StageError, match="^worker1: connection reset$"):  # named after the stage it called
-        results.raise_failure(future, "worker1")
-    ok = torch.futures.Future()
-    ok.set_result(None)
-    results.raise_failure(ok, "worker1")  # success raises nothing
+def test_a_step_goes_out_on_the_link_and_a_stage_report_fails_it_with_the_stage_s_own_error(pipeline):
+    future = pipeline._submit(_step(2001))
+    assert pipeline.link.sent[0][0] == "forward" and pipeline.link.sent[0][1][0] == 2001
+    results.report_failure(2001, StageError("worker1 (layers 15-29) failed: RuntimeError: bad shape"))
+    with pytest.raises(StageError, match="^worker1 \\(layers 15-29\\) failed"):
+        future.result(timeout=1)
+    assert pipeline.located == [] and pipeline._sent == {}
 
 
-def test_raise_failure_keeps_a_stage_error_and_a_named_transport_error_as_they_are():
-    own = torch.futures.Future()
-    own.set_result(StageError("worker2 (layers 16-22) failed: RuntimeError: bad shape"))
-    with pytest.raises(StageError, match="^worker2 \\(layers 16-22\\) failed"):
-        results.raise_failure(own, "worker1")
-    named = torch.futures.Future()
-    named.set_exception(RuntimeError("worker1 is unreachable"))
-    with pytest.raises(StageError, match="^worker1 is unreachable$"):
-        results.raise_failure(named, "worker1")
+def test_a_closed_link_has_every_step_in_flight_located(pipeline):
+    first, second = pipeline._submit(_step(2002)), pipeline._submit(_step(2003))
+    results.report_failure(-1, StageError("worker1 is unreachable from worker0: the connection closed (EOF)"))
+    for future in (first, second):
+        with pytest.raises(StageLostError, match="worker1 does not answer"):
+            future.result(timeout=2)
+    assert sorted(mb for mb, _ in pipeline.located) == [2002, 2003]
+
+
+def test_a_step_past_the_deadline_is_located_once_and_a_delivered_one_is_forgotten(pipeline):
+    delivered, late = pipeline._submit(_step(2004)), pipeline._submit(_step(2005))
+    results.deliver(2004, [11])
+    assert delivered.result(timeout=1) == [11]
+    with pytest.raises(StageLostError):
+        late.result(timeout=3)
+    time.sleep(0.6)
+    assert pipeline.located == [(2005, "micro-batch 2005 ran for more than 0.5 s")]
 
 
 def test_a_stage_that_answers_but_makes_no_progress_is_down():
     from chatloop.engine import StageReport
     from chatloop.runtime.cluster import RpcPipeline
 
-    pipeline = RpcPipeline([], num_blocks=1, block_size=16, timeout=20, progress_deadline_s=10)
+    pipeline = RpcPipeline([], num_blocks=1, block_size=16, timeout=20, progress_deadline_s=10, link=SentMessages())
     fine = StageReport(name="worker1", index=1, computing_s=2.0, consecutive_failures=0)
     assert pipeline._judge(fine).up
     stuck = pipeline._judge(StageReport(name="worker1", index=1, host="h", computing_s=12.5))
