@@ -98,6 +98,7 @@ def _echo_links(connection, secret: str) -> None:
     listener.admit(secret)
     connection.send(listener.address)
     back.append(Link("bench", connection.recv(), secret))
+    connection.send("ready")  # messages may come now: they have a way back
     connection.recv()  # until the parent closes
 
 
@@ -115,6 +116,7 @@ class LinkEcho:
         self._process.start()
         self._link = Link("echo", self._connection.recv(), secret)
         self._connection.send(self._listener.address)
+        self._connection.recv()
 
     def round_trip(self, x: torch.Tensor) -> torch.Tensor:
         self._link.send("forward", (x,))
