@@ -16,7 +16,7 @@ from ..models import LayerRange, ModelArgs, StageModel, build_stage, family_of
 from ..models.fused_decode import LlamaDecodeKernel
 from ..models.llama import LlamaStage, fuse_projections, use_row_kernels
 from ..models.packing import concat_linear, pack_linear_weights
-from ..quant.modules import quantize_modules, tie_quantized_head
+from ..quant.modules import interleave_for_kernel, quantize_modules, tie_quantized_head
 from .integrity import verify
 from .manifest import QUANTIZED_KEY, Manifest, ManifestError
 from .safetensors_stream import SafetensorsError, read_header
@@ -142,6 +142,8 @@ def load_stage(
     if fuse:
         fuse_projections(stage, concat_linear)  # float32 only: bfloat16 stays bit-equal to transformers
     _own_memory(stage)
+    if native_kernels:
+        interleave_for_kernel(stage)
     if fuse and stage.native_attention:
         use_row_kernels(stage)
         stage.decode_kernel = LlamaDecodeKernel.for_stage(stage)  # points at the weights: after they moved

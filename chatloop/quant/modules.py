@@ -13,10 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import FORMAT_IDS, ISAS, kernel_dequantize_rows, load_quant_kernels, quant_isa, quant_linear_unchecked
+from ..kernels import (
+    FORMAT_IDS,
+    ISAS,
+    kernel_dequantize_rows,
+    kernel_interleave_q4_1,
+    load_quant_kernels,
+    quant_isa,
+    quant_linear_unchecked,
+)
 from .formats import FORMATS, dequantize, in_features_of
 
-__all__ = ["QuantEmbedding", "QuantLinear", "quantize_modules", "tie_quantized_head"]
+__all__ = ["QuantEmbedding", "QuantLinear", "interleave_for_kernel", "quantize_modules", "tie_quantized_head"]
 
 KERNEL_ROWS = 16
 """Up to this many input rows go to the quantized kernel; more to dequantize-and-GEMM."""
@@ -130,3 +138,18 @@ def tie_quantized_head(stage) -> None:
         stage.lm_head = embedding.tied_head()
         if not stage.is_first:
             delattr(stage.get_submodule(parent_name), child)
+
+
+def interleave_for_kernel(stage: nn.Module) -> int:
+    """Where the quantized kernel runs on VNNI, give ``stage``'s q4_1 layers (of a multiple of 16 rows) the layout
+    it computes 16 rows at a time in (``q4_1_x16``, see qgemv.c); how many were changed. The same bytes,
+    rearranged: a head tied to the embedding gets its own copy, the embedding keeps the GGUF layout."""
+    if load_quant_kernels() is None or quant_isa() != "avx512_vnni":
+        return 0
+    changed = 0
+    for module in stage.modules():
+        if isinstance(module, QuantLinear) and module.fmt == "q4_1" and module.out_features % 16 == 0:
+            module.weight = kernel_interleave_q4_1(module.weight)
+            module.fmt = "q4_1_x16"
+            changed += 1
+    return changed
