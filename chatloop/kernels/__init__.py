@@ -36,7 +36,7 @@ __all__ = [
     "BF16_ISAS", "BF16_KERNEL_ROWS", "FORMAT_IDS", "ISAS", "MAX_KERNEL_ROWS", "LlamaLayerSpec", "LlamaShapeSpec",
     "MatrixSpec",
     "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "kernel_bf16_linear",
-    "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave_q4_1",
+    "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave",
     "kernel_linear", "kernel_quant_linear", "kernel_rms_norm", "kernel_rope_", "load_kernels", "load_quant_kernels",
     "quant_isa", "quant_linear_unchecked", "stream_read",
 ]
@@ -54,9 +54,9 @@ ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma", "f16c"}),
 BF16_ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma"}),
              "avx512_bf16": (2, {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})}
 """The bfloat16 kernel's paths, as ``ISAS`` (bf16gemv.c)."""
-FORMAT_IDS = {"q8_0": 0, "q4_1": 1, "q4_1_x16": 2}
-"""The quantized kernel's weight layouts (qgemv.c): GGUF's blocks, and q4_1 interleaved in tiles of 16 rows
-(:func:`kernel_interleave_q4_1`), which only the kernel reads."""
+FORMAT_IDS = {"q8_0": 0, "q4_1": 1, "q4_1_x16": 2, "q8_0_x16": 3}
+"""The quantized kernel's weight layouts (qgemv.c): GGUF's blocks, and the same interleaved in tiles of 16 rows
+(:func:`kernel_interleave`), which only the kernel reads."""
 MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
 BF16_KERNEL_ROWS = 4
@@ -191,8 +191,8 @@ def load_quant_kernels() -> ctypes.CDLL | None:
             library.chatloop_quant_linear.restype = None
             library.chatloop_dequantize_rows.argtypes = [pointer] * 3 + [size] * 2 + [integer]
             library.chatloop_dequantize_rows.restype = None
-            library.chatloop_q4_1_interleave.argtypes = [pointer, pointer, size, size]
-            library.chatloop_q4_1_interleave.restype = None
+            library.chatloop_interleave.argtypes = [pointer, pointer, size, size, integer]
+            library.chatloop_interleave.restype = None
             library.chatloop_bf16_linear.argtypes = [pointer] * 4 + [size] * 3 + [integer] * 2 + [pointer]
             library.chatloop_bf16_linear.restype = None
             return library
@@ -275,7 +275,7 @@ def bf16_linear_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def kernel_quant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, in_features: int,
                         bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for ``W`` quantized as ``fmt`` (``q8_0``, ``q4_1``, ``q4_1_x16``) in ``data``
+    """``x @ W.T + bias`` for ``W`` quantized as ``fmt`` (a name of ``FORMAT_IDS``) in ``data``
     [out, bytes]: the activations are quantized in blocks of 32 too (see ``qgemv.c``). ``isa``: a path of
     :func:`available_isas` (default :func:`quant_isa`)."""
     library = load_quant_kernels()
@@ -284,7 +284,7 @@ def kernel_quant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, in_featur
     isa = isa or quant_isa()
     _require(isa in available_isas(), f"kernel_quant_linear: isa {isa!r} is not one of {available_isas()}")
     _require(fmt in FORMAT_IDS, f"kernel_quant_linear: format {fmt!r} is not one of {', '.join(FORMAT_IDS)}")
-    block_bytes = 34 if fmt == "q8_0" else 20
+    block_bytes = 34 if fmt.startswith("q8_0") else 20
     _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
              and data.shape[1] * 32 == in_features * block_bytes,
              f"kernel_quant_linear: a {fmt} matrix of {in_features} inputs is contiguous uint8 "
@@ -292,8 +292,8 @@ def kernel_quant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, in_featur
     _require(x.dtype == torch.float32 and x.shape[-1] == in_features,
              f"kernel_quant_linear takes float32 x with {in_features} features, got {x.dtype} {tuple(x.shape)}")
     out_features = data.shape[0]
-    _require(fmt != "q4_1_x16" or out_features % 16 == 0,
-             f"kernel_quant_linear: a q4_1_x16 matrix has a multiple of 16 rows, got {out_features}")
+    _require(not fmt.endswith("_x16") or out_features % 16 == 0,
+             f"kernel_quant_linear: a {fmt} matrix has a multiple of 16 rows, got {out_features}")
     _require(bias is None or (bias.dtype == torch.float32 and bias.shape == (out_features,) and bias.is_contiguous()),
              f"kernel_quant_linear's bias must be a contiguous float32 [{out_features}] vector")
     return quant_linear_unchecked(x.contiguous(), data, FORMAT_IDS[fmt], in_features, bias, ISAS[isa][0])
@@ -315,19 +315,23 @@ def quant_linear_unchecked(x: torch.Tensor, data: torch.Tensor, fmt_id: int, in_
     return out
 
 
-def kernel_interleave_q4_1(data: torch.Tensor) -> torch.Tensor:
-    """A q4_1 matrix [out, bytes] (out a multiple of 16) in the kernel's interleaved layout ``q4_1_x16``: the same
-    bytes, rearranged so that VNNI computes a block for 16 rows at once (qgemv.c)."""
+def kernel_interleave(data: torch.Tensor, fmt: str) -> tuple[torch.Tensor, str]:
+    """A ``q4_1`` or ``q8_0`` matrix [out, bytes] (out a multiple of 16) in the kernel's interleaved layout, and the
+    layout's name (``q4_1_x16``, ``q8_0_x16``): the same number of bytes, rearranged so that VNNI computes a block
+    for 16 rows at once (qgemv.c)."""
     library = load_quant_kernels()
     if library is None:
         raise RuntimeError("ChatLoop's quantized kernels are not available here (see the log)")
+    _require(fmt in ("q4_1", "q8_0"), f"kernel_interleave: format {fmt!r} is not q4_1 or q8_0")
+    block_bytes = 34 if fmt == "q8_0" else 20
     _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and data.shape[0] % 16 == 0
-             and data.shape[1] % 20 == 0,
-             f"kernel_interleave_q4_1: need a contiguous uint8 q4_1 matrix of a multiple of 16 rows, got "
+             and data.shape[1] % block_bytes == 0,
+             f"kernel_interleave: need a contiguous uint8 {fmt} matrix of a multiple of 16 rows, got "
              f"{data.dtype} {tuple(data.shape)}")
     out = torch.empty_like(data)
-    library.chatloop_q4_1_interleave(data.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1] // 20)
-    return out
+    library.chatloop_interleave(data.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1] // block_bytes,
+                                FORMAT_IDS[fmt])
+    return out, f"{fmt}_x16"
 
 
 def kernel_dequantize_rows(data: torch.Tensor, ids: torch.Tensor, fmt: str, in_features: int) -> torch.Tensor:

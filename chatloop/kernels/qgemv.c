@@ -9,26 +9,26 @@
  * AVX-512 VNNI (vpdpbusd). This file is compiled without -march=native: each path states its own target.
  * Each weight block is unpacked once for up to four activation rows (batch-16 SmolLM2 step 41 -> 31 ms).
  *
- * q4_1 matrices whose rows come in sixteens are also kept interleaved (FMT_Q4_1_X16, made at load time where the
- * CPU has VNNI): per tile of 16 rows and block k, 320 bytes: the rows' d (fp16 x 16), their m (fp16 x 16), then four
- * groups of 64 bytes, group g holding bytes 4g..4g+3 of each row's 16 quant bytes, row after row. One 512-bit load
- * then holds four consecutive weights of each of the 16 rows (low nibbles: weights 4g..4g+3; high: 16+4g..), and
- * vpdpbusd against four activation bytes broadcast computes a block's dot product for 16 rows at once, with no
- * horizontal sums: 5-7x the multiply-adds per second of the row-by-row kernel (3072 x 576 at 16 rows).
+ * Matrices whose rows come in sixteens are also kept interleaved (FMT_*_X16, made at load time where the CPU has
+ * VNNI): per tile of 16 rows and block k, 16 blocks' bytes rearranged: the rows' d (fp16 x 16), q4_1's m (fp16 x
+ * 16), then groups of 64 bytes, group g holding quant bytes 4g..4g+3 of each row, row after row (q8_0: 8 groups,
+ * plus 128; q4_1: 4 groups of nibble pairs). One 512-bit load then holds four consecutive weights of each of the
+ * 16 rows (q4_1's low nibbles: weights 4g..4g+3, high: 16+4g..), and vpdpbusd against four activation bytes
+ * broadcast computes a block's dot product for 16 rows at once, with no horizontal sums: 4-7x the multiply-adds
+ * per second of the row-by-row kernel (3072 x 576 at 16 rows).
  */
 #include "multipath.h"
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-enum { FMT_Q8_0 = 0, FMT_Q4_1 = 1, FMT_Q4_1_X16 = 2 };
+enum { FMT_Q8_0 = 0, FMT_Q4_1 = 1, FMT_Q4_1_X16 = 2, FMT_Q8_0_X16 = 3 };
 enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
 #define QK 32
 #define ROW_TILE 16 /* input rows whose activations stay in cache while a group of weight rows is read */
-#define X16 16        /* weight rows of an interleaved tile */
-#define X16_BLOCK (X16 * 20)
+#define X16 16 /* weight rows of an interleaved tile */
 
-static inline int block_bytes(int fmt) { return fmt == FMT_Q8_0 ? 34 : 20; }
+static inline int block_bytes(int fmt) { return fmt == FMT_Q8_0 || fmt == FMT_Q8_0_X16 ? 34 : 20; }
 
 /* IEEE half to float, without F16C (the portable path). */
 static inline float half_to_float(const uint8_t* p) {
@@ -203,69 +203,95 @@ static void dot_portable_rows(const uint8_t* w, const int8_t* xq, const float* x
   for (int r = 0; r < rows; ++r) out[r] = dot_portable(w, xq + r * I, xd + r * nb, xs + r * nb, nb, fmt);
 }
 
-/* ---- interleaved q4_1 (FMT_Q4_1_X16) ------------------------------------------------------------------------ */
-/* q4_1 rows [O, nb * 20] -> tiles [O / 16, nb, 320] (see the top of this file); O a multiple of 16. */
-void chatloop_q4_1_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_t nb) {
+/* ---- interleaved tiles of 16 rows (FMT_Q4_1_X16, FMT_Q8_0_X16) ---------------------------------------------- */
+static inline int interleaved(int fmt) { return fmt == FMT_Q4_1_X16 || fmt == FMT_Q8_0_X16; }
+static inline int plain_format(int fmt) { return fmt == FMT_Q4_1_X16 ? FMT_Q4_1 : fmt == FMT_Q8_0_X16 ? FMT_Q8_0 : fmt; }
+/* Where a tile's block keeps its quant bytes: after d (and q4_1's m), 32 bytes of fp16 each. */
+static inline int quants_at(int fmt) { return fmt == FMT_Q8_0_X16 ? 32 : 64; }
+
+/* Rows [O, nb * bytes] of q4_1 or q8_0 -> tiles [O / 16, nb, 16 * bytes] (see the top of this file); O a multiple
+ * of 16. q8_0's quants are stored plus 128 (unsigned, for vpdpbusd). */
+void chatloop_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_t nb, int fmt) {
+  const int bb = block_bytes(fmt), q8 = fmt == FMT_Q8_0, header = q8 ? 2 : 4, groups = q8 ? 8 : 4;
+  const int at = q8 ? 32 : 64;
   for (int64_t t = 0; t < O / X16; ++t)
     for (int64_t k = 0; k < nb; ++k) {
-      uint8_t* dst = out + (t * nb + k) * X16_BLOCK;
+      uint8_t* dst = out + (t * nb + k) * X16 * bb;
       for (int j = 0; j < X16; ++j) {
-        const uint8_t* blk = w + ((t * X16 + j) * nb + k) * 20;
+        const uint8_t* blk = w + ((t * X16 + j) * nb + k) * bb;
         memcpy(dst + 2 * j, blk, 2);
-        memcpy(dst + 32 + 2 * j, blk + 2, 2);
-        for (int g = 0; g < 4; ++g) memcpy(dst + 64 + g * 64 + j * 4, blk + 4 + 4 * g, 4);
+        if (!q8) memcpy(dst + 32 + 2 * j, blk + 2, 2);
+        for (int g = 0; g < groups; ++g)
+          for (int i = 0; i < 4; ++i) dst[at + g * 64 + j * 4 + i] = blk[header + 4 * g + i] ^ (q8 ? 0x80 : 0);
       }
     }
 }
 
-/* Quant byte i (0..15) of row j in an interleaved block. */
-static inline uint8_t x16_byte(const uint8_t* block, int j, int i) { return block[64 + (i / 4) * 64 + j * 4 + i % 4]; }
+/* Quant byte i of row j in an interleaved block (q8_0: plus 128; q4_1: a pair of nibbles). */
+static inline uint8_t x16_byte(const uint8_t* block, int at, int j, int i) {
+  return block[at + (i / 4) * 64 + j * 4 + i % 4];
+}
 
 /* y[r, 0..15] (row stride O) for `rows` activation rows against one tile; the portable path. */
-static void x16_tile_portable(const uint8_t* tile, const int8_t* xq, const float* xd, const float* xs, int64_t nb,
-                              int64_t I, int rows, float* y, int64_t O) {
+static void x16_tile_portable(const uint8_t* tile, int fmt, const int8_t* xq, const float* xd, const float* xs,
+                              int64_t nb, int64_t I, int rows, float* y, int64_t O) {
+  const int q8 = fmt == FMT_Q8_0_X16, at = quants_at(fmt);
+  const int64_t tile_block = X16 * block_bytes(plain_format(fmt));
   for (int r = 0; r < rows; ++r)
     for (int j = 0; j < X16; ++j) {
       float acc = 0.0f;
       for (int64_t k = 0; k < nb; ++k) {
-        const uint8_t* block = tile + k * X16_BLOCK;
+        const uint8_t* block = tile + k * tile_block;
         const int8_t* q = xq + r * I + k * QK;
         int sum = 0;
-        for (int i = 0; i < 16; ++i)
-          sum += (x16_byte(block, j, i) & 0x0F) * q[i] + (x16_byte(block, j, i) >> 4) * q[i + 16];
-        acc += half_to_float(block + 2 * j) * xd[r * nb + k] * (float)sum +
-               half_to_float(block + 32 + 2 * j) * xs[r * nb + k];
+        if (q8) {
+          for (int i = 0; i < QK; ++i) sum += (int8_t)(x16_byte(block, at, j, i) ^ 0x80) * q[i];
+          acc += half_to_float(block + 2 * j) * xd[r * nb + k] * (float)sum;
+        } else {
+          for (int i = 0; i < 16; ++i)
+            sum += (x16_byte(block, at, j, i) & 0x0F) * q[i] + (x16_byte(block, at, j, i) >> 4) * q[i + 16];
+          acc += half_to_float(block + 2 * j) * xd[r * nb + k] * (float)sum +
+                 half_to_float(block + 32 + 2 * j) * xs[r * nb + k];
+        }
       }
       y[r * O + j] = acc;
     }
 }
 
+/* The same on VNNI: per block, the 16 rows' weights are loaded (and q4_1's nibbles split) once for all activation
+ * rows; per row, vpdpbusd against four activation bytes broadcast, 8 times, gives the 16 rows' integer sums. q8_0's
+ * weights are stored plus 128: sum((w + 128) q) - 128 sum(q), and d_x sum(q) is s_x, so the correction is
+ * -128 d_w s_x, the form of q4_1's m_w s_x. */
 #define X16_ROWS 8 /* activation rows a tile's blocks are unpacked for at once */
 __attribute__((target(VNNI_TARGET), always_inline)) static inline void x16_tile_vnni_n(
-    const uint8_t* tile, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int64_t I, const int rows,
-    float* y, int64_t O) {
+    const uint8_t* tile, const int q8, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int64_t I,
+    const int rows, float* y, int64_t O) {
   __m512 acc[X16_ROWS];
   for (int r = 0; r < X16_ROWS; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int64_t tile_block = X16 * (q8 ? 34 : 20);
   for (int64_t k = 0; k < nb; ++k) {
-    const uint8_t* block = tile + k * X16_BLOCK;
+    const uint8_t* block = tile + k * tile_block;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)block));
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + 32)));
-    __m512i lo[4], hi[4];
-    for (int g = 0; g < 4; ++g) {
-      const __m512i v = _mm512_loadu_si512(block + 64 + g * 64);
-      lo[g] = _mm512_and_si512(v, low4);
-      hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    const __m512 m = q8 ? _mm512_mul_ps(d, _mm512_set1_ps(-128.0f))
+                        : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + 32)));
+    __m512i weights[8]; /* weights[g]: quants 4g..4g+3 of every row (q4_1: g < 4 low nibbles, g >= 4 high) */
+    for (int g = 0; g < (q8 ? 8 : 4); ++g) {
+      const __m512i v = _mm512_loadu_si512(block + (q8 ? 32 : 64) + g * 64);
+      if (q8) {
+        weights[g] = v;
+      } else {
+        weights[g] = _mm512_and_si512(v, low4);
+        weights[g + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      }
     }
     for (int r = 0; r < rows; ++r) {
       const int8_t* q = xq + r * I + k * QK;
       __m512i sums = _mm512_setzero_si512();
-      for (int g = 0; g < 4; ++g) {
-        int32_t first, second;
-        memcpy(&first, q + 4 * g, 4);
-        memcpy(&second, q + 16 + 4 * g, 4);
-        sums = _mm512_dpbusd_epi32(sums, lo[g], _mm512_set1_epi32(first));
-        sums = _mm512_dpbusd_epi32(sums, hi[g], _mm512_set1_epi32(second));
+      for (int g = 0; g < 8; ++g) {
+        int32_t four;
+        memcpy(&four, q + 4 * g, 4);
+        sums = _mm512_dpbusd_epi32(sums, weights[g], _mm512_set1_epi32(four));
       }
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, _mm512_set1_ps(xd[r * nb + k])), acc[r]);
       acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[r * nb + k]), acc[r]);
@@ -274,17 +300,24 @@ __attribute__((target(VNNI_TARGET), always_inline)) static inline void x16_tile_
   for (int r = 0; r < rows; ++r) _mm512_storeu_ps(y + r * O, acc[r]);
 }
 
-/* The row count as a constant, as BY_ROWS. */
-__attribute__((target(VNNI_TARGET))) static void x16_tile_vnni(const uint8_t* tile, const int8_t* xq, const float* xd,
-                                                               const float* xs, int64_t nb, int64_t I, int rows,
-                                                               float* y, int64_t O) {
-  switch (rows) {
-#define X16_CASE(n) case n: x16_tile_vnni_n(tile, xq, xd, xs, nb, I, n, y, O); break;
-    X16_CASE(1) X16_CASE(2) X16_CASE(3) X16_CASE(4) X16_CASE(5) X16_CASE(6) X16_CASE(7)
-    default: x16_tile_vnni_n(tile, xq, xd, xs, nb, I, X16_ROWS, y, O);
-#undef X16_CASE
+/* The format and row count as constants, as BY_ROWS. */
+#define X16_BY_ROWS(name, q8)                                                                                    \
+  __attribute__((target(VNNI_TARGET))) static void name(const uint8_t* tile, const int8_t* xq, const float* xd,   \
+                                                      const float* xs, int64_t nb, int64_t I, int rows, float* y, \
+                                                      int64_t O) {                                                \
+    switch (rows) {                                                                                               \
+      case 1: x16_tile_vnni_n(tile, q8, xq, xd, xs, nb, I, 1, y, O); break;                                      \
+      case 2: x16_tile_vnni_n(tile, q8, xq, xd, xs, nb, I, 2, y, O); break;                                      \
+      case 3: x16_tile_vnni_n(tile, q8, xq, xd, xs, nb, I, 3, y, O); break;                                      \
+      case 4: x16_tile_vnni_n(tile, q8, xq, xd, xs, nb, I, 4, y, O); break;                                      \
+      case 5: x16_tile_vnni_n(tile, q8, xq, xd, xs, nb, I, 5, y, O); break;                                      \
+      case 6: x16_tile_vnni_n(tile, q8, xq, xd, xs, nb, I, 6, y, O); break;                                      \
+      case 7: x16_tile_vnni_n(tile, q8, xq, xd, xs, nb, I, 7, y, O); break;                                      \
+      default: x16_tile_vnni_n(tile, q8, xq, xd, xs, nb, I, X16_ROWS, y, O);                                     \
+    }                                                                                                             \
   }
-}
+X16_BY_ROWS(x16_tile_vnni_q4_1, 0)
+X16_BY_ROWS(x16_tile_vnni_q8_0, 1)
 
 typedef void (*dot_fn)(const uint8_t*, const int8_t*, const float*, const float*, int64_t, int, int64_t, int,
                        float*);
@@ -298,16 +331,19 @@ void chatloop_quant_linear_shared(const float* x, const uint8_t* w, const float*
   const dot_fn dot = isa == ISA_AVX512_VNNI ? dot_vnni : isa == ISA_AVX2 ? dot_avx2 : dot_portable_rows;
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < B; ++b) quantize_row(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
-  if (fmt == FMT_Q4_1_X16) {
+  if (interleaved(fmt)) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < O / X16; ++t)
       for (int64_t b = 0; b < B; b += X16_ROWS) {
         const int rows = B - b < X16_ROWS ? (int)(B - b) : X16_ROWS;
+        const uint8_t* tile = w + t * X16 * row_bytes;
         float* out = y + b * O + t * X16;
-        if (isa == ISA_AVX512_VNNI)
-          x16_tile_vnni(w + t * nb * X16_BLOCK, xq + b * I, xd + b * nb, xs + b * nb, nb, I, rows, out, O);
+        if (isa != ISA_AVX512_VNNI)
+          x16_tile_portable(tile, fmt, xq + b * I, xd + b * nb, xs + b * nb, nb, I, rows, out, O);
+        else if (fmt == FMT_Q8_0_X16)
+          x16_tile_vnni_q8_0(tile, xq + b * I, xd + b * nb, xs + b * nb, nb, I, rows, out, O);
         else
-          x16_tile_portable(w + t * nb * X16_BLOCK, xq + b * I, xd + b * nb, xs + b * nb, nb, I, rows, out, O);
+          x16_tile_vnni_q4_1(tile, xq + b * I, xd + b * nb, xs + b * nb, nb, I, rows, out, O);
         if (bias)
           for (int r = 0; r < rows; ++r)
             for (int j = 0; j < X16; ++j) out[r * O + j] += bias[t * X16 + j];
@@ -343,15 +379,20 @@ void chatloop_dequantize_rows(const uint8_t* w, const int64_t* ids, float* out, 
   for (int64_t r = 0; r < R; ++r) {
     const uint8_t* row = w + ids[r] * row_bytes;
     float* dst = out + r * I;
-    if (fmt == FMT_Q4_1_X16) {
-      const int64_t t = ids[r] / X16;
-      const int j = (int)(ids[r] % X16);
+    if (interleaved(fmt)) {
+      const int64_t t = ids[r] / X16, tile_block = X16 * block_bytes(fmt);
+      const int j = (int)(ids[r] % X16), at = quants_at(fmt);
       for (int64_t k = 0; k < nb; ++k) {
-        const uint8_t* block = w + (t * nb + k) * X16_BLOCK;
-        const float d = half_to_float(block + 2 * j), m = half_to_float(block + 32 + 2 * j);
+        const uint8_t* block = w + t * X16 * row_bytes + k * tile_block;
+        const float d = half_to_float(block + 2 * j);
+        if (fmt == FMT_Q8_0_X16) {
+          for (int i = 0; i < QK; ++i) dst[k * QK + i] = d * (float)(int8_t)(x16_byte(block, at, j, i) ^ 0x80);
+          continue;
+        }
+        const float m = half_to_float(block + 32 + 2 * j);
         for (int i = 0; i < 16; ++i) {
-          dst[k * QK + i] = d * (float)(x16_byte(block, j, i) & 0x0F) + m;
-          dst[k * QK + i + 16] = d * (float)(x16_byte(block, j, i) >> 4) + m;
+          dst[k * QK + i] = d * (float)(x16_byte(block, at, j, i) & 0x0F) + m;
+          dst[k * QK + i + 16] = d * (float)(x16_byte(block, at, j, i) >> 4) + m;
         }
       }
       continue;

@@ -17,7 +17,7 @@ from ..kernels import (
     FORMAT_IDS,
     ISAS,
     kernel_dequantize_rows,
-    kernel_interleave_q4_1,
+    kernel_interleave,
     load_quant_kernels,
     quant_isa,
     quant_linear_unchecked,
@@ -141,15 +141,14 @@ def tie_quantized_head(stage) -> None:
 
 
 def interleave_for_kernel(stage: nn.Module) -> int:
-    """Where the quantized kernel runs on VNNI, give ``stage``'s q4_1 layers (of a multiple of 16 rows) the layout
-    it computes 16 rows at a time in (``q4_1_x16``, see qgemv.c); how many were changed. The same bytes,
-    rearranged: a head tied to the embedding gets its own copy, the embedding keeps the GGUF layout."""
+    """Where the quantized kernel runs on VNNI, give ``stage``'s linear layers (of a multiple of 16 rows) the layout
+    it computes 16 rows at a time in (``q4_1_x16``, ``q8_0_x16``: see qgemv.c); how many were changed. The same
+    number of bytes, rearranged: a head tied to the embedding gets its own, the embedding keeps GGUF's layout."""
     if load_quant_kernels() is None or quant_isa() != "avx512_vnni":
         return 0
     changed = 0
     for module in stage.modules():
-        if isinstance(module, QuantLinear) and module.fmt == "q4_1" and module.out_features % 16 == 0:
-            module.weight = kernel_interleave_q4_1(module.weight)
-            module.fmt = "q4_1_x16"
+        if isinstance(module, QuantLinear) and module.fmt in ("q4_1", "q8_0") and module.out_features % 16 == 0:
+            module.weight, module.fmt = kernel_interleave(module.weight, module.fmt)
             changed += 1
     return changed

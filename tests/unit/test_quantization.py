@@ -16,7 +16,7 @@ import chatloop.quant.modules as quant_modules
 from chatloop.kernels import (
     available_isas,
     kernel_dequantize_rows,
-    kernel_interleave_q4_1,
+    kernel_interleave,
     kernel_quant_linear,
     load_quant_kernels,
     quant_isa,
@@ -97,36 +97,37 @@ def test_every_kernel_path_computes_the_reference_arithmetic(isa, fmt, rows, in_
 
 
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512_vnni"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 7, 8, 9, 16])
 @pytest.mark.parametrize("in_features", [160, 2080])
-def test_interleaved_q4_1_computes_the_reference_arithmetic_on_every_path(isa, rows, in_features):
-    """q4_1 in tiles of 16 rows (the layout VNNI computes 16 rows at once in; other paths read it one by one)."""
+def test_interleaved_tiles_compute_the_reference_arithmetic_on_every_path(isa, fmt, rows, in_features):
+    """Blocks in tiles of 16 rows (the layout VNNI computes 16 rows at once in; other paths read it row by row)."""
     if isa not in available_isas():
         pytest.skip(f"this CPU cannot run the {isa} path")
     torch.manual_seed(rows)
     w, x, bias = torch.randn(48, in_features), torch.randn(rows, in_features) * 3, torch.randn(48)  # 3 tiles
     x[0, 5] = 300.0
-    data = quantize(w, "q4_1")
-    interleaved = kernel_interleave_q4_1(data)
-    assert interleaved.shape == data.shape and not torch.equal(interleaved, data)
-    expected = reference_linear(x, data, "q4_1", bias)
-    got = kernel_quant_linear(x, interleaved, "q4_1_x16", in_features, bias, isa=isa)
+    data = quantize(w, fmt)
+    interleaved, layout = kernel_interleave(data, fmt)
+    assert layout == f"{fmt}_x16" and interleaved.shape == data.shape and not torch.equal(interleaved, data)
+    expected = reference_linear(x, data, fmt, bias)
+    got = kernel_quant_linear(x, interleaved, layout, in_features, bias, isa=isa)
     atol = 1e-4 + 1e-6 * expected.abs().max().item()
     assert torch.allclose(got, expected, rtol=1e-5, atol=atol), (got - expected).abs().max()
     ids = torch.tensor([0, 15, 16, 47, 30])  # first and last rows of tiles: the layout's corners
-    assert torch.equal(kernel_dequantize_rows(interleaved, ids, "q4_1_x16", in_features), dequantize(data, "q4_1")[ids])
+    assert torch.equal(kernel_dequantize_rows(interleaved, ids, layout, in_features), dequantize(data, fmt)[ids])
 
 
 @needs_kernels
 def test_interleaving_needs_whole_tiles():
     with pytest.raises(ValueError, match="multiple of 16 rows, got torch.uint8 \\(53, 100\\)"):
-        kernel_interleave_q4_1(quantize(torch.randn(53, 160), "q4_1"))
-    with pytest.raises(ValueError, match="a q4_1_x16 matrix has a multiple of 16 rows, got 53"):
-        kernel_quant_linear(torch.randn(1, 160), quantize(torch.randn(53, 160), "q4_1"), "q4_1_x16", 160)
+        kernel_interleave(quantize(torch.randn(53, 160), "q4_1"), "q4_1")
+    with pytest.raises(ValueError, match="a q8_0_x16 matrix has a multiple of 16 rows, got 53"):
+        kernel_quant_linear(torch.randn(1, 160), quantize(torch.randn(53, 160), "q8_0"), "q8_0_x16", 160)
 
 
 @needs_kernels
-def test_q4_1_layers_are_interleaved_only_where_the_kernel_runs_on_vnni(tiny_checkpoint, tmp_path, monkeypatch):
+def test_quantized_layers_are_interleaved_only_where_the_kernel_runs_on_vnni(tiny_checkpoint, tmp_path, monkeypatch):
     from chatloop.partition.loader import load_stage
 
     split_model(tiny_checkpoint("llama").path, tmp_path, 1, quantize="int4", progress=False)
@@ -136,7 +137,7 @@ def test_q4_1_layers_are_interleaved_only_where_the_kernel_runs_on_vnni(tiny_che
         stage = load_stage(tmp_path, 0, pack_weights=True)
         layouts[isa] = {m.fmt for m in stage.modules() if isinstance(m, QuantLinear)}
     for isa, formats in layouts.items():
-        assert formats == ({"q4_1_x16", "q8_0"} if isa == "avx512_vnni" else {"q4_1", "q8_0"}), (isa, formats)
+        assert formats == ({"q4_1_x16", "q8_0_x16"} if isa == "avx512_vnni" else {"q4_1", "q8_0"}), (isa, formats)
 
 
 @needs_kernels
