@@ -192,7 +192,7 @@ def load_quant_kernels() -> ctypes.CDLL | None:
             library.chatloop_dequantize_rows.argtypes = [pointer] * 3 + [size] * 2 + [integer]
             library.chatloop_dequantize_rows.restype = None
             library.chatloop_interleave.argtypes = [pointer, pointer, size, size, integer]
-            library.chatloop_interleave.restype = None
+            library.chatloop_interleave.restype = integer
             library.chatloop_bf16_linear.argtypes = [pointer] * 4 + [size] * 3 + [integer] * 2 + [pointer]
             library.chatloop_bf16_linear.restype = None
             return library
@@ -315,10 +315,10 @@ def quant_linear_unchecked(x: torch.Tensor, data: torch.Tensor, fmt_id: int, in_
     return out
 
 
-def kernel_interleave(data: torch.Tensor, fmt: str) -> tuple[torch.Tensor, str]:
+def kernel_interleave(data: torch.Tensor, fmt: str, in_place: bool = False) -> tuple[torch.Tensor, str]:
     """A ``q4_1`` or ``q8_0`` matrix [out, bytes] (out a multiple of 16) in the kernel's interleaved layout, and the
     layout's name (``q4_1_x16``, ``q8_0_x16``): the same number of bytes, rearranged so that VNNI computes a block
-    for 16 rows at once (qgemv.c)."""
+    for 16 rows at once (qgemv.c); ``in_place``: in ``data``'s own memory."""
     library = load_quant_kernels()
     if library is None:
         raise RuntimeError("ChatLoop's quantized kernels are not available here (see the log)")
@@ -328,9 +328,10 @@ def kernel_interleave(data: torch.Tensor, fmt: str) -> tuple[torch.Tensor, str]:
              and data.shape[1] % block_bytes == 0,
              f"kernel_interleave: need a contiguous uint8 {fmt} matrix of a multiple of 16 rows, got "
              f"{data.dtype} {tuple(data.shape)}")
-    out = torch.empty_like(data)
-    library.chatloop_interleave(data.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1] // block_bytes,
-                                FORMAT_IDS[fmt])
+    out = data if in_place else torch.empty_like(data)
+    if library.chatloop_interleave(data.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1] // block_bytes,
+                                   FORMAT_IDS[fmt]) != 0:
+        raise MemoryError(f"kernel_interleave: no memory for one tile of 16 rows of {tuple(data.shape)}")
     return out, f"{fmt}_x16"
 
 

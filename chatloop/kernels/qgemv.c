@@ -20,6 +20,7 @@
 #include "multipath.h"
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { FMT_Q8_0 = 0, FMT_Q4_1 = 1, FMT_Q4_1_X16 = 2, FMT_Q8_0_X16 = 3 };
@@ -210,21 +211,30 @@ static inline int plain_format(int fmt) { return fmt == FMT_Q4_1_X16 ? FMT_Q4_1 
 static inline int quants_at(int fmt) { return fmt == FMT_Q8_0_X16 ? 32 : 64; }
 
 /* Rows [O, nb * bytes] of q4_1 or q8_0 -> tiles [O / 16, nb, 16 * bytes] (see the top of this file); O a multiple
- * of 16. q8_0's quants are stored plus 128 (unsigned, for vpdpbusd). */
-void chatloop_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_t nb, int fmt) {
+ * of 16. q8_0's quants are stored plus 128 (unsigned, for vpdpbusd). A tile takes the bytes its 16 rows took, so
+ * `out` may be `w`: one tile is copied aside at a time (a copy of the whole matrix, freed after, stayed in the
+ * allocator's heap: a 7B int4 worker held 220 MB more). Returns 0, or -1 without memory for one tile. */
+int chatloop_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_t nb, int fmt) {
   const int bb = block_bytes(fmt), q8 = fmt == FMT_Q8_0, header = q8 ? 2 : 4, groups = q8 ? 8 : 4;
   const int at = q8 ? 32 : 64;
-  for (int64_t t = 0; t < O / X16; ++t)
+  const int64_t tile_bytes = X16 * nb * bb;
+  uint8_t* rows = malloc(tile_bytes);
+  if (!rows) return -1;
+  for (int64_t t = 0; t < O / X16; ++t) {
+    memcpy(rows, w + t * tile_bytes, tile_bytes);
     for (int64_t k = 0; k < nb; ++k) {
-      uint8_t* dst = out + (t * nb + k) * X16 * bb;
+      uint8_t* dst = out + t * tile_bytes + k * X16 * bb;
       for (int j = 0; j < X16; ++j) {
-        const uint8_t* blk = w + ((t * X16 + j) * nb + k) * bb;
+        const uint8_t* blk = rows + (j * nb + k) * bb;
         memcpy(dst + 2 * j, blk, 2);
         if (!q8) memcpy(dst + 32 + 2 * j, blk + 2, 2);
         for (int g = 0; g < groups; ++g)
           for (int i = 0; i < 4; ++i) dst[at + g * 64 + j * 4 + i] = blk[header + 4 * g + i] ^ (q8 ? 0x80 : 0);
       }
     }
+  }
+  free(rows);
+  return 0;
 }
 
 /* Quant byte i of row j in an interleaved block (q8_0: plus 128; q4_1: a pair of nibbles). */

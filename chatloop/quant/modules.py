@@ -143,12 +143,15 @@ def tie_quantized_head(stage) -> None:
 def interleave_for_kernel(stage: nn.Module) -> int:
     """Where the quantized kernel runs on VNNI, give ``stage``'s linear layers (of a multiple of 16 rows) the layout
     it computes 16 rows at a time in (``q4_1_x16``, ``q8_0_x16``: see qgemv.c); how many were changed. The same
-    number of bytes, rearranged: a head tied to the embedding gets its own, the embedding keeps GGUF's layout."""
+    number of bytes, rearranged in place: a head tied to the embedding gets its own, the embedding keeps GGUF's
+    layout."""
     if load_quant_kernels() is None or quant_isa() != "avx512_vnni":
         return 0
+    embedded = {m.weight.data_ptr() for m in stage.modules() if isinstance(m, QuantEmbedding)}
     changed = 0
     for module in stage.modules():
         if isinstance(module, QuantLinear) and module.fmt in ("q4_1", "q8_0") and module.out_features % 16 == 0:
-            module.weight, module.fmt = kernel_interleave(module.weight, module.fmt)
+            shared = module.weight.data_ptr() in embedded
+            module.weight, module.fmt = kernel_interleave(module.weight, module.fmt, in_place=not shared)
             changed += 1
     return changed

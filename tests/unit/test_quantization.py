@@ -110,6 +110,8 @@ def test_interleaved_tiles_compute_the_reference_arithmetic_on_every_path(isa, f
     data = quantize(w, fmt)
     interleaved, layout = kernel_interleave(data, fmt)
     assert layout == f"{fmt}_x16" and interleaved.shape == data.shape and not torch.equal(interleaved, data)
+    own = data.clone()
+    assert kernel_interleave(own, fmt, in_place=True)[0].data_ptr() == own.data_ptr() and torch.equal(own, interleaved)
     expected = reference_linear(x, data, fmt, bias)
     got = kernel_quant_linear(x, interleaved, layout, in_features, bias, isa=isa)
     atol = 1e-4 + 1e-6 * expected.abs().max().item()
