@@ -80,27 +80,49 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(const uint16_t* x, con
 
 /* ---- AVX512-BF16 -------------------------------------------------------------------------------------------- */
 #define BF16_TARGET "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
+/* Each weight row is prefetched this many elements (2 KB) ahead: eight rows are eight streams, more than the
+ * hardware prefetchers follow well (11008 x 4096 / 4096 x 11008 at one row: 33 / 26 -> 37 / 43 GB/s, the machine
+ * reading ~52). */
+#define PREFETCH 1024
+/* The input row count as a constant (and unmasked loads but for a short last chunk), so that the accumulators stay
+ * in registers: with a variable count they lived on the stack, a load and a store around each vdpbf16ps, and the
+ * kernel read 30 GB/s where the machine reads ~50. */
+__attribute__((target(BF16_TARGET), always_inline)) static inline void tile_avx512_n(
+    const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t b0, const int nb, int64_t o0,
+    int64_t no, int64_t O, int64_t I) {
+  __m512 acc[ROWS][INPUTS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < INPUTS; ++b) acc[r][b] = _mm512_setzero_ps();
+  const int64_t whole = I & ~(int64_t)31;
+  const uint16_t* wr[ROWS];
+  for (int r = 0; r < ROWS; ++r) wr[r] = w + (o0 + (r < no ? r : 0)) * I; /* rows past `no`: read, not stored */
+  for (int64_t i = 0; i <= whole; i += 32) {
+    /* The last chunk, if I is not a multiple of 32, loads zeros past I: they add nothing. */
+    const __mmask32 mask = i < whole ? 0xFFFFFFFFu : (__mmask32)((1u << (I - i)) - 1u);
+    if (!mask) break;
+    __m512i xv[INPUTS];
+    for (int b = 0; b < nb; ++b) xv[b] = _mm512_maskz_loadu_epi16(mask, x + (b0 + b) * I + i);
+    for (int r = 0; r < ROWS; ++r) {
+      _mm_prefetch((const char*)(wr[r] + i + PREFETCH), _MM_HINT_T0);
+      const __m512i wv = _mm512_maskz_loadu_epi16(mask, wr[r] + i);
+      for (int b = 0; b < nb; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wv, (__m512bh)xv[b]);
+    }
+  }
+  for (int r = 0; r < no; ++r)
+    for (int b = 0; b < nb; ++b) store(y, bias, b0 + b, o0 + r, O, _mm512_reduce_add_ps(acc[r][b]));
+}
+
 __attribute__((target(BF16_TARGET))) static void tile_avx512(const uint16_t* x, const uint16_t* w,
                                                               const uint16_t* bias, uint16_t* y, int64_t b0,
                                                               int64_t nb, int64_t o0, int64_t no, int64_t O,
                                                               int64_t I, const float* xf) {
   (void)xf;
-  __m512 acc[ROWS][INPUTS];
-  for (int r = 0; r < ROWS; ++r)
-    for (int b = 0; b < INPUTS; ++b) acc[r][b] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < I; i += 32) {
-    /* The last chunk loads zeros past I: they add nothing. */
-    const __mmask32 mask = I - i >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (I - i)) - 1u);
-    __m512i xv[INPUTS];
-    for (int b = 0; b < nb; ++b) xv[b] = _mm512_maskz_loadu_epi16(mask, x + (b0 + b) * I + i);
-    for (int r = 0; r < no; ++r) {
-      const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + (o0 + r) * I + i);
-      for (int b = 0; b < nb; ++b)
-        acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wv, (__m512bh)xv[b]);
-    }
+  switch (nb) {
+    case 1: tile_avx512_n(x, w, bias, y, b0, 1, o0, no, O, I); break;
+    case 2: tile_avx512_n(x, w, bias, y, b0, 2, o0, no, O, I); break;
+    case 3: tile_avx512_n(x, w, bias, y, b0, 3, o0, no, O, I); break;
+    default: tile_avx512_n(x, w, bias, y, b0, INPUTS, o0, no, O, I);
   }
-  for (int r = 0; r < no; ++r)
-    for (int b = 0; b < nb; ++b) store(y, bias, b0 + b, o0 + r, O, _mm512_reduce_add_ps(acc[r][b]));
 }
 
 typedef void (*tile_fn)(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t,
