@@ -115,21 +115,25 @@ class Link:
             self._sock.sendall(secret.encode())
         except (OSError, ValueError) as e:
             raise LinkClosedError(f"{peer} is unreachable at {address}: {e}") from None
-        self._lock = threading.Lock()
+        self._state = threading.Lock()  # guards _closed; never held while sending
+        self._sending = threading.Lock()  # one message at a time on the wire
         self._closed: str | None = None
         self._on_closed = on_closed
         threading.Thread(target=self._watch, name=f"chatloop-link-{peer}", daemon=True).start()
 
     def send(self, method: str, args: tuple) -> None:
-        """Send ``method(*args)`` to the peer; LinkClosedError if the link is closed."""
+        """Send ``method(*args)`` to the peer; LinkClosedError if the link is closed. It blocks while the peer's
+        socket buffer is full (a large prefill to a stopped stage) until :meth:`close` or the peer's end."""
         message = encode((method, args))
-        with self._lock:
+        with self._sending:
             if self._closed is not None:
                 raise LinkClosedError(f"{self.peer} is unreachable: connection {self._closed}")
             try:
                 self._sock.sendall(message)
             except OSError as e:
-                self._closed = f"closed while sending ({e})"
+                with self._state:
+                    if self._closed is None:
+                        self._closed = f"closed while sending ({e})"
                 raise LinkClosedError(f"{self.peer} is unreachable: connection {self._closed}") from None
 
     @property
@@ -137,8 +141,8 @@ class Link:
         return self._closed is not None
 
     def close(self) -> None:
-        """Close the connection (no ``on_closed``: this side chose to)."""
-        with self._lock:
+        """Close the connection (no ``on_closed``: this side chose to). A send blocked on it fails at once."""
+        with self._state:
             if self._closed is None:
                 self._closed = "closed by this side"
         _shut(self._sock)
@@ -151,7 +155,7 @@ class Link:
             reason = "closed by the peer (EOF)"
         except OSError as e:
             reason = f"closed ({e})"
-        with self._lock:
+        with self._state:
             ours = self._closed == "closed by this side"
             if self._closed is None:
                 self._closed = reason

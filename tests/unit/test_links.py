@@ -111,3 +111,28 @@ def test_messages_from_several_threads_do_not_interleave(inbox):
     assert sorted(args[0] for _, args in got) == list(range(50)) + list(range(1000, 1050))
     assert all(torch.equal(args[1], big) for _, args in got)
     link.close()
+
+
+def test_closing_a_link_fails_a_send_blocked_on_a_peer_that_stopped_reading():
+    """A stopped stage fills the socket buffer of a large message; the generation's end must not wait for it."""
+    with socket.create_server(("127.0.0.1", 0)) as server:  # accepts, never reads: a SIGSTOPped stage
+        host, port = server.getsockname()
+        link = Link("worker1", f"{host}:{port}", SECRET)
+        peer, _ = server.accept()
+        outcome: queue.Queue = queue.Queue()
+
+        def send_big() -> None:
+            try:
+                link.send("forward", (1, torch.zeros(8, 1024, 1024)))  # 32 MB: far past the socket buffers
+                outcome.put("sent")
+            except LinkClosedError as e:
+                outcome.put(str(e))
+
+        sender = threading.Thread(target=send_big)
+        sender.start()
+        with pytest.raises(queue.Empty):
+            outcome.get(timeout=1)  # blocked
+        link.close()
+        assert outcome.get(timeout=5).startswith("worker1 is unreachable")
+        sender.join(5)
+        peer.close()
