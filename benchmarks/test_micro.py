@@ -64,41 +64,22 @@ def test_stage_decode_step(benchmark, note, smollm2_partitions, bandwidth_gbs, w
     note(benchmark)
 
 
-# ---- one RPC hop ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def echo_group():
-    from benchmarks.rpc_hop import EchoGroup
+# ---- one hop: the pipeline's link, and torch RPC -------------------------------------------------------
+@pytest.fixture(scope="module", params=["link", "rpc"])
+def echo(request):
+    """Another process that sends everything back: over the pipeline's links, or torch RPC's ``rpc_async``."""
+    from benchmarks.rpc_hop import EchoGroup, LinkEcho
 
-    group = EchoGroup()
-    yield group
-    group.close()
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 576), (16, 1, 576), (1, 1, 4096)], ids=lambda s: "x".join(map(str, s)))
-def test_rpc_round_trip(benchmark, note, echo_group, shape):
-    """rpc_async to an identity function on another process and back (two hops), float32 hidden states."""
-    x = torch.randn(shape)
-    out = benchmark(echo_group.round_trip, x)
-    assert torch.equal(out, x)
-    if _median(benchmark) is not None:
-        benchmark.extra_info.update(bytes=x.numel() * 4, per_hop_ms=round(_median(benchmark) / 2 * 1e3, 4))
-        note(benchmark)
-
-
-@pytest.fixture(scope="module")
-def link_echo():
-    from benchmarks.rpc_hop import LinkEcho
-
-    echo = LinkEcho()
-    yield echo
-    echo.close()
+    made = LinkEcho() if request.param == "link" else EchoGroup()
+    yield made
+    made.close()
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 576), (16, 1, 576), (1, 1, 4096)], ids=lambda s: "x".join(map(str, s)))
-def test_link_round_trip(benchmark, note, link_echo, shape):
-    """A micro-batch's hop as the pipeline makes it: a message on a link to another process and back (two hops)."""
+def test_round_trip(benchmark, note, echo, shape):
+    """A float32 hidden state to another process and back (two hops)."""
     x = torch.randn(shape)
-    out = benchmark(link_echo.round_trip, x)
+    out = benchmark(echo.round_trip, x)
     assert torch.equal(out, x)
     if _median(benchmark) is not None:
         benchmark.extra_info.update(bytes=x.numel() * 4, per_hop_ms=round(_median(benchmark) / 2 * 1e3, 4))
