@@ -284,7 +284,7 @@ def kernel_quant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, in_featur
     isa = isa or quant_isa()
     _require(isa in available_isas(), f"kernel_quant_linear: isa {isa!r} is not one of {available_isas()}")
     _require(fmt in FORMAT_IDS, f"kernel_quant_linear: format {fmt!r} is not one of {', '.join(FORMAT_IDS)}")
-    block_bytes = 34 if fmt.startswith("q8_0") else 20
+    block_bytes = _block_bytes(fmt)
     _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
              and data.shape[1] * 32 == in_features * block_bytes,
              f"kernel_quant_linear: a {fmt} matrix of {in_features} inputs is contiguous uint8 "
@@ -323,7 +323,7 @@ def kernel_interleave(data: torch.Tensor, fmt: str, in_place: bool = False) -> t
     if library is None:
         raise RuntimeError("ChatLoop's quantized kernels are not available here (see the log)")
     _require(fmt in ("q4_1", "q8_0"), f"kernel_interleave: format {fmt!r} is not q4_1 or q8_0")
-    block_bytes = 34 if fmt == "q8_0" else 20
+    block_bytes = _block_bytes(fmt)
     _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and data.shape[0] % 16 == 0
              and data.shape[1] % block_bytes == 0,
              f"kernel_interleave: need a contiguous uint8 {fmt} matrix of a multiple of 16 rows, got "
@@ -349,6 +349,13 @@ def kernel_dequantize_rows(data: torch.Tensor, ids: torch.Tensor, fmt: str, in_f
     library.chatloop_dequantize_rows(data.data_ptr(), flat.data_ptr(), out.data_ptr(), flat.numel(), in_features,
                                      FORMAT_IDS[fmt])
     return out.reshape(*ids.shape, in_features)
+
+
+def _block_bytes(fmt: str) -> int:
+    """Bytes of a block of 32 weights in layout ``fmt`` (an interleaved one keeps its format's)."""
+    from ..quant.formats import BLOCK_BYTES  # here: chatloop.quant imports this module
+
+    return BLOCK_BYTES[fmt.removesuffix("_x16")]
 
 
 def _library() -> ctypes.CDLL:

@@ -206,9 +206,8 @@ static void dot_portable_rows(const uint8_t* w, const int8_t* xq, const float* x
 
 /* ---- interleaved tiles of 16 rows (FMT_Q4_1_X16, FMT_Q8_0_X16) ---------------------------------------------- */
 static inline int interleaved(int fmt) { return fmt == FMT_Q4_1_X16 || fmt == FMT_Q8_0_X16; }
-static inline int plain_format(int fmt) { return fmt == FMT_Q4_1_X16 ? FMT_Q4_1 : fmt == FMT_Q8_0_X16 ? FMT_Q8_0 : fmt; }
 /* Where a tile's block keeps its quant bytes: after d (and q4_1's m), 32 bytes of fp16 each. */
-static inline int quants_at(int fmt) { return fmt == FMT_Q8_0_X16 ? 32 : 64; }
+static inline int quants_at(int q8) { return q8 ? 32 : 64; }
 
 /* Rows [O, nb * bytes] of q4_1 or q8_0 -> tiles [O / 16, nb, 16 * bytes] (see the top of this file); O a multiple
  * of 16. q8_0's quants are stored plus 128 (unsigned, for vpdpbusd). A tile takes the bytes its 16 rows took, so
@@ -216,7 +215,7 @@ static inline int quants_at(int fmt) { return fmt == FMT_Q8_0_X16 ? 32 : 64; }
  * allocator's heap: a 7B int4 worker held 220 MB more). Returns 0, or -1 without memory for one tile. */
 int chatloop_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_t nb, int fmt) {
   const int bb = block_bytes(fmt), q8 = fmt == FMT_Q8_0, header = q8 ? 2 : 4, groups = q8 ? 8 : 4;
-  const int at = q8 ? 32 : 64;
+  const int at = quants_at(q8);
   const int64_t tile_bytes = X16 * nb * bb;
   uint8_t* rows = malloc(tile_bytes);
   if (!rows) return -1;
@@ -245,8 +244,8 @@ static inline uint8_t x16_byte(const uint8_t* block, int at, int j, int i) {
 /* y[r, 0..15] (row stride O) for `rows` activation rows against one tile; the portable path. */
 static void x16_tile_portable(const uint8_t* tile, int fmt, const int8_t* xq, const float* xd, const float* xs,
                               int64_t nb, int64_t I, int rows, float* y, int64_t O) {
-  const int q8 = fmt == FMT_Q8_0_X16, at = quants_at(fmt);
-  const int64_t tile_block = X16 * block_bytes(plain_format(fmt));
+  const int q8 = fmt == FMT_Q8_0_X16, at = quants_at(q8);
+  const int64_t tile_block = X16 * block_bytes(fmt);
   for (int r = 0; r < rows; ++r)
     for (int j = 0; j < X16; ++j) {
       float acc = 0.0f;
@@ -279,7 +278,7 @@ __attribute__((target(VNNI_TARGET), always_inline)) static inline void x16_tile_
   __m512 acc[X16_ROWS];
   for (int r = 0; r < X16_ROWS; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const int64_t tile_block = X16 * (q8 ? 34 : 20);
+  const int64_t tile_block = X16 * block_bytes(q8 ? FMT_Q8_0 : FMT_Q4_1);
   for (int64_t k = 0; k < nb; ++k) {
     const uint8_t* block = tile + k * tile_block;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)block));
@@ -287,7 +286,7 @@ __attribute__((target(VNNI_TARGET), always_inline)) static inline void x16_tile_
                         : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + 32)));
     __m512i weights[8]; /* weights[g]: quants 4g..4g+3 of every row (q4_1: g < 4 low nibbles, g >= 4 high) */
     for (int g = 0; g < (q8 ? 8 : 4); ++g) {
-      const __m512i v = _mm512_loadu_si512(block + (q8 ? 32 : 64) + g * 64);
+      const __m512i v = _mm512_loadu_si512(block + quants_at(q8) + g * 64);
       if (q8) {
         weights[g] = v;
       } else {
@@ -391,7 +390,7 @@ void chatloop_dequantize_rows(const uint8_t* w, const int64_t* ids, float* out, 
     float* dst = out + r * I;
     if (interleaved(fmt)) {
       const int64_t t = ids[r] / X16, tile_block = X16 * block_bytes(fmt);
-      const int j = (int)(ids[r] % X16), at = quants_at(fmt);
+      const int j = (int)(ids[r] % X16), at = quants_at(fmt == FMT_Q8_0_X16);
       for (int64_t k = 0; k < nb; ++k) {
         const uint8_t* block = w + t * X16 * row_bytes + k * tile_block;
         const float d = half_to_float(block + 2 * j);

@@ -63,14 +63,15 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
-def encode(message: tuple) -> bytes:
-    """A message as it goes on the wire: its length, then its pickle."""
+def encode(message: tuple) -> memoryview:
+    """A message as it goes on the wire: its length, then its pickle (a view of the buffer it was written into:
+    not copied again, a prefill's activations are megabytes)."""
     body = io.BytesIO()
     body.write(bytes(_HEADER.size))
     _Pickler(body, protocol=5).dump(message)
     data = body.getbuffer()
     _HEADER.pack_into(data, 0, len(data) - _HEADER.size)
-    return bytes(data)
+    return data
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytearray | None:

@@ -207,6 +207,8 @@ class RemoteStage:
         self.epoch = 0
         """Counts generations: a micro-batch of an earlier one is computed, if it was started, but goes nowhere."""
         self._lock = threading.Lock()
+        self.next_name = ""
+        self.next_link: Link | None = None
         self.rejoin(rpc_timeout_s)
         global CURRENT
         CURRENT = self
@@ -222,9 +224,7 @@ class RemoteStage:
 
     def unlink(self) -> None:
         """Drop the link to the next stage (a send on it fails, and is not reported once the generation ended)."""
-        link = getattr(self, "next_link", None)
-        self.next_link: Link | None = None
-        self.next_name = ""
+        link, self.next_link, self.next_name = self.next_link, None, ""
         if link is not None:
             link.close()
 

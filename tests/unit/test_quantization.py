@@ -124,6 +124,8 @@ def test_interleaved_tiles_compute_the_reference_arithmetic_on_every_path(isa, f
 def test_interleaving_needs_whole_tiles():
     with pytest.raises(ValueError, match="multiple of 16 rows, got torch.uint8 \\(53, 100\\)"):
         kernel_interleave(quantize(torch.randn(53, 160), "q4_1"), "q4_1")
+    with pytest.raises(ValueError, match="format 'q4_0' is not q4_1 or q8_0"):
+        kernel_interleave(torch.zeros(16, 18, dtype=torch.uint8), "q4_0")
     with pytest.raises(ValueError, match="a q8_0_x16 matrix has a multiple of 16 rows, got 53"):
         kernel_quant_linear(torch.randn(1, 160), quantize(torch.randn(53, 160), "q8_0"), "q8_0_x16", 160)
 
