@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 BACKGROUND: dict = {}
 PIDS: dict[int, int] = {}
+STREAMED = [0]  # tokens received by every "streams" op so far: faults are timed by progress, not by the clock
+STREAMED_LOCK = threading.Lock()
 
 
 def run_op(llm, op: dict):
@@ -58,6 +60,11 @@ def run_op(llm, op: dict):
     if kind == "sleep":
         time.sleep(op["seconds"])
         return {}
+    if kind == "wait_tokens":  # until the streams so far have received this many tokens
+        deadline = time.monotonic() + op.get("timeout", 120)
+        while STREAMED[0] < op["tokens"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return {"streamed": STREAMED[0]}
     if kind == "signal":  # to stage k's worker process (its pid looked up once: a stopped stage does not answer)
         pid = PIDS.setdefault(op["stage"], llm.describe_stages(10.0)[op["stage"]].pid)
         try:
@@ -71,6 +78,8 @@ def run_op(llm, op: dict):
             try:
                 for event in llm.stream_events(request["prompt"], **request.get("params", {})):
                     times.extend([time.monotonic()] * len(event.token_ids))
+                    with STREAMED_LOCK:
+                        STREAMED[0] += len(event.token_ids)
                     ids.extend(event.token_ids)
                     logprobs.extend(s.logprob for s in event.logprobs)
                     if event.prompt_logprobs is not None:

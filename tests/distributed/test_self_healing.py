@@ -16,6 +16,13 @@ SEEDED = {"prompt": "Tell me a story.", "params": {"max_new_tokens": 40, "temper
                                                    "ignore_eos": True}}
 SCORED = {"prompt": "Explain, step by step and in detail, how bread is made from wheat: " * 4,
           "params": {"max_new_tokens": 80, "ignore_eos": True, "logprobs": 2, "prompt_logprobs": True}}
+FAULT_AFTER_TOKENS = 200  # into the faulty run: early in every stream, whatever the machine's speed
+
+
+def _tokens(requests: list[dict]) -> int:
+    return sum(r["params"]["max_new_tokens"] for r in requests)
+
+
 HEALING = ["cluster.num_workers=4", "cluster.rpc_timeout_s=20", "cluster.heartbeat_timeout_s=2",
            "cluster.progress_deadline_s=6"]
 
@@ -49,7 +56,7 @@ def test_a_killed_worker_is_replaced_and_every_stream_goes_on():
     results = run_cluster(HEALING, [
         {"name": "reference", "op": "streams", "requests": [*STREAMS, SEEDED, SCORED]},
         {"name": "bg", "op": "start", "id": "run", "inner": {"op": "streams", "requests": [*STREAMS, SEEDED, SCORED]}},
-        {"name": "wait", "op": "sleep", "seconds": 2.0},
+        {"name": "wait", "op": "wait_tokens", "tokens": _tokens([*STREAMS, SEEDED, SCORED]) + FAULT_AFTER_TOKENS},
         {"name": "kill", "op": "signal", "stage": 2, "signal": "SIGKILL"},
         {"name": "run", "op": "join", "id": "run"},
         {"name": "stats", "op": "stats"},
@@ -72,7 +79,7 @@ def test_a_stopped_worker_is_replaced_and_its_wake_up_harms_nothing():
     results = run_cluster(HEALING, [
         {"name": "reference", "op": "streams", "requests": STREAMS},
         {"name": "bg", "op": "start", "id": "run", "inner": {"op": "streams", "requests": STREAMS}},
-        {"name": "wait", "op": "sleep", "seconds": 2.0},
+        {"name": "wait", "op": "wait_tokens", "tokens": _tokens(STREAMS) + FAULT_AFTER_TOKENS},
         {"name": "stop", "op": "signal", "stage": 1, "signal": "SIGSTOP"},
         {"name": "stopped_for", "op": "sleep", "seconds": 8},  # past the heartbeat timeout and the deadline
         {"name": "cont", "op": "signal", "stage": 1, "signal": "SIGCONT"},
