@@ -114,8 +114,9 @@ class ClusterConfig:
     workers: list[WorkerSpec] = field(default_factory=list)
     """Explicit layer ranges per worker; empty: an even split. Must match the manifest."""
     rpc_timeout_s: float = 20.0
-    """A micro-batch that takes longer fails with an error naming the stage that holds it up, and every stage
-    drops it."""
+    """A micro-batch that takes longer is located: if a stage has been computing it for longer, or it is lost, it
+    fails with an error naming the stage that holds it up, and every stage drops it; if it is still waiting its turn
+    behind other micro-batches (long prefills), it gets this long again."""
     progress_deadline_s: float = 30.0
     """A stage whose compute thread has been on one micro-batch for longer has stopped making progress: /health and
     /v1/status report it down, and self-healing replaces it. Keep it above the longest step of one stage (a prefill

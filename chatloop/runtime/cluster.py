@@ -179,6 +179,8 @@ class RpcPipeline(Pipeline):
     def _fail_lost(self, mb_id: int, error: StageError) -> None:
         where = self.locate(mb_id)
         silent = [k for k, state in enumerate(where) if isinstance(state, str)]
+        if "ran for more than" in str(error) and not silent and self._rearm_if_moving(mb_id, where):
+            return
         if silent and self.on_silent is not None:
             self.on_silent(silent, f"no answer: {where[silent[0]]}", self.generation)
         self.cancel([mb_id])
@@ -190,6 +192,23 @@ class RpcPipeline(Pipeline):
         # took too long where every stage answers fails its requests: replaying it would take as long again.
         kind = StageLostError if silent else StageError
         results.fail(mb_id, kind(f"{self.blame(mb_id, where)} ({reason})"))
+
+    def _rearm_if_moving(self, mb_id: int, where: list[tuple[str, float]]) -> bool:
+        """A late step that waits its turn behind others, or that a stage has been computing for less than the
+        timeout, is not lost (a busy pipeline of long prefills): it gets another ``timeout`` instead of failing."""
+        moving = [(name, state, seconds) for name, (state, seconds) in zip(self.stage_names, where)
+                  if state == "queued" or (state == "computing" and seconds < self.timeout)]
+        if not moving:
+            return False
+        with self._lock:
+            if mb_id not in self._sent:  # delivered meanwhile
+                return True
+            self._sent[mb_id] = time.monotonic()
+            self._overdue.discard(mb_id)
+        name, state, seconds = moving[0]
+        log.info("micro-batch %d is past cluster.rpc_timeout_s=%g s but %s at %s (for %.1f s): waiting for it",
+                 mb_id, self.timeout, state, name, seconds)
+        return True
 
     def cancel(self, mb_ids: list[int]) -> None:
         """Tell every stage to skip these micro-batches (best effort: a stage that does not answer is skipped)."""

@@ -112,3 +112,26 @@ def test_a_stage_that_answers_but_makes_no_progress_is_down():
     failing = pipeline._judge(StageReport(name="worker2", index=2, consecutive_failures=3, last_error="boom"))
     assert not failing.up and failing.error == "its last 3 micro-batches failed: boom"
     pipeline.close()
+
+
+@pytest.mark.parametrize(("where", "waits"), [
+    ([("forwarded", 9.0), ("queued", 8.0)], True),  # behind other steps: busy, not lost
+    ([("forwarded", 9.0), ("computing", 0.3)], True),
+    ([("forwarded", 9.0), ("computing", 0.7)], False),  # computed for longer than the timeout: fails
+    ([("forwarded", 9.0), ("unseen", 9.0)], False),  # lost between the stages
+])
+def test_a_late_step_that_only_waits_its_turn_gets_the_timeout_again(monkeypatch, where, waits):
+    pipeline = RpcPipeline(["worker0", "worker1"], num_blocks=8, block_size=16, timeout=0.5, progress_deadline_s=10,
+                           link=SentMessages())
+    monkeypatch.setattr(pipeline, "locate", lambda mb_id, timeout=None: where)
+    monkeypatch.setattr(pipeline, "cancel", lambda mb_ids: None)
+    future = pipeline._submit(_step(2100))
+    time.sleep(1.0)  # past the deadline: located (and re-armed, if it waits)
+    if waits:
+        assert not future.done() and 2100 in pipeline._sent
+        results.deliver(2100, [4])
+        assert future.result(timeout=1) == [4]
+    else:
+        with pytest.raises(StageError, match="worker1 did not finish micro-batch 2100"):
+            future.result(timeout=2)
+    pipeline.close()
