@@ -103,6 +103,14 @@ class TinyCheckpoint:
         return bool(self.model.config.tie_word_embeddings)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hydra_runs_outside_the_repo(tmp_path_factory):
+    """The CLIs the tests start write their Hydra run folders under pytest's temporary folder, not ./outputs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHATLOOP_OUTPUTS", str(tmp_path_factory.mktemp("hydra-runs")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Callable[..., TinyCheckpoint]:
     """``tiny_checkpoint(family, max_shard_size=None)``: a saved tiny checkpoint, built once per session.
