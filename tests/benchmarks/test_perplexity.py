@@ -87,8 +87,10 @@ def test_int8_is_within_one_percent_of_float32_on_the_accuracy_text(smollm2_chec
     assert abs(int8["perplexity"] / plain["perplexity"] - 1) < 0.01, (plain, int8)
 
 
-@pytest.mark.parametrize("args, message", [(["--llamacpp", "--window", "1000", "--text", str(SHORT_TEXT)], "at least 2 chunks"),
-                                           (["--window", "8", "--stride", "9"], "1 <= stride <= window")])
+@pytest.mark.parametrize("args, message", [
+    (["--llamacpp", "--window", "1000", "--text", str(SHORT_TEXT)], "at least 2 chunks"),
+    (["--window", "8", "--stride", "9"], "1 <= stride <= window"),
+])
 def test_a_plan_that_cannot_be_made_says_what_to_change(args, message, smollm2_checkpoint):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.perplexity", *args, "cluster=single"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
