@@ -59,9 +59,9 @@ FORMAT_IDS = {"q8_0": 0, "q4_1": 1, "q4_1_x16": 2, "q8_0_x16": 3}
 (:func:`kernel_interleave`), which only the kernel reads."""
 MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
-BF16_KERNEL_ROWS = 4
-"""Up to this many rows the bfloat16 kernel beats oneDNN's (11008 x 4096 from memory, AVX512-BF16: 1.45x at 1 row,
-1.1x at 2, even at 4; oneDNN's GEMM 2x faster at 16)."""
+BF16_KERNEL_ROWS = 3
+"""Up to this many rows the bfloat16 kernel beats oneDNN's (11008 x 4096 and 4096 x 11008 from memory, AVX512-BF16,
+2 threads: 1.4-1.5x at 1 row, 1.25-1.35x at 2, 1.0-1.15x at 3; oneDNN 1.07-1.17x faster at 4, 2x at 16)."""
 
 
 class MatrixSpec(ctypes.Structure):
@@ -148,7 +148,8 @@ def load_kernels() -> ctypes.CDLL | None:
             pointer, size = ctypes.c_void_p, ctypes.c_int64
             library.chatloop_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
             library.chatloop_linear.restype = None
-            library.chatloop_decode_attention.argtypes = [pointer] * 7 + [size] * 7 + [ctypes.c_float, ctypes.c_int]
+            library.chatloop_decode_attention.argtypes = [pointer] * 7 + [size] * 7 + [ctypes.c_float, ctypes.c_int,
+                                                                                        ctypes.c_int]
             library.chatloop_decode_attention.restype = None
             library.chatloop_stream_read.argtypes = [pointer, size, ctypes.c_int]
             library.chatloop_stream_read.restype = ctypes.c_float
@@ -410,11 +411,13 @@ def kernel_decode_attention(
     through the block ``tables`` [B, N] (int64) of ``block_size`` slots a block;
     ``max_length`` = ``lengths.max()``. Returns [B, H, D].
 
-    float32 throughout; scale 1/sqrt(D), as SDPA's default. Callers check ``load_kernels()`` first.
+    The cache is float32 or bfloat16 (read as float32), ``q`` and the result float32; the sums are float32 either
+    way. Scale 1/sqrt(D), as SDPA's default. Callers check ``load_kernels()`` first.
     """
     library = _library()
-    _require(q.dtype == keys.dtype == values.dtype == torch.float32,
-             f"kernel_decode_attention takes float32, got q {q.dtype}, keys {keys.dtype}, values {values.dtype}")
+    _require(q.dtype == torch.float32 and keys.dtype == values.dtype in (torch.float32, torch.bfloat16),
+             f"kernel_decode_attention takes a float32 q and float32 or bfloat16 keys and values, got q {q.dtype}, "
+             f"keys {keys.dtype}, values {values.dtype}")
     _require(keys.is_contiguous() and values.is_contiguous(),
              "kernel_decode_attention's keys and values must be contiguous")
     _require(tables.dtype == lengths.dtype == torch.int64, "kernel_decode_attention's tables and lengths must be int64")
@@ -436,7 +439,7 @@ def kernel_decode_attention(
     library.chatloop_decode_attention(
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lengths.data_ptr(), scratch.data_ptr(),
         out.data_ptr(), batch, heads, kv_heads, head_dim, tables.shape[1], block_size, max_length,
-        head_dim**-0.5, torch.get_num_threads(),
+        head_dim**-0.5, keys.dtype == torch.bfloat16, torch.get_num_threads(),
     )
     return out
 

@@ -5,15 +5,16 @@
  * oneDNN path read a [11008, 4096] matrix at about half the speed it reads the float32 one (issue 15). Three
  * paths, chosen at run time by the caller: AVX512-BF16 (vdpbf16ps: 32 products a cycle), AVX2 (bfloat16 widened
  * to float32 by a shift, then FMA), portable C. This file is compiled without -march=native: each path states
- * its own target. Eight weight rows at a time, each reused for up to four input rows from cache. Meant for 1-4
- * rows (decode steps): beyond that oneDNN's blocked GEMM is faster.
+ * its own target. Each weight row is reused for up to four input rows from cache (AVX512-BF16: one row at a time,
+ * the others eight rows side by side). Meant for 1-4 rows (decode steps): beyond that oneDNN's blocked GEMM is
+ * faster.
  */
 #include "multipath.h"
 #include <stdint.h>
 #include <string.h>
 
 enum { BF16_PORTABLE = 0, BF16_AVX2 = 1, BF16_AVX512 = 2 };
-#define ROWS 8   /* weight rows a tile reads together: eight streams from memory (four: 24 GB/s, eight: 30) */
+#define ROWS 8   /* weight rows a tile reads (AVX2, portable: together, eight streams from memory) */
 #define INPUTS 4 /* input rows a tile reuses each weight row for */
 
 static inline float bf16_to_float(uint16_t h) {
@@ -80,36 +81,37 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(const uint16_t* x, con
 
 /* ---- AVX512-BF16 -------------------------------------------------------------------------------------------- */
 #define BF16_TARGET "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"
-/* Each weight row is prefetched this many elements (2 KB) ahead: eight rows are eight streams, more than the
- * hardware prefetchers follow well (11008 x 4096 / 4096 x 11008 at one row: 33 / 26 -> 37 / 43 GB/s, the machine
- * reading ~52). */
-#define PREFETCH 1024
-/* The input row count as a constant (and unmasked loads but for a short last chunk), so that the accumulators stay
- * in registers: with a variable count they lived on the stack, a load and a store around each vdpbf16ps, and the
- * kernel read 30 GB/s where the machine reads ~50. */
-__attribute__((target(BF16_TARGET), always_inline)) static inline void tile_avx512_n(
-    const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t b0, const int nb, int64_t o0,
-    int64_t no, int64_t O, int64_t I) {
-  __m512 acc[ROWS][INPUTS];
-  for (int r = 0; r < ROWS; ++r)
-    for (int b = 0; b < INPUTS; ++b) acc[r][b] = _mm512_setzero_ps();
-  const int64_t whole = I & ~(int64_t)31;
-  const uint16_t* wr[ROWS];
-  for (int r = 0; r < ROWS; ++r) wr[r] = w + (o0 + (r < no ? r : 0)) * I; /* rows past `no`: read, not stored */
-  for (int64_t i = 0; i <= whole; i += 32) {
-    /* The last chunk, if I is not a multiple of 32, loads zeros past I: they add nothing. */
-    const __mmask32 mask = i < whole ? 0xFFFFFFFFu : (__mmask32)((1u << (I - i)) - 1u);
-    if (!mask) break;
-    __m512i xv[INPUTS];
-    for (int b = 0; b < nb; ++b) xv[b] = _mm512_maskz_loadu_epi16(mask, x + (b0 + b) * I + i);
-    for (int r = 0; r < ROWS; ++r) {
-      _mm_prefetch((const char*)(wr[r] + i + PREFETCH), _MM_HINT_T0);
-      const __m512i wv = _mm512_maskz_loadu_epi16(mask, wr[r] + i);
-      for (int b = 0; b < nb; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)wv, (__m512bh)xv[b]);
+#define UNROLL 4 /* 32-element chunks of a row in flight: vdpbf16ps' latency hidden behind independent sums */
+/* One weight row at a time, start to end, each reused for the input rows: a thread's rows are contiguous, so it
+ * reads one sequential stream, which the hardware prefetchers follow at full speed. Reading eight rows side by side
+ * (eight streams, with software prefetch) read [11008, 4096] at 67-75 GB/s where this reads 86-94 (2 threads,
+ * the machine's plain read 76-79). The input row count is a constant so that the accumulators stay in registers. */
+__attribute__((target(BF16_TARGET), always_inline)) static inline void row_avx512_n(
+    const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t b0, const int nb, int64_t o,
+    int64_t O, int64_t I) {
+  __m512 acc[INPUTS][UNROLL];
+  for (int b = 0; b < INPUTS; ++b)
+    for (int u = 0; u < UNROLL; ++u) acc[b][u] = _mm512_setzero_ps();
+  const uint16_t* wr = w + o * I;
+  const int64_t whole = I - I % (32 * UNROLL);
+  for (int64_t i = 0; i < whole; i += 32 * UNROLL)
+    for (int u = 0; u < UNROLL; ++u) {
+      const __m512i wv = _mm512_loadu_si512(wr + i + 32 * u);
+      for (int b = 0; b < nb; ++b)
+        acc[b][u] = _mm512_dpbf16_ps(acc[b][u], (__m512bh)wv,
+                                     (__m512bh)_mm512_loadu_si512(x + (b0 + b) * I + i + 32 * u));
     }
+  for (int64_t i = whole; i < I; i += 32) { /* the rest, past I masked to zeros: they add nothing */
+    const __mmask32 mask = I - i >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (I - i)) - 1u);
+    const __m512i wv = _mm512_maskz_loadu_epi16(mask, wr + i);
+    for (int b = 0; b < nb; ++b)
+      acc[b][0] = _mm512_dpbf16_ps(acc[b][0], (__m512bh)wv,
+                                   (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (b0 + b) * I + i));
   }
-  for (int r = 0; r < no; ++r)
-    for (int b = 0; b < nb; ++b) store(y, bias, b0 + b, o0 + r, O, _mm512_reduce_add_ps(acc[r][b]));
+  for (int b = 0; b < nb; ++b) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]), _mm512_add_ps(acc[b][2], acc[b][3]));
+    store(y, bias, b0 + b, o, O, _mm512_reduce_add_ps(sum));
+  }
 }
 
 __attribute__((target(BF16_TARGET))) static void tile_avx512(const uint16_t* x, const uint16_t* w,
@@ -117,12 +119,12 @@ __attribute__((target(BF16_TARGET))) static void tile_avx512(const uint16_t* x, 
                                                               int64_t nb, int64_t o0, int64_t no, int64_t O,
                                                               int64_t I, const float* xf) {
   (void)xf;
-  switch (nb) {
-    case 1: tile_avx512_n(x, w, bias, y, b0, 1, o0, no, O, I); break;
-    case 2: tile_avx512_n(x, w, bias, y, b0, 2, o0, no, O, I); break;
-    case 3: tile_avx512_n(x, w, bias, y, b0, 3, o0, no, O, I); break;
-    default: tile_avx512_n(x, w, bias, y, b0, INPUTS, o0, no, O, I);
-  }
+  for (int64_t o = o0; o < o0 + no; ++o) switch (nb) {
+      case 1: row_avx512_n(x, w, bias, y, b0, 1, o, O, I); break;
+      case 2: row_avx512_n(x, w, bias, y, b0, 2, o, O, I); break;
+      case 3: row_avx512_n(x, w, bias, y, b0, 3, o, O, I); break;
+      default: row_avx512_n(x, w, bias, y, b0, INPUTS, o, O, I);
+    }
 }
 
 typedef void (*tile_fn)(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t,
