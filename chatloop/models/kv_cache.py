@@ -63,7 +63,7 @@ class PagedKVCache:
         self._write_index: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.native_attention = native_attention
-        """Decode steps attend on ChatLoop's kernel, reading the blocks in place (float32 only)."""
+        """Decode steps attend on ChatLoop's kernel, reading the blocks in place (float32 or bfloat16 caches)."""
         self.decode_in_place = False
         """This micro-batch attends in place: set by :meth:`begin`."""
 
@@ -114,10 +114,10 @@ class PagedKVCache:
         """
         i = layer - self.layer_offset
         out = kernel_decode_attention(
-            q[:, 0], self.keys[i], self.values[i], self._batch.block_tables, self.block_size, self._lengths,
+            q[:, 0].float(), self.keys[i], self.values[i], self._batch.block_tables, self.block_size, self._lengths,
             self._max_length
         )
-        return out.view(q.shape[0], 1, -1)
+        return out.view(q.shape[0], 1, -1).to(q.dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new ``k``/``v`` [B, T, K, D] of ``layer``; return its whole context [B, N*block_size, K, D]."""

@@ -172,14 +172,18 @@ def test_without_the_kernel_layers_fall_back_to_onednn_and_say_why(fresh_kernels
     assert fast_linear_for(torch.float32) is PackedLinear
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(6, 2, 64, 16), (4, 4, 12, 5), (8, 1, 128, 8)])
-def test_decode_attention_matches_sdpa_over_the_gathered_context(kernel, heads, kv_heads, head_dim, block_size):
-    """Grouped and plain heads, head dims with and without a vector tail, blocks shorter than 8, ragged lengths."""
+def test_decode_attention_matches_sdpa_over_the_gathered_context(kernel, heads, kv_heads, head_dim, block_size,
+                                                                 cache_dtype):
+    """Grouped and plain heads, head dims with and without a vector tail, blocks shorter than 8, ragged lengths; a
+    bfloat16 cache read as the float32 values it holds."""
     g = torch.Generator().manual_seed(head_dim)
     lengths = torch.tensor([1, 7, 33, 2 * block_size])
     blocks = -(-int(lengths.max()) // block_size)
     keys = torch.randn(len(lengths) * blocks * block_size + block_size, kv_heads, head_dim, generator=g)
     values = torch.randn(keys.shape, generator=g)
+    keys, values = keys.to(cache_dtype), values.to(cache_dtype)
     tables = torch.randperm(len(lengths) * blocks + 1, generator=g)[: len(lengths) * blocks].view(len(lengths), blocks)
     q = torch.randn(len(lengths), heads, head_dim, generator=g)
 
@@ -191,12 +195,14 @@ def test_decode_attention_matches_sdpa_over_the_gathered_context(kernel, heads, 
     visible = torch.arange(blocks * block_size)[None, :] < lengths[:, None]
     mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))[:, None, None, :]
     expected = F.scaled_dot_product_attention(
-        q[:, :, None], gathered(keys).transpose(1, 2), gathered(values).transpose(1, 2), attn_mask=mask, enable_gqa=True
+        q[:, :, None], gathered(keys.float()).transpose(1, 2), gathered(values.float()).transpose(1, 2),
+        attn_mask=mask, enable_gqa=True,
     )[:, :, 0]
+    assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_attention_is_used_only_for_float32_single_token_steps():
+def test_decode_attention_is_used_only_for_single_token_steps_of_float32_or_bfloat16_caches():
     from chatloop.models import LayerRange, StepBatch, build_stage
     from tests.conftest import tiny_hf_config
 
@@ -208,7 +214,8 @@ def test_decode_attention_is_used_only_for_float32_single_token_steps():
     assert not cache.decode_in_place
     cache.begin(StepBatch.build([3, 2], [1, 1], [[0], [1]], 4))
     assert cache.decode_in_place == stage.native_attention
-    assert not stage.new_cache(8, 4, dtype=torch.bfloat16).native_attention
+    assert stage.new_cache(8, 4, dtype=torch.bfloat16).native_attention == stage.native_attention
+    assert not stage.new_cache(8, 4, dtype=torch.float16).native_attention
 
 
 @pytest.mark.parametrize(
@@ -223,6 +230,10 @@ def test_decode_attention_is_used_only_for_float32_single_token_steps():
         (lambda: kernels.kernel_decode_attention(
             torch.ones(2, 4, 8), torch.ones(16, 2, 8), torch.ones(16, 2, 8), torch.zeros(2, 4, dtype=torch.int32), 4,
             torch.ones(2, dtype=torch.int64), 1), "tables and lengths must be int64"),
+        (lambda: kernels.kernel_decode_attention(
+            torch.ones(2, 4, 8), torch.ones(16, 2, 8).half(), torch.ones(16, 2, 8).half(),
+            torch.zeros(2, 4, dtype=torch.int64), 4, torch.ones(2, dtype=torch.int64), 1),
+         "float32 or bfloat16 keys and values, got q torch.float32, keys torch.float16"),
         (lambda: kernels.kernel_decode_attention(
             torch.ones(2, 4, 8), torch.ones(16, 3, 8), torch.ones(16, 3, 8), torch.zeros(2, 4, dtype=torch.int64), 4,
             torch.ones(2, dtype=torch.int64), 1), "4 query heads are not a multiple of 3 kv heads"),
