@@ -38,8 +38,8 @@ def test_chat_answers_then_ctrl_c_stops_every_rank(tmp_path):
     proc = subprocess.Popen(
         [str(BIN / "chatloop-chat"), "cluster.num_workers=2", f"cluster.master_port={free_port()}",
          "cache.kv_cache_mb=64", "max_new_tokens=16", f"hydra.run.dir={tmp_path}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(tmp_path / "stderr").open("w"), text=True,
+        start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     try:
         proc.stdin.write("What is the capital of France?\n")
@@ -57,7 +57,13 @@ def test_chat_answers_then_ctrl_c_stops_every_rank(tmp_path):
         assert len([w for w in workers if "chatloop.runtime" in " ".join(w.cmdline())]) == 2
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            dump = subprocess.run([str(BIN / "py-spy"), "dump", "--pid", str(proc.pid)], capture_output=True, text=True)
+            log = (tmp_path / "stderr").read_text()[-3000:]
+            raise AssertionError(
+                f"chatloop-chat still runs 20 s after Ctrl-C:\n{dump.stdout}{dump.stderr}\n{log}") from None
         assert time.monotonic() - started < 20
         _gone, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, f"orphans: {alive}"
