@@ -62,6 +62,9 @@ def test_chat_answers_then_ctrl_c_stops_every_rank(tmp_path):
         except subprocess.TimeoutExpired:
             dump = subprocess.run([str(BIN / "py-spy"), "dump", "--pid", str(proc.pid)], capture_output=True, text=True)
             log = (tmp_path / "stderr").read_text()[-3000:]
+            status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            masks = [line for line in status if line.startswith("Sig")]  # blocked, ignored, caught signals
+            log = "\n".join(masks) + "\n" + log
             raise AssertionError(
                 f"chatloop-chat still runs 20 s after Ctrl-C:\n{dump.stdout}{dump.stderr}\n{log}") from None
         assert time.monotonic() - started < 20
