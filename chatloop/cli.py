@@ -74,8 +74,8 @@ def _supervise_rank(index: int, cfg: ChatLoopConfig) -> int:
 
 def _start(cfg: ChatLoopConfig):
     """``ChatLoop.start`` with Ctrl-C (SIGINT) blocked in every thread it starts (threads inherit the mask), so that
-    the kernel delivers a Ctrl-C to this, the main, thread: delivered to another one it interrupted nothing, and
-    the chat sat at its prompt (seen in 1 of ~10 runs under load)."""
+    the kernel hands a Ctrl-C to the main thread rather than to them: one handed to another thread interrupts no
+    wait of the main thread. Threads started before (torch's own) may still take it: hence :class:`_StdinLines`."""
     from .api import ChatLoop
 
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
