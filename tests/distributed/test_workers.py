@@ -40,6 +40,9 @@ def test_chat_answers_then_ctrl_c_stops_every_rank(tmp_path):
          "cache.kv_cache_mb=64", "max_new_tokens=16", f"hydra.run.dir={tmp_path}"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(tmp_path / "stderr").open("w"), text=True,
         start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        # As from a terminal: while a thread of this process runs system() (SIGINT and SIGQUIT ignored in it
+        # meanwhile), a child would inherit an ignored SIGINT (seen: SigIgn 0x81001006) and Python keeps it so.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         proc.stdin.write("What is the capital of France?\n")
