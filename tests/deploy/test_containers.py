@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "launch" / "docker-run.sh"
 BASE = os.environ.get("CHATLOOP_TEST_BASE_IMAGE", "localhost/debian-py:bookworm")
 PREFIX = "chatloop-test"
+IMAGE = "localhost/chatloop-all-in-one:test"
 pytestmark = pytest.mark.slow
 
 
@@ -58,7 +59,7 @@ def deployment():
     http_port, metrics_port = _free_block(1), _free_block(4)
     while metrics_port <= http_port < metrics_port + 4:
         metrics_port = _free_block(8) + 4
-    env = {**os.environ, "DOCKER": "podman --runtime runc", "IMAGE": "localhost/chatloop-all-in-one:test",
+    env = {**os.environ, "DOCKER": "podman --runtime runc", "IMAGE": IMAGE,
            "NETWORK": PREFIX, "PREFIX": PREFIX, "HTTP_PORT": str(http_port), "METRICS_PORT": str(metrics_port)}
     pip_args = subprocess.run([sys.executable, str(ROOT / "launch" / "pip_build_args.py")], capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -69,12 +70,12 @@ def deployment():
 
     built = run("build", timeout=1800)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    run("stop")
-    for verb in (["run-coordinator"], *(["run-worker", str(n)] for n in range(4))):
-        started = run(*verb)
-        assert started.returncode == 0, started.stderr
     url = f"http://127.0.0.1:{http_port}"
     try:
+        run("stop")
+        for verb in (["run-coordinator"], *(["run-worker", str(n)] for n in range(4))):
+            started = run(*verb)
+            assert started.returncode == 0, started.stderr
         _wait_ready(url, 300)
         yield {"url": url, "metrics": [metrics_port + n for n in range(4)], "run": run}
     finally:
@@ -83,6 +84,8 @@ def deployment():
         print(logs)  # shown by pytest when a test failed
         run("stop")
         subprocess.run(["podman", "network", "rm", "-f", PREFIX], capture_output=True)
+        # The next build of the tag would leave this one dangling: 2.9 GB a run, which filled CI's disk.
+        subprocess.run(["podman", "rmi", "-f", IMAGE], capture_output=True)
 
 
 def _wait_ready(url: str, timeout: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +27,8 @@ def two_way_split(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("external")
     split_model("smollm2", out, 2, progress=False)
-    return out
+    yield out
+    shutil.rmtree(out)  # 625 MB
 
 
 def _configs(split: Path, tmp_path: Path, **changes_to_worker_1) -> list[Path]:

@@ -56,7 +56,8 @@ def two_partitions(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("two")
     split_model("smollm2", out, 2)
-    return out
+    yield out
+    shutil.rmtree(out)  # 625 MB
 
 
 def test_layer_ranges_that_do_not_match_the_manifest(two_partitions):
