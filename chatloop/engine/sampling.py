@@ -33,10 +33,14 @@ def sample(logits: torch.Tensor, inputs: list[SamplerInput]) -> list[int | str]:
 
 
 def _sample_row(row: torch.Tensor, p: SamplerInput) -> int:
+    if p.temperature < GREEDY_BELOW and p.repetition_penalty == 1.0:
+        # One pass, not two: argmax picks a NaN or +inf if there is one, and a -inf elsewhere cannot win.
+        token = int(row.argmax())
+        if not math.isfinite(row[token]):
+            raise ValueError("the model's logits hold NaN or infinity")
+        return token
     if not bool(torch.isfinite(row).all()):
         raise ValueError("the model's logits hold NaN or infinity")
-    if p.temperature < GREEDY_BELOW and p.repetition_penalty == 1.0:
-        return int(row.argmax())
     row = row.double()  # float64: 1/temperature and the penalty cannot overflow for any accepted value
     if p.repetition_penalty != 1.0 and p.history:
         seen = torch.tensor(sorted(set(p.history)), dtype=torch.long)

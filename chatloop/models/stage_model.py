@@ -86,7 +86,7 @@ class StageModel(nn.Module):
                 x = layer(x, batch, cache, *shared)
         if not self.is_last or hidden:
             return x
-        if not all_logits:
+        if not all_logits and x.shape[1] > 1:  # (a decode step's one token is its last)
             x = x[torch.arange(x.shape[0]), batch.last_token_index][:, None]  # [B, 1, C]
         logits = self.head(x).float()
         return logits if all_logits else logits[:, 0]

@@ -267,6 +267,23 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     assert isinstance(out[1], str) and "logits hold NaN or infinity" in out[1]
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_greedy_refuses_a_nan_or_infinite_logit(poison):
+    logits = torch.randn(2, 20)
+    logits[1, 7] = poison
+    greedy = SamplerInput(0.0, 0, 1.0, 1.0, seed=0, step=0)
+    out = sample(logits, [greedy, greedy])
+    assert out[0] == int(logits[0].argmax())
+    assert isinstance(out[1], str) and "logits hold NaN or infinity" in out[1]
+
+
+def test_greedy_ignores_a_masked_minus_infinity():
+    logits = torch.randn(1, 20)
+    logits[0, 3] = -float("inf")
+    (token,) = sample(logits, [SamplerInput(0.0, 0, 1.0, 1.0, seed=0, step=0)])
+    assert token == int(logits[0].argmax()) and token != 3
+
+
 def test_chunked_prefill_gives_the_same_tokens(llm, smollm2_split):
     prompt = "Once upon a time, in a kingdom by the sea, there lived a princess who " * 3
     whole = llm.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids  # one chunk: 512 by default
