@@ -3,7 +3,8 @@
 ``gemv.c`` holds the small-batch linear kernel that decode steps run on, ``attention.c`` the
 decode attention over the paged KV cache, ``rowops.c`` RMSNorm and rotary embeddings, ``layers.c`` a whole
 decode step through a stage's Llama layers in one call (see their headers). They are built once per CPU into
-one library in ``$CHATLOOP_CACHE/kernels`` with ``-march=native -fopenmp`` and loaded with
+one library in ``$CHATLOOP_CACHE/kernels`` with ``-march=native -fopenmp`` (``CHATLOOP_KERNEL_MARCH`` replaces
+``native``, see :data:`MARCH_ENV`) and loaded with
 ctypes, which releases the GIL during a call. Where they cannot be built (no compiler, not
 x86-64 with AVX2 and FMA, SIMD turned off, ``CHATLOOP_KERNELS=0``) :func:`load_kernels` returns
 None, says why once in the log, and callers keep torch's own kernels.
@@ -33,8 +34,8 @@ from ..paths import cache_root
 from ..worker_settings import SIMD_ENV
 
 __all__ = [
-    "BF16_ISAS", "BF16_KERNEL_ROWS", "FORMAT_IDS", "ISAS", "MAX_KERNEL_ROWS", "LlamaLayerSpec", "LlamaShapeSpec",
-    "MatrixSpec",
+    "BF16_ISAS", "BF16_KERNEL_ROWS", "FORMAT_IDS", "ISAS", "MARCH_ENV", "MAX_KERNEL_ROWS", "LlamaLayerSpec",
+    "LlamaShapeSpec", "MatrixSpec",
     "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "kernel_bf16_linear",
     "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave",
     "kernel_linear", "kernel_quant_linear", "kernel_rms_norm", "kernel_rope_", "load_kernels", "load_quant_kernels",
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / name for name in ("attention.c", "gemv.c", "layers.c", "rowops.c")]
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+MARCH_ENV = "CHATLOOP_KERNEL_MARCH"
+"""Set, it replaces ``native`` in ``-march=native`` for these kernels (``x86-64-v3``: AVX2 and FMA, no AVX-512): the
+tests build an AVX2-only machine's code this way on an AVX-512 CPU."""
 QUANT_SOURCES = [Path(__file__).parent / name for name in ("qgemv.c", "bf16gemv.c")]
 QUANT_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma", "f16c"}),
@@ -111,9 +114,14 @@ def _unavailable_reason() -> str | None:
     return None
 
 
-def _build(compiler: str, sources: list[Path] = SOURCES, flags: list[str] = FLAGS, name: str = "chatloop_kernels",
-           libraries: tuple[str, ...] = ()) -> Path:
+def _kernel_flags() -> list[str]:
+    return ["-O3", f"-march={os.environ.get(MARCH_ENV) or 'native'}", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _build(compiler: str, sources: list[Path] = SOURCES, flags: list[str] | None = None,
+           name: str = "chatloop_kernels", libraries: tuple[str, ...] = ()) -> Path:
     """Compile C sources for this CPU (once: the file name hashes the sources, flags and CPU)."""
+    flags = _kernel_flags() if flags is None else flags
     text = b"".join(source.read_bytes() for source in sources + HEADERS)
     key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_flags().encode() + compiler.encode())
     target = cache_root() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +157,28 @@ def test_kernel_builds_once_per_cpu_into_the_cache(kernel, fresh_kernels, tmp_pa
     load_kernels.cache_clear()
     mtime = built[0].stat().st_mtime_ns
     assert load_kernels() is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+@pytest.mark.slow
+def test_the_avx2_only_build_passes_the_kernel_tests_too(kernel, monkeypatch, tmp_path):
+    """-march=native compiles other code where the CPU has no AVX-512: built here as for such a machine
+    (x86-64-v3), the kernel, fused-step and golden tests pass on it as well."""
+    if "avx512f" not in kernels._cpu_flags().split():
+        pytest.skip("no AVX-512 here: the suite's own build is the AVX2-only one")
+    here = Path(__file__).parent
+    inner = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}",
+         *(str(here / name) for name in ("test_kernels.py", "test_fused_decode.py", "test_golden.py")),
+         "-k", "not avx2_only"],
+        cwd=here.parents[1], env={**os.environ, kernels.MARCH_ENV: "x86-64-v3"}, capture_output=True, text=True,
+        timeout=900,
+    )
+    assert inner.returncode == 0 and " passed" in inner.stdout, inner.stdout[-3000:] + inner.stderr[-2000:]
+    monkeypatch.setenv(kernels.MARCH_ENV, "x86-64-v3")
+    built = kernels._build(os.environ.get("CC", "cc"))  # the inner run's library (built already: found by its hash)
+    if shutil.which("objdump"):
+        code = subprocess.run(["objdump", "-d", str(built)], capture_output=True, text=True, check=True).stdout
+        assert "ymm" in code and "zmm" not in code, "the x86-64-v3 build holds AVX-512 code"
 
 
 @pytest.mark.parametrize(
