@@ -17,6 +17,8 @@ from .requests import GREEDY_BELOW, SamplerInput
 
 __all__ = ["sample"]
 
+NOT_FINITE = "the model's logits hold NaN or infinity"
+
 
 def sample(logits: torch.Tensor, inputs: list[SamplerInput]) -> list[int | str]:
     """One token id per row of ``logits`` [B, V] (float32); a row that cannot be sampled gets an error message.
@@ -37,10 +39,10 @@ def _sample_row(row: torch.Tensor, p: SamplerInput) -> int:
         # One pass, not two: argmax picks a NaN or +inf if there is one, and a -inf elsewhere cannot win.
         token = int(row.argmax())
         if not math.isfinite(row[token]):
-            raise ValueError("the model's logits hold NaN or infinity")
+            raise ValueError(NOT_FINITE)
         return token
     if not bool(torch.isfinite(row).all()):
-        raise ValueError("the model's logits hold NaN or infinity")
+        raise ValueError(NOT_FINITE)
     row = row.double()  # float64: 1/temperature and the penalty cannot overflow for any accepted value
     if p.repetition_penalty != 1.0 and p.history:
         seen = torch.tensor(sorted(set(p.history)), dtype=torch.long)

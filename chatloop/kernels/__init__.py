@@ -150,6 +150,8 @@ def load_kernels() -> ctypes.CDLL | None:
             library = ctypes.CDLL(str(_build(os.environ.get("CC", "cc"))))
         except subprocess.CalledProcessError as e:
             reason = f"the C compiler failed: {e.stderr.strip()[:300]}"
+            if os.environ.get(MARCH_ENV):
+                reason += f" ({MARCH_ENV}={os.environ[MARCH_ENV]}: unset it, or name a -march the compiler knows)"
         except (OSError, subprocess.SubprocessError) as e:
             reason = str(e)
         else:

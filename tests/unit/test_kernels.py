@@ -188,6 +188,7 @@ def test_the_avx2_only_build_passes_the_kernel_tests_too(kernel, monkeypatch, tm
         ({"ATEN_CPU_CAPABILITY": "default"}, "worker.enable_simd=false"),
         ({"CC": "chatloop-no-such-compiler"}, "install gcc"),
         ({"CC": "false"}, "the C compiler failed"),
+        ({"CHATLOOP_KERNEL_MARCH": "no-such-cpu"}, "CHATLOOP_KERNEL_MARCH=no-such-cpu: unset it, or name a -march"),
     ],
 )
 def test_without_the_kernel_layers_fall_back_to_onednn_and_say_why(fresh_kernels, monkeypatch, caplog, env, reason):
