@@ -219,7 +219,12 @@ class ChatLoop:
         """Micro-batches worth keeping in flight: more only split the batch, and each re-reads the weights."""
         if self.cluster is None:  # in one process the stages run one after another
             return 1
-        return stages_at_once(self.cluster.stage_reports)
+        reports = self.cluster.stage_reports
+        at_once = stages_at_once(reports)
+        machines = len({r.machine or r.host for r in reports})
+        log.info("%d micro-batch(es) in flight: %d stage(s) on %d machine(s) can compute at once "
+                 "(cluster.max_in_flight sets it)", at_once, len(reports), machines)
+        return at_once
 
     @classmethod
     def start(cls, cfg: ChatLoopConfig | None = None, overrides: Sequence[str] = ()) -> ChatLoop:

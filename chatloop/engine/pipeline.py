@@ -77,6 +77,8 @@ class StageReport:
     """Why the stage is down; None when it answered."""
     layers: str | None = None
     host: str | None = None
+    machine: str | None = None
+    """The kernel's boot id: stages of one machine share it, in containers and network namespaces too."""
     pid: int | None = None
     in_process: bool = False
     """It runs inside the coordinator's process (no RPC)."""
@@ -90,6 +92,8 @@ class StageReport:
     num_micro_batches: int | None = None
     cores: tuple[int, ...] | None = None
     threads: int | None = None
+    cpu_limit: float | None = None
+    """The CPU quota of the stage's cgroup, in cores (None: none)."""
     simd: str | None = None
     omp_spin_count: str | None = None
     metrics_port: int | None = None

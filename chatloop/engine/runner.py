@@ -21,7 +21,7 @@ from ..config import ChatLoopConfig
 from ..models import LayerRange, ModelArgs, StageModel, StepBatch
 from ..models.kv_cache import blocks_for_stage
 from ..partition import Manifest, load_stage
-from ..worker_settings import SPIN_ENV
+from ..worker_settings import SPIN_ENV, cpu_quota, machine_id
 from .errors import StageError
 from .pipeline import StageReport, StageTiming
 from .requests import SamplerInput
@@ -139,6 +139,7 @@ class StageRunner:
         self._compute_settings = dict(
             cores=tuple(sorted(os.sched_getaffinity(0))), threads=torch.get_num_threads(),
             simd=torch.backends.cpu.get_cpu_capability(), omp_spin_count=os.environ.get(SPIN_ENV),
+            machine=machine_id(), cpu_limit=cpu_quota(),
         )
 
     @torch.inference_mode()

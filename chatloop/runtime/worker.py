@@ -25,7 +25,7 @@ import torch.distributed.rpc as rpc
 from ..config import ChatLoopConfig
 from ..network import rank_interfaces
 from ..worker_config import WorkerFile, load_worker_file
-from ..worker_settings import apply_worker_settings
+from ..worker_settings import apply_worker_settings, worker_environment
 from . import remote_stage
 from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdown_rpc
 from .supervisor import EXIT_COORDINATOR_LOST
@@ -165,6 +165,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
+def _reexec_with(env: dict[str, str]) -> None:
+    """Start this command again (same pid) with ``env`` set, unless it is set already.
+
+    torch loaded libgomp with this module, and libgomp reads GOMP_SPINCOUNT only then: without this a worker
+    started by itself (``chatloop-worker``, as in containers) spun idle OpenMP threads ~7 ms after every step on
+    cores the other stages needed.
+    """
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = "import sys; from chatloop.runtime.worker import cli_main; sys.exit(cli_main())"
+    os.execve(sys.executable, [sys.executable, "-c", code, *sys.argv[1:]], {**os.environ, **env})
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     """``chatloop-worker --config configs/worker-config-2.yaml --coordinator HOST:50050``: one worker, any host.
 
@@ -194,6 +209,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"chatloop-worker: error: {e}", file=sys.stderr)
         return 2
     own.apply(cfg)
+    if argv is None:  # a command line, not a call from Python
+        _reexec_with(worker_environment(cfg.worker))
     logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s {own.name} %(levelname)s %(message)s")
     os.environ.update(rank_interfaces(host, dict(os.environ)))
     try:
