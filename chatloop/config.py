@@ -53,8 +53,8 @@ class ModelConfig:
     dtype: str = "float32"
     """Weights and activations on every stage: float32, bfloat16 or float16."""
     verify_sha256: bool = True
-    """Check each partition's sha256 against the manifest before loading it: once per file (a stamp beside it, or
-    in $CHATLOOP_CACHE, records the file it verified; the splitter stamps what it writes)."""
+    """Hash each partition's bytes at every load, against the manifest's BLAKE3 (sha256 for splits made before it
+    was recorded), while its weights load; a stage serves only once they match."""
     quantization: str | None = None
     """Weights the automatic split quantizes: int8 (q8_0), int4 (q4_1 layers, q8_0 embedding), gguf (an embedded
     model's own GGUF weights, or model.name a .gguf file); None: floating. Activations stay float32."""

@@ -8,6 +8,7 @@ before any worker starts.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -22,15 +23,27 @@ from ..models import LayerRange, ModelArgs, StageModel, StepBatch
 from ..models.kv_cache import blocks_for_stage
 from ..partition import Manifest, load_stage
 from ..worker_settings import SPIN_ENV, cpu_quota, machine_id
-from .errors import StageError
+from .errors import StageError, StageLostError
 from .pipeline import StageReport, StageTiming
 from .requests import SamplerInput
-from .sampling import sample
+from .sampling import NOT_FINITE, sample
 from .scoring import sample_and_score
 
 __all__ = [
-    "CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks", "stage_name", "stage_specs",
+    "NON_FINITE", "CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks", "stage_name",
+    "stage_specs",
 ]
+
+log = logging.getLogger(__name__)
+
+NON_FINITE = "non-finite"
+"""``fail_next``'s message that makes the next micro-batch's outputs NaN, as damaged weights would (a test hook)."""
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, T] whether each row of ``x`` [B, T, C] is finite: 0 * x sums to exactly 0 unless a value is NaN or
+    infinite (2-40x faster than ``isfinite(x).all(-1)`` here: 17 us for a decode step of 16 x 4096)."""
+    return (x * 0).sum(-1) == 0
 
 
 def stage_name(index: int, in_process: bool = False) -> str:
@@ -135,6 +148,10 @@ class StageRunner:
         self.started = time.time()
         self._inject: str | None = None
         self._stall_s = 0.0
+        self._poison = False
+        self.unhealthy: str | None = None
+        """Why this stage's outputs cannot be trusted (they turned NaN or infinite), once they did; it then computes
+        nothing more: its process is to be replaced, which loads and verifies the partition again."""
         # Read on the thread that computes (the runner is built there): what its matmuls use.
         self._compute_settings = dict(
             cores=tuple(sorted(os.sched_getaffinity(0))), threads=torch.get_num_threads(),
@@ -144,6 +161,8 @@ class StageRunner:
 
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, batch: StepBatch, sampling: list[SamplerInput], micro_batch: int = -1):
+        if self.unhealthy is not None:  # lost like a stopped stage's: with self-healing it is replayed once replaced
+            raise StageLostError(f"{self.name} is unhealthy: {self.unhealthy}")
         start = time.perf_counter()
         try:
             if self._stall_s:
@@ -153,13 +172,18 @@ class StageRunner:
                 self._inject = None
                 inputs = inputs[..., :-1] if inputs.dim() == 3 else inputs[:, :0]  # a wrong shape, as a bug would make
             if self.stage.is_last and any(p.scores for p in sampling):
-                result = sample_and_score(self.stage.head, self.stage(inputs, batch, self.cache, hidden=True),
-                                          batch, sampling)
+                hidden = self._poisoned(self.stage(inputs, batch, self.cache, hidden=True))
+                result = sample_and_score(self.stage.head, hidden, batch, sampling)
             else:
-                out = self.stage(inputs, batch, self.cache)
+                out = self._poisoned(self.stage(inputs, batch, self.cache))
                 result = sample(out, sampling) if self.stage.is_last else out
         except Exception as e:
             raise StageError(f"{self.name} (layers {self.stage.layers_range}) failed: {type(e).__name__}: {e}") from e
+        reason = self._not_finite(inputs, batch, result, micro_batch)
+        if reason is not None:
+            self.unhealthy = reason
+            log.error("%s (layers %s) is unhealthy: %s", self.name, self.stage.layers_range, reason)
+            raise StageError(f"{self.name} is unhealthy: {reason}")
         end = time.perf_counter()
         self.busy_seconds += end - start
         self.num_micro_batches += 1
@@ -168,11 +192,50 @@ class StageRunner:
             self.timings.append(StageTiming(micro_batch, start + offset, end + offset))
         return result
 
+    @property
+    def health_error(self) -> str | None:
+        """What reports this stage down (``StageReport.error``: "unhealthy: why"); None while its outputs are finite."""
+        return None if self.unhealthy is None else f"unhealthy: {self.unhealthy}"
+
+    def _not_finite(self, inputs: torch.Tensor, batch: StepBatch, result, micro_batch: int) -> str | None:
+        """Why this stage is unhealthy, if every sequence of the micro-batch that reached it finite leaves it with
+        NaN or infinite hidden states (or logits the sampler refused as such); None otherwise.
+
+        One sequence's trouble is that sequence's (the sampler ends it alone); a whole micro-batch's, from finite
+        inputs, is the stage's own: damaged weights, in memory or on disk.
+        """
+        real = batch.valid  # [B, T]: padding is never looked at
+        if inputs.is_floating_point():
+            finite_in = (_finite_rows(inputs) | ~real).all(1)  # [B]
+        else:
+            finite_in = torch.ones(real.shape[0], dtype=torch.bool)
+        if isinstance(result, torch.Tensor):
+            what = "hidden states"
+            finite_out = (_finite_rows(result) | ~real).all(1)
+        else:
+            what = "logits"
+            finite_out = torch.tensor([not (isinstance(t, str) and NOT_FINITE in t) for t in result], dtype=torch.bool)
+        num_sequences = int(finite_in.sum())
+        if num_sequences == 0 or bool((finite_in & finite_out).any()):
+            return None
+        sequences = "its one sequence" if num_sequences == 1 else f"all {num_sequences} sequences"
+        return (f"its {what} hold NaN or infinity for {sequences} of micro-batch {micro_batch} (from finite inputs): "
+                "its weights may be damaged; a worker that replaces it checks its partition's hash as it loads")
+
+    def _poisoned(self, out: torch.Tensor) -> torch.Tensor:
+        if not self._poison:
+            return out
+        self._poison = False
+        return torch.full_like(out, float("nan"))
+
     def fail_next(self, message: str, stall_s: float = 0.0) -> None:
         """Test hook: the next micro-batch fails inside the stage (a wrong input shape, as a bug would make); with
-        ``stall_s``, it computes only after that many seconds instead, and succeeds (a stage that stopped)."""
+        ``stall_s``, it computes only after that many seconds instead, and succeeds (a stage that stopped); with the
+        message :data:`NON_FINITE`, its outputs are NaN (as damaged weights would make them)."""
         if stall_s:
             self._stall_s = stall_s
+        elif message == NON_FINITE:
+            self._poison = True
         else:
             self._inject = message
 

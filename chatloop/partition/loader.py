@@ -1,9 +1,10 @@
-"""Loading one stage: only its own partition, checked against the manifest first."""
+"""Loading one stage: only its own partition, checked against the manifest (its bytes hashed as it loads)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ..models.fused_decode import LlamaDecodeKernel
 from ..models.llama import LlamaStage, fuse_projections, use_row_kernels
 from ..models.packing import concat_linear, pack_linear_weights
 from ..quant.modules import interleave_for_kernel, quantize_modules, tie_quantized_head
-from .integrity import verify
+from .integrity import start_check
 from .manifest import QUANTIZED_KEY, Manifest, ManifestError
 from .safetensors_stream import SafetensorsError, read_header
 
@@ -58,9 +59,11 @@ def load_stage(
     """Build stage ``index`` from ``directory/partition_{index}.safetensors``.
 
     Checks, before any weight is read: the partition is the file ``expected_file`` names (if
-    given) and exists, its size (and with ``verify_sha256``, once per file, its hash: see
-    :mod:`~chatloop.partition.integrity`) matches the manifest, its layers match
-    ``expected_layers``, its tensors are exactly the stage's, in the manifest's dtype. ``dtype`` casts the weights
+    given) and exists, its size matches the manifest, its layers match ``expected_layers``, its
+    tensors are exactly the stage's, in the manifest's dtype. With ``verify_sha256`` its bytes are
+    hashed, at every load, against the manifest's hash (BLAKE3 where the manifest has it, else
+    sha256: see :mod:`~chatloop.partition.integrity`) on a thread of their own while the weights
+    load; a stage is returned only once its bytes were found to be the manifest's. ``dtype`` casts the weights
     after loading (the stage then computes in it). ``pack_weights`` then prepares float32
     linear layers for small matmuls, on the native kernel if ``native_kernels``
     (:func:`~chatloop.models.packing.pack_linear_weights`) and merges a Llama layer's q/k/v and gate/up
@@ -88,14 +91,40 @@ def load_stage(
     if size != info.num_bytes:
         raise PartitionError(f"{path} has {size} bytes, the manifest says {info.num_bytes}: "
                              "the file is truncated or from another split")
-    if verify_sha256 and not verify(path, info.sha256):
-        raise PartitionError(f"{path}: sha256 differs from the manifest's: the file is corrupt or from another split")
     if expected_layers is not None and expected_layers != info.layers:
         raise PartitionError(
             f"{path} holds layers {info.layers}, the configuration gives this worker layers {expected_layers}: "
             f"make the cluster's layer ranges match the manifest ({', '.join(str(r) for r in manifest.plan)})"
         )
+    verdict = start_check(path, info.hashes) if verify_sha256 else None
+    try:
+        stage = _build(path, index, manifest, dtype, pack_weights, native_kernels)
+    except Exception:
+        _raise_if_corrupt(path, verdict)  # a load that failed on damaged bytes: the hash says so best
+        raise
+    _raise_if_corrupt(path, verdict)
+    return stage
 
+
+def _raise_if_corrupt(path: Path, verdict: Future | None) -> None:
+    """Wait for the hash of ``path`` (if it was started); raise :class:`PartitionError` unless it matched."""
+    if verdict is None:
+        return
+    try:
+        mismatch = verdict.result()
+    except OSError as e:
+        raise PartitionError(f"{path} cannot be read to check its hash ({e}): copy it again") from None
+    except ValueError as e:  # the manifest records no hash this installation computes
+        raise PartitionError(f"{path}: {e}") from None
+    if mismatch is not None:
+        raise PartitionError(mismatch.message)
+
+
+def _build(
+    path: Path, index: int, manifest: Manifest, dtype: torch.dtype | None, pack_weights: bool, native_kernels: bool,
+) -> StageModel:
+    """The stage of ``path`` (whose size and layers were checked), with the transformations ``load_stage`` asks."""
+    info = manifest.partitions[index]
     args = ModelArgs.from_hf_config(manifest.model_config)
     is_last = index == manifest.num_partitions - 1
     with torch.device("meta"), _no_weight_init():

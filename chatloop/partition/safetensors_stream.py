@@ -9,7 +9,6 @@ towards the process's memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Iterator
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .integrity import Hasher, hash_file
 
 __all__ = ["TensorInfo", "SafetensorsError", "read_header", "read_tensor", "StreamingWriter", "DTYPES"]
 
@@ -105,7 +106,7 @@ class StreamingWriter:
     """Write a safetensors file tensor by tensor, in the order the header was declared.
 
     The header needs every shape up front; the bytes follow one tensor at a time and are
-    hashed on the way (``sha256``).
+    hashed on the way (sha256, and BLAKE3 where the ``blake3`` package is installed: ``digests``).
     """
 
     def __init__(
@@ -123,7 +124,9 @@ class StreamingWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
         self._file = open(self.path, "wb")  # noqa: SIM115 - written tensor by tensor, closed by close()
-        self._hash = hashlib.sha256()
+        self._hash = Hasher()
+        self.digests: dict[str, str] = {}
+        """Algorithm -> hex digest of the file, once closed."""
         self._write(struct.pack("<Q", len(encoded)) + encoded)
         self._next = 0
 
@@ -138,19 +141,16 @@ class StreamingWriter:
         self._next += 1
 
     def close(self) -> str:
-        """Finish the file; return its sha256."""
+        """Finish the file; return its sha256 (every digest: ``digests``)."""
         assert self._next == len(self._expected), "closed before every tensor was written"
         self._file.close()
-        return self._hash.hexdigest()
+        self.digests = self._hash.hexdigests()
+        return self.digests["sha256"]
 
 
 def sha256_of(path: Path, chunk: int = 2**24) -> str:
     """The sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(Path(path), "sha256", chunk)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -25,7 +25,6 @@ from ..quant import BLOCK, BLOCK_BYTES, q4_0_as_q4_1
 from ..quant import quantize as quantize_matrix
 from ..quant.scheme import SCHEMES, format_for
 from .gguf_source import gguf_path, open_gguf
-from .integrity import STAMP_SUFFIX, stamp
 from .manifest import QUANTIZED_KEY, Manifest, PartitionInfo
 from .plan import parse_ranges, plan_layers
 from .safetensors_stream import StreamingWriter, read_header, read_tensor
@@ -37,6 +36,9 @@ DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 QUANTIZE_ROWS = 4096
 """Rows of a matrix quantized at once: the float32 working copies stay small."""
+OLD_STAMP_SUFFIX = ".verified"
+"""Earlier ChatLoops wrote a stamp (inode, size, mtime) beside each partition and trusted it instead of hashing the
+file again; a split removes those it finds: a stamp says nothing of the bytes (``touch -r`` restores an mtime)."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,6 @@ def split_model(
                 bar.update(checkpoint.sizes[source_name[key]])
             digest = writer.close()
             os.replace(tmp, path)
-            stamp(path, digest)  # hashed while written: the first load need not read it again
             partitions.append(
                 PartitionInfo(
                     index=index,
@@ -200,11 +201,14 @@ def split_model(
                     num_bytes=path.stat().st_size,
                     sha256=digest,
                     num_tensors=len(keys),
+                    blake3=writer.digests.get("blake3"),
                 )
             )
-    for stale in [*output.glob("partition_*.safetensors"), *output.glob(f"partition_*.safetensors{STAMP_SUFFIX}")]:
-        if stale.name.removesuffix(STAMP_SUFFIX) not in {p.file for p in partitions}:  # an earlier split's
+    for stale in output.glob("partition_*.safetensors"):
+        if stale.name not in {p.file for p in partitions}:  # an earlier split's
             stale.unlink()
+    for stamp in output.glob(f"partition_*.safetensors{OLD_STAMP_SUFFIX}"):  # nothing reads them any more
+        stamp.unlink()
     manifest = Manifest(
         model_config=config,
         dtype=dtype_name,

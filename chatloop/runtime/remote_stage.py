@@ -92,12 +92,17 @@ def release() -> None:
 
 # ---- what other ranks call on this worker ----------------------------------------------------------
 def create_stage(spec: StageSpec, rpc_timeout_s: float) -> StageReport:
-    """This worker's stage for the new generation (the loaded one again, if it is the same); its report."""
+    """This worker's stage for the new generation (the loaded one again, if it is the same and healthy: an
+    unhealthy one is loaded again, its partition verified); its report."""
+    global CURRENT
     if OWN is not None:
         spec = _as_configured(spec, OWN)
-    if CURRENT is not None and CURRENT.spec == spec:
+    if CURRENT is not None and CURRENT.spec == spec and CURRENT.runner.unhealthy is None:
         CURRENT.rejoin(rpc_timeout_s)
         return CURRENT.describe()
+    if CURRENT is not None and CURRENT.runner.unhealthy is not None:
+        log.warning("%s: loading its stage again (it was unhealthy: %s)", CURRENT.name, CURRENT.runner.unhealthy)
+        CURRENT = None  # its weights go before the new ones load
     return RemoteStage(spec, rpc_timeout_s, metrics_port=METRICS_PORT).describe()
 
 
@@ -150,11 +155,13 @@ def describe() -> StageReport:
     return _stage().describe()
 
 
-def alive() -> tuple[int, float | None]:
-    """The coordinator's heartbeat, answered by an RPC thread whatever the compute thread does: the pid, and for
-    how long the micro-batch being computed has been computing (None: idle)."""
+def alive() -> tuple[int, float | None, str | None]:
+    """The coordinator's heartbeat, answered by an RPC thread whatever the compute thread does: the pid, for
+    how long the micro-batch being computed has been computing (None: idle), and why the stage is unhealthy (its
+    outputs turned non-finite; None: it is not)."""
     computing = CURRENT._computing if CURRENT is not None else None
-    return os.getpid(), None if computing is None else time.monotonic() - computing[1]
+    unhealthy = CURRENT.runner.unhealthy if CURRENT is not None else None
+    return os.getpid(), None if computing is None else time.monotonic() - computing[1], unhealthy
 
 
 def progress(mb_id: int) -> tuple[str, float]:
@@ -261,6 +268,7 @@ class RemoteStage:
             queued=queued,
             computing_s=None if computing is None else time.monotonic() - computing[1],
             consecutive_failures=self.consecutive_failures, last_error=self.last_error,
+            error=self.runner.health_error,
         )
 
     def take_timings(self) -> list[StageTiming]:

@@ -47,8 +47,17 @@ def run_op(llm, op: dict):
         stats = llm.stats()
         return {"free": stats.kv_blocks_free, "total": stats.kv_blocks_total}
     if kind == "inject":
-        llm.pipeline.inject_failure(op["stage"], stall_s=op.get("stall_s", 0.0))
+        llm.pipeline.inject_failure(op["stage"], op.get("message", "injected"), stall_s=op.get("stall_s", 0.0))
         return {}
+    if kind == "overwrite":  # bytes of a file, its times restored afterwards (as `touch -r` would)
+        before = os.stat(op["path"])
+        with open(op["path"], "r+b") as f:
+            f.seek(op["offset"])
+            f.write(bytes.fromhex(op["hex"]) * op.get("repeat", 1))
+        os.utime(op["path"], ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(op["path"])
+        return {"unchanged": [getattr(before, k) == getattr(after, k)
+                              for k in ("st_size", "st_mtime_ns", "st_ino", "st_dev")]}
     if kind == "start":  # an op in the background: "join" waits for it
         pool = ThreadPoolExecutor(1)
         started = time.monotonic()

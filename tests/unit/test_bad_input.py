@@ -296,7 +296,7 @@ def test_truncated_partition_is_caught_by_its_header_too(llama_parts):
 def test_garbage_partition_of_the_right_size(llama_parts):
     path = llama_parts / "partition_1.safetensors"
     path.write_bytes(b"\xff" * path.stat().st_size)
-    with pytest.raises(PartitionError, match=r"partition_1\.safetensors: sha256 differs"):
+    with pytest.raises(PartitionError, match=r"partition_1\.safetensors: blake3 differs"):
         load_stage(llama_parts, 1)
     with pytest.raises(PartitionError, match=r"partition_1\.safetensors is corrupt or truncated"):
         load_stage(llama_parts, 1, verify_sha256=False)
@@ -310,13 +310,13 @@ def test_layers_differ_from_the_configuration(llama_parts):
     load_stage(llama_parts, 1, expected_layers=LayerRange(2, 2))
 
 
-def test_sha256_mismatch_after_a_flipped_byte(llama_parts):
+def test_hash_mismatch_after_a_flipped_byte(llama_parts):
     path = llama_parts / "partition_2.safetensors"
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x01  # inside the last tensor: the size and the header stay valid
     path.write_bytes(bytes(data))
-    with pytest.raises(PartitionError, match=r"partition_2\.safetensors: sha256 differs from the manifest's"):
-        load_stage(llama_parts, 2)  # by default, although the splitter stamped the file: it changed since
+    with pytest.raises(PartitionError, match=r"partition_2\.safetensors: blake3 differs from the manifest's"):
+        load_stage(llama_parts, 2)  # by default
     load_stage(llama_parts, 2, verify_sha256=False)  # without the check the damage goes unseen
 
 
@@ -379,36 +379,3 @@ def test_bad_worker_rows(override, message):
 
     with pytest.raises(ValueError, match=message):
         load_config(["cluster.num_workers=1", override])
-
-
-def test_a_partition_is_hashed_once_and_again_only_when_it_changed(llama_parts, monkeypatch, tmp_path):
-    from chatloop.partition import integrity
-
-    hashed = []
-    real = integrity.sha256_of
-    monkeypatch.setattr(integrity, "sha256_of", lambda path: hashed.append(path.name) or real(path))
-    load_stage(llama_parts, 1)
-    assert hashed == []  # the splitter stamped what it wrote
-    (llama_parts / "partition_1.safetensors.verified").unlink()
-    load_stage(llama_parts, 1)
-    load_stage(llama_parts, 1)
-    assert hashed == ["partition_1.safetensors"]  # once, then the new stamp
-    copy = tmp_path / "copy"
-    shutil.copytree(llama_parts, copy)  # stamps and mtimes come along, the inodes do not
-    load_stage(copy, 1)
-    assert hashed == ["partition_1.safetensors"] * 2
-
-
-def test_a_read_only_partition_folder_keeps_its_stamps_in_the_cache(llama_parts, monkeypatch, tmp_path):
-    from chatloop.partition import integrity
-
-    monkeypatch.setenv("CHATLOOP_CACHE", str(tmp_path / "cache"))
-    for stamp in llama_parts.glob("*.verified"):
-        stamp.unlink()
-    real = integrity._stamp_paths
-    # Beside the partition cannot be written (as in a read-only mount; root writes anywhere else).
-    monkeypatch.setattr(integrity, "_stamp_paths", lambda path: [path / "not-a-folder", *real(path)[1:]])
-    load_stage(llama_parts, 2)
-    assert list((tmp_path / "cache" / "verified").glob("*.json"))
-    sha256 = Manifest.load(llama_parts).partitions[2].sha256
-    assert integrity.is_stamped(llama_parts / "partition_2.safetensors", sha256)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blake3 import blake3
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -133,6 +134,8 @@ def test_manifest_fields(tiny_checkpoint, tmp_path):
         assert info.file == f"partition_{i}.safetensors"
         assert info.num_bytes == path.stat().st_size
         assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert info.blake3 == blake3(path.read_bytes()).hexdigest()
+        assert info.hashes == {"blake3": info.blake3, "sha256": info.sha256}
         assert info.has_embeddings == (i == 0)
         assert info.has_head == (i == 3)
         with safe_open(path, framework="pt") as f:
@@ -220,10 +223,10 @@ def test_gpt2_checkpoint_without_the_transformer_prefix(tiny_checkpoint, tmp_pat
 def test_splitting_again_into_fewer_partitions_removes_stale_files(tiny_checkpoint, tmp_path):
     checkpoint = tiny_checkpoint("gpt2")
     split_model(checkpoint.path, tmp_path, 4, progress=False)
+    (tmp_path / "partition_0.safetensors.verified").write_text("{}")  # an earlier ChatLoop's stamp
     split_model(checkpoint.path, tmp_path, 2, progress=False)
     names = sorted(p.name for p in tmp_path.glob("partition_*"))
-    assert names == ["partition_0.safetensors", "partition_0.safetensors.verified", "partition_1.safetensors",
-                     "partition_1.safetensors.verified"]  # the earlier split's files and stamps are gone
+    assert names == ["partition_0.safetensors", "partition_1.safetensors"]  # the earlier split's files and stamps
     assert Manifest.load(tmp_path).num_partitions == 2
     load_stage(tmp_path, 1, verify_sha256=True)
 
@@ -439,6 +442,7 @@ def test_streaming_writer_output_is_a_safetensors_file(tmp_path):
         writer.add(key, tensor)
     digest = writer.close()
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert writer.digests == {"sha256": digest, "blake3": blake3(path.read_bytes()).hexdigest()}
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"layers": "0-3"}
         for key, tensor in tensors.items():
