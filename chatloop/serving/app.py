@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic.json_schema import models_json_schema
 
 from .. import __version__
 from ..config import ChatLoopConfig
@@ -112,23 +113,20 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
     }
     if api_key:
         errors[401] = {**error, "description": "Missing or wrong API key"}
-    streamed = {"text/event-stream": {"schema": {"type": "string", "description": (
-        "With stream: true, Server-Sent Events: 'data: <chunk JSON>' lines, then 'data: [DONE]'; a failure after the "
-        "first event ends the stream with 'data: {\"error\": {...}}'.")}}}
 
-    def answers(model: type) -> dict[int | str, dict]:
-        ok = {"description": "The answer (JSON), or with stream: true a stream of chunks",
-              "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
-                          **streamed}}
+    def answers(model: type, chunk: type) -> dict[int | str, dict]:
+        ok = {"description": "The answer (JSON), or with stream: true a stream of chunks (Server-Sent Events)",
+              "content": {"application/json": {"schema": _ref(model)}, "text/event-stream": _event_stream(chunk)}}
         return {200: ok, **errors}
 
-    @v1.post("/completions", response_model=p.CompletionResponse, responses=answers(p.CompletionResponse),
+    @v1.post("/completions", response_model=p.CompletionResponse,
+             responses=answers(p.CompletionResponse, p.CompletionChunk),
              summary="Complete a prompt (stream: true for Server-Sent Events)")
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
         return await service.handle("completions", body, request)
 
     @v1.post("/chat/completions", response_model=p.ChatCompletionResponse,
-             responses=answers(p.ChatCompletionResponse),
+             responses=answers(p.ChatCompletionResponse, p.ChatCompletionChunk),
              summary="Answer a conversation (stream: true for Server-Sent Events)")
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         return await service.handle("chat_completions", body, request)
@@ -172,12 +170,38 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
     return app
 
 
+_STREAMED = (p.CompletionChunk, p.ChatCompletionChunk, p.ErrorResponse)
+"""What the events of a stream carry: FastAPI lists only the JSON answers' models, the schema needs these too."""
+
+
+def _ref(model: type) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _event_stream(chunk: type) -> dict:
+    """The ``text/event-stream`` content of a streamed answer: the schema of one event (Open API 3.1 reads a
+    stream's ``schema`` so), whose data is a chunk, an error that ends the stream, or the last ``[DONE]``."""
+    data = {"anyOf": [
+        {"const": "[DONE]", "description": "The last event."},
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"anyOf": [_ref(chunk), _ref(p.ErrorResponse)]},
+         "description": f"A {chunk.__name__}, or an ErrorResponse for a failure after the first event (then [DONE])."},
+    ]}
+    return {"schema": {"type": "object", "required": ["data"], "properties": {"data": data},
+                       "description": "One Server-Sent Event: 'data: <JSON>' and a blank line."}}
+
+
 def _state_limits_in_schema(app: FastAPI, name: str, engine: EngineClient) -> None:
-    """Add what only the running engine knows to the schema: the model id, the vocabulary, the context."""
+    """Add what only the running engine knows to the schema: the model id, the vocabulary, the context; and the
+    models the streams' events carry."""
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             schemas = schema["components"]["schemas"]
+            _, streamed = models_json_schema([(model, "serialization") for model in _STREAMED],
+                                             ref_template="#/components/schemas/{model}")
+            for model_name, definition in streamed.get("$defs", {}).items():
+                schemas.setdefault(model_name, definition)
             for request in ("CompletionRequest", "ChatCompletionRequest"):
                 fields = schemas[request]["properties"]
                 fields["model"]["enum"] = [name]

@@ -121,20 +121,17 @@ class CompletionService:
 
     # ---- checks --------------------------------------------------------------------------------
     def _refuse_unsupported(self, body: Body) -> None:
-        """What the schema allows but ChatLoop does not do (n, best_of and the penalties the schema bounds itself)."""
+        """The rules the schema states but pydantic does not check (protocol's ``_when`` rules, ``suffix``)."""
         if isinstance(body, p.CompletionRequest):
             if body.echo and body.stream:
                 raise APIError(400, "echo is not supported with stream: leave one out", param="echo",
                                code="unsupported")
-            unsupported = [("suffix", body.suffix is not None), ("best_of", body.best_of not in (None, 1))]
-        else:
-            if body.top_logprobs is not None and not body.logprobs:
-                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-            unsupported = []
-        for name, used in unsupported:
-            if used:
-                raise APIError(400, f"{name} is not supported by ChatLoop: leave it out", param=name,
-                               code="unsupported")
+            if body.suffix:  # "" is no suffix
+                raise APIError(400, "suffix is not supported by ChatLoop: leave it out (or send it empty)",
+                               param="suffix", code="unsupported")
+        elif body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true: send both, or leave top_logprobs out",
+                           param="top_logprobs", code="invalid_value")
 
     def _echo_text(self, body: p.CompletionRequest, prompt_ids: list[int]) -> str:
         """The prompt as ``echo`` returns it: the text sent, or the text of the token ids sent."""
@@ -197,26 +194,29 @@ class CompletionService:
     def _params(self, body: Body, num_prompt: int, chat: bool) -> SamplingParams:
         prompt_param = "messages" if chat else "prompt"
         room = self.context_tokens - num_prompt
-        score_only = body.max_tokens == 0
-        if score_only and not body.echo:  # type: ignore[union-attr]  (chat's schema says max_tokens >= 1)
-            raise APIError(400, "max_tokens=0 generates nothing: it is only for scoring a prompt, with echo=true "
-                                "(and logprobs)", param="max_tokens", code="invalid_value")
+        score_only = body.max_tokens == 0  # completions only: chat's schema says max_tokens >= 1
+        if score_only and not (body.echo and body.logprobs is not None):  # type: ignore[union-attr]
+            raise APIError(400, "max_tokens=0 generates nothing: it only scores the prompt, so send echo=true and "
+                                "logprobs (0 to 5) with it, or ask for at least 1 token", param="max_tokens",
+                           code="invalid_value")
         if room < (0 if score_only else 1):
             raise APIError(413, f"the prompt has {num_prompt} tokens, the context holds {self.context_tokens} tokens "
                                 f"for the prompt and the completion together: shorten the {prompt_param}",
                            param=prompt_param, code="context_length_exceeded")
-        max_tokens = body.max_tokens
-        name = "max_tokens"
-        if chat and max_tokens is None and body.max_completion_tokens is not None:  # type: ignore[union-attr]
-            max_tokens, name = body.max_completion_tokens, "max_completion_tokens"  # type: ignore[union-attr]
+        # Chat's max_tokens wins over max_completion_tokens (its newer name); either one sent must fit.
+        limits = {"max_tokens": body.max_tokens}
+        if chat:
+            limits["max_completion_tokens"] = body.max_completion_tokens  # type: ignore[union-attr]
+        for name, value in limits.items():
+            if value is not None and value > room:
+                raise APIError(400, f"{name}={value} is too large: the prompt has {num_prompt} tokens "
+                                    f"and the context holds {self.context_tokens}, so at most {room} tokens "
+                                    f"can be generated: lower {name} or shorten the {prompt_param}",
+                               param=name, code="context_length_exceeded")
+        max_tokens = next((value for value in limits.values() if value is not None), None)
         if max_tokens is None:
             default = self.cfg.server.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
             max_tokens = min(default, room)
-        elif max_tokens > room:
-            raise APIError(400, f"{name}={max_tokens} is too large: the prompt has {num_prompt} tokens "
-                                f"and the context holds {self.context_tokens}, so at most {room} tokens "
-                                f"can be generated: lower {name} or shorten the {prompt_param}",
-                           param=name, code="context_length_exceeded")
         defaults = self.cfg.sampling
         temperature = defaults.temperature if body.temperature is None else body.temperature
         top_p = defaults.top_p if body.top_p is None else body.top_p

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -80,17 +81,42 @@ def _param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def _branch(loc: tuple) -> tuple:
+    """``loc`` up to its first union tag: the errors of one branch of a union share it (others: their whole loc)."""
+    for i, part in enumerate(loc):
+        if part != "body" and isinstance(part, str) and _TYPE_TAG.match(part):
+            return tuple(loc[: i + 1])
+    return tuple(loc)
+
+
+def _depth(error: dict) -> int:
+    return len((_param(error.get("loc", ())) or "").split("."))
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
-    """The first problem pydantic found, as ``param: what is wrong (got ...)``."""
+    """The problem pydantic found that says most, as ``param: what is wrong (got ...)``.
+
+    A union (``prompt``: text, token ids or a list of one of them) reports a problem per branch: the
+    branch with the fewest problems, then the deepest one (``prompt.1``, not ``prompt``), is the one
+    the client meant, and its problem is the one to fix.
+    """
     errors = exc.errors()
     if not errors:
         return APIError(400, "the request body is invalid", code="invalid_request")
+    per_branch = Counter(_branch(e.get("loc", ())) for e in errors)
+    fewest = min(per_branch.values())
+    errors = sorted(errors, key=lambda e: (per_branch[_branch(e.get("loc", ()))] > fewest, -_depth(e)))  # stable
     first = errors[0]
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "")
         return APIError(400, f"the request body is not valid JSON ({reason}): send a JSON object", code="invalid_json")
+    if isinstance(first.get("input"), (bytes, bytearray)):  # a body without a JSON Content-Type stays bytes
+        return APIError(400, "the request body was not read as JSON: send a JSON object with "
+                             "'Content-Type: application/json'", code="invalid_json")
     param = _param(first.get("loc", ()))
-    same = [e for e in errors if _param(e.get("loc", ())) == param]  # one per branch of a union
+    # The same spot in the other branches with as few problems: "a string | a list" where no branch got further.
+    same = [e for e in errors if _param(e.get("loc", ())) == param
+            and per_branch[_branch(e.get("loc", ()))] == fewest]
     others = len(errors) - len(same)
     if first.get("type") == "missing":
         text = f"{param} is required" if param else "the request body is missing: send a JSON object"
@@ -133,6 +159,9 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[Request, APIError],
             message = f"no route {request.method} {request.url.path}: see /openapi.json for the API"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}: see /openapi.json for the API"
+        elif exc.status_code == 400:  # FastAPI could not decode the body (not UTF-8, nested too deeply)
+            return answer(request, APIError(400, "the request body could not be decoded (not UTF-8, or nested too "
+                                                 "deeply): send a JSON object in UTF-8", code="invalid_json"))
         else:
             message = str(exc.detail)
         return answer(request, APIError(exc.status_code, message, headers=dict(exc.headers or {})))

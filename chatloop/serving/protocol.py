@@ -1,9 +1,16 @@
 """The OpenAI wire format: request bodies (validated by pydantic) and the responses and stream chunks.
 
-Requests are strict about types (``"0.5"`` is not a number) and ignore fields they do not
-know. Supported beyond OpenAI's fields, as vLLM does: ``top_k``, ``repetition_penalty``,
-``ignore_eos``. Fields ChatLoop cannot honour (``n > 1``, penalties, ``suffix``, ``best_of > 1``,
-``echo`` with ``stream``) are refused with a 400 saying so, rather than silently ignored.
+Requests are strict about types (``"0.5"`` is not a number; ``2.0`` is the integer 2, as JSON Schema
+reads it) and ignore fields they do not know. Supported beyond OpenAI's fields, as vLLM does: ``top_k``,
+``repetition_penalty``, ``ignore_eos``. Fields ChatLoop cannot honour (``n > 1``, penalties, a non-empty
+``suffix``, ``best_of > 1``, ``echo`` with ``stream``, content parts other than text) are refused with a 400
+saying so, rather than silently ignored.
+
+The OpenAPI schema states every rule the server enforces, so that a request the schema allows is
+served. Rules pydantic cannot check with a clear message (a field that depends on another, an
+unsupported value) are written into the schema here (:func:`_when`, ``json_schema_extra``) and
+checked by :class:`~chatloop.serving.completions.CompletionService`, whose 400 names the field and
+what to change. Only what depends on tokens (a prompt too long for the context) is beyond a schema.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from ..engine.requests import (
     GREEDY_BELOW,
@@ -24,14 +31,32 @@ from ..engine.requests import (
 
 __all__ = [
     "StreamOptions", "CompletionRequest", "ChatMessage", "ChatCompletionRequest", "Usage", "CompletionLogprobs",
-    "ChatLogprobs",
-    "CompletionResponse", "ChatCompletionResponse", "ErrorResponse", "HealthResponse", "ModelCard", "ModelList",
+    "ChatLogprobs", "CompletionResponse", "CompletionChunk", "ChatCompletionResponse", "ChatCompletionChunk",
+    "ErrorResponse", "HealthResponse", "ModelCard", "ModelList",
     "new_id", "completion_response", "completion_chunk", "chat_response", "chat_chunk", "usage", "usage_chunk",
 ]
 
 
+def _integral(value: Any, depth: int = 2) -> Any:
+    """A float with no fractional part (``2444.0``) as the integer it is, also inside lists (``depth`` deep: a
+    prompt of token ids); JSON Schema's ``integer`` allows it, and a float field takes an integer anyway."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list) and depth > 0:
+        return [_integral(item, depth - 1) for item in value]
+    return value
+
+
 class _Body(BaseModel):
+    """A request body: strict types, unknown fields ignored, integral floats read as integers (``2.0`` is 2)."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_numbers(cls, data: Any) -> Any:
+        # Here rather than a validator on each integer: one there would hide its bounds from the JSON schema.
+        return {key: _integral(value) for key, value in data.items()} if isinstance(data, dict) else data
 
 
 class StreamOptions(_Body):
@@ -41,6 +66,12 @@ class StreamOptions(_Body):
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+def _when(condition: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-schema rule between fields: a body whose fields match ``condition`` (each one present) must match
+    ``then`` (``properties`` and ``required`` of the body)."""
+    return {"if": {"properties": condition, "required": list(condition)}, "then": then}
 
 
 class _Sampling(_Body):
@@ -76,16 +107,24 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        # max_tokens=0 only scores the prompt: the scores are what it returns.
+        _when({"max_tokens": {"const": 0}}, {"properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}},
+                                             "required": ["echo", "logprobs"]}),
+        _when({"stream": {"const": True}}, {"properties": {"echo": {"const": False}}}),
+    ]})
+
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)] | TokenIds | Annotated[
         list[TokenIds], Field(min_length=1, max_length=1)] = Field(
         description="Text, or token ids; a list of one prompt is accepted (batches are not). Not empty."
     )
     max_tokens: int | None = Field(
-        None, ge=0, description="Most tokens to generate; the prompt plus this must fit the context. 0 (with echo): "
-                                "score the prompt, generate nothing.")
+        None, ge=0, description="Most tokens to generate; the prompt plus this must fit the context. 0 (with echo "
+                                "and logprobs): score the prompt, generate nothing.")
     echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: the prompt "
                                           "tokens' too, the first one's null). Not with stream.")
-    suffix: str | None = Field(None, description="Not supported: leave it out.")
+    suffix: str | None = Field(None, description="Not supported: leave it out (or empty).",
+                               json_schema_extra={"maxLength": 0})
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
     logprobs: int | None = Field(
         None, ge=0, le=5, description="Return each token's log-probability with this many most likely alternatives "
@@ -94,7 +133,7 @@ class CompletionRequest(_Sampling):
 
 class _ContentPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    type: str
+    type: str = Field(description="Only text parts are read.", json_schema_extra={"const": "text"})
     text: str | None = None
 
 
@@ -117,12 +156,17 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _when({"top_logprobs": {"type": "integer"}}, {"properties": {"logprobs": {"const": True}},
+                                                      "required": ["logprobs"]}),
+    ]})
+
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far (at least one message).")
     max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of max_tokens.")
     logprobs: bool | None = Field(None, description="Return each generated token's log-probability (the model's "
                                                      "own, whatever the sampling settings).")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                     description=f"With logprobs: this many most likely alternatives (0 to "
+                                     description=f"With logprobs: true, this many most likely alternatives (0 to "
                                                  f"{MAX_LOGPROBS}) at each token.")
 
 
@@ -179,6 +223,11 @@ class CompletionResponse(_Response):
     usage: Usage | None = None
 
 
+class CompletionChunk(CompletionResponse):
+    """One event of a streamed completion: a piece of text; with stream_options.include_usage the last one has
+    no choices and the usage."""
+
+
 class _AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str
@@ -193,6 +242,25 @@ class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"]
     choices: list[_ChatChoice]
     usage: Usage
+
+
+class _Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class _ChatChunkChoice(_Choice):
+    delta: _Delta
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One event of a streamed chat answer: the role first, then pieces of text; with
+    stream_options.include_usage the last one has no choices and the usage."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[_ChatChunkChoice]
+    usage: Usage | None = None
 
 
 class ErrorDetail(BaseModel):

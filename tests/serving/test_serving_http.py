@@ -195,6 +195,15 @@ BAD_REQUESTS = [
      "/v1/chat/completions", 400, "messages.0.role"),
     ("a bad streamed request", {"model": MODEL, "prompt": "Hi", "stream": True, "max_tokens": 0},
      "/v1/completions", 400, "max_tokens"),
+    ("max_tokens 0 with echo but no logprobs", {"model": MODEL, "prompt": "Hi", "max_tokens": 0, "echo": True},
+     "/v1/completions", 400, "max_tokens"),
+    ("a suffix", {"model": MODEL, "prompt": "Hi", "suffix": "!"}, "/v1/completions", 400, "suffix"),
+    ("a token id with a fraction", {"model": MODEL, "prompt": [1, 2.5]}, "/v1/completions", 400, "prompt.1"),
+    ("max_completion_tokens beyond the context beside max_tokens",
+     {"model": MODEL, "messages": GREETING, "max_tokens": 1, "max_completion_tokens": 100_000},
+     "/v1/chat/completions", 400, "max_completion_tokens"),
+    ("a content part without its type", {"model": MODEL, "messages": [{"role": "user", "content": [{"text": "Hi"}]}]},
+     "/v1/chat/completions", 400, "messages.0.content.0.type"),
 ]
 
 
@@ -209,6 +218,15 @@ def test_bad_request_gets_its_4xx_and_the_server_keeps_serving(client, what, bod
     assert error["param"] == param
     assert error["message"] and "Traceback" not in r.text
     _good(client)
+
+
+def test_what_the_schema_allows_is_served(client):
+    """JSON Schema's integer takes 2.0 and the schema lets suffix be empty: both are served (schemathesis found them
+    refused)."""
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": [2444.0, 28.0], "max_tokens": 2.0, "seed": 7.0,
+                                              "suffix": "", "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
 
 
 def test_unknown_routes_and_methods_answer_openai_errors(client):
