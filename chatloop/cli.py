@@ -6,6 +6,10 @@
 With no overrides they run the embedded SmolLM2 split over 4 workers, spawned on this
 machine. Under torchrun every rank runs the same command: rank 0 becomes the coordinator,
 the others workers (``torchrun --nproc-per-node 5 --no-python chatloop-generate ...``).
+
+SIGTERM, at any moment (starting, generating, serving), shuts the cluster down and ends the process with
+status 143 within about a second, its workers with it; so does ``docker stop`` where the command is a
+container's PID 1 (which ignores any signal it has no handler for).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import select
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 import hydra
@@ -23,7 +28,7 @@ from omegaconf import DictConfig
 from .config import API_KEY_ENV, CONF_DIR, ChatLoopConfig, register_configs, to_config
 from .worker_settings import worker_environment
 
-__all__ = ["generate_main", "chat_main", "run_rank"]
+__all__ = ["Terminated", "generate_main", "chat_main", "run_rank"]
 
 register_configs()
 
@@ -72,13 +77,41 @@ def _supervise_rank(index: int, cfg: ChatLoopConfig) -> int:
         shutil.rmtree(config_file.parent, ignore_errors=True)
 
 
+class Terminated(SystemExit):
+    """SIGTERM came: raised in the main thread, it unwinds the stack (``with ChatLoop...`` shuts the cluster down
+    on its way), and the command then ends with status 143 (:func:`hydra_app`)."""
+
+
+_TERMINATING = threading.Event()
+
+
+def _on_sigterm(signum: int, _frame) -> None:
+    if _TERMINATING.is_set():  # one is enough: a second one must not cut the shutdown short
+        return
+    _TERMINATING.set()
+    raise Terminated(128 + signum)
+
+
+def _exit_now(code: int) -> None:
+    """End the process with ``code`` once the cluster is shut down, its log written out, without the interpreter's
+    exit (which first collects every object of torch, transformers and the model: seconds on a small machine)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def _start(cfg: ChatLoopConfig):
-    """``ChatLoop.start`` with Ctrl-C (SIGINT) blocked in every thread it starts (threads inherit the mask), so that
-    the kernel hands a Ctrl-C to the main thread rather than to them: one handed to another thread interrupts no
-    wait of the main thread. Threads started before (torch's own) may still take it: hence :class:`_StdinLines`."""
+    """``ChatLoop.start`` with Ctrl-C (SIGINT) and SIGTERM blocked in every thread it starts (threads inherit the
+    mask), so that the kernel hands them to the main thread rather than to them: one handed to another thread
+    interrupts no wait of the main thread. Threads started before (torch's own) may still take it: hence
+    :class:`_StdinLines`."""
     from .api import ChatLoop
 
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         return ChatLoop.start(cfg)
     finally:
@@ -171,7 +204,15 @@ def hydra_app(coordinator: Callable[[ChatLoopConfig], None], program: str = "cha
             print(f"{program}: error: do not put the API key on the command line (ps shows it, and it would be "
                   "written to the run folder): set CHATLOOP_API_KEY, or server.api_key_file=PATH", file=sys.stderr)
             sys.exit(2)
-        app()
+        # Python's default for SIGTERM is to die on the spot: the workers then noticed within 0.5 s, the temporary
+        # config folder stayed behind, and as a container's PID 1 the signal was ignored (docker stop: 10 s, then
+        # SIGKILL). uvicorn (chatloop-serve) handles it while it serves and raises it again after: it lands here.
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            app()
+        except Terminated as e:
+            logging.getLogger(__name__).info("%s: stopped by SIGTERM", program)
+            _exit_now(int(e.code or 143))
 
     return main
 

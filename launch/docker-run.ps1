@@ -7,6 +7,9 @@
 # $env:MODELS = "C:\path\to\models" mounts its partitions folder (your own split) read-only; $env:HTTP_PORT,
 # $env:METRICS_PORT (host ports, default 8000 and 9091 + N) and $env:PREFIX (container names, default chatloop)
 # let a second deployment run beside the first.
+# Restart policy: unless-stopped (as launch/docker-run.sh, which says why). A worker container stopped by hand
+# stays stopped; the coordinator names it and the command that brings it back (docker start chatloop-worker-2),
+# from CHATLOOP_CONTAINER and CHATLOOP_CONTAINER_ENGINE given to each worker below.
 param(
     [Parameter(Position = 0)][ValidateSet("build", "run-coordinator", "run-worker", "status", "stop")][string]$Verb,
     [Parameter(Position = 1)][string]$Worker,
@@ -19,6 +22,7 @@ $Network = if ($env:NETWORK) { $env:NETWORK } else { "chatloop" }
 $Prefix = if ($env:PREFIX) { $env:PREFIX } else { "chatloop" }
 $HttpPort = if ($env:HTTP_PORT) { [int]$env:HTTP_PORT } else { 8000 }
 $MetricsPort = if ($env:METRICS_PORT) { [int]$env:METRICS_PORT } else { 9091 }
+$Restart = "unless-stopped"
 $Mounts = @()
 if ($env:MODELS) { $Mounts = @("-v", "$((Resolve-Path $env:MODELS).Path)/partitions:/home/chatloop/models/partitions:ro") }
 
@@ -32,13 +36,14 @@ switch ($Verb) {
     "run-coordinator" {
         Ensure-Network
         docker run -d --name "${Prefix}-coordinator" --network $Network --network-alias coordinator `
-            --restart unless-stopped -e CHATLOOP_ROLE=coordinator -p "${HttpPort}:8000" @Mounts $Image @Rest
+            --restart $Restart -e CHATLOOP_ROLE=coordinator -p "${HttpPort}:8000" @Mounts $Image @Rest
     }
     "run-worker" {
         if ($Worker -notmatch '^\d+$') { throw "usage: docker-run.ps1 run-worker N (N = 0, 1, 2, ...)" }
         $n = [int]$Worker
         Ensure-Network
-        docker run -d --name "${Prefix}-worker-$n" --network $Network --network-alias "worker-$n" --restart unless-stopped `
+        docker run -d --name "${Prefix}-worker-$n" --network $Network --network-alias "worker-$n" --restart $Restart `
+            -e "CHATLOOP_CONTAINER=${Prefix}-worker-$n" -e CHATLOOP_CONTAINER_ENGINE=docker `
             -e CHATLOOP_ROLE=worker -e "CHATLOOP_WORKER=$n" -p "$($MetricsPort + $n):$(9091 + $n)" @Mounts $Image @Rest
     }
     "status" {

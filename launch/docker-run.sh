@@ -9,6 +9,13 @@
 # BUILD_ARGS passes more to the build (a base image, a proxy's CA, a local wheel folder: see README, Deploy);
 # HTTP_PORT and METRICS_PORT (host ports, default 8000 and 9091 + N) and PREFIX (container names, default
 # chatloop) let a second deployment run beside the first.
+# Restart policy: unless-stopped. A container that exits by itself (a crash, or status 75: the worker lost the
+# coordinator) comes back, and the coordinator replays the interrupted streams. One stopped by hand (docker/podman
+# stop or kill) stays stopped under any policy while the engine runs; "always" would differ only in starting it
+# again when the engine (or the host) restarts, against what the person who stopped it meant. The coordinator
+# then names the container and the command that brings it back (`docker start chatloop-worker-2`): each worker
+# is told its container's name and the engine command (CHATLOOP_CONTAINER, CHATLOOP_CONTAINER_ENGINE=$DOCKER).
+RESTART=unless-stopped
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DOCKER=${DOCKER:-docker}
@@ -29,12 +36,13 @@ case "${1:-}" in
   run-coordinator)
     network
     $DOCKER run -d --name "$PREFIX-coordinator" --network "$NETWORK" --network-alias coordinator \
-      --restart unless-stopped -e CHATLOOP_ROLE=coordinator -p "$HTTP_PORT:8000" "${mounts[@]}" "$IMAGE" "${@:2}" ;;
+      --restart "$RESTART" -e CHATLOOP_ROLE=coordinator -p "$HTTP_PORT:8000" "${mounts[@]}" "$IMAGE" "${@:2}" ;;
   run-worker)
     n=${2:?usage: docker-run.sh run-worker N}
     [[ "$n" =~ ^[0-9]+$ ]] || { echo "worker number must be 0, 1, 2, ... (got '$n')" >&2; exit 2; }
     network
-    $DOCKER run -d --name "$PREFIX-worker-$n" --network "$NETWORK" --network-alias "worker-$n" --restart unless-stopped \
+    $DOCKER run -d --name "$PREFIX-worker-$n" --network "$NETWORK" --network-alias "worker-$n" --restart "$RESTART" \
+      -e CHATLOOP_CONTAINER="$PREFIX-worker-$n" -e CHATLOOP_CONTAINER_ENGINE="$DOCKER" \
       -e CHATLOOP_ROLE=worker -e CHATLOOP_WORKER="$n" -p "$((METRICS_PORT + n)):$((9091 + n))" "${mounts[@]}" \
       "$IMAGE" "${@:3}" ;;
   status)

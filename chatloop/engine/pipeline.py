@@ -79,6 +79,8 @@ class StageReport:
     host: str | None = None
     machine: str | None = None
     """The kernel's boot id: stages of one machine share it, in containers and network namespaces too."""
+    container: str | None = None
+    """The container its worker runs in ($CHATLOOP_CONTAINER), which messages name with the command to start it."""
     pid: int | None = None
     in_process: bool = False
     """It runs inside the coordinator's process (no RPC)."""
@@ -206,7 +208,8 @@ class LocalPipeline(Pipeline):
         return x
 
     def describe(self, timeout: float) -> list[StageReport]:
-        return [replace(runner.describe(), in_process=True) for runner in self.runners]
+        # A stage whose outputs turned non-finite reports itself down (StageRunner.health_error).
+        return [replace(runner.describe(), in_process=True, error=runner.health_error) for runner in self.runners]
 
     def take_timings(self) -> dict[str, list[StageTiming]]:
         return {runner.name: runner.take_timings() for runner in self.runners}

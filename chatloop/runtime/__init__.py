@@ -4,7 +4,8 @@
 ``rendezvous``: the store ranks meet in and one RPC world per generation; ``worker``: a worker
 process; ``processes``: starting one; ``remote_stage``: a worker's stage as an RPC object;
 ``results``: where the last stage's tokens land on the coordinator; ``worker_metrics``: each
-worker's Prometheus endpoint.
+worker's Prometheus endpoint; ``members``: what a worker tells the coordinator when it joins (its
+container, or the command that starts it again), and how messages name a lost one.
 """
 
 from .cluster import RpcCluster, StartupError, under_torchrun

@@ -34,6 +34,7 @@ from ..worker_settings import worker_environment
 from . import remote_stage, results
 from .healing import Watchdog
 from .links import Link, LinkListener
+from .members import not_back
 from .processes import WorkerProcess, write_config
 from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdown_rpc
 from .supervisor import WorkerSupervisor
@@ -53,6 +54,8 @@ UNHEALTHY_AFTER_FAILURES = 3
 """A stage whose last this many micro-batches all failed in it is reported down."""
 DEADLINE_CHECK_S = 0.25
 """How often the coordinator looks for steps past ``cluster.rpc_timeout_s``."""
+STOP_WAIT_S = 1.5
+"""At shutdown, how long the workers this process started get to leave by themselves before they are killed."""
 
 
 class StartupError(RuntimeError):
@@ -137,17 +140,20 @@ class RpcPipeline(Pipeline):
 
     # ---- where a step is -----------------------------------------------------------------------
     def heartbeat(self, timeout: float) -> dict[int, str]:
-        """Ask every stage's RPC threads for a sign of life: {stage: why} for those that give none, or whose compute
-        thread has been on one micro-batch for longer than the progress deadline."""
+        """Ask every stage's RPC threads for a sign of life: {stage: why} for those that give none, whose compute
+        thread has been on one micro-batch for longer than the progress deadline, or that found themselves unhealthy
+        (their outputs turned non-finite)."""
         futures = [rpc.rpc_async(name, remote_stage.alive, timeout=timeout) for name in self.stage_names]
         lost = {}
         for k, f in enumerate(futures):
             try:
-                _, computing_s = f.wait()
+                _, computing_s, unhealthy = f.wait()
             except Exception as e:
                 lost[k] = f"no answer to the heartbeat within {timeout:g} s ({_first_line(e)})"
                 continue
-            if computing_s is not None and computing_s > self.progress_deadline_s:
+            if unhealthy is not None:
+                lost[k] = f"{self.stage_names[k]} is unhealthy: {unhealthy}"
+            elif computing_s is not None and computing_s > self.progress_deadline_s:
                 lost[k] = (f"no progress: one micro-batch has been computing for {computing_s:.0f} s "
                            f"(cluster.progress_deadline_s={self.progress_deadline_s:g})")
         return lost
@@ -206,8 +212,8 @@ class RpcPipeline(Pipeline):
             self._sent[mb_id] = time.monotonic()
             self._overdue.discard(mb_id)
         name, state, seconds = moving[0]
-        log.info("micro-batch %d is past cluster.rpc_timeout_s=%g s but %s at %s (for %.1f s): waiting for it",
-                 mb_id, self.timeout, state, name, seconds)
+        log.info("generation %d: micro-batch %d is past cluster.rpc_timeout_s=%g s but %s at %s (for %.1f s): waiting "
+                 "for it", self.generation, mb_id, self.timeout, state, name, seconds)
         return True
 
     def cancel(self, mb_ids: list[int]) -> None:
@@ -282,7 +288,13 @@ class RpcCluster:
         self.pipeline: RpcPipeline | None = None
         self.stage_reports: list[StageReport] = []
         self.members: dict[int, dict] = {}
-        """What each worker said when it joined the current generation (pid, host)."""
+        """What each worker said when it joined the current generation (pid, host, container: see
+        :mod:`~chatloop.runtime.members`)."""
+        self.known: dict[int, dict] = {}
+        """What each worker said when it last announced itself, in any generation: a lost worker's messages name
+        it (its container) and say how to bring it back."""
+        self.closing = threading.Event()
+        """Set when :meth:`shutdown` begins: a generation being formed stops waiting, nothing is restarted."""
         self.listener: ClusterListener | None = None
         self.results_listener: LinkListener | None = None
         """Where the last stage delivers token ids (this rank's interface, an ephemeral port)."""
@@ -327,7 +339,7 @@ class RpcCluster:
                 log.info("waiting for %d workers at %s (chatloop-worker --config configs/worker-config-N.yaml "
                          "--coordinator %s)", num_workers, rendezvous.where, rendezvous.where)
             deadline = time.monotonic() + timeout
-            cluster.form(0, deadline, on_exit=cluster._refuse_exit)
+            cluster.form(0, deadline, on_exit=cluster._refuse_exit, waited=f"cluster.startup_timeout_s={timeout:g} s")
             cluster.load_stages(deadline)
         except GenerationError as e:
             cluster.shutdown()
@@ -345,11 +357,12 @@ class RpcCluster:
 
     # ---- forming a generation ------------------------------------------------------------------
     def form(self, generation: int, deadline: float,
-             on_exit: Callable[[WorkerSupervisor, str], bool]) -> None:
+             on_exit: Callable[[WorkerSupervisor, str], bool], waited: str = "the time allowed") -> None:
         """Wait for every worker to announce itself, then start RPC for ``generation`` with them.
 
         ``on_exit(supervisor, how)`` handles a started worker that exited meanwhile: True if it was
-        started again, else it raises :class:`GenerationError`.
+        started again, else it raises :class:`GenerationError`. ``waited`` names the limit that ``deadline``
+        comes from, for the error ('cluster.recovery_timeout_s=60 s').
         """
         cfg, rendezvous = self.cfg, self.rendezvous
         n = cfg.cluster.num_workers
@@ -358,19 +371,19 @@ class RpcCluster:
         while True:
             ready = rendezvous.ready(generation, n)
             for k in sorted(set(ready) - seen):
-                log.info("worker%d joined generation %d (pid %s on %s)", k, generation, ready[k].get("pid"),
-                         ready[k].get("host"))
+                container = ready[k].get("container")
+                log.info("worker%d joined generation %d (pid %s on %s%s)", k, generation, ready[k].get("pid"),
+                         ready[k].get("host"), f", container {container}" if container else "")
+                self.known[k] = ready[k]
             seen = set(ready)
             if len(ready) == n:
                 break
             self._check_exits(on_exit)
+            missing = [k for k in range(n) if k not in ready]
+            if self.closing.is_set():
+                raise GenerationError(missing, "the service is stopping")
             if time.monotonic() > deadline:
-                missing = [k for k in range(n) if k not in ready]
-                failures = [f for f in (rendezvous.failure(k) for k in missing) if f]
-                raise GenerationError(missing, (
-                    f"{', '.join(f'worker{k}' for k in missing)} did not join the coordinator at {rendezvous.where} "
-                    f"in time: start them (rank k+1 is worker k), or check that they can reach this address"
-                    + (f" ({'; '.join(failures)})" if failures else "")))
+                raise self._not_joined(missing, waited)
             time.sleep(0.05)
         self.members = ready
         rendezvous.start(generation)
@@ -380,6 +393,31 @@ class RpcCluster:
             deadline, on_exit,
         )
         self.generation = generation
+
+    def _not_joined(self, missing: list[int], waited: str) -> GenerationError:
+        """Why ``missing`` did not join in time, and what to do: a worker that joined before is named by what it
+        said then ('worker2 (container chatloop-worker-2) ... bring it back with `docker start chatloop-worker-2`');
+        one that never joined, by how such workers start."""
+        where = self.rendezvous.where
+        reasons = {k: why for k in missing if (why := not_back(k, self.known.get(k), where, waited)) is not None}
+        never = [k for k in missing if k not in reasons]
+        if never:
+            if under_torchrun():
+                how = "start them (rank k+1 is worker k)"
+            elif self.cfg.cluster.launch == "external":
+                how = (f"start each with `chatloop-worker --config configs/worker-config-N.yaml --coordinator "
+                       f"{where}` (worker N)")
+            else:
+                how = "they were started here: see their output above"
+            text = (f"{', '.join(f'worker{k}' for k in never)} did not join the coordinator at {where} in time "
+                    f"({waited}): {how}, or check that they can reach this address")
+            reasons.update({k: text for k in never})
+        for k in missing:
+            failure = self.rendezvous.failure(k)
+            if failure:
+                reasons[k] += f" ({failure})"
+        message = "; ".join(dict.fromkeys(reasons[k] for k in missing))  # one sentence for those never joined
+        return GenerationError(missing, message, reasons=reasons)
 
     def _check_exits(self, on_exit: Callable[[WorkerSupervisor, str], bool]) -> None:
         for supervisor in self.supervisors:
@@ -404,6 +442,8 @@ class RpcCluster:
         while thread.is_alive():
             thread.join(0.1)
             self._check_exits(on_exit)
+            if self.closing.is_set():
+                raise GenerationError(list(range(self.cfg.cluster.num_workers)), "the service is stopping")
             if time.monotonic() > deadline:
                 raise GenerationError(list(range(self.cfg.cluster.num_workers)), (
                     f"RPC did not start in time (store {self.rendezvous.where})"))
@@ -481,19 +521,22 @@ class RpcCluster:
             log.warning("could not end generation %d in the store: %s", self.generation, _first_line(e))
         self.pipeline = None
         if not shutdown_rpc(graceful=False, timeout_s=10):
-            log.warning("the RPC agent of generation %d did not stop within 10 s", self.generation)
+            log.warning("the coordinator's RPC agent of generation %d did not stop within 10 s", self.generation)
 
     def describe(self, timeout: float) -> list[StageReport]:
-        """Every stage's report; while the cluster heals, the lost stages say so (and why)."""
+        """Every stage's report, with the container its worker runs in; while the cluster heals, the lost stages
+        say so (and why, and how to bring them back)."""
         if self.watchdog is not None and self.watchdog.lost:
             lost = dict(self.watchdog.lost)
             state = self.watchdog.state
-            return [replace(StageReport.down(name, k, f"{state}: {lost[k]}"), recovering=state == "recovering")
-                    if k in lost else StageReport(name=name, index=k, host=(self.members.get(k) or {}).get("host"))
-                    for k, name in enumerate(self.stage_names)]
-        if self.pipeline is None:
-            return [StageReport.down(name, k, "the cluster is stopped") for k, name in enumerate(self.stage_names)]
-        return self.pipeline.describe(timeout)
+            reports = [replace(StageReport.down(name, k, f"{state}: {lost[k]}"), recovering=state == "recovering")
+                       if k in lost else StageReport(name=name, index=k, host=(self.members.get(k) or {}).get("host"))
+                       for k, name in enumerate(self.stage_names)]
+        elif self.pipeline is None:
+            reports = [StageReport.down(name, k, "the cluster is stopped") for k, name in enumerate(self.stage_names)]
+        else:
+            reports = self.pipeline.describe(timeout)
+        return [replace(r, container=(self.known.get(r.index) or {}).get("container")) for r in reports]
 
     @property
     def stage_names(self) -> list[str]:
@@ -501,40 +544,60 @@ class RpcCluster:
 
     # ---- stopping ------------------------------------------------------------------------------
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop every rank within about ``timeout`` seconds; kill the workers we started that do not stop."""
+        """Stop every rank, in well under a second: the workers leave (and exit) when the store says the service
+        closed; the ones this process started that are still there after ``STOP_WAIT_S`` are killed.
+
+        RPC goes down with every rank at once while every worker is there (no errors logged), else at once: a
+        graceful shutdown waits for every rank, and with one gone (the case a SIGTERM often follows) it took
+        ``timeout`` (10 s) before this process even looked at its workers again.
+        """
         if self._shut:
             return
         self._shut = True
+        self.closing.set()
+        for supervisor in self.supervisors:
+            supervisor.closed = True  # nothing is started again from now on
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.pipeline is not None:
             self.pipeline.close()
         self.pipeline = None
+        whole = (self.watchdog is None or self.watchdog.state == "serving") and all(
+            s.process is None or s.process.poll() is None for s in self.supervisors)
         try:
-            self.rendezvous.close_service()
+            self.rendezvous.close_service(graceful=whole)
             self.rendezvous.end(self.generation)
         except Exception as e:  # the store is ours on one host; under torchrun it may be gone already
             log.debug("could not tell the workers to leave: %s", _first_line(e))
         if self.results_listener is not None:
             self.results_listener.close()
-        if not shutdown_rpc(graceful=True, timeout_s=timeout):
-            log.warning("RPC shutdown did not finish in %.0f s: stopping the workers", timeout)
-        deadline = time.monotonic() + 5
+        if not shutdown_rpc(graceful=whole, timeout_s=timeout):
+            log.warning("the coordinator's RPC agent did not stop within %.0f s", timeout)
+        deadline = time.monotonic() + STOP_WAIT_S  # they look at the store every 0.2 s, then exit at once
         for supervisor in self.supervisors:
             while supervisor.process is not None and supervisor.process.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            supervisor.stop()
+                time.sleep(0.02)
+        for supervisor in self.supervisors:
+            if supervisor.process is not None and supervisor.process.poll() is None:
+                log.warning("%s (pid %d) did not leave within %.1f s of the service closing: killing it",
+                            supervisor.name, supervisor.process.pid, STOP_WAIT_S)
+            supervisor.kill()
         self.rendezvous.close()
         if self._config_file:
             shutil.rmtree(os.path.dirname(self._config_file), ignore_errors=True)
 
 
 class GenerationError(RuntimeError):
-    """A generation could not form or load: which workers held it up, and why."""
+    """A generation could not form or load: which workers held it up, and why (each one's own reason in
+    ``reasons``, where they differ)."""
 
-    def __init__(self, indices: list[int], message: str) -> None:
+    def __init__(self, indices: list[int], message: str, reasons: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.indices = indices
+        self.reasons = dict(reasons or {})
+
+    def reason(self, index: int) -> str:
+        return self.reasons.get(index, str(self))
 
 
 def _while(ended: str, when: str) -> str:

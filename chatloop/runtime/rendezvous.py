@@ -127,12 +127,19 @@ class Rendezvous:
         """Every rank leaves ``generation`` (and joins the next, unless :meth:`close_service` came first)."""
         self.store.set(f"end/{generation}", "1")
 
-    def close_service(self) -> None:
-        """The service stops: workers leave for good once their generation ends (call before :meth:`end`)."""
-        self.store.set("closed", "1")
+    def close_service(self, graceful: bool = True) -> None:
+        """The service stops: workers leave for good once their generation ends (call before :meth:`end`).
+
+        ``graceful``: every rank is there, and RPC goes down on all of them together; else each rank tears its
+        agent down at once (a graceful shutdown would wait for the rank that is gone)."""
+        self.store.set("closed", "graceful" if graceful else "at once")
 
     def closed(self) -> bool:
         return self._has("closed")
+
+    def closes_gracefully(self) -> bool:
+        """The service closed with every rank there (:meth:`close_service`)."""
+        return self._has("closed") and self._get("closed") == "graceful"
 
     def evict(self, index: int, pid: int) -> None:
         """Worker ``index``'s process ``pid`` stopped answering: its supervisor kills it and starts another."""
@@ -219,18 +226,22 @@ def init_rpc_generation(
     rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
 
 
-def shutdown_rpc(graceful: bool, timeout_s: float = 10.0) -> bool:
+def shutdown_rpc(graceful: bool, timeout_s: float = 10.0, barrier_s: float = 1.0) -> bool:
     """Tear this rank's RPC agent down; False if that hung for ``timeout_s``.
 
-    ``graceful``: with every rank at once, after the calls in flight (the service closes); if a
-    rank is gone that fails, and the agent is torn down at once. Otherwise at once, without
+    ``graceful``: with every rank at once, after the calls in flight (the service closes), waiting
+    at most ``barrier_s`` for the other ranks (torch's own default waits for ever: a rank that is
+    gone held the shutdown up until ``timeout_s``), then at once anyway. Otherwise at once, without
     waiting for peers (a generation ends because one of them was lost).
     """
     done = threading.Event()
 
     def run() -> None:
         try:
-            rpc.shutdown(graceful=graceful)
+            if graceful:
+                rpc.shutdown(graceful=True, timeout=barrier_s)
+            else:
+                rpc.shutdown(graceful=False)
         except Exception as e:  # a dead peer fails the graceful barrier
             log.debug("RPC shutdown: %s", _first_line(e))
             if graceful:

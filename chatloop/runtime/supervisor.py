@@ -42,6 +42,8 @@ class WorkerSupervisor:
         self.given_up: str | None = None
         """Why the worker is not started again any more (None while it is)."""
         self.process: WorkerProcess | None = None
+        self.closed = False
+        """The service is stopping: the worker is not started again."""
 
     def start(self) -> WorkerProcess:
         env = {**self.env, "CHATLOOP_WORKER_INDEX": str(self.index), "CHATLOOP_WORKER_ATTEMPT": str(self.attempt)}
@@ -68,9 +70,12 @@ class WorkerSupervisor:
             self.process.stop(timeout_s=1)
 
     def restart(self, reason: str, counted: bool = True) -> bool:
-        """Start it again after it failed (``reason``); False, and :attr:`given_up` set, past the limit."""
+        """Start it again after it failed (``reason``); False, and :attr:`given_up` set, past the limit (or, once the
+        service is stopping, False and nothing started)."""
         ran_for = time.monotonic() - self.process.started if self.process is not None else 0.0
         self.kill()
+        if self.closed:
+            return False
         if ran_for > STABLE_S:
             self.failures_in_a_row = 0
         if counted:
@@ -81,7 +86,7 @@ class WorkerSupervisor:
             log.error("%s", self.given_up)
             return False
         self.restarts += 1
-        log.warning("starting %s again (restart %d, %d failed in a row): %s", self.name, self.restarts,
+        log.warning("%s: starting it again (restart %d, %d failed in a row): %s", self.name, self.restarts,
                     self.failures_in_a_row, reason.splitlines()[0])
         self.start()
         return True

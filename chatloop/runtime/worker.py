@@ -14,11 +14,11 @@ import logging
 import os
 import pickle
 import signal
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch.distributed.rpc as rpc
 
@@ -27,6 +27,7 @@ from ..network import rank_interfaces
 from ..worker_config import WorkerFile, load_worker_file
 from ..worker_settings import apply_worker_settings, worker_environment
 from . import remote_stage
+from .members import announcement
 from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdown_rpc
 from .supervisor import EXIT_COORDINATOR_LOST
 from .worker_metrics import METRICS_HOST_ENV, start_worker_metrics
@@ -44,11 +45,14 @@ def backend_options(cfg: ChatLoopConfig, timeout_s: float) -> rpc.TensorPipeRpcB
     )
 
 
-def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous, own: WorkerFile | None = None) -> None:
+def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous, own: WorkerFile | None = None,
+                 command: list[str] | None = None) -> None:
     """Worker ``index``: set up this process, then serve every generation until the service closes.
 
     ``own``: the worker's config file (``chatloop-worker``), which the coordinator's requests are checked
-    against, and whose ``port`` serves ``GET /health``.
+    against, and whose ``port`` serves ``GET /health``. ``command``: how a person starts this worker again
+    (``chatloop-worker``'s command line), told to the coordinator with its container (``$CHATLOOP_CONTAINER``),
+    so that its messages about a lost worker say how to bring it back (:mod:`~chatloop.runtime.members`).
     """
     apply_worker_settings(index, cfg.cluster.num_workers, cfg.worker.worker_threads, cfg.worker.enable_cpu_pinning)
     port = cfg.worker.metrics_port + index
@@ -64,7 +68,7 @@ def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous, own: W
         if found is None:
             break
         generation = found
-        rendezvous.announce(generation, index, {"pid": os.getpid(), "host": socket.gethostname()})
+        rendezvous.announce(generation, index, announcement(command))
         if not rendezvous.wait_start(generation):
             continue
         init_rpc_generation(name, index + 1, world_size, generation, rendezvous,
@@ -75,7 +79,7 @@ def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous, own: W
         STATE.update(state="leaving")
         left = time.monotonic()
         remote_stage.release()
-        if not shutdown_rpc(graceful=closed, timeout_s=30):
+        if not shutdown_rpc(graceful=closed and _closes_gracefully(rendezvous), timeout_s=30):
             # Its agent is stuck: a new one could be torn down by the old shutdown. A fresh process joins instead.
             log.error("%s: leaving generation %d hung: exiting to be started again", name, generation)
             raise RendezvousError(f"{name} could not leave generation {generation}")
@@ -83,6 +87,13 @@ def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous, own: W
         if closed:
             break
     log.info("%s: the coordinator closed the service", name)
+
+
+def _closes_gracefully(rendezvous: Rendezvous) -> bool:
+    try:
+        return rendezvous.closes_gracefully()
+    except (RuntimeError, OSError):  # the coordinator and its store are gone already
+        return False
 
 
 STATE: dict = {"state": "starting", "generation": None}
@@ -141,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="HOST:PORT of the coordinator's store, or 'torchrun' for torchrun's (MASTER_ADDR/PORT)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the coordinator) is gone")
     args = parser.parse_args(argv)
+    code = _run(args)
+    if argv is None:  # a process of its own (python -m chatloop.runtime): nothing is left to tidy up
+        _exit_now(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     with open(args.config, "rb") as f:
         cfg: ChatLoopConfig = pickle.load(f)
     logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s worker{args.index} %(levelname)s %(message)s")
@@ -161,6 +179,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker{args.index}: lost the coordinator at {args.coordinator}: {e}", file=sys.stderr)
         return EXIT_COORDINATOR_LOST
     return 0
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End this worker process now, with ``code``, its log written out.
+
+    Nothing is left to save once the service closed (or SIGTERM came): the interpreter's own exit would first
+    collect every object of torch and the model, 1-3 s per worker on 2 cores (py-spy: ``gc_collect_main`` in
+    ``Py_FinalizeEx``), which made the whole group outlive a SIGTERM to the coordinator by seconds.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to write
+            pass
+    os._exit(code)
+
+
+def _stop_on_sigterm(name: str) -> None:
+    """SIGTERM (``docker stop``, ``podman stop``, systemd, ``kill``) ends this worker at once with status 143.
+
+    Needed in a container, where the worker is PID 1: the kernel ignores a signal PID 1 has no handler for,
+    so ``docker stop`` waited its 10 s and then SIGKILLed it. The coordinator replaces the stage (or says
+    how to bring this worker back) as for any lost worker.
+    """
+    def stop(signum: int, _frame) -> None:
+        log.warning("%s: stopped by %s: leaving", name, signal.Signals(signum).name)
+        _exit_now(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 
@@ -213,10 +261,18 @@ def cli_main(argv: list[str] | None = None) -> int:
         _reexec_with(worker_environment(cfg.worker))
     logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s {own.name} %(levelname)s %(message)s")
     os.environ.update(rank_interfaces(host, dict(os.environ)))
+    if argv is None:
+        _stop_on_sigterm(own.name)
+    command = ["chatloop-worker", "--config", str(Path(args.config).resolve()), "--coordinator", args.coordinator]
+    if args.partitions_dir:
+        command += ["--partitions-dir", own.partitions_dir]
     try:
         rendezvous = Rendezvous.join(host, int(port), cfg.cluster.startup_timeout_s)
-        serve_worker(own.worker, cfg, rendezvous, own)
+        serve_worker(own.worker, cfg, rendezvous, own, command=command)
+        code = 0
     except (RendezvousError, RuntimeError, OSError) as e:
         print(f"chatloop-worker: {own.name} lost the coordinator at {args.coordinator}: {e}", file=sys.stderr)
-        return EXIT_COORDINATOR_LOST
-    return 0
+        code = EXIT_COORDINATOR_LOST
+    if argv is None:  # a process of its own: nothing is left to tidy up
+        _exit_now(code)
+    return code

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -328,7 +329,7 @@ def serve(cfg: ChatLoopConfig) -> None:
         app = create_app(llm, cfg, on_shutdown=llm.shutdown)
         config = uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, log_config=None,
                                 log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5)
-        server = uvicorn.Server(config)
+        server = _server(config, stopping=llm.scheduler.close)
         log.info("serving %s on http://%s:%d/v1 (docs: /docs, health: /health, metrics: /metrics)",
                  model_id(cfg), cfg.server.host, cfg.server.port)
         try:
@@ -340,6 +341,21 @@ def serve(cfg: ChatLoopConfig) -> None:
                 f"could not serve on {cfg.server.host}:{cfg.server.port}: is the port taken? set server.port")
     finally:
         llm.shutdown()
+
+
+def _server(config, stopping: Callable[[], None]):
+    """A uvicorn server that, at the first SIGINT/SIGTERM, ends the running requests at once (``stopping``: their
+    streams end with a 'server is stopping' error event): uvicorn's graceful shutdown waits for open connections,
+    and with streams running it waited its whole ``timeout_graceful_shutdown`` (5 s) before the cluster stopped."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:  # in a thread: the signal may have come while this thread holds the scheduler
+                threading.Thread(target=stopping, name="chatloop-stopping", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def _hydra_app():

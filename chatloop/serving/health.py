@@ -80,7 +80,8 @@ class HealthMonitor:
         if self.last is not None and self.last.healthy and not report.healthy:
             log.error("stage(s) down: %s", report.summary())
         elif self.last is not None and not self.last.healthy and report.healthy:
-            log.warning("every stage answers again")
+            log.warning("every stage answers again (%s %s down)", ", ".join(s.name for s in self.last.down),
+                        "was" if len(self.last.down) == 1 else "were")
         self.last = report
         return report
 

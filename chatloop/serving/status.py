@@ -6,8 +6,10 @@
     worker0      worker/1       vm    health 50051, metrics 9091  0-7   partition_0.safetensors  1.0 GiB  up 17s (...)
     worker2      worker/3       vm    metrics 9093              16-22   partition_2.safetensors  -  DOWN: no answer ...
 
-The exit status is 0 when every stage answers, 1 when a stage is down, 2 when the server
-cannot be reached. ``--json`` prints the raw document. The server side is :func:`build_status`.
+A worker in a container shows the container's name as its host; a down one says how to bring it back
+("... bring it back with `docker start chatloop-worker-2`"). The exit status is 0 when every stage answers,
+1 when a stage is down, 2 when the server cannot be reached. ``--json`` prints the raw document. The server
+side is :func:`build_status`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def build_status(stats: EngineStats, report: HealthReport, *, model: str,
             "role": "stage" if stage.in_process else "worker",
             "rank": 0 if stage.in_process else stage.index + 1,
             "host": stage.host,
+            "container": stage.container,
             "pid": stage.pid,
             "layers": stage.layers,
             "partition": stage.partition,
@@ -123,7 +126,7 @@ def _row(node: dict[str, Any]) -> list[str]:
     return [
         node["name"],
         f"{node['role']}/{node['rank']}",
-        node.get("host") or "-",
+        node.get("container") or node.get("host") or "-",
         _ports(node),
         node.get("layers") or "-",
         partition or "-",
