@@ -283,7 +283,8 @@ class ChatLoop:
         watchdog = self.cluster.watchdog if self.cluster is not None else None
         return EngineStats(
             num_waiting=s.num_waiting, num_running=s.num_running, num_in_flight=s.num_in_flight,
-            last_batch_size=s.last_batch_size, generated_tokens=s.generated_tokens, finished=dict(s.finished),
+            max_in_flight=self.scheduler.max_in_flight, last_batch_size=s.last_batch_size,
+            generated_tokens=s.generated_tokens, finished=dict(s.finished),
             queue_capacity=self.scheduler.policy.max_queue_size, kv_blocks_total=allocator.num_blocks,
             kv_blocks_free=allocator.num_free, kv_block_size=allocator.block_size, replays=s.replays,
             cluster_state=self.cluster_state,

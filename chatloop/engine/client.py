@@ -26,6 +26,8 @@ class EngineStats:
     num_in_flight: int
     last_batch_size: int
     generated_tokens: int
+    max_in_flight: int = 1
+    """Micro-batches the scheduler keeps in flight at most: the stages that can compute at once."""
     finished: dict[str, int] = field(default_factory=dict)
     """Sequences that ended, by finish reason."""
     queue_capacity: int = 0

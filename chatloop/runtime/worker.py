@@ -113,9 +113,11 @@ def start_health_endpoint(name: str, port: int) -> int | None:
             if self.path != "/health":
                 self.send_error(404, "only GET /health here")
                 return
-            serving = STATE["state"] == "serving" and remote_stage.CURRENT is not None
-            body = json.dumps({"name": name, "pid": os.getpid(), **STATE, "stage_loaded": remote_stage.CURRENT
-                               is not None}).encode()
+            stage = remote_stage.CURRENT
+            unhealthy = stage.runner.unhealthy if stage is not None else None  # its outputs turned non-finite
+            serving = STATE["state"] == "serving" and stage is not None and unhealthy is None
+            body = json.dumps({"name": name, "pid": os.getpid(), **STATE, "stage_loaded": stage is not None,
+                               "unhealthy": unhealthy}).encode()
             self.send_response(200 if serving else 503)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

@@ -17,9 +17,11 @@ keep them on a private network. Only this HTTP port is meant for clients.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -332,6 +334,10 @@ def serve(cfg: ChatLoopConfig) -> None:
         server = _server(config, stopping=llm.scheduler.close)
         log.info("serving %s on http://%s:%d/v1 (docs: /docs, health: /health, metrics: /metrics)",
                  model_id(cfg), cfg.server.host, cfg.server.port)
+        if not ipaddress.ip_address(socket.gethostbyname(cfg.server.host)).is_loopback and not load_api_key(cfg.server):
+            log.warning("server.host=%s without an API key: anyone who reaches this port can use the model (set "
+                        "CHATLOOP_API_KEY or server.api_key_file; in a container, publish the port on 127.0.0.1)",
+                        cfg.server.host)
         try:
             server.run()
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown

@@ -59,14 +59,15 @@ def deployment():
     http_port, metrics_port = _free_block(1), _free_block(4)
     while metrics_port <= http_port < metrics_port + 4:
         metrics_port = _free_block(8) + 4
-    env = {**os.environ, "DOCKER": "podman --runtime runc", "IMAGE": IMAGE,
+    base_env = {**os.environ, "DOCKER": "podman --runtime runc", "IMAGE": IMAGE,
            "NETWORK": PREFIX, "PREFIX": PREFIX, "HTTP_PORT": str(http_port), "METRICS_PORT": str(metrics_port)}
     pip_args = subprocess.run([sys.executable, str(ROOT / "launch" / "pip_build_args.py")], capture_output=True,
                               text=True, check=True).stdout.strip()
-    env["BUILD_ARGS"] = f"{pip_args} --build-arg BASE={BASE}"
+    base_env["BUILD_ARGS"] = f"{pip_args} --build-arg BASE={BASE}"
 
-    def run(*verb: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(RUN), *verb], env=env, capture_output=True, text=True, timeout=timeout)
+    def run(*verb: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(RUN), *verb], env={**base_env, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout)
 
     built = run("build", timeout=1800)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
@@ -160,3 +161,59 @@ def test_a_killed_worker_container_restarts_and_the_service_answers_again(deploy
                                capture_output=True, text=True, check=True).stdout.split()
     assert restarted[1] != pid, "the worker container was not restarted"
     assert _micro_batches(deployment["metrics"][2])
+
+
+def test_the_stages_know_they_share_one_machine_and_take_turns(deployment):
+    """Five containers have five hostnames but one kernel: kept apart by hostname they computed four stages at
+    once on this host's cores, 15x slower than the same workers outside containers."""
+    status = json.loads(deployment["run"]("status", "--json").stdout.split("\n\n", 1)[1])
+    workers = [n for n in status["nodes"] if n["role"] == "worker"]
+    assert len({n["host"] for n in workers}) == 4, workers  # a hostname each...
+    assert len({n["machine"] for n in workers}) == 1, workers  # ...one machine
+    assert status["nodes"][0]["max_in_flight"] == 1, status["nodes"][0]
+    assert {n["omp_spin_count"] for n in workers} == {"20000"}, workers  # the config's, not libgomp's default
+
+
+def test_ports_are_published_on_loopback_only(deployment):
+    for name in ("coordinator", *(f"worker-{k}" for k in range(4))):
+        ports = subprocess.run(["podman", "port", f"{PREFIX}-{name}"], capture_output=True, text=True,
+                               check=True).stdout.split()
+        bound = [p for p in ports if ":" in p]
+        assert bound and all(p.startswith("127.0.0.1:") for p in bound), (name, ports)
+
+
+def test_publishing_beyond_loopback_needs_an_api_key(deployment):
+    refused = deployment["run"]("run-coordinator", env={"PUBLISH_ADDR": "0.0.0.0", "PREFIX": f"{PREFIX}-open"})
+    assert refused.returncode != 0
+    assert "CHATLOOP_API_KEY" in refused.stderr and "PUBLISH_ADDR=127.0.0.1" in refused.stderr, refused.stderr
+    made = subprocess.run(["podman", "ps", "-aq", "--filter", f"name=^{PREFIX}-open-"], capture_output=True,
+                          text=True).stdout.strip()
+    assert made == "", "a container was created though the script refused"
+
+
+def test_a_worker_container_stopped_by_hand_is_named_with_the_command_that_brings_it_back(deployment):
+    name = f"{PREFIX}-worker-3"
+    subprocess.run(["podman", "stop", "-t", "2", name], capture_output=True, check=True)
+    deadline, body = time.monotonic() + 60, ""
+    while time.monotonic() < deadline and f"start {name}" not in body:
+        time.sleep(1)
+        answer = httpx.get(f"{deployment['url']}/health", timeout=10)
+        body = answer.text if answer.status_code == 503 else ""
+    assert f"start {name}" in body and name in body, body
+    shown = deployment["run"]("status")
+    assert f"start {name}" in shown.stdout, shown.stdout
+    subprocess.run(["podman", "start", name], capture_output=True, check=True)
+    _wait_ready(deployment["url"], 180)
+    assert "Paris" in _ask(deployment["url"])
+
+
+def test_sigterm_ends_the_coordinator_container_within_3_s(deployment):
+    """``docker stop`` sends SIGTERM, then SIGKILL after the timeout (exit status 137): the service must be gone
+    before that."""
+    name = f"{PREFIX}-coordinator"
+    started = time.monotonic()
+    subprocess.run(["podman", "stop", "-t", "3", name], capture_output=True, check=True)
+    took = time.monotonic() - started
+    code = subprocess.run(["podman", "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert code != "137", f"the coordinator did not exit within 3 s of SIGTERM (killed after {took:.1f} s)"
