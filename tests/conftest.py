@@ -60,7 +60,22 @@ def tiny_hf_config(family: str):
         return GPT2Config(
             vocab_size=TINY_VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
         )
-    raise ValueError(f"no tiny config for {family!r}: use llama, qwen2 or gpt2")
+    if family in TINY_FAMILY_CONFIGS:
+        return TINY_FAMILY_CONFIGS[family]()
+    raise ValueError(f"no tiny config for {family!r}: use llama, qwen2, gpt2, {', '.join(TINY_FAMILY_CONFIGS)}")
+
+
+def _tiny_qwen3():
+    """Qwen3: head_dim 32 apart from hidden / heads (16), untied head, per-head q/k norms, GQA."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                       max_position_embeddings=256, rope_theta=1000000.0)
+
+
+TINY_FAMILY_CONFIGS = {"qwen3": _tiny_qwen3}
+"""The families of issue 20 (tests/unit/test_families.py): a builder of a tiny transformers config each."""
 
 
 def build_tiny_model(family: str, seed: int = 0):

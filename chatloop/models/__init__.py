@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from .gpt2 import GPT2Stage
 from .kv_cache import PagedKVCache
 from .layer_range import LayerRange
 from .llama import LlamaStage
+from .qwen3 import Qwen3Stage
 from .stage_model import StageModel
 
 __all__ = ["Family", "LayerRange", "ModelArgs", "PagedKVCache", "StageModel", "StepBatch", "build_stage", "family_of"]
@@ -75,6 +77,7 @@ _GPT2 = Family(
     "transformer.",
 )
 _FAMILIES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
+_FAMILIES["qwen3"] = dataclasses.replace(_LLAMA, stage_class=Qwen3Stage)  # Llama's tensor names, its own layer
 
 
 def family_of(args: ModelArgs) -> Family:

@@ -8,7 +8,9 @@ from typing import Any
 __all__ = ["ModelArgs", "SUPPORTED_FAMILIES"]
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-SUPPORTED_FAMILIES = LLAMA_FAMILY + ("gpt2",)
+LLAMA_LIKE = ("qwen3",)
+"""Families whose config.json reads as Llama's plus a few options of their own (their modules sit beside llama.py)."""
+SUPPORTED_FAMILIES = LLAMA_FAMILY + LLAMA_LIKE + ("gpt2",)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class ModelArgs:
     attention_bias: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    qk_norm: str | None = None
+    """RMSNorm of queries and keys before rotary: "head" over each head's D (Qwen3), "projection" over all H*D."""
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
@@ -65,6 +69,9 @@ class ModelArgs:
             raise ValueError(
                 f"rope_type {rope_type!r} is not supported: use a model with default, linear or llama3 RoPE")
         num_heads = config["num_attention_heads"]
+        family_options: dict[str, Any] = {}
+        if family == "qwen3":
+            family_options["qk_norm"] = "head"
         return cls(
             family=family,
             vocab_size=config["vocab_size"],
@@ -80,4 +87,5 @@ class ModelArgs:
             attention_bias=config.get("attention_bias", family == "qwen2"),
             rope_theta=float(rope_theta),
             rope_scaling=rope if rope_type != "default" else None,
+            **family_options,
         )

@@ -60,7 +60,8 @@ class LlamaDecodeKernel:
         and on ChatLoop's kernels and whose norms and rotary run on its row kernels; None otherwise."""
         from .llama import LlamaStage
 
-        if not isinstance(stage, LlamaStage) or not stage.native_attention or load_kernels() is None:
+        if not isinstance(stage, LlamaStage) or not stage.single_call_decode or not stage.native_attention \
+                or load_kernels() is None:
             return None
         layers, keep = [], []
         for layer in stage.decoder_layers():

@@ -22,7 +22,8 @@ from .kv_cache import PagedKVCache
 from .layer_range import LayerRange
 from .stage_model import StageModel, attend
 
-__all__ = ["LlamaStage", "fuse_projections", "use_row_kernels"]
+__all__ = ["Attention", "DecoderLayer", "LlamaStage", "MLP", "RMSNorm", "fuse_projections", "rotate",
+           "use_row_kernels"]
 
 
 class RMSNorm(nn.Module):
@@ -105,15 +106,19 @@ class Attention(nn.Module):
             k = k.view(B, T, self.num_kv_heads, self.head_dim)
             v = v.view(B, T, self.num_kv_heads, self.head_dim)
             return self.o_proj(attend(q, self.layer, k, v, cache, batch))
-        if hasattr(self, "qkv_proj"):  # fused when loaded (fuse_projections): one matmul call, not three
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = rotate(q, *rope), rotate(k, *rope)
         return self.o_proj(attend(q, self.layer, k, v, cache, batch))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [B, T, H*D], keys and values [B, T, K*D] of ``x`` [B, T, C], from one fused matmul or three."""
+        if hasattr(self, "qkv_proj"):  # fused when loaded (fuse_projections): one matmul call, not three
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            return q, k, v
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     @property
     def qkv_sizes(self) -> list[int]:
@@ -135,9 +140,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    attention_class: type[Attention] = Attention
+
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(args, layer)
+        self.self_attn = self.attention_class(args, layer)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
@@ -150,9 +157,17 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaStage(StageModel):
-    """A contiguous range of Llama-family layers, plus the embeddings and/or head at the ends."""
+    """A contiguous range of Llama-family layers, plus the embeddings and/or head at the ends.
+
+    Families whose layers differ (see :mod:`~chatloop.models.qwen3` and its neighbours) subclass it and name their
+    own ``layer_class``; one whose layer is not exactly Llama's sets ``single_call_decode`` to False.
+    """
 
     embedding_path = "model.embed_tokens"
+    layer_class: type[nn.Module] = DecoderLayer
+    """The decoder layer, built as ``layer_class(args, global_index)``."""
+    single_call_decode = True
+    """Its layers compute exactly what :mod:`~chatloop.models.fused_decode`'s one native call computes."""
 
     def __init__(self, args: ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> None:
         super().__init__(args, layers, is_first, is_last)
@@ -160,7 +175,7 @@ class LlamaStage(StageModel):
         self.model = nn.Module()
         if is_first or (is_last and args.tie_word_embeddings):
             self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(args, i) for i in layers.indices})
+        self.model.layers = nn.ModuleDict({str(i): self.layer_class(args, i) for i in layers.indices})
         if is_last:
             self.model.norm = RMSNorm(args.hidden_size, args.norm_eps)
             if not args.tie_word_embeddings:
@@ -192,12 +207,12 @@ def fuse_projections(stage: LlamaStage, concat) -> int:
     merged = 0
     for layer in stage.decoder_layers():
         attention, mlp = layer.self_attn, layer.mlp
-        qkv = concat([attention.q_proj, attention.k_proj, attention.v_proj])
-        if qkv is not None:
+        qkv = concat([attention.q_proj, attention.k_proj, attention.v_proj]) if hasattr(attention, "q_proj") else None
+        if qkv is not None:  # (Phi-3's checkpoints hold them fused already)
             attention.qkv_proj = qkv
             del attention.q_proj, attention.k_proj, attention.v_proj
             merged += 1
-        gate_up = concat([mlp.gate_proj, mlp.up_proj])
+        gate_up = concat([mlp.gate_proj, mlp.up_proj]) if hasattr(mlp, "gate_proj") else None
         if gate_up is not None:
             mlp.gate_up_proj = gate_up
             del mlp.gate_proj, mlp.up_proj

@@ -1,0 +1,64 @@
+"""Qwen3 (dense): Llama's layer with queries and keys RMS-normalised per head before rotary.
+
+Qwen3 also sets ``head_dim`` apart from hidden / heads (128 with 16 heads of a 1024-wide model in Qwen3-0.6B),
+has no attention bias, and ties the head in its small models only. :class:`NormedAttention` serves OLMo 2 too,
+whose norms span the whole projection instead of each head.
+
+Shape legend: B sequences, T new tokens, H heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .args import ModelArgs
+from .batch import StepBatch
+from .kv_cache import PagedKVCache
+from .llama import Attention, DecoderLayer, LlamaStage, RMSNorm, rotate
+from .stage_model import attend
+
+__all__ = ["NormedAttention", "Qwen3Stage"]
+
+
+class NormedAttention(Attention):
+    """Llama's attention with ``q_norm`` and ``k_norm`` (RMSNorm) applied to queries and keys before rotary.
+
+    ``args.qk_norm`` says over what: ``"head"`` normalises each head's D values (weights [D], Qwen3, Gemma 3),
+    ``"projection"`` the whole projection (weights [H*D] and [K*D], OLMo 2).
+    """
+
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__(args, layer)
+        if args.qk_norm not in ("head", "projection"):
+            raise ValueError(f"qk_norm {args.qk_norm!r} is not one of 'head', 'projection'")
+        self.per_head = args.qk_norm == "head"
+        q_size = args.head_dim if self.per_head else args.num_heads * args.head_dim
+        k_size = args.head_dim if self.per_head else args.num_kv_heads * args.head_dim
+        self.q_norm = RMSNorm(q_size, args.norm_eps)
+        self.k_norm = RMSNorm(k_size, args.norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: StepBatch, cache: PagedKVCache
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        if not self.per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q, *rope), rotate(k, *rope)
+        return self.o_proj(attend(q, self.layer, k, v, cache, batch))
+
+
+class Qwen3Layer(DecoderLayer):
+    attention_class = NormedAttention
+
+
+class Qwen3Stage(LlamaStage):
+    """A contiguous range of Qwen3 layers; the checkpoint's names are Llama's plus ``q_norm`` and ``k_norm``."""
+
+    layer_class = Qwen3Layer
+    single_call_decode = False  # the native step has no q/k norms

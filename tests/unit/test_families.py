@@ -1,0 +1,196 @@
+"""Golden tests of the dense families beside Llama (issue 20): Qwen3, ...
+
+Each family's tiny random checkpoint is written by transformers' own class (tests/conftest.py), split with the
+splitter over 1, 2 and 4 stages, loaded with ``load_stage`` as the workers do, and must give transformers'
+logits: float32 prefill and decode (batched, padded, shuffled cache blocks), bfloat16, and int8/int4 splits
+against the dequantized model. Options a family does not implement are refused at split and at load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_FAMILY_CONFIGS
+from safetensors.torch import load_file
+from test_golden import check_against_reference, check_all_logits, load_with_linear_mode, tiny_prompts
+from test_quantization import _dequantized_model
+
+import chatloop.quant.modules as quant_modules
+from chatloop.kernels import load_quant_kernels
+from chatloop.models import ModelArgs, build_stage
+from chatloop.models.kv_cache import PagedKVCache
+from chatloop.models.packing import fast_linear_for
+from chatloop.partition import Manifest, load_stage
+from chatloop.partition.splitter import split_model
+
+FAMILIES = list(TINY_FAMILY_CONFIGS)
+
+
+def args_of(checkpoint) -> ModelArgs:
+    return ModelArgs.from_hf_config(json.loads((checkpoint.path / "config.json").read_text()))
+
+
+def test_tiny_configs_carry_the_features_under_test(tiny_checkpoint):
+    """The goldens below only mean something if the tiny checkpoints use the options they claim to test."""
+    qwen3 = tiny_checkpoint("qwen3")
+    args = args_of(qwen3)
+    assert args.family == "qwen3" and args.qk_norm == "head" and not args.attention_bias
+    assert args.head_dim == 32 != args.hidden_size // args.num_heads
+    assert not args.tie_word_embeddings and args.num_kv_heads < args.num_heads
+    norm = qwen3.model.model.layers[0].self_attn.q_norm.weight
+    assert norm.shape == (32,) and (norm - 1).abs().max() > 0.05  # randomised: a skipped norm shows
+
+
+@pytest.fixture(scope="module")
+def split_once(tmp_path_factory):
+    """``split_once(checkpoint, num_stages, **options)``: a split folder, made once per module and options."""
+    made = {}
+
+    def split(checkpoint, num_stages: int, **options):
+        key = (checkpoint.family, num_stages, tuple(sorted(options.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"{checkpoint.family}-{num_stages}")
+            split_model(checkpoint.path, out, num_stages, progress=False, **options)
+            made[key] = out
+        return made[key]
+
+    return split
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("num_stages", [1, 2, 4])
+@pytest.mark.parametrize("mode", ["plain", "kernel"])
+def test_prefill_and_decode_match_transformers(family, num_stages, mode, tiny_checkpoint, split_once, load_pipeline):
+    """Float32, as the product runs it (``kernel``: packed weights, fused projections, decode attention on the
+    kernel) and as torch runs it (``plain``); the one-call Llama decode step is never used for these layers."""
+    checkpoint = tiny_checkpoint(family)
+    parts = split_once(checkpoint, num_stages)
+    pipeline = load_with_linear_mode(load_pipeline, parts, mode, block_size=4, num_blocks=32)
+    assert all(stage.decode_kernel is None for stage in pipeline.stages)
+    in_place = []
+    original = PagedKVCache.decode_attention
+    prompts, continuations = tiny_prompts()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PagedKVCache, "decode_attention", lambda self, *a: in_place.append(1) or original(self, *a))
+        worst = check_against_reference(pipeline, checkpoint.model, prompts, continuations)
+    assert bool(in_place) == (mode == "kernel")
+    print(f"{family} over {num_stages} stages ({mode}): max abs logit diff {worst:.2e}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_logits_match_transformers(family, tiny_checkpoint, split_once, load_pipeline):
+    checkpoint = tiny_checkpoint(family)
+    prompts, _ = tiny_prompts(seed=2)
+    check_all_logits(load_pipeline(split_once(checkpoint, 2), block_size=4, num_blocks=32), checkpoint.model, prompts)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_sharded_checkpoint_splits_to_the_same_partitions(family, tiny_checkpoint, tmp_path):
+    checkpoint, sharded = tiny_checkpoint(family), tiny_checkpoint(family, max_shard_size="20KB")
+    assert len(list(sharded.path.glob("*.safetensors"))) > 1
+    split_model(checkpoint.path, tmp_path / "one", 2, progress=False)
+    split_model(sharded.path, tmp_path / "many", 2, progress=False)
+    for index in range(2):
+        one, many = (load_file(tmp_path / name / f"partition_{index}.safetensors") for name in ("one", "many"))
+        assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_matches_transformers_in_bfloat16(family, tiny_checkpoint, split_once, load_pipeline):
+    """Within the tolerance test_golden.py's bfloat16 Llama and Qwen2 meet (0.25), packed as the product runs."""
+    checkpoint = tiny_checkpoint(family)
+    reference = copy.deepcopy(checkpoint.model).to(torch.bfloat16)
+    prompts, continuations = tiny_prompts(seed=3)
+    parts = split_once(checkpoint, 2)
+    packed = fast_linear_for(torch.bfloat16) is not None
+    worst = check_against_reference(load_pipeline(parts, pack_weights=packed, dtype=torch.bfloat16, block_size=4,
+                                                  num_blocks=32), reference, prompts, continuations, 0.25)
+    print(f"{family}: bfloat16 max abs logit diff {worst:.3f}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_quantized_splits_compute_what_the_dequantized_model_computes(family, scheme, kernels, tiny_checkpoint,
+                                                                      load_pipeline, tmp_path, monkeypatch):
+    """As test_quantization.py holds quantized Llama: float rounding without the kernel, 5% of the largest logit
+    with it (it quantizes decode steps' activations to int8 blocks)."""
+    if kernels and load_quant_kernels() is None:
+        pytest.skip("the quantized kernels cannot be built here")
+    if not kernels:
+        monkeypatch.setattr(quant_modules, "load_quant_kernels", lambda: None)
+    checkpoint = tiny_checkpoint(family)
+    manifest = split_model(checkpoint.path, tmp_path, 3, quantize=scheme, progress=False)
+    assert manifest.quantization == scheme
+    reference = _dequantized_model(checkpoint, tmp_path)
+    pipeline = load_pipeline(tmp_path, pack_weights=True, block_size=4, num_blocks=64)
+    prompts = [[5, 17, 99, 3, 42, 8, 1, 77, 12], [9, 31, 4]]
+    continuations = [[11, 23, 5, 60, 2, 90], [7, 7, 120, 3, 18, 44]]
+    with torch.no_grad():
+        scale = reference(torch.tensor([prompts[0] + continuations[0]])).logits.abs().max().item()
+    check_against_reference(pipeline, reference, prompts, continuations, tolerance=0.05 * scale if kernels else 1e-4)
+
+
+# --- what is refused ------------------------------------------------------------------------------------------------
+
+
+def _with_config(checkpoint, tmp_path, **changes) -> str:
+    """A copy of ``checkpoint``'s folder with ``changes`` made to its config.json (None deletes a key)."""
+    folder = tmp_path / "changed"
+    shutil.copytree(checkpoint.path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _refused_at_split_and_load(checkpoint, tmp_path, match: str, **changes) -> None:
+    """The changed config is refused by the splitter and, written into a good split's manifest, by the loader."""
+    with pytest.raises(ValueError, match=match):
+        split_model(_with_config(checkpoint, tmp_path, **changes), tmp_path / "out", 2, progress=False)
+    parts = tmp_path / "parts"
+    split_model(checkpoint.path, parts, 2, progress=False)
+    manifest_path = parts / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            manifest["model_config"].pop(key, None)
+        else:
+            manifest["model_config"][key] = value
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=match):
+        load_stage(parts, 0, manifest=Manifest.load(parts), verify_sha256=False)
+
+
+def test_an_unknown_family_is_refused_with_the_supported_ones(tiny_checkpoint, tmp_path):
+    _refused_at_split_and_load(tiny_checkpoint("qwen3"), tmp_path, r"model_type 'falcon' is not supported.*qwen3",
+                               model_type="falcon")
+
+
+def test_a_qwen3_sliding_window_is_refused(tiny_checkpoint, tmp_path):
+    _refused_at_split_and_load(tiny_checkpoint("qwen3"), tmp_path, "sliding", use_sliding_window=True,
+                               sliding_window=8)
+
+
+def test_an_unsupported_rope_type_is_refused_with_the_supported_ones(tiny_checkpoint, tmp_path):
+    _refused_at_split_and_load(tiny_checkpoint("qwen3"), tmp_path, r"rope_type 'yarn' is not supported.*llama3",
+                               rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)
+
+
+def test_qwen3_stages_build_from_a_config_dict():
+    """build_stage reads the family from config.json alone (what a worker gets in its manifest)."""
+    config = TINY_FAMILY_CONFIGS["qwen3"]().to_dict()
+    from chatloop.models import LayerRange
+
+    with torch.device("meta"):
+        stage = build_stage(config, LayerRange(0, 1), is_first=True, is_last=False)
+    names = set(stage.state_dict())
+    assert "model.layers.0.self_attn.q_norm.weight" in names and "model.layers.1.self_attn.k_norm.weight" in names
