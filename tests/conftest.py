@@ -74,7 +74,19 @@ def _tiny_qwen3():
                        max_position_embeddings=256, rope_theta=1000000.0)
 
 
-TINY_FAMILY_CONFIGS = {"qwen3": _tiny_qwen3}
+def _tiny_granite():
+    """Granite: all four multipliers away from 1 (as Granite 3's are), tied head, GQA; biases on every projection
+    (off in published checkpoints, where transformers puts them: o_proj and down_proj too)."""
+    from transformers import GraniteConfig
+
+    return GraniteConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=256, rope_theta=10000.0, embedding_multiplier=12.0,
+                         residual_multiplier=0.22, attention_multiplier=0.09, logits_scaling=8.0,
+                         attention_bias=True, mlp_bias=True)
+
+
+TINY_FAMILY_CONFIGS = {"qwen3": _tiny_qwen3, "granite": _tiny_granite}
 """The families of issue 20 (tests/unit/test_families.py): a builder of a tiny transformers config each."""
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from .args import ModelArgs
 from .batch import StepBatch
 from .gpt2 import GPT2Stage
+from .granite import GraniteStage
 from .kv_cache import PagedKVCache
 from .layer_range import LayerRange
 from .llama import LlamaStage
@@ -78,6 +79,7 @@ _GPT2 = Family(
 )
 _FAMILIES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
 _FAMILIES["qwen3"] = dataclasses.replace(_LLAMA, stage_class=Qwen3Stage)  # Llama's tensor names, its own layer
+_FAMILIES["granite"] = dataclasses.replace(_LLAMA, stage_class=GraniteStage)
 
 
 def family_of(args: ModelArgs) -> Family:

@@ -8,7 +8,7 @@ from typing import Any
 __all__ = ["ModelArgs", "SUPPORTED_FAMILIES"]
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-LLAMA_LIKE = ("qwen3",)
+LLAMA_LIKE = ("qwen3", "granite")
 """Families whose config.json reads as Llama's plus a few options of their own (their modules sit beside llama.py)."""
 SUPPORTED_FAMILIES = LLAMA_FAMILY + LLAMA_LIKE + ("gpt2",)
 
@@ -33,6 +33,15 @@ class ModelArgs:
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=False)
     qk_norm: str | None = None
     """RMSNorm of queries and keys before rotary: "head" over each head's D (Qwen3), "projection" over all H*D."""
+    mlp_bias: bool = False
+    attention_scale: float | None = None
+    """What the attention scores are multiplied by; None: 1/sqrt(head_dim). Granite's attention_multiplier."""
+    embedding_multiplier: float = 1.0
+    """Granite: the token embeddings are multiplied by it."""
+    residual_multiplier: float = 1.0
+    """Granite: each sublayer's output is multiplied by it before the residual add."""
+    logits_scaling: float = 1.0
+    """Granite: the logits are divided by it."""
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
@@ -72,6 +81,13 @@ class ModelArgs:
         family_options: dict[str, Any] = {}
         if family == "qwen3":
             family_options["qk_norm"] = "head"
+        if family == "granite":
+            family_options.update(
+                attention_scale=float(config.get("attention_multiplier", 1.0)),
+                embedding_multiplier=float(config.get("embedding_multiplier", 1.0)),
+                residual_multiplier=float(config.get("residual_multiplier", 1.0)),
+                logits_scaling=float(config.get("logits_scaling", 1.0)),
+            )
         return cls(
             family=family,
             vocab_size=config["vocab_size"],
@@ -85,6 +101,7 @@ class ModelArgs:
             max_position_embeddings=config.get("max_position_embeddings", 2048),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             attention_bias=config.get("attention_bias", family == "qwen2"),
+            mlp_bias=bool(config.get("mlp_bias", False)),
             rope_theta=float(rope_theta),
             rope_scaling=rope if rope_type != "default" else None,
             **family_options,

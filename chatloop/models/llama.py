@@ -89,7 +89,11 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
         self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+        # Qwen2's bias is on q, k and v only; Llama's attention_bias (and Granite's, Qwen3's) on the output too.
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size,
+                                bias=bias and args.family != "qwen2")
+        self.scale = args.attention_scale
+        """The scores' scale (None: 1/sqrt(D)); see :func:`~chatloop.models.stage_model.attend`."""
         self.native_rope = False
         """Rotate on ChatLoop's row kernel (set when loaded, see :func:`use_row_kernels`)."""
 
@@ -105,13 +109,13 @@ class Attention(nn.Module):
             q = q.view(B, T, self.num_heads, self.head_dim)
             k = k.view(B, T, self.num_kv_heads, self.head_dim)
             v = v.view(B, T, self.num_kv_heads, self.head_dim)
-            return self.o_proj(attend(q, self.layer, k, v, cache, batch))
+            return self.o_proj(attend(q, self.layer, k, v, cache, batch, self.scale))
         q, k, v = self.project(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = rotate(q, *rope), rotate(k, *rope)
-        return self.o_proj(attend(q, self.layer, k, v, cache, batch))
+        return self.o_proj(attend(q, self.layer, k, v, cache, batch, self.scale))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [B, T, H*D], keys and values [B, T, K*D] of ``x`` [B, T, C], from one fused matmul or three."""
@@ -128,9 +132,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        bias = args.mlp_bias
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):  # fused when loaded (fuse_projections)

@@ -50,7 +50,7 @@ class NormedAttention(Attention):
         if self.per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, *rope), rotate(k, *rope)
-        return self.o_proj(attend(q, self.layer, k, v, cache, batch))
+        return self.o_proj(attend(q, self.layer, k, v, cache, batch, self.scale))
 
 
 class Qwen3Layer(DecoderLayer):

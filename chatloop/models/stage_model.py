@@ -19,15 +19,21 @@ __all__ = ["StageModel", "attend"]
 
 
 def attend(
-    q: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, batch: StepBatch
+    q: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, batch: StepBatch,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of ``q`` [B, T, H, D] over the cached context plus the new ``k``/``v`` [B, T, K, D]."""
+    """Causal attention of ``q`` [B, T, H, D] over the cached context plus the new ``k``/``v`` [B, T, K, D].
+
+    ``scale`` multiplies the scores (None: 1/sqrt(D), the kernels' own; Granite's attention_multiplier...)."""
     if cache.decode_in_place:
         cache.write(layer, k, v)
+        if scale is not None:  # the kernel scales by 1/sqrt(D)
+            q = q * (scale * q.shape[-1] ** 0.5)
         return cache.decode_attention(layer, q)
     context_k, context_v = cache.update(layer, k, v)  # [B, S, K, D]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), context_k.transpose(1, 2), context_v.transpose(1, 2), attn_mask=cache.mask, enable_gqa=True
+        q.transpose(1, 2), context_k.transpose(1, 2), context_v.transpose(1, 2), attn_mask=cache.mask, enable_gqa=True,
+        scale=scale,
     )
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)  # [B, T, H*D]
 

@@ -1,4 +1,4 @@
-"""Golden tests of the dense families beside Llama (issue 20): Qwen3, ...
+"""Golden tests of the dense families beside Llama (issue 20): Qwen3, Granite, ...
 
 Each family's tiny random checkpoint is written by transformers' own class (tests/conftest.py), split with the
 splitter over 1, 2 and 4 stages, loaded with ``load_stage`` as the workers do, and must give transformers'
@@ -43,6 +43,9 @@ def test_tiny_configs_carry_the_features_under_test(tiny_checkpoint):
     assert not args.tie_word_embeddings and args.num_kv_heads < args.num_heads
     norm = qwen3.model.model.layers[0].self_attn.q_norm.weight
     assert norm.shape == (32,) and (norm - 1).abs().max() > 0.05  # randomised: a skipped norm shows
+    granite = args_of(tiny_checkpoint("granite"))
+    assert granite.tie_word_embeddings and granite.attention_scale == 0.09 != granite.head_dim**-0.5
+    assert (granite.embedding_multiplier, granite.residual_multiplier, granite.logits_scaling) == (12.0, 0.22, 8.0)
 
 
 @pytest.fixture(scope="module")
