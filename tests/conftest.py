@@ -86,7 +86,17 @@ def _tiny_granite():
                          attention_bias=True, mlp_bias=True)
 
 
-TINY_FAMILY_CONFIGS = {"qwen3": _tiny_qwen3, "granite": _tiny_granite}
+def _tiny_olmo2():
+    """OLMo 2: post-norms only, q/k norms over the whole projection, untied head, GQA."""
+    from transformers import Olmo2Config
+
+    return Olmo2Config(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                       max_position_embeddings=256, rope_theta=500000.0, pad_token_id=1, bos_token_id=None,
+                       eos_token_id=0)
+
+
+TINY_FAMILY_CONFIGS = {"qwen3": _tiny_qwen3, "granite": _tiny_granite, "olmo2": _tiny_olmo2}
 """The families of issue 20 (tests/unit/test_families.py): a builder of a tiny transformers config each."""
 
 

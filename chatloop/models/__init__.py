@@ -14,6 +14,7 @@ from .granite import GraniteStage
 from .kv_cache import PagedKVCache
 from .layer_range import LayerRange
 from .llama import LlamaStage
+from .olmo2 import Olmo2Stage
 from .qwen3 import Qwen3Stage
 from .stage_model import StageModel
 
@@ -80,6 +81,7 @@ _GPT2 = Family(
 _FAMILIES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
 _FAMILIES["qwen3"] = dataclasses.replace(_LLAMA, stage_class=Qwen3Stage)  # Llama's tensor names, its own layer
 _FAMILIES["granite"] = dataclasses.replace(_LLAMA, stage_class=GraniteStage)
+_FAMILIES["olmo2"] = dataclasses.replace(_LLAMA, stage_class=Olmo2Stage)
 
 
 def family_of(args: ModelArgs) -> Family:

@@ -8,7 +8,7 @@ from typing import Any
 __all__ = ["ModelArgs", "SUPPORTED_FAMILIES"]
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-LLAMA_LIKE = ("qwen3", "granite")
+LLAMA_LIKE = ("qwen3", "granite", "olmo2")
 """Families whose config.json reads as Llama's plus a few options of their own (their modules sit beside llama.py)."""
 SUPPORTED_FAMILIES = LLAMA_FAMILY + LLAMA_LIKE + ("gpt2",)
 
@@ -81,6 +81,8 @@ class ModelArgs:
         family_options: dict[str, Any] = {}
         if family == "qwen3":
             family_options["qk_norm"] = "head"
+        if family == "olmo2":
+            family_options["qk_norm"] = "projection"
         if family == "granite":
             family_options.update(
                 attention_scale=float(config.get("attention_multiplier", 1.0)),

@@ -27,6 +27,8 @@ class NormedAttention(Attention):
     ``"projection"`` the whole projection (weights [H*D] and [K*D], OLMo 2).
     """
 
+    norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__(args, layer)
         if args.qk_norm not in ("head", "projection"):
@@ -34,8 +36,8 @@ class NormedAttention(Attention):
         self.per_head = args.qk_norm == "head"
         q_size = args.head_dim if self.per_head else args.num_heads * args.head_dim
         k_size = args.head_dim if self.per_head else args.num_kv_heads * args.head_dim
-        self.q_norm = RMSNorm(q_size, args.norm_eps)
-        self.k_norm = RMSNorm(k_size, args.norm_eps)
+        self.q_norm = self.norm_class(q_size, args.norm_eps)
+        self.k_norm = self.norm_class(k_size, args.norm_eps)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: StepBatch, cache: PagedKVCache

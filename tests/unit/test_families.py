@@ -1,4 +1,4 @@
-"""Golden tests of the dense families beside Llama (issue 20): Qwen3, Granite, ...
+"""Golden tests of the dense families beside Llama (issue 20): Qwen3, Granite, OLMo 2, ...
 
 Each family's tiny random checkpoint is written by transformers' own class (tests/conftest.py), split with the
 splitter over 1, 2 and 4 stages, loaded with ``load_stage`` as the workers do, and must give transformers'
@@ -46,6 +46,9 @@ def test_tiny_configs_carry_the_features_under_test(tiny_checkpoint):
     granite = args_of(tiny_checkpoint("granite"))
     assert granite.tie_word_embeddings and granite.attention_scale == 0.09 != granite.head_dim**-0.5
     assert (granite.embedding_multiplier, granite.residual_multiplier, granite.logits_scaling) == (12.0, 0.22, 8.0)
+    olmo2 = tiny_checkpoint("olmo2")
+    assert args_of(olmo2).qk_norm == "projection" and not hasattr(olmo2.model.model.layers[0], "input_layernorm")
+    assert olmo2.model.model.layers[0].self_attn.k_norm.weight.shape == (2 * 16,)
 
 
 @pytest.fixture(scope="module")
