@@ -14,8 +14,10 @@ from .granite import GraniteStage
 from .kv_cache import PagedKVCache
 from .layer_range import LayerRange
 from .llama import LlamaStage
+from .mixtral import MixtralStage
 from .olmo2 import Olmo2Stage
 from .qwen3 import Qwen3Stage
+from .qwen3_moe import Qwen3MoeStage
 from .stage_model import StageModel
 
 __all__ = ["Family", "LayerRange", "ModelArgs", "PagedKVCache", "StageModel", "StepBatch", "build_stage", "family_of"]
@@ -79,6 +81,11 @@ _GPT2 = Family(
     "transformer.",
 )
 _FAMILIES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
+_FAMILIES.update({  # mixture-of-experts families: Llama's tensor names plus their routers and experts
+    family: Family(stage, _LLAMA.layer_pattern, _LLAMA.first_prefixes, _LLAMA.last_prefixes, _LLAMA.tied_key,
+                   _LLAMA.ignored_suffixes)
+    for family, stage in (("qwen3_moe", Qwen3MoeStage), ("mixtral", MixtralStage))
+})
 _FAMILIES["qwen3"] = dataclasses.replace(_LLAMA, stage_class=Qwen3Stage)  # Llama's tensor names, its own layer
 _FAMILIES["granite"] = dataclasses.replace(_LLAMA, stage_class=GraniteStage)
 _FAMILIES["olmo2"] = dataclasses.replace(_LLAMA, stage_class=Olmo2Stage)

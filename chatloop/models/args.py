@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .moe import MoEArgs
 
 __all__ = ["ModelArgs", "SUPPORTED_FAMILIES"]
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 LLAMA_LIKE = ("qwen3", "granite", "olmo2")
 """Families whose config.json reads as Llama's plus a few options of their own (their modules sit beside llama.py)."""
-SUPPORTED_FAMILIES = LLAMA_FAMILY + LLAMA_LIKE + ("gpt2",)
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+"""Mixture-of-experts families: Llama-style attention, sparse MLPs (see :mod:`~chatloop.models.moe`)."""
+SUPPORTED_FAMILIES = LLAMA_FAMILY + LLAMA_LIKE + MOE_FAMILIES + ("gpt2",)
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class ModelArgs:
     """Granite: each sublayer's output is multiplied by it before the residual add."""
     logits_scaling: float = 1.0
     """Granite: the logits are divided by it."""
+    moe: MoEArgs | None = None
+    """The sparse MLPs of a mixture-of-experts family; None for dense ones."""
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
@@ -51,6 +58,12 @@ class ModelArgs:
             raise ValueError(
                 f"model_type {family!r} is not supported: ChatLoop runs {', '.join(SUPPORTED_FAMILIES)} checkpoints"
             )
+        if family in MOE_FAMILIES:  # the attention of Llama (Qwen3-MoE, plus its q/k norms) or Mistral (Mixtral)
+            from .moe import moe_args
+
+            dense = cls.from_hf_config({**config, "model_type": "mistral" if family == "mixtral" else "llama"})
+            qk_norm = "head" if family == "qwen3_moe" else None
+            return replace(dense, family=family, moe=moe_args(config), qk_norm=qk_norm)
         if family == "gpt2":
             hidden = config["n_embd"]
             return cls(

@@ -5,8 +5,12 @@
   llama.cpp's 4-bit files keep them (they cost the most accuracy at 4 bits).
 - ``gguf``: what a GGUF file holds, as it holds it (``q8_0``, ``q4_1``, ``q4_0``; other tensors dequantized).
 
-Only Llama-family models (Llama, Mistral, Qwen2) are quantized; a matrix whose input size is not a multiple of
-32 stays float32.
+Only Llama-family models (Llama, Mistral, Qwen2) and their mixture-of-experts kin (Qwen3-MoE, Mixtral) are
+quantized; a matrix whose input size is not a multiple of 32 stays float32. Every expert's matrices are linear
+weights like any other (``mlp.experts.N.*_proj``, ``block_sparse_moe.experts.N.w1/w2/w3``). The router
+(``mlp.gate``, ``block_sparse_moe.gate``, [experts, hidden]) stays float32 in every scheme: it is a few
+hundredths of a percent of an MoE layer's bytes, and int8 activations and weights there would move its logits
+enough to change which experts near-tied tokens run, a larger error than any one matrix's rounding.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from .formats import BLOCK
 __all__ = ["SCHEMES", "format_for", "module_kind"]
 
 SCHEMES = ("int8", "int4", "gguf")
-_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp|mlp\.experts\.\d+)\.\w+_proj\.weight$"
+                     r"|^model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w[123]\.weight$")
 _EMBEDDING = "model.embed_tokens.weight"
 _HEAD = "lm_head.weight"
 

@@ -1,0 +1,224 @@
+"""What mixture-of-experts families share: their config, the sparse MLP (router plus experts), and a Llama-style
+stage whose layers they supply.
+
+A sparse MLP routes each token to ``top_k`` of its ``E`` experts. The router is softmax over all experts' logits
+then ``torch.topk`` (as transformers does, so ties go the same way), optionally renormalised over the chosen
+``k`` (which equals a softmax over the top-k logits: Mixtral always does it, Qwen3-MoE with ``norm_topk_prob``).
+The micro-batch's rows are grouped by expert: each expert that some row chose runs once, on its rows only
+(``index_select``), and its weighted output is added back (``index_add_``). A decode step of B rows so reads at
+most ``B * top_k`` experts' weights, not all ``E``: that is what lets a model too big for one host's memory run
+at the speed of its active parameters.
+
+Shape legend: B sequences, T new tokens, N = B*T rows, C hidden size, E experts, k experts per token,
+F expert intermediate size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import MOE_FAMILIES, ModelArgs
+from .batch import StepBatch
+from .layer_range import LayerRange
+from .stage_model import StageModel
+
+__all__ = ["MOE_FAMILIES", "MoEArgs", "MoEStage", "Router", "SparseMoE", "moe_args"]
+
+# Options of MoE configs that change the computation and that ChatLoop does not implement: refused by name.
+_UNSUPPORTED = {
+    "shared_expert_intermediate_size": "shared experts",
+    "n_shared_experts": "shared experts",
+    "num_shared_experts": "shared experts",
+    "moe_layer_freq": "a layer frequency of MoE layers",
+    "first_k_dense_replace": "leading dense layers",
+    "topk_group": "grouped expert selection",
+    "routed_scaling_factor": "scaled routing weights",
+}
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    """The sparse MLP's shape and routing, read from a ``config.json``."""
+
+    num_experts: int
+    """``E``: experts per sparse layer (``num_experts``, or ``num_local_experts`` as Mixtral names it)."""
+    top_k: int
+    """Experts each token runs (``num_experts_per_tok``)."""
+    intermediate_size: int
+    """An expert's intermediate size (Qwen3-MoE's ``moe_intermediate_size``; Mixtral's ``intermediate_size``)."""
+    norm_topk_prob: bool
+    """Renormalise the chosen experts' probabilities to sum to 1 (always, for Mixtral)."""
+    cast_scores: bool
+    """Round the routing weights to the activations' dtype before weighting (Qwen3-MoE) rather than weighting in
+    float32 and rounding the product (Mixtral): what transformers does, which shows in bfloat16."""
+    decoder_sparse_step: int = 1
+    """Every ``decoder_sparse_step``-th layer (counting from 1) is sparse, the others dense."""
+    mlp_only_layers: tuple[int, ...] = ()
+    """Layers that are dense whatever ``decoder_sparse_step`` says."""
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether ``layer`` (global index) has a sparse MLP; a dense one otherwise (of the model's
+        ``intermediate_size``), as transformers' Qwen3-MoE decides."""
+        return (layer not in self.mlp_only_layers and self.num_experts > 0
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+
+def moe_args(config: dict[str, Any]) -> MoEArgs:
+    """The MoE part of a ``qwen3_moe`` or ``mixtral`` ``config.json``; ``ValueError`` naming any option that
+    ChatLoop does not implement."""
+    family = config.get("model_type")
+    for option, what in _UNSUPPORTED.items():
+        if config.get(option):
+            raise ValueError(f"{family} config sets {option}={config[option]!r} ({what}): ChatLoop's MoE layers do "
+                             f"not implement it; use a checkpoint without {option}")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{family} config sets hidden_act={config['hidden_act']!r}: ChatLoop's experts are SwiGLU "
+                         "(silu); use a checkpoint with hidden_act silu")
+    num_experts = config.get("num_experts", config.get("num_local_experts"))
+    top_k = config.get("num_experts_per_tok")
+    if num_experts is None or top_k is None:
+        raise ValueError(f"{family} config lacks num_experts (or num_local_experts) or num_experts_per_tok: "
+                         "is config.json complete?")
+    if family == "mixtral":
+        moe = MoEArgs(num_experts, top_k, config["intermediate_size"], norm_topk_prob=True, cast_scores=False)
+    else:
+        step = config.get("decoder_sparse_step", 1)
+        if step < 1:
+            raise ValueError(f"decoder_sparse_step is {step}: it must be at least 1")
+        moe = MoEArgs(num_experts, top_k, config["moe_intermediate_size"],
+                      norm_topk_prob=bool(config.get("norm_topk_prob", False)), cast_scores=True,
+                      decoder_sparse_step=step, mlp_only_layers=tuple(config.get("mlp_only_layers") or ()))
+    if num_experts > 0 and not 1 <= top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok is {top_k}, the model has {num_experts} experts: "
+                         f"it must be between 1 and {num_experts}")
+    return moe
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert, its projections named as the checkpoint names them (``gate_proj``/``up_proj``/
+    ``down_proj``, or Mixtral's ``w1``/``w3``/``w2``)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, names: tuple[str, str, str]) -> None:
+        super().__init__()
+        self.names = names
+        gate, up, down = names
+        setattr(self, gate, nn.Linear(hidden_size, intermediate_size, bias=False))
+        setattr(self, up, nn.Linear(hidden_size, intermediate_size, bias=False))
+        setattr(self, down, nn.Linear(intermediate_size, hidden_size, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, name) for name in self.names)
+        return down(F.silu(gate(x)) * up(x))
+
+
+class Router(nn.Module):
+    """The router's logits ``x @ weight.T`` [N, E] (``weight`` [E, C], no bias), always on torch's own matmul.
+
+    Not an ``nn.Linear``, so that neither packing nor a quantization scheme replaces it: it is a few hundredths
+    of a percent of an MoE layer's bytes, and a logit rounded another way than transformers rounds it can change
+    which of two near-tied experts a token runs (in bfloat16 one rounding step often decides).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, experts={self.weight.shape[0]}"
+
+
+class SparseMoE(nn.Module):
+    """A router (``gate``, [E, C], no bias) and ``E`` experts; each token runs its top ``k``."""
+
+    def __init__(self, hidden_size: int, moe: MoEArgs, names: tuple[str, str, str]) -> None:
+        super().__init__()
+        self.moe = moe
+        self.gate = Router(hidden_size, moe.num_experts)
+        self.experts = nn.ModuleList(Expert(hidden_size, moe.intermediate_size, names)
+                                     for _ in range(moe.num_experts))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits [N, E], routing weights [N, k] and chosen experts [N, k] (int64) of rows ``x`` [N, C],
+        computed as transformers computes them."""
+        logits = self.gate(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.moe.top_k, dim=-1)
+        if self.moe.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.moe.cast_scores:
+            weights = weights.to(logits.dtype)
+        return logits, weights, chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        rows = x.reshape(-1, C)  # [N, C]
+        _, weights, chosen = self.route(rows)
+        out = torch.zeros_like(rows)
+        # Group the rows by expert: one sort instead of a mask per expert; experts in ascending order, as
+        # transformers adds them.
+        flat = chosen.reshape(-1)  # [N*k]
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.moe.num_experts).tolist()
+        token = order // self.moe.top_k  # the row of each (row, choice) pair, grouped by expert
+        weight = weights.reshape(-1).index_select(0, order)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue  # never read: a decode step touches only the experts its rows chose
+            index = token[start : start + count]
+            y = self.experts[expert](rows.index_select(0, index)) * weight[start : start + count, None]
+            out.index_add_(0, index, y.to(out.dtype))
+            start += count
+        return out.view(B, T, C)
+
+
+class MoEStage(StageModel):
+    """A Llama-style stage (token embedding, RMSNorm, rotary positions, tied or untied head) whose decoder layers
+    a family supplies through ``layer_class(args, layer)``.
+
+    Not a :class:`~chatloop.models.llama.LlamaStage`: the loader's Llama-only steps (fusing q/k/v and gate/up,
+    the one-call fused decode step of :mod:`~chatloop.models.fused_decode`) leave it alone, and its layers run
+    on the modules' path (decode attention still reads the paged cache in place on ChatLoop's kernel).
+    """
+
+    embedding_path = "model.embed_tokens"
+    layer_class: Callable[[ModelArgs, int], nn.Module]
+
+    def __init__(self, args: ModelArgs, layers: LayerRange, is_first: bool, is_last: bool) -> None:
+        from .llama import RMSNorm, rope_frequencies
+
+        super().__init__(args, layers, is_first, is_last)
+        if args.moe is None:
+            raise ValueError(f"{type(self).__name__} needs a mixture-of-experts config, got model_type {args.family}")
+        self.inv_freq = rope_frequencies(args)  # a plain attribute: float32, not in the state dict
+        self.model = nn.Module()
+        if is_first or (is_last and args.tie_word_embeddings):
+            self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.model.layers = nn.ModuleDict({str(i): type(self).layer_class(args, i) for i in layers.indices})
+        if is_last:
+            self.model.norm = RMSNorm(args.hidden_size, args.norm_eps)
+            if not args.tie_word_embeddings:
+                self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def embed(self, token_ids: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        return self.model.embed_tokens(token_ids)
+
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.model.layers.values())
+
+    def layer_inputs(self, batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        from .llama import LlamaStage
+
+        return LlamaStage.layer_inputs(self, batch, dtype)  # rotary cos and signed sin, as Llama's
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)
