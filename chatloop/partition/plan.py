@@ -32,6 +32,7 @@ def plan_layers(
     num_stages: int,
     ranges: Sequence[LayerRange] | None = None,
     weights: Sequence[float] | None = None,
+    layer_bytes: Sequence[int] | None = None,
 ) -> list[LayerRange]:
     """Split ``num_layers`` decoder layers into ``num_stages`` contiguous ranges.
 
@@ -39,6 +40,12 @@ def plan_layers(
     order). With ``weights`` stage ``i`` gets layers in proportion to ``weights[i]`` (a faster
     host can take more). Otherwise the split is even, the first stages taking the remainder:
     32 layers over 4 stages give 0-7, 8-15, 16-23, 24-31.
+
+    ``layer_bytes`` (each layer's weight in bytes), where the layers differ, splits by bytes instead of by
+    count: the stage holding the most bytes (per unit of its ``weights``) holds as few as any contiguous split
+    allows. A mixture-of-experts model whose dense layers sit among its sparse ones (Qwen3-MoE's
+    ``mlp_only_layers``, ``decoder_sparse_step``) weighs many times more in its sparse layers. Equal layers
+    give the split by count above.
     """
     if num_layers < 1:
         raise PlanError(f"the model has {num_layers} layers: need at least 1")
@@ -57,6 +64,11 @@ def plan_layers(
         weights = [1.0] * num_stages
     if len(weights) != num_stages or any(w <= 0 for w in weights):
         raise PlanError(f"need {num_stages} positive stage weights, got {list(weights)}")
+    if layer_bytes is not None:
+        if len(layer_bytes) != num_layers or any(b < 0 for b in layer_bytes):
+            raise PlanError(f"need {num_layers} layer sizes in bytes, got {len(layer_bytes)}")
+        if len(set(layer_bytes)) > 1:
+            return _split_by_bytes(list(layer_bytes), list(weights))
     return _weighted_split(num_layers, list(weights))
 
 
@@ -98,3 +110,28 @@ def _weighted_split(num_layers: int, weights: list[float]) -> list[LayerRange]:
         ranges.append(LayerRange(start, start + count - 1))
         start += count
     return ranges
+
+
+def _split_by_bytes(layer_bytes: list[int], weights: list[float]) -> list[LayerRange]:
+    # Dynamic programming over prefixes: best[s][j] is the least possible largest load (bytes / weight) of the
+    # first j layers on the first s stages. Layers are tens to hundreds, stages a few: S * N^2 steps are nothing.
+    n, num_stages = len(layer_bytes), len(weights)
+    prefix = [0]
+    for b in layer_bytes:
+        prefix.append(prefix[-1] + b)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for j in range(s, n - (num_stages - s) + 1):
+            for i in range(s - 1, j):
+                load = max(best[s - 1][i], (prefix[j] - prefix[i]) / weights[s - 1])
+                if load <= best[s][j]:  # ties: the later cut, so earlier stages take more layers
+                    best[s][j], cut[s][j] = load, i
+    ranges, end = [], n
+    for s in range(num_stages, 0, -1):
+        start = cut[s][end]
+        ranges.append(LayerRange(start, end - 1))
+        end = start
+    return ranges[::-1]

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..embedded import copy_tokenizer, resolve_model
-from ..models import LayerRange, ModelArgs, family_of
+from ..models import Family, LayerRange, ModelArgs, family_of
 from ..quant import BLOCK, BLOCK_BYTES, q4_0_as_q4_1
 from ..quant import quantize as quantize_matrix
 from ..quant.scheme import SCHEMES, format_for
@@ -116,7 +116,10 @@ def split_model(
     args = ModelArgs.from_hf_config(config)
     family = family_of(args)
     checkpoint = checkpoint or CheckpointSource.open(folder)
-    plan = plan_layers(args.num_layers, num_partitions, ranges=ranges)
+    # Mixture-of-experts layers can differ many times over in bytes (dense layers among sparse ones): split those
+    # by bytes. Dense families' layers are all alike and keep the split by count.
+    layer_bytes = _layer_bytes(family, checkpoint, args.num_layers) if args.moe and ranges is None else None
+    plan = plan_layers(args.num_layers, num_partitions, ranges=ranges, layer_bytes=layer_bytes)
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPE_NAMES)}")
     if quantize and args.family == "gpt2":
@@ -220,6 +223,16 @@ def split_model(
     manifest.save(output)
     write_worker_configs(output, manifest)
     return manifest
+
+
+def _layer_bytes(family: Family, checkpoint: CheckpointSource, num_layers: int) -> list[int]:
+    """Each decoder layer's bytes in the source checkpoint (a quantized split shrinks them alike)."""
+    sizes = [0] * num_layers
+    for name in checkpoint.names:
+        match = family.layer_pattern.match(family.canonical(name))
+        if match and int(match.group(1)) < num_layers:
+            sizes[int(match.group(1))] += checkpoint.sizes[name]
+    return sizes
 
 
 def write_worker_configs(output: Path, manifest: Manifest) -> list[Path]:

@@ -18,7 +18,7 @@ from chatloop.kernels import load_kernels
 from chatloop.models import LayerRange, ModelArgs, build_stage
 from chatloop.models.kv_cache import blocks_for_stage
 from chatloop.models.moe import SparseMoE
-from chatloop.partition import Manifest
+from chatloop.partition import Manifest, PlanError, parse_ranges, plan_layers
 from chatloop.partition.splitter import split_model
 from chatloop.quant import QuantLinear
 from chatloop.quant.modules import load_quant_kernels
@@ -289,3 +289,36 @@ def test_unsupported_moe_options_are_refused_by_name(moe_checkpoint, option, val
         ModelArgs.from_hf_config({**config, "num_experts_per_tok": 9})
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
         ModelArgs.from_hf_config({**config, "hidden_act": "gelu"})
+
+
+def test_layers_that_differ_are_planned_by_bytes(moe_checkpoint, load_pipeline, tmp_path):
+    """qwen3_moe-mixed: layer 1 sparse (8 experts), 0, 2 and 3 dense. By count, 3 stages would be 0-1, 2-2, 3-3;
+    by bytes the sparse layer gets a stage of its own, and the largest partition is a fifth smaller."""
+    path, model = moe_checkpoint("qwen3_moe-mixed")
+    manifest = split_model(path, tmp_path, 3, progress=False)
+    assert [str(r) for r in manifest.plan] == ["0-0", "1-1", "2-3"]
+    prompts, continuations = tiny_prompts(seed=5)
+    check_against_reference(load_pipeline(tmp_path), model, prompts, [c[:4] for c in continuations])
+    # explicit ranges are taken as given
+    by_count = split_model(path, tmp_path / "ranges", 3, ranges=parse_ranges("0-1,2-2,3-3"), progress=False)
+    assert [str(r) for r in by_count.plan] == ["0-1", "2-2", "3-3"]
+    largest = max(p.num_bytes for p in manifest.partitions)
+    assert largest < 0.85 * max(p.num_bytes for p in by_count.partitions)
+    # a model whose layers are all sparse keeps the split by count
+    uniform, _ = moe_checkpoint("mixtral")
+    assert [str(r) for r in split_model(uniform, tmp_path / "uniform", 3, progress=False).plan] == \
+        ["0-1", "2-2", "3-3"]
+
+
+@pytest.mark.parametrize("layer_bytes, num_stages, weights, expected", [
+    ([10, 100, 10, 10], 2, None, "0-1,2-3"),
+    ([10, 100, 10, 10], 4, None, "0-0,1-1,2-2,3-3"),
+    ([10, 100] * 4, 3, None, "0-2,3-5,6-7"),
+    ([5, 1, 1, 1, 1, 1], 2, [1, 2], "0-0,1-5"),
+    ([7] * 30, 4, None, "0-7,8-15,16-22,23-29"),  # equal layers: the split by count
+])
+def test_plan_by_bytes(layer_bytes, num_stages, weights, expected):
+    plan = plan_layers(len(layer_bytes), num_stages, weights=weights, layer_bytes=layer_bytes)
+    assert ",".join(str(r) for r in plan) == expected
+    with pytest.raises(PlanError, match="need 4 layer sizes in bytes, got 3"):
+        plan_layers(4, 2, layer_bytes=[1, 2, 3])
