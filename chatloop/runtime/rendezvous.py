@@ -26,6 +26,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 from torch.distributed.rendezvous import register_rendezvous_handler
@@ -205,6 +206,26 @@ def _handler(url: str, **kwargs) -> Iterator[tuple[dist.Store, int, int]]:
 register_rendezvous_handler(SCHEME, _handler)
 
 
+TESTED_TORCH = "2.13"
+"""The torch release whose private RPC state :func:`init_rpc_generation` resets, checked by the test suite."""
+
+
+def check_private_rpc_state() -> None:
+    """Raise ``RuntimeError`` saying what to do if this torch lacks the private RPC state a new generation resets.
+
+    pyproject allows torch >= 2.5 for the rest of ChatLoop, but self-healing's generations reset counters that are
+    not torch's public API (``rpc._init_counter``, ``rpc.api._all_gather_*``); only TESTED_TORCH is tested.
+    """
+    api = getattr(rpc, "api", None)
+    missing = [name for owner, name in ((rpc, "_init_counter"), (api, "_all_gather_dict_lock"),
+                                        (api, "_all_gather_sequence_id"), (api, "_all_gather_sequence_id_to_states"))
+               if not hasattr(owner, name)]
+    if missing:
+        raise RuntimeError(
+            f"torch {torch.__version__} lacks torch.distributed.rpc's {', '.join(missing)}, which ChatLoop resets for "
+            f"each generation of workers: install torch {TESTED_TORCH} (constraints.txt pins it)")
+
+
 def init_rpc_generation(
     name: str, rank: int, world_size: int, generation: int, rendezvous: Rendezvous,
     options: rpc.TensorPipeRpcBackendOptions,
@@ -216,6 +237,7 @@ def init_rpc_generation(
     lived through earlier generations would disagree with a fresh one and the start-up waits
     out its timeout; each generation has keys of its own, so they start from zero everywhere.
     """
+    check_private_rpc_state()
     key = str(id(rendezvous))
     _STORES[key] = rendezvous
     rpc._init_counter = 0  # type: ignore[attr-defined]
