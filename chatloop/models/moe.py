@@ -15,7 +15,8 @@ F expert intermediate size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,10 @@ from .batch import StepBatch
 from .layer_range import LayerRange
 from .stage_model import StageModel
 
-__all__ = ["MOE_FAMILIES", "MoEArgs", "MoEStage", "Router", "SparseMoE", "moe_args"]
+__all__ = ["MOE_FAMILIES", "MoEArgs", "MoEStage", "Router", "SparseMoE", "check_expert_layout", "moe_args"]
+
+_STACKED = re.compile(
+    r"^model\.layers\.\d+\.(mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj|w[123])(\.weight)?$")
 
 # Options of MoE configs that change the computation and that ChatLoop does not implement: refused by name.
 _UNSUPPORTED = {
@@ -98,6 +102,17 @@ def moe_args(config: dict[str, Any]) -> MoEArgs:
         raise ValueError(f"num_experts_per_tok is {top_k}, the model has {num_experts} experts: "
                          f"it must be between 1 and {num_experts}")
     return moe
+
+
+def check_expert_layout(keys: Iterable[str]) -> None:
+    """Refuse a checkpoint whose experts are stacked in 3-D tensors (``mlp.experts.gate_up_proj`` [E, 2F, C],
+    ``mlp.experts.down_proj`` [E, C, F]), as transformers 5 holds them in memory: published Qwen3-MoE and Mixtral
+    checkpoints, and transformers' ``save_pretrained``, store one linear per expert, which is what a stage loads."""
+    for key in keys:
+        if _STACKED.match(key):
+            raise ValueError(f"{key} holds all experts of a layer in one tensor: ChatLoop reads one linear per "
+                             "expert (experts.N.gate_proj.weight, ...), as published checkpoints store them; load the "
+                             "model in transformers and save it again with save_pretrained, which writes that layout")
 
 
 class Expert(nn.Module):

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..embedded import copy_tokenizer, resolve_model
 from ..models import Family, LayerRange, ModelArgs, family_of
+from ..models.moe import check_expert_layout
 from ..quant import BLOCK, BLOCK_BYTES, q4_0_as_q4_1
 from ..quant import quantize as quantize_matrix
 from ..quant.scheme import SCHEMES, format_for
@@ -128,6 +129,8 @@ def split_model(
         raise ValueError(f"--quantize {quantize} keeps the other tensors in float32: leave out --dtype {dtype}")
 
     source_name = {family.canonical(k): k for k in checkpoint.names}  # partitions use the canonical names
+    if args.moe:
+        check_expert_layout(source_name)
     owned: list[list[str]] = [[] for _ in plan]
     for key in source_name:
         for stage in family.stages_of(key, plan, args.tie_word_embeddings):

@@ -291,6 +291,24 @@ def test_unsupported_moe_options_are_refused_by_name(moe_checkpoint, option, val
         ModelArgs.from_hf_config({**config, "hidden_act": "gelu"})
 
 
+def test_experts_stacked_in_one_tensor_are_refused_with_what_to_do(moe_checkpoint, tmp_path):
+    """transformers 5 holds a layer's experts in 3-D tensors in memory; a file written from that state dict (not by
+    save_pretrained) is refused at the split, saying how to get the published layout."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    path, model = moe_checkpoint("qwen3_moe")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert state["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3
+    (tmp_path / "stacked").mkdir()
+    shutil.copy(path / "config.json", tmp_path / "stacked")
+    save_file(state, tmp_path / "stacked" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts.(gate_up|down)_proj holds all experts of a "
+                                         r"layer in one tensor.*save it again with save_pretrained"):
+        split_model(tmp_path / "stacked", tmp_path / "parts", 2, progress=False)
+
+
 def test_layers_that_differ_are_planned_by_bytes(moe_checkpoint, load_pipeline, tmp_path):
     """qwen3_moe-mixed: layer 1 sparse (8 experts), 0, 2 and 3 dense. By count, 3 stages would be 0-1, 2-2, 3-3;
     by bytes the sparse layer gets a stage of its own, and the largest partition is a fifth smaller."""
