@@ -1,9 +1,11 @@
 """A GGUF file as a splitter source: its tensors under Hugging Face's names, quantized ones as their bytes.
 
-Quantized tensors (``q8_0``, ``q4_1``, ``q4_0``) are read as the uint8 rows they are stored as and never
-dequantized; llama.cpp's reordering of the query and key rows (for its rotary layout) is undone on those rows, as
-transformers does for dequantized ones. Float tensors are read as they are; other quantization types (k-quants)
-are refused. The model's config and tokenizer come from the file through transformers, saved once in the cache.
+Quantized tensors (``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0``, ``Q2_K`` to ``Q6_K``) and the float16 and
+bfloat16 matrices of linear and embedding layers are read as the uint8 rows they are stored as and never
+dequantized (:mod:`chatloop.quant.blocks`); llama.cpp's reordering of the query and key rows (for its rotary
+layout) is undone on those rows, as transformers does for dequantized ones. Other float tensors (norms) are read as
+they are; other types (``IQ*``, ``TQ*``) are refused. The model's config and tokenizer come from the file through
+transformers, saved once in the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from ..embedded import EMBEDDED_MODELS, embedded_gguf
 from ..paths import cache_root
+from ..quant.scheme import module_kind
 
 __all__ = ["gguf_path", "open_gguf"]
 
@@ -28,8 +31,12 @@ _LAYER = {
 }
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_QUANTIZED = {"Q8_0": "q8_0", "Q4_1": "q4_1", "Q4_0": "q4_0"}
+_QUANTIZED = {kind: kind.lower() for kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                                              "Q6_K")}
 _FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_KEPT_FLOAT = {"F16": "f16", "BF16": "bf16"}
+"""Half-precision matrices kept as their bytes (a linear or embedding layer's weight), not widened to float32."""
+SUPPORTED = ", ".join([*_QUANTIZED, *_FLOAT])
 
 
 def gguf_path(source: str | Path, quantize: str | None) -> Path | None:
@@ -99,10 +106,13 @@ def open_gguf(path: Path):
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
         if kind in _QUANTIZED:
             formats[name], dtypes[name] = _QUANTIZED[kind], torch.uint8
+        elif kind in _KEPT_FLOAT and len(shape) == 2 and module_kind(name) is not None:
+            formats[name], dtypes[name] = _KEPT_FLOAT[kind], torch.uint8
         elif kind in _FLOAT:
             dtypes[name] = _FLOAT[kind]
         else:
-            raise ValueError(f"{path}: tensor {t.name} is {kind}; ChatLoop reads Q8_0, Q4_1, Q4_0 and float tensors")
+            raise ValueError(f"{path}: tensor {t.name} is {kind}; ChatLoop reads {SUPPORTED} tensors: requantize "
+                             f"the file to one of them (llama-quantize --allow-requantize)")
         shapes[name], sizes[name] = shape, int(t.n_bytes)
 
     def read(name: str) -> torch.Tensor:
@@ -110,6 +120,8 @@ def open_gguf(path: Path):
         data = np.array(t.data)  # a copy: the reader's arrays map the file read-only
         if name not in formats:
             data = data.reshape(shapes[name])
+        elif data.dtype != np.uint8:  # the reader gives float16 / bfloat16 (as uint16) matrices as their values
+            data = data.reshape(shapes[name]).view(np.uint8).reshape(shapes[name][0], -1)
         data = processor.process(data, t.name).weights  # undoes llama.cpp's query/key row order
         return torch.from_numpy(np.ascontiguousarray(data))
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..embedded import copy_tokenizer, resolve_model
 from ..models import Family, LayerRange, ModelArgs, family_of
 from ..models.moe import check_expert_layout
-from ..quant import BLOCK, BLOCK_BYTES, q4_0_as_q4_1
+from ..quant import q4_0_as_q4_1, row_bytes
 from ..quant import quantize as quantize_matrix
 from ..quant.scheme import SCHEMES, format_for
 from .gguf_source import gguf_path, open_gguf
@@ -159,7 +159,7 @@ def split_model(
         shape = checkpoint.shapes[source_name[key]]
         if key not in formats:
             return shape
-        return (shape[0], shape[1] // BLOCK * BLOCK_BYTES[formats[key]])
+        return (shape[0], row_bytes(formats[key], shape[1]))
 
     def target_tensor(key: str) -> torch.Tensor:
         name = source_name[key]

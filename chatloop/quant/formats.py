@@ -7,7 +7,9 @@
   rewritten as ``q4_1`` with ``m = -8 d`` when loaded: the same weights, one kernel fewer.
 
 A quantized matrix [out, in] is a uint8 tensor [out, in / 32 * block bytes]: each row its blocks in order, so a
-row of a GGUF tensor is a row here. ``in`` must be a multiple of 32.
+row of a GGUF tensor is a row here. ``in`` must be a multiple of 32. GGUF's other types (``q5_0``, the k-quants,
+``f16``...) are kept the same way: :mod:`~chatloop.quant.blocks`; :func:`in_features_of` and :func:`dequantize` take
+them all.
 
 The matmul kernels quantize the activations too, each block of 32 to int8 with a float scale (llama.cpp's
 ``q8_1``), and multiply in integers. :func:`reference_linear` is that arithmetic in torch, the tests' reference.
@@ -16,6 +18,8 @@ The matmul kernels quantize the activations too, each block of 32 to int8 with a
 from __future__ import annotations
 
 import torch
+
+from .blocks import GGUF_TYPES, dequantize_blocks
 
 __all__ = ["BLOCK", "BLOCK_BYTES", "FORMATS", "dequantize", "in_features_of", "q4_0_as_q4_1", "quantize",
            "quantize_activations", "reference_linear"]
@@ -32,12 +36,14 @@ def _check(fmt: str) -> None:
 
 
 def in_features_of(data: torch.Tensor, fmt: str) -> int:
-    """The number of input features of a quantized matrix ``data`` [out, bytes]."""
-    _check(fmt)
-    if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] % BLOCK_BYTES[fmt]:
-        raise ValueError(f"a {fmt} matrix is uint8 [out, a multiple of {BLOCK_BYTES[fmt]} bytes], got "
+    """The number of input features of a quantized matrix ``data`` [out, bytes] (any type of ``GGUF_TYPES``)."""
+    if fmt not in GGUF_TYPES:
+        raise ValueError(f"unknown quantization format {fmt!r}: one of {', '.join(GGUF_TYPES)}")
+    weights, nbytes = GGUF_TYPES[fmt]
+    if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] % nbytes:
+        raise ValueError(f"a {fmt} matrix is uint8 [out, a multiple of {nbytes} bytes], got "
                          f"{data.dtype} {tuple(data.shape)}")
-    return data.shape[1] // BLOCK_BYTES[fmt] * BLOCK
+    return data.shape[1] // nbytes * weights
 
 
 def _f16(values: torch.Tensor) -> torch.Tensor:
@@ -88,8 +94,10 @@ def _split(data: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
 
 
 def dequantize(data: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The float32 matrix [out, in] a quantized ``data`` stands for."""
+    """The float32 matrix [out, in] a quantized ``data`` stands for (any type of ``GGUF_TYPES``)."""
     in_features_of(data, fmt)
+    if fmt not in ("q8_0", "q4_1"):
+        return dequantize_blocks(data, fmt)
     if fmt == "q8_0":
         d, q = _split(data, fmt)
         return (d[..., None] * q.float()).reshape(data.shape[0], -1)

@@ -4,7 +4,9 @@ The weight stays quantized in memory (a uint8 buffer named ``weight``, so a part
 name). :class:`QuantLinear` multiplies up to ``KERNEL_ROWS`` rows (decode steps) on ChatLoop's quantized kernel,
 which streams the quantized bytes once; more rows (prefill) are compute-bound, and there it dequantizes a slice
 of the weight at a time into torch's GEMM (float32 activations: a little more accurate than the kernel). Where
-the kernel cannot be built, every call takes that second way.
+the kernel cannot be built, every call takes that second way. GGUF's other types (``q5_0``, ``q5_1``, the
+k-quants, ``f16``, ``bf16``: :mod:`~chatloop.quant.blocks`) have no kernel yet: they always take the second way,
+dequantized in torch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from ..kernels import (
     quant_isa,
     quant_linear_unchecked,
 )
-from .formats import FORMATS, dequantize, in_features_of
+from .blocks import GGUF_TYPES
+from .formats import dequantize, in_features_of
 
 __all__ = ["QuantEmbedding", "QuantLinear", "interleave_for_kernel", "quantize_modules", "tie_quantized_head"]
 
@@ -51,10 +54,10 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 self.bias = self.bias.float().contiguous()
 
-    @staticmethod
-    def decodes_on_kernel() -> bool:
-        """Decode steps (up to ``KERNEL_ROWS`` rows) run on the quantized kernel here: it could be built."""
-        return load_quant_kernels() is not None
+    def decodes_on_kernel(self) -> bool:
+        """Decode steps (up to ``KERNEL_ROWS`` rows) run on the quantized kernel here: it could be built and it
+        reads this layer's format."""
+        return self.fmt in FORMAT_IDS and load_quant_kernels() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -93,7 +96,7 @@ class QuantEmbedding(nn.Module):
             self.embedding_dim = in_features_of(state_dict[prefix + "weight"], self.fmt)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if load_quant_kernels() is not None:
+        if self.fmt in FORMAT_IDS and load_quant_kernels() is not None:
             return kernel_dequantize_rows(self.weight, ids, self.fmt, self.embedding_dim)
         return dequantize(self.weight[ids.reshape(-1)], self.fmt).reshape(*ids.shape, self.embedding_dim)
 
@@ -108,8 +111,8 @@ def quantize_modules(stage: nn.Module, formats: dict[str, str], state: dict[str,
     """Before ``stage`` (built on the meta device) loads ``state``: make the linear and embedding layers whose
     weights ``formats`` names ({"model.layers.0.mlp.up_proj.weight": "q4_1", ...}) quantized ones."""
     for key, fmt in formats.items():
-        if fmt not in FORMATS:
-            raise ValueError(f"tensor {key} is in format {fmt!r}; this ChatLoop computes with {', '.join(FORMATS)}")
+        if fmt not in GGUF_TYPES:
+            raise ValueError(f"tensor {key} is in format {fmt!r}; this ChatLoop computes with {', '.join(GGUF_TYPES)}")
         name, _, leaf = key.rpartition(".")
         if leaf != "weight" or key not in state:
             raise ValueError(f"quantized tensor {key} is not a weight of this stage")
