@@ -291,6 +291,22 @@ def test_unsupported_moe_options_are_refused_by_name(moe_checkpoint, option, val
         ModelArgs.from_hf_config({**config, "hidden_act": "gelu"})
 
 
+def test_published_config_keys_are_read(moe_checkpoint):
+    """Qwen3-30B-A3B's config.json says num_experts (transformers writes num_local_experts); Mixtral's with a
+    sliding window is refused as Mistral's is."""
+    path, _ = moe_checkpoint("qwen3_moe-mixed")
+    config = json.loads((path / "config.json").read_text())
+    published = {k: v for k, v in config.items() if k != "num_local_experts"} | {"num_experts": 128,
+                                                                                 "num_experts_per_tok": 8}
+    args = ModelArgs.from_hf_config(published)
+    assert (args.moe.num_experts, args.moe.top_k, args.moe.intermediate_size) == (128, 8, 32)
+    assert args.moe.mlp_only_layers == (3,) and args.moe.decoder_sparse_step == 2 and args.qk_norm == "head"
+    path, _ = moe_checkpoint("mixtral")
+    mixtral = json.loads((path / "config.json").read_text())
+    with pytest.raises(ValueError, match="sliding attention window is not supported: set sliding_window to null"):
+        ModelArgs.from_hf_config({**mixtral, "sliding_window": 4096})
+
+
 def test_experts_stacked_in_one_tensor_are_refused_with_what_to_do(moe_checkpoint, tmp_path):
     """transformers 5 holds a layer's experts in 3-D tensors in memory; a file written from that state dict (not by
     save_pretrained) is refused at the split, saying how to get the published layout."""
