@@ -96,7 +96,23 @@ def _tiny_olmo2():
                        eos_token_id=0)
 
 
-TINY_FAMILY_CONFIGS = {"qwen3": _tiny_qwen3, "granite": _tiny_granite, "olmo2": _tiny_olmo2}
+def _tiny_phi3():
+    """Phi-3 as its 128k variants (and Phi-4-mini): longrope RoPE whose long factors take over past position 16
+    (the goldens' decode steps cross it), half of each head rotated, a sliding window of 24 (crossed too), tied."""
+    from transformers import Phi3Config
+
+    g = torch.Generator().manual_seed(3)
+    short, long = ((1 + torch.rand(4, generator=g) * scale).tolist() for scale in (0.5, 8.0))
+    return Phi3Config(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=64, original_max_position_embeddings=16, sliding_window=24,
+                      partial_rotary_factor=0.5, pad_token_id=1, bos_token_id=0, eos_token_id=0,
+                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
+                                       "long_factor": long, "partial_rotary_factor": 0.5,
+                                       "original_max_position_embeddings": 16})
+
+
+TINY_FAMILY_CONFIGS = {"qwen3": _tiny_qwen3, "granite": _tiny_granite, "olmo2": _tiny_olmo2, "phi3": _tiny_phi3}
 """The families of issue 20 (tests/unit/test_families.py): a builder of a tiny transformers config each."""
 
 

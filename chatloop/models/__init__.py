@@ -16,6 +16,7 @@ from .layer_range import LayerRange
 from .llama import LlamaStage
 from .mixtral import MixtralStage
 from .olmo2 import Olmo2Stage
+from .phi3 import Phi3Stage
 from .qwen3 import Qwen3Stage
 from .qwen3_moe import Qwen3MoeStage
 from .stage_model import StageModel
@@ -89,6 +90,7 @@ _FAMILIES.update({  # mixture-of-experts families: Llama's tensor names plus the
 _FAMILIES["qwen3"] = dataclasses.replace(_LLAMA, stage_class=Qwen3Stage)  # Llama's tensor names, its own layer
 _FAMILIES["granite"] = dataclasses.replace(_LLAMA, stage_class=GraniteStage)
 _FAMILIES["olmo2"] = dataclasses.replace(_LLAMA, stage_class=Olmo2Stage)
+_FAMILIES["phi3"] = dataclasses.replace(_LLAMA, stage_class=Phi3Stage)
 
 
 def family_of(args: ModelArgs) -> Family:

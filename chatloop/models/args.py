@@ -11,11 +11,11 @@ if TYPE_CHECKING:
 __all__ = ["ModelArgs", "SUPPORTED_FAMILIES"]
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-LLAMA_LIKE = ("qwen3", "granite", "olmo2")
+LLAMA_LIKE = ("qwen3", "granite", "olmo2", "phi3")
 """Families whose config.json reads as Llama's plus a few options of their own (their modules sit beside llama.py)."""
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 """Mixture-of-experts families: Llama-style attention, sparse MLPs (see :mod:`~chatloop.models.moe`)."""
-SUPPORTED_FAMILIES = LLAMA_FAMILY + LLAMA_LIKE + MOE_FAMILIES + ("gpt2",)
+SUPPORTED_FAMILIES = LLAMA_FAMILY + ("gpt2",) + LLAMA_LIKE + MOE_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class ModelArgs:
     """Granite: each sublayer's output is multiplied by it before the residual add."""
     logits_scaling: float = 1.0
     """Granite: the logits are divided by it."""
+    partial_rotary_factor: float = 1.0
+    """Phi-3 (Phi-4-mini): rotary embeddings turn the first ``int(head_dim * factor)`` values of each head only."""
+    sliding_window: int | None = None
+    """Phi-3: a token attends to itself and the ``sliding_window - 1`` positions before it (None: to all)."""
     moe: MoEArgs | None = None
     """The sparse MLPs of a mixture-of-experts family; None for dense ones."""
 
@@ -87,15 +91,29 @@ class ModelArgs:
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(
-                f"rope_type {rope_type!r} is not supported: use a model with default, linear or llama3 RoPE")
+        rope_types = ("default", "linear", "llama3", *(("longrope",) if family == "phi3" else ()))
+        if rope_type not in rope_types:
+            raise ValueError(f"rope_type {rope_type!r} is not supported for {family}: use a model with "
+                             f"{', '.join(rope_types)} RoPE")
+        partial_rotary = float(rope.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+        if partial_rotary != 1.0 and family != "phi3":
+            raise ValueError(f"partial_rotary_factor {partial_rotary} is not supported for {family}: ChatLoop turns "
+                             "part of each head for phi3 only")
         num_heads = config["num_attention_heads"]
         family_options: dict[str, Any] = {}
         if family == "qwen3":
             family_options["qk_norm"] = "head"
         if family == "olmo2":
             family_options["qk_norm"] = "projection"
+        if family == "phi3":
+            family_options.update(partial_rotary_factor=partial_rotary, sliding_window=_window(config))
+            if rope_type == "longrope":
+                rope.setdefault("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+                rope.setdefault("max_position_embeddings", config.get("max_position_embeddings"))
+                missing = [k for k in ("short_factor", "long_factor", "original_max_position_embeddings")
+                           if rope.get(k) is None]
+                if missing:
+                    raise ValueError(f"longrope RoPE needs {', '.join(missing)} in config.json's rope_scaling")
         if family == "granite":
             family_options.update(
                 attention_scale=float(config.get("attention_multiplier", 1.0)),
@@ -121,3 +139,13 @@ class ModelArgs:
             rope_scaling=rope if rope_type != "default" else None,
             **family_options,
         )
+
+
+def _window(config: dict[str, Any]) -> int | None:
+    """A sliding window that can matter (one that spans max_position_embeddings never does), or None."""
+    window = config.get("sliding_window")
+    if window is None or window >= config.get("max_position_embeddings", 2048):
+        return None
+    if window < 1:
+        raise ValueError(f"sliding_window {window} must be at least 1, or null for none")
+    return int(window)

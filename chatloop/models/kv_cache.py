@@ -48,6 +48,7 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         native_attention: bool = False,
+        window: int | None = None,
     ) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache has room for {num_blocks} blocks: raise kv_cache_mb or lower block_size")
@@ -66,6 +67,8 @@ class PagedKVCache:
         """Decode steps attend on ChatLoop's kernel, reading the blocks in place (float32 or bfloat16 caches)."""
         self.decode_in_place = False
         """This micro-batch attends in place: set by :meth:`begin`."""
+        self.window = window
+        """A sliding attention window: a token sees itself and the ``window - 1`` positions before it (None: all)."""
 
     @property
     def num_bytes(self) -> int:
@@ -81,11 +84,15 @@ class PagedKVCache:
         if self.decode_in_place:  # one new token per sequence: it sees positions 0..its own
             self._lengths = batch.positions[:, 0] + 1
             self._max_length = int(self._lengths.max())
-            return
+            if self.window is None or self._max_length <= self.window:  # (the kernel has no window)
+                return
+            self.decode_in_place = False
         # Slot j of a gathered context holds position j; a token sees the positions up to its own.
         # Additive float mask: SDPA converts a boolean one on every call (every layer).
         key_positions = torch.arange(batch.block_tables.shape[1] * self.block_size)
         visible = key_positions[None, None, None, :] <= batch.positions[:, None, :, None]  # [B, 1, T, S]
+        if self.window is not None:
+            visible &= key_positions[None, None, None, :] > batch.positions[:, None, :, None] - self.window
         self.mask = torch.zeros(visible.shape, dtype=self.keys.dtype).masked_fill_(~visible, float("-inf"))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

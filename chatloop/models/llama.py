@@ -44,9 +44,10 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """[D/2] inverse frequencies, with linear or Llama-3 scaling applied."""
-    dim = args.head_dim
+def rope_frequencies(args: ModelArgs, dim: int | None = None) -> torch.Tensor:
+    """[dim/2] inverse frequencies (dim: the rotated part of a head, D unless given), with linear or Llama-3 scaling
+    applied."""
+    dim = dim or args.head_dim
     # Explicitly on the CPU: stages are built on the meta device before their weights load.
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     inv_freq = 1.0 / (args.rope_theta**exponents)
@@ -146,11 +147,12 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     attention_class: type[Attention] = Attention
+    mlp_class: type[MLP] = MLP
 
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = self.attention_class(args, layer)
-        self.mlp = MLP(args)
+        self.mlp = self.mlp_class(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
 

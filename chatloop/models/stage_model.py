@@ -71,6 +71,7 @@ class StageModel(nn.Module):
         return PagedKVCache(
             self.layers_range.indices, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype,
             native_attention=self.native_attention and dtype in (torch.float32, torch.bfloat16),
+            window=a.sliding_window,
         )
 
     def forward(

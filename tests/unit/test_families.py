@@ -1,4 +1,4 @@
-"""Golden tests of the dense families beside Llama (issue 20): Qwen3, Granite, OLMo 2, ...
+"""Golden tests of the dense families beside Llama (issue 20): Qwen3, Granite, OLMo 2, Phi-3.
 
 Each family's tiny random checkpoint is written by transformers' own class (tests/conftest.py), split with the
 splitter over 1, 2 and 4 stages, loaded with ``load_stage`` as the workers do, and must give transformers'
@@ -16,7 +16,13 @@ import pytest
 import torch
 from conftest import TINY_FAMILY_CONFIGS
 from safetensors.torch import load_file
-from test_golden import check_against_reference, check_all_logits, load_with_linear_mode, tiny_prompts
+from test_golden import (
+    check_against_reference,
+    check_all_logits,
+    load_with_linear_mode,
+    reference_logits,
+    tiny_prompts,
+)
 from test_quantization import _dequantized_model
 
 import chatloop.quant.modules as quant_modules
@@ -49,6 +55,32 @@ def test_tiny_configs_carry_the_features_under_test(tiny_checkpoint):
     olmo2 = tiny_checkpoint("olmo2")
     assert args_of(olmo2).qk_norm == "projection" and not hasattr(olmo2.model.model.layers[0], "input_layernorm")
     assert olmo2.model.model.layers[0].self_attn.k_norm.weight.shape == (2 * 16,)
+    phi3 = args_of(tiny_checkpoint("phi3"))
+    assert phi3.partial_rotary_factor == 0.5 and phi3.sliding_window == 24 and phi3.tie_word_embeddings
+    assert phi3.rope_scaling["rope_type"] == "longrope" and phi3.rope_scaling["original_max_position_embeddings"] == 16
+    prompts, continuations = tiny_prompts()  # the goldens cross position 16 (long factors) and 24 (the window)
+    assert len(prompts[0]) < 16 and len(prompts[0]) + len(continuations[0]) > 24
+
+
+def test_phi3_goldens_see_the_window_and_the_long_factors(tiny_checkpoint, split_once, load_pipeline):
+    """Without the sliding window, or with the short factors only, the Phi-3 goldens would fail."""
+    from chatloop.models.phi3 import Phi3Stage
+
+    checkpoint = tiny_checkpoint("phi3")
+    prompts, continuations = tiny_prompts()
+    parts = split_once(checkpoint, 2)
+    unwindowed = load_pipeline(parts)
+    assert all(cache.window == 24 for cache in unwindowed.caches)
+    for cache in unwindowed.caches:
+        cache.window = None
+    with pytest.raises(AssertionError, match="decode step"):
+        check_against_reference(unwindowed, checkpoint.model, prompts, continuations)
+    pipeline = load_pipeline(parts)
+    for stage in pipeline.stages:
+        assert isinstance(stage, Phi3Stage) and stage.long_inv_freq is not None
+        stage.long_inv_freq = stage.inv_freq
+    with pytest.raises(AssertionError, match="decode step"):
+        check_against_reference(pipeline, checkpoint.model, prompts, continuations)
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +137,30 @@ def test_a_sharded_checkpoint_splits_to_the_same_partitions(family, tiny_checkpo
         assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
 
 
+BF16_TOLERANCE = {"phi3": 0.5}
+"""Max abs logit difference to transformers in bfloat16: test_golden.py's 0.25, but for the tiny Phi-3, whose
+logits (up to ~4.3, longrope-scaled rotary) transformers' own bfloat16 run puts 0.36 away from its float32 one."""
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_matches_transformers_in_bfloat16(family, tiny_checkpoint, split_once, load_pipeline):
-    """Within the tolerance test_golden.py's bfloat16 Llama and Qwen2 meet (0.25), packed as the product runs."""
+    """Packed as the product runs; and no further from the float32 model than transformers' bfloat16 run is."""
     checkpoint = tiny_checkpoint(family)
     reference = copy.deepcopy(checkpoint.model).to(torch.bfloat16)
     prompts, continuations = tiny_prompts(seed=3)
     parts = split_once(checkpoint, 2)
     packed = fast_linear_for(torch.bfloat16) is not None
-    worst = check_against_reference(load_pipeline(parts, pack_weights=packed, dtype=torch.bfloat16, block_size=4,
-                                                  num_blocks=32), reference, prompts, continuations, 0.25)
-    print(f"{family}: bfloat16 max abs logit diff {worst:.3f}")
+
+    def pipeline():
+        return load_pipeline(parts, pack_weights=packed, dtype=torch.bfloat16, block_size=4, num_blocks=32)
+
+    worst = check_against_reference(pipeline(), reference, prompts, continuations, BF16_TOLERANCE.get(family, 0.25))
+    ours_vs_float32 = check_against_reference(pipeline(), checkpoint.model, prompts, continuations, 1.0)
+    theirs_vs_float32 = max((reference_logits(reference, p, c) - reference_logits(checkpoint.model, p, c)).abs().max()
+                            .item() for p, c in zip(prompts, continuations))
+    assert ours_vs_float32 <= 1.5 * theirs_vs_float32
+    print(f"{family}: bfloat16 max abs logit diff {worst:.3f}; to float32 {ours_vs_float32:.3f} "
+          f"(transformers' {theirs_vs_float32:.3f})")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -189,6 +234,17 @@ def test_a_qwen3_sliding_window_is_refused(tiny_checkpoint, tmp_path):
 def test_an_unsupported_rope_type_is_refused_with_the_supported_ones(tiny_checkpoint, tmp_path):
     _refused_at_split_and_load(tiny_checkpoint("qwen3"), tmp_path, r"rope_type 'yarn' is not supported.*llama3",
                                rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)
+
+
+def test_longrope_and_partial_rotary_are_phi3_options_only(tiny_checkpoint, tmp_path):
+    _refused_at_split_and_load(tiny_checkpoint("qwen3"), tmp_path, r"rope_type 'longrope' is not supported for qwen3",
+                               rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 16,
+                                                "long_factor": [1.0] * 16, "rope_theta": 10000.0})
+
+
+def test_partial_rotary_is_refused_outside_phi3(tiny_checkpoint, tmp_path):
+    _refused_at_split_and_load(tiny_checkpoint("olmo2"), tmp_path,
+                               "partial_rotary_factor 0.5 is not supported for olmo2", partial_rotary_factor=0.5)
 
 
 def test_qwen3_stages_build_from_a_config_dict():
