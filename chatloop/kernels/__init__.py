@@ -37,7 +37,8 @@ __all__ = [
     "BF16_ISAS", "BF16_KERNEL_ROWS", "FORMAT_IDS", "ISAS", "MARCH_ENV", "MAX_KERNEL_ROWS", "LlamaLayerSpec",
     "LlamaShapeSpec", "MatrixSpec",
     "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "kernel_bf16_linear",
-    "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave",
+    "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave", "kernel_kquant_linear",
+    "KQUANT_FORMAT_IDS", "kquant_linear_unchecked",
     "kernel_linear", "kernel_quant_linear", "kernel_rms_norm", "kernel_rope_", "load_kernels", "load_quant_kernels",
     "quant_isa", "quant_linear_unchecked", "stream_read",
 ]
@@ -49,7 +50,7 @@ HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 MARCH_ENV = "CHATLOOP_KERNEL_MARCH"
 """Set, it replaces ``native`` in ``-march=native`` for these kernels (``x86-64-v3``: AVX2 and FMA, no AVX-512): the
 tests build an AVX2-only machine's code this way on an AVX-512 CPU."""
-QUANT_SOURCES = [Path(__file__).parent / name for name in ("qgemv.c", "bf16gemv.c")]
+QUANT_SOURCES = [Path(__file__).parent / name for name in ("qgemv.c", "bf16gemv.c", "kquant.c")]
 QUANT_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma", "f16c"}),
         "avx512_vnni": (2, {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})}
@@ -60,6 +61,8 @@ BF16_ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma"}),
 FORMAT_IDS = {"q8_0": 0, "q4_1": 1, "q4_1_x16": 2, "q8_0_x16": 3}
 """The quantized kernel's weight layouts (qgemv.c): GGUF's blocks, and the same interleaved in tiles of 16 rows
 (:func:`kernel_interleave`), which only the kernel reads."""
+KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1}
+"""The k-quant decode kernel's formats (kquant.c): GGUF's blocks of 256, activations quantized to Q8_K."""
 MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
 BF16_KERNEL_ROWS = 3
@@ -179,6 +182,45 @@ def load_kernels() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def kquant_linear_unchecked(x: torch.Tensor, data: torch.Tensor, fmt: str, in_features: int,
+                            bias: torch.Tensor | None, isa_id: int) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``W`` in a k-quant of ``KQUANT_FORMAT_IDS`` (``x`` contiguous float32 [..., in],
+    ``data`` contiguous uint8 [out, in / 256 * block bytes], checked by the caller), on kquant.c."""
+    rows = x.numel() // in_features
+    out = torch.empty(*x.shape[:-1], data.shape[0], dtype=torch.float32)
+    xq = torch.empty(rows * in_features, dtype=torch.int8)
+    xd = torch.empty(rows * in_features // 256, dtype=torch.float32)
+    bsums = torch.empty(rows * in_features // 16, dtype=torch.int16)
+    load_quant_kernels().chatloop_kquant_linear(
+        x.data_ptr(), data.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
+        data.shape[0], in_features, KQUANT_FORMAT_IDS[fmt], isa_id, torch.get_num_threads(), xq.data_ptr(),
+        xd.data_ptr(), bsums.data_ptr(),
+    )
+    return out
+
+
+def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: torch.Tensor | None = None,
+                         isa: str | None = None) -> torch.Tensor:
+    """:func:`kquant_linear_unchecked` with its checks: ``fmt`` one of ``KQUANT_FORMAT_IDS``, ``isa`` a path of
+    :func:`available_isas` (default :func:`quant_isa`; ``avx512_vnni`` runs the AVX2 path)."""
+    _require(load_quant_kernels() is not None, "ChatLoop's quantized kernels are not available here (see the log)")
+    _require(fmt in KQUANT_FORMAT_IDS, f"kernel_kquant_linear: format {fmt!r} is not one of "
+                                       f"{', '.join(KQUANT_FORMAT_IDS)}")
+    block_bytes = {"q4_k": 144, "q6_k": 210}[fmt]
+    in_features = x.shape[-1]
+    _require(in_features % 256 == 0 and data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
+             and data.shape[1] * 256 == in_features * block_bytes,
+             f"kernel_kquant_linear: a {fmt} matrix of {in_features} inputs is contiguous uint8 "
+             f"[out, {in_features // 256 * block_bytes}], got {data.dtype} {tuple(data.shape)}")
+    _require(x.dtype == torch.float32, f"kernel_kquant_linear: x must be float32, got {x.dtype}")
+    _require(bias is None or (bias.dtype == torch.float32 and bias.shape == (data.shape[0],)),
+             f"kernel_kquant_linear: bias must be float32 [{data.shape[0]}]")
+    isa = isa or quant_isa()
+    _require(isa in available_isas(), f"kernel_kquant_linear: this CPU cannot run the {isa!r} path")
+    return kquant_linear_unchecked(x.contiguous(), data, fmt, in_features,
+                                   None if bias is None else bias.contiguous(), ISAS[isa][0])
+
+
 def load_quant_kernels() -> ctypes.CDLL | None:
     """The quantized kernels' library, or None (logged once): quantized layers then compute in torch."""
     reason = None
@@ -206,6 +248,8 @@ def load_quant_kernels() -> ctypes.CDLL | None:
             library.chatloop_interleave.restype = integer
             library.chatloop_bf16_linear.argtypes = [pointer] * 4 + [size] * 3 + [integer] * 2 + [pointer]
             library.chatloop_bf16_linear.restype = None
+            library.chatloop_kquant_linear.argtypes = [pointer] * 4 + [size] * 3 + [integer] * 3 + [pointer] * 3
+            library.chatloop_kquant_linear.restype = None
             return library
     log.info("ChatLoop's quantized kernels are off (%s): quantized layers dequantize into torch's kernels", reason)
     return None

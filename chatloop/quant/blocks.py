@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GGUF_TYPES", "QK_K", "block_of", "dequantize_blocks", "row_bytes"]
+__all__ = ["GGUF_TYPES", "QK_K", "block_of", "dequantize_blocks", "quantize_activations_q8_k",
+           "reference_kquant_linear", "row_bytes"]
 
 QK_K = 256
 GGUF_TYPES: dict[str, tuple[int, int]] = {
@@ -150,3 +151,26 @@ def dequantize_blocks(data: torch.Tensor, fmt: str) -> torch.Tensor:
     out = data.shape[0]
     blocks = data.reshape(-1, nbytes)
     return _dequantize(blocks, fmt).reshape(out, data.shape[1] // nbytes * weights)
+
+
+def quantize_activations_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` [rows, in] as the k-quant kernel quantizes them (llama.cpp's Q8_K, symmetric): int8 ``q``
+    [rows, in / 256, 256] and float32 scales ``d = amax / 127`` [rows, in / 256]; ties round to even."""
+    blocks = x.float().reshape(x.shape[0], -1, QK_K)
+    d = blocks.abs().amax(-1) / 127
+    q = torch.where(d[..., None] > 0, blocks * (1 / torch.where(d > 0, d, 1))[..., None], 0).round().to(torch.int8)
+    return q, d
+
+
+def reference_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` as the k-quant kernel computes it (Q8_K activations, the weights as ``fmt`` blocks), in
+    float64: what every path of kquant.c must give up to the order of its float additions."""
+    rows = x.reshape(-1, x.shape[-1])
+    q, d = quantize_activations_q8_k(rows)
+    weight = dequantize_blocks(data, fmt).double().reshape(data.shape[0], -1, QK_K)
+    y = torch.einsum("bkj,okj->bok", q.double(), weight)
+    y = (y * d.double()[:, None, :]).sum(-1)
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], data.shape[0])

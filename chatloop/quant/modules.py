@@ -5,8 +5,8 @@ name). :class:`QuantLinear` multiplies up to ``KERNEL_ROWS`` rows (decode steps)
 which streams the quantized bytes once; more rows (prefill) are compute-bound, and there it dequantizes a slice
 of the weight at a time into torch's GEMM (float32 activations: a little more accurate than the kernel). Where
 the kernel cannot be built, every call takes that second way. GGUF's other types (``q5_0``, ``q5_1``, the
-k-quants, ``f16``, ``bf16``: :mod:`~chatloop.quant.blocks`) have no kernel yet: they always take the second way,
-dequantized in torch.
+k-quants, ``f16``, ``bf16``: :mod:`~chatloop.quant.blocks`) take the second way, dequantized in torch, except
+``q4_k`` and ``q6_k`` decode steps, which run on the k-quant kernel (``kquant.c``: activations quantized to Q8_K).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from torch import nn
 from ..kernels import (
     FORMAT_IDS,
     ISAS,
+    KQUANT_FORMAT_IDS,
     kernel_dequantize_rows,
     kernel_interleave,
+    kquant_linear_unchecked,
     load_quant_kernels,
     quant_isa,
     quant_linear_unchecked,
@@ -67,6 +69,12 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"{self}: got {x.shape[-1]} input features")
             return quant_linear_unchecked(x.contiguous(), self.weight, FORMAT_IDS[self.fmt], self.in_features,
                                           self.bias, ISAS[quant_isa()][0])
+        if self.fmt in KQUANT_FORMAT_IDS and x.numel() <= KERNEL_ROWS * self.in_features \
+                and load_quant_kernels() is not None:
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"{self}: got {x.shape[-1]} input features")
+            return kquant_linear_unchecked(x.contiguous(), self.weight, self.fmt, self.in_features, self.bias,
+                                           ISAS[quant_isa()][0])
         outputs = []
         for start in range(0, self.out_features, SLICE_ROWS):
             rows = torch.arange(start, min(start + SLICE_ROWS, self.out_features))

@@ -16,10 +16,11 @@ from safetensors import safe_open
 from test_golden import check_against_reference
 
 import chatloop.quant.modules as quant_modules
-from chatloop.kernels import load_quant_kernels
+from chatloop.kernels import available_isas, kernel_kquant_linear, load_quant_kernels, quant_isa
 from chatloop.partition.manifest import QUANTIZED_KEY
 from chatloop.partition.splitter import split_model
 from chatloop.quant import GGUF_TYPES, QuantEmbedding, QuantLinear, dequantize, row_bytes
+from chatloop.quant.blocks import reference_kquant_linear
 
 KEPT = [t for t in TYPE_CYCLE if t != "F32"]
 
@@ -67,8 +68,10 @@ def test_a_row_that_is_not_whole_blocks_is_refused():
 
 @pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "f16", "bf16"])
 @pytest.mark.parametrize("rows", [1, 3, 40])
-def test_quant_linear_and_embedding_compute_on_the_dequantized_weights(fmt, rows):
-    """Decode steps (few rows) and prefill (many) alike: the weight dequantized, then torch's matmul."""
+def test_quant_linear_and_embedding_compute_on_the_dequantized_weights(fmt, rows, monkeypatch):
+    """Without the kernels, decode steps (few rows) and prefill (many) alike: the weight dequantized, then torch's
+    matmul."""
+    monkeypatch.setattr(quant_modules, "load_quant_kernels", lambda: None)
     blocks = random_blocks(fmt.upper(), 48, 512, np.random.default_rng(rows))
     data = torch.from_numpy(blocks.view(np.uint8).reshape(48, -1).copy())  # float16 values as their bytes
     linear = QuantLinear(data, fmt, bias=torch.randn(48))
@@ -79,6 +82,45 @@ def test_quant_linear_and_embedding_compute_on_the_dequantized_weights(fmt, rows
     embedding = QuantEmbedding(data, fmt)
     ids = torch.tensor([[3, 0], [47, 3]])
     assert torch.equal(embedding(ids), weight[ids])
+
+
+# ---- the k-quant decode kernel ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("isa", available_isas() or ["none"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_the_kquant_kernel_computes_its_reference_arithmetic_on_every_path(isa, fmt, rows):
+    """Q8_K activations, integer products per 16 or 32 weights, float scales: each path against the float64
+    reference of the same arithmetic (up to float32 rounding of the sums), and near the float product."""
+    if load_quant_kernels() is None:
+        pytest.skip("the quantized kernels cannot be built here")
+    torch.manual_seed(rows)
+    data = torch.from_numpy(random_blocks(fmt.upper(), 40, 768, np.random.default_rng(rows)).copy())
+    x = torch.randn(rows, 768) * torch.logspace(-1, 1, 768)
+    x[0, :256] = 0  # a block of zeros: scale 0
+    bias = torch.randn(40)
+    got = kernel_kquant_linear(x, data, fmt, bias, isa)
+    expected = reference_kquant_linear(x, data, fmt, bias)
+    magnitude = x.abs().double() @ dequantize(data, fmt).abs().double().T
+    assert got.dtype == torch.float32 and got.shape == (rows, 40)
+    error = (got.double() - expected).abs()
+    assert bool((error <= 1e-5 * magnitude + 1e-6).all()), error.max()
+    exact = F.linear(x, dequantize(data, fmt), bias)
+    assert bool(((got - exact).abs() <= 0.02 * magnitude.float() + 1e-5).all())  # int8 activations' rounding
+    if isa == quant_isa():  # a decode step of a QuantLinear runs there; prefill dequantizes
+        linear = QuantLinear(data, fmt, bias)
+        assert torch.equal(linear(x), got)
+        prefill = torch.randn(40, 768)
+        assert torch.allclose(linear(prefill), F.linear(prefill, dequantize(data, fmt), bias), atol=1e-5, rtol=1e-5)
+
+
+def test_the_kquant_kernel_refuses_what_it_cannot_read():
+    if load_quant_kernels() is None:
+        pytest.skip("the quantized kernels cannot be built here")
+    data = torch.zeros(4, 144, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="format 'q5_k' is not one of q4_k, q6_k"):
+        kernel_kquant_linear(torch.zeros(1, 256), data, "q5_k")
+    with pytest.raises(ValueError, match="a q4_k matrix of 512 inputs is contiguous uint8 \\[out, 288\\]"):
+        kernel_kquant_linear(torch.zeros(1, 512), data, "q4_k")
 
 
 # ---- files ---------------------------------------------------------------------------------------------------------
@@ -145,8 +187,9 @@ def test_split_tensors_dequantize_to_what_transformers_reads(every_type):
 def test_stages_of_every_type_compute_what_transformers_computes_on_the_file(every_type, kernels, load_pipeline,
                                                                              monkeypatch):
     """transformers dequantizes the whole file (gguf-py) into a float model; ChatLoop's stages keep the blocks.
-    Without the kernel (float activations) they agree to float32 rounding; with it, the Q8_0, Q4_0 and Q4_1 layers'
-    decode steps quantize activations to int8 blocks, which moves the logits by a few percent of the largest."""
+    Without the kernel (float activations) they agree to float32 rounding; with it, the Q8_0, Q4_0, Q4_1, Q4_K and
+    Q6_K layers' decode steps quantize activations to int8 blocks, which moves the logits by a few percent of the
+    largest."""
     from transformers import AutoModelForCausalLM
 
     if kernels and load_quant_kernels() is None:
