@@ -112,7 +112,35 @@ def _tiny_phi3():
                                        "original_max_position_embeddings": 16})
 
 
-TINY_FAMILY_CONFIGS = {"qwen3": _tiny_qwen3, "granite": _tiny_granite, "olmo2": _tiny_olmo2, "phi3": _tiny_phi3}
+def _tiny_gemma3():
+    """Gemma 3 text: sliding-window layers (window 8: the goldens cross it) with their own RoPE base beside full
+    ones with linear scaling, query_pre_attn_scalar apart from head_dim, final logit soft-capping, tied."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                            max_position_embeddings=256, sliding_window=8, final_logit_softcapping=3.0,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                         "sliding_attention", "full_attention"],
+                            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                "rope_theta": 1000000.0},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                            pad_token_id=1, bos_token_id=0, eos_token_id=0)
+
+
+def _tiny_gemma2():
+    """Gemma 2: alternating sliding-window (8) and full layers, attention soft-capped at 2 (scores do reach it
+    here) and logits at 3, query_pre_attn_scalar apart from head_dim, tied."""
+    from transformers import Gemma2Config
+
+    return Gemma2Config(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                        max_position_embeddings=256, sliding_window=8, attn_logit_softcapping=2.0,
+                        final_logit_softcapping=3.0, pad_token_id=1, bos_token_id=0, eos_token_id=0)
+
+
+TINY_FAMILY_CONFIGS = {"qwen3": _tiny_qwen3, "granite": _tiny_granite, "olmo2": _tiny_olmo2, "phi3": _tiny_phi3,
+                       "gemma3_text": _tiny_gemma3, "gemma2": _tiny_gemma2}
 """The families of issue 20 (tests/unit/test_families.py): a builder of a tiny transformers config each."""
 
 

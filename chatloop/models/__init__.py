@@ -9,6 +9,7 @@ from typing import Any
 
 from .args import ModelArgs
 from .batch import StepBatch
+from .gemma3 import Gemma2Stage, Gemma3Stage
 from .gpt2 import GPT2Stage
 from .granite import GraniteStage
 from .kv_cache import PagedKVCache
@@ -91,6 +92,8 @@ _FAMILIES["qwen3"] = dataclasses.replace(_LLAMA, stage_class=Qwen3Stage)  # Llam
 _FAMILIES["granite"] = dataclasses.replace(_LLAMA, stage_class=GraniteStage)
 _FAMILIES["olmo2"] = dataclasses.replace(_LLAMA, stage_class=Olmo2Stage)
 _FAMILIES["phi3"] = dataclasses.replace(_LLAMA, stage_class=Phi3Stage)
+_FAMILIES["gemma3_text"] = dataclasses.replace(_LLAMA, stage_class=Gemma3Stage)
+_FAMILIES["gemma2"] = dataclasses.replace(_LLAMA, stage_class=Gemma2Stage)
 
 
 def family_of(args: ModelArgs) -> Family:

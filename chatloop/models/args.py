@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 __all__ = ["ModelArgs", "SUPPORTED_FAMILIES"]
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-LLAMA_LIKE = ("qwen3", "granite", "olmo2", "phi3")
+LLAMA_LIKE = ("qwen3", "granite", "olmo2", "phi3", "gemma2", "gemma3_text")
 """Families whose config.json reads as Llama's plus a few options of their own (their modules sit beside llama.py)."""
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 """Mixture-of-experts families: Llama-style attention, sparse MLPs (see :mod:`~chatloop.models.moe`)."""
@@ -51,6 +51,14 @@ class ModelArgs:
     """Phi-3 (Phi-4-mini): rotary embeddings turn the first ``int(head_dim * factor)`` values of each head only."""
     sliding_window: int | None = None
     """Phi-3: a token attends to itself and the ``sliding_window - 1`` positions before it (None: to all)."""
+    layer_types: tuple[str, ...] | None = None
+    """Gemma: "sliding_attention" (windowed) or "full_attention" per layer; None: every layer windowed if any."""
+    local_rope_theta: float = 10000.0
+    """Gemma 3: the RoPE base of sliding-window layers (rope_local_base_freq), default RoPE."""
+    final_logit_softcapping: float | None = None
+    """Gemma: logits = cap * tanh(logits / cap)."""
+    attn_logit_softcapping: float | None = None
+    """Gemma 2: attention scores = cap * tanh(scores / cap)."""
     moe: MoEArgs | None = None
     """The sparse MLPs of a mixture-of-experts family; None for dense ones."""
 
@@ -88,6 +96,8 @@ class ModelArgs:
                 f"{family} with a sliding attention window is not supported: set sliding_window to null "
                 "in config.json only if your prompts stay within the window"
             )
+        if family in ("gemma2", "gemma3_text"):
+            config, gemma_options = _gemma(config)
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -105,6 +115,8 @@ class ModelArgs:
             family_options["qk_norm"] = "head"
         if family == "olmo2":
             family_options["qk_norm"] = "projection"
+        if family in ("gemma2", "gemma3_text"):
+            family_options.update(gemma_options)
         if family == "phi3":
             family_options.update(partial_rotary_factor=partial_rotary, sliding_window=_window(config))
             if rope_type == "longrope":
@@ -149,3 +161,44 @@ def _window(config: dict[str, Any]) -> int | None:
     if window < 1:
         raise ValueError(f"sliding_window {window} must be at least 1, or null for none")
     return int(window)
+
+
+def _gemma(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Gemma 2's or 3's config with the full-attention layers' RoPE where Llama's is read, and Gemma's options."""
+    family = config["model_type"]
+    if config.get("use_bidirectional_attention"):
+        raise ValueError(f"{family} with use_bidirectional_attention is not supported: ChatLoop runs causal models")
+    activation = config.get("hidden_activation") or "gelu_pytorch_tanh"
+    if activation != "gelu_pytorch_tanh":
+        raise ValueError(f"{family} hidden_activation {activation!r} is not supported: use gelu_pytorch_tanh")
+    num_layers = config["num_hidden_layers"]
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        pattern = config.get("sliding_window_pattern", 6 if family == "gemma3_text" else 2)
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    if len(layer_types) != num_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types must give sliding_attention or full_attention for each of the {num_layers} "
+                         f"layers, got {layer_types}")
+    parameters = config.get("rope_parameters") or {}
+    if "full_attention" in parameters:  # transformers 5: one RoPE per layer type
+        full, local = dict(parameters["full_attention"]), dict(parameters.get("sliding_attention") or {})
+    else:
+        full = dict(config.get("rope_scaling") or parameters)
+        full.setdefault("rope_theta", config.get("rope_theta", 1000000.0 if family == "gemma3_text" else 10000.0))
+        local = {"rope_theta": config.get("rope_local_base_freq", 10000.0) if family == "gemma3_text"
+                 else full["rope_theta"]}
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ValueError(f"{family} sliding-window layers with rope_type {local.get('rope_type')!r} are not "
+                         "supported: ChatLoop runs them with default RoPE")
+    window = config.get("sliding_window")
+    options = {
+        "qk_norm": "head" if family == "gemma3_text" else None,
+        "attn_logit_softcapping": config.get("attn_logit_softcapping"),
+        "attention_scale": float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
+        "layer_types": tuple(layer_types),
+        "sliding_window": None if window is None else int(window),
+        "local_rope_theta": float(local.get("rope_theta", 10000.0)),
+        "final_logit_softcapping": config.get("final_logit_softcapping"),
+    }
+    return {**config, "rope_parameters": full, "rope_scaling": None, "tie_word_embeddings":
+            config.get("tie_word_embeddings", True)}, options

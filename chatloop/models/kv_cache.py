@@ -49,6 +49,7 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         native_attention: bool = False,
         window: int | None = None,
+        windowed_layers: frozenset[int] | None = None,
     ) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache has room for {num_blocks} blocks: raise kv_cache_mb or lower block_size")
@@ -69,6 +70,9 @@ class PagedKVCache:
         """This micro-batch attends in place: set by :meth:`begin`."""
         self.window = window
         """A sliding attention window: a token sees itself and the ``window - 1`` positions before it (None: all)."""
+        self.windowed_layers = windowed_layers
+        """The (global) layers the window applies to; None: all (Gemma alternates windowed and full layers)."""
+        self.window_mask: torch.Tensor | None = None
 
     @property
     def num_bytes(self) -> int:
@@ -91,9 +95,20 @@ class PagedKVCache:
         # Additive float mask: SDPA converts a boolean one on every call (every layer).
         key_positions = torch.arange(batch.block_tables.shape[1] * self.block_size)
         visible = key_positions[None, None, None, :] <= batch.positions[:, None, :, None]  # [B, 1, T, S]
-        if self.window is not None:
-            visible &= key_positions[None, None, None, :] > batch.positions[:, None, :, None] - self.window
         self.mask = torch.zeros(visible.shape, dtype=self.keys.dtype).masked_fill_(~visible, float("-inf"))
+        if self.window is not None:
+            in_window = key_positions[None, None, None, :] > batch.positions[:, None, :, None] - self.window
+            window_mask = self.mask.masked_fill(~in_window, float("-inf"))
+            if self.windowed_layers is None:
+                self.mask = window_mask
+            else:
+                self.window_mask = window_mask
+
+    def mask_of(self, layer: int) -> torch.Tensor | None:
+        """The additive attention mask [B, 1, T, S] of ``layer`` for the micro-batch :meth:`begin` set up."""
+        if self.window_mask is not None and layer in self.windowed_layers:
+            return self.window_mask
+        return self.mask
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new ``k``/``v`` [B, T, K, D] of ``layer`` (padding left out)."""

@@ -110,13 +110,18 @@ class Attention(nn.Module):
             q = q.view(B, T, self.num_heads, self.head_dim)
             k = k.view(B, T, self.num_kv_heads, self.head_dim)
             v = v.view(B, T, self.num_kv_heads, self.head_dim)
-            return self.o_proj(attend(q, self.layer, k, v, cache, batch, self.scale))
+            return self.o_proj(self.attend(q, k, v, cache, batch))
         q, k, v = self.project(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = rotate(q, *rope), rotate(k, *rope)
-        return self.o_proj(attend(q, self.layer, k, v, cache, batch, self.scale))
+        return self.o_proj(self.attend(q, k, v, cache, batch))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache,
+               batch: StepBatch) -> torch.Tensor:
+        """Attention of the rotated ``q`` [B, T, H, D] over the cache and the new ``k``/``v``; [B, T, H*D]."""
+        return attend(q, self.layer, k, v, cache, batch, self.scale)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [B, T, H*D], keys and values [B, T, K*D] of ``x`` [B, T, C], from one fused matmul or three."""
@@ -196,14 +201,19 @@ class LlamaStage(StageModel):
 
     def layer_inputs(self, batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary cos and signed sin (see :func:`rotate`) [B, T, 1, D] of the micro-batch's positions."""
-        angles = batch.positions[..., None].float() * self.inv_freq  # [B, T, D/2]
-        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, T, 1, D]
-        sin = angles.sin()
-        sin[..., : sin.shape[-1] // 2].neg_()
-        return angles.cos().to(dtype), sin.to(dtype)
+        return rotary_inputs(batch, self.inv_freq, dtype)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x)
+
+
+def rotary_inputs(batch: StepBatch, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos and signed sin (see :func:`rotate`) [B, T, 1, D] of the micro-batch's positions."""
+    angles = batch.positions[..., None].float() * inv_freq  # [B, T, D/2]
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, T, 1, D]
+    sin = angles.sin()
+    sin[..., : sin.shape[-1] // 2].neg_()
+    return angles.cos().to(dtype), sin.to(dtype)
 
 
 def fuse_projections(stage: LlamaStage, concat) -> int:

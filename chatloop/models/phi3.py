@@ -27,7 +27,6 @@ from .batch import StepBatch
 from .kv_cache import PagedKVCache
 from .layer_range import LayerRange
 from .llama import MLP, Attention, DecoderLayer, LlamaStage, rope_frequencies, rotate
-from .stage_model import attend
 
 __all__ = ["Phi3Stage"]
 
@@ -64,7 +63,7 @@ class Phi3Attention(Attention):
         else:
             q = torch.cat((rotate(q[..., :R].contiguous(), *rope), q[..., R:]), dim=-1)
             k = torch.cat((rotate(k[..., :R].contiguous(), *rope), k[..., R:]), dim=-1)
-        return self.o_proj(attend(q, self.layer, k, v, cache, batch))
+        return self.o_proj(self.attend(q, k, v, cache, batch))
 
 
 class Phi3MLP(MLP):

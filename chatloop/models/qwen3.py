@@ -15,7 +15,6 @@ from .args import ModelArgs
 from .batch import StepBatch
 from .kv_cache import PagedKVCache
 from .llama import Attention, DecoderLayer, LlamaStage, RMSNorm, rotate
-from .stage_model import attend
 
 __all__ = ["NormedAttention", "Qwen3Stage"]
 
@@ -52,7 +51,7 @@ class NormedAttention(Attention):
         if self.per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, *rope), rotate(k, *rope)
-        return self.o_proj(attend(q, self.layer, k, v, cache, batch, self.scale))
+        return self.o_proj(self.attend(q, k, v, cache, batch))
 
 
 class Qwen3Layer(DecoderLayer):

@@ -32,7 +32,8 @@ def attend(
         return cache.decode_attention(layer, q)
     context_k, context_v = cache.update(layer, k, v)  # [B, S, K, D]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), context_k.transpose(1, 2), context_v.transpose(1, 2), attn_mask=cache.mask, enable_gqa=True,
+        q.transpose(1, 2), context_k.transpose(1, 2), context_v.transpose(1, 2), attn_mask=cache.mask_of(layer),
+        enable_gqa=True,
         scale=scale,
     )
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)  # [B, T, H*D]
@@ -68,10 +69,13 @@ class StageModel(nn.Module):
         """A KV block pool for this stage's layers."""
         dtype = dtype or next(self.parameters()).dtype
         a = self.args
+        windowed = None if a.layer_types is None else frozenset(
+            i for i in self.layers_range.indices if a.layer_types[i] == "sliding_attention")
         return PagedKVCache(
             self.layers_range.indices, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype,
             native_attention=self.native_attention and dtype in (torch.float32, torch.bfloat16),
-            window=a.sliding_window,
+            window=a.sliding_window if windowed is None or windowed else None,
+            windowed_layers=windowed,
         )
 
     def forward(
