@@ -202,7 +202,7 @@ def kquant_linear_unchecked(x: torch.Tensor, data: torch.Tensor, fmt: str, in_fe
 def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: torch.Tensor | None = None,
                          isa: str | None = None) -> torch.Tensor:
     """:func:`kquant_linear_unchecked` with its checks: ``fmt`` one of ``KQUANT_FORMAT_IDS``, ``isa`` a path of
-    :func:`available_isas` (default :func:`quant_isa`; ``avx512_vnni`` runs the AVX2 path)."""
+    :func:`available_isas` (default :func:`quant_isa`)."""
     _require(load_quant_kernels() is not None, "ChatLoop's quantized kernels are not available here (see the log)")
     _require(fmt in KQUANT_FORMAT_IDS, f"kernel_kquant_linear: format {fmt!r} is not one of "
                                        f"{', '.join(KQUANT_FORMAT_IDS)}")

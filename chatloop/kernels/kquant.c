@@ -6,8 +6,9 @@
  * super-block, with integer dot products over each 16 or 32 weights:
  *   q4_k:  d_x (d sum_s sc_s sum(q_w q_x) - dmin sum_s m_s (bsum_2s + bsum_2s+1))      (8 sub-blocks of 32)
  *   q6_k:  d_x d (sum_g sc_g sum(q_w q_x) - 32 sum_g sc_g bsum_g)                      (16 groups of 16)
- * Two paths, chosen at run time by the caller: portable C and AVX2 (maddubs); the AVX-512 VNNI number takes the
- * AVX2 path for now. This file is compiled without -march=native: each path states its own target.
+ * Three paths, chosen at run time by the caller: portable C, AVX2 (maddubs, then madd by the scales) and AVX-512
+ * VNNI (vpdpbusd on 256-bit vectors, then mullo by the scales). This file is compiled without -march=native: each
+ * path states its own target.
  */
 #include "multipath.h"
 #include <math.h>
@@ -15,7 +16,7 @@
 #include <string.h>
 
 enum { KFMT_Q4_K = 0, KFMT_Q6_K = 1 };
-enum { KISA_PORTABLE = 0, KISA_AVX2 = 1 };
+enum { KISA_PORTABLE = 0, KISA_AVX2 = 1, KISA_AVX512_VNNI = 2 };
 #define QK_K 256
 
 static inline int k_block_bytes(int fmt) { return fmt == KFMT_Q4_K ? 144 : 210; }
@@ -203,6 +204,72 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_q6_k_avx2(const uint8_
   return hsum256(acc);
 }
 
+/* ---- AVX-512 VNNI (256-bit vpdpbusd) ------------------------------------------------------------------------- */
+#define VNNI_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+
+__attribute__((target(VNNI_TARGET))) static float dot_q4_k_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
+                                                                const int16_t* bsums, int64_t nb) {
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = w + k * 144;
+    uint8_t sc[8], m[8];
+    q4_k_scales(blk + 4, sc, m);
+    const uint8_t* qs = blk + 16;
+    const int8_t* q = xq + k * QK_K;
+    __m256i sumi = zero;
+    for (int j = 0; j < 4; ++j) {
+      const __m256i bytes = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
+      const __m256i lo = _mm256_and_si256(bytes, low_mask);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
+      const __m256i p_lo = _mm256_dpbusd_epi32(zero, lo, _mm256_loadu_si256((const __m256i*)(q + 64 * j)));
+      const __m256i p_hi = _mm256_dpbusd_epi32(zero, hi, _mm256_loadu_si256((const __m256i*)(q + 64 * j + 32)));
+      sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(sc[2 * j])));
+      sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_hi, _mm256_set1_epi32(sc[2 * j + 1])));
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * f16_avx2(blk)), _mm256_cvtepi32_ps(sumi), acc);
+    mins += xd[k] * f16_avx2(blk + 2) * (float)q4_k_mins(m, bsums + k * 16);
+  }
+  return hsum256(acc) - mins;
+}
+
+__attribute__((target(VNNI_TARGET))) static float dot_q6_k_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
+                                                                const int16_t* bsums, int64_t nb) {
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), two_bits = _mm256_set1_epi8(3), zero = _mm256_setzero_si256();
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = w + k * 210;
+    const int8_t* sc = (const int8_t*)(blk + 192);
+    const int8_t* q = xq + k * QK_K;
+    __m256i sumi = zero;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i ql0 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h));
+      const __m256i ql1 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h + 32));
+      const __m256i qh = _mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h));
+      __m256i quants[4];
+      quants[0] = _mm256_or_si256(_mm256_and_si256(ql0, low_mask),
+                                  _mm256_slli_epi16(_mm256_and_si256(qh, two_bits), 4));
+      quants[1] = _mm256_or_si256(_mm256_and_si256(ql1, low_mask),
+                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two_bits), 4));
+      quants[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low_mask),
+                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two_bits), 4));
+      quants[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low_mask),
+                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two_bits), 4));
+      for (int c = 0; c < 4; ++c) {
+        const __m256i p = _mm256_dpbusd_epi32(zero, quants[c], _mm256_loadu_si256((const __m256i*)(q + 128 * h + 32 * c)));
+        const __m256i scales = _mm256_set_m128i(_mm_set1_epi32(sc[8 * h + 2 * c + 1]), _mm_set1_epi32(sc[8 * h + 2 * c]));
+        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, scales));
+      }
+    }
+    int offset = 0;
+    for (int g = 0; g < 16; ++g) offset += sc[g] * bsums[k * 16 + g];
+    sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * f16_avx2(blk + 208)), _mm256_cvtepi32_ps(sumi), acc);
+  }
+  return hsum256(acc);
+}
+
 /* y [B, O] = x [B, I] W^T + bias for W [O, I / 256 * block bytes] in fmt (KFMT_*); scratch: xq [B * I] int8,
  * xd [B * I / 256] float, bsums [B * I / 16] int16. */
 void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
@@ -210,7 +277,9 @@ void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias,
   const int64_t nb = I / QK_K, row_bytes = nb * k_block_bytes(fmt);
   for (int64_t b = 0; b < B; ++b) quantize_row_q8_k(x + b * I, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb);
   float (*dot)(const uint8_t*, const int8_t*, const float*, const int16_t*, int64_t);
-  if (isa >= KISA_AVX2) {
+  if (isa >= KISA_AVX512_VNNI) {
+    dot = fmt == KFMT_Q4_K ? dot_q4_k_vnni : dot_q6_k_vnni;
+  } else if (isa == KISA_AVX2) {
     dot = fmt == KFMT_Q4_K ? dot_q4_k_avx2 : dot_q6_k_avx2;
   } else {
     dot = fmt == KFMT_Q4_K ? dot_q4_k_portable : dot_q6_k_portable;
