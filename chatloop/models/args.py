@@ -101,6 +101,8 @@ class ModelArgs:
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if family == "phi3" and rope_type in ("su", "yarn"):  # older Phi-3 128k configs' name for it (transformers')
+            rope_type = rope["rope_type"] = "longrope"
         rope_types = ("default", "linear", "llama3", *(("longrope",) if family == "phi3" else ()))
         if rope_type not in rope_types:
             raise ValueError(f"rope_type {rope_type!r} is not supported for {family}: use a model with "

@@ -303,6 +303,16 @@ def test_gemma2_goldens_see_the_attention_softcap(tiny_checkpoint, split_once, l
         check_against_reference(pipeline, checkpoint.model, prompts, continuations)
 
 
+def test_phi3_configs_that_call_longrope_su_read_as_longrope(tiny_checkpoint):
+    """Phi-3-mini-128k's first config.json said "type": "su" (transformers reads it as longrope)."""
+    config = json.loads((tiny_checkpoint("phi3").path / "config.json").read_text())
+    rope = dict(config.pop("rope_parameters"))
+    rope.pop("rope_type")
+    config["rope_scaling"] = {**rope, "type": "su"}
+    assert ModelArgs.from_hf_config(config).rope_scaling == args_of(tiny_checkpoint("phi3")).rope_scaling | {
+        "type": "su"}
+
+
 def test_longrope_and_partial_rotary_are_phi3_options_only(tiny_checkpoint, tmp_path):
     _refused_at_split_and_load(tiny_checkpoint("qwen3"), tmp_path, r"rope_type 'longrope' is not supported for qwen3",
                                rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 16,
