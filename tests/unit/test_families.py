@@ -14,7 +14,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_FAMILY_CONFIGS
 from safetensors.torch import load_file
 from test_golden import (
     check_against_reference,
@@ -32,6 +31,7 @@ from chatloop.models.kv_cache import PagedKVCache
 from chatloop.models.packing import fast_linear_for
 from chatloop.partition import Manifest, load_stage
 from chatloop.partition.splitter import split_model
+from tests.conftest import TINY_FAMILY_CONFIGS
 
 FAMILIES = list(TINY_FAMILY_CONFIGS)
 SOFTCAPPED = ("gemma2",)
