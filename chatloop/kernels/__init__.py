@@ -61,7 +61,7 @@ BF16_ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma"}),
 FORMAT_IDS = {"q8_0": 0, "q4_1": 1, "q4_1_x16": 2, "q8_0_x16": 3}
 """The quantized kernel's weight layouts (qgemv.c): GGUF's blocks, and the same interleaved in tiles of 16 rows
 (:func:`kernel_interleave`), which only the kernel reads."""
-KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1}
+KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2}
 """The k-quant decode kernel's formats (kquant.c): GGUF's blocks of 256, activations quantized to Q8_K."""
 MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
@@ -181,7 +181,6 @@ def load_kernels() -> ctypes.CDLL | None:
     return None
 
 
-@functools.cache
 def kquant_linear_unchecked(x: torch.Tensor, data: torch.Tensor, fmt: str, in_features: int,
                             bias: torch.Tensor | None, isa_id: int) -> torch.Tensor:
     """``x @ W.T + bias`` for ``W`` in a k-quant of ``KQUANT_FORMAT_IDS`` (``x`` contiguous float32 [..., in],
@@ -206,7 +205,7 @@ def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: to
     _require(load_quant_kernels() is not None, "ChatLoop's quantized kernels are not available here (see the log)")
     _require(fmt in KQUANT_FORMAT_IDS, f"kernel_kquant_linear: format {fmt!r} is not one of "
                                        f"{', '.join(KQUANT_FORMAT_IDS)}")
-    block_bytes = {"q4_k": 144, "q6_k": 210}[fmt]
+    block_bytes = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[fmt]
     in_features = x.shape[-1]
     _require(in_features % 256 == 0 and data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
              and data.shape[1] * 256 == in_features * block_bytes,
@@ -221,6 +220,7 @@ def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: to
                                    None if bias is None else bias.contiguous(), ISAS[isa][0])
 
 
+@functools.cache
 def load_quant_kernels() -> ctypes.CDLL | None:
     """The quantized kernels' library, or None (logged once): quantized layers then compute in torch."""
     reason = None

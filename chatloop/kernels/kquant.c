@@ -1,10 +1,11 @@
-/* Decode kernel for GGUF's k-quants Q4_K and Q6_K (super-blocks of 256 weights; layouts in
+/* Decode kernel for GGUF's k-quants Q4_K, Q5_K and Q6_K (super-blocks of 256 weights; layouts in
  * chatloop/quant/blocks.py): y[b, o] = sum_i W[o, i] x[b, i] + bias[o], x float32.
  *
  * As llama.cpp does, each 256 activations are quantized first to Q8_K: int8 q, a float scale d (amax / 127, ties
  * to even) and the sums of q over each 16 (bsums), once per call by the same scalar code on every path. Then per
  * super-block, with integer dot products over each 16 or 32 weights:
- *   q4_k:  d_x (d sum_s sc_s sum(q_w q_x) - dmin sum_s m_s (bsum_2s + bsum_2s+1))      (8 sub-blocks of 32)
+ *   q4_k, q5_k:  d_x (d sum_s sc_s sum(q_w q_x) - dmin sum_s m_s (bsum_2s + bsum_2s+1))   (8 sub-blocks of 32;
+ *                q5_k's fifth bit of weight 32 s + l is bit s of its byte l of high bits)
  *   q6_k:  d_x d (sum_g sc_g sum(q_w q_x) - 32 sum_g sc_g bsum_g)                      (16 groups of 16)
  * Three paths, chosen at run time by the caller: portable C, AVX2 (maddubs, then madd by the scales) and AVX-512
  * VNNI (vpdpbusd on 256-bit vectors, then mullo by the scales). This file is compiled without -march=native: each
@@ -15,11 +16,11 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { KFMT_Q4_K = 0, KFMT_Q6_K = 1 };
+enum { KFMT_Q4_K = 0, KFMT_Q6_K = 1, KFMT_Q5_K = 2 };
 enum { KISA_PORTABLE = 0, KISA_AVX2 = 1, KISA_AVX512_VNNI = 2 };
 #define QK_K 256
 
-static inline int k_block_bytes(int fmt) { return fmt == KFMT_Q4_K ? 144 : 210; }
+static inline int k_block_bytes(int fmt) { return fmt == KFMT_Q4_K ? 144 : fmt == KFMT_Q5_K ? 176 : 210; }
 
 /* IEEE half to float, without F16C. */
 static inline float k_half(const uint8_t* p) {
@@ -82,27 +83,37 @@ static inline int q4_k_mins(const uint8_t* m, const int16_t* bsums) {
 }
 
 /* ---- portable ----------------------------------------------------------------------------------------------- */
-static float dot_q4_k_portable(const uint8_t* w, const int8_t* xq, const float* xd, const int16_t* bsums,
-                               int64_t nb) {
+/* q4_k (fifth = 0) and q5_k (fifth = 1): the caller passes a constant, so each gets its own code. */
+static inline float dot_q45_k_portable(const uint8_t* w, const int8_t* xq, const float* xd, const int16_t* bsums,
+                                       int64_t nb, const int fifth) {
+  const int bytes = fifth ? 176 : 144;
   float acc = 0.0f;
   for (int64_t k = 0; k < nb; ++k) {
-    const uint8_t* blk = w + k * 144;
+    const uint8_t* blk = w + k * bytes;
     uint8_t sc[8], m[8];
     q4_k_scales(blk + 4, sc, m);
-    const uint8_t* qs = blk + 16;
+    const uint8_t* qh = blk + 16;
+    const uint8_t* qs = blk + (fifth ? 48 : 16);
     const int8_t* q = xq + k * QK_K;
     int sumi = 0;
     for (int j = 0; j < 4; ++j) {
       int lo = 0, hi = 0;
       for (int l = 0; l < 32; ++l) {
-        lo += (qs[32 * j + l] & 0x0F) * q[64 * j + l];
-        hi += (qs[32 * j + l] >> 4) * q[64 * j + 32 + l];
+        const int h_lo = fifth ? ((qh[l] >> (2 * j)) & 1) << 4 : 0, h_hi = fifth ? ((qh[l] >> (2 * j + 1)) & 1) << 4 : 0;
+        lo += ((qs[32 * j + l] & 0x0F) | h_lo) * q[64 * j + l];
+        hi += ((qs[32 * j + l] >> 4) | h_hi) * q[64 * j + 32 + l];
       }
       sumi += sc[2 * j] * lo + sc[2 * j + 1] * hi;
     }
     acc += xd[k] * (k_half(blk) * (float)sumi - k_half(blk + 2) * (float)q4_k_mins(m, bsums + k * 16));
   }
   return acc;
+}
+static float dot_q4_k_portable(const uint8_t* w, const int8_t* xq, const float* xd, const int16_t* bsums, int64_t nb) {
+  return dot_q45_k_portable(w, xq, xd, bsums, nb, 0);
+}
+static float dot_q5_k_portable(const uint8_t* w, const int8_t* xq, const float* xd, const int16_t* bsums, int64_t nb) {
+  return dot_q45_k_portable(w, xq, xd, bsums, nb, 1);
 }
 
 static float dot_q6_k_portable(const uint8_t* w, const int8_t* xq, const float* xd, const int16_t* bsums,
@@ -139,23 +150,39 @@ __attribute__((target("avx2,fma,f16c"))) static inline float f16_avx2(const uint
   return _cvtsh_ss(h);
 }
 
-__attribute__((target("avx2,fma,f16c"))) static float dot_q4_k_avx2(const uint8_t* w, const int8_t* xq,
-                                                                     const float* xd, const int16_t* bsums,
-                                                                     int64_t nb) {
+/* q5_k's fifth bits of sub-blocks 2j (lo) and 2j + 1 (hi), as 16 or 0 a byte. */
+__attribute__((target("avx2,fma,f16c"))) static inline void fifth_bits(__m256i high, int j, __m256i* lo,
+                                                                      __m256i* hi) {
+  const __m256i one = _mm256_set1_epi8(1);
+  *lo = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * j)), one), 4);
+  *hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * j + 1)), one), 4);
+}
+
+__attribute__((target("avx2,fma,f16c"))) static inline float dot_q45_k_avx2(const uint8_t* w, const int8_t* xq,
+                                                                            const float* xd, const int16_t* bsums,
+                                                                            int64_t nb, const int fifth) {
+  const int block = fifth ? 176 : 144;
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   __m256 acc = _mm256_setzero_ps();
   float mins = 0.0f;
   for (int64_t k = 0; k < nb; ++k) {
-    const uint8_t* blk = w + k * 144;
+    const uint8_t* blk = w + k * block;
     uint8_t sc[8], m[8];
     q4_k_scales(blk + 4, sc, m);
-    const uint8_t* qs = blk + 16;
+    const uint8_t* qs = blk + (fifth ? 48 : 16);
+    const __m256i high = fifth ? _mm256_loadu_si256((const __m256i*)(blk + 16)) : _mm256_setzero_si256();
     const int8_t* q = xq + k * QK_K;
     __m256i sumi = _mm256_setzero_si256();
     for (int j = 0; j < 4; ++j) {
       const __m256i bytes = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
-      const __m256i lo = _mm256_and_si256(bytes, low_mask);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
+      __m256i lo = _mm256_and_si256(bytes, low_mask);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
+      if (fifth) {
+        __m256i h_lo, h_hi;
+        fifth_bits(high, j, &h_lo, &h_hi);
+        lo = _mm256_or_si256(lo, h_lo);
+        hi = _mm256_or_si256(hi, h_hi);
+      }
       const __m256i p_lo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(q + 64 * j)));
       const __m256i p_hi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(q + 64 * j + 32)));
       sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p_lo, _mm256_set1_epi16(sc[2 * j])));
@@ -165,6 +192,16 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_q4_k_avx2(const uint8_
     mins += xd[k] * f16_avx2(blk + 2) * (float)q4_k_mins(m, bsums + k * 16);
   }
   return hsum256(acc) - mins;
+}
+__attribute__((target("avx2,fma,f16c"))) static float dot_q4_k_avx2(const uint8_t* w, const int8_t* xq,
+                                                                     const float* xd, const int16_t* bsums,
+                                                                     int64_t nb) {
+  return dot_q45_k_avx2(w, xq, xd, bsums, nb, 0);
+}
+__attribute__((target("avx2,fma,f16c"))) static float dot_q5_k_avx2(const uint8_t* w, const int8_t* xq,
+                                                                     const float* xd, const int16_t* bsums,
+                                                                     int64_t nb) {
+  return dot_q45_k_avx2(w, xq, xd, bsums, nb, 1);
 }
 
 __attribute__((target("avx2,fma,f16c"))) static float dot_q6_k_avx2(const uint8_t* w, const int8_t* xq,
@@ -207,22 +244,31 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_q6_k_avx2(const uint8_
 /* ---- AVX-512 VNNI (256-bit vpdpbusd) ------------------------------------------------------------------------- */
 #define VNNI_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 
-__attribute__((target(VNNI_TARGET))) static float dot_q4_k_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
-                                                                const int16_t* bsums, int64_t nb) {
+__attribute__((target(VNNI_TARGET))) static inline float dot_q45_k_vnni(const uint8_t* w, const int8_t* xq,
+                                                                       const float* xd, const int16_t* bsums,
+                                                                       int64_t nb, const int fifth) {
+  const int block = fifth ? 176 : 144;
   const __m256i low_mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
   __m256 acc = _mm256_setzero_ps();
   float mins = 0.0f;
   for (int64_t k = 0; k < nb; ++k) {
-    const uint8_t* blk = w + k * 144;
+    const uint8_t* blk = w + k * block;
     uint8_t sc[8], m[8];
     q4_k_scales(blk + 4, sc, m);
-    const uint8_t* qs = blk + 16;
+    const uint8_t* qs = blk + (fifth ? 48 : 16);
+    const __m256i high = fifth ? _mm256_loadu_si256((const __m256i*)(blk + 16)) : zero;
     const int8_t* q = xq + k * QK_K;
     __m256i sumi = zero;
     for (int j = 0; j < 4; ++j) {
       const __m256i bytes = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
-      const __m256i lo = _mm256_and_si256(bytes, low_mask);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
+      __m256i lo = _mm256_and_si256(bytes, low_mask);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
+      if (fifth) {
+        __m256i h_lo, h_hi;
+        fifth_bits(high, j, &h_lo, &h_hi);
+        lo = _mm256_or_si256(lo, h_lo);
+        hi = _mm256_or_si256(hi, h_hi);
+      }
       const __m256i p_lo = _mm256_dpbusd_epi32(zero, lo, _mm256_loadu_si256((const __m256i*)(q + 64 * j)));
       const __m256i p_hi = _mm256_dpbusd_epi32(zero, hi, _mm256_loadu_si256((const __m256i*)(q + 64 * j + 32)));
       sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(sc[2 * j])));
@@ -232,6 +278,14 @@ __attribute__((target(VNNI_TARGET))) static float dot_q4_k_vnni(const uint8_t* w
     mins += xd[k] * f16_avx2(blk + 2) * (float)q4_k_mins(m, bsums + k * 16);
   }
   return hsum256(acc) - mins;
+}
+__attribute__((target(VNNI_TARGET))) static float dot_q4_k_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
+                                                                const int16_t* bsums, int64_t nb) {
+  return dot_q45_k_vnni(w, xq, xd, bsums, nb, 0);
+}
+__attribute__((target(VNNI_TARGET))) static float dot_q5_k_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
+                                                                const int16_t* bsums, int64_t nb) {
+  return dot_q45_k_vnni(w, xq, xd, bsums, nb, 1);
 }
 
 __attribute__((target(VNNI_TARGET))) static float dot_q6_k_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
@@ -278,11 +332,11 @@ void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias,
   for (int64_t b = 0; b < B; ++b) quantize_row_q8_k(x + b * I, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb);
   float (*dot)(const uint8_t*, const int8_t*, const float*, const int16_t*, int64_t);
   if (isa >= KISA_AVX512_VNNI) {
-    dot = fmt == KFMT_Q4_K ? dot_q4_k_vnni : dot_q6_k_vnni;
+    dot = fmt == KFMT_Q4_K ? dot_q4_k_vnni : fmt == KFMT_Q5_K ? dot_q5_k_vnni : dot_q6_k_vnni;
   } else if (isa == KISA_AVX2) {
-    dot = fmt == KFMT_Q4_K ? dot_q4_k_avx2 : dot_q6_k_avx2;
+    dot = fmt == KFMT_Q4_K ? dot_q4_k_avx2 : fmt == KFMT_Q5_K ? dot_q5_k_avx2 : dot_q6_k_avx2;
   } else {
-    dot = fmt == KFMT_Q4_K ? dot_q4_k_portable : dot_q6_k_portable;
+    dot = fmt == KFMT_Q4_K ? dot_q4_k_portable : fmt == KFMT_Q5_K ? dot_q5_k_portable : dot_q6_k_portable;
   }
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t o = 0; o < O; ++o) {

@@ -6,7 +6,8 @@ which streams the quantized bytes once; more rows (prefill) are compute-bound, a
 of the weight at a time into torch's GEMM (float32 activations: a little more accurate than the kernel). Where
 the kernel cannot be built, every call takes that second way. GGUF's other types (``q5_0``, ``q5_1``, the
 k-quants, ``f16``, ``bf16``: :mod:`~chatloop.quant.blocks`) take the second way, dequantized in torch, except
-``q4_k`` and ``q6_k`` decode steps, which run on the k-quant kernel (``kquant.c``: activations quantized to Q8_K).
+``q4_k``, ``q5_k`` and ``q6_k`` decode steps, which run on the k-quant kernel (``kquant.c``: activations
+quantized to Q8_K).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def test_quant_linear_and_embedding_compute_on_the_dequantized_weights(fmt, rows
 
 # ---- the k-quant decode kernel ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("isa", available_isas() or ["none"])
-@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_the_kquant_kernel_computes_its_reference_arithmetic_on_every_path(isa, fmt, rows):
     """Q8_K activations, integer products per 16 or 32 weights, float scales: each path against the float64
@@ -113,12 +113,25 @@ def test_the_kquant_kernel_computes_its_reference_arithmetic_on_every_path(isa, 
         assert torch.allclose(linear(prefill), F.linear(prefill, dequantize(data, fmt), bias), atol=1e-5, rtol=1e-5)
 
 
+def test_the_kquant_kernel_computes_every_call_afresh():
+    """Each call reads its activations as they are now (the same tensor changed in place gives a new product), and
+    the library is built and loaded once."""
+    if load_quant_kernels() is None:
+        pytest.skip("the quantized kernels cannot be built here")
+    assert load_quant_kernels() is load_quant_kernels()
+    data = torch.from_numpy(random_blocks("Q4_K", 8, 256, np.random.default_rng(0)).copy())
+    x = torch.randn(1, 256)
+    first = kernel_kquant_linear(x, data, "q4_k")
+    x.mul_(2)
+    assert torch.allclose(kernel_kquant_linear(x, data, "q4_k"), 2 * first, rtol=1e-5, atol=1e-6)
+
+
 def test_the_kquant_kernel_refuses_what_it_cannot_read():
     if load_quant_kernels() is None:
         pytest.skip("the quantized kernels cannot be built here")
     data = torch.zeros(4, 144, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="format 'q5_k' is not one of q4_k, q6_k"):
-        kernel_kquant_linear(torch.zeros(1, 256), data, "q5_k")
+    with pytest.raises(ValueError, match="format 'q3_k' is not one of q4_k, q6_k, q5_k"):
+        kernel_kquant_linear(torch.zeros(1, 256), data, "q3_k")
     with pytest.raises(ValueError, match="a q4_k matrix of 512 inputs is contiguous uint8 \\[out, 288\\]"):
         kernel_kquant_linear(torch.zeros(1, 512), data, "q4_k")
 
@@ -187,8 +200,8 @@ def test_split_tensors_dequantize_to_what_transformers_reads(every_type):
 def test_stages_of_every_type_compute_what_transformers_computes_on_the_file(every_type, kernels, load_pipeline,
                                                                              monkeypatch):
     """transformers dequantizes the whole file (gguf-py) into a float model; ChatLoop's stages keep the blocks.
-    Without the kernel (float activations) they agree to float32 rounding; with it, the Q8_0, Q4_0, Q4_1, Q4_K and
-    Q6_K layers' decode steps quantize activations to int8 blocks, which moves the logits by a few percent of the
+    Without the kernel (float activations) they agree to float32 rounding; with it, the Q8_0, Q4_0, Q4_1, Q4_K, Q5_K
+    and Q6_K layers' decode steps quantize activations to int8 blocks, which moves the logits by a few percent of the
     largest."""
     from transformers import AutoModelForCausalLM
 
