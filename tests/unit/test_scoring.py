@@ -41,7 +41,9 @@ def test_scores_do_not_depend_on_the_prefill_chunks(llm, local_smollm2_config):
     with ChatLoop.start(local_smollm2_config("batching.prefill_chunk_tokens=5")) as chunked:
         pieces = chunked.score(TEXTS[1])
     assert len(pieces.logprobs) == len(whole.logprobs)
-    assert torch.allclose(torch.tensor(pieces.logprobs), torch.tensor(whole.logprobs), atol=1e-5, rtol=0)
+    # The same float32 sums in other tiles: 1.8e-5 apart at most on this AVX-512 VM (a logprob of -1.9), at c2137bd
+    # as now; a chunk that lost its context would be off by far more than this.
+    assert torch.allclose(torch.tensor(pieces.logprobs), torch.tensor(whole.logprobs), atol=5e-5, rtol=0)
 
 
 def test_generated_tokens_come_with_the_models_logprobs(llm, smollm2_hf):
