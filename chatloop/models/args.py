@@ -50,9 +50,11 @@ class ModelArgs:
     partial_rotary_factor: float = 1.0
     """Phi-3 (Phi-4-mini): rotary embeddings turn the first ``int(head_dim * factor)`` values of each head only."""
     sliding_window: int | None = None
-    """Phi-3: a token attends to itself and the ``sliding_window - 1`` positions before it (None: to all)."""
+    """A token attends to itself and the ``sliding_window - 1`` positions before it (None: to all): Phi-3,
+    Mistral, Gemma, Qwen2/Qwen3 with ``use_sliding_window``; on the layers ``layer_types`` names."""
     layer_types: tuple[str, ...] | None = None
-    """Gemma: "sliding_attention" (windowed) or "full_attention" per layer; None: every layer windowed if any."""
+    """Gemma, Qwen2/Qwen3: "sliding_attention" (windowed) or "full_attention" per layer; None: every layer windowed
+    if any."""
     local_rope_theta: float = 10000.0
     """Gemma 3: the RoPE base of sliding-window layers (rope_local_base_freq), default RoPE."""
     final_logit_softcapping: float | None = None
@@ -61,6 +63,14 @@ class ModelArgs:
     """Gemma 2: attention scores = cap * tanh(scores / cap)."""
     moe: MoEArgs | None = None
     """The sparse MLPs of a mixture-of-experts family; None for dense ones."""
+
+    @property
+    def kv_window(self) -> int | None:
+        """The window every layer attends within, or None: where it is set, the KV blocks of positions out of the
+        window are never read again and go back to the pool (see :class:`~chatloop.engine.policy.SchedulerPolicy`)."""
+        if self.sliding_window is None or (self.layer_types is not None and "full_attention" in self.layer_types):
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
@@ -72,6 +82,12 @@ class ModelArgs:
             )
         if family in MOE_FAMILIES:  # the attention of Llama (Qwen3-MoE, plus its q/k norms) or Mistral (Mixtral)
             from .moe import moe_args
+
+            if config.get("use_sliding_window") or (family == "mixtral" and _window(config)):
+                raise ValueError(
+                    f"{family} with a sliding attention window is not supported: set sliding_window to null "
+                    "in config.json only if your prompts stay within the window"
+                )
 
             dense = cls.from_hf_config({**config, "model_type": "mistral" if family == "mixtral" else "llama"})
             qk_norm = "head" if family == "qwen3_moe" else None
@@ -91,11 +107,7 @@ class ModelArgs:
                 max_position_embeddings=config["n_positions"],
                 tie_word_embeddings=config.get("tie_word_embeddings", True),
             )
-        if config.get("use_sliding_window") or (family == "mistral" and config.get("sliding_window")):
-            raise ValueError(
-                f"{family} with a sliding attention window is not supported: set sliding_window to null "
-                "in config.json only if your prompts stay within the window"
-            )
+        windows = _llama_windows(config) if family in ("mistral", "qwen2", "qwen3") else {}
         if family in ("gemma2", "gemma3_text"):
             config, gemma_options = _gemma(config)
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
@@ -119,6 +131,7 @@ class ModelArgs:
             family_options["qk_norm"] = "projection"
         if family in ("gemma2", "gemma3_text"):
             family_options.update(gemma_options)
+        family_options.update(windows)
         if family == "phi3":
             family_options.update(partial_rotary_factor=partial_rotary, sliding_window=_window(config))
             if rope_type == "longrope":
@@ -163,6 +176,31 @@ def _window(config: dict[str, Any]) -> int | None:
     if window < 1:
         raise ValueError(f"sliding_window {window} must be at least 1, or null for none")
     return int(window)
+
+
+def _llama_windows(config: dict[str, Any]) -> dict[str, Any]:
+    """Mistral's window (every layer), or Qwen2's and Qwen3's (``use_sliding_window``: the layers from
+    ``max_window_layers`` on, or those ``layer_types`` names): transformers' rules. {} where none matters."""
+    family = config["model_type"]
+    if family != "mistral" and not config.get("use_sliding_window"):
+        return {}  # (transformers sets sliding_window to None: no layer is windowed, whatever layer_types says)
+    window = _window(config)
+    if window is None:
+        return {}
+    if family == "mistral":  # transformers' Mistral windows every layer, layer_types or not
+        return {"sliding_window": window}
+    num_layers = config["num_hidden_layers"]
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        first = config.get("max_window_layers", 28)
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if len(layer_types) != num_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types must give sliding_attention or full_attention for each of the {num_layers} "
+                         f"layers, got {layer_types}")
+    if "sliding_attention" not in layer_types:
+        return {}
+    return {"sliding_window": window,
+            "layer_types": None if "full_attention" not in layer_types else tuple(layer_types)}
 
 
 def _gemma(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The Llama family: Llama 2/3, Mistral (no sliding window), Qwen2 (attention bias), SmolLM2.
+"""The Llama family: Llama 2/3, Mistral (sliding window: see kv_cache.py), Qwen2 (attention bias), SmolLM2.
 
 RMSNorm, rotary positions (default, linear or Llama-3 scaling), grouped-query attention,
 SwiGLU, tied or untied embeddings.

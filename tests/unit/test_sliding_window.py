@@ -1,0 +1,148 @@
+"""Sliding attention windows (issue 20): Mistral's (every layer), Qwen2's and Qwen3's (``use_sliding_window``, the
+layers from ``max_window_layers`` on) against transformers, and the KV blocks that fall out of the window going back
+to the pool.
+
+Tiny random checkpoints written by transformers' own classes, windows of 5 and 6 positions: the prompts (11 and 6
+tokens) and the 16 decode steps after them run past the window, so a window ignored (or applied where it is not)
+fails the goldens, which transformers' own output with the window and without it is checked to tell apart.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_golden import check_against_reference, load_with_linear_mode, reference_logits, tiny_prompts
+
+from chatloop.models import ModelArgs
+from chatloop.partition.splitter import split_model
+from tests.conftest import TINY_VOCAB
+
+COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+WINDOWED = {
+    # every layer windowed
+    "mistral": ("MistralConfig", dict(sliding_window=5, tie_word_embeddings=False)),
+    # layers 1-3 windowed: the first stage of two holds a full layer and a windowed one
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                  tie_word_embeddings=True, rope_theta=1e6)),
+    # layers 2-3 windowed: one stage of two full, the other windowed
+    "qwen3": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=6, max_window_layers=2, head_dim=32,
+                                  tie_word_embeddings=False, rope_theta=1e6)),
+}
+WINDOWED_LAYERS = {"mistral": None, "qwen2": ("full_attention",) + ("sliding_attention",) * 3,
+                   "qwen3": ("full_attention",) * 2 + ("sliding_attention",) * 2}
+
+
+def tiny_model(family: str, window: bool = True, seed: int = 0):
+    """A tiny random model whose every weight matters (see tests/conftest.py ``build_tiny_model``)."""
+    import transformers
+
+    name, options = WINDOWED[family]
+    options = dict(options)
+    if not window:
+        options.pop("use_sliding_window", None)
+        options["sliding_window"] = None
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, name)(**COMMON, **options),
+                                                          dtype=torch.float32)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.15)
+            elif param_name.endswith("bias"):
+                param.normal_(0.0, 0.2)
+            else:
+                param.normal_(1.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """``windowed(family, num_stages)``: (transformers model, split folder), each made once per module."""
+    models, splits = {}, {}
+
+    def make(family: str, num_stages: int = 1):
+        if family not in models:
+            path = tmp_path_factory.mktemp(f"{family}-windowed")
+            models[family] = (tiny_model(family), path)
+            models[family][0].save_pretrained(path)
+        model, path = models[family]
+        if (family, num_stages) not in splits:
+            out = tmp_path_factory.mktemp(f"{family}-{num_stages}")
+            split_model(path, out, num_stages, progress=False)
+            splits[family, num_stages] = out
+        return model, splits[family, num_stages]
+
+    return make
+
+
+@pytest.mark.parametrize("family", list(WINDOWED))
+def test_windows_are_read_as_transformers_reads_them(family, windowed, tmp_path):
+    model, _ = windowed(family)
+    model.config.save_pretrained(tmp_path)
+    args = ModelArgs.from_hf_config(json.loads((tmp_path / "config.json").read_text()))
+    assert args.sliding_window == WINDOWED[family][1]["sliding_window"]
+    assert args.layer_types == WINDOWED_LAYERS[family]
+    hf_types = getattr(model.config, "layer_types", None)
+    if family != "mistral":
+        assert tuple(hf_types) == WINDOWED_LAYERS[family]
+    assert args.kv_window == (5 if family == "mistral" else None)
+
+
+@pytest.mark.parametrize("family", list(WINDOWED))
+def test_transformers_reference_applies_the_window(family):
+    """What the goldens compare against really attends within the window: without it the logits differ."""
+    prompts, continuations = tiny_prompts()
+    with_window, without = tiny_model(family), tiny_model(family, window=False)
+    without.load_state_dict(with_window.state_dict())
+    a = reference_logits(with_window, prompts[0], continuations[0])
+    b = reference_logits(without, prompts[0], continuations[0])
+    window = WINDOWED[family][1]["sliding_window"]
+    assert torch.equal(a[:window], b[:window])  # within the window the two agree...
+    assert (a[window:] - b[window:]).abs().max() > 1e-2  # ...past it they do not
+
+
+@pytest.mark.parametrize("family", list(WINDOWED))
+@pytest.mark.parametrize("num_stages", [1, 2])
+@pytest.mark.parametrize("mode", ["plain", "kernel"])
+def test_prefill_and_decode_past_the_window_match_transformers(family, num_stages, mode, windowed, load_pipeline):
+    """Float32 prefill (padded batch of 11 and 6 tokens) and 16 decode steps, windows of 5 and 6."""
+    model, parts = windowed(family, num_stages)
+    pipeline = load_with_linear_mode(load_pipeline, parts, mode, block_size=4, num_blocks=32)
+    prompts, continuations = tiny_prompts()
+    worst = check_against_reference(pipeline, model, prompts, continuations)
+    print(f"{family} over {num_stages} stages ({mode}): max abs logit diff {worst:.2e}")
+
+
+@pytest.mark.parametrize("family", list(WINDOWED))
+def test_the_goldens_fail_without_the_window(family, windowed, load_pipeline):
+    model, parts = windowed(family, 2)
+    pipeline = load_pipeline(parts, block_size=4, num_blocks=32)
+    assert any(cache.window is not None for cache in pipeline.caches)
+    for cache in pipeline.caches:
+        cache.window = None
+    prompts, continuations = tiny_prompts()
+    with pytest.raises(AssertionError, match="prefill|decode step"):
+        check_against_reference(pipeline, model, prompts, continuations)
+
+
+def test_qwen_configs_without_layer_types_window_the_layers_from_max_window_layers():
+    """Configs written before transformers 5 name no layer_types: layers i >= max_window_layers are windowed."""
+    config = dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, max_position_embeddings=256, use_sliding_window=True, sliding_window=8,
+                  max_window_layers=3)
+    args = ModelArgs.from_hf_config(config)
+    assert args.layer_types == ("full_attention",) * 3 + ("sliding_attention",) and args.sliding_window == 8
+    assert args.kv_window is None  # a full layer reads every block
+    every = ModelArgs.from_hf_config({**config, "max_window_layers": 0})
+    assert every.layer_types is None and every.sliding_window == every.kv_window == 8
+    for unwindowed in ({"max_window_layers": 4}, {"sliding_window": 256}, {"sliding_window": None},
+                       {"use_sliding_window": False, "layer_types": ["sliding_attention"] * 4}):
+        args = ModelArgs.from_hf_config({**config, **unwindowed})
+        assert args.sliding_window is None and args.layer_types is None and args.kv_window is None
+    mistral = ModelArgs.from_hf_config({**config, "model_type": "mistral", "use_sliding_window": False})
+    assert mistral.sliding_window == mistral.kv_window == 8 and mistral.layer_types is None
+    with pytest.raises(ValueError, match="layer_types must give"):
+        ModelArgs.from_hf_config({**config, "model_type": "qwen3", "layer_types": ["sliding_attention"] * 3})
