@@ -253,11 +253,6 @@ def test_an_unknown_family_is_refused_with_the_supported_ones(tiny_checkpoint, t
                                model_type="falcon")
 
 
-def test_a_qwen3_sliding_window_is_refused(tiny_checkpoint, tmp_path):
-    _refused_at_split_and_load(tiny_checkpoint("qwen3"), tmp_path, "sliding", use_sliding_window=True,
-                               sliding_window=8)
-
-
 def test_an_unsupported_rope_type_is_refused_with_the_supported_ones(tiny_checkpoint, tmp_path):
     _refused_at_split_and_load(tiny_checkpoint("qwen3"), tmp_path, r"rope_type 'yarn' is not supported.*llama3",
                                rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)
