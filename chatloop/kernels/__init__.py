@@ -9,7 +9,8 @@ ctypes, which releases the GIL during a call. Where they cannot be built (no com
 x86-64 with AVX2 and FMA, SIMD turned off, ``CHATLOOP_KERNELS=0``) :func:`load_kernels` returns
 None, says why once in the log, and callers keep torch's own kernels.
 
-``qgemv.c``, the quantized linear kernel, and ``bf16gemv.c``, the bfloat16 one, are a library of their own, built
+``qgemv.c``, the quantized linear kernel, ``bf16gemv.c``, the bfloat16 one, and the decode kernels of GGUF's other
+types (``kquant.c``: the k-quants; ``ggufgemv.c``: q5_0, q5_1, f16 and bf16 blocks) are a library of their own, built
 without ``-march=native``: each holds a portable, an AVX2 and an AVX-512 (VNNI, or BF16) path, and :func:`quant_isa`
 and :func:`bf16_isa` pick one at run time from what the CPU has (``CHATLOOP_ISA`` and ``CHATLOOP_BF16_ISA`` force
 one, for tests and comparisons).
@@ -38,7 +39,7 @@ __all__ = [
     "LlamaShapeSpec", "MatrixSpec",
     "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "kernel_bf16_linear",
     "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave", "kernel_kquant_linear",
-    "KQUANT_FORMAT_IDS", "kquant_linear_unchecked",
+    "GGUF_FORMAT_IDS", "KQUANT_FORMAT_IDS", "gguf_linear_unchecked", "kernel_gguf_linear", "kquant_linear_unchecked",
     "kernel_linear", "kernel_quant_linear", "kernel_rms_norm", "kernel_rope_", "load_kernels", "load_quant_kernels",
     "quant_isa", "quant_linear_unchecked", "stream_read",
 ]
@@ -50,7 +51,7 @@ HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 MARCH_ENV = "CHATLOOP_KERNEL_MARCH"
 """Set, it replaces ``native`` in ``-march=native`` for these kernels (``x86-64-v3``: AVX2 and FMA, no AVX-512): the
 tests build an AVX2-only machine's code this way on an AVX-512 CPU."""
-QUANT_SOURCES = [Path(__file__).parent / name for name in ("qgemv.c", "bf16gemv.c", "kquant.c")]
+QUANT_SOURCES = [Path(__file__).parent / name for name in ("qgemv.c", "bf16gemv.c", "kquant.c", "ggufgemv.c")]
 QUANT_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma", "f16c"}),
         "avx512_vnni": (2, {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})}
@@ -61,8 +62,13 @@ BF16_ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma"}),
 FORMAT_IDS = {"q8_0": 0, "q4_1": 1, "q4_1_x16": 2, "q8_0_x16": 3}
 """The quantized kernel's weight layouts (qgemv.c): GGUF's blocks, and the same interleaved in tiles of 16 rows
 (:func:`kernel_interleave`), which only the kernel reads."""
-KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2}
+KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4}
 """The k-quant decode kernel's formats (kquant.c): GGUF's blocks of 256, activations quantized to Q8_K."""
+KQUANT_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84}
+GGUF_FORMAT_IDS = {"q5_0": 0, "q5_1": 1, "f16": 2, "bf16": 3}
+"""The decode kernel of GGUF's other kept types (ggufgemv.c): q5_0 and q5_1 with activations quantized in blocks
+of 32 (Q8_0 / Q8_1), f16 and bf16 with float32 activations."""
+GGUF_ROW_BYTES = {"q5_0": (32, 22), "q5_1": (32, 24), "f16": (1, 2), "bf16": (1, 2)}
 MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
 BF16_KERNEL_ROWS = 3
@@ -205,7 +211,7 @@ def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: to
     _require(load_quant_kernels() is not None, "ChatLoop's quantized kernels are not available here (see the log)")
     _require(fmt in KQUANT_FORMAT_IDS, f"kernel_kquant_linear: format {fmt!r} is not one of "
                                        f"{', '.join(KQUANT_FORMAT_IDS)}")
-    block_bytes = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[fmt]
+    block_bytes = KQUANT_BLOCK_BYTES[fmt]
     in_features = x.shape[-1]
     _require(in_features % 256 == 0 and data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
              and data.shape[1] * 256 == in_features * block_bytes,
@@ -218,6 +224,46 @@ def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: to
     _require(isa in available_isas(), f"kernel_kquant_linear: this CPU cannot run the {isa!r} path")
     return kquant_linear_unchecked(x.contiguous(), data, fmt, in_features,
                                    None if bias is None else bias.contiguous(), ISAS[isa][0])
+
+
+def gguf_linear_unchecked(x: torch.Tensor, data: torch.Tensor, fmt: str, in_features: int,
+                          bias: torch.Tensor | None, isa_id: int) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``W`` in a format of ``GGUF_FORMAT_IDS`` (``x`` contiguous float32 [..., in],
+    ``data`` contiguous uint8 [out, row bytes], checked by the caller), on ggufgemv.c."""
+    rows = x.numel() // in_features
+    out = torch.empty(*x.shape[:-1], data.shape[0], dtype=torch.float32)
+    if fmt in ("q5_0", "q5_1"):
+        xq = torch.empty(rows * in_features, dtype=torch.int8)
+        xd = torch.empty(2 * rows * in_features // 32, dtype=torch.float32)  # d, then s
+        pointers = xq.data_ptr(), xd.data_ptr(), xd.data_ptr() + rows * in_features // 32 * 4
+    else:
+        pointers = None, None, None
+    load_quant_kernels().chatloop_gguf_linear(
+        x.data_ptr(), data.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
+        data.shape[0], in_features, GGUF_FORMAT_IDS[fmt], isa_id, torch.get_num_threads(), *pointers,
+    )
+    return out
+
+
+def kernel_gguf_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: torch.Tensor | None = None,
+                       isa: str | None = None) -> torch.Tensor:
+    """:func:`gguf_linear_unchecked` with its checks: ``fmt`` one of ``GGUF_FORMAT_IDS``, ``isa`` a path of
+    :func:`available_isas` (default :func:`quant_isa`)."""
+    _require(load_quant_kernels() is not None, "ChatLoop's quantized kernels are not available here (see the log)")
+    _require(fmt in GGUF_FORMAT_IDS, f"kernel_gguf_linear: format {fmt!r} is not one of {', '.join(GGUF_FORMAT_IDS)}")
+    weights, block_bytes = GGUF_ROW_BYTES[fmt]
+    in_features = x.shape[-1]
+    _require(in_features % weights == 0 and data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
+             and data.shape[1] * weights == in_features * block_bytes,
+             f"kernel_gguf_linear: a {fmt} matrix of {in_features} inputs is contiguous uint8 "
+             f"[out, {in_features // weights * block_bytes}], got {data.dtype} {tuple(data.shape)}")
+    _require(x.dtype == torch.float32, f"kernel_gguf_linear: x must be float32, got {x.dtype}")
+    _require(bias is None or (bias.dtype == torch.float32 and bias.shape == (data.shape[0],)),
+             f"kernel_gguf_linear: bias must be float32 [{data.shape[0]}]")
+    isa = isa or quant_isa()
+    _require(isa in available_isas(), f"kernel_gguf_linear: this CPU cannot run the {isa!r} path")
+    return gguf_linear_unchecked(x.contiguous(), data, fmt, in_features,
+                                 None if bias is None else bias.contiguous(), ISAS[isa][0])
 
 
 @functools.cache
@@ -250,6 +296,8 @@ def load_quant_kernels() -> ctypes.CDLL | None:
             library.chatloop_bf16_linear.restype = None
             library.chatloop_kquant_linear.argtypes = [pointer] * 4 + [size] * 3 + [integer] * 3 + [pointer] * 3
             library.chatloop_kquant_linear.restype = None
+            library.chatloop_gguf_linear.argtypes = [pointer] * 4 + [size] * 3 + [integer] * 3 + [pointer] * 3
+            library.chatloop_gguf_linear.restype = None
             return library
     log.info("ChatLoop's quantized kernels are off (%s): quantized layers dequantize into torch's kernels", reason)
     return None

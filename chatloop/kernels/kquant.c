@@ -1,4 +1,4 @@
-/* Decode kernel for GGUF's k-quants Q4_K, Q5_K and Q6_K (super-blocks of 256 weights; layouts in
+/* Decode kernel for GGUF's k-quants Q2_K, Q3_K, Q4_K, Q5_K and Q6_K (super-blocks of 256 weights; layouts in
  * chatloop/quant/blocks.py): y[b, o] = sum_i W[o, i] x[b, i] + bias[o], x float32.
  *
  * As llama.cpp does, each 256 activations are quantized first to Q8_K: int8 q, a float scale d (amax / 127, ties
@@ -7,8 +7,10 @@
  *   q4_k, q5_k:  d_x (d sum_s sc_s sum(q_w q_x) - dmin sum_s m_s (bsum_2s + bsum_2s+1))   (8 sub-blocks of 32;
  *                q5_k's fifth bit of weight 32 s + l is bit s of its byte l of high bits)
  *   q6_k:  d_x d (sum_g sc_g sum(q_w q_x) - 32 sum_g sc_g bsum_g)                      (16 groups of 16)
+ *   q3_k:  d_x d (sum_g sc_g sum(u_w q_x) - 4 sum_g sc_g bsum_g)   (u = q + 4 in 0..7, 16 groups of 16)
+ *   q2_k:  d_x (d sum_g sc_g sum(q_w q_x) - dmin sum_g m_g bsum_g)                      (16 groups of 16)
  * Three paths, chosen at run time by the caller: portable C, AVX2 (maddubs, then madd by the scales) and AVX-512
- * VNNI (vpdpbusd on 256-bit vectors, then mullo by the scales). This file is compiled without -march=native: each
+ * VNNI (vpdpbusd on 256-bit vectors, then madd_epi16 by the scales: exact, each 32-bit sum being below 2^15). This file is compiled without -march=native: each
  * path states its own target.
  */
 #include "multipath.h"
@@ -16,11 +18,14 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { KFMT_Q4_K = 0, KFMT_Q6_K = 1, KFMT_Q5_K = 2 };
+enum { KFMT_Q4_K = 0, KFMT_Q6_K = 1, KFMT_Q5_K = 2, KFMT_Q3_K = 3, KFMT_Q2_K = 4 };
 enum { KISA_PORTABLE = 0, KISA_AVX2 = 1, KISA_AVX512_VNNI = 2 };
 #define QK_K 256
 
-static inline int k_block_bytes(int fmt) { return fmt == KFMT_Q4_K ? 144 : fmt == KFMT_Q5_K ? 176 : 210; }
+static inline int k_block_bytes(int fmt) {
+  static const int bytes[] = {144, 210, 176, 110, 84};
+  return bytes[fmt];
+}
 
 /* IEEE half to float, without F16C. */
 static inline float k_half(const uint8_t* p) {
@@ -143,6 +148,62 @@ static float dot_q6_k_portable(const uint8_t* w, const int8_t* xq, const float* 
   return acc;
 }
 
+/* q3_k's sixteen 6-bit scales (12 bytes: low nibbles of 16, then 2 high bits each), minus 32. */
+static inline void q3_k_scales(const uint8_t* p, int8_t* sc) {
+  for (int i = 0; i < 16; ++i) {
+    const int low = i < 8 ? p[i] & 0x0F : p[i - 8] >> 4, high = (p[8 + i % 4] >> (2 * (i / 4))) & 3;
+    sc[i] = (int8_t)((low | (high << 4)) - 32);
+  }
+}
+
+/* q2_k and q3_k: weight 128 h + 32 s + l (h < 2, s < 4, l < 32) is bits 2s, 2s + 1 of quant byte 32 h + l (q3_k:
+ * plus 4 where bit 4h + s of high-bit byte l is set: u = q + 4, the 4 taken back as 4 sc_g bsum_g), under scale
+ * 8 h + 2 s + l / 16. */
+static float dot_q2_k_portable(const uint8_t* w, const int8_t* xq, const float* xd, const int16_t* bsums,
+                               int64_t nb) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = w + k * 84;
+    const uint8_t* qs = blk + 16;
+    const int8_t* q = xq + k * QK_K;
+    int part[16] = {0}, sumi = 0, summ = 0;
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < 4; ++s)
+        for (int l = 0; l < 32; ++l) part[8 * h + 2 * s + l / 16] += ((qs[32 * h + l] >> (2 * s)) & 3) * q[128 * h + 32 * s + l];
+    for (int g = 0; g < 16; ++g) {
+      sumi += (blk[g] & 0x0F) * part[g];
+      summ += (blk[g] >> 4) * bsums[k * 16 + g];
+    }
+    acc += xd[k] * (k_half(blk + 80) * (float)sumi - k_half(blk + 82) * (float)summ);
+  }
+  return acc;
+}
+
+static float dot_q3_k_portable(const uint8_t* w, const int8_t* xq, const float* xd, const int16_t* bsums,
+                               int64_t nb) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = w + k * 110;
+    const uint8_t *hm = blk, *qs = blk + 32;
+    int8_t sc[16];
+    q3_k_scales(blk + 96, sc);
+    const int8_t* q = xq + k * QK_K;
+    int part[16] = {0}, sumi = 0, offset = 0;
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < 4; ++s)
+        for (int l = 0; l < 32; ++l) {
+          const int u = ((qs[32 * h + l] >> (2 * s)) & 3) | (((hm[l] >> (4 * h + s)) & 1) << 2);
+          part[8 * h + 2 * s + l / 16] += u * q[128 * h + 32 * s + l];
+        }
+    for (int g = 0; g < 16; ++g) {
+      sumi += sc[g] * part[g];
+      offset += sc[g] * bsums[k * 16 + g];
+    }
+    acc += xd[k] * k_half(blk + 108) * (float)(sumi - 4 * offset);
+  }
+  return acc;
+}
+
 /* ---- AVX2 --------------------------------------------------------------------------------------------------- */
 __attribute__((target("avx2,fma,f16c"))) static inline float f16_avx2(const uint8_t* p) {
   uint16_t h;
@@ -204,43 +265,6 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_q5_k_avx2(const uint8_
   return dot_q45_k_avx2(w, xq, xd, bsums, nb, 1);
 }
 
-__attribute__((target("avx2,fma,f16c"))) static float dot_q6_k_avx2(const uint8_t* w, const int8_t* xq,
-                                                                     const float* xd, const int16_t* bsums,
-                                                                     int64_t nb) {
-  const __m256i low_mask = _mm256_set1_epi8(0x0F), two_bits = _mm256_set1_epi8(3);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t k = 0; k < nb; ++k) {
-    const uint8_t* blk = w + k * 210;
-    const int8_t* sc = (const int8_t*)(blk + 192);
-    const int8_t* q = xq + k * QK_K;
-    __m256i sumi = _mm256_setzero_si256();
-    for (int h = 0; h < 2; ++h) {
-      const __m256i ql0 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h));
-      const __m256i ql1 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h + 32));
-      const __m256i qh = _mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h));
-      __m256i quants[4];
-      quants[0] = _mm256_or_si256(_mm256_and_si256(ql0, low_mask),
-                                  _mm256_slli_epi16(_mm256_and_si256(qh, two_bits), 4));
-      quants[1] = _mm256_or_si256(_mm256_and_si256(ql1, low_mask),
-                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two_bits), 4));
-      quants[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low_mask),
-                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two_bits), 4));
-      quants[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low_mask),
-                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two_bits), 4));
-      for (int c = 0; c < 4; ++c) {
-        const __m256i p = _mm256_maddubs_epi16(quants[c], _mm256_loadu_si256((const __m256i*)(q + 128 * h + 32 * c)));
-        const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[8 * h + 2 * c + 1]), _mm_set1_epi16(sc[8 * h + 2 * c]));
-        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scales));
-      }
-    }
-    int offset = 0;
-    for (int g = 0; g < 16; ++g) offset += sc[g] * bsums[k * 16 + g];
-    sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * f16_avx2(blk + 208)), _mm256_cvtepi32_ps(sumi), acc);
-  }
-  return hsum256(acc);
-}
-
 /* ---- AVX-512 VNNI (256-bit vpdpbusd) ------------------------------------------------------------------------- */
 #define VNNI_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 
@@ -271,8 +295,8 @@ __attribute__((target(VNNI_TARGET))) static inline float dot_q45_k_vnni(const ui
       }
       const __m256i p_lo = _mm256_dpbusd_epi32(zero, lo, _mm256_loadu_si256((const __m256i*)(q + 64 * j)));
       const __m256i p_hi = _mm256_dpbusd_epi32(zero, hi, _mm256_loadu_si256((const __m256i*)(q + 64 * j + 32)));
-      sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_lo, _mm256_set1_epi32(sc[2 * j])));
-      sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p_hi, _mm256_set1_epi32(sc[2 * j + 1])));
+      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p_lo, _mm256_set1_epi32(sc[2 * j])));
+      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p_hi, _mm256_set1_epi32(sc[2 * j + 1])));
     }
     acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * f16_avx2(blk)), _mm256_cvtepi32_ps(sumi), acc);
     mins += xd[k] * f16_avx2(blk + 2) * (float)q4_k_mins(m, bsums + k * 16);
@@ -288,41 +312,107 @@ __attribute__((target(VNNI_TARGET))) static float dot_q5_k_vnni(const uint8_t* w
   return dot_q45_k_vnni(w, xq, xd, bsums, nb, 1);
 }
 
-__attribute__((target(VNNI_TARGET))) static float dot_q6_k_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
-                                                                const int16_t* bsums, int64_t nb) {
-  const __m256i low_mask = _mm256_set1_epi8(0x0F), two_bits = _mm256_set1_epi8(3), zero = _mm256_setzero_si256();
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t k = 0; k < nb; ++k) {
-    const uint8_t* blk = w + k * 210;
-    const int8_t* sc = (const int8_t*)(blk + 192);
-    const int8_t* q = xq + k * QK_K;
-    __m256i sumi = zero;
-    for (int h = 0; h < 2; ++h) {
-      const __m256i ql0 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h));
-      const __m256i ql1 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h + 32));
-      const __m256i qh = _mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h));
-      __m256i quants[4];
-      quants[0] = _mm256_or_si256(_mm256_and_si256(ql0, low_mask),
-                                  _mm256_slli_epi16(_mm256_and_si256(qh, two_bits), 4));
-      quants[1] = _mm256_or_si256(_mm256_and_si256(ql1, low_mask),
-                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), two_bits), 4));
-      quants[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low_mask),
-                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), two_bits), 4));
-      quants[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low_mask),
-                                  _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), two_bits), 4));
-      for (int c = 0; c < 4; ++c) {
-        const __m256i p = _mm256_dpbusd_epi32(zero, quants[c], _mm256_loadu_si256((const __m256i*)(q + 128 * h + 32 * c)));
-        const __m256i scales = _mm256_set_m128i(_mm_set1_epi32(sc[8 * h + 2 * c + 1]), _mm_set1_epi32(sc[8 * h + 2 * c]));
-        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(p, scales));
-      }
-    }
-    int offset = 0;
-    for (int g = 0; g < 16; ++g) offset += sc[g] * bsums[k * 16 + g];
-    sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * f16_avx2(blk + 208)), _mm256_cvtepi32_ps(sumi), acc);
-  }
-  return hsum256(acc);
+/* ---- q2_k, q3_k, q6_k: scales per 16 weights (AVX2 and VNNI) ------------------------------------------------ */
+/* These three share a walk: weight 128 h + 32 s + l under scale g = 8 h + 2 s + l / 16. The sixteen scales are
+ * widened to int16 once a super-block; per 32 weights one shuffle puts scale g in the low 128-bit lane and g + 1
+ * in the high one (llama.cpp's get_scale_shuffle), as int16 for madd after maddubs (AVX2), or as int32 with a zero
+ * high half for madd after vpdpbusd (VNNI: madd_epi16 then multiplies each 32-bit sum, below 32768 in magnitude
+ * (4 x 63 x 127 at most), by its scale exactly: one cheap instruction instead of a 32-bit vpmulld). The scale
+ * times bsum terms (q6_k's 32, q3_k's 4, q2_k's mins) are one madd of the sixteen bsums by the scales. */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256i pair_scales16(__m256i half, const int s) {
+  const short lo = (short)((4 * s) | (4 * s + 1) << 8), hi = (short)((4 * s + 2) | (4 * s + 3) << 8);
+  return _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo)));
 }
+__attribute__((target("avx2,fma,f16c"))) static inline __m256i pair_scales32(__m256i half, const int s) {
+  const int lo = (int)((4u * s) | (4u * s + 1) << 8 | 0x80800000u);
+  const int hi = (int)((4u * s + 2) | (4u * s + 3) << 8 | 0x80800000u);
+  return _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi32(hi), _mm_set1_epi32(lo)));
+}
+
+/* The 32 unsigned quants of (h, s) of a super-block (q2_k: 0..3, q3_k: q + 4 in 0..7, q6_k: q + 32 in 0..63). */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256i k16_quants(const uint8_t* blk, const int fmt,
+                                                                         const int h, const int s) {
+  const __m256i two_bits = _mm256_set1_epi8(3);
+  if (fmt == KFMT_Q6_K) {
+    const __m256i ql = _mm256_loadu_si256((const __m256i*)(blk + 64 * h + 32 * (s & 1)));
+    const __m256i qh = _mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h));
+    const __m256i low = _mm256_and_si256(s < 2 ? ql : _mm256_srli_epi16(ql, 4), _mm256_set1_epi8(0x0F));
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), two_bits);
+    return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+  }
+  const __m256i bits = _mm256_loadu_si256((const __m256i*)(blk + (fmt == KFMT_Q3_K ? 32 : 16) + 32 * h));
+  const __m256i low = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * s), two_bits);
+  if (fmt == KFMT_Q2_K) return low;
+  const __m256i hm = _mm256_loadu_si256((const __m256i*)blk);
+  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(hm, 4 * h + s), _mm256_set1_epi8(1));
+  return _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
+}
+
+#define DOT_K16(name, FEATURES, VNNI)                                                                             \
+  __attribute__((target(FEATURES))) static inline float name(const uint8_t* w, const int8_t* xq, const float* xd, \
+                                                             const int16_t* bsums, int64_t nb, const int fmt) {  \
+    const int bytes = k_block_bytes(fmt);                                                                         \
+    __m256 acc = _mm256_setzero_ps();                                                                             \
+    for (int64_t k = 0; k < nb; ++k) {                                                                            \
+      const uint8_t* blk = w + k * bytes;                                                                         \
+      const int8_t* q = xq + k * QK_K;                                                                            \
+      __m256i sc16;                                                                                               \
+      if (fmt == KFMT_Q2_K) {                                                                                     \
+        sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_loadu_si128((const __m128i*)blk), _mm_set1_epi8(0x0F)));   \
+      } else if (fmt == KFMT_Q3_K) {                                                                              \
+        int8_t sc[16];                                                                                            \
+        q3_k_scales(blk + 96, sc);                                                                                \
+        sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)sc));                                         \
+      } else {                                                                                                    \
+        sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(blk + 192)));                                \
+      }                                                                                                           \
+      __m256i sumi = _mm256_setzero_si256();                                                                      \
+      for (int h = 0; h < 2; ++h) {                                                                               \
+        const __m256i half = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00);                              \
+        for (int s = 0; s < 4; ++s) {                                                                             \
+          const __m256i u = k16_quants(blk, fmt, h, s);                                                           \
+          const __m256i x8 = _mm256_loadu_si256((const __m256i*)(q + 128 * h + 32 * s));                         \
+          sumi = _mm256_add_epi32(sumi, VNNI ? _mm256_madd_epi16(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x8), \
+                                                                 pair_scales32(half, s))                          \
+                                             : _mm256_madd_epi16(_mm256_maddubs_epi16(u, x8), pair_scales16(half, s))); \
+        }                                                                                                         \
+      }                                                                                                           \
+      const __m256i bs = _mm256_loadu_si256((const __m256i*)(bsums + k * 16));                                    \
+      if (fmt == KFMT_Q2_K) {                                                                                     \
+        const __m256i m16 = _mm256_cvtepu8_epi16(                                                                 \
+            _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i*)blk), 4), _mm_set1_epi8(0x0F)));         \
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(-xd[k] * f16_avx2(blk + 82)),                                       \
+                              _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16)), acc);                               \
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * f16_avx2(blk + 80)), _mm256_cvtepi32_ps(sumi), acc);        \
+      } else {                                                                                                    \
+        const __m256i offset = _mm256_madd_epi16(bs, sc16);                                                       \
+        sumi = _mm256_sub_epi32(sumi, fmt == KFMT_Q3_K ? _mm256_slli_epi32(offset, 2) : _mm256_slli_epi32(offset, 5)); \
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * f16_avx2(blk + bytes - 2)), _mm256_cvtepi32_ps(sumi), acc);  \
+      }                                                                                                           \
+    }                                                                                                             \
+    return hsum256(acc);                                                                                          \
+  }
+DOT_K16(dot_k16_avx2, "avx2,fma,f16c", 0)
+DOT_K16(dot_k16_vnni, VNNI_TARGET, 1)
+
+#define K16_FORMATS(path, FEATURES)                                                                               \
+  __attribute__((target(FEATURES))) static float dot_q2_k_##path(const uint8_t* w, const int8_t* xq,             \
+                                                                 const float* xd, const int16_t* bsums,          \
+                                                                 int64_t nb) {                                   \
+    return dot_k16_##path(w, xq, xd, bsums, nb, KFMT_Q2_K);                                                      \
+  }                                                                                                             \
+  __attribute__((target(FEATURES))) static float dot_q3_k_##path(const uint8_t* w, const int8_t* xq,             \
+                                                                 const float* xd, const int16_t* bsums,          \
+                                                                 int64_t nb) {                                   \
+    return dot_k16_##path(w, xq, xd, bsums, nb, KFMT_Q3_K);                                                      \
+  }                                                                                                             \
+  __attribute__((target(FEATURES))) static float dot_q6_k_##path(const uint8_t* w, const int8_t* xq,             \
+                                                                 const float* xd, const int16_t* bsums,          \
+                                                                 int64_t nb) {                                   \
+    return dot_k16_##path(w, xq, xd, bsums, nb, KFMT_Q6_K);                                                      \
+  }
+K16_FORMATS(avx2, "avx2,fma,f16c")
+K16_FORMATS(vnni, VNNI_TARGET)
 
 /* y [B, O] = x [B, I] W^T + bias for W [O, I / 256 * block bytes] in fmt (KFMT_*); scratch: xq [B * I] int8,
  * xd [B * I / 256] float, bsums [B * I / 16] int16. */
@@ -330,14 +420,12 @@ void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias,
                             int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, int16_t* bsums) {
   const int64_t nb = I / QK_K, row_bytes = nb * k_block_bytes(fmt);
   for (int64_t b = 0; b < B; ++b) quantize_row_q8_k(x + b * I, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb);
-  float (*dot)(const uint8_t*, const int8_t*, const float*, const int16_t*, int64_t);
-  if (isa >= KISA_AVX512_VNNI) {
-    dot = fmt == KFMT_Q4_K ? dot_q4_k_vnni : fmt == KFMT_Q5_K ? dot_q5_k_vnni : dot_q6_k_vnni;
-  } else if (isa == KISA_AVX2) {
-    dot = fmt == KFMT_Q4_K ? dot_q4_k_avx2 : fmt == KFMT_Q5_K ? dot_q5_k_avx2 : dot_q6_k_avx2;
-  } else {
-    dot = fmt == KFMT_Q4_K ? dot_q4_k_portable : fmt == KFMT_Q5_K ? dot_q5_k_portable : dot_q6_k_portable;
-  }
+  typedef float (*kdot_fn)(const uint8_t*, const int8_t*, const float*, const int16_t*, int64_t);
+  static const kdot_fn table[3][5] = {
+      {dot_q4_k_portable, dot_q6_k_portable, dot_q5_k_portable, dot_q3_k_portable, dot_q2_k_portable},
+      {dot_q4_k_avx2, dot_q6_k_avx2, dot_q5_k_avx2, dot_q3_k_avx2, dot_q2_k_avx2},
+      {dot_q4_k_vnni, dot_q6_k_vnni, dot_q5_k_vnni, dot_q3_k_vnni, dot_q2_k_vnni}};
+  const kdot_fn dot = table[isa >= KISA_AVX512_VNNI ? 2 : isa == KISA_AVX2 ? 1 : 0][fmt];
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t o = 0; o < O; ++o) {
     const uint8_t* row = w + o * row_bytes;

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GGUF_TYPES", "QK_K", "block_of", "dequantize_blocks", "quantize_activations_q8_k",
-           "reference_kquant_linear", "row_bytes"]
+__all__ = ["GGUF_TYPES", "QK_K", "block_of", "dequantize_blocks", "quantize_activations_q8_0",
+           "quantize_activations_q8_k", "reference_decode_linear", "reference_kquant_linear", "row_bytes"]
 
 QK_K = 256
 GGUF_TYPES: dict[str, tuple[int, int]] = {
@@ -153,13 +153,20 @@ def dequantize_blocks(data: torch.Tensor, fmt: str) -> torch.Tensor:
     return _dequantize(blocks, fmt).reshape(out, data.shape[1] // nbytes * weights)
 
 
-def quantize_activations_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``x`` [rows, in] as the k-quant kernel quantizes them (llama.cpp's Q8_K, symmetric): int8 ``q``
-    [rows, in / 256, 256] and float32 scales ``d = amax / 127`` [rows, in / 256]; ties round to even."""
-    blocks = x.float().reshape(x.shape[0], -1, QK_K)
+def quantize_activations_q8_0(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` [rows, in] as llama.cpp's Q8_0 (and Q8_1, whose ``s`` is ``d`` times the sum of ``q``) quantizes
+    them, and so the decode kernels: int8 ``q`` [rows, in / block, block] and float32 scales ``d = amax / 127``
+    [rows, in / block]; ties round to even. ``block`` 256 is Q8_K's ``q`` and ``d``."""
+    blocks = x.float().reshape(x.shape[0], -1, block)
     d = blocks.abs().amax(-1) / 127
     q = torch.where(d[..., None] > 0, blocks * (1 / torch.where(d > 0, d, 1))[..., None], 0).round().to(torch.int8)
     return q, d
+
+
+def quantize_activations_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` [rows, in] as the k-quant kernel quantizes them (llama.cpp's Q8_K, symmetric): int8 ``q``
+    [rows, in / 256, 256] and float32 scales ``d = amax / 127`` [rows, in / 256]; ties round to even."""
+    return quantize_activations_q8_0(x, QK_K)
 
 
 def reference_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str,
@@ -171,6 +178,26 @@ def reference_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str,
     weight = dequantize_blocks(data, fmt).double().reshape(data.shape[0], -1, QK_K)
     y = torch.einsum("bkj,okj->bok", q.double(), weight)
     y = (y * d.double()[:, None, :]).sum(-1)
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], data.shape[0])
+
+
+def reference_decode_linear(x: torch.Tensor, data: torch.Tensor, fmt: str,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` as the decode kernels compute it for ``fmt``, in float64: the k-quants as
+    :func:`reference_kquant_linear` (Q8_K activations), ``q5_0`` and ``q5_1`` on Q8_0 activations (blocks of 32),
+    ``f16`` and ``bf16`` on the float32 activations themselves."""
+    if fmt.endswith("_k"):
+        return reference_kquant_linear(x, data, fmt, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    weight = dequantize_blocks(data, fmt).double()
+    if fmt in ("f16", "bf16"):
+        y = rows.double() @ weight.T
+    else:
+        q, d = quantize_activations_q8_0(rows)
+        y = torch.einsum("bkj,okj->bok", q.double(), weight.reshape(data.shape[0], -1, 32))
+        y = (y * d.double()[:, None, :]).sum(-1)
     if bias is not None:
         y = y + bias.double()
     return y.reshape(*x.shape[:-1], data.shape[0])

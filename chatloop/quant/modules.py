@@ -4,10 +4,10 @@ The weight stays quantized in memory (a uint8 buffer named ``weight``, so a part
 name). :class:`QuantLinear` multiplies up to ``KERNEL_ROWS`` rows (decode steps) on ChatLoop's quantized kernel,
 which streams the quantized bytes once; more rows (prefill) are compute-bound, and there it dequantizes a slice
 of the weight at a time into torch's GEMM (float32 activations: a little more accurate than the kernel). Where
-the kernel cannot be built, every call takes that second way. GGUF's other types (``q5_0``, ``q5_1``, the
-k-quants, ``f16``, ``bf16``: :mod:`~chatloop.quant.blocks`) take the second way, dequantized in torch, except
-``q4_k``, ``q5_k`` and ``q6_k`` decode steps, which run on the k-quant kernel (``kquant.c``: activations
-quantized to Q8_K).
+the kernel cannot be built, every call takes that second way. GGUF's other types (:mod:`~chatloop.quant.blocks`)
+decode on kernels of their own: the k-quants on ``kquant.c`` (activations quantized to Q8_K), ``q5_0``, ``q5_1``,
+``f16`` and ``bf16`` on ``ggufgemv.c`` (Q8_0 / Q8_1 activations; float32 for the half types); their prefill
+dequantizes in torch.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from torch import nn
 
 from ..kernels import (
     FORMAT_IDS,
+    GGUF_FORMAT_IDS,
     ISAS,
     KQUANT_FORMAT_IDS,
+    gguf_linear_unchecked,
     kernel_dequantize_rows,
     kernel_interleave,
     kquant_linear_unchecked,
@@ -70,12 +72,14 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"{self}: got {x.shape[-1]} input features")
             return quant_linear_unchecked(x.contiguous(), self.weight, FORMAT_IDS[self.fmt], self.in_features,
                                           self.bias, ISAS[quant_isa()][0])
-        if self.fmt in KQUANT_FORMAT_IDS and x.numel() <= KERNEL_ROWS * self.in_features \
-                and load_quant_kernels() is not None:
-            if x.shape[-1] != self.in_features:
-                raise ValueError(f"{self}: got {x.shape[-1]} input features")
-            return kquant_linear_unchecked(x.contiguous(), self.weight, self.fmt, self.in_features, self.bias,
-                                           ISAS[quant_isa()][0])
+        if x.numel() <= KERNEL_ROWS * self.in_features and load_quant_kernels() is not None:
+            unchecked = (kquant_linear_unchecked if self.fmt in KQUANT_FORMAT_IDS
+                         else gguf_linear_unchecked if self.fmt in GGUF_FORMAT_IDS else None)
+            if unchecked is not None:
+                if x.shape[-1] != self.in_features:
+                    raise ValueError(f"{self}: got {x.shape[-1]} input features")
+                return unchecked(x.contiguous(), self.weight, self.fmt, self.in_features, self.bias,
+                                 ISAS[quant_isa()][0])
         outputs = []
         for start in range(0, self.out_features, SLICE_ROWS):
             rows = torch.arange(start, min(start + SLICE_ROWS, self.out_features))

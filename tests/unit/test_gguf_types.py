@@ -16,11 +16,18 @@ from safetensors import safe_open
 from test_golden import check_against_reference
 
 import chatloop.quant.modules as quant_modules
-from chatloop.kernels import available_isas, kernel_kquant_linear, load_quant_kernels, quant_isa
+from chatloop.kernels import (
+    GGUF_FORMAT_IDS,
+    available_isas,
+    kernel_gguf_linear,
+    kernel_kquant_linear,
+    load_quant_kernels,
+    quant_isa,
+)
 from chatloop.partition.manifest import QUANTIZED_KEY
 from chatloop.partition.splitter import split_model
 from chatloop.quant import GGUF_TYPES, QuantEmbedding, QuantLinear, dequantize, row_bytes
-from chatloop.quant.blocks import reference_kquant_linear
+from chatloop.quant.blocks import reference_decode_linear
 
 KEPT = [t for t in TYPE_CYCLE if t != "F32"]
 
@@ -84,22 +91,35 @@ def test_quant_linear_and_embedding_compute_on_the_dequantized_weights(fmt, rows
     assert torch.equal(embedding(ids), weight[ids])
 
 
-# ---- the k-quant decode kernel ---------------------------------------------------------------------------------------
+# ---- the decode kernels ----------------------------------------------------------------------------------------------
+DECODE_FORMATS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "f16", "bf16"]
+IN_FEATURES = {"q5_0": 800, "q5_1": 800, "f16": 808, "bf16": 808}
+"""Rows whose tails the SIMD loops take apart (q5: 25 blocks, eight at a time; half types: 12 x 64 + 40)."""
+
+
+def _kernel_linear(x, data, fmt, bias=None, isa=None):
+    return (kernel_gguf_linear if fmt in GGUF_FORMAT_IDS else kernel_kquant_linear)(x, data, fmt, bias, isa)
+
+
 @pytest.mark.parametrize("isa", available_isas() or ["none"])
-@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 16])
-def test_the_kquant_kernel_computes_its_reference_arithmetic_on_every_path(isa, fmt, rows):
-    """Q8_K activations, integer products per 16 or 32 weights, float scales: each path against the float64
-    reference of the same arithmetic (up to float32 rounding of the sums), and near the float product."""
+def test_the_decode_kernels_compute_their_reference_arithmetic_on_every_path(isa, fmt, rows):
+    """The k-quants on Q8_K activations (integer products per 16 or 32 weights, float scales), q5_0 and q5_1 on Q8_0
+    blocks of 32, f16 and bf16 on the float32 activations: each path against the float64 reference of the same
+    arithmetic (up to float32 rounding of the sums), and near the float product; a QuantLinear's decode step is the
+    kernel's, its prefill the dequantized weight's."""
     if load_quant_kernels() is None:
         pytest.skip("the quantized kernels cannot be built here")
     torch.manual_seed(rows)
-    data = torch.from_numpy(random_blocks(fmt.upper(), 40, 768, np.random.default_rng(rows)).copy())
-    x = torch.randn(rows, 768) * torch.logspace(-1, 1, 768)
-    x[0, :256] = 0  # a block of zeros: scale 0
+    features = IN_FEATURES.get(fmt, 768)
+    blocks = random_blocks(fmt.upper(), 40, features, np.random.default_rng(rows))
+    data = torch.from_numpy(blocks.view(np.uint8).reshape(40, -1).copy())
+    x = torch.randn(rows, features) * torch.logspace(-1, 1, features)
+    x[0, :256] = 0  # blocks of zeros: scale 0
     bias = torch.randn(40)
-    got = kernel_kquant_linear(x, data, fmt, bias, isa)
-    expected = reference_kquant_linear(x, data, fmt, bias)
+    got = _kernel_linear(x, data, fmt, bias, isa)
+    expected = reference_decode_linear(x, data, fmt, bias)
     magnitude = x.abs().double() @ dequantize(data, fmt).abs().double().T
     assert got.dtype == torch.float32 and got.shape == (rows, 40)
     error = (got.double() - expected).abs()
@@ -109,7 +129,7 @@ def test_the_kquant_kernel_computes_its_reference_arithmetic_on_every_path(isa, 
     if isa == quant_isa():  # a decode step of a QuantLinear runs there; prefill dequantizes
         linear = QuantLinear(data, fmt, bias)
         assert torch.equal(linear(x), got)
-        prefill = torch.randn(40, 768)
+        prefill = torch.randn(40, features)
         assert torch.allclose(linear(prefill), F.linear(prefill, dequantize(data, fmt), bias), atol=1e-5, rtol=1e-5)
 
 
@@ -130,10 +150,14 @@ def test_the_kquant_kernel_refuses_what_it_cannot_read():
     if load_quant_kernels() is None:
         pytest.skip("the quantized kernels cannot be built here")
     data = torch.zeros(4, 144, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="format 'q3_k' is not one of q4_k, q6_k, q5_k"):
-        kernel_kquant_linear(torch.zeros(1, 256), data, "q3_k")
+    with pytest.raises(ValueError, match="format 'q5_0' is not one of q4_k, q6_k, q5_k, q3_k, q2_k"):
+        kernel_kquant_linear(torch.zeros(1, 256), data, "q5_0")
     with pytest.raises(ValueError, match="a q4_k matrix of 512 inputs is contiguous uint8 \\[out, 288\\]"):
         kernel_kquant_linear(torch.zeros(1, 512), data, "q4_k")
+    with pytest.raises(ValueError, match="format 'q4_k' is not one of q5_0, q5_1, f16, bf16"):
+        kernel_gguf_linear(torch.zeros(1, 256), data, "q4_k")
+    with pytest.raises(ValueError, match="a q5_1 matrix of 64 inputs is contiguous uint8 \\[out, 48\\]"):
+        kernel_gguf_linear(torch.zeros(1, 64), data, "q5_1")
 
 
 # ---- files ---------------------------------------------------------------------------------------------------------
@@ -200,9 +224,9 @@ def test_split_tensors_dequantize_to_what_transformers_reads(every_type):
 def test_stages_of_every_type_compute_what_transformers_computes_on_the_file(every_type, kernels, load_pipeline,
                                                                              monkeypatch):
     """transformers dequantizes the whole file (gguf-py) into a float model; ChatLoop's stages keep the blocks.
-    Without the kernel (float activations) they agree to float32 rounding; with it, the Q8_0, Q4_0, Q4_1, Q4_K, Q5_K
-    and Q6_K layers' decode steps quantize activations to int8 blocks, which moves the logits by a few percent of the
-    largest."""
+    Without the kernel (float activations) they agree to float32 rounding; with it, the decode steps of the
+    quantized layers (all but F16, BF16 and F32) quantize activations to int8 blocks, which moves the logits by a few
+    percent of the largest."""
     from transformers import AutoModelForCausalLM
 
     if kernels and load_quant_kernels() is None:

@@ -1,0 +1,276 @@
+/* Decode kernel for GGUF's Q5_0 and Q5_1 (blocks of 32 weights) and F16 and BF16 matrices (layouts in
+ * chatloop/quant/blocks.py): y[b, o] = sum_i W[o, i] x[b, i] + bias[o], x float32.
+ *
+ * Q5_0 and Q5_1, as llama.cpp's vec_dot does, quantize each 32 activations first, as qgemv.c does (Q8_0 for
+ * q5_0, Q8_1 for q5_1: int8 q, d = amax / 127 ties to even, and s = d sum(q)), once per call by the same scalar
+ * code on every path; then each block's product is an integer dot product of the unsigned 5-bit quants u:
+ *   q5_0:  d_w (d_x sum(u q_x) - 16 s_x)          q5_1:  d_w d_x sum(u q_x) + m_w s_x
+ * F16 and BF16 multiply the float32 activations by the weights widened to float32, sums in float32.
+ * Three paths, chosen at run time by the caller: portable C, AVX2 (maddubs; F16C, or a shift for bfloat16) and
+ * AVX-512 (VNNI's vpdpbusd and a mask move for the fifth bits; 512-bit widening and FMA for the float types).
+ * This file is compiled without -march=native: each path states its own target.
+ */
+#include "multipath.h"
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { GFMT_Q5_0 = 0, GFMT_Q5_1 = 1, GFMT_F16 = 2, GFMT_BF16 = 3 };
+enum { GISA_PORTABLE = 0, GISA_AVX2 = 1, GISA_AVX512 = 2 };
+#define QK 32
+#define GROUP 8 /* blocks whose integer sums are reduced and scaled as one vector */
+
+static inline int64_t g_row_bytes(int fmt, int64_t I) {
+  return fmt == GFMT_Q5_0 ? I / QK * 22 : fmt == GFMT_Q5_1 ? I / QK * 24 : I * 2;
+}
+
+/* IEEE half to float, without F16C. */
+static inline float g_half(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  uint32_t bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {
+    int shift = 0;
+    uint32_t m = mantissa;
+    while (!(m & 0x400)) m <<= 1, ++shift;
+    bits = sign | ((uint32_t)(113 - shift) << 23) | ((m & 0x3FF) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float g_bf16(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+/* One row of activations as Q8_1 blocks of 32: xq [nb * 32], xd [nb], xs [nb] (q8_0 is its q and d). */
+static void quantize_row_q8_1(const float* x, int8_t* xq, float* xd, float* xs, int64_t nb) {
+  for (int64_t k = 0; k < nb; ++k) {
+    const float* v = x + k * QK;
+    float amax = 0.0f;
+    for (int j = 0; j < QK; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < QK; ++j) {
+      const int q = (int)nearbyintf(v[j] * inv);
+      xq[k * QK + j] = (int8_t)q;
+      sum += q;
+    }
+    xd[k] = d;
+    xs[k] = d * (float)sum;
+  }
+}
+
+/* ---- portable ----------------------------------------------------------------------------------------------- */
+/* q5_0 (one = 0) and q5_1 (one = 1): the caller passes a constant. */
+static inline float dot_q5_portable(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int64_t nb,
+                                    const int one) {
+  const int bytes = one ? 24 : 22, at = one ? 4 : 2;
+  float acc = 0.0f;
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = w + k * bytes;
+    uint32_t qh;
+    memcpy(&qh, blk + at, 4);
+    const uint8_t* qs = blk + at + 4;
+    const int8_t* q = xq + k * QK;
+    int sum = 0;
+    for (int j = 0; j < 16; ++j)
+      sum += ((qs[j] & 0x0F) | ((qh >> j) & 1) << 4) * q[j] + ((qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4) * q[j + 16];
+    const float d = g_half(blk);
+    acc += d * xd[k] * (float)sum + (one ? g_half(blk + 2) : -16.0f * d) * xs[k];
+  }
+  return acc;
+}
+
+static float dot_float_portable(const uint8_t* w, const float* x, int64_t I, const int bf16) {
+  float acc = 0.0f;
+  for (int64_t i = 0; i < I; ++i) acc += (bf16 ? g_bf16(w + 2 * i) : g_half(w + 2 * i)) * x[i];
+  return acc;
+}
+
+/* ---- AVX2 --------------------------------------------------------------------------------------------------- */
+#define AVX2_TARGET "avx2,fma,f16c"
+
+__attribute__((target(AVX2_TARGET))) static inline float g_f16c(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+/* Lane j of the result: the sum of the eight lanes of v[j]. */
+__attribute__((target(AVX2_TARGET))) static inline __m256i g_sum_lanes8(const __m256i* v) {
+  const __m256i s01 = _mm256_hadd_epi32(v[0], v[1]), s23 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i s45 = _mm256_hadd_epi32(v[4], v[5]), s67 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i s0123 = _mm256_hadd_epi32(s01, s23), s4567 = _mm256_hadd_epi32(s45, s67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20),
+                          _mm256_permute2x128_si256(s0123, s4567, 0x31));
+}
+
+/* The 32 weights of a block as unsigned bytes 0..31 in lanes 0..31 (low nibbles, then high, plus 16 each fifth
+ * bit): the fifth bits spread to bytes by a shuffle, an or and a compare (llama.cpp's bytes_from_bits_32). */
+__attribute__((target(AVX2_TARGET))) static inline __m256i q5_weights_avx2(const uint8_t* qh, const uint8_t* qs) {
+  const __m128i raw = _mm_loadu_si128((const __m128i*)qs);
+  const __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+  uint32_t bits;
+  memcpy(&bits, qh, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32((int)bits),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7FBFDFEFF7FBFDFE)),
+                                        _mm256_set1_epi64x(-1));
+  return _mm256_or_si256(nibbles, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+}
+
+#define AVX512_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+/* The same with a mask move: bit j of qh selects 16 for byte j. */
+__attribute__((target(AVX512_TARGET))) static inline __m256i q5_weights_vnni(const uint8_t* qh, const uint8_t* qs) {
+  const __m128i raw = _mm_loadu_si128((const __m128i*)qs);
+  const __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+  uint32_t bits;
+  memcpy(&bits, qh, 4);
+  return _mm256_mask_add_epi8(nibbles, (__mmask32)bits, nibbles, _mm256_set1_epi8(0x10));
+}
+
+#define AVX2_SUMS(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+#define VNNI_SUMS(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+
+/* Eight blocks at a time: eight integer sums reduced together and scaled by d_w d_x, and the s_x term, as
+ * vectors (as qgemv.c's grouped loop); the rest one block at a time. */
+#define DOT_Q5(name, FEATURES, WEIGHTS, SUMS)                                                                       \
+  __attribute__((target(FEATURES))) static inline float name(const uint8_t* w, const int8_t* xq, const float* xd,  \
+                                                           const float* xs, int64_t nb, const int one) {         \
+    const int bytes = one ? 24 : 22, at = one ? 4 : 2;                                                          \
+    __m256 acc = _mm256_setzero_ps();                                                                           \
+    int64_t k = 0;                                                                                              \
+    for (; k + GROUP <= nb; k += GROUP) {                                                                       \
+      __m256i sums[GROUP];                                                                                      \
+      float dws[GROUP], cws[GROUP];                                                                             \
+      for (int j = 0; j < GROUP; ++j) {                                                                         \
+        const uint8_t* blk = w + (k + j) * bytes;                                                               \
+        dws[j] = g_f16c(blk);                                                                                   \
+        cws[j] = one ? g_f16c(blk + 2) : -16.0f * dws[j];                                                       \
+        sums[j] = SUMS(WEIGHTS(blk + at, blk + at + 4), _mm256_loadu_si256((const __m256i*)(xq + (k + j) * QK))); \
+      }                                                                                                         \
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(dws), _mm256_loadu_ps(xd + k)),                      \
+                            _mm256_cvtepi32_ps(g_sum_lanes8(sums)), acc);                                       \
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(cws), _mm256_loadu_ps(xs + k), acc);                               \
+    }                                                                                                           \
+    float rest = 0.0f;                                                                                          \
+    for (; k < nb; ++k) {                                                                                       \
+      const uint8_t* blk = w + k * bytes;                                                                       \
+      const float d = g_f16c(blk);                                                                              \
+      const __m256i sums = SUMS(WEIGHTS(blk + at, blk + at + 4), _mm256_loadu_si256((const __m256i*)(xq + k * QK))); \
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[k]), _mm256_cvtepi32_ps(sums), acc);                         \
+      rest += (one ? g_f16c(blk + 2) : -16.0f * d) * xs[k];                                                     \
+    }                                                                                                           \
+    return hsum256(acc) + rest;                                                                                 \
+  }
+DOT_Q5(dot_q5_avx2, AVX2_TARGET, q5_weights_avx2, AVX2_SUMS)
+DOT_Q5(dot_q5_vnni, AVX512_TARGET, q5_weights_vnni, VNNI_SUMS)
+
+/* F16 (bf16 = 0) and BF16 (bf16 = 1): four sums of eight in flight. */
+__attribute__((target(AVX2_TARGET))) static inline __m256 widen8_avx2(const uint8_t* p, const int bf16) {
+  const __m128i raw = _mm_loadu_si128((const __m128i*)p);
+  return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)) : _mm256_cvtph_ps(raw);
+}
+
+__attribute__((target(AVX2_TARGET))) static inline float dot_float_avx2(const uint8_t* w, const float* x, int64_t I,
+                                                                        const int bf16) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= I; i += 32)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm256_fmadd_ps(widen8_avx2(w + 2 * (i + 8 * u), bf16), _mm256_loadu_ps(x + i + 8 * u), acc[u]);
+  for (; i + 8 <= I; i += 8) acc[0] = _mm256_fmadd_ps(widen8_avx2(w + 2 * i, bf16), _mm256_loadu_ps(x + i), acc[0]);
+  float sum = hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; i < I; ++i) sum += (bf16 ? g_bf16(w + 2 * i) : g_f16c(w + 2 * i)) * x[i];
+  return sum;
+}
+
+__attribute__((target(AVX512_TARGET))) static inline __m512 widen16_avx512(const uint8_t* p, const int bf16) {
+  const __m256i raw = _mm256_loadu_si256((const __m256i*)p);
+  return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)) : _mm512_cvtph_ps(raw);
+}
+
+__attribute__((target(AVX512_TARGET))) static inline float dot_float_avx512(const uint8_t* w, const float* x,
+                                                                            int64_t I, const int bf16) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 64 <= I; i += 64)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm512_fmadd_ps(widen16_avx512(w + 2 * (i + 16 * u), bf16), _mm512_loadu_ps(x + i + 16 * u), acc[u]);
+  for (; i + 16 <= I; i += 16)
+    acc[0] = _mm512_fmadd_ps(widen16_avx512(w + 2 * i, bf16), _mm512_loadu_ps(x + i), acc[0]);
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  for (; i < I; ++i) sum += (bf16 ? g_bf16(w + 2 * i) : g_f16c(w + 2 * i)) * x[i];
+  return sum;
+}
+
+/* One (weight row, activation row) product per path and format, the format a constant in each. */
+typedef float (*gdot_fn)(const uint8_t*, const int8_t*, const float*, const float*, const float*, int64_t, int64_t);
+#define GDOTS(suffix, ATTR, Q5, FLOAT)                                                                          \
+  ATTR static float q5_0_##suffix(const uint8_t* w, const int8_t* xq, const float* xd, \
+                                                             const float* xs, const float* x, int64_t nb,         \
+                                                             int64_t I) {                                          \
+    (void)x, (void)I;                                                                                             \
+    return Q5(w, xq, xd, xs, nb, 0);                                                                              \
+  }                                                                                                               \
+  ATTR static float q5_1_##suffix(const uint8_t* w, const int8_t* xq, const float* xd, \
+                                                             const float* xs, const float* x, int64_t nb,         \
+                                                             int64_t I) {                                          \
+    (void)x, (void)I;                                                                                             \
+    return Q5(w, xq, xd, xs, nb, 1);                                                                              \
+  }                                                                                                               \
+  ATTR static float f16_##suffix(const uint8_t* w, const int8_t* xq, const float* xd,  \
+                                                            const float* xs, const float* x, int64_t nb,          \
+                                                            int64_t I) {                                           \
+    (void)xq, (void)xd, (void)xs, (void)nb;                                                                       \
+    return FLOAT(w, x, I, 0);                                                                                     \
+  }                                                                                                               \
+  ATTR static float bf16_##suffix(const uint8_t* w, const int8_t* xq, const float* xd, \
+                                                             const float* xs, const float* x, int64_t nb,         \
+                                                             int64_t I) {                                          \
+    (void)xq, (void)xd, (void)xs, (void)nb;                                                                       \
+    return FLOAT(w, x, I, 1);                                                                                     \
+  }
+#define PORTABLE_ATTR
+#define AVX2_ATTR __attribute__((target(AVX2_TARGET)))
+#define AVX512_ATTR __attribute__((target(AVX512_TARGET)))
+GDOTS(portable, PORTABLE_ATTR, dot_q5_portable, dot_float_portable)
+GDOTS(avx2, AVX2_ATTR, dot_q5_avx2, dot_float_avx2)
+GDOTS(avx512, AVX512_ATTR, dot_q5_vnni, dot_float_avx512)
+
+/* y [B, O] = x [B, I] W^T + bias for W [O, row bytes] in fmt (GFMT_*); scratch for q5_0 and q5_1: xq [B * I]
+ * int8, xd and xs [B * I / 32] float. */
+void chatloop_gguf_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
+                          int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, float* xs) {
+  const int64_t nb = I / QK, row_bytes = g_row_bytes(fmt, I);
+  const int quantized = fmt == GFMT_Q5_0 || fmt == GFMT_Q5_1;
+  if (quantized)
+    for (int64_t b = 0; b < B; ++b) quantize_row_q8_1(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
+  static const gdot_fn table[3][4] = {{q5_0_portable, q5_1_portable, f16_portable, bf16_portable},
+                                      {q5_0_avx2, q5_1_avx2, f16_avx2, bf16_avx2},
+                                      {q5_0_avx512, q5_1_avx512, f16_avx512, bf16_avx512}};
+  const gdot_fn dot = table[isa >= GISA_AVX512 ? 2 : isa == GISA_AVX2 ? 1 : 0][fmt];
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t o = 0; o < O; ++o) {
+    const uint8_t* row = w + o * row_bytes;
+    for (int64_t b = 0; b < B; ++b)
+      y[b * O + o] = (quantized ? dot(row, xq + b * I, xd + b * nb, xs + b * nb, NULL, nb, I)
+                                : dot(row, NULL, NULL, NULL, x + b * I, nb, I)) +
+                     (bias ? bias[o] : 0.0f);
+  }
+}
