@@ -109,6 +109,33 @@ def write_tiny_llama(path: Path, types: list[str] | None = None, seed: int = 0, 
     return chosen
 
 
+def copy_metadata(reader, writer, skip: tuple[str, ...] = ()) -> None:
+    """Every key-value of ``reader``'s file (but the header's, the architecture and ``skip``) into ``writer``."""
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in skip:
+            continue
+        sub = field.types[-1] if len(field.types) > 1 else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub)
+
+
+def split_gguf(path: Path, max_tensors: int) -> list[Path]:
+    """``path`` rewritten as shards of at most ``max_tensors`` tensors beside it (NAME-00001-of-0000N.gguf), as
+    llama.cpp's gguf-split writes them: all metadata in the first, the split keys in each."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(path.with_name(f"{path.stem}-split.gguf"), arch, split_max_tensors=max_tensors)
+    copy_metadata(reader, writer)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return writer.format_shard_names(path.with_name(f"{path.stem}-split.gguf"))
+
+
 if __name__ == "__main__":
     import sys
 
