@@ -144,6 +144,15 @@ __attribute__((target(AVX512_TARGET))) static inline __m256i q5_weights_vnni(con
   return _mm256_mask_add_epi8(nibbles, (__mmask32)bits, nibbles, _mm256_set1_epi8(0x10));
 }
 
+/* The float16 at p, p + stride, ... p + 7 stride as eight floats, gathered in registers (eight scalar stores and a
+ * vector load of them would stall: the load cannot take its bytes from the stores). */
+__attribute__((target(AVX2_TARGET))) static inline __m256 eight_halves(const uint8_t* p, const int stride) {
+  uint16_t h[8];
+  for (int j = 0; j < 8; ++j) memcpy(h + j, p + j * stride, 2);
+  return _mm256_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3], (short)h[4], (short)h[5],
+                                        (short)h[6], (short)h[7]));
+}
+
 #define AVX2_SUMS(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 #define VNNI_SUMS(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 
@@ -157,16 +166,15 @@ __attribute__((target(AVX512_TARGET))) static inline __m256i q5_weights_vnni(con
     int64_t k = 0;                                                                                              \
     for (; k + GROUP <= nb; k += GROUP) {                                                                       \
       __m256i sums[GROUP];                                                                                      \
-      float dws[GROUP], cws[GROUP];                                                                             \
       for (int j = 0; j < GROUP; ++j) {                                                                         \
         const uint8_t* blk = w + (k + j) * bytes;                                                               \
-        dws[j] = g_f16c(blk);                                                                                   \
-        cws[j] = one ? g_f16c(blk + 2) : -16.0f * dws[j];                                                       \
         sums[j] = SUMS(WEIGHTS(blk + at, blk + at + 4), _mm256_loadu_si256((const __m256i*)(xq + (k + j) * QK))); \
       }                                                                                                         \
-      acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(dws), _mm256_loadu_ps(xd + k)),                      \
-                            _mm256_cvtepi32_ps(g_sum_lanes8(sums)), acc);                                       \
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(cws), _mm256_loadu_ps(xs + k), acc);                               \
+      const __m256 dw = eight_halves(w + k * bytes, bytes);                                                     \
+      const __m256 cw = one ? eight_halves(w + k * bytes + 2, bytes) : _mm256_mul_ps(dw, _mm256_set1_ps(-16.0f)); \
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(xd + k)), _mm256_cvtepi32_ps(g_sum_lanes8(sums)),  \
+                            acc);                                                                               \
+      acc = _mm256_fmadd_ps(cw, _mm256_loadu_ps(xs + k), acc);                                                  \
     }                                                                                                           \
     float rest = 0.0f;                                                                                          \
     for (; k < nb; ++k) {                                                                                       \

@@ -80,6 +80,18 @@ static inline void q4_k_scales(const uint8_t* s, uint8_t* sc, uint8_t* m) {
   }
 }
 
+/* The same as two 64-bit words: bytes 0-7 the scales, 8-15 the mins (llama.cpp's kmask trick, 10 operations instead
+ * of 50). */
+static inline void q4_k_scales_words(const uint8_t* s, uint32_t* u) {
+  uint32_t a[3];
+  memcpy(a, s, 12);
+  const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, low2 = 0x03030303u;
+  u[0] = a[0] & low6;
+  u[1] = (a[2] & low4) | (((a[0] >> 6) & low2) << 4);
+  u[2] = a[1] & low6;
+  u[3] = ((a[2] >> 4) & low4) | (((a[1] >> 6) & low2) << 4);
+}
+
 /* The integer parts of a q4_k super-block's product with a Q8_K block: sum_s sc_s dot_s, and the mins' sum. */
 static inline int q4_k_mins(const uint8_t* m, const int16_t* bsums) {
   int summ = 0;
@@ -228,8 +240,10 @@ __attribute__((target("avx2,fma,f16c"))) static inline float dot_q45_k_avx2(cons
   float mins = 0.0f;
   for (int64_t k = 0; k < nb; ++k) {
     const uint8_t* blk = w + k * block;
-    uint8_t sc[8], m[8];
-    q4_k_scales(blk + 4, sc, m);
+    uint32_t words[4];
+    q4_k_scales_words(blk + 4, words);
+    const uint8_t* sc = (const uint8_t*)words;
+    const uint8_t* m = sc + 8;
     const uint8_t* qs = blk + (fifth ? 48 : 16);
     const __m256i high = fifth ? _mm256_loadu_si256((const __m256i*)(blk + 16)) : _mm256_setzero_si256();
     const int8_t* q = xq + k * QK_K;
@@ -265,54 +279,9 @@ __attribute__((target("avx2,fma,f16c"))) static float dot_q5_k_avx2(const uint8_
   return dot_q45_k_avx2(w, xq, xd, bsums, nb, 1);
 }
 
-/* ---- AVX-512 VNNI (256-bit vpdpbusd) ------------------------------------------------------------------------- */
 #define VNNI_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 
-__attribute__((target(VNNI_TARGET))) static inline float dot_q45_k_vnni(const uint8_t* w, const int8_t* xq,
-                                                                       const float* xd, const int16_t* bsums,
-                                                                       int64_t nb, const int fifth) {
-  const int block = fifth ? 176 : 144;
-  const __m256i low_mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.0f;
-  for (int64_t k = 0; k < nb; ++k) {
-    const uint8_t* blk = w + k * block;
-    uint8_t sc[8], m[8];
-    q4_k_scales(blk + 4, sc, m);
-    const uint8_t* qs = blk + (fifth ? 48 : 16);
-    const __m256i high = fifth ? _mm256_loadu_si256((const __m256i*)(blk + 16)) : zero;
-    const int8_t* q = xq + k * QK_K;
-    __m256i sumi = zero;
-    for (int j = 0; j < 4; ++j) {
-      const __m256i bytes = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
-      __m256i lo = _mm256_and_si256(bytes, low_mask);
-      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
-      if (fifth) {
-        __m256i h_lo, h_hi;
-        fifth_bits(high, j, &h_lo, &h_hi);
-        lo = _mm256_or_si256(lo, h_lo);
-        hi = _mm256_or_si256(hi, h_hi);
-      }
-      const __m256i p_lo = _mm256_dpbusd_epi32(zero, lo, _mm256_loadu_si256((const __m256i*)(q + 64 * j)));
-      const __m256i p_hi = _mm256_dpbusd_epi32(zero, hi, _mm256_loadu_si256((const __m256i*)(q + 64 * j + 32)));
-      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p_lo, _mm256_set1_epi32(sc[2 * j])));
-      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p_hi, _mm256_set1_epi32(sc[2 * j + 1])));
-    }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * f16_avx2(blk)), _mm256_cvtepi32_ps(sumi), acc);
-    mins += xd[k] * f16_avx2(blk + 2) * (float)q4_k_mins(m, bsums + k * 16);
-  }
-  return hsum256(acc) - mins;
-}
-__attribute__((target(VNNI_TARGET))) static float dot_q4_k_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
-                                                                const int16_t* bsums, int64_t nb) {
-  return dot_q45_k_vnni(w, xq, xd, bsums, nb, 0);
-}
-__attribute__((target(VNNI_TARGET))) static float dot_q5_k_vnni(const uint8_t* w, const int8_t* xq, const float* xd,
-                                                                const int16_t* bsums, int64_t nb) {
-  return dot_q45_k_vnni(w, xq, xd, bsums, nb, 1);
-}
-
-/* ---- q2_k, q3_k, q6_k: scales per 16 weights (AVX2 and VNNI) ------------------------------------------------ */
+/* ---- q2_k, q3_k, q6_k: scales per 16 weights (AVX2) -------------------------------------------------------- */
 /* These three share a walk: weight 128 h + 32 s + l under scale g = 8 h + 2 s + l / 16. The sixteen scales are
  * widened to int16 once a super-block; per 32 weights one shuffle puts scale g in the low 128-bit lane and g + 1
  * in the high one (llama.cpp's get_scale_shuffle), as int16 for madd after maddubs (AVX2), or as int32 with a zero
@@ -329,6 +298,20 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256i pair_scales32(__m
   return _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi32(hi), _mm_set1_epi32(lo)));
 }
 
+/* q3_k_scales' sixteen scales as int8 lanes, by 32-bit words (llama.cpp's kmask trick): word j of the result is
+ * the low nibbles (j < 2) or high nibbles (j >= 2) of packed word j % 2, or'd with bits 2j, 2j + 1 of each byte of
+ * packed word 2 as bits 4, 5. */
+__attribute__((target("avx2,fma,f16c"))) static inline __m128i q3_k_scales_simd(const uint8_t* p) {
+  uint32_t a[3];
+  memcpy(a, p, 12);
+  const uint32_t low4 = 0x0F0F0F0Fu, low2 = 0x03030303u;
+  const __m128i words = _mm_set_epi32((int)(((a[1] >> 4) & low4) | (((a[2] >> 6) & low2) << 4)),
+                                      (int)(((a[0] >> 4) & low4) | (((a[2] >> 4) & low2) << 4)),
+                                      (int)((a[1] & low4) | (((a[2] >> 2) & low2) << 4)),
+                                      (int)((a[0] & low4) | ((a[2] & low2) << 4)));
+  return _mm_sub_epi8(words, _mm_set1_epi8(32)); /* built in registers: a store and a wider load would stall */
+}
+
 /* The 32 unsigned quants of (h, s) of a super-block (q2_k: 0..3, q3_k: q + 4 in 0..7, q6_k: q + 32 in 0..63). */
 __attribute__((target("avx2,fma,f16c"))) static inline __m256i k16_quants(const uint8_t* blk, const int fmt,
                                                                          const int h, const int s) {
@@ -343,9 +326,11 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256i k16_quants(const 
   const __m256i bits = _mm256_loadu_si256((const __m256i*)(blk + (fmt == KFMT_Q3_K ? 32 : 16) + 32 * h));
   const __m256i low = _mm256_and_si256(_mm256_srli_epi16(bits, 2 * s), two_bits);
   if (fmt == KFMT_Q2_K) return low;
+  /* bit 4h + s of each high-bit byte moved to bit 2 (16-bit shifts: at most 5 right, nothing crosses a byte) */
   const __m256i hm = _mm256_loadu_si256((const __m256i*)blk);
-  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(hm, 4 * h + s), _mm256_set1_epi8(1));
-  return _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
+  const int shift = 4 * h + s;
+  const __m256i moved = shift >= 2 ? _mm256_srli_epi16(hm, shift - 2) : _mm256_slli_epi16(hm, 2 - shift);
+  return _mm256_or_si256(low, _mm256_and_si256(moved, _mm256_set1_epi8(4)));
 }
 
 #define DOT_K16(name, FEATURES, VNNI)                                                                             \
@@ -360,9 +345,7 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256i k16_quants(const 
       if (fmt == KFMT_Q2_K) {                                                                                     \
         sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_loadu_si128((const __m128i*)blk), _mm_set1_epi8(0x0F)));   \
       } else if (fmt == KFMT_Q3_K) {                                                                              \
-        int8_t sc[16];                                                                                            \
-        q3_k_scales(blk + 96, sc);                                                                                \
-        sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)sc));                                         \
+        sc16 = _mm256_cvtepi8_epi16(q3_k_scales_simd(blk + 96));                                                  \
       } else {                                                                                                    \
         sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(blk + 192)));                                \
       }                                                                                                           \
@@ -393,7 +376,6 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256i k16_quants(const 
     return hsum256(acc);                                                                                          \
   }
 DOT_K16(dot_k16_avx2, "avx2,fma,f16c", 0)
-DOT_K16(dot_k16_vnni, VNNI_TARGET, 1)
 
 #define K16_FORMATS(path, FEATURES)                                                                               \
   __attribute__((target(FEATURES))) static float dot_q2_k_##path(const uint8_t* w, const int8_t* xq,             \
@@ -412,7 +394,108 @@ DOT_K16(dot_k16_vnni, VNNI_TARGET, 1)
     return dot_k16_##path(w, xq, xd, bsums, nb, KFMT_Q6_K);                                                      \
   }
 K16_FORMATS(avx2, "avx2,fma,f16c")
-K16_FORMATS(vnni, VNNI_TARGET)
+
+/* ---- AVX-512 VNNI (512-bit vpdpbusd, then vpdpwssd by the scales) ------------------------------------------- */
+/* Every k-quant's 64 consecutive weights come from one 32-byte row of its quant bytes (q4_k, q5_k: low nibbles of
+ * row j are weights 64 j.., high nibbles 64 j + 32..; q2_k, q3_k: bits 2s, 2s + 2 of row h are weights 128 h + 64 t
+ * .. with s = 2t; q6_k: 64 bytes of low nibbles and one row of high bits, the same way): the row broadcast to both
+ * halves of a 512-bit vector and shifted per half (vpsrlvw) gives them in order, against 64 activations in order.
+ * vpdpbusd sums each four products; each 32-bit sum (below 2^15: 4 x 63 x 127 at most) times its scale, held as an
+ * int32 with a zero high half, is an exact vpdpwssd, which adds it to the super-block's sums. */
+__attribute__((target(VNNI_TARGET))) static inline __m512i halves(int lo, int hi) {
+  return _mm512_inserti64x4(_mm512_set1_epi16((short)lo), _mm256_set1_epi16((short)hi), 1);
+}
+__attribute__((target(VNNI_TARGET))) static inline __m512i halves8(int lo, int hi) {
+  return _mm512_inserti64x4(_mm512_set1_epi8((char)lo), _mm256_set1_epi8((char)hi), 1);
+}
+/* Lanes 4i..4i+3 (per16 = 1: scales per 16 weights) or 8i..8i+7 (scales per 32) take scale first + i. */
+__attribute__((target(VNNI_TARGET))) static inline __m512i spread_scales(__m512i scales, int first, const int per16) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(first), _mm512_srli_epi32(lane, per16 ? 2 : 3));
+  return _mm512_permutexvar_epi32(index, scales);
+}
+
+__attribute__((target(VNNI_TARGET))) static inline float dot_k_vnni(const uint8_t* w, const int8_t* xq,
+                                                                   const float* xd, const int16_t* bsums, int64_t nb,
+                                                                   const int fmt) {
+  const int bytes = k_block_bytes(fmt), per16 = fmt == KFMT_Q2_K || fmt == KFMT_Q3_K || fmt == KFMT_Q6_K;
+  const __m512i zero = _mm512_setzero_si512(), low16 = _mm512_set1_epi32(0xFFFF);
+  __m512 acc = _mm512_setzero_ps();
+  __m256 mins = _mm256_setzero_ps();
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = w + k * bytes;
+    const int8_t* q = xq + k * QK_K;
+    const __m256i bs = _mm256_loadu_si256((const __m256i*)(bsums + k * 16));
+    __m512i sumi = zero, scales;
+    if (fmt == KFMT_Q4_K || fmt == KFMT_Q5_K) {
+      uint32_t words[4];
+      q4_k_scales_words(blk + 4, words);
+      const __m128i sm = _mm_set_epi32((int)words[3], (int)words[2], (int)words[1], (int)words[0]);
+      scales = _mm512_cvtepu8_epi32(sm); /* lanes 0-7 the scales, 8-15 the mins */
+      const __m256i m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm)); /* each min twice: one per 16 */
+      mins = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * f16_avx2(blk + 2)),
+                             _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16)), mins);
+      const uint8_t* qs = blk + (fmt == KFMT_Q5_K ? 48 : 16);
+      const __m512i high = fmt == KFMT_Q5_K ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(blk + 16)))
+                                            : zero;
+      for (int j = 0; j < 4; ++j) {
+        const __m512i row = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(qs + 32 * j)));
+        __m512i u = _mm512_and_si512(_mm512_srlv_epi16(row, halves(0, 4)), _mm512_set1_epi8(0x0F));
+        if (fmt == KFMT_Q5_K)
+          u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(high, halves8(1 << (2 * j), 1 << (2 * j + 1))), u,
+                                   _mm512_set1_epi8(0x10));
+        const __m512i p = _mm512_dpbusd_epi32(zero, u, _mm512_loadu_si512(q + 64 * j));
+        sumi = _mm512_dpwssd_epi32(sumi, p, spread_scales(scales, 2 * j, 0));
+      }
+    } else {
+      if (fmt == KFMT_Q2_K) {
+        const __m128i packed = _mm_loadu_si128((const __m128i*)blk);
+        scales = _mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(0x0F)));
+        const __m256i m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)));
+        mins = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * f16_avx2(blk + 82)),
+                               _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16)), mins);
+      } else {
+        const __m128i sc8 = fmt == KFMT_Q3_K ? q3_k_scales_simd(blk + 96) : _mm_loadu_si128((const __m128i*)(blk + 192));
+        scales = _mm512_and_si512(_mm512_cvtepi8_epi32(sc8), low16);
+        const __m256i offset = _mm256_madd_epi16(bs, _mm256_cvtepi8_epi16(sc8));
+        sumi = _mm512_zextsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(),
+                                                       _mm256_slli_epi32(offset, fmt == KFMT_Q3_K ? 2 : 5)));
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m512i bits = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256((const __m256i*)(blk + (fmt == KFMT_Q6_K ? 128 : fmt == KFMT_Q3_K ? 32 : 16) + 32 * h)));
+        const __m512i hm = fmt == KFMT_Q3_K ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)blk)) : zero;
+        const __m512i ql = fmt == KFMT_Q6_K ? _mm512_loadu_si512(blk + 64 * h) : zero;
+        for (int t = 0; t < 2; ++t) {
+          __m512i u = _mm512_and_si512(_mm512_srlv_epi16(bits, halves(4 * t, 4 * t + 2)), _mm512_set1_epi8(3));
+          if (fmt == KFMT_Q6_K) {
+            const __m512i low = _mm512_and_si512(t ? _mm512_srli_epi16(ql, 4) : ql, _mm512_set1_epi8(0x0F));
+            u = _mm512_or_si512(low, _mm512_slli_epi16(u, 4));
+          } else if (fmt == KFMT_Q3_K) {
+            const __mmask64 set = _mm512_test_epi8_mask(hm, halves8(1 << (4 * h + 2 * t), 1 << (4 * h + 2 * t + 1)));
+            u = _mm512_mask_add_epi8(u, set, u, _mm512_set1_epi8(4));
+          }
+          const __m512i p = _mm512_dpbusd_epi32(zero, u, _mm512_loadu_si512(q + 128 * h + 64 * t));
+          sumi = _mm512_dpwssd_epi32(sumi, p, spread_scales(scales, 8 * h + 4 * t, 1));
+        }
+      }
+    }
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(xd[k] * f16_avx2(blk + (fmt == KFMT_Q2_K ? 80 : per16 ? bytes - 2 : 0))),
+                          _mm512_cvtepi32_ps(sumi), acc);
+  }
+  return _mm512_reduce_add_ps(acc) - hsum256(mins);
+}
+
+#define K_VNNI(name, fmt)                                                                                          \
+  __attribute__((target(VNNI_TARGET))) static float name(const uint8_t* w, const int8_t* xq, const float* xd,       \
+                                                         const int16_t* bsums, int64_t nb) {                        \
+    return dot_k_vnni(w, xq, xd, bsums, nb, fmt);                                                                  \
+  }
+K_VNNI(dot_q2_k_vnni, KFMT_Q2_K)
+K_VNNI(dot_q3_k_vnni, KFMT_Q3_K)
+K_VNNI(dot_q4_k_vnni, KFMT_Q4_K)
+K_VNNI(dot_q5_k_vnni, KFMT_Q5_K)
+K_VNNI(dot_q6_k_vnni, KFMT_Q6_K)
 
 /* y [B, O] = x [B, I] W^T + bias for W [O, I / 256 * block bytes] in fmt (KFMT_*); scratch: xq [B * I] int8,
  * xd [B * I / 256] float, bsums [B * I / 16] int16. */
