@@ -13,6 +13,8 @@ class BlockAllocator:
 
     A sequence reserves the blocks for its whole length (prompt + max_new_tokens) when it is
     admitted, so a running sequence never waits for memory and nothing has to be preempted.
+    Under a sliding window on every layer it reserves only what its window spans and gives back
+    the blocks that fall out of it (see :class:`~chatloop.engine.policy.SchedulerPolicy`).
     Not thread-safe: its one owner, the scheduling policy, is called under the scheduler's lock.
     """
 
@@ -36,10 +38,13 @@ class BlockAllocator:
 
     def allocate(self, num_tokens: int) -> list[int] | None:
         """Blocks for ``num_tokens`` tokens, or None when they are not free now."""
-        needed = self.blocks_for(num_tokens)
-        if needed > len(self._free):
+        return self.take(self.blocks_for(num_tokens))
+
+    def take(self, num_blocks: int) -> list[int] | None:
+        """``num_blocks`` blocks, or None when they are not free now."""
+        if num_blocks > len(self._free):
             return None
-        return [self._free.pop() for _ in range(needed)]
+        return [self._free.pop() for _ in range(num_blocks)]
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))

@@ -16,6 +16,10 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   (none runs past the RPC timeout) and running sequences keep decoding while a long one arrives.
 - A sequence stops at an end-of-sequence token, a stop string, or ``max_new_tokens``;
   finished, failed and cancelled sequences give their blocks back at once.
+- Where every layer attends within a sliding window (``kv_window``: Mistral, Phi-3...), a sequence reserves the
+  blocks its window spans, not its whole length: a block whose positions have all fallen out of the window is used
+  again for its next positions, and those it will not need any more go back to the pool after each step. Its block
+  table keeps its length; the entries of blocks given up name one of its live blocks, which the window masks.
 - A request that scores its prompt sends, with each chunk, the prompt tokens that follow it, and
   collects their scores; a replay never scores a token twice.
 """
@@ -80,6 +84,8 @@ class _Sequence:
     arrival: float
     output_ids: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
+    """The blocks it holds: those of its logical blocks ``dropped``, ``dropped + 1``... in order."""
+    dropped: int = 0  # its first logical blocks, out of the window (kv_window): given up, or used again
     num_cached: int = 0  # tokens whose keys and values are in the cache
     in_flight: bool = False
     cancelled: bool = False
@@ -140,8 +146,11 @@ class SchedulerPolicy:
         max_tokens_per_micro_batch: int = 4096,
         prefill_chunk_tokens: int | None = None,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
+        kv_window: int | None = None,
     ) -> None:
         self.allocator = allocator
+        self.kv_window = kv_window
+        """The sliding window every layer attends within (:attr:`~chatloop.models.ModelArgs.kv_window`), or None."""
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batching_window_s = batching_window_s
@@ -253,7 +262,34 @@ class SchedulerPolicy:
         return self._finish(seq, FinishReason.ERROR, error=error)
 
     def _has_blocks_for(self, seq: _Sequence) -> bool:
-        return self.allocator.blocks_for(seq.total_tokens) <= self.allocator.num_free
+        return self._blocks_needed(seq) <= self.allocator.num_free
+
+    def _blocks_needed(self, seq: _Sequence) -> int:
+        """The most blocks ``seq`` holds at once from now on: all of its length's, or under a window, what the
+        window of its largest step to come spans (a step of T tokens from position p reads and writes the logical
+        blocks (p - W + 1) // size to (p + T - 1) // size, at most (W + T - 2) // size + 2)."""
+        size = self.allocator.block_size
+        whole = self.allocator.blocks_for(seq.total_tokens) - seq.dropped
+        if self.kv_window is None:
+            return whole
+        uncached = seq.num_known - seq.num_cached
+        step = min(self.prefill_chunk_tokens or uncached, uncached) if seq.prefilling else 1
+        return min(whole, (self.kv_window + step - 2) // size + 2)
+
+    def _slide(self, seq: _Sequence) -> None:
+        """Under a window: the blocks that fell out of it move to the back of ``seq.blocks`` (its next logical
+        blocks), and those beyond what it needs from now on go back to the pool."""
+        if self.kv_window is None or not seq.blocks:
+            return
+        first = max(0, seq.num_cached - self.kv_window + 1) // self.allocator.block_size  # its next step's first
+        out = first - seq.dropped
+        if out > 0:
+            seq.blocks = seq.blocks[out:] + seq.blocks[:out]
+            seq.dropped = first
+        spare = len(seq.blocks) - self._blocks_needed(seq)
+        if spare > 0:
+            self.allocator.free(seq.blocks[-spare:])
+            del seq.blocks[-spare:]
 
     def _admit(self, now: float) -> None:
         if not self._waiting:
@@ -264,7 +300,7 @@ class SchedulerPolicy:
             return
         while self._waiting and len(self._running) < self.max_batch_size:
             seq = self._waiting[0]
-            blocks = self.allocator.allocate(seq.total_tokens)
+            blocks = self.allocator.take(self._blocks_needed(seq))
             if blocks is None:
                 break  # first come, first served: later requests do not overtake
             self._waiting.popleft()
@@ -303,8 +339,9 @@ class SchedulerPolicy:
 
     def _step(self, seqs: list[_Sequence]) -> Step:
         tokens = [s.next_tokens(self.prefill_chunk_tokens) for s in seqs]
-        tables = [
-            tuple(s.blocks[: self.allocator.blocks_for(s.num_cached + len(t))]) for s, t in zip(seqs, tokens)
+        tables = [  # (under a window, the blocks given up are named by a live one: out of the window, masked)
+            (s.blocks[0],) * s.dropped + tuple(s.blocks[: self.allocator.blocks_for(s.num_cached + len(t)) - s.dropped])
+            for s, t in zip(seqs, tokens)
         ]
         sampling = tuple(self._sampler_input(s, len(t)) for s, t in zip(seqs, tokens))
         step = Step(
@@ -346,6 +383,7 @@ class SchedulerPolicy:
             if isinstance(answer, SampledToken):
                 seq.prompt_scores.extend(answer.prompt)
             seq.num_cached += fed[b]
+            self._slide(seq)
             if seq.cancelled:
                 outputs.append(self._end_cancelled(seq))
                 continue
@@ -422,7 +460,7 @@ class SchedulerPolicy:
             if seq.blocks:
                 self.allocator.free(seq.blocks)
                 seq.blocks = []
-            seq.num_cached = 0
+            seq.num_cached = seq.dropped = 0
             seq.in_flight = False
             seq.replays += 1
             self._running.remove(seq)

@@ -44,6 +44,7 @@ class Scheduler:
         max_tokens_per_micro_batch: int = 4096,
         prefill_chunk_tokens: int | None = None,
         eos_token_ids: set[int] | None = None,
+        kv_window: int | None = None,
         replay_lost_steps: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -53,7 +54,7 @@ class Scheduler:
             self.allocator, tokenizer, max_batch_size=max_batch_size, batching_window_s=batching_window_ms / 1000,
             max_queue_size=max_queue_size, max_in_flight=max_in_flight or pipeline.num_stages, max_context=max_context,
             max_tokens_per_micro_batch=max_tokens_per_micro_batch, prefill_chunk_tokens=prefill_chunk_tokens,
-            eos_token_ids=eos_token_ids or set(),
+            eos_token_ids=eos_token_ids or set(), kv_window=kv_window,
         )
         self._clock = clock
         self.replay_lost_steps = replay_lost_steps

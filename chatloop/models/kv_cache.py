@@ -73,6 +73,7 @@ class PagedKVCache:
         self.windowed_layers = windowed_layers
         """The (global) layers the window applies to; None: all (Gemma alternates windowed and full layers)."""
         self.window_mask: torch.Tensor | None = None
+        self._skip = 0  # leading blocks of the block tables that no layer of this stage reads in this micro-batch
 
     @property
     def num_bytes(self) -> int:
@@ -91,9 +92,15 @@ class PagedKVCache:
             if self.window is None or self._max_length <= self.window:  # (the kernel has no window)
                 return
             self.decode_in_place = False
-        # Slot j of a gathered context holds position j; a token sees the positions up to its own.
-        # Additive float mask: SDPA converts a boolean one on every call (every layer).
-        key_positions = torch.arange(batch.block_tables.shape[1] * self.block_size)
+        # Where every layer here is windowed, the blocks before every token's window are not gathered: a step costs
+        # what the window spans, however long the sequences (the coordinator may have given those blocks up).
+        self._skip = 0
+        if self.window is not None and (self.windowed_layers is None or self.windowed_layers.issuperset(
+                range(self.layer_offset, self.layer_offset + self.keys.shape[0]))):
+            self._skip = max(0, int(batch.positions[:, 0].min()) - self.window + 1) // self.block_size
+        # Slot j of a gathered context holds position j (+ the skipped blocks'); a token sees the positions up to
+        # its own. Additive float mask: SDPA converts a boolean one on every call (every layer).
+        key_positions = torch.arange(self._skip * self.block_size, batch.block_tables.shape[1] * self.block_size)
         visible = key_positions[None, None, None, :] <= batch.positions[:, None, :, None]  # [B, 1, T, S]
         self.mask = torch.zeros(visible.shape, dtype=self.keys.dtype).masked_fill_(~visible, float("-inf"))
         if self.window is not None:
@@ -142,11 +149,12 @@ class PagedKVCache:
         return out.view(q.shape[0], 1, -1).to(q.dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new ``k``/``v`` [B, T, K, D] of ``layer``; return its whole context [B, N*block_size, K, D]."""
+        """Store the new ``k``/``v`` [B, T, K, D] of ``layer``; return its whole context [B, N*block_size, K, D]
+        (less the blocks before every token's window, where every layer here is windowed)."""
         self.write(layer, k, v)
         i = layer - self.layer_offset
         num_kv_heads, head_dim = k.shape[2], k.shape[3]
-        tables = self._batch.block_tables  # [B, N]
+        tables = self._batch.block_tables[:, self._skip :]  # [B, N]
         shape = (tables.shape[0], tables.shape[1] * self.block_size, num_kv_heads, head_dim)
         # index_select over a 2-D view of whole blocks: advanced indexing (pool[tables]) took
         # 10-100x longer here and was 40% of a SmolLM2 decode step (py-spy).

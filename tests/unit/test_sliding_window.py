@@ -146,3 +146,95 @@ def test_qwen_configs_without_layer_types_window_the_layers_from_max_window_laye
     assert mistral.sliding_window == mistral.kv_window == 8 and mistral.layer_types is None
     with pytest.raises(ValueError, match="layer_types must give"):
         ModelArgs.from_hf_config({**config, "model_type": "qwen3", "layer_types": ["sliding_attention"] * 3})
+
+
+# --- KV blocks out of the window go back to the pool ------------------------------------------------------------
+
+
+def _generate(parts, kv_window, prompts, max_new_tokens, block_size=2, num_blocks=64, **options):
+    """Greedy tokens of ``prompts`` through the split model's stages in this process, driven by the scheduling
+    policy step by step as the scheduler does; also, after every step, each running sequence's (cached tokens,
+    blocks held) and the blocks the pool has given out."""
+    from test_policy import CharTokenizer
+
+    from chatloop.engine.blocks import BlockAllocator
+    from chatloop.engine.pipeline import LocalPipeline, MicroBatch
+    from chatloop.engine.policy import SchedulerPolicy
+    from chatloop.engine.requests import SamplingParams
+    from chatloop.engine.runner import StageRunner
+    from chatloop.models import StepBatch
+    from chatloop.models.batch import padded
+    from chatloop.partition import Manifest, load_stage
+
+    manifest = Manifest.load(parts)
+    runners = [StageRunner(load_stage(parts, i, manifest=manifest), num_blocks, block_size)
+               for i in range(manifest.num_partitions)]
+    pipeline = LocalPipeline(runners)
+    allocator = BlockAllocator(num_blocks, block_size)
+    policy = SchedulerPolicy(allocator, CharTokenizer(), batching_window_s=0.0, kv_window=kv_window, **options)
+    ids = [policy.add(p, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True), 0.0)
+           for p in prompts]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    held, in_use = [], []
+    try:
+        while policy.stats.num_running or policy.stats.num_waiting or not held:
+            steps, outputs = policy.schedule(0.0)
+            assert steps, "nothing to run"
+            for step in steps:
+                batch = StepBatch.build(list(step.starts), [len(t) for t in step.token_ids], list(step.block_tables),
+                                        block_size)
+                result = pipeline.submit(MicroBatch(step.id, padded(step.token_ids), batch, list(step.sampling)))
+                outputs += policy.complete(step.id, result.result(timeout=60))
+                held.append([(s.id, s.num_cached, len(s.blocks)) for s in policy._running])
+                in_use.append(num_blocks - allocator.num_free)
+            for sequence_id, event in outputs:
+                assert event.error is None, event.error
+                tokens[sequence_id] += event.token_ids
+    finally:
+        pipeline.close()
+    assert allocator.num_free == num_blocks  # every block came back
+    return [tokens[i] for i in ids], held, in_use
+
+
+def _greedy_reference(model, prompts, max_new_tokens):
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                       do_sample=False, eos_token_id=None, pad_token_id=0)
+            out.append(generated[0, len(prompt):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_blocks_out_of_the_window_go_back_to_the_pool(chunk, windowed):
+    """Mistral (window 5 on every layer, blocks of 2), 40 greedy tokens after prompts of 11 and 6 tokens: each
+    sequence holds at most (5 - 1) // 2 + 2 = 4 blocks once its prompt is in, instead of up to 26, and the tokens
+    are transformers' own."""
+    model, parts = windowed("mistral", 2)
+    prompts = tiny_prompts()[0]
+    expected = _greedy_reference(model, prompts, 40)
+    got, held, in_use = _generate(parts, 5, prompts, 40, prefill_chunk_tokens=chunk)
+    assert got == expected
+    decoding = [blocks for step in held for _, cached, blocks in step if cached >= 11]
+    assert decoding and max(decoding) <= 4
+    assert max(in_use[-20:]) <= 2 * 4  # both sequences decoding past their windows
+    # without the window the same run holds every block of each sequence's length
+    _, held, in_use = _generate(parts, None, prompts, 40, prefill_chunk_tokens=chunk)
+    assert max(in_use) == 26 + 23
+
+
+def test_a_model_with_full_layers_gives_no_block_back(windowed):
+    """Qwen2 with layer 0 full: ModelArgs.kv_window is None, every sequence keeps its whole length's blocks, and
+    the tokens are transformers' own (a window's block reuse would have overwritten what layer 0 still reads)."""
+    model, parts = windowed("qwen2", 2)
+    from chatloop.partition import Manifest
+
+    assert ModelArgs.from_hf_config(Manifest.load(parts).model_config).kv_window is None
+    prompts = tiny_prompts()[0]
+    got, held, _ = _generate(parts, None, prompts, 30)
+    assert got == _greedy_reference(model, prompts, 30)
+    assert {(i, blocks) for step in held for i, _, blocks in step} == {(0, (11 + 30) // 2 + 1), (1, 18)}
+    forced, _, _ = _generate(parts, 5, prompts, 30)  # its window's blocks reused: layer 0 reads overwritten keys
+    assert forced != got
