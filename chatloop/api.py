@@ -199,6 +199,7 @@ class ChatLoop:
             max_tokens_per_micro_batch=cfg.batching.max_tokens_per_micro_batch,
             prefill_chunk_tokens=cfg.batching.prefill_chunk_tokens,
             eos_token_ids=_eos_ids(directory, self.tokenizer),
+            kv_window=ModelArgs.from_hf_config(manifest.model_config).kv_window,  # blocks out of it go back
             replay_lost_steps=cluster is not None and cluster.watchdog is not None,
         )
         if cluster is not None:
