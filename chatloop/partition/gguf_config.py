@@ -3,7 +3,8 @@ what it leaves out, and read here from the metadata where it does not (Granite, 
 
 What is completed follows llama.cpp (``src/models/*.cpp``, ``conversion/*.py``), which wrote and runs the file:
 
-- every file: ``tie_word_embeddings`` from the tensors of all shards (no ``output.weight``: tied);
+- every file: ``tie_word_embeddings`` from the tensors of all shards (no ``output.weight``: tied), ``head_dim``
+  from ``attention.key_length`` where the file states it, the attention biases from the tensors;
 - ``llama`` with ``llama.expert_count`` > 0 (Mixtral): a ``mixtral`` config with its experts;
 - ``qwen3moe``: the experts' ``moe_intermediate_size`` (``expert_feed_forward_length``);
 - ``gemma2``/``gemma3``: logit soft-capping, the sliding-window pattern, the local RoPE base, and the query scale
@@ -77,6 +78,8 @@ def gguf_config(first: Path, md: dict[str, Any], tensor_names: set[str],
         return md.get(f"{arch}.{name}", default)
 
     config["dtype"] = "float32"
+    if key("attention.key_length"):  # transformers reads it for some architectures only (not Qwen3)
+        config["head_dim"] = key("attention.key_length")
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
     config["attention_bias"] = any(n.endswith(("attn_q.bias", "attn_qkv.bias")) for n in tensor_names)
     if arch == "granite":

@@ -47,17 +47,20 @@ def gguf_path(source: str | Path, quantize: str | None) -> Path | None:
     return None
 
 
-def _model_files(path: Path, config: dict) -> Path:
-    """A folder with the file's config.json, tokenizer and generation config (made once, in the cache)."""
-    from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
+def _model_files(path: Path, config: dict, transformers_arch: bool) -> Path:
+    """A folder with the file's config.json, tokenizer (with its chat template) and generation config, in the
+    cache: the tokenizer made once a file, the config written afresh (it is computed anew on each split)."""
+    from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = cache_root() / "gguf" / f"{path.stem}-{key}"
-    if (folder / "config.json").is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+    if not (folder / "tokenizer_config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        # AutoTokenizer reads the model's config from the file first, which transformers cannot for every
+        # architecture; the tokenizer itself comes from the tokenizer.* metadata alike.
+        reader = AutoTokenizer if transformers_arch else PreTrainedTokenizerFast
+        reader.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
     GenerationConfig.from_model_config(PretrainedConfig(**config)).save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
@@ -114,7 +117,7 @@ def open_gguf(path: Path):
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor
 
     from ..models.args import ModelArgs
-    from .gguf_config import IGNORED_TENSORS, gguf_config
+    from .gguf_config import IGNORED_TENSORS, TRANSFORMERS_ARCHS, gguf_config
     from .gguf_names import gguf_to_hf
     from .splitter import CheckpointSource
 
@@ -169,4 +172,4 @@ def open_gguf(path: Path):
         return torch.from_numpy(np.ascontiguousarray(data))
 
     source = CheckpointSource(list(tensors), shapes, dtypes, sizes, read, formats)
-    return source, config, _model_files(shards[0], config)
+    return source, config, _model_files(shards[0], config, arch in TRANSFORMERS_ARCHS)

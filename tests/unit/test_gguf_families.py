@@ -21,11 +21,13 @@ import numpy as np
 import pytest
 import torch
 from gguf_files import GGUF_ARCH, TINY_CHAT_TEMPLATE, tiny_vocab, write_gguf_from_hf
+from safetensors import safe_open
 from safetensors.torch import save_file
 from test_golden import check_against_reference, tiny_prompts
 
 import chatloop.quant.modules as quant_modules
 from chatloop.models import ModelArgs
+from chatloop.partition.manifest import QUANTIZED_KEY
 from chatloop.partition.splitter import split_model
 
 VOCAB = len(tiny_vocab())
@@ -51,7 +53,7 @@ def _config(family: str):
     if family == "phi3":  # longrope crossing position 16, half of each head rotated, a window of 24
         g = torch.Generator().manual_seed(3)
         short, long = ((1 + torch.rand(4, generator=g) * scale).tolist() for scale in (0.5, 8.0))
-        return tf.Phi3Config(**common | {"max_position_embeddings": 64}, tie_word_embeddings=True,
+        return tf.Phi3Config(**common | {"max_position_embeddings": 64}, tie_word_embeddings=True, pad_token_id=0,
                              original_max_position_embeddings=16, sliding_window=24, partial_rotary_factor=0.5,
                              rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
                                               "long_factor": long, "partial_rotary_factor": 0.5,
@@ -146,6 +148,13 @@ def test_a_converted_file_runs_as_transformers_runs_its_weights(family, kind, ch
     original = json.loads((folder / "config.json").read_text())
     args, expected = (_rounded(ModelArgs.from_hf_config(c)) for c in (config, original))
     assert args == expected, f"{GGUF_ARCH[family]} file"
+    formats = {}
+    for info in manifest.partitions:
+        with safe_open(tmp_path / "parts" / info.file, framework="pt") as f:
+            formats |= json.loads(f.metadata()[QUANTIZED_KEY])
+    matrices = {k for k, v in values.items() if v.ndim == 2 and not k.endswith(".gate.weight")}  # routers: float
+    # Every matrix, each expert's too, as the file's bytes (F16: kept as half-precision bytes); the rest float.
+    assert formats == ({} if kind == "F32" else dict.fromkeys(matrices, kind.lower()))
     reference = _reference(folder, values, tmp_path / "reference")
     pipeline = load_pipeline(tmp_path / "parts", block_size=4, num_blocks=64)
     prompts, continuations = tiny_prompts()
