@@ -19,7 +19,12 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
 - Where every layer attends within a sliding window (``kv_window``: Mistral, Phi-3...), a sequence reserves the
   blocks its window spans, not its whole length: a block whose positions have all fallen out of the window is used
   again for its next positions, and those it will not need any more go back to the pool after each step. Its block
-  table keeps its length; the entries of blocks given up name one of its live blocks, which the window masks.
+  table keeps its length; the entries of blocks given up name one of its live blocks, which the window masks. With
+  prefill chunks, a sequence may then be longer than the cache holds (up to ``max_context``).
+- Phi-3's longrope (``rope_switch``): the step that feeds a sequence's position ``rope_switch`` (the first
+  rotated with the long factors) computes it again from its first token, in one step however
+  ``prefill_chunk_tokens`` would cut it, as transformers' ``generate`` drops its cache there: the positions before
+  were rotated with the short factors.
 - A request that scores its prompt sends, with each chunk, the prompt tokens that follow it, and
   collects their scores; a replay never scores a token twice.
 """
@@ -92,6 +97,7 @@ class _Sequence:
     deadline: float | None = None
     expired: bool = False  # past its deadline: ends with an error as soon as no step of it is out
     replays: int = 0  # times its tokens went into fresh KV blocks again (a lost worker was replaced)
+    whole: bool = False  # computed again from its first token in one step, unchunked (rope_switch)
     prompt_scores: list[ScoredToken] = field(default_factory=list)  # of prompt tokens 1, 2, ... (prompt_logprobs)
     prompt_scores_sent: bool = False
 
@@ -147,10 +153,13 @@ class SchedulerPolicy:
         prefill_chunk_tokens: int | None = None,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
         kv_window: int | None = None,
+        rope_switch: int | None = None,
     ) -> None:
         self.allocator = allocator
         self.kv_window = kv_window
         """The sliding window every layer attends within (:attr:`~chatloop.models.ModelArgs.kv_window`), or None."""
+        self.rope_switch = rope_switch
+        """Where longrope's long factors take over (:attr:`~chatloop.models.ModelArgs.rope_switch`), or None."""
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batching_window_s = batching_window_s
@@ -174,8 +183,19 @@ class SchedulerPolicy:
     @property
     def context_length(self) -> int:
         """The most tokens (prompt + generated) one sequence may have: the model's context or the KV cache."""
+        if self.max_context and self._most_blocks(self.max_context) <= self.allocator.num_blocks:
+            return self.max_context  # (under a window with prefill chunks, more than the cache's capacity)
         limits = [self.allocator.capacity_tokens] + ([self.max_context] if self.max_context else [])
         return min(limits)
+
+    def _most_blocks(self, num_tokens: int) -> int:
+        """The most blocks a sequence of ``num_tokens`` tokens holds at once (see :meth:`_blocks_needed`): all of
+        its length's, or under a window, those of a window and a step (a prefill chunk, or a whole replay)."""
+        whole = self.allocator.blocks_for(num_tokens)
+        if self.kv_window is None:
+            return whole
+        step = min(self.prefill_chunk_tokens or num_tokens, num_tokens)
+        return min(whole, (self.kv_window + step - 2) // self.allocator.block_size + 2)
 
     # ---- requests ------------------------------------------------------------------------------
     def add(self, prompt_ids: list[int], params: SamplingParams, now: float) -> int:
@@ -189,10 +209,11 @@ class SchedulerPolicy:
                 f"the model's context of {self.max_context} tokens: shorten the prompt or lower max_new_tokens",
                 param="max_tokens",
             )
-        if total > self.allocator.capacity_tokens:
+        if self._most_blocks(total) > self.allocator.num_blocks:
+            chunks = " or set batching.prefill_chunk_tokens" if self.kv_window and not self.prefill_chunk_tokens else ""
             raise ContextLengthError(
                 f"prompt + max_new_tokens = {total} tokens exceeds the KV cache's {self.allocator.capacity_tokens} "
-                f"tokens: lower max_new_tokens or raise cache.kv_cache_mb",
+                f"tokens: lower max_new_tokens or raise cache.kv_cache_mb{chunks}",
                 param="max_tokens",
             )
         if len(self._waiting) >= self.max_queue_size:
@@ -273,8 +294,27 @@ class SchedulerPolicy:
         if self.kv_window is None:
             return whole
         uncached = seq.num_known - seq.num_cached
-        step = min(self.prefill_chunk_tokens or uncached, uncached) if seq.prefilling else 1
+        step = min(self._chunk(seq) or uncached, uncached) if seq.prefilling else 1
         return min(whole, (self.kv_window + step - 2) // size + 2)
+
+    def _chunk(self, seq: _Sequence) -> int | None:
+        """The most tokens ``seq`` feeds at its next step (None: all it has not cached)."""
+        return None if seq.whole else self.prefill_chunk_tokens
+
+    def _switch_rope(self, seq: _Sequence) -> None:
+        """At the step that feeds position ``rope_switch``, ``seq`` is computed again from its first token, every
+        position rotated with the long factors, in one step (transformers' Phi3ForCausalLM drops its cache there)."""
+        if self.rope_switch is None or seq.num_cached != self.rope_switch or seq.num_known != self.rope_switch + 1:
+            return
+        seq.num_cached, seq.whole = 0, True
+        if seq.dropped:  # a window shorter than rope_switch gave its first blocks up: all are written again
+            self.allocator.free(seq.blocks)
+            seq.blocks, seq.dropped = [], 0
+            blocks = self.allocator.take(self._blocks_needed(seq))
+            if blocks is None:
+                self._requeue([seq])  # it waits at the front of the queue for the blocks
+            else:
+                seq.blocks = blocks
 
     def _slide(self, seq: _Sequence) -> None:
         """Under a window: the blocks that fell out of it move to the back of ``seq.blocks`` (its next logical
@@ -316,6 +356,8 @@ class SchedulerPolicy:
         )
 
     def _cut(self) -> list[Step]:
+        for seq in self._ready():
+            self._switch_rope(seq)
         steps = []
         while self.stats.num_in_flight < self.max_in_flight:
             ready = self._ready()
@@ -330,7 +372,7 @@ class SchedulerPolicy:
             chosen: list[_Sequence] = []
             longest = 0
             for seq in group[:cap]:
-                longest = max(longest, len(seq.next_tokens(self.prefill_chunk_tokens)))
+                longest = max(longest, len(seq.next_tokens(self._chunk(seq))))
                 if chosen and longest * (len(chosen) + 1) > self.max_tokens_per_micro_batch:
                     break
                 chosen.append(seq)
@@ -338,7 +380,7 @@ class SchedulerPolicy:
         return steps
 
     def _step(self, seqs: list[_Sequence]) -> Step:
-        tokens = [s.next_tokens(self.prefill_chunk_tokens) for s in seqs]
+        tokens = [s.next_tokens(self._chunk(s)) for s in seqs]
         tables = [  # (under a window, the blocks given up are named by a live one: out of the window, masked)
             (s.blocks[0],) * s.dropped + tuple(s.blocks[: self.allocator.blocks_for(s.num_cached + len(t)) - s.dropped])
             for s, t in zip(seqs, tokens)
@@ -383,6 +425,7 @@ class SchedulerPolicy:
             if isinstance(answer, SampledToken):
                 seq.prompt_scores.extend(answer.prompt)
             seq.num_cached += fed[b]
+            seq.whole = False
             self._slide(seq)
             if seq.cancelled:
                 outputs.append(self._end_cancelled(seq))

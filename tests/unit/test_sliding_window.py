@@ -238,3 +238,28 @@ def test_a_model_with_full_layers_gives_no_block_back(windowed):
     assert {(i, blocks) for step in held for i, _, blocks in step} == {(0, (11 + 30) // 2 + 1), (1, 18)}
     forced, _, _ = _generate(parts, 5, prompts, 30)  # its window's blocks reused: layer 0 reads overwritten keys
     assert forced != got
+
+
+def test_under_a_window_with_prefill_chunks_a_sequence_may_outgrow_the_cache(windowed):
+    """12 blocks of 2 hold 24 tokens; under the window of 5 with chunks of 4 a sequence holds at most 5 of them at
+    once, so prompts of 11 and 6 tokens generate 40 tokens each (51 and 46 positions), transformers' own."""
+    from test_policy import CharTokenizer
+
+    from chatloop.engine.blocks import BlockAllocator
+    from chatloop.engine.errors import ContextLengthError
+    from chatloop.engine.policy import SchedulerPolicy
+    from chatloop.engine.requests import SamplingParams
+
+    model, parts = windowed("mistral", 2)
+    prompts = tiny_prompts()[0]
+    got, _, in_use = _generate(parts, 5, prompts, 40, num_blocks=12, prefill_chunk_tokens=4)
+    assert got == _greedy_reference(model, prompts, 40) and max(in_use) <= 10
+    params = SamplingParams(max_new_tokens=40)
+    windowed_policy = SchedulerPolicy(BlockAllocator(12, 2), CharTokenizer(), kv_window=5, prefill_chunk_tokens=4,
+                                      max_context=256)
+    assert windowed_policy.context_length == 256
+    for unwindowed in ({"kv_window": None, "prefill_chunk_tokens": 4}, {"kv_window": 5}):  # no window, no chunks
+        policy = SchedulerPolicy(BlockAllocator(12, 2), CharTokenizer(), max_context=256, **unwindowed)
+        assert policy.context_length == 24
+        with pytest.raises(ContextLengthError, match="exceeds the KV cache's 24 tokens"):
+            policy.add(prompts[0], params, 0.0)
