@@ -263,3 +263,46 @@ def test_under_a_window_with_prefill_chunks_a_sequence_may_outgrow_the_cache(win
         assert policy.context_length == 24
         with pytest.raises(ContextLengthError, match="exceeds the KV cache's 24 tokens"):
             policy.add(prompts[0], params, 0.0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_window_a_step_reads_is_always_in_the_blocks_it_was_written_to(seed):
+    """The policy alone, random windows, block sizes, chunks and lengths: every position a token of a step reads
+    (its window) is in the physical block its table names and holds what the same sequence wrote there; each
+    sequence holds no more blocks than admission counted, and every block comes back."""
+    import random
+
+    from test_policy import CharTokenizer
+
+    from chatloop.engine.blocks import BlockAllocator
+    from chatloop.engine.policy import SchedulerPolicy
+    from chatloop.engine.requests import SamplingParams
+
+    rng = random.Random(seed)
+    window, size = rng.randint(1, 9), rng.randint(1, 4)
+    chunk = rng.choice([None, 1, 3, 7])
+    allocator = BlockAllocator(64, size)
+    policy = SchedulerPolicy(allocator, CharTokenizer(), batching_window_s=0.0, kv_window=window,
+                             prefill_chunk_tokens=chunk, max_batch_size=4)
+    for _ in range(8):
+        prompt = [ord("a")] * rng.randint(1, 20)
+        policy.add(prompt, SamplingParams(max_new_tokens=rng.randint(1, 30), ignore_eos=True), 0.0)
+    written: dict[int, tuple[int, int]] = {}  # physical block -> (sequence, logical block) last written there
+    ended = 0
+    while ended < 8:
+        steps, outputs = policy.schedule(0.0)
+        for step in steps:
+            for seq_id, tokens, start, table in zip(step.sequence_ids, step.token_ids, step.starts,
+                                                    step.block_tables):
+                assert len(table) == -(-(start + len(tokens)) // size)
+                for p in range(start, start + len(tokens)):
+                    written[table[p // size]] = (seq_id, p // size)
+                for p in range(start, start + len(tokens)):
+                    for q in range(max(0, p - window + 1), p + 1):
+                        assert written[table[q // size]] == (seq_id, q // size), (seq_id, p, q)
+            outputs += policy.complete(step.id, [ord("z")] * step.num_sequences)
+            held = sum(len(s.blocks) for s in policy._running)
+            assert held + allocator.num_free == allocator.num_blocks
+            assert all(len(s.blocks) <= policy._most_blocks(s.total_tokens) for s in policy._running)
+        ended += sum(event.finish_reason is not None for _, event in outputs)
+    assert allocator.num_free == allocator.num_blocks
