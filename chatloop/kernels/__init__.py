@@ -39,7 +39,8 @@ __all__ = [
     "LlamaShapeSpec", "MatrixSpec",
     "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "kernel_bf16_linear",
     "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave", "kernel_kquant_linear",
-    "GGUF_FORMAT_IDS", "KQUANT_FORMAT_IDS", "gguf_linear_unchecked", "kernel_gguf_linear", "kquant_linear_unchecked",
+    "GGUF_FORMAT_IDS", "KQUANT_FORMAT_IDS", "gguf_linear_unchecked", "kernel_gguf_linear", "kernel_kquant_interleave",
+    "kernel_kquant_rows", "kquant_linear_unchecked",
     "kernel_linear", "kernel_quant_linear", "kernel_rms_norm", "kernel_rope_", "load_kernels", "load_quant_kernels",
     "quant_isa", "quant_linear_unchecked", "stream_read",
 ]
@@ -62,9 +63,10 @@ BF16_ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma"}),
 FORMAT_IDS = {"q8_0": 0, "q4_1": 1, "q4_1_x16": 2, "q8_0_x16": 3}
 """The quantized kernel's weight layouts (qgemv.c): GGUF's blocks, and the same interleaved in tiles of 16 rows
 (:func:`kernel_interleave`), which only the kernel reads."""
-KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4}
-"""The k-quant decode kernel's formats (kquant.c): GGUF's blocks of 256, activations quantized to Q8_K."""
-KQUANT_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84}
+KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4, "q4_k_x16": 5}
+"""The k-quant decode kernel's formats (kquant.c): GGUF's blocks of 256, activations quantized to Q8_K; ``q4_k_x16``
+is q4_k in tiles of 16 rows (:func:`kernel_kquant_interleave`), which only the kernel reads."""
+KQUANT_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84, "q4_k_x16": 144}
 GGUF_FORMAT_IDS = {"q5_0": 0, "q5_1": 1, "f16": 2, "bf16": 3}
 """The decode kernel of GGUF's other kept types (ggufgemv.c): q5_0 and q5_1 with activations quantized in blocks
 of 32 (Q8_0 / Q8_1), f16 and bf16 with float32 activations."""
@@ -217,6 +219,8 @@ def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: to
              and data.shape[1] * 256 == in_features * block_bytes,
              f"kernel_kquant_linear: a {fmt} matrix of {in_features} inputs is contiguous uint8 "
              f"[out, {in_features // 256 * block_bytes}], got {data.dtype} {tuple(data.shape)}")
+    _require(not fmt.endswith("_x16") or data.shape[0] % 16 == 0,
+             f"kernel_kquant_linear: a {fmt} matrix has a multiple of 16 rows, got {data.shape[0]}")
     _require(x.dtype == torch.float32, f"kernel_kquant_linear: x must be float32, got {x.dtype}")
     _require(bias is None or (bias.dtype == torch.float32 and bias.shape == (data.shape[0],)),
              f"kernel_kquant_linear: bias must be float32 [{data.shape[0]}]")
@@ -224,6 +228,41 @@ def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: to
     _require(isa in available_isas(), f"kernel_kquant_linear: this CPU cannot run the {isa!r} path")
     return kquant_linear_unchecked(x.contiguous(), data, fmt, in_features,
                                    None if bias is None else bias.contiguous(), ISAS[isa][0])
+
+
+def kernel_kquant_interleave(data: torch.Tensor, fmt: str = "q4_k", in_place: bool = False,
+                             inverse: bool = False) -> tuple[torch.Tensor, str]:
+    """A ``q4_k`` matrix [out, bytes] (out a multiple of 16) in tiles of 16 rows (kquant.c's ``q4_k_x16``: the same
+    bytes, rearranged so that VNNI computes 16 rows at once), and the layout's name; ``inverse``: a ``q4_k_x16``
+    matrix back to GGUF's rows. ``in_place``: in ``data``'s own memory."""
+    library = load_quant_kernels()
+    _require(library is not None, "ChatLoop's quantized kernels are not available here (see the log)")
+    _require(fmt == ("q4_k_x16" if inverse else "q4_k"), f"kernel_kquant_interleave: cannot rearrange {fmt!r}")
+    _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and data.shape[0] % 16 == 0
+             and data.shape[1] % 144 == 0,
+             f"kernel_kquant_interleave: need a contiguous uint8 {fmt} matrix of a multiple of 16 rows, got "
+             f"{data.dtype} {tuple(data.shape)}")
+    out = data if in_place else torch.empty_like(data)
+    if library.chatloop_kquant_interleave(data.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1] // 144,
+                                          int(inverse)) != 0:
+        raise MemoryError(f"kernel_kquant_interleave: no memory for one tile of 16 rows of {tuple(data.shape)}")
+    return out, "q4_k" if inverse else "q4_k_x16"
+
+
+def kernel_kquant_rows(data: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (int64, 1-d) of a ``q4_k_x16`` matrix as GGUF's ``q4_k`` rows [len(ids), bytes] (prefill
+    dequantizes those)."""
+    library = load_quant_kernels()
+    _require(library is not None, "ChatLoop's quantized kernels are not available here (see the log)")
+    _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and data.shape[1] % 144 == 0,
+             "kernel_kquant_rows: need a contiguous uint8 q4_k_x16 matrix")
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    _require(bool(((flat >= 0) & (flat < data.shape[0])).all()),
+             f"kernel_kquant_rows: ids outside [0, {data.shape[0]})")
+    out = torch.empty(flat.numel(), data.shape[1], dtype=torch.uint8)
+    library.chatloop_kquant_x16_rows(data.data_ptr(), flat.data_ptr(), out.data_ptr(), flat.numel(),
+                                     data.shape[1] // 144)
+    return out
 
 
 def gguf_linear_unchecked(x: torch.Tensor, data: torch.Tensor, fmt: str, in_features: int,
@@ -298,6 +337,10 @@ def load_quant_kernels() -> ctypes.CDLL | None:
             library.chatloop_kquant_linear.restype = None
             library.chatloop_gguf_linear.argtypes = [pointer] * 4 + [size] * 3 + [integer] * 3 + [pointer] * 3
             library.chatloop_gguf_linear.restype = None
+            library.chatloop_kquant_interleave.argtypes = [pointer, pointer, size, size, integer]
+            library.chatloop_kquant_interleave.restype = integer
+            library.chatloop_kquant_x16_rows.argtypes = [pointer, pointer, pointer, size, size]
+            library.chatloop_kquant_x16_rows.restype = None
             return library
     log.info("ChatLoop's quantized kernels are off (%s): quantized layers dequantize into torch's kernels", reason)
     return None

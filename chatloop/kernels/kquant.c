@@ -16,14 +16,15 @@
 #include "multipath.h"
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-enum { KFMT_Q4_K = 0, KFMT_Q6_K = 1, KFMT_Q5_K = 2, KFMT_Q3_K = 3, KFMT_Q2_K = 4 };
+enum { KFMT_Q4_K = 0, KFMT_Q6_K = 1, KFMT_Q5_K = 2, KFMT_Q3_K = 3, KFMT_Q2_K = 4, KFMT_Q4_K_X16 = 5 };
 enum { KISA_PORTABLE = 0, KISA_AVX2 = 1, KISA_AVX512_VNNI = 2 };
 #define QK_K 256
 
 static inline int k_block_bytes(int fmt) {
-  static const int bytes[] = {144, 210, 176, 110, 84};
+  static const int bytes[] = {144, 210, 176, 110, 84, 144};
   return bytes[fmt];
 }
 
@@ -497,18 +498,147 @@ K_VNNI(dot_q4_k_vnni, KFMT_Q4_K)
 K_VNNI(dot_q5_k_vnni, KFMT_Q5_K)
 K_VNNI(dot_q6_k_vnni, KFMT_Q6_K)
 
+/* ---- q4_k in tiles of 16 rows (KFMT_Q4_K_X16; made at load time where the CPU has VNNI) -------------------- */
+/* Per tile of 16 rows and super-block k, the 16 blocks' 2304 bytes rearranged: the rows' d (fp16 x 16), dmin (fp16
+ * x 16), then their 12 bytes of scales as three 64-byte groups (group i: 32-bit word i of each row, row after row),
+ * then the 128 quant bytes as 32 groups of 64 (group g: bytes 4g..4g+3 of each row). One 512-bit load then holds
+ * word i of the scales, or four quant bytes, of the 16 rows in its 16 lanes: the scales of 16 rows are decoded by
+ * the same few instructions that decode one row's, and vpdpbusd against four activation bytes broadcast computes 4
+ * weights of 16 rows (low nibbles: weights 64 j + 4 g'..; high: 64 j + 32 + 4 g'.., j = g / 8, g' = g % 8) with no
+ * horizontal sums. The same bytes as the rows took, so it is made in place, one tile copied aside at a time. */
+#define KX16 16
+#define KX16_BLOCK (KX16 * 144)
+
+/* Where byte i of row r's block lies in its tile's block. */
+static inline int kx16_at(int r, int i) {
+  if (i < 2) return 2 * r + i;
+  if (i < 4) return 32 + 2 * r + i - 2;
+  if (i < 16) return 64 + 64 * ((i - 4) / 4) + 4 * r + (i - 4) % 4;
+  return 256 + 64 * ((i - 16) / 4) + 4 * r + (i - 16) % 4;
+}
+
+/* Rows [O, nb * 144] of q4_k -> tiles (inverse = 0), or back (inverse = 1); O a multiple of 16; out may be w.
+ * Returns 0, or -1 without memory for one tile. */
+int chatloop_kquant_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_t nb, int inverse) {
+  const int64_t tile_bytes = KX16 * nb * 144;
+  uint8_t* copy = malloc(tile_bytes);
+  if (!copy) return -1;
+  for (int64_t t = 0; t < O / KX16; ++t) {
+    memcpy(copy, w + t * tile_bytes, tile_bytes);
+    uint8_t* dst = out + t * tile_bytes;
+    for (int64_t k = 0; k < nb; ++k)
+      for (int r = 0; r < KX16; ++r)
+        for (int i = 0; i < 144; ++i) {
+          const int64_t row_at = (r * nb + k) * 144 + i, tile_at = k * KX16_BLOCK + kx16_at(r, i);
+          if (inverse)
+            dst[row_at] = copy[tile_at];
+          else
+            dst[tile_at] = copy[row_at];
+        }
+  }
+  free(copy);
+  return 0;
+}
+
+/* Rows ids[n] of a q4_k_x16 matrix as GGUF's q4_k rows: out [R, nb * 144]. */
+void chatloop_kquant_x16_rows(const uint8_t* w, const int64_t* ids, uint8_t* out, int64_t R, int64_t nb) {
+  for (int64_t n = 0; n < R; ++n) {
+    const uint8_t* tile = w + ids[n] / KX16 * KX16 * nb * 144;
+    const int r = (int)(ids[n] % KX16);
+    for (int64_t k = 0; k < nb; ++k)
+      for (int i = 0; i < 144; ++i) out[(n * nb + k) * 144 + i] = tile[k * KX16_BLOCK + kx16_at(r, i)];
+  }
+}
+
+/* y[0..15]: one activation row against one tile, on VNNI. */
+__attribute__((target(VNNI_TARGET))) static void q4_k_x16_tile_vnni(const uint8_t* tile, const int8_t* xq,
+                                                                    const float* xd, const int16_t* bsums, int64_t nb,
+                                                                    float* y) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  const __m512i m6 = _mm512_set1_epi32(0x3F3F3F3F), m4 = _mm512_set1_epi32(0x0F0F0F0F), m2 = _mm512_set1_epi32(0x03030303);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = tile + k * KX16_BLOCK;
+    const int8_t* q = xq + k * QK_K;
+    const int16_t* bs = bsums + k * 16;
+    const __m512i a0 = _mm512_loadu_si512(blk + 64), a1 = _mm512_loadu_si512(blk + 128),
+                  a2 = _mm512_loadu_si512(blk + 192);
+    __m512i u[4]; /* per row: scales 0-3, 4-7, mins 0-3, 4-7 (q4_k_scales_words) */
+    u[0] = _mm512_and_si512(a0, m6);
+    u[1] = _mm512_or_si512(_mm512_and_si512(a2, m4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a0, 6), m2), 4));
+    u[2] = _mm512_and_si512(a1, m6);
+    u[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(a2, 4), m4),
+                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a1, 6), m2), 4));
+    __m512i isum = _mm512_setzero_si512(), msum = _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c) { /* mins: each below 64, each bsum pair below 2^15 in magnitude: exact vpdpwssd */
+      const __m512i m = _mm512_and_si512(_mm512_srli_epi32(u[2 + c / 4], 8 * (c % 4)), byte);
+      msum = _mm512_dpwssd_epi32(msum, m, _mm512_set1_epi32((bs[2 * c] + bs[2 * c + 1]) & 0xFFFF));
+    }
+    for (int j = 0; j < 4; ++j) {
+      __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+      for (int g = 0; g < 8; ++g) {
+        const __m512i v = _mm512_loadu_si512(blk + 256 + 64 * (8 * j + g));
+        int32_t x_lo, x_hi;
+        memcpy(&x_lo, q + 64 * j + 4 * g, 4);
+        memcpy(&x_hi, q + 64 * j + 32 + 4 * g, 4);
+        lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(v, low4), _mm512_set1_epi32(x_lo));
+        hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), _mm512_set1_epi32(x_hi));
+      }
+      const int c = 2 * j; /* sums up to 32 x 15 x 127: a 32-bit multiply */
+      isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(lo, _mm512_and_si512(_mm512_srli_epi32(u[c / 4], 8 * (c % 4)), byte)));
+      isum = _mm512_add_epi32(
+          isum, _mm512_mullo_epi32(hi, _mm512_and_si512(_mm512_srli_epi32(u[(c + 1) / 4], 8 * ((c + 1) % 4)), byte)));
+    }
+    const __m512 dx = _mm512_set1_ps(xd[k]);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)blk)), dx), acc);
+    acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum),
+                           _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 32))), dx), acc);
+  }
+  _mm512_storeu_ps(y, acc);
+}
+
+typedef float (*kdot_fn)(const uint8_t*, const int8_t*, const float*, const int16_t*, int64_t);
+
+/* The other paths: each row gathered back to GGUF's layout, then the path's row kernel. */
+static void q4_k_x16_tile_rows(const uint8_t* tile, const int8_t* xq, const float* xd, const int16_t* bsums,
+                               int64_t nb, float* y, uint8_t* row, kdot_fn dot) {
+  for (int r = 0; r < KX16; ++r) {
+    for (int64_t k = 0; k < nb; ++k)
+      for (int i = 0; i < 144; ++i) row[k * 144 + i] = tile[k * KX16_BLOCK + kx16_at(r, i)];
+    y[r] = dot(row, xq, xd, bsums, nb);
+  }
+}
+
 /* y [B, O] = x [B, I] W^T + bias for W [O, I / 256 * block bytes] in fmt (KFMT_*); scratch: xq [B * I] int8,
  * xd [B * I / 256] float, bsums [B * I / 16] int16. */
 void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
                             int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, int16_t* bsums) {
   const int64_t nb = I / QK_K, row_bytes = nb * k_block_bytes(fmt);
   for (int64_t b = 0; b < B; ++b) quantize_row_q8_k(x + b * I, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb);
-  typedef float (*kdot_fn)(const uint8_t*, const int8_t*, const float*, const int16_t*, int64_t);
   static const kdot_fn table[3][5] = {
       {dot_q4_k_portable, dot_q6_k_portable, dot_q5_k_portable, dot_q3_k_portable, dot_q2_k_portable},
       {dot_q4_k_avx2, dot_q6_k_avx2, dot_q5_k_avx2, dot_q3_k_avx2, dot_q2_k_avx2},
       {dot_q4_k_vnni, dot_q6_k_vnni, dot_q5_k_vnni, dot_q3_k_vnni, dot_q2_k_vnni}};
-  const kdot_fn dot = table[isa >= KISA_AVX512_VNNI ? 2 : isa == KISA_AVX2 ? 1 : 0][fmt];
+  const kdot_fn dot = table[isa >= KISA_AVX512_VNNI ? 2 : isa == KISA_AVX2 ? 1 : 0][fmt == KFMT_Q4_K_X16 ? KFMT_Q4_K : fmt];
+  if (fmt == KFMT_Q4_K_X16) {
+#pragma omp parallel num_threads(num_threads)
+    {
+      uint8_t* row = isa >= KISA_AVX512_VNNI ? NULL : malloc(row_bytes);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < O / KX16; ++t)
+        for (int64_t b = 0; b < B; ++b) {
+          float out[KX16];
+          const uint8_t* tile = w + t * KX16 * row_bytes;
+          if (isa >= KISA_AVX512_VNNI)
+            q4_k_x16_tile_vnni(tile, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb, out);
+          else
+            q4_k_x16_tile_rows(tile, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb, out, row, dot);
+          for (int r = 0; r < KX16; ++r) y[b * O + t * KX16 + r] = out[r] + (bias ? bias[t * KX16 + r] : 0.0f);
+        }
+      free(row);
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t o = 0; o < O; ++o) {
     const uint8_t* row = w + o * row_bytes;
