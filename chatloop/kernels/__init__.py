@@ -63,10 +63,12 @@ BF16_ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma"}),
 FORMAT_IDS = {"q8_0": 0, "q4_1": 1, "q4_1_x16": 2, "q8_0_x16": 3}
 """The quantized kernel's weight layouts (qgemv.c): GGUF's blocks, and the same interleaved in tiles of 16 rows
 (:func:`kernel_interleave`), which only the kernel reads."""
-KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4, "q4_k_x16": 5}
+KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4, "q4_k_x16": 5, "q5_k_x16": 6}
 """The k-quant decode kernel's formats (kquant.c): GGUF's blocks of 256, activations quantized to Q8_K; ``q4_k_x16``
-is q4_k in tiles of 16 rows (:func:`kernel_kquant_interleave`), which only the kernel reads."""
-KQUANT_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84, "q4_k_x16": 144}
+and ``q5_k_x16`` are q4_k and q5_k in tiles of 16 rows (:func:`kernel_kquant_interleave`), which only the kernel
+reads."""
+KQUANT_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84, "q4_k_x16": 144,
+                      "q5_k_x16": 176}
 GGUF_FORMAT_IDS = {"q5_0": 0, "q5_1": 1, "f16": 2, "bf16": 3}
 """The decode kernel of GGUF's other kept types (ggufgemv.c): q5_0 and q5_1 with activations quantized in blocks
 of 32 (Q8_0 / Q8_1), f16 and bf16 with float32 activations."""
@@ -232,36 +234,43 @@ def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: to
 
 def kernel_kquant_interleave(data: torch.Tensor, fmt: str = "q4_k", in_place: bool = False,
                              inverse: bool = False) -> tuple[torch.Tensor, str]:
-    """A ``q4_k`` matrix [out, bytes] (out a multiple of 16) in tiles of 16 rows (kquant.c's ``q4_k_x16``: the same
-    bytes, rearranged so that VNNI computes 16 rows at once), and the layout's name; ``inverse``: a ``q4_k_x16``
-    matrix back to GGUF's rows. ``in_place``: in ``data``'s own memory."""
+    """A ``q4_k`` or ``q5_k`` matrix [out, bytes] (out a multiple of 16) in tiles of 16 rows (kquant.c's
+    ``q4_k_x16``, ``q5_k_x16``: the same bytes, rearranged so that VNNI computes 16 rows at once), and the layout's
+    name; ``inverse``: such a matrix (``fmt`` its ``_x16`` name) back to GGUF's rows, and the rows' name.
+    ``in_place``: in ``data``'s own memory."""
     library = load_quant_kernels()
     _require(library is not None, "ChatLoop's quantized kernels are not available here (see the log)")
-    _require(fmt == ("q4_k_x16" if inverse else "q4_k"), f"kernel_kquant_interleave: cannot rearrange {fmt!r}")
+    rows = fmt.removesuffix("_x16")
+    _require(rows in ("q4_k", "q5_k") and fmt.endswith("_x16") == inverse,
+             f"kernel_kquant_interleave: cannot rearrange {fmt!r}{' back' if inverse else ''}")
+    nbytes = KQUANT_BLOCK_BYTES[rows]
     _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and data.shape[0] % 16 == 0
-             and data.shape[1] % 144 == 0,
+             and data.shape[1] % nbytes == 0,
              f"kernel_kquant_interleave: need a contiguous uint8 {fmt} matrix of a multiple of 16 rows, got "
              f"{data.dtype} {tuple(data.shape)}")
     out = data if in_place else torch.empty_like(data)
-    if library.chatloop_kquant_interleave(data.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1] // 144,
-                                          int(inverse)) != 0:
+    if library.chatloop_kquant_interleave(data.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1] // nbytes,
+                                          KQUANT_FORMAT_IDS[rows], int(inverse)) != 0:
         raise MemoryError(f"kernel_kquant_interleave: no memory for one tile of 16 rows of {tuple(data.shape)}")
-    return out, "q4_k" if inverse else "q4_k_x16"
+    return out, rows if inverse else f"{rows}_x16"
 
 
-def kernel_kquant_rows(data: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids`` (int64, 1-d) of a ``q4_k_x16`` matrix as GGUF's ``q4_k`` rows [len(ids), bytes] (prefill
+def kernel_kquant_rows(data: torch.Tensor, ids: torch.Tensor, fmt: str = "q4_k_x16") -> torch.Tensor:
+    """Rows ``ids`` (int64, 1-d) of a ``q4_k_x16`` or ``q5_k_x16`` matrix as GGUF's rows [len(ids), bytes] (prefill
     dequantizes those)."""
     library = load_quant_kernels()
     _require(library is not None, "ChatLoop's quantized kernels are not available here (see the log)")
-    _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and data.shape[1] % 144 == 0,
-             "kernel_kquant_rows: need a contiguous uint8 q4_k_x16 matrix")
+    _require(fmt in ("q4_k_x16", "q5_k_x16"), f"kernel_kquant_rows: {fmt!r} is not q4_k_x16 or q5_k_x16")
+    rows = fmt.removesuffix("_x16")
+    nbytes = KQUANT_BLOCK_BYTES[rows]
+    _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and data.shape[0] % 16 == 0
+             and data.shape[1] % nbytes == 0, f"kernel_kquant_rows: need a contiguous uint8 {fmt} matrix")
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     _require(bool(((flat >= 0) & (flat < data.shape[0])).all()),
              f"kernel_kquant_rows: ids outside [0, {data.shape[0]})")
     out = torch.empty(flat.numel(), data.shape[1], dtype=torch.uint8)
     library.chatloop_kquant_x16_rows(data.data_ptr(), flat.data_ptr(), out.data_ptr(), flat.numel(),
-                                     data.shape[1] // 144)
+                                     data.shape[1] // nbytes, KQUANT_FORMAT_IDS[rows])
     return out
 
 
@@ -337,9 +346,9 @@ def load_quant_kernels() -> ctypes.CDLL | None:
             library.chatloop_kquant_linear.restype = None
             library.chatloop_gguf_linear.argtypes = [pointer] * 4 + [size] * 3 + [integer] * 3 + [pointer] * 3
             library.chatloop_gguf_linear.restype = None
-            library.chatloop_kquant_interleave.argtypes = [pointer, pointer, size, size, integer]
+            library.chatloop_kquant_interleave.argtypes = [pointer, pointer, size, size, integer, integer]
             library.chatloop_kquant_interleave.restype = integer
-            library.chatloop_kquant_x16_rows.argtypes = [pointer, pointer, pointer, size, size]
+            library.chatloop_kquant_x16_rows.argtypes = [pointer, pointer, pointer, size, size, integer]
             library.chatloop_kquant_x16_rows.restype = None
             return library
     log.info("ChatLoop's quantized kernels are off (%s): quantized layers dequantize into torch's kernels", reason)

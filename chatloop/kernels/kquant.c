@@ -19,12 +19,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { KFMT_Q4_K = 0, KFMT_Q6_K = 1, KFMT_Q5_K = 2, KFMT_Q3_K = 3, KFMT_Q2_K = 4, KFMT_Q4_K_X16 = 5 };
+enum { KFMT_Q4_K = 0, KFMT_Q6_K = 1, KFMT_Q5_K = 2, KFMT_Q3_K = 3, KFMT_Q2_K = 4, KFMT_Q4_K_X16 = 5, KFMT_Q5_K_X16 = 6 };
 enum { KISA_PORTABLE = 0, KISA_AVX2 = 1, KISA_AVX512_VNNI = 2 };
 #define QK_K 256
 
 static inline int k_block_bytes(int fmt) {
-  static const int bytes[] = {144, 210, 176, 110, 84, 144};
+  static const int bytes[] = {144, 210, 176, 110, 84, 144, 176};
   return bytes[fmt];
 }
 
@@ -498,29 +498,30 @@ K_VNNI(dot_q4_k_vnni, KFMT_Q4_K)
 K_VNNI(dot_q5_k_vnni, KFMT_Q5_K)
 K_VNNI(dot_q6_k_vnni, KFMT_Q6_K)
 
-/* ---- q4_k in tiles of 16 rows (KFMT_Q4_K_X16; made at load time where the CPU has VNNI) -------------------- */
-/* Per tile of 16 rows and super-block k, the 16 blocks' 2304 bytes rearranged: the rows' d (fp16 x 16), dmin (fp16
- * x 16), then their 12 bytes of scales as three 64-byte groups (group i: 32-bit word i of each row, row after row),
- * then the 128 quant bytes as 32 groups of 64 (group g: bytes 4g..4g+3 of each row). One 512-bit load then holds
+/* ---- q4_k and q5_k in tiles of 16 rows (KFMT_Q4_K_X16, KFMT_Q5_K_X16; made at load time where the CPU has VNNI) */
+/* Per tile of 16 rows and super-block k, the 16 blocks' bytes (2304, q5_k 2816) rearranged: the rows' d (fp16 x 16),
+ * dmin (fp16 x 16), then their 12 bytes of scales as three 64-byte groups (group i: 32-bit word i of each row, row
+ * after row), [q5_k: the 32 bytes of fifth bits as 8 groups of 64, the same way], then the 128 quant bytes as 32
+ * groups of 64 (group g: bytes 4g..4g+3 of each row). One 512-bit load then holds
  * word i of the scales, or four quant bytes, of the 16 rows in its 16 lanes: the scales of 16 rows are decoded by
  * the same few instructions that decode one row's, and vpdpbusd against four activation bytes broadcast computes 4
  * weights of 16 rows (low nibbles: weights 64 j + 4 g'..; high: 64 j + 32 + 4 g'.., j = g / 8, g' = g % 8) with no
  * horizontal sums. The same bytes as the rows took, so it is made in place, one tile copied aside at a time. */
 #define KX16 16
-#define KX16_BLOCK (KX16 * 144)
 
-/* Where byte i of row r's block lies in its tile's block. */
+/* Where byte i of row r's block (q4_k or q5_k) lies in its tile's block: past the 64 bytes of d and dmin, the
+ * rows' 4-byte words side by side. */
 static inline int kx16_at(int r, int i) {
   if (i < 2) return 2 * r + i;
   if (i < 4) return 32 + 2 * r + i - 2;
-  if (i < 16) return 64 + 64 * ((i - 4) / 4) + 4 * r + (i - 4) % 4;
-  return 256 + 64 * ((i - 16) / 4) + 4 * r + (i - 16) % 4;
+  return 64 + 64 * ((i - 4) / 4) + 4 * r + (i - 4) % 4;
 }
 
-/* Rows [O, nb * 144] of q4_k -> tiles (inverse = 0), or back (inverse = 1); O a multiple of 16; out may be w.
- * Returns 0, or -1 without memory for one tile. */
-int chatloop_kquant_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_t nb, int inverse) {
-  const int64_t tile_bytes = KX16 * nb * 144;
+/* Rows [O, nb * bytes] of q4_k or q5_k (fmt KFMT_*, the rows' own) -> tiles (inverse = 0), or back (inverse = 1);
+ * O a multiple of 16; out may be w. Returns 0, or -1 without memory for one tile. */
+int chatloop_kquant_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_t nb, int fmt, int inverse) {
+  const int bytes = k_block_bytes(fmt);
+  const int64_t tile_bytes = KX16 * nb * bytes;
   uint8_t* copy = malloc(tile_bytes);
   if (!copy) return -1;
   for (int64_t t = 0; t < O / KX16; ++t) {
@@ -528,8 +529,8 @@ int chatloop_kquant_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_
     uint8_t* dst = out + t * tile_bytes;
     for (int64_t k = 0; k < nb; ++k)
       for (int r = 0; r < KX16; ++r)
-        for (int i = 0; i < 144; ++i) {
-          const int64_t row_at = (r * nb + k) * 144 + i, tile_at = k * KX16_BLOCK + kx16_at(r, i);
+        for (int i = 0; i < bytes; ++i) {
+          const int64_t row_at = (r * nb + k) * bytes + i, tile_at = k * KX16 * bytes + kx16_at(r, i);
           if (inverse)
             dst[row_at] = copy[tile_at];
           else
@@ -540,25 +541,28 @@ int chatloop_kquant_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_
   return 0;
 }
 
-/* Rows ids[n] of a q4_k_x16 matrix as GGUF's q4_k rows: out [R, nb * 144]. */
-void chatloop_kquant_x16_rows(const uint8_t* w, const int64_t* ids, uint8_t* out, int64_t R, int64_t nb) {
+/* Rows ids[n] of a q4_k_x16 or q5_k_x16 matrix (fmt: the rows' KFMT_*) as GGUF's rows: out [R, nb * bytes]. */
+void chatloop_kquant_x16_rows(const uint8_t* w, const int64_t* ids, uint8_t* out, int64_t R, int64_t nb, int fmt) {
+  const int bytes = k_block_bytes(fmt);
   for (int64_t n = 0; n < R; ++n) {
-    const uint8_t* tile = w + ids[n] / KX16 * KX16 * nb * 144;
+    const uint8_t* tile = w + ids[n] / KX16 * KX16 * nb * bytes;
     const int r = (int)(ids[n] % KX16);
     for (int64_t k = 0; k < nb; ++k)
-      for (int i = 0; i < 144; ++i) out[(n * nb + k) * 144 + i] = tile[k * KX16_BLOCK + kx16_at(r, i)];
+      for (int i = 0; i < bytes; ++i) out[(n * nb + k) * bytes + i] = tile[k * KX16 * bytes + kx16_at(r, i)];
   }
 }
 
-/* y[0..15]: one activation row against one tile, on VNNI. */
-__attribute__((target(VNNI_TARGET))) static void q4_k_x16_tile_vnni(const uint8_t* tile, const int8_t* xq,
-                                                                    const float* xd, const int16_t* bsums, int64_t nb,
-                                                                    float* y) {
+/* y[0..15]: one activation row against one tile, on VNNI (fifth: q5_k, whose fifth bits of weights 64 j + 4 g'..
+ * and 64 j + 32 + 4 g'.. are bits 2j and 2j + 1 of fifth-bit group g', added as 16 under a mask). */
+__attribute__((target(VNNI_TARGET), always_inline)) static inline void q45_k_x16_tile_vnni(
+    const uint8_t* tile, const int8_t* xq, const float* xd, const int16_t* bsums, int64_t nb, float* y,
+    const int fifth) {
+  const int block = KX16 * (fifth ? 176 : 144), quants = fifth ? 768 : 256;
   const __m512i low4 = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
   const __m512i m6 = _mm512_set1_epi32(0x3F3F3F3F), m4 = _mm512_set1_epi32(0x0F0F0F0F), m2 = _mm512_set1_epi32(0x03030303);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t k = 0; k < nb; ++k) {
-    const uint8_t* blk = tile + k * KX16_BLOCK;
+    const uint8_t* blk = tile + k * block;
     const int8_t* q = xq + k * QK_K;
     const int16_t* bs = bsums + k * 16;
     const __m512i a0 = _mm512_loadu_si512(blk + 64), a1 = _mm512_loadu_si512(blk + 128),
@@ -577,14 +581,22 @@ __attribute__((target(VNNI_TARGET))) static void q4_k_x16_tile_vnni(const uint8_
     for (int j = 0; j < 4; ++j) {
       __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
       for (int g = 0; g < 8; ++g) {
-        const __m512i v = _mm512_loadu_si512(blk + 256 + 64 * (8 * j + g));
+        const __m512i v = _mm512_loadu_si512(blk + quants + 64 * (8 * j + g));
         int32_t x_lo, x_hi;
         memcpy(&x_lo, q + 64 * j + 4 * g, 4);
         memcpy(&x_hi, q + 64 * j + 32 + 4 * g, 4);
-        lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(v, low4), _mm512_set1_epi32(x_lo));
-        hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), _mm512_set1_epi32(x_hi));
+        __m512i w_lo = _mm512_and_si512(v, low4), w_hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        if (fifth) {
+          const __m512i h = _mm512_loadu_si512(blk + 256 + 64 * g);
+          w_lo = _mm512_mask_add_epi8(w_lo, _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << (2 * j)))), w_lo,
+                                      _mm512_set1_epi8(0x10));
+          w_hi = _mm512_mask_add_epi8(w_hi, _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(2 << (2 * j)))), w_hi,
+                                      _mm512_set1_epi8(0x10));
+        }
+        lo = _mm512_dpbusd_epi32(lo, w_lo, _mm512_set1_epi32(x_lo));
+        hi = _mm512_dpbusd_epi32(hi, w_hi, _mm512_set1_epi32(x_hi));
       }
-      const int c = 2 * j; /* sums up to 32 x 15 x 127: a 32-bit multiply */
+      const int c = 2 * j; /* sums up to 32 x 31 x 127: a 32-bit multiply */
       isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(lo, _mm512_and_si512(_mm512_srli_epi32(u[c / 4], 8 * (c % 4)), byte)));
       isum = _mm512_add_epi32(
           isum, _mm512_mullo_epi32(hi, _mm512_and_si512(_mm512_srli_epi32(u[(c + 1) / 4], 8 * ((c + 1) % 4)), byte)));
@@ -596,15 +608,25 @@ __attribute__((target(VNNI_TARGET))) static void q4_k_x16_tile_vnni(const uint8_
   }
   _mm512_storeu_ps(y, acc);
 }
+__attribute__((target(VNNI_TARGET))) static void q4_k_x16_tile_vnni(const uint8_t* tile, const int8_t* xq,
+                                                                    const float* xd, const int16_t* bsums, int64_t nb,
+                                                                    float* y) {
+  q45_k_x16_tile_vnni(tile, xq, xd, bsums, nb, y, 0);
+}
+__attribute__((target(VNNI_TARGET))) static void q5_k_x16_tile_vnni(const uint8_t* tile, const int8_t* xq,
+                                                                    const float* xd, const int16_t* bsums, int64_t nb,
+                                                                    float* y) {
+  q45_k_x16_tile_vnni(tile, xq, xd, bsums, nb, y, 1);
+}
 
 typedef float (*kdot_fn)(const uint8_t*, const int8_t*, const float*, const int16_t*, int64_t);
 
 /* The other paths: each row gathered back to GGUF's layout, then the path's row kernel. */
-static void q4_k_x16_tile_rows(const uint8_t* tile, const int8_t* xq, const float* xd, const int16_t* bsums,
-                               int64_t nb, float* y, uint8_t* row, kdot_fn dot) {
+static void kx16_tile_rows(const uint8_t* tile, const int8_t* xq, const float* xd, const int16_t* bsums,
+                           int64_t nb, float* y, uint8_t* row, kdot_fn dot, int bytes) {
   for (int r = 0; r < KX16; ++r) {
     for (int64_t k = 0; k < nb; ++k)
-      for (int i = 0; i < 144; ++i) row[k * 144 + i] = tile[k * KX16_BLOCK + kx16_at(r, i)];
+      for (int i = 0; i < bytes; ++i) row[k * bytes + i] = tile[k * KX16 * bytes + kx16_at(r, i)];
     y[r] = dot(row, xq, xd, bsums, nb);
   }
 }
@@ -619,8 +641,9 @@ void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias,
       {dot_q4_k_portable, dot_q6_k_portable, dot_q5_k_portable, dot_q3_k_portable, dot_q2_k_portable},
       {dot_q4_k_avx2, dot_q6_k_avx2, dot_q5_k_avx2, dot_q3_k_avx2, dot_q2_k_avx2},
       {dot_q4_k_vnni, dot_q6_k_vnni, dot_q5_k_vnni, dot_q3_k_vnni, dot_q2_k_vnni}};
-  const kdot_fn dot = table[isa >= KISA_AVX512_VNNI ? 2 : isa == KISA_AVX2 ? 1 : 0][fmt == KFMT_Q4_K_X16 ? KFMT_Q4_K : fmt];
-  if (fmt == KFMT_Q4_K_X16) {
+  const int rows_fmt = fmt == KFMT_Q4_K_X16 ? KFMT_Q4_K : fmt == KFMT_Q5_K_X16 ? KFMT_Q5_K : fmt;
+  const kdot_fn dot = table[isa >= KISA_AVX512_VNNI ? 2 : isa == KISA_AVX2 ? 1 : 0][rows_fmt];
+  if (rows_fmt != fmt) {
 #pragma omp parallel num_threads(num_threads)
     {
       uint8_t* row = isa >= KISA_AVX512_VNNI ? NULL : malloc(row_bytes);
@@ -630,9 +653,11 @@ void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias,
           float out[KX16];
           const uint8_t* tile = w + t * KX16 * row_bytes;
           if (isa >= KISA_AVX512_VNNI)
-            q4_k_x16_tile_vnni(tile, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb, out);
+            (fmt == KFMT_Q4_K_X16 ? q4_k_x16_tile_vnni : q5_k_x16_tile_vnni)(tile, xq + b * I, xd + b * nb,
+                                                                            bsums + b * nb * 16, nb, out);
           else
-            q4_k_x16_tile_rows(tile, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb, out, row, dot);
+            kx16_tile_rows(tile, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb, out, row, dot,
+                           k_block_bytes(rows_fmt));
           for (int r = 0; r < KX16; ++r) y[b * O + t * KX16 + r] = out[r] + (bias ? bias[t * KX16 + r] : 0.0f);
         }
       free(row);

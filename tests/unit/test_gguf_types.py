@@ -136,35 +136,37 @@ def test_the_decode_kernels_compute_their_reference_arithmetic_on_every_path(isa
 
 
 @pytest.mark.parametrize("isa", available_isas() or ["none"])
-def test_q4_k_in_tiles_of_16_rows_computes_what_its_rows_do(isa, monkeypatch):
-    """q4_k_x16 holds the same bytes rearranged (and back again exactly); each path computes on it the reference of
-    the rows it came from. A stage's q4_k layers take it where the kernel runs on VNNI: decode steps on the tiles,
-    prefill on the rows gathered back and dequantized."""
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k"])
+def test_q4_k_and_q5_k_in_tiles_of_16_rows_compute_what_their_rows_do(isa, fmt, monkeypatch):
+    """q4_k_x16 and q5_k_x16 hold the same bytes rearranged (and back again exactly); each path computes on them the
+    reference of the rows they came from. A stage's q4_k and q5_k layers take them where the kernel runs on VNNI:
+    decode steps on the tiles, prefill on the rows gathered back and dequantized."""
     if load_quant_kernels() is None:
         pytest.skip("the quantized kernels cannot be built here")
-    data = torch.from_numpy(random_blocks("Q4_K", 48, 768, np.random.default_rng(4)).copy())
-    tiles, fmt = kernel_kquant_interleave(data)
-    assert fmt == "q4_k_x16" and tiles.shape == data.shape and not torch.equal(tiles, data)
-    assert torch.equal(kernel_kquant_interleave(tiles, fmt, inverse=True)[0], data)
-    assert torch.equal(kernel_kquant_rows(tiles, torch.tensor([5, 0, 47, 16])), data[[5, 0, 47, 16]])
+    data = torch.from_numpy(random_blocks(fmt.upper(), 48, 768, np.random.default_rng(4)).copy())
+    tiles, tiled = kernel_kquant_interleave(data, fmt)
+    assert tiled == f"{fmt}_x16" and tiles.shape == data.shape and not torch.equal(tiles, data)
+    back, name = kernel_kquant_interleave(tiles, tiled, inverse=True)
+    assert name == fmt and torch.equal(back, data)
+    assert torch.equal(kernel_kquant_rows(tiles, torch.tensor([5, 0, 47, 16]), tiled), data[[5, 0, 47, 16]])
     x = torch.randn(3, 768) * torch.logspace(-1, 1, 768)
     x[0, :256] = 0
     bias = torch.randn(48)
-    got = kernel_kquant_linear(x, tiles, fmt, bias, isa)
-    magnitude = x.abs().double() @ dequantize(data, "q4_k").abs().double().T
-    error = (got.double() - reference_decode_linear(x, data, "q4_k", bias)).abs()
+    got = kernel_kquant_linear(x, tiles, tiled, bias, isa)
+    magnitude = x.abs().double() @ dequantize(data, fmt).abs().double().T
+    error = (got.double() - reference_decode_linear(x, data, fmt, bias)).abs()
     assert bool((error <= 1e-5 * magnitude + 1e-6).all())
-    with pytest.raises(ValueError, match="a q4_k_x16 matrix has a multiple of 16 rows, got 40"):
-        kernel_kquant_linear(x, tiles[:40], fmt, isa=isa)
+    with pytest.raises(ValueError, match=f"a {tiled} matrix has a multiple of 16 rows, got 40"):
+        kernel_kquant_linear(x, tiles[:40], tiled, isa=isa)
     if isa != "avx512_vnni":
         return
     monkeypatch.setenv("CHATLOOP_ISA", isa)
-    stage = torch.nn.Sequential(QuantLinear(data.clone(), "q4_k", bias), QuantLinear(data[:40].clone(), "q4_k"))
+    stage = torch.nn.Sequential(QuantLinear(data.clone(), fmt, bias), QuantLinear(data[:40].clone(), fmt))
     assert quant_modules.interleave_for_kernel(stage) == 1  # 40 rows are not tiles of 16: kept as rows
-    assert stage[0].fmt == "q4_k_x16" and torch.equal(stage[0].weight, tiles) and stage[1].fmt == "q4_k"
+    assert stage[0].fmt == tiled and torch.equal(stage[0].weight, tiles) and stage[1].fmt == fmt
     assert torch.equal(stage[0](x), got)
     prefill = torch.randn(40, 768)
-    assert torch.allclose(stage[0](prefill), F.linear(prefill, dequantize(data, "q4_k"), bias), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(stage[0](prefill), F.linear(prefill, dequantize(data, fmt), bias), atol=1e-5, rtol=1e-5)
 
 
 def test_the_kquant_kernel_computes_every_call_afresh():
