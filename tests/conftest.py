@@ -143,6 +143,30 @@ TINY_FAMILY_CONFIGS = {"qwen3": _tiny_qwen3, "granite": _tiny_granite, "olmo2": 
                        "gemma3_text": _tiny_gemma3, "gemma2": _tiny_gemma2}
 """The families of issue 20 (tests/unit/test_families.py): a builder of a tiny transformers config each."""
 
+# name -> (model_type, config options). 4 layers: 1, 2 and 4 stages all cut between layers.
+TINY_MOE_VARIANTS = {
+    "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": True}),
+    "qwen3_moe-unnormed": ("qwen3_moe", {"norm_topk_prob": False}),
+    # layers 0 and 2 dense (sparse step 2), 3 dense too (mlp_only_layers): only layer 1 is sparse
+    "qwen3_moe-mixed": ("qwen3_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": [3]}),
+    "mixtral": ("mixtral", {}),
+}
+"""The mixture-of-experts variants (tests/unit/test_moe.py): ``tiny_checkpoint`` builds them with ``build_tiny_moe``."""
+
+
+def tiny_moe_config(variant: str):
+    """A transformers config of a tiny mixture-of-experts model, 8 experts, 2 a token."""
+    from transformers import MixtralConfig, Qwen3MoeConfig
+
+    family, options = TINY_MOE_VARIANTS[variant]
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2,
+                  tie_word_embeddings=False)
+    if family == "qwen3_moe":  # head_dim 32, not 64 / 4; dense layers 96 wide, experts 32
+        return Qwen3MoeConfig(**common, head_dim=32, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                              rope_theta=1e6, **options)
+    return MixtralConfig(**common, intermediate_size=32, num_local_experts=8, rope_theta=1e6, **options)
+
 
 def build_tiny_model(family: str, seed: int = 0):
     """A tiny random-weight transformers model whose every weight matters to the logits.
@@ -165,6 +189,36 @@ def build_tiny_model(family: str, seed: int = 0):
             else:
                 param.normal_(1.0, 0.2)
     return model.eval()
+
+
+def build_tiny_moe(variant: str, seed: int = 0):
+    """A tiny random MoE whose every weight matters (see ``build_tiny_model``): matrices std 0.15,
+    norms 1 + noise; the routers std 0.5, so that tokens spread over the experts with clear margins."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(variant), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight"):
+                param.normal_(0.0, 0.5)
+            elif param.dim() >= 2:
+                param.normal_(0.0, 0.15)
+            else:
+                param.normal_(1.0, 0.2)
+    return model.eval()
+
+
+def save_tiny_tokenizer(folder) -> None:
+    """A 128-token word-level tokenizer (one character a token) saved into ``folder``, so that ChatLoop starts on a
+    tiny checkpoint; tests that use it give prompts as token ids."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(32 + i) if i < 95 else f"<t{i}>": i for i in range(TINY_VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<t127>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<t127>", eos_token="<t126>").save_pretrained(folder)
 
 
 @dataclass
@@ -194,7 +248,8 @@ def hydra_runs_outside_the_repo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Callable[..., TinyCheckpoint]:
-    """``tiny_checkpoint(family, max_shard_size=None)``: a saved tiny checkpoint, built once per session.
+    """``tiny_checkpoint(family, max_shard_size=None)``: a saved tiny checkpoint, built once per session; ``family``
+    is llama, qwen2, gpt2, a key of TINY_FAMILY_CONFIGS or of TINY_MOE_VARIANTS.
 
     Tests must not modify the folder or the model; copy the folder to damage it.
     """
@@ -203,7 +258,7 @@ def tiny_checkpoint(tmp_path_factory) -> Callable[..., TinyCheckpoint]:
     def make(family: str, max_shard_size: str | None = None) -> TinyCheckpoint:
         key = (family, max_shard_size)
         if key not in made:
-            model = build_tiny_model(family)
+            model = build_tiny_moe(family) if family in TINY_MOE_VARIANTS else build_tiny_model(family)
             name = f"{family}-sharded" if max_shard_size else family
             path = tmp_path_factory.mktemp(name)
             kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

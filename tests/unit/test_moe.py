@@ -23,46 +23,10 @@ from chatloop.partition.splitter import split_model
 from chatloop.quant import QuantLinear
 from chatloop.quant.modules import load_quant_kernels
 from chatloop.quant.scheme import format_for
+from tests.conftest import TINY_MOE_VARIANTS, TINY_VOCAB, build_tiny_moe
 
-VOCAB = 128
-# name -> (model_type, config options). 4 layers: 1, 2 and 4 stages all cut between layers.
-VARIANTS = {
-    "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": True}),
-    "qwen3_moe-unnormed": ("qwen3_moe", {"norm_topk_prob": False}),
-    # layers 0 and 2 dense (sparse step 2), 3 dense too (mlp_only_layers): only layer 1 is sparse
-    "qwen3_moe-mixed": ("qwen3_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": [3]}),
-    "mixtral": ("mixtral", {}),
-}
-
-
-def tiny_moe_config(variant: str):
-    from transformers import MixtralConfig, Qwen3MoeConfig
-
-    family, options = VARIANTS[variant]
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=256, num_experts_per_tok=2, tie_word_embeddings=False)
-    if family == "qwen3_moe":  # head_dim 32, not 64 / 4; dense layers 96 wide, experts 32
-        return Qwen3MoeConfig(**common, head_dim=32, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
-                              rope_theta=1e6, **options)
-    return MixtralConfig(**common, intermediate_size=32, num_local_experts=8, rope_theta=1e6, **options)
-
-
-def build_tiny_moe(variant: str, seed: int = 0):
-    """A tiny random MoE whose every weight matters (see conftest's ``build_tiny_model``): matrices std 0.15,
-    norms 1 + noise; the routers std 0.5, so that tokens spread over the experts with clear margins."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_moe_config(variant), dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gate.weight"):
-                param.normal_(0.0, 0.5)
-            elif param.dim() >= 2:
-                param.normal_(0.0, 0.15)
-            else:
-                param.normal_(1.0, 0.2)
-    return model.eval()
+VOCAB = TINY_VOCAB
+VARIANTS = TINY_MOE_VARIANTS
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +268,7 @@ def test_published_config_keys_are_read(moe_checkpoint):
     path, _ = moe_checkpoint("mixtral")
     mixtral = json.loads((path / "config.json").read_text())
     with pytest.raises(ValueError, match="sliding attention window is not supported: set sliding_window to null"):
-        ModelArgs.from_hf_config({**mixtral, "sliding_window": 4096})
+        ModelArgs.from_hf_config({**mixtral, "sliding_window": 64})  # within its 256 positions: it matters
 
 
 def test_experts_stacked_in_one_tensor_are_refused_with_what_to_do(moe_checkpoint, tmp_path):
