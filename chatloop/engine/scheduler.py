@@ -45,6 +45,7 @@ class Scheduler:
         prefill_chunk_tokens: int | None = None,
         eos_token_ids: set[int] | None = None,
         kv_window: int | None = None,
+        rope_switch: int | None = None,
         replay_lost_steps: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -55,6 +56,7 @@ class Scheduler:
             max_queue_size=max_queue_size, max_in_flight=max_in_flight or pipeline.num_stages, max_context=max_context,
             max_tokens_per_micro_batch=max_tokens_per_micro_batch, prefill_chunk_tokens=prefill_chunk_tokens,
             eos_token_ids=eos_token_ids or set(), kv_window=kv_window,
+            rope_switch=rope_switch,
         )
         self._clock = clock
         self.replay_lost_steps = replay_lost_steps

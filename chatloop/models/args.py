@@ -72,6 +72,16 @@ class ModelArgs:
             return None
         return self.sliding_window
 
+    @property
+    def rope_switch(self) -> int | None:
+        """Phi-3's longrope: the length past which the long factors rotate every position, or None. A sequence that
+        grows past it as it decodes is computed again from its first token (as transformers' ``generate`` does: its
+        cache holds positions rotated with the short factors), see :class:`~chatloop.engine.policy.SchedulerPolicy`."""
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) != "longrope":
+            return None
+        return scaling["original_max_position_embeddings"]
+
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
         """Read a ``config.json`` dict; raise ``ValueError`` for families or features not supported."""

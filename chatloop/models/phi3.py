@@ -7,8 +7,11 @@ Options its published checkpoints use:
 - ``longrope`` RoPE (the 128k variants): inverse frequencies divided by ``short_factor``, or by ``long_factor``
   once a sequence is longer than ``original_max_position_embeddings``; cos and sin scaled by the attention
   factor (given, or sqrt(1 + ln(factor) / ln(original)) with factor = max / original positions). The choice is
-  made per sequence and micro-batch, from the sequence's last position, as transformers makes it per call: a
-  prompt prefilled in chunks switches where transformers, given it whole, would not.
+  made per sequence and micro-batch, from the sequence's last position, as transformers makes it per call. The
+  step that feeds position ``original_max_position_embeddings`` computes the sequence again from its first token
+  (the scheduler's ``rope_switch``, :attr:`~chatloop.models.ModelArgs.rope_switch`), as transformers' ``generate``
+  does, so that no cached position keeps the short factors; a prompt longer than that prefilled in chunks still
+  switches where transformers, given it whole, would not.
 - ``sliding_window``: a token attends to the window's last positions only (see
   :class:`~chatloop.models.kv_cache.PagedKVCache`).
 

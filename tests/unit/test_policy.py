@@ -515,3 +515,40 @@ def test_a_lost_step_requeues_its_sequences_and_nothing_is_launched_for_a_moment
     run.now = 1.0
     run.until_idle()
     assert run.text(a) == "abc" and run.text(b) == "xyz" and policy.stats.replays == 2
+
+
+def every_step(run: Run) -> list[Step]:
+    """Every step the policy launches until it is idle, each answered by the fake model in turn."""
+    steps = []
+    for _ in range(1000):
+        steps += run.schedule()
+        if not run.in_flight:
+            return steps
+        run.answer(run.in_flight[0])
+    raise AssertionError("the policy never went idle")
+
+
+def test_the_step_that_crosses_a_longrope_switch_computes_the_sequence_again_from_its_first_token():
+    """Phi-3's longrope: transformers' generate drops its cache at the step that feeds position
+    original_max_position_embeddings (its positions were rotated with the short factors); so does the policy, in
+    one step however the prompt was chunked, and decodes go on after it."""
+    policy = make_policy(prefill_chunk_tokens=3, rope_switch=6)
+    run = Run(policy, FakeModel({0: text_ids("abcdef")}))
+    seq = policy.add([1, 2, 3, 4], params(max_new_tokens=6), 0.0)
+    steps = [(step.starts[0], step.token_ids[0], step.sampling[0].step) for step in every_step(run)]
+    assert steps == [(0, (1, 2, 3), 0), (3, (4,), 0), (4, (ord("a"),), 1), (5, (ord("b"),), 2),
+                     (0, (1, 2, 3, 4, ord("a"), ord("b"), ord("c")), 3), (7, (ord("d"),), 4), (8, (ord("e"),), 5)]
+    assert run.text(seq) == "abcdef" and policy.stats.replays == 0
+    assert policy.allocator.num_free == policy.allocator.num_blocks
+
+
+def test_a_longrope_switch_past_the_window_takes_fresh_blocks_for_the_positions_given_up():
+    """Under a window shorter than the switch, the first blocks were given up: the step that computes the sequence
+    again names a block for each of its positions, none shared."""
+    policy = make_policy(num_blocks=16, block_size=2, kv_window=3, rope_switch=8)
+    run = Run(policy)
+    seq = policy.add([1, 2], params(max_new_tokens=10), 0.0)
+    (whole,) = [step for step in every_step(run) if step.starts[0] == 0 and len(step.token_ids[0]) == 9]
+    assert len(set(whole.block_tables[0])) == len(whole.block_tables[0]) == 5  # positions 0..8, 2 a block
+    assert run.text(seq) == "z" * 10 and policy.stats.replays == 0
+    assert policy.allocator.num_free == policy.allocator.num_blocks
