@@ -127,23 +127,25 @@ def main(argv: list[str] | None = None) -> None:
     isas = args.isas.split(",") if args.isas else [i for i in available_isas() if i != "portable" or args.portable]
     results = measure(args.formats.split(","), isas, args.rows, args.cols, args.rounds, args.window, args.cpu_time)
     baseline = {}
-    lines = [f"{'format/path':<22} {'MB':>6} {'median ms':>10} {'GB/s':>6} {'range GB/s':>12}  vs q4_1 same path"]
+    lines = [f"{'format/path':<22} {'MB':>6} {'median ms':>10} {'GB/s':>6} {'range GB/s':>12}  "
+             "/ q4_1 same path  / q4_1_x16"]
     for name, result in results.items():
         nbytes, seconds = result["weight_bytes"], result["seconds"]
         median = statistics.median(seconds)
         result["median_ms"] = median * 1e3
         result["gb_per_s"] = nbytes / median / 1e9
         fmt, isa = name.split("/")
-        if fmt == "q4_1":
-            baseline[isa] = result["gb_per_s"]
+        if fmt in ("q4_1", "q4_1_x16"):
+            baseline[fmt if fmt.endswith("_x16") else isa] = result["gb_per_s"]
     for name, result in results.items():
         isa = name.split("/")[1]
         ratio = result["gb_per_s"] / baseline[isa] if isa in baseline else float("nan")
-        result["per_byte_vs_q4_1"] = ratio
+        tiled = result["gb_per_s"] / baseline["q4_1_x16"] if "q4_1_x16" in baseline else float("nan")
+        result["per_byte_vs_q4_1"], result["per_byte_vs_q4_1_x16"] = ratio, tiled
         lo, hi = (result["weight_bytes"] / max(result["seconds"]) / 1e9,
                   result["weight_bytes"] / min(result["seconds"]) / 1e9)
         lines.append(f"{name:<22} {result['weight_bytes'] / 1e6:>6.1f} {result['median_ms']:>10.3f} "
-                     f"{result['gb_per_s']:>6.1f} {lo:>5.1f}-{hi:<6.1f}  {ratio:.2f}")
+                     f"{result['gb_per_s']:>6.1f} {lo:>5.1f}-{hi:<6.1f}  {ratio:>16.2f}  {tiled:>9.2f}")
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -578,6 +578,7 @@ __attribute__((target(VNNI_TARGET), always_inline)) static inline void q45_k_x16
       const __m512i m = _mm512_and_si512(_mm512_srli_epi32(u[2 + c / 4], 8 * (c % 4)), byte);
       msum = _mm512_dpwssd_epi32(msum, m, _mm512_set1_epi32((bs[2 * c] + bs[2 * c + 1]) & 0xFFFF));
     }
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
       for (int g = 0; g < 8; ++g) {
