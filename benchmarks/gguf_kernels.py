@@ -3,10 +3,10 @@
 A batch-1 decode step reads each weight once, so a kernel's figure of merit is weight bytes per second. This
 command times ``x @ W.T`` for one row ``x`` and one ``out x in`` matrix of each type on each SIMD path this CPU
 runs (``kernel_quant_linear`` for q4_1 and q8_0, also in the interleaved x16 layout that VNNI stages use;
-``kernel_kquant_linear`` for the k-quants, q4_k and q5_k also in tiles of 16 rows; ``kernel_gguf_linear`` for
-q5_0, q5_1, f16 and bf16) in rounds: each round times every contender once (a window of calls, the order rotated
-round to round), so that the machine's drift falls on all alike; the figure is the median over rounds. The matrices
-(16.8 M weights: 5-34 MB) stay in this machine's L3, so these are compute figures, not DRAM streaming.
+``kernel_kquant_linear`` for the k-quants; ``kernel_gguf_linear`` for q5_0, q5_1, f16 and bf16; q4_k, q5_k, q5_0
+and q5_1 also in tiles of 16 rows) in rounds: each round times every contender once (a window of calls, the order
+rotated round to round), so that the machine's drift falls on all alike; the figure is the median over rounds. The
+matrices (16.8 M weights: 5-34 MB) stay in this machine's L3, so these are compute figures, not DRAM streaming.
 
     python -m benchmarks.gguf_kernels --threads 2 --rounds 9 --json benchmarks/results/gguf-kernels/gguf-kernels.json
     python -m benchmarks.gguf_kernels --threads 1 --cpu-time      # one thread's CPU time: robust on a busy machine
@@ -30,7 +30,7 @@ import torch
 __all__ = ["FORMATS", "measure", "random_matrix"]
 
 FORMATS = ["q4_1", "q4_1_x16", "q8_0", "q8_0_x16", "q2_k", "q3_k", "q4_k", "q4_k_x16", "q5_k", "q5_k_x16", "q6_k",
-           "q5_0", "q5_1", "f16", "bf16"]
+           "q5_0", "q5_0_x16", "q5_1", "q5_1_x16", "f16", "bf16"]
 HALF_FIELDS = {"q4_1": (0, 2), "q8_0": (0,), "q5_0": (0,), "q5_1": (0, 2), "q2_k": (80, 82), "q3_k": (108,),
                "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
 """Where each block keeps its float16 scales (set to sane values: random bytes would give NaN and subnormals)."""
@@ -68,7 +68,7 @@ def contenders(fmt: str, isa: str, rows: int, cols: int, rng: np.random.Generato
     if fmt.endswith("_x16"):
         if isa != "avx512_vnni":
             return None
-        data, fmt = (kernel_kquant_interleave if base.endswith("_k") else kernel_interleave)(data, base)
+        data, fmt = (kernel_interleave if base in ("q4_1", "q8_0") else kernel_kquant_interleave)(data, base)
     if base in ("q4_1", "q8_0"):
         return data.numel(), lambda: kernel_quant_linear(x, data, fmt, cols, isa=isa)
     if base in GGUF_FORMAT_IDS:

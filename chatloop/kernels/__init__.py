@@ -39,8 +39,8 @@ __all__ = [
     "LlamaShapeSpec", "MatrixSpec",
     "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "kernel_bf16_linear",
     "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave", "kernel_kquant_linear",
-    "GGUF_FORMAT_IDS", "KQUANT_FORMAT_IDS", "gguf_linear_unchecked", "kernel_gguf_linear", "kernel_kquant_interleave",
-    "kernel_kquant_rows", "kquant_linear_unchecked",
+    "GGUF_FORMAT_IDS", "KQUANT_FORMAT_IDS", "TILED", "gguf_linear_unchecked", "kernel_gguf_linear",
+    "kernel_kquant_interleave", "kernel_kquant_rows", "kquant_linear_unchecked",
     "kernel_linear", "kernel_quant_linear", "kernel_rms_norm", "kernel_rope_", "load_kernels", "load_quant_kernels",
     "quant_isa", "quant_linear_unchecked", "stream_read",
 ]
@@ -69,10 +69,15 @@ and ``q5_k_x16`` are q4_k and q5_k in tiles of 16 rows (:func:`kernel_kquant_int
 reads."""
 KQUANT_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84, "q4_k_x16": 144,
                       "q5_k_x16": 176}
-GGUF_FORMAT_IDS = {"q5_0": 0, "q5_1": 1, "f16": 2, "bf16": 3}
+GGUF_FORMAT_IDS = {"q5_0": 0, "q5_1": 1, "f16": 2, "bf16": 3, "q5_0_x16": 4, "q5_1_x16": 5}
 """The decode kernel of GGUF's other kept types (ggufgemv.c): q5_0 and q5_1 with activations quantized in blocks
-of 32 (Q8_0 / Q8_1), f16 and bf16 with float32 activations."""
-GGUF_ROW_BYTES = {"q5_0": (32, 22), "q5_1": (32, 24), "f16": (1, 2), "bf16": (1, 2)}
+of 32 (Q8_0 / Q8_1), f16 and bf16 with float32 activations; ``q5_0_x16`` and ``q5_1_x16`` are q5_0 and q5_1 in tiles
+of 16 rows (:func:`kernel_kquant_interleave`), which only the kernel reads."""
+GGUF_ROW_BYTES = {"q5_0": (32, 22), "q5_1": (32, 24), "f16": (1, 2), "bf16": (1, 2), "q5_0_x16": (32, 22),
+                  "q5_1_x16": (32, 24)}
+TILED = {"q4_k": ("chatloop_kquant", 144), "q5_k": ("chatloop_kquant", 176), "q5_0": ("chatloop_gguf", 22),
+         "q5_1": ("chatloop_gguf", 24)}
+"""Formats with a layout in tiles of 16 rows (``_x16``) beside qgemv.c's: the C functions' prefix, bytes a block."""
 MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
 BF16_KERNEL_ROWS = 3
@@ -234,43 +239,45 @@ def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: to
 
 def kernel_kquant_interleave(data: torch.Tensor, fmt: str = "q4_k", in_place: bool = False,
                              inverse: bool = False) -> tuple[torch.Tensor, str]:
-    """A ``q4_k`` or ``q5_k`` matrix [out, bytes] (out a multiple of 16) in tiles of 16 rows (kquant.c's
-    ``q4_k_x16``, ``q5_k_x16``: the same bytes, rearranged so that VNNI computes 16 rows at once), and the layout's
-    name; ``inverse``: such a matrix (``fmt`` its ``_x16`` name) back to GGUF's rows, and the rows' name.
-    ``in_place``: in ``data``'s own memory."""
+    """A ``q4_k``, ``q5_k`` (kquant.c), ``q5_0`` or ``q5_1`` (ggufgemv.c) matrix [out, bytes] (out a multiple of
+    16) in tiles of 16 rows (``q4_k_x16``, ...: the same bytes, rearranged so that VNNI computes 16 rows at once), and
+    the layout's name; ``inverse``: such a matrix (``fmt`` its ``_x16`` name) back to GGUF's rows, and the rows'
+    name. ``in_place``: in ``data``'s own memory."""
     library = load_quant_kernels()
     _require(library is not None, "ChatLoop's quantized kernels are not available here (see the log)")
     rows = fmt.removesuffix("_x16")
-    _require(rows in ("q4_k", "q5_k") and fmt.endswith("_x16") == inverse,
+    _require(rows in TILED and fmt.endswith("_x16") == inverse,
              f"kernel_kquant_interleave: cannot rearrange {fmt!r}{' back' if inverse else ''}")
-    nbytes = KQUANT_BLOCK_BYTES[rows]
+    prefix, nbytes = TILED[rows]
     _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and data.shape[0] % 16 == 0
              and data.shape[1] % nbytes == 0,
              f"kernel_kquant_interleave: need a contiguous uint8 {fmt} matrix of a multiple of 16 rows, got "
              f"{data.dtype} {tuple(data.shape)}")
     out = data if in_place else torch.empty_like(data)
-    if library.chatloop_kquant_interleave(data.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1] // nbytes,
-                                          KQUANT_FORMAT_IDS[rows], int(inverse)) != 0:
+    ids = KQUANT_FORMAT_IDS if prefix == "chatloop_kquant" else GGUF_FORMAT_IDS
+    if getattr(library, f"{prefix}_interleave")(data.data_ptr(), out.data_ptr(), data.shape[0],
+                                                data.shape[1] // nbytes, ids[rows], int(inverse)) != 0:
         raise MemoryError(f"kernel_kquant_interleave: no memory for one tile of 16 rows of {tuple(data.shape)}")
     return out, rows if inverse else f"{rows}_x16"
 
 
 def kernel_kquant_rows(data: torch.Tensor, ids: torch.Tensor, fmt: str = "q4_k_x16") -> torch.Tensor:
-    """Rows ``ids`` (int64, 1-d) of a ``q4_k_x16`` or ``q5_k_x16`` matrix as GGUF's rows [len(ids), bytes] (prefill
-    dequantizes those)."""
+    """Rows ``ids`` (int64, 1-d) of a matrix in tiles of 16 rows (``fmt``: ``q4_k_x16``, ``q5_k_x16``, ``q5_0_x16``,
+    ``q5_1_x16``) as GGUF's rows [len(ids), bytes] (prefill dequantizes those)."""
     library = load_quant_kernels()
     _require(library is not None, "ChatLoop's quantized kernels are not available here (see the log)")
-    _require(fmt in ("q4_k_x16", "q5_k_x16"), f"kernel_kquant_rows: {fmt!r} is not q4_k_x16 or q5_k_x16")
     rows = fmt.removesuffix("_x16")
-    nbytes = KQUANT_BLOCK_BYTES[rows]
+    _require(fmt.endswith("_x16") and rows in TILED, f"kernel_kquant_rows: {fmt!r} is not a layout in tiles")
+    prefix, nbytes = TILED[rows]
     _require(data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous() and data.shape[0] % 16 == 0
              and data.shape[1] % nbytes == 0, f"kernel_kquant_rows: need a contiguous uint8 {fmt} matrix")
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     _require(bool(((flat >= 0) & (flat < data.shape[0])).all()),
              f"kernel_kquant_rows: ids outside [0, {data.shape[0]})")
     out = torch.empty(flat.numel(), data.shape[1], dtype=torch.uint8)
-    library.chatloop_kquant_x16_rows(data.data_ptr(), flat.data_ptr(), out.data_ptr(), flat.numel(),
-                                     data.shape[1] // nbytes, KQUANT_FORMAT_IDS[rows])
+    ids = KQUANT_FORMAT_IDS if prefix == "chatloop_kquant" else GGUF_FORMAT_IDS
+    getattr(library, f"{prefix}_x16_rows")(data.data_ptr(), flat.data_ptr(), out.data_ptr(), flat.numel(),
+                                           data.shape[1] // nbytes, ids[rows])
     return out
 
 
@@ -280,7 +287,7 @@ def gguf_linear_unchecked(x: torch.Tensor, data: torch.Tensor, fmt: str, in_feat
     ``data`` contiguous uint8 [out, row bytes], checked by the caller), on ggufgemv.c."""
     rows = x.numel() // in_features
     out = torch.empty(*x.shape[:-1], data.shape[0], dtype=torch.float32)
-    if fmt in ("q5_0", "q5_1"):
+    if fmt.startswith("q5_"):
         xq = torch.empty(rows * in_features, dtype=torch.int8)
         xd = torch.empty(2 * rows * in_features // 32, dtype=torch.float32)  # d, then s
         pointers = xq.data_ptr(), xd.data_ptr(), xd.data_ptr() + rows * in_features // 32 * 4
@@ -305,6 +312,8 @@ def kernel_gguf_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: torc
              and data.shape[1] * weights == in_features * block_bytes,
              f"kernel_gguf_linear: a {fmt} matrix of {in_features} inputs is contiguous uint8 "
              f"[out, {in_features // weights * block_bytes}], got {data.dtype} {tuple(data.shape)}")
+    _require(not fmt.endswith("_x16") or data.shape[0] % 16 == 0,
+             f"kernel_gguf_linear: a {fmt} matrix has a multiple of 16 rows, got {data.shape[0]}")
     _require(x.dtype == torch.float32, f"kernel_gguf_linear: x must be float32, got {x.dtype}")
     _require(bias is None or (bias.dtype == torch.float32 and bias.shape == (data.shape[0],)),
              f"kernel_gguf_linear: bias must be float32 [{data.shape[0]}]")
@@ -350,6 +359,10 @@ def load_quant_kernels() -> ctypes.CDLL | None:
             library.chatloop_kquant_interleave.restype = integer
             library.chatloop_kquant_x16_rows.argtypes = [pointer, pointer, pointer, size, size, integer]
             library.chatloop_kquant_x16_rows.restype = None
+            library.chatloop_gguf_interleave.argtypes = [pointer, pointer, size, size, integer, integer]
+            library.chatloop_gguf_interleave.restype = integer
+            library.chatloop_gguf_x16_rows.argtypes = [pointer, pointer, pointer, size, size, integer]
+            library.chatloop_gguf_x16_rows.restype = None
             return library
     log.info("ChatLoop's quantized kernels are off (%s): quantized layers dequantize into torch's kernels", reason)
     return None

@@ -13,15 +13,17 @@
 #include "multipath.h"
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-enum { GFMT_Q5_0 = 0, GFMT_Q5_1 = 1, GFMT_F16 = 2, GFMT_BF16 = 3 };
+enum { GFMT_Q5_0 = 0, GFMT_Q5_1 = 1, GFMT_F16 = 2, GFMT_BF16 = 3, GFMT_Q5_0_X16 = 4, GFMT_Q5_1_X16 = 5 };
 enum { GISA_PORTABLE = 0, GISA_AVX2 = 1, GISA_AVX512 = 2 };
 #define QK 32
 #define GROUP 8 /* blocks whose integer sums are reduced and scaled as one vector */
 
 static inline int64_t g_row_bytes(int fmt, int64_t I) {
-  return fmt == GFMT_Q5_0 ? I / QK * 22 : fmt == GFMT_Q5_1 ? I / QK * 24 : I * 2;
+  return fmt == GFMT_Q5_0 || fmt == GFMT_Q5_0_X16 ? I / QK * 22 : fmt == GFMT_Q5_1 || fmt == GFMT_Q5_1_X16 ? I / QK * 24
+                                                                                                          : I * 2;
 }
 
 /* IEEE half to float, without F16C. */
@@ -261,18 +263,146 @@ GDOTS(portable, PORTABLE_ATTR, dot_q5_portable, dot_float_portable)
 GDOTS(avx2, AVX2_ATTR, dot_q5_avx2, dot_float_avx2)
 GDOTS(avx512, AVX512_ATTR, dot_q5_vnni, dot_float_avx512)
 
+/* ---- q5_0 and q5_1 in tiles of 16 rows (GFMT_Q5_*_X16; made at load time where the CPU has VNNI) ---------- */
+/* Per tile of 16 rows and block k, the 16 blocks' bytes (352, q5_1 384) rearranged as kquant.c's q4_k_x16: the
+ * rows' d (fp16 x 16), [q5_1: m (fp16 x 16)], then their 4-byte words side by side (64 bytes a word: the fifth bits,
+ * then four words of nibbles). A 512-bit load holds the same 4 bytes of 16 rows: their fifth bits (a 32-bit word a
+ * row, in its lane), or 8 weights each (low nibbles: weights 4g..4g+3, high: 16 + 4g..), which vpdpbusd multiplies
+ * by four activation bytes broadcast. The fifth bits of weights 4g..4g+3 are bits 4(g % 2).. of byte g / 2 of each
+ * lane's word (16 + 4g: of byte 2 + g / 2): a byte shuffle copies that byte to the lane's four bytes, a test against
+ * one bit a byte makes the mask under which 16 is added. */
+#define GX16 16
+
+static inline int gx16_at(int r, int i, int header) {
+  if (i < header) return 32 * (i / 2) + 2 * r + i % 2;
+  return 16 * header + 64 * ((i - header) / 4) + 4 * r + (i - header) % 4;
+}
+
+/* Rows [O, nb * bytes] of q5_0 or q5_1 (fmt: GFMT_Q5_0 or _1) -> tiles (inverse = 0), or back; O a multiple of 16;
+ * out may be w. Returns 0, or -1 without memory for one tile. */
+int chatloop_gguf_interleave(const uint8_t* w, uint8_t* out, int64_t O, int64_t nb, int fmt, int inverse) {
+  const int bytes = fmt == GFMT_Q5_1 ? 24 : 22, header = fmt == GFMT_Q5_1 ? 4 : 2;
+  const int64_t tile_bytes = GX16 * nb * bytes;
+  uint8_t* copy = malloc(tile_bytes);
+  if (!copy) return -1;
+  for (int64_t t = 0; t < O / GX16; ++t) {
+    memcpy(copy, w + t * tile_bytes, tile_bytes);
+    uint8_t* dst = out + t * tile_bytes;
+    for (int64_t k = 0; k < nb; ++k)
+      for (int r = 0; r < GX16; ++r)
+        for (int i = 0; i < bytes; ++i) {
+          const int64_t row_at = (r * nb + k) * bytes + i, tile_at = k * GX16 * bytes + gx16_at(r, i, header);
+          if (inverse)
+            dst[row_at] = copy[tile_at];
+          else
+            dst[tile_at] = copy[row_at];
+        }
+  }
+  free(copy);
+  return 0;
+}
+
+/* Rows ids[n] of a q5_0_x16 or q5_1_x16 matrix (fmt: the rows' GFMT_*) as GGUF's rows: out [R, nb * bytes]. */
+void chatloop_gguf_x16_rows(const uint8_t* w, const int64_t* ids, uint8_t* out, int64_t R, int64_t nb, int fmt) {
+  const int bytes = fmt == GFMT_Q5_1 ? 24 : 22, header = fmt == GFMT_Q5_1 ? 4 : 2;
+  for (int64_t n = 0; n < R; ++n) {
+    const uint8_t* tile = w + ids[n] / GX16 * GX16 * nb * bytes;
+    const int r = (int)(ids[n] % GX16);
+    for (int64_t k = 0; k < nb; ++k)
+      for (int i = 0; i < bytes; ++i)
+        out[(n * nb + k) * bytes + i] = tile[k * GX16 * bytes + gx16_at(r, i, header)];
+  }
+}
+
+/* y[0..15]: one activation row against one tile, on VNNI. */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void q5_x16_tile_vnni(
+    const uint8_t* tile, const int8_t* xq, const float* xd, const float* xs, int64_t nb, float* y, const int one) {
+  const int bytes = one ? 24 : 22, header = one ? 4 : 2;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(0x10);
+  const __m512i dword_base = _mm512_set_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0, 0x0C0C0C0C, 0x08080808,
+                                              0x04040404, 0, 0x0C0C0C0C, 0x08080808, 0x04040404, 0, 0x0C0C0C0C,
+                                              0x08080808, 0x04040404, 0);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < nb; ++k) {
+    const uint8_t* blk = tile + k * GX16 * bytes;
+    const int8_t* q = xq + k * QK;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)blk));
+    const __m512 c = one ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 32)))
+                         : _mm512_mul_ps(d, _mm512_set1_ps(-16.0f));
+    const __m512i qh = _mm512_loadu_si512(blk + 16 * header);
+    __m512i isum = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const __m512i v = _mm512_loadu_si512(blk + 16 * header + 64 + 64 * g);
+      const int shift = 4 * (g % 2);
+      const __m512i bits = _mm512_set1_epi32((int)((1u << shift) | (2u << shift) << 8 | (4u << shift) << 16 |
+                                                   (8u << shift) << 24));
+      const __m512i lo_bytes = _mm512_shuffle_epi8(qh, _mm512_add_epi8(dword_base, _mm512_set1_epi8((char)(g / 2))));
+      const __m512i hi_bytes = _mm512_shuffle_epi8(qh, _mm512_add_epi8(dword_base, _mm512_set1_epi8((char)(2 + g / 2))));
+      __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(lo_bytes, bits), lo, sixteen);
+      hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(hi_bytes, bits), hi, sixteen);
+      int32_t x_lo, x_hi;
+      memcpy(&x_lo, q + 4 * g, 4);
+      memcpy(&x_hi, q + 16 + 4 * g, 4);
+      isum = _mm512_dpbusd_epi32(isum, lo, _mm512_set1_epi32(x_lo));
+      isum = _mm512_dpbusd_epi32(isum, hi, _mm512_set1_epi32(x_hi));
+    }
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(xd[k])), acc);
+    acc = _mm512_fmadd_ps(c, _mm512_set1_ps(xs[k]), acc);
+  }
+  _mm512_storeu_ps(y, acc);
+}
+__attribute__((target(AVX512_TARGET))) static void q5_0_x16_tile_vnni(const uint8_t* tile, const int8_t* xq,
+                                                                      const float* xd, const float* xs, int64_t nb,
+                                                                      float* y) {
+  q5_x16_tile_vnni(tile, xq, xd, xs, nb, y, 0);
+}
+__attribute__((target(AVX512_TARGET))) static void q5_1_x16_tile_vnni(const uint8_t* tile, const int8_t* xq,
+                                                                      const float* xd, const float* xs, int64_t nb,
+                                                                      float* y) {
+  q5_x16_tile_vnni(tile, xq, xd, xs, nb, y, 1);
+}
+
 /* y [B, O] = x [B, I] W^T + bias for W [O, row bytes] in fmt (GFMT_*); scratch for q5_0 and q5_1: xq [B * I]
  * int8, xd and xs [B * I / 32] float. */
 void chatloop_gguf_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
                           int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, float* xs) {
   const int64_t nb = I / QK, row_bytes = g_row_bytes(fmt, I);
-  const int quantized = fmt == GFMT_Q5_0 || fmt == GFMT_Q5_1;
+  const int quantized = fmt != GFMT_F16 && fmt != GFMT_BF16;
   if (quantized)
     for (int64_t b = 0; b < B; ++b) quantize_row_q8_1(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
   static const gdot_fn table[3][4] = {{q5_0_portable, q5_1_portable, f16_portable, bf16_portable},
                                       {q5_0_avx2, q5_1_avx2, f16_avx2, bf16_avx2},
                                       {q5_0_avx512, q5_1_avx512, f16_avx512, bf16_avx512}};
-  const gdot_fn dot = table[isa >= GISA_AVX512 ? 2 : isa == GISA_AVX2 ? 1 : 0][fmt];
+  const int rows_fmt = fmt == GFMT_Q5_0_X16 ? GFMT_Q5_0 : fmt == GFMT_Q5_1_X16 ? GFMT_Q5_1 : fmt;
+  const gdot_fn dot = table[isa >= GISA_AVX512 ? 2 : isa == GISA_AVX2 ? 1 : 0][rows_fmt];
+  if (rows_fmt != fmt) { /* tiles: VNNI's kernel, or each row gathered back for the other paths' */
+#pragma omp parallel num_threads(num_threads)
+    {
+      uint8_t* row = isa >= GISA_AVX512 ? NULL : malloc(row_bytes);
+      const int bytes = rows_fmt == GFMT_Q5_1 ? 24 : 22, header = rows_fmt == GFMT_Q5_1 ? 4 : 2;
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < O / GX16; ++t)
+        for (int64_t b = 0; b < B; ++b) {
+          float out[GX16];
+          const uint8_t* tile = w + t * GX16 * row_bytes;
+          if (isa >= GISA_AVX512) {
+            (fmt == GFMT_Q5_0_X16 ? q5_0_x16_tile_vnni : q5_1_x16_tile_vnni)(tile, xq + b * I, xd + b * nb,
+                                                                            xs + b * nb, nb, out);
+          } else {
+            for (int r = 0; r < GX16; ++r) {
+              for (int64_t k = 0; k < nb; ++k)
+                for (int i = 0; i < bytes; ++i) row[k * bytes + i] = tile[k * GX16 * bytes + gx16_at(r, i, header)];
+              out[r] = dot(row, xq + b * I, xd + b * nb, xs + b * nb, NULL, nb, I);
+            }
+          }
+          for (int r = 0; r < GX16; ++r) y[b * O + t * GX16 + r] = out[r] + (bias ? bias[t * GX16 + r] : 0.0f);
+        }
+      free(row);
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t o = 0; o < O; ++o) {
     const uint8_t* row = w + o * row_bytes;

@@ -136,11 +136,11 @@ def test_the_decode_kernels_compute_their_reference_arithmetic_on_every_path(isa
 
 
 @pytest.mark.parametrize("isa", available_isas() or ["none"])
-@pytest.mark.parametrize("fmt", ["q4_k", "q5_k"])
-def test_q4_k_and_q5_k_in_tiles_of_16_rows_compute_what_their_rows_do(isa, fmt, monkeypatch):
-    """q4_k_x16 and q5_k_x16 hold the same bytes rearranged (and back again exactly); each path computes on them the
-    reference of the rows they came from. A stage's q4_k and q5_k layers take them where the kernel runs on VNNI:
-    decode steps on the tiles, prefill on the rows gathered back and dequantized."""
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q5_0", "q5_1"])
+def test_tiles_of_16_rows_compute_what_their_rows_do(isa, fmt, monkeypatch):
+    """q4_k_x16, q5_k_x16, q5_0_x16 and q5_1_x16 hold the same bytes rearranged (and back again exactly); each path
+    computes on them the reference of the rows they came from. A stage's layers of these types take them where the
+    kernel runs on VNNI: decode steps on the tiles, prefill on the rows gathered back and dequantized."""
     if load_quant_kernels() is None:
         pytest.skip("the quantized kernels cannot be built here")
     data = torch.from_numpy(random_blocks(fmt.upper(), 48, 768, np.random.default_rng(4)).copy())
@@ -152,12 +152,12 @@ def test_q4_k_and_q5_k_in_tiles_of_16_rows_compute_what_their_rows_do(isa, fmt, 
     x = torch.randn(3, 768) * torch.logspace(-1, 1, 768)
     x[0, :256] = 0
     bias = torch.randn(48)
-    got = kernel_kquant_linear(x, tiles, tiled, bias, isa)
+    got = _kernel_linear(x, tiles, tiled, bias, isa)
     magnitude = x.abs().double() @ dequantize(data, fmt).abs().double().T
     error = (got.double() - reference_decode_linear(x, data, fmt, bias)).abs()
     assert bool((error <= 1e-5 * magnitude + 1e-6).all())
     with pytest.raises(ValueError, match=f"a {tiled} matrix has a multiple of 16 rows, got 40"):
-        kernel_kquant_linear(x, tiles[:40], tiled, isa=isa)
+        _kernel_linear(x, tiles[:40], tiled, isa=isa)
     if isa != "avx512_vnni":
         return
     monkeypatch.setenv("CHATLOOP_ISA", isa)
