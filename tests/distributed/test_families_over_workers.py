@@ -1,11 +1,12 @@
 """Greedy text of every family beside Llama through real worker processes equals transformers' (issue 20, point 4).
 
 Each case splits one tiny random checkpoint (tests/conftest.py: ``TINY_FAMILY_CONFIGS`` and ``TINY_MOE_VARIANTS``)
-over 2 or 4 worker ranks started by a coordinator process (cluster_harness.py), sends prompts of different lengths
-at once, so that prefill and decode run batched through the pipeline, and compares each request's greedy tokens
-with transformers' ``generate`` on the same weights, one prompt at a time. Gemma 2 and 3 have windows of 8 and
-Phi-3 one of 24: the longest prompt with its continuation crosses them, and Phi-3's longrope switches to its long
-factors past position 16.
+over 2 or 4 worker ranks started by a coordinator process (cluster_harness.py), sends three prompts of different
+lengths at once, so that prefill and decode run batched (two micro-batches in flight, one of two sequences) through
+the pipeline, and compares each request's greedy tokens and their log-probabilities with transformers' ``generate``
+on the same weights, one prompt at a time. Gemma 2 and 3 have windows of 8 and Phi-3 one of 24: the longest prompt
+with its continuation crosses them; Phi-3's longrope switches to its long factors at position 16, where
+transformers' ``generate`` computes the sequence again (as the scheduler's ``rope_switch`` does).
 """
 
 from __future__ import annotations
@@ -57,15 +58,18 @@ def test_batched_greedy_tokens_through_worker_ranks_equal_transformers_generate(
     window = getattr(config, "sliding_window", None)
     if family in ("gemma2", "gemma3_text", "phi3"):  # the windows are crossed, or they are not tested
         assert window and max(map(len, PROMPTS.values())) + NEW_TOKENS > window
+    if family == "phi3":  # every sequence crosses longrope's switch as it decodes
+        assert max(map(len, PROMPTS.values())) <= config.original_max_position_embeddings == 16
     folder = tmp_path / family
     shutil.copytree(checkpoint.path, folder)
     save_tiny_tokenizer(folder)
     expected = {name: transformers_greedy(checkpoint.model, prompt) for name, prompt in PROMPTS.items()}
     params = {"max_new_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}
     requests = [{"prompt": prompt, "params": params} for prompt in PROMPTS.values()]
-    results = run_cluster(
-        [f"model.name={folder}", f"model.partitions_dir={tmp_path / 'parts'}", f"cluster.num_workers={num_workers}"],
-        [{"name": "batch", "op": "streams", "requests": requests}],  # all at once: batched steps
+    results = run_cluster(  # two micro-batches in flight: of two sequences and of one, however many workers
+        [f"model.name={folder}", f"model.partitions_dir={tmp_path / 'parts'}", f"cluster.num_workers={num_workers}",
+         "cluster.max_in_flight=2"],
+        [{"name": "batch", "op": "streams", "requests": requests}],  # all at once
     )
     for name, result in zip(PROMPTS, results["batch"]):
         assert result["error"] is None, (name, result["error"])
