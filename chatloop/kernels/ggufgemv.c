@@ -8,6 +8,7 @@
  * F16 and BF16 multiply the float32 activations by the weights widened to float32, sums in float32.
  * Three paths, chosen at run time by the caller: portable C, AVX2 (maddubs; F16C, or a shift for bfloat16) and
  * AVX-512 (VNNI's vpdpbusd and a mask move for the fifth bits; 512-bit widening and FMA for the float types).
+ * q5_0 and q5_1 matrices are also kept in tiles of 16 rows where the CPU has VNNI (GFMT_Q5_*_X16: see their section).
  * This file is compiled without -march=native: each path states its own target.
  */
 #include "multipath.h"
@@ -380,7 +381,7 @@ void chatloop_gguf_linear(const float* x, const uint8_t* w, const float* bias, f
   if (rows_fmt != fmt) { /* tiles: VNNI's kernel, or each row gathered back for the other paths' */
 #pragma omp parallel num_threads(num_threads)
     {
-      uint8_t* row = isa >= GISA_AVX512 ? NULL : malloc(row_bytes);
+      uint8_t row[isa >= GISA_AVX512 ? 1 : row_bytes]; /* a row gathered back (a few kB: on the thread's stack) */
       const int bytes = rows_fmt == GFMT_Q5_1 ? 24 : 22, header = rows_fmt == GFMT_Q5_1 ? 4 : 2;
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < O / GX16; ++t)
@@ -399,7 +400,6 @@ void chatloop_gguf_linear(const float* x, const uint8_t* w, const float* bias, f
           }
           for (int r = 0; r < GX16; ++r) y[b * O + t * GX16 + r] = out[r] + (bias ? bias[t * GX16 + r] : 0.0f);
         }
-      free(row);
     }
     return;
   }

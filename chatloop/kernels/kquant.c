@@ -10,8 +10,9 @@
  *   q3_k:  d_x d (sum_g sc_g sum(u_w q_x) - 4 sum_g sc_g bsum_g)   (u = q + 4 in 0..7, 16 groups of 16)
  *   q2_k:  d_x (d sum_g sc_g sum(q_w q_x) - dmin sum_g m_g bsum_g)                      (16 groups of 16)
  * Three paths, chosen at run time by the caller: portable C, AVX2 (maddubs, then madd by the scales) and AVX-512
- * VNNI (vpdpbusd on 256-bit vectors, then madd_epi16 by the scales: exact, each 32-bit sum being below 2^15). This file is compiled without -march=native: each
- * path states its own target.
+ * VNNI (vpdpbusd on 512-bit vectors, then vpdpwssd by the scales: see that section). q4_k and q5_k matrices are also
+ * kept in tiles of 16 rows where the CPU has VNNI (KFMT_Q4_K_X16, KFMT_Q5_K_X16: see their section). This file is
+ * compiled without -march=native: each path states its own target.
  */
 #include "multipath.h"
 #include <math.h>
@@ -647,7 +648,7 @@ void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias,
   if (rows_fmt != fmt) {
 #pragma omp parallel num_threads(num_threads)
     {
-      uint8_t* row = isa >= KISA_AVX512_VNNI ? NULL : malloc(row_bytes);
+      uint8_t row[isa >= KISA_AVX512_VNNI ? 1 : row_bytes]; /* a row gathered back (a few kB: on the thread's stack) */
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < O / KX16; ++t)
         for (int64_t b = 0; b < B; ++b) {
@@ -661,7 +662,6 @@ void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias,
                            k_block_bytes(rows_fmt));
           for (int r = 0; r < KX16; ++r) y[b * O + t * KX16 + r] = out[r] + (bias ? bias[t * KX16 + r] : 0.0f);
         }
-      free(row);
     }
     return;
   }
