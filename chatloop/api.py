@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import CONF_DIR, ChatLoopConfig
+from .config import ChatLoopConfig, load_config
 from .engine import (
     ClusterUnavailableError,
     ContextLengthError,
@@ -87,23 +87,6 @@ class Score:
     @property
     def perplexity(self) -> float:
         return math.exp(-self.total / len(self.logprobs)) if self.logprobs else math.nan
-
-
-def load_config(overrides: Sequence[str] = ()) -> ChatLoopConfig:
-    """Compose ``conf/config.yaml`` with Hydra overrides (``["cluster.num_workers=2"]``) into typed config."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    from .config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        try:
-            composed = compose(config_name="config", overrides=list(overrides))
-        except HydraException as e:  # Hydra keeps the useful part (say, an unknown key) in the cause
-            cause = f"\n{str(e.__cause__).splitlines()[0]}" if e.__cause__ is not None else ""
-            raise ValueError(f"{e}{cause}") from None
-        return to_config(composed)
 
 
 def partitions_dir_for(cfg: ChatLoopConfig) -> Path:
@@ -276,7 +259,7 @@ class ChatLoop:
     def cluster_state(self) -> str:
         """serving, recovering (a lost worker is being replaced: requests wait) or degraded (it did not come back)."""
         watchdog = self.cluster.watchdog if self.cluster is not None else None
-        return watchdog.state if watchdog is not None else "serving"
+        return watchdog.state.value if watchdog is not None else "serving"
 
     def stats(self) -> EngineStats:
         """The coordinator's counters now."""
@@ -346,7 +329,7 @@ class ChatLoop:
         if self.cluster_state == "degraded":
             lost = self.cluster.watchdog.lost  # type: ignore[union-attr]
             raise ClusterUnavailableError(
-                "; ".join(f"worker{k} is down: {why.splitlines()[0]}" for k, why in sorted(lost.items()))
+                "; ".join(loss.reason for _, loss in sorted(lost.items()))
                 + ": the request was not run (chatloop-status shows every rank)")
         return self.scheduler.submit(prompt_ids, params, emit)
 

@@ -25,8 +25,7 @@ from collections.abc import Callable
 import hydra
 from omegaconf import DictConfig
 
-from .config import API_KEY_ENV, CONF_DIR, ChatLoopConfig, register_configs, to_config
-from .worker_settings import worker_environment
+from .config import CONF_DIR, ChatLoopConfig, register_configs, to_config
 
 __all__ = ["Terminated", "generate_main", "chat_main", "run_rank"]
 
@@ -35,7 +34,9 @@ register_configs()
 
 def run_rank(cfg: ChatLoopConfig, coordinator: Callable[[ChatLoopConfig], None]) -> None:
     """Run ``coordinator(cfg)`` on rank 0; on the other torchrun ranks, supervise a worker process."""
-    from .runtime import StartupError, under_torchrun
+    from .engine.pipeline import stage_name
+    from .network import under_torchrun
+    from .runtime import StartupError
 
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     rank = int(os.environ.get("RANK", "0")) if under_torchrun() else 0
@@ -43,7 +44,7 @@ def run_rank(cfg: ChatLoopConfig, coordinator: Callable[[ChatLoopConfig], None])
         try:
             sys.exit(_supervise_rank(rank - 1, cfg))
         except (OSError, RuntimeError) as e:
-            raise StartupError(f"worker{rank - 1}: {e}") from None
+            raise StartupError(f"{stage_name(rank - 1)}: {e}") from None
     coordinator(cfg)
 
 
@@ -61,13 +62,9 @@ def _supervise_rank(index: int, cfg: ChatLoopConfig) -> int:
     from .runtime.supervisor import WorkerSupervisor, supervise_forever
 
     os.environ.update(rank_interfaces(os.environ["MASTER_ADDR"], dict(os.environ)))
-    env = {**os.environ, **worker_environment(cfg.worker)}  # read when the worker imports torch
-    env.pop(API_KEY_ENV, None)
     config_file = write_config(cfg)
     rendezvous = Rendezvous.torchrun(cfg.cluster.startup_timeout_s)
-    supervisor = WorkerSupervisor(
-        index, ["--index", str(index), "--config", str(config_file), "--coordinator", "torchrun",
-                "--parent-pid", str(os.getpid())], env, cfg.cluster.max_restarts)
+    supervisor = WorkerSupervisor.for_worker(cfg, index, config_file, "torchrun")
     try:
         return supervise_forever(supervisor, closed=rendezvous.closed,
                                  evicted=lambda pid: rendezvous.evicted(index, pid),

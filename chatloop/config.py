@@ -10,13 +10,14 @@ kv_cache_mb 512, enable_simd true.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "API_KEY_ENV", "CONF_DIR", "ModelConfig", "WorkerSpec", "ClusterConfig", "BatchingConfig", "CacheConfig",
-    "WorkerConfig", "ServerConfig", "SamplingConfig", "ChatLoopConfig", "register_configs", "to_config",
+    "WorkerConfig", "ServerConfig", "SamplingConfig", "ChatLoopConfig", "load_config", "register_configs", "to_config",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -335,3 +336,18 @@ def to_config(cfg: Any) -> ChatLoopConfig:
         raise TypeError(
             "the composed config is not a ChatLoopConfig: does conf/config.yaml start from chatloop_schema?")
     return result
+
+
+def load_config(overrides: Sequence[str] = ()) -> ChatLoopConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides (``["cluster.num_workers=2"]``) into typed config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        try:
+            composed = compose(config_name="config", overrides=list(overrides))
+        except HydraException as e:  # Hydra keeps the useful part (say, an unknown key) in the cause
+            cause = f"\n{str(e.__cause__).splitlines()[0]}" if e.__cause__ is not None else ""
+            raise ValueError(f"{e}{cause}") from None
+        return to_config(composed)

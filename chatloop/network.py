@@ -3,13 +3,14 @@ machine, free ports."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import psutil
 
 __all__ = [
     "GLOO_IFNAME_ENV", "TP_IFNAME_ENV", "free_port", "free_ports", "interface_towards", "local_addresses",
-    "rank_address", "rank_interfaces", "resolve", "runs_here",
+    "rank_address", "rank_interfaces", "resolve", "runs_here", "under_torchrun",
 ]
 
 GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
@@ -123,3 +124,8 @@ def rank_address(environ: dict[str, str]) -> str:
     if not addresses:
         raise OSError(f"{TP_IFNAME_ENV}={interface} names no interface with an IPv4 address on this host")
     return addresses[0]
+
+
+def under_torchrun() -> bool:
+    """Whether this process is a rank torchrun started (its ranks meet in torchrun's store)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)

@@ -13,12 +13,15 @@ from .errors import (
     DeadlineExceededError,
     EmptyPromptError,
     EngineError,
+    FaultKind,
     QueueFullError,
     RequestError,
     SamplingError,
     SchedulerClosedError,
     StageError,
     StageLostError,
+    first_line,
+    stage_fault,
 )
 from .pipeline import LocalPipeline, MicroBatch, Pipeline, StageReport, StageTiming, StepRecord
 from .policy import SchedulerPolicy, Step
@@ -30,9 +33,9 @@ from .scoring import sample_and_score
 
 __all__ = [
     "BlockAllocator", "CapacityError", "ClusterUnavailableError", "ContextLengthError", "DeadlineExceededError",
-    "EmptyPromptError", "EngineClient", "EngineError", "EngineStats", "FinishReason", "LocalPipeline", "MicroBatch",
-    "Pipeline", "QueueFullError", "RequestError", "SampledToken", "SamplerInput", "SamplingError", "SamplingParams",
-    "Scheduler", "SchedulerClosedError", "SchedulerPolicy", "ScoredToken", "SequenceEvent", "StageError",
-    "StageLostError", "StageReport", "StageRunner", "StageSpec", "StageTiming", "Step", "StepRecord",
-    "build_stage_runner", "sample", "sample_and_score",
+    "EmptyPromptError", "EngineClient", "EngineError", "EngineStats", "FaultKind", "FinishReason", "LocalPipeline",
+    "MicroBatch", "Pipeline", "QueueFullError", "RequestError", "SampledToken", "SamplerInput", "SamplingError",
+    "SamplingParams", "Scheduler", "SchedulerClosedError", "SchedulerPolicy", "ScoredToken", "SequenceEvent",
+    "StageError", "StageLostError", "StageReport", "StageRunner", "StageSpec", "StageTiming", "Step", "StepRecord",
+    "build_stage_runner", "first_line", "sample", "sample_and_score", "stage_fault",
 ]

@@ -3,7 +3,7 @@
 The scheduler talks to any :class:`Pipeline`: :class:`LocalPipeline` here runs every stage in
 this process (the one-process baseline and the unit tests); ``chatloop.runtime`` chains the
 stages over torch.distributed.rpc. Everything a caller may ask of a pipeline is on the class:
-its stages' names and reports, their timings, observers of each step, a failure to inject.
+its stages' names and reports, their timings, observers of each step.
 """
 
 from __future__ import annotations
@@ -20,14 +20,20 @@ from typing import Any, NamedTuple
 import torch
 
 from ..models import StepBatch
+from .fault_injection import fail_next
 from .requests import SamplerInput
 
 __all__ = [
     "LocalPipeline", "MicroBatch", "Pipeline", "StageReport", "StageTiming", "StepObserver", "StepRecord",
-    "compute_thread",
+    "compute_thread", "stage_name",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def stage_name(index: int, in_process: bool = False) -> str:
+    """Stage ``index``'s name: ``worker{index}`` (its RPC name) in a worker process, ``stage{index}`` in process."""
+    return f"stage{index}" if in_process else f"worker{index}"
 
 
 @dataclass
@@ -170,10 +176,6 @@ class Pipeline(ABC):
     def take_timings(self) -> dict[str, list[StageTiming]]:
         """Each stage's micro-batch timings since the last call (then forgotten)."""
 
-    @abstractmethod
-    def inject_failure(self, stage: int, message: str = "injected", stall_s: float = 0.0) -> None:
-        """Test hook: make ``stage`` fail its next micro-batch (with ``stall_s``: compute it only that late)."""
-
     def close(self) -> None:  # noqa: B027 - optional: most pipelines hold nothing to release
         """Release what the pipeline holds in this process."""
 
@@ -215,7 +217,8 @@ class LocalPipeline(Pipeline):
         return {runner.name: runner.take_timings() for runner in self.runners}
 
     def inject_failure(self, stage: int, message: str = "injected", stall_s: float = 0.0) -> None:
-        self.runners[stage].fail_next(message, stall_s)
+        """Test hook: make ``stage`` fail its next micro-batch (:func:`~chatloop.engine.fault_injection.fail_next`)."""
+        fail_next(self.runners[stage], message, stall_s)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -24,31 +24,24 @@ from ..models.kv_cache import blocks_for_stage
 from ..partition import Manifest, load_stage
 from ..worker_settings import SPIN_ENV, cpu_quota, machine_id
 from .errors import StageError, StageLostError
-from .pipeline import StageReport, StageTiming
+from .pipeline import StageReport, StageTiming, stage_name
 from .requests import SamplerInput
 from .sampling import NOT_FINITE, sample
 from .scoring import sample_and_score
 
 __all__ = [
-    "NON_FINITE", "CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks", "stage_name",
+    "CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks",
     "stage_specs",
 ]
 
 log = logging.getLogger(__name__)
 
-NON_FINITE = "non-finite"
-"""``fail_next``'s message that makes the next micro-batch's outputs NaN, as damaged weights would (a test hook)."""
 
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:
     """[B, T] whether each row of ``x`` [B, T, C] is finite: 0 * x sums to exactly 0 unless a value is NaN or
     infinite (2-40x faster than ``isfinite(x).all(-1)`` here: 17 us for a decode step of 16 x 4096)."""
     return (x * 0).sum(-1) == 0
-
-
-def stage_name(index: int, in_process: bool = False) -> str:
-    """Stage ``index``'s name: ``worker{index}`` (its RPC name) in a worker process, ``stage{index}`` in process."""
-    return f"stage{index}" if in_process else f"worker{index}"
 
 
 class CapacityError(ValueError):
@@ -146,9 +139,6 @@ class StageRunner:
         self.busy_seconds = 0.0
         self.num_micro_batches = 0
         self.started = time.time()
-        self._inject: str | None = None
-        self._stall_s = 0.0
-        self._poison = False
         self.unhealthy: str | None = None
         """Why this stage's outputs cannot be trusted (they turned NaN or infinite), once they did; it then computes
         nothing more: its process is to be replaced, which loads and verifies the partition again."""
@@ -162,28 +152,25 @@ class StageRunner:
     @torch.inference_mode()
     def run(self, inputs: torch.Tensor, batch: StepBatch, sampling: list[SamplerInput], micro_batch: int = -1):
         if self.unhealthy is not None:  # lost like a stopped stage's: with self-healing it is replayed once replaced
-            raise StageLostError(f"{self.name} is unhealthy: {self.unhealthy}")
+            raise StageLostError(f"{self.name} is unhealthy: {self.unhealthy}", stage=self.index,
+                                 cause=f"unhealthy: {self.unhealthy}")
         start = time.perf_counter()
         try:
-            if self._stall_s:
-                stall, self._stall_s = self._stall_s, 0.0
-                time.sleep(stall)
-            if self._inject is not None:
-                self._inject = None
-                inputs = inputs[..., :-1] if inputs.dim() == 3 else inputs[:, :0]  # a wrong shape, as a bug would make
             if self.stage.is_last and any(p.scores for p in sampling):
-                hidden = self._poisoned(self.stage(inputs, batch, self.cache, hidden=True))
+                hidden = self.stage(inputs, batch, self.cache, hidden=True)
                 result = sample_and_score(self.stage.head, hidden, batch, sampling)
             else:
-                out = self._poisoned(self.stage(inputs, batch, self.cache))
+                out = self.stage(inputs, batch, self.cache)
                 result = sample(out, sampling) if self.stage.is_last else out
         except Exception as e:
-            raise StageError(f"{self.name} (layers {self.stage.layers_range}) failed: {type(e).__name__}: {e}") from e
+            cause = f"{type(e).__name__}: {e}"
+            raise StageError(f"{self.name} (layers {self.stage.layers_range}) failed: {cause}", stage=self.index,
+                             cause=cause) from e
         reason = self._not_finite(inputs, batch, result, micro_batch)
         if reason is not None:
             self.unhealthy = reason
             log.error("%s (layers %s) is unhealthy: %s", self.name, self.stage.layers_range, reason)
-            raise StageError(f"{self.name} is unhealthy: {reason}")
+            raise StageError(f"{self.name} is unhealthy: {reason}", stage=self.index, cause=f"unhealthy: {reason}")
         end = time.perf_counter()
         self.busy_seconds += end - start
         self.num_micro_batches += 1
@@ -221,23 +208,6 @@ class StageRunner:
         sequences = "its one sequence" if num_sequences == 1 else f"all {num_sequences} sequences"
         return (f"its {what} hold NaN or infinity for {sequences} of micro-batch {micro_batch} (from finite inputs): "
                 "its weights may be damaged; a worker that replaces it checks its partition's hash as it loads")
-
-    def _poisoned(self, out: torch.Tensor) -> torch.Tensor:
-        if not self._poison:
-            return out
-        self._poison = False
-        return torch.full_like(out, float("nan"))
-
-    def fail_next(self, message: str, stall_s: float = 0.0) -> None:
-        """Test hook: the next micro-batch fails inside the stage (a wrong input shape, as a bug would make); with
-        ``stall_s``, it computes only after that many seconds instead, and succeeds (a stage that stopped); with the
-        message :data:`NON_FINITE`, its outputs are NaN (as damaged weights would make them)."""
-        if stall_s:
-            self._stall_s = stall_s
-        elif message == NON_FINITE:
-            self._poison = True
-        else:
-            self._inject = message
 
     def take_timings(self) -> list[StageTiming]:
         """The recorded timings, then forget them."""

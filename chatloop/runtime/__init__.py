@@ -8,7 +8,7 @@ worker's Prometheus endpoint; ``members``: what a worker tells the coordinator w
 container, or the command that starts it again), and how messages name a lost one.
 """
 
-from .cluster import RpcCluster, StartupError, under_torchrun
+from .cluster import RpcCluster, StartupError
 from .worker import serve_worker
 
-__all__ = ["RpcCluster", "StartupError", "serve_worker", "under_torchrun"]
+__all__ = ["RpcCluster", "StartupError", "serve_worker"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import re
 import secrets
 import shutil
 import threading
@@ -26,13 +25,24 @@ from typing import Protocol
 
 import torch.distributed.rpc as rpc
 
-from ..config import API_KEY_ENV, ChatLoopConfig
-from ..engine import MicroBatch, Pipeline, StageError, StageLostError, StageReport, StageTiming
+from ..config import ChatLoopConfig
+from ..engine import (
+    FaultKind,
+    MicroBatch,
+    Pipeline,
+    StageError,
+    StageLostError,
+    StageReport,
+    StageTiming,
+    first_line,
+    stage_fault,
+)
+from ..engine.pipeline import stage_name
 from ..engine.runner import stage_specs
-from ..network import rank_address, rank_interfaces
-from ..worker_settings import worker_environment
+from ..network import rank_address, rank_interfaces, under_torchrun
 from . import remote_stage, results
-from .healing import Watchdog
+from .faults import GenerationError, Loss
+from .healing import State, Watchdog
 from .links import Link, LinkListener
 from .members import not_back
 from .processes import WorkerProcess, write_config
@@ -40,16 +50,13 @@ from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdo
 from .supervisor import WorkerSupervisor
 from .worker import backend_options
 
-__all__ = ["ClusterListener", "GenerationError", "RpcCluster", "RpcPipeline", "StartupError", "under_torchrun"]
+__all__ = ["ClusterListener", "GenerationError", "RpcCluster", "RpcPipeline", "StartupError"]
 
 log = logging.getLogger(__name__)
 # torch's RPC builds its barrier on a Gloo group through an API torch itself deprecates; the
 # warning is about torch's code, not ours, and each rank printed it on every start.
 warnings.filterwarnings("ignore", message="You are using a Backend .*ProcessGroupGloo", category=UserWarning)
 
-LOST = ("timeout", "timed out", "ran for more than", "eof", "epipe", "econnreset", "econnrefused", "pipe closed",
-        "connection reset", "connection refused", "broken pipe", "unreachable", "no route", "shut down")
-"""Words of transport errors: the step did not fail in a stage, it was lost between them."""
 UNHEALTHY_AFTER_FAILURES = 3
 """A stage whose last this many micro-batches all failed in it is reported down."""
 DEADLINE_CHECK_S = 0.25
@@ -60,10 +67,6 @@ STOP_WAIT_S = 1.5
 
 class StartupError(RuntimeError):
     """The cluster could not start: the message names the rank and what to change."""
-
-
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
 class RpcPipeline(Pipeline):
@@ -103,7 +106,8 @@ class RpcPipeline(Pipeline):
         try:
             self.link.send("forward", (mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling))
         except Exception as e:
-            results.fail(mb.id, StageLostError(f"{self.stage_names[0]} is unreachable: {e}"))
+            results.fail(mb.id, StageLostError(f"{self.stage_names[0]} is unreachable: {e}", stage=0,
+                                               generation=self.generation, cause=str(e)))
         return result
 
     def _forget(self, mb_id: int) -> None:
@@ -114,19 +118,20 @@ class RpcPipeline(Pipeline):
     def failed(self, mb_id: int, error: BaseException) -> None:
         """A stage reported micro-batch ``mb_id`` failed (-1: a link closed, and every step in flight may be lost).
 
-        A stage's own error fails the step; a step lost in transport is located first (off the
+        A stage's own error fails the step; a step lost in transport, or late, is located first (off the
         caller's thread: it asks every stage), and its error names the stage that held it up.
         """
         with self._lock:
             in_flight = [mb_id] if mb_id in self._sent else list(self._sent) if mb_id < 0 else []
         for k in in_flight:
-            if not _lost(error):
+            if not isinstance(error, StageError) or error.located:
                 results.fail(k, error)
                 continue
             try:
                 self._diagnose.submit(self._fail_lost, k, error)
             except RuntimeError:  # this pipeline is closed: its generation was lost already
-                results.fail(k, StageLostError(f"{_first_line(error)} (generation {self.generation})"))
+                results.fail(k, StageLostError(f"{first_line(error)} (generation {self.generation})",
+                                               generation=self.generation, cause=error.cause))
 
     def _watch_deadlines(self) -> None:
         """A step that has not come back within the timeout is lost somewhere: locate it."""
@@ -136,7 +141,8 @@ class RpcPipeline(Pipeline):
                 late = [k for k, sent in self._sent.items() if now - sent > self.timeout and k not in self._overdue]
                 self._overdue.update(late)
             for k in late:
-                self.failed(k, StageError(f"micro-batch {k} ran for more than {self.timeout:g} s"))
+                self.failed(k, StageError(f"micro-batch {k} ran for more than {self.timeout:g} s",
+                                          kind=FaultKind.TIMED_OUT, generation=self.generation))
 
     # ---- where a step is -----------------------------------------------------------------------
     def heartbeat(self, timeout: float) -> dict[int, str]:
@@ -149,10 +155,10 @@ class RpcPipeline(Pipeline):
             try:
                 _, computing_s, unhealthy = f.wait()
             except Exception as e:
-                lost[k] = f"no answer to the heartbeat within {timeout:g} s ({_first_line(e)})"
+                lost[k] = f"no answer to the heartbeat within {timeout:g} s ({first_line(e)})"
                 continue
             if unhealthy is not None:
-                lost[k] = f"{self.stage_names[k]} is unhealthy: {unhealthy}"
+                lost[k] = f"unhealthy: {unhealthy}"
             elif computing_s is not None and computing_s > self.progress_deadline_s:
                 lost[k] = (f"no progress: one micro-batch has been computing for {computing_s:.0f} s "
                            f"(cluster.progress_deadline_s={self.progress_deadline_s:g})")
@@ -168,36 +174,38 @@ class RpcPipeline(Pipeline):
             try:
                 out.append(tuple(f.wait()))  # type: ignore[arg-type]
             except Exception as e:
-                out.append(_first_line(e))
+                out.append(first_line(e))
         return out
 
-    def blame(self, mb_id: int, where: list[tuple[str, float] | str]) -> str:
-        """Which stage holds micro-batch ``mb_id`` up, from :meth:`locate`'s answer."""
-        silent = [name for name, state in zip(self.stage_names, where) if isinstance(state, str)]
+    def blame(self, mb_id: int, where: list[tuple[str, float] | str]) -> tuple[int | None, str]:
+        """Which stage holds micro-batch ``mb_id`` up (None: none does), and how, from :meth:`locate`'s answer."""
+        silent = [k for k, state in enumerate(where) if isinstance(state, str)]
         if silent:
-            return (f"{', '.join(silent)} {'does' if len(silent) == 1 else 'do'} not answer (stopped, overloaded or "
-                    f"unreachable): micro-batch {mb_id} was lost")
-        for name, (state, seconds) in zip(self.stage_names, where):  # type: ignore[misc]
-            if state not in ("done", "forwarded") or (name == self.stage_names[-1] and state != "done"):
-                return f"{name} did not finish micro-batch {mb_id} ({state} for {seconds:.1f} s)"
-        return f"micro-batch {mb_id} passed every stage, but its tokens never reached the coordinator"
+            names = ", ".join(self.stage_names[k] for k in silent)
+            return silent[0], (f"{names} {'does' if len(silent) == 1 else 'do'} not answer (stopped, overloaded or "
+                               f"unreachable): micro-batch {mb_id} was lost")
+        last = len(self.stage_names) - 1
+        for k, (state, seconds) in enumerate(where):  # type: ignore[misc]
+            if state not in ("done", "forwarded") or (k == last and state != "done"):
+                return k, f"{self.stage_names[k]} did not finish micro-batch {mb_id} ({state} for {seconds:.1f} s)"
+        return None, f"micro-batch {mb_id} passed every stage, but its tokens never reached the coordinator"
 
     def _fail_lost(self, mb_id: int, error: StageError) -> None:
         where = self.locate(mb_id)
         silent = [k for k, state in enumerate(where) if isinstance(state, str)]
-        if "ran for more than" in str(error) and not silent and self._rearm_if_moving(mb_id, where):
+        timed_out = error.kind is FaultKind.TIMED_OUT
+        if timed_out and not silent and self._rearm_if_moving(mb_id, where):
             return
         if silent and self.on_silent is not None:
             self.on_silent(silent, f"no answer: {where[silent[0]]}", self.generation)
         self.cancel([mb_id])
-        text = _first_line(error)
-        # The error names the stage the coordinator called (worker0), not the one that held the step up.
-        reason = (f"no answer within cluster.rpc_timeout_s={self.timeout:g} s" if "ran for more than" in text
-                  else re.sub(r"^worker\d+: ", "", text))
+        reason = f"no answer within cluster.rpc_timeout_s={self.timeout:g} s" if timed_out else first_line(error)
         # A stage that does not answer was lost (its sequences wait for the rebuilt pipeline); a step that only
-        # took too long where every stage answers fails its requests: replaying it would take as long again.
-        kind = StageLostError if silent else StageError
-        results.fail(mb_id, kind(f"{self.blame(mb_id, where)} ({reason})"))
+        # took too long, or whose link closed, where every stage answers fails its requests: a replay would too.
+        kind = FaultKind.LOST if silent else FaultKind.TIMED_OUT if timed_out else FaultKind.FAILED
+        stage, blame = self.blame(mb_id, where)
+        results.fail(mb_id, stage_fault(kind, f"{blame} ({reason})", stage=stage, generation=self.generation,
+                                        cause=reason))
 
     def _rearm_if_moving(self, mb_id: int, where: list[tuple[str, float]]) -> bool:
         """A late step that waits its turn behind others, or that a stage has been computing for less than the
@@ -232,7 +240,7 @@ class RpcPipeline(Pipeline):
             try:
                 reports.append(self._judge(f.wait()))
             except Exception as e:
-                reports.append(StageReport.down(name, k, f"no answer within {timeout:g} s: {_first_line(e)}"))
+                reports.append(StageReport.down(name, k, f"no answer within {timeout:g} s: {first_line(e)}"))
         return reports
 
     def _judge(self, report: StageReport) -> StageReport:
@@ -249,6 +257,7 @@ class RpcPipeline(Pipeline):
         return {name: [StageTiming(*t) for t in f.wait()] for name, f in zip(self.stage_names, futures)}
 
     def inject_failure(self, stage: int, message: str = "injected", stall_s: float = 0.0) -> None:
+        """Test hook: make ``stage`` fail its next micro-batch (:func:`~chatloop.engine.fault_injection.fail_next`)."""
         rpc.rpc_sync(self.stage_names[stage], remote_stage.fail_next, args=(message, stall_s))
 
     def close(self) -> None:
@@ -302,6 +311,7 @@ class RpcCluster:
         self._observers: list = []
         self._config_file: str | None = None
         self._shut = False
+        self._rpc_up = False  # this rank's RPC agent belongs to a formed generation
 
     @property
     def workers(self) -> list[WorkerProcess]:
@@ -348,20 +358,22 @@ class RpcCluster:
             cluster.shutdown()
             raise
         if cfg.cluster.self_healing:
-            cluster.watchdog = Watchdog(cluster)
+            cluster.watchdog = Watchdog(cluster, cfg.cluster)
         return cluster
 
-    def _refuse_exit(self, supervisor: WorkerSupervisor, ended: str) -> bool:
+    def _refuse_exit(self, supervisor: WorkerSupervisor, ended: Loss) -> bool:
         """At start-up a worker that exits fails the start at once: nothing is started again."""
-        raise GenerationError([supervisor.index], _while(ended, "while the cluster started"))
+        raise GenerationError([supervisor.index], str(ended.during("while the cluster started")), named=True)
 
     # ---- forming a generation ------------------------------------------------------------------
     def form(self, generation: int, deadline: float,
-             on_exit: Callable[[WorkerSupervisor, str], bool], waited: str = "the time allowed") -> None:
-        """Wait for every worker to announce itself, then start RPC for ``generation`` with them.
+             on_exit: Callable[[WorkerSupervisor, Loss], bool], waited: str = "the time allowed",
+             join_deadline: float | None = None) -> None:
+        """Wait for every worker to announce itself (until ``join_deadline``, by default ``deadline``), then start
+        RPC for ``generation`` with them (until ``deadline``).
 
         ``on_exit(supervisor, how)`` handles a started worker that exited meanwhile: True if it was
-        started again, else it raises :class:`GenerationError`. ``waited`` names the limit that ``deadline``
+        started again, else it raises :class:`GenerationError`. ``waited`` names the limit that the join deadline
         comes from, for the error ('cluster.recovery_timeout_s=60 s').
         """
         cfg, rendezvous = self.cfg, self.rendezvous
@@ -382,7 +394,7 @@ class RpcCluster:
             missing = [k for k in range(n) if k not in ready]
             if self.closing.is_set():
                 raise GenerationError(missing, "the service is stopping")
-            if time.monotonic() > deadline:
+            if time.monotonic() > (deadline if join_deadline is None else join_deadline):
                 raise self._not_joined(missing, waited)
             time.sleep(0.05)
         self.members = ready
@@ -392,6 +404,7 @@ class RpcCluster:
             lambda: init_rpc_generation(results.COORDINATOR, 0, n + 1, generation, rendezvous, options),
             deadline, on_exit,
         )
+        self._rpc_up = True
         self.generation = generation
 
     def _not_joined(self, missing: list[int], waited: str) -> GenerationError:
@@ -409,7 +422,7 @@ class RpcCluster:
                        f"{where}` (worker N)")
             else:
                 how = "they were started here: see their output above"
-            text = (f"{', '.join(f'worker{k}' for k in never)} did not join the coordinator at {where} in time "
+            text = (f"{', '.join(stage_name(k) for k in never)} did not join the coordinator at {where} in time "
                     f"({waited}): {how}, or check that they can reach this address")
             reasons.update({k: text for k in never})
         for k in missing:
@@ -417,16 +430,16 @@ class RpcCluster:
             if failure:
                 reasons[k] += f" ({failure})"
         message = "; ".join(dict.fromkeys(reasons[k] for k in missing))  # one sentence for those never joined
-        return GenerationError(missing, message, reasons=reasons)
+        return GenerationError(missing, message, reasons=reasons, named=True)
 
-    def _check_exits(self, on_exit: Callable[[WorkerSupervisor, str], bool]) -> None:
+    def _check_exits(self, on_exit: Callable[[WorkerSupervisor, Loss], bool]) -> None:
         for supervisor in self.supervisors:
             ended = supervisor.exited()
             if ended is not None:
                 on_exit(supervisor, ended)
 
     def _while_watching(self, call: Callable[[], None], deadline: float,
-                        on_exit: Callable[[WorkerSupervisor, str], bool]) -> None:
+                        on_exit: Callable[[WorkerSupervisor, Loss], bool]) -> None:
         """Run ``call`` in a thread; stop waiting for it if a worker we started exits meanwhile."""
         outcome: list[BaseException | None] = []
 
@@ -449,7 +462,7 @@ class RpcCluster:
                     f"RPC did not start in time (store {self.rendezvous.where})"))
         if outcome and outcome[0] is not None:
             raise GenerationError(list(range(self.cfg.cluster.num_workers)), (
-                f"RPC start-up through {self.rendezvous.where} failed: {_first_line(outcome[0])}"))
+                f"RPC start-up through {self.rendezvous.where} failed: {first_line(outcome[0])}"))
 
     def load_stages(self, deadline: float) -> None:
         """Every worker builds (or, in a later generation, keeps) its stage; the stages are chained."""
@@ -465,8 +478,8 @@ class RpcCluster:
                 reports.append(future.wait())
             except Exception as e:
                 ended = next((s.exited() for s in self.supervisors if s.index == k and s.exited()), None)
-                raise GenerationError([k], (ended and _while(ended, "while it loaded its stage"))
-                                      or f"{name} could not load its stage: {_first_line(e)}") from None
+                raise GenerationError([k], str(ended.during("while it loaded its stage")) if ended
+                                      else f"{name} could not load its stage: {first_line(e)}", named=True) from None
         link = self._link_stages(names, reports)
         self.stage_reports = reports
         num_blocks = min(r.num_blocks or 0 for r in reports)
@@ -495,15 +508,16 @@ class RpcCluster:
                 rpc.rpc_sync(names[k], remote_stage.connect, args=(downstream, addresses[k + 1], secret))
             except Exception as e:
                 raise GenerationError([k], f"{names[k]} could not link to {downstream or results.COORDINATOR} at "
-                                           f"{addresses[k + 1]}: {_first_line(e)}") from None
+                                           f"{addresses[k + 1]}: {first_line(e)}", named=True) from None
         try:
             return Link(names[0], addresses[0], secret, on_closed=self._first_link_closed)
         except ConnectionError as e:
-            raise GenerationError([0], f"the coordinator could not link to {names[0]}: {e}") from None
+            raise GenerationError([0], f"the coordinator could not link to {names[0]}: {e}", named=True) from None
 
     def _first_link_closed(self, reason: str) -> None:
-        if self.pipeline is not None:
-            self.pipeline.failed(-1, StageLostError(f"{self.pipeline.stage_names[0]} is unreachable: {reason}"))
+        if self.pipeline is not None:  # worker0, or a stage after it: located by the pipeline
+            self.pipeline.failed(-1, StageLostError(f"{self.pipeline.stage_names[0]} is unreachable: {reason}",
+                                                    generation=self.generation, cause=reason))
 
     def _stages_silent(self, indices: list[int], reason: str, generation: int) -> None:
         if self.watchdog is not None:
@@ -514,14 +528,41 @@ class RpcCluster:
         if self.pipeline is not None:
             self.pipeline.close()
         results.on_failure = None
-        results.fail_all(StageLostError(f"the pipeline of generation {self.generation} was lost"))
+        results.fail_all(StageLostError(f"the pipeline of generation {self.generation} was lost",
+                                        generation=self.generation))
         try:
             self.rendezvous.end(self.generation)
         except Exception as e:
-            log.warning("could not end generation %d in the store: %s", self.generation, _first_line(e))
+            log.warning("could not end generation %d in the store: %s", self.generation, first_line(e))
         self.pipeline = None
+        self._rpc_up = False
         if not shutdown_rpc(graceful=False, timeout_s=10):
             log.warning("the coordinator's RPC agent of generation %d did not stop within 10 s", self.generation)
+
+    def abandon(self, generation: int) -> None:
+        """``generation`` did not form or load: the workers waiting to start it move on to the next, and this rank's
+        RPC agent, if it started, goes."""
+        self.rendezvous.end(generation)
+        self.generation = generation
+        if self._rpc_up:
+            shutdown_rpc(graceful=False, timeout_s=10)
+            self._rpc_up = False
+
+    def announced(self, index: int) -> dict | None:
+        """What worker ``index`` said when it last joined (pid, host, container, command), if it ever did."""
+        return self.known.get(index) or self.members.get(index)
+
+    def heartbeat(self) -> dict[int, str]:
+        """{stage: why} for the current pipeline's stages that give no sign of life ({} between generations)."""
+        if self.pipeline is None:
+            return {}
+        return self.pipeline.heartbeat(self.cfg.cluster.heartbeat_timeout_s)
+
+    def evict(self, index: int) -> None:
+        """Tell worker ``index``'s supervisor elsewhere (a torchrun rank) to kill and replace it."""
+        pid = (self.announced(index) or {}).get("pid")
+        if pid is not None:
+            self.rendezvous.evict(index, int(pid))
 
     def describe(self, timeout: float) -> list[StageReport]:
         """Every stage's report, with the container its worker runs in; while the cluster heals, the lost stages
@@ -529,7 +570,8 @@ class RpcCluster:
         if self.watchdog is not None and self.watchdog.lost:
             lost = dict(self.watchdog.lost)
             state = self.watchdog.state
-            reports = [replace(StageReport.down(name, k, f"{state}: {lost[k]}"), recovering=state == "recovering")
+            reports = [replace(StageReport.down(name, k, f"{state.value}: {lost[k]}"),
+                               recovering=state is State.RECOVERING)
                        if k in lost else StageReport(name=name, index=k, host=(self.members.get(k) or {}).get("host"))
                        for k, name in enumerate(self.stage_names)]
         elif self.pipeline is None:
@@ -540,7 +582,7 @@ class RpcCluster:
 
     @property
     def stage_names(self) -> list[str]:
-        return [f"worker{k}" for k in range(self.cfg.cluster.num_workers)]
+        return [stage_name(k) for k in range(self.cfg.cluster.num_workers)]
 
     # ---- stopping ------------------------------------------------------------------------------
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -562,13 +604,13 @@ class RpcCluster:
         if self.pipeline is not None:
             self.pipeline.close()
         self.pipeline = None
-        whole = (self.watchdog is None or self.watchdog.state == "serving") and all(
+        whole = (self.watchdog is None or self.watchdog.state is State.SERVING) and all(
             s.process is None or s.process.poll() is None for s in self.supervisors)
         try:
             self.rendezvous.close_service(graceful=whole)
             self.rendezvous.end(self.generation)
         except Exception as e:  # the store is ours on one host; under torchrun it may be gone already
-            log.debug("could not tell the workers to leave: %s", _first_line(e))
+            log.debug("could not tell the workers to leave: %s", first_line(e))
         if self.results_listener is not None:
             self.results_listener.close()
         if not shutdown_rpc(graceful=whole, timeout_s=timeout):
@@ -587,49 +629,13 @@ class RpcCluster:
             shutil.rmtree(os.path.dirname(self._config_file), ignore_errors=True)
 
 
-class GenerationError(RuntimeError):
-    """A generation could not form or load: which workers held it up, and why (each one's own reason in
-    ``reasons``, where they differ)."""
-
-    def __init__(self, indices: list[int], message: str, reasons: dict[int, str] | None = None) -> None:
-        super().__init__(message)
-        self.indices = indices
-        self.reasons = dict(reasons or {})
-
-    def reason(self, index: int) -> str:
-        return self.reasons.get(index, str(self))
-
-
-def _while(ended: str, when: str) -> str:
-    """Put ``when`` after the exit status: 'worker1 (pid 9) exited with code 3 while ...; its last output: ...'."""
-    head, sep, tail = ended.partition(";")
-    return f"{head} {when}{sep}{tail}"
-
-
 def _start_workers(cfg: ChatLoopConfig, config_file: str, coordinator: str) -> list[WorkerSupervisor]:
-    env = {**os.environ, **worker_environment(cfg.worker)}  # read when a worker imports torch
-    env.pop(API_KEY_ENV, None)  # a worker has no use for the HTTP key
-    supervisors = []
-    for k in range(cfg.cluster.num_workers):
-        arguments = ["--index", str(k), "--config", config_file, "--coordinator", coordinator,
-                     "--parent-pid", str(os.getpid())]
-        supervisor = WorkerSupervisor(k, arguments, env, cfg.cluster.max_restarts)
+    supervisors = [WorkerSupervisor.for_worker(cfg, k, config_file, coordinator)
+                   for k in range(cfg.cluster.num_workers)]
+    for supervisor in supervisors:
         supervisor.start()
-        supervisors.append(supervisor)
     return supervisors
-
-
-def _lost(error: BaseException) -> bool:
-    text = str(error).lower()
-    return any(word in text for word in LOST)
 
 
 def _down(report: StageReport, error: str) -> StageReport:
     return replace(report, error=error)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    # RPC wraps a remote exception's traceback; its last line holds the message.
-    useful = [line for line in lines if "Error" in line and ":" in line]
-    return (useful[-1] if useful else lines[-1] if lines else repr(e)).strip()

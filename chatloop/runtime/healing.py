@@ -22,26 +22,28 @@ by hand stays stopped whatever its restart policy) is named with what it said wh
 message about it says how to bring it back (``docker start chatloop-worker-2``: :mod:`.members`).
 
 Every log line names the stages it is about and the generation.
+
+The watchdog is a state machine (:class:`State`) over a narrow interface to the cluster (:class:`Generations`):
+its thread calls :meth:`Watchdog.step` every 0.2 s, and tests call it with a fake clock and a fake cluster.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import Any, Protocol
 
 from ..engine import ClusterUnavailableError
+from ..engine.pipeline import stage_name
+from .faults import GenerationError, Loss, summary
 from .members import label, while_away
-from .rendezvous import shutdown_rpc
 from .supervisor import WorkerSupervisor
 
-if TYPE_CHECKING:
-    from .cluster import RpcCluster
-
-__all__ = ["Watchdog"]
+__all__ = ["Generations", "State", "Watchdog"]
 
 log = logging.getLogger(__name__)
 
@@ -50,34 +52,97 @@ RETRY_S = 5.0
 """While degraded, how often the coordinator tries to form the pipeline again."""
 
 
-class Watchdog:
-    """The coordinator's thread that watches the workers and heals the cluster (see the module's docstring)."""
+class State(str, Enum):
+    """The cluster's state, as the watchdog keeps it (its value is what /v1/status and the metrics show)."""
 
-    def __init__(self, cluster: RpcCluster) -> None:
+    SERVING = "serving"
+    RECOVERING = "recovering"
+    """A lost worker is being replaced: requests wait."""
+    DEGRADED = "degraded"
+    """A lost worker did not come back in time: requests are refused, the coordinator keeps trying."""
+
+
+NEXT_STATES = {
+    State.SERVING: {State.RECOVERING},
+    State.RECOVERING: {State.SERVING, State.DEGRADED},
+    State.DEGRADED: {State.SERVING, State.DEGRADED},
+}
+"""The transitions the watchdog makes (degraded to degraded: a retry that failed for a new reason)."""
+
+
+class Generations(Protocol):
+    """What the watchdog needs of the cluster (:class:`~chatloop.runtime.cluster.RpcCluster`): one RPC world (a
+    generation) at a time, formed, loaded, left or abandoned; the workers this process supervises."""
+
+    generation: int
+    """The current generation's number (the next one is ``generation + 1``)."""
+    supervisors: list[WorkerSupervisor]
+    listener: Any
+    """A :class:`~chatloop.runtime.cluster.ClusterListener`, or None."""
+    pipeline: Any
+    """The current generation's pipeline (None between generations)."""
+
+    def announced(self, index: int) -> Mapping[str, Any] | None:
+        """What worker ``index`` said when it last joined (pid, host, container, command)."""
+
+    def heartbeat(self) -> dict[int, str]:
+        """{stage: why} for the current pipeline's stages that give no sign of life ({} without a pipeline)."""
+
+    def leave_generation(self) -> None:
+        """End the current generation: its steps fail, this rank's RPC agent goes."""
+
+    def evict(self, index: int) -> None:
+        """Tell worker ``index``'s supervisor elsewhere (torchrun's rank) to replace it."""
+
+    def form(self, generation: int, deadline: float, on_exit: Callable[[WorkerSupervisor, Loss], bool],
+             waited: str, join_deadline: float | None = None) -> None:
+        """Wait for every worker (until ``join_deadline``), start RPC for ``generation``; GenerationError if it cannot
+        by ``deadline``."""
+
+    def load_stages(self, deadline: float) -> None:
+        """Every worker builds or keeps its stage, chained into a new pipeline; GenerationError if one cannot."""
+
+    def abandon(self, generation: int) -> None:
+        """``generation`` did not form or load: end it everywhere, so the workers move on to the next."""
+
+
+class Watchdog:
+    """The coordinator's thread that watches the workers and heals the cluster (see the module's docstring).
+
+    ``settings``: ``cluster.heartbeat_interval_s``, ``heartbeat_timeout_s``, ``recovery_timeout_s``; ``clock``:
+    seconds (monotonic); ``watch``: start the thread (tests drive :meth:`step` themselves).
+    """
+
+    def __init__(self, cluster: Generations, settings: Any, clock: Callable[[], float] = time.monotonic,
+                 watch: bool = True) -> None:
         self.cluster = cluster
-        self.state = "serving"
-        """serving, recovering (a lost worker is being replaced) or degraded (it did not come back in time)."""
-        self.lost: dict[int, str] = {}
+        self.settings = settings
+        self.clock = clock
+        self.state = State.SERVING
+        self.lost: dict[int, Loss] = {}
         """While recovering or degraded: the lost stages and why."""
         self.recoveries = 0
         self.recovery_seconds: list[float] = []
         """From noticing the loss to the rebuilt pipeline, per recovery."""
         self.replays = 0
         self.last_noticed: float | None = None
-        """When (time.monotonic()) the last loss was noticed."""
+        """When (``clock()``) the last loss was noticed."""
         self._reports: queue.SimpleQueue[tuple[int, dict[int, str]]] = queue.SimpleQueue()
+        self._next_heartbeat = clock() + settings.heartbeat_interval_s
+        self._next_retry = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._rpc_up = True  # this rank's RPC agent belongs to a formed generation
         self._thread = threading.Thread(target=self._run, name="chatloop-watchdog", daemon=True)
-        self._thread.start()
+        if watch:
+            self._thread.start()
 
     @property
     def restarts(self) -> dict[str, int]:
         return {s.name: s.restarts for s in self.cluster.supervisors}
 
     def report(self, lost: dict[int, str], generation: int) -> None:
-        """Something else found stages lost in ``generation`` (a step that could not reach them)."""
+        """Something else found stages lost in ``generation`` (a step that could not reach them): {stage: why, not
+        naming the stage}."""
         self._reports.put((generation, lost))
         self._wake.set()
 
@@ -86,142 +151,137 @@ class Watchdog:
         started again. Waits up to ``timeout_s`` for the thread (a daemon: shutdown goes on without it)."""
         self._stop.set()
         self._wake.set()
-        if threading.current_thread() is not self._thread:
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
+
+    def step(self) -> None:
+        """One look: while serving, at what was reported, the exits and (when due) a heartbeat, and heal a loss;
+        while degraded, try again every ``RETRY_S`` to form the pipeline (unless a worker is given up)."""
+        now = self.clock()
+        if self.state is State.SERVING:
+            heartbeat = now >= self._next_heartbeat
+            if heartbeat:
+                self._next_heartbeat = now + self.settings.heartbeat_interval_s
+            lost = self._look(heartbeat)
+            if lost:
+                self._heal(lost)
+        elif self.state is State.DEGRADED and now >= self._next_retry:
+            self._next_retry = now + RETRY_S
+            if not any(s.given_up for s in self.cluster.supervisors if s.index in self.lost):
+                # The workers get RETRY_S to be there; once they all are, starting RPC and loading the stages get
+                # the whole recovery time (on a busy host they can take longer than a retry's wait).
+                self._rebuild(now, now + self.settings.recovery_timeout_s, quiet=True,
+                              waited=f"{RETRY_S:g} s (a retry)", join_deadline=now + RETRY_S)
 
     # ---- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
-        cfg = self.cluster.cfg.cluster
-        next_heartbeat = time.monotonic() + cfg.heartbeat_interval_s
-        next_retry = 0.0
         while not self._stop.is_set():
             self._wake.wait(POLL_S)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
-                if self.state == "serving":
-                    lost = self._look(time.monotonic() >= next_heartbeat)
-                    if time.monotonic() >= next_heartbeat:
-                        next_heartbeat = time.monotonic() + cfg.heartbeat_interval_s
-                    if lost:
-                        self._heal(lost)
-                elif self.state == "degraded" and time.monotonic() >= next_retry:
-                    next_retry = time.monotonic() + RETRY_S
-                    if all(self._supervisor(k) is None or self._supervisor(k).given_up is None for k in self.lost):
-                        self._rebuild(time.monotonic(), time.monotonic() + RETRY_S, quiet=True,
-                                      waited=f"{RETRY_S:g} s (a retry)")
+                self.step()
             except Exception:  # the watchdog must never die
-                log.exception("the watchdog failed (%s, generation %d%s); it goes on", self.state,
+                log.exception("the watchdog failed (%s, generation %d%s); it goes on", self.state.value,
                               self.cluster.generation, f", lost: {_names(self.lost)}" if self.lost else "")
+
+    def _to(self, state: State, lost: dict[int, Loss]) -> None:
+        assert state in NEXT_STATES[self.state], f"the watchdog does not go from {self.state} to {state}"
+        self.state, self.lost = state, dict(lost)
 
     def _supervisor(self, index: int) -> WorkerSupervisor | None:
         return next((s for s in self.cluster.supervisors if s.index == index), None)
 
-    def _look(self, heartbeat: bool) -> dict[int, str]:
+    def _look(self, heartbeat: bool) -> dict[int, Loss]:
         """Stages lost now: reported, exited, silent to a heartbeat, or holding up the oldest step."""
-        cfg, pipeline = self.cluster.cfg.cluster, self.cluster.pipeline
-        lost: dict[int, str] = {}
+        lost: dict[int, Loss] = {}
         while not self._reports.empty():
             generation, reported = self._reports.get()
             if generation == self.cluster.generation:  # news of an earlier generation is stale: it was rebuilt
-                lost.update(reported)
+                lost.update({k: self._loss(k, why) for k, why in reported.items()})
         for supervisor in self.cluster.supervisors:
             ended = supervisor.exited()
             if ended is not None:
                 lost[supervisor.index] = ended
-        if pipeline is None or lost:
-            return lost
-        if heartbeat:
-            lost.update(pipeline.heartbeat(cfg.heartbeat_timeout_s))
+        if heartbeat and not lost:
+            lost.update({k: self._loss(k, why) for k, why in self.cluster.heartbeat().items()})
         return lost
 
-    def _named(self, index: int, why: str) -> str:
-        """``why`` as a sentence about its stage: 'worker2 (container chatloop-worker-2): no answer to the heartbeat
-        within 3 s (...)'; a reason that names its stage already ('worker1 (pid 9) was killed by SIGKILL') stays."""
-        if re.match(rf"worker{index}\b", why):
-            return why
-        return f"{label(index, self.cluster.known.get(index))}: {why}"
+    def _loss(self, index: int, why: str) -> Loss:
+        """``why`` about stage ``index``, named as it announced itself: 'worker2 (container chatloop-worker-2): no
+        answer to the heartbeat within 3 s (...)'."""
+        return Loss.of(index, self.cluster.announced(index), why)
 
-    def _heal(self, lost: dict[int, str]) -> None:
+    def _heal(self, lost: dict[int, Loss]) -> None:
         if self._stop.is_set():  # the service is stopping: what it stops is not lost
             return
         cluster, listener = self.cluster, self.cluster.listener
-        started = self.last_noticed = time.monotonic()
-        lost = {k: self._named(k, why) for k, why in lost.items()}
-        self.state, self.lost = "recovering", dict(lost)
-        reason = _summary(lost)
+        started = self.last_noticed = self.clock()
+        self._to(State.RECOVERING, lost)
+        reason = summary(lost)
         log.error("generation %d lost %s: rebuilding the pipeline", cluster.generation, reason)
         if listener is not None:
             self.replays += listener.pipeline_lost(reason)
         cluster.leave_generation()
-        self._rpc_up = False
-        waited = f"cluster.recovery_timeout_s={cluster.cfg.cluster.recovery_timeout_s:g} s"
+        waited = f"cluster.recovery_timeout_s={self.settings.recovery_timeout_s:g} s"
         for k, why in lost.items():
             supervisor = self._supervisor(k)
             if supervisor is not None:
                 if not supervisor.restart(why):
-                    self.lost[k] = supervisor.given_up or why
-            else:  # started by torchrun (or by hand): its supervisor replaces it once evicted
-                info = cluster.known.get(k) or cluster.members.get(k) or {}
-                if info.get("pid") is not None:
-                    try:
-                        cluster.rendezvous.evict(k, int(info["pid"]))
-                    except Exception as e:
-                        log.warning("generation %d: could not evict %s: %s", cluster.generation, label(k, info), e)
-                hint = while_away(info, waited)
-                if hint is not None:  # nobody here restarts it: say how to
-                    self.lost[k] = f"{why}; {hint}"
+                    self.lost[k] = Loss(supervisor.given_up) if supervisor.given_up else why
+                continue
+            info = cluster.announced(k) or {}  # started by torchrun (or by hand): replaced by whoever started it
+            try:
+                cluster.evict(k)
+            except Exception as e:
+                log.warning("generation %d: could not evict %s: %s", cluster.generation, label(k, info), e)
+            hint = while_away(info, waited)
+            if hint is not None:  # nobody here restarts it: say how to
+                self.lost[k] = why.hinted(hint)
         if any(s.given_up for s in cluster.supervisors):
             self._degrade(self.lost)
             return
-        self._rebuild(started, started + cluster.cfg.cluster.recovery_timeout_s, waited=waited)
+        self._rebuild(started, started + self.settings.recovery_timeout_s, waited=waited)
 
-    def _rebuild(self, started: float, deadline: float, quiet: bool = False, waited: str = "the time allowed") -> None:
+    def _rebuild(self, started: float, deadline: float, quiet: bool = False, waited: str = "the time allowed",
+                 join_deadline: float | None = None) -> None:
         """Form the next generation and load it; on success carry on, else stay (or become) degraded."""
-        from .cluster import GenerationError
-
         cluster = self.cluster
         if self._stop.is_set():
             return
         generation = cluster.generation + 1
         try:
-            cluster.form(generation, deadline, on_exit=self._restart_exited, waited=waited)
-            self._rpc_up = True
+            cluster.form(generation, deadline, on_exit=self._restart_exited, waited=waited,
+                         join_deadline=join_deadline)
             cluster.load_stages(deadline)
         except GenerationError as e:
-            cluster.rendezvous.end(generation)  # workers waiting to start it move on to the next
-            cluster.generation = generation
-            if self._rpc_up:
-                shutdown_rpc(graceful=False, timeout_s=10)
-                self._rpc_up = False
+            cluster.abandon(generation)
             if self._stop.is_set():
                 return
-            if not quiet or self.state != "degraded":
-                self._degrade({k: e.reason(k) for k in e.indices})
+            if not quiet or self.state is not State.DEGRADED:
+                self._degrade({k: e.loss(k, cluster.announced(k)) for k in e.indices})
             return
         for supervisor in cluster.supervisors:
             supervisor.served()
-        seconds = time.monotonic() - started
+        seconds = self.clock() - started
         self.recoveries += 1
         self.recovery_seconds.append(seconds)
         back = _names(self.lost)
-        self.state, self.lost = "serving", {}
+        self._to(State.SERVING, {})
         log.warning("generation %d: %s rejoined, the pipeline is back after %.1f s", generation, back, seconds)
         if cluster.listener is not None:
             cluster.listener.pipeline_restored(cluster.pipeline)
 
-    def _restart_exited(self, supervisor: WorkerSupervisor, ended: str) -> bool:
-        from .cluster import GenerationError
-
+    def _restart_exited(self, supervisor: WorkerSupervisor, ended: Loss) -> bool:
+        """A worker this process started exited while a generation formed: start it again, or give it up."""
         if supervisor.restart(ended):
             return True
-        raise GenerationError([supervisor.index], supervisor.given_up or ended)
+        raise GenerationError([supervisor.index], supervisor.given_up or str(ended), named=True)
 
-    def _degrade(self, lost: dict[int, str]) -> None:
-        lost = {k: self._named(k, why) for k, why in lost.items()}
-        self.state, self.lost = "degraded", dict(lost)
-        reason = _summary(lost)
+    def _degrade(self, lost: dict[int, Loss]) -> None:
+        self._to(State.DEGRADED, lost)
+        reason = summary(lost)
         log.error("generation %d: the cluster is degraded, %s could not be brought back: %s",
                   self.cluster.generation, _names(lost), reason)
         if self.cluster.listener is not None:
@@ -229,13 +289,6 @@ class Watchdog:
                 f"{_names(lost)} could not be brought back: {reason}"))
 
 
-def _names(lost: dict[int, str]) -> str:
+def _names(lost: Mapping[int, Loss]) -> str:
     """'worker1, worker3'."""
-    return ", ".join(f"worker{k}" for k in sorted(lost))
-
-
-def _summary(lost: dict[int, str]) -> str:
-    """'worker2 (pid 9) was killed by SIGKILL' for each lost stage: first lines, without the output tails (a reason
-    shared by several stages once)."""
-    firsts = (why.splitlines()[0].split("; its last output")[0] for _, why in sorted(lost.items()))
-    return "; ".join(dict.fromkeys(firsts))
+    return ", ".join(stage_name(k) for k in sorted(lost))

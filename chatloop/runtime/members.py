@@ -21,6 +21,8 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from ..engine.pipeline import stage_name
+
 __all__ = ["CONTAINER_ENV", "ENGINE_ENV", "announcement", "bring_back", "label", "not_back", "while_away"]
 
 CONTAINER_ENV = "CHATLOOP_CONTAINER"
@@ -43,7 +45,7 @@ def announcement(command: list[str] | None = None) -> dict[str, Any]:
 
 def label(index: int, info: Mapping[str, Any] | None) -> str:
     """'worker2 (container chatloop-worker-2)', 'worker1 (pid 12 on vm)' or 'worker1' when it never joined."""
-    name = f"worker{index}"
+    name = stage_name(index)
     if not info:
         return name
     if info.get("container"):

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ..config import ChatLoopConfig
+from ..engine.pipeline import stage_name
 
 __all__ = ["WorkerProcess", "write_config"]
 
@@ -42,7 +43,7 @@ class WorkerProcess:
 
     def __init__(self, index: int, arguments: list[str], env: dict[str, str]) -> None:
         self.index = index
-        self.name = f"worker{index}"
+        self.name = stage_name(index)
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "chatloop.runtime", *arguments], env=env, stdin=subprocess.DEVNULL,

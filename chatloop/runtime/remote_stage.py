@@ -26,7 +26,16 @@ from dataclasses import replace
 import torch
 import torch.distributed.rpc as rpc
 
-from ..engine import StageError, StageReport, StageRunner, StageSpec, StageTiming, build_stage_runner
+from ..engine import (
+    StageError,
+    StageLostError,
+    StageReport,
+    StageRunner,
+    StageSpec,
+    StageTiming,
+    build_stage_runner,
+    fault_injection,
+)
 from ..engine.pipeline import compute_thread
 from ..models import LayerRange, StepBatch
 from ..network import local_addresses, rank_address, runs_here
@@ -277,7 +286,7 @@ class RemoteStage:
 
     def fail_next(self, message: str, stall_s: float = 0.0) -> None:
         """Test hook: the next micro-batch raises inside this stage (or, with ``stall_s``, computes that late)."""
-        self.runner.fail_next(message, stall_s)
+        fault_injection.fail_next(self.runner, message, stall_s)
 
     def _work(
         self, mb_id: int, inputs: torch.Tensor, batch: tuple, sampling: list, arrived: float = 0.0, epoch: int = 0,
@@ -295,7 +304,8 @@ class RemoteStage:
             out = self.runner.run(inputs, StepBatch.from_payload(batch), sampling, mb_id)
         except Exception as e:
             self._failed(mb_id, e)
-            self._report(mb_id, epoch, e if isinstance(e, StageError) else StageError(f"{self.name}: {e}"))
+            self._report(mb_id, epoch, e if isinstance(e, StageError) else StageError(
+                f"{self.name}: {e}", stage=self.spec.index, cause=str(e)))
             return
         finally:
             with self._lock:
@@ -316,7 +326,7 @@ class RemoteStage:
             else:
                 link.send("deliver", (mb_id, out))
         except Exception as e:
-            self._report(mb_id, epoch, StageError(f"{next_name or COORDINATOR} is unreachable from {self.name}: {e}"))
+            self._report(mb_id, epoch, self._unreachable(next_name, str(e)))
             return
         if OBSERVERS:
             nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 8 * len(out)
@@ -336,8 +346,11 @@ class RemoteStage:
     def _link_lost(self, epoch: int, reason: str) -> None:
         """The next stage's connection closed: whatever it held is lost; the coordinator finds out where."""
         if epoch == self.epoch:
-            self._report(-1, epoch, StageError(f"{self.next_name or COORDINATOR} is unreachable from {self.name}: "
-                                               f"{reason}"))
+            self._report(-1, epoch, self._unreachable(self.next_name, reason))
+
+    def _unreachable(self, next_name: str, why: str) -> StageLostError:
+        """The link onwards broke: the step is lost somewhere after this stage (the coordinator locates it)."""
+        return StageLostError(f"{next_name or COORDINATOR} is unreachable from {self.name}: {why}", cause=why)
 
     def _failed(self, mb_id: int, error: BaseException) -> None:
         self._mark(mb_id, "failed")

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 from torch.distributed.rendezvous import register_rendezvous_handler
 
+from ..engine.errors import first_line
 from ..network import resolve
 
 __all__ = ["Rendezvous", "RendezvousError", "init_rpc_generation", "shutdown_rpc"]
@@ -82,7 +83,7 @@ class Rendezvous:
             store = dist.TCPStore(address, port, None, False, timedelta(seconds=timeout_s))
         except (RuntimeError, OSError) as e:
             raise RendezvousError(
-                f"cannot reach the coordinator at {address}:{port} within {timeout_s:.0f} s ({_first_line(e)}): is it "
+                f"cannot reach the coordinator at {address}:{port} within {timeout_s:.0f} s ({first_line(e)}): is it "
                 f"running, and is the address right?"
             ) from None
         return cls(store, "chatloop/", f"{address}:{port}")
@@ -94,7 +95,7 @@ class Rendezvous:
         try:
             store = dist.TCPStore(address, port, None, False, timedelta(seconds=timeout_s))
         except (RuntimeError, OSError) as e:
-            raise RendezvousError(f"cannot reach torchrun's store at {address}:{port} ({_first_line(e)})") from None
+            raise RendezvousError(f"cannot reach torchrun's store at {address}:{port} ({first_line(e)})") from None
         # A restart of the group under torchrun keeps the agent's store: a prefix per attempt.
         attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         return cls(store, f"chatloop/{attempt}/", f"{address}:{port}")
@@ -265,7 +266,7 @@ def shutdown_rpc(graceful: bool, timeout_s: float = 10.0, barrier_s: float = 1.0
             else:
                 rpc.shutdown(graceful=False)
         except Exception as e:  # a dead peer fails the graceful barrier
-            log.debug("RPC shutdown: %s", _first_line(e))
+            log.debug("RPC shutdown: %s", first_line(e))
             if graceful:
                 try:
                     rpc.shutdown(graceful=False)
@@ -275,8 +276,3 @@ def shutdown_rpc(graceful: bool, timeout_s: float = 10.0, barrier_s: float = 1.0
 
     threading.Thread(target=run, daemon=True, name="chatloop-rpc-shutdown").start()
     return done.wait(timeout_s)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__

@@ -11,9 +11,15 @@ in a row, and the reason (its exit status and last output lines) is kept for hea
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from ..config import API_KEY_ENV, ChatLoopConfig
+from ..engine.pipeline import stage_name
+from ..worker_settings import worker_environment
+from .faults import Loss
 from .processes import WorkerProcess
 
 __all__ = ["EXIT_COORDINATOR_LOST", "WorkerSupervisor", "supervise_forever"]
@@ -31,7 +37,7 @@ class WorkerSupervisor:
 
     def __init__(self, index: int, arguments: list[str], env: dict[str, str], max_restarts: int) -> None:
         self.index = index
-        self.name = f"worker{index}"
+        self.name = stage_name(index)
         self.arguments = arguments
         self.env = env
         self.max_restarts = max_restarts
@@ -45,6 +51,17 @@ class WorkerSupervisor:
         self.closed = False
         """The service is stopping: the worker is not started again."""
 
+    @classmethod
+    def for_worker(cls, cfg: ChatLoopConfig, index: int, config_file: str | Path, coordinator: str) -> WorkerSupervisor:
+        """Worker ``index`` of ``cfg`` (written to ``config_file``) joining ``coordinator`` (host:port, or
+        ``torchrun``), a child of this process: the one way a worker process is started, by the coordinator on one
+        host and by a torchrun rank."""
+        env = {**os.environ, **worker_environment(cfg.worker)}  # read when the worker imports torch
+        env.pop(API_KEY_ENV, None)  # a worker has no use for the HTTP key
+        arguments = ["--index", str(index), "--config", str(config_file), "--coordinator", coordinator,
+                     "--parent-pid", str(os.getpid())]
+        return cls(index, arguments, env, cfg.cluster.max_restarts)
+
     def start(self) -> WorkerProcess:
         env = {**self.env, "CHATLOOP_WORKER_INDEX": str(self.index), "CHATLOOP_WORKER_ATTEMPT": str(self.attempt)}
         self.process = WorkerProcess(self.index, self.arguments, env)
@@ -55,13 +72,11 @@ class WorkerSupervisor:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def exited(self) -> str | None:
-        """How its process ended ('worker1 (pid 12) was killed by SIGKILL; its last output: ...'); None: running."""
+    def exited(self) -> Loss | None:
+        """How its process ended ('worker1 (pid 12) was killed by SIGKILL', with its last output); None: running."""
         if self.process is None or self.process.poll() is None:
             return None
-        tail = self.process.tail()
-        return (f"{self.name} (pid {self.process.pid}) {self.process.exit_description()}"
-                + (f"; its last output:\n{tail}" if tail else ""))
+        return Loss(f"{self.name} (pid {self.process.pid}) {self.process.exit_description()}", self.process.tail())
 
     def kill(self) -> None:
         """Stop it now (SIGKILL): a worker that stopped answering must not come back to a later generation."""
@@ -69,7 +84,7 @@ class WorkerSupervisor:
             self.process.process.kill()
             self.process.stop(timeout_s=1)
 
-    def restart(self, reason: str, counted: bool = True) -> bool:
+    def restart(self, reason: Loss, counted: bool = True) -> bool:
         """Start it again after it failed (``reason``); False, and :attr:`given_up` set, past the limit (or, once the
         service is stopping, False and nothing started)."""
         ran_for = time.monotonic() - self.process.started if self.process is not None else 0.0
@@ -87,7 +102,7 @@ class WorkerSupervisor:
             return False
         self.restarts += 1
         log.warning("%s: starting it again (restart %d, %d failed in a row): %s", self.name, self.restarts,
-                    self.failures_in_a_row, reason.splitlines()[0])
+                    self.failures_in_a_row, reason.reason)
         self.start()
         return True
 
@@ -130,7 +145,7 @@ def supervise_forever(supervisor: WorkerSupervisor, closed: Callable[[], bool], 
         lost_coordinator = supervisor.process is not None and supervisor.process.poll() == EXIT_COORDINATOR_LOST
         if not supervisor.restart(ended, counted=not lost_coordinator):
             try:
-                report(supervisor.given_up or ended)
+                report(supervisor.given_up or str(ended))
             except (RuntimeError, OSError):
                 pass
         elif lost_coordinator:

@@ -23,6 +23,7 @@ from typing import NoReturn
 import torch.distributed.rpc as rpc
 
 from ..config import ChatLoopConfig
+from ..engine.pipeline import stage_name
 from ..network import rank_interfaces
 from ..worker_config import WorkerFile, load_worker_file
 from ..worker_settings import apply_worker_settings, worker_environment
@@ -58,7 +59,7 @@ def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous, own: W
     port = cfg.worker.metrics_port + index
     remote_stage.METRICS_PORT = port if start_worker_metrics(index, port) is not None else None
     remote_stage.OWN = own
-    name, world_size = f"worker{index}", cfg.cluster.num_workers + 1
+    name, world_size = stage_name(index), cfg.cluster.num_workers + 1
     if own is not None:
         remote_stage.HEALTH_PORT = start_health_endpoint(name, own.port)
     generation = -1
@@ -178,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
                       else Rendezvous.join(host, int(port), timeout))
         serve_worker(args.index, cfg, rendezvous)
     except (RendezvousError, RuntimeError, OSError) as e:  # no coordinator (yet, or any more): its supervisor retries
-        print(f"worker{args.index}: lost the coordinator at {args.coordinator}: {e}", file=sys.stderr)
+        print(f"{stage_name(args.index)}: lost the coordinator at {args.coordinator}: {e}", file=sys.stderr)
         return EXIT_COORDINATOR_LOST
     return 0
 
@@ -252,7 +253,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         host, _, port = args.coordinator.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--coordinator {args.coordinator!r}: give HOST:PORT, e.g. coordinator:50050")
-        from ..api import load_config
+        from ..config import load_config
 
         cfg = load_config([f"log_level={args.log_level}"])
     except ValueError as e:

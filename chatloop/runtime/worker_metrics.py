@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..engine.pipeline import stage_name
 from . import remote_stage
 
 __all__ = ["WorkerMetrics", "start_worker_metrics", "METRICS_HOST_ENV"]
@@ -130,7 +131,7 @@ def start_worker_metrics(index: int, port: int, host: str | None = None) -> Work
 
     A metrics endpoint that cannot start never stops the worker from serving its stage.
     """
-    metrics = WorkerMetrics(f"worker{index}")
+    metrics = WorkerMetrics(stage_name(index))
     remote_stage.OBSERVERS.append(metrics.observe)
     address = host or os.environ.get(METRICS_HOST_ENV, "127.0.0.1")
     try:

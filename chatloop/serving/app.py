@@ -37,6 +37,7 @@ from pydantic.json_schema import models_json_schema
 from .. import __version__
 from ..config import ChatLoopConfig
 from ..engine import EngineClient
+from ..network import under_torchrun
 from . import protocol as p
 from .auth import load_api_key
 from .completions import ENDPOINTS, CompletionService
@@ -310,8 +311,8 @@ def _own_ports(cfg: ChatLoopConfig, http_port: int | None) -> dict[str, int]:
     (torchrun's under torchrun)."""
     ports = {"http": http_port or cfg.server.port}
     if not cfg.cluster.in_process:
-        ports["store"] = int(os.environ.get("MASTER_PORT", cfg.cluster.master_port)) if "TORCHELASTIC_RUN_ID" in \
-            os.environ else cfg.cluster.master_port
+        ports["store"] = int(os.environ.get("MASTER_PORT", cfg.cluster.master_port)) if under_torchrun() \
+            else cfg.cluster.master_port
     return ports
 
 

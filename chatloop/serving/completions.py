@@ -26,6 +26,7 @@ from ..engine import (
     ContextLengthError,
     DeadlineExceededError,
     EngineClient,
+    FaultKind,
     FinishReason,
     QueueFullError,
     RequestError,
@@ -34,6 +35,7 @@ from ..engine import (
     ScoredToken,
     SequenceEvent,
     StageError,
+    first_line,
 )
 from . import protocol as p
 from .bridge import ClientDisconnected, EventStream
@@ -266,15 +268,13 @@ class CompletionService:
         if isinstance(error, ClusterUnavailableError):
             self.health.note_failure()
             return APIError(503, str(error), code="stage_unavailable", headers={"Retry-After": "5"})
-        text = _short(error) if error is not None else "unknown error"
-        full = str(error) if error is not None else ""
-        names = [n for n in self.stage_names if n in full]
-        if names and not any(n in text for n in names):
-            text = f"{names[0]}: {text}"
+        text = first_line(error, limit=400) if error is not None else "unknown error"
         log.warning("a request failed in the pipeline: %s", text)
         self.health.note_failure()
-        if isinstance(error, StageError) or names:
-            return APIError(503, f"the pipeline failed at {', '.join(names) or 'a stage'}: {text}: "
+        if isinstance(error, StageError):
+            where = self.stage_names[error.stage] if error.stage is not None else "a stage"
+            how = "" if error.kind is FaultKind.FAILED else f" ({error.kind.value})"
+            return APIError(503, f"the pipeline failed at {where}{how}: {text}: "
                                  "retry; if it persists see GET /health or chatloop-status", code="stage_unavailable")
         return APIError(500, f"the request failed: {text}", code="internal_error")
 
@@ -381,13 +381,3 @@ class CompletionService:
 
 def _json(data: dict) -> Response:
     return Response(json.dumps(data, ensure_ascii=False), media_type="application/json")
-
-
-def _short(error: BaseException) -> str:
-    """One useful line of an error (RPC errors carry the remote traceback)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    useful = [line for line in lines if "Error" in line and ":" in line]
-    line = useful[-1] if len(lines) > 1 and useful else lines[0]
-    return line[:400]

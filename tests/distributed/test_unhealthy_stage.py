@@ -8,7 +8,7 @@ import shutil
 
 from cluster_harness import run_cluster
 
-from chatloop.engine.runner import NON_FINITE
+from chatloop.engine.fault_injection import NON_FINITE
 from chatloop.partition import Manifest
 from chatloop.partition.safetensors_stream import read_header
 from chatloop.partition.splitter import split_model

@@ -8,7 +8,7 @@ import httpx
 from serving_helpers import serve_in_thread, wait_until
 
 from chatloop import ChatLoop, load_config
-from chatloop.engine.runner import NON_FINITE
+from chatloop.engine.fault_injection import NON_FINITE
 from chatloop.serving import create_app
 from chatloop.serving.status import main as status_main
 

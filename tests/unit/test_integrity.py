@@ -13,8 +13,9 @@ import torch
 from blake3 import blake3
 
 from chatloop.engine import SamplerInput, StageError, StageLostError
+from chatloop.engine.fault_injection import NON_FINITE, fail_next
 from chatloop.engine.pipeline import LocalPipeline
-from chatloop.engine.runner import NON_FINITE, StageRunner
+from chatloop.engine.runner import StageRunner
 from chatloop.models import StepBatch
 from chatloop.partition import Manifest, PartitionError, integrity, load_stage
 from chatloop.partition.safetensors_stream import read_header
@@ -202,7 +203,7 @@ def test_the_last_stage_judges_by_the_logits_the_sampler_refused(llama_parts):
     batch = prefill(2)
     hidden = torch.randn(2, 5, 64)
     assert all(isinstance(t, int) for t in runner.run(hidden, batch, [GREEDY] * 2))
-    runner.fail_next(NON_FINITE)  # the test hook: the next outputs are NaN, as damaged weights would make them
+    fail_next(runner, NON_FINITE)  # the test hook: the next outputs are NaN, as damaged weights would make them
     with pytest.raises(StageError, match=r"stage3 is unhealthy: its logits hold NaN or infinity for all 2 sequences"):
         runner.run(hidden, batch, [GREEDY] * 2, micro_batch=3)
     assert runner.unhealthy.startswith("its logits hold NaN")
@@ -211,7 +212,7 @@ def test_the_last_stage_judges_by_the_logits_the_sampler_refused(llama_parts):
 def test_the_first_stage_takes_token_ids(llama_parts):
     runner = runner_of(llama_parts, 0, "stage0")
     batch = prefill(1)
-    runner.fail_next(NON_FINITE)
+    fail_next(runner, NON_FINITE)
     with pytest.raises(StageError, match=r"its hidden states hold NaN or infinity for its one sequence of micro-batch"):
         runner.run(torch.tensor([[1, 2, 3, 4, 5]]), batch, [GREEDY])
 
@@ -228,7 +229,7 @@ def test_a_worker_unhealthy_across_generations_loads_and_verifies_its_stage_agai
     stage = remote_stage.CURRENT
     assert remote_stage.create_stage(spec, 5).up and remote_stage.CURRENT is stage  # kept while healthy
     assert remote_stage.alive()[2] is None
-    stage.runner.fail_next(NON_FINITE)
+    stage.fail_next(NON_FINITE)
     with pytest.raises(StageError, match="worker1 is unhealthy"):
         stage.runner.run(torch.randn(1, 5, 64), prefill(1), [GREEDY])
     assert remote_stage.alive()[2] == stage.runner.unhealthy  # what the coordinator's heartbeat reads

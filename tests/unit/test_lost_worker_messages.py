@@ -52,8 +52,21 @@ class FakeCluster:
     def leave_generation(self) -> None:
         self.pipeline = None
 
-    def form(self, generation: int, deadline: float, on_exit, waited: str) -> None:
-        self.lost_while_recovering = dict(self.watchdog.lost)  # what /health says meanwhile
+    def announced(self, index: int) -> dict | None:
+        return self.known.get(index) or self.members.get(index)
+
+    def heartbeat(self) -> dict[int, str]:
+        return {}
+
+    def evict(self, index: int) -> None:
+        self.rendezvous.evict(index, self.known[index]["pid"])
+
+    def abandon(self, generation: int) -> None:
+        self.rendezvous.end(generation)
+        self.generation = generation
+
+    def form(self, generation: int, deadline: float, on_exit, waited: str, join_deadline=None) -> None:
+        self.lost_while_recovering = {k: str(loss) for k, loss in self.watchdog.lost.items()}  # what /health says
         self.formed.set()
         raise RpcCluster._not_joined(self, sorted(self.lost_while_recovering), waited)  # type: ignore[arg-type]
 
@@ -62,7 +75,7 @@ class FakeCluster:
 
 
 def _lose(cluster: FakeCluster, lost: dict[int, str]) -> Watchdog:
-    watchdog = cluster.watchdog = Watchdog(cluster)  # type: ignore[arg-type]
+    watchdog = cluster.watchdog = Watchdog(cluster, cluster.cfg.cluster)  # type: ignore[arg-type]
     try:
         watchdog.report(lost, generation=4)
         assert cluster.formed.wait(10), "the watchdog did not try to form the next generation"
@@ -118,17 +131,17 @@ def test_a_container_stopped_by_hand_is_named_with_the_command_that_brings_it_ba
                                "heartbeat within 3 s") for line in lines), lines
     assert any(line.startswith("generation 5: the cluster is degraded, worker2 could not be brought back")
                and bring_back in line for line in lines), lines
-    assert watchdog.lost[2] == down.removeprefix("degraded: ")
+    assert str(watchdog.lost[2]) == down.removeprefix("degraded: ")
 
 
-def test_a_worker_started_by_hand_is_named_with_its_command_and_a_stage_that_names_itself_stays(caplog):
+def test_a_worker_started_by_hand_is_named_with_its_command_and_every_reason_with_its_stage(caplog):
     caplog.set_level(logging.INFO, logger="chatloop")
     cluster = FakeCluster({1: BY_HAND, 3: {"pid": 77, "host": "vm"}})
-    _lose(cluster, {1: "no answer: EOF", 3: "worker3 is unhealthy: its logits are not finite"})
+    _lose(cluster, {1: "no answer: EOF", 3: "unhealthy: its logits are not finite"})
     recovering = cluster.lost_while_recovering
     assert recovering[1].startswith("worker1 (pid 4242 on vm): no answer: EOF; waiting up to")
     assert f"if it is not running, bring it back with `{BY_HAND['command']}`" in recovering[1]
-    assert recovering[3] == "worker3 is unhealthy: its logits are not finite"  # named already; no command known
+    assert recovering[3] == "worker3 (pid 77 on vm): unhealthy: its logits are not finite"  # no command known
     [error] = cluster.listener.unavailable
     assert (f"worker1 (pid 4242 on vm) did not rejoin the coordinator at coordinator:50050 within "
             f"cluster.recovery_timeout_s=60 s: it is not running (stopped by hand, or it exited) or cannot reach that "

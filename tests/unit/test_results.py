@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from chatloop.engine import MicroBatch, StageError, StageLostError
+from chatloop.engine import FaultKind, MicroBatch, StageError, StageLostError, stage_fault
 from chatloop.models import StepBatch
 from chatloop.runtime import results
 from chatloop.runtime.cluster import RpcPipeline
@@ -81,9 +81,21 @@ def test_a_step_goes_out_on_the_link_and_a_stage_report_fails_it_with_the_stage_
     assert pipeline.located == [] and pipeline._sent == {}
 
 
+def test_a_stage_s_own_failure_fails_its_step_whatever_its_text_says(pipeline):
+    """The fault's type decides, not its words: a stage's failure that reads like a transport error is no loss."""
+    future = pipeline._submit(_step(2006))
+    results.report_failure(2006, StageError("worker1: connection reset while it timed out", stage=1))
+    with pytest.raises(StageError) as e:
+        future.result(timeout=1)
+    assert not isinstance(e.value, StageLostError) and e.value.kind is FaultKind.FAILED and e.value.stage == 1
+    assert pipeline.located == []
+
+
 def test_a_closed_link_has_every_step_in_flight_located(pipeline):
     first, second = pipeline._submit(_step(2002)), pipeline._submit(_step(2003))
-    results.report_failure(-1, StageError("worker1 is unreachable from worker0: the connection closed (EOF)"))
+    lost = StageLostError("worker1 is unreachable from worker0: the connection closed (EOF)", cause="EOF")
+    assert lost.kind is FaultKind.LOST and not lost.located  # which stage is gone is not known yet
+    results.report_failure(-1, lost)
     for future in (first, second):
         with pytest.raises(StageLostError, match="worker1 does not answer"):
             future.result(timeout=2)
@@ -132,6 +144,35 @@ def test_a_late_step_that_only_waits_its_turn_gets_the_timeout_again(monkeypatch
         results.deliver(2100, [4])
         assert future.result(timeout=1) == [4]
     else:
-        with pytest.raises(StageError, match="worker1 did not finish micro-batch 2100"):
+        with pytest.raises(StageError, match="worker1 did not finish micro-batch 2100") as e:
             future.result(timeout=2)
+        # Every stage answered: the step took too long (its requests fail), no stage is lost.
+        assert e.value.kind is FaultKind.TIMED_OUT and e.value.stage == 1 and not isinstance(e.value, StageLostError)
     pipeline.close()
+
+
+def test_a_late_step_at_a_silent_stage_is_lost_there_and_the_watchdog_is_told(monkeypatch):
+    pipeline = RpcPipeline(["worker0", "worker1", "worker2"], num_blocks=8, block_size=16, timeout=0.3,
+                           progress_deadline_s=10, link=SentMessages(), generation=7)
+    told = []
+    pipeline.on_silent = lambda stages, why, generation: told.append((stages, why, generation))
+    monkeypatch.setattr(pipeline, "locate", lambda mb_id, timeout=None: [("forwarded", 1.0), "EOF", "EOF"])
+    monkeypatch.setattr(pipeline, "cancel", lambda mb_ids: None)
+    future = pipeline._submit(_step(2101))
+    with pytest.raises(StageLostError, match="worker1, worker2 do not answer") as e:
+        future.result(timeout=3)
+    assert (e.value.kind, e.value.stage, e.value.generation) == (FaultKind.LOST, 1, 7)
+    assert told == [([1, 2], "no answer: EOF", 7)]
+    pipeline.close()
+
+
+@pytest.mark.parametrize(("kind", "replayed"), [(FaultKind.LOST, True), (FaultKind.STALLED, True),
+                                                (FaultKind.FAILED, False), (FaultKind.TIMED_OUT, False)])
+def test_a_fault_s_kind_decides_whether_its_sequences_are_replayed_and_it_crosses_rpc_whole(kind, replayed):
+    import pickle
+
+    fault = stage_fault(kind, "worker2 did not finish micro-batch 9", stage=2, generation=3, cause="why")
+    assert isinstance(fault, StageLostError) is replayed and isinstance(fault, StageError)
+    back = pickle.loads(pickle.dumps(fault))  # as torch RPC sends a stage's report to the coordinator
+    assert type(back) is type(fault) and str(back) == str(fault)
+    assert (back.kind, back.stage, back.generation, back.cause) == (kind, 2, 3, "why")
