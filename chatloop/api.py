@@ -183,6 +183,7 @@ class ChatLoop:
             prefill_chunk_tokens=cfg.batching.prefill_chunk_tokens,
             eos_token_ids=_eos_ids(directory, self.tokenizer),
             kv_window=ModelArgs.from_hf_config(manifest.model_config).kv_window,  # blocks out of it go back
+            rope_switch=ModelArgs.from_hf_config(manifest.model_config).rope_switch,  # computed again past it
             replay_lost_steps=cluster is not None and cluster.watchdog is not None,
         )
         if cluster is not None:
