@@ -9,11 +9,14 @@ What is completed follows llama.cpp (``src/models/*.cpp``, ``conversion/*.py``),
 - ``qwen3moe``: the experts' ``moe_intermediate_size`` (``expert_feed_forward_length``);
 - ``gemma2``/``gemma3``: logit soft-capping, the sliding-window pattern, the local RoPE base, and the query scale
   (``1/sqrt(head_dim)``, but ``1/sqrt(hidden/heads)`` for the 27B models, as llama.cpp decides by layer count);
-- ``phi3``: the rotated part of each head, the sliding window and the longrope factors (stored as tensors).
+- ``phi3``: the rotated part of each head, the sliding window and the longrope factors (stored as tensors);
+- ``llama`` with ``rope_freqs`` (Llama 3.1 and later): the llama3 RoPE scaling whose factors those are, checked
+  against them (transformers' reader leaves it out: it would run such a file without its scaling).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,11 @@ TRANSFORMERS_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2"
 """Architectures whose config transformers reads from a GGUF file (the ones of these ChatLoop runs)."""
 _OWN = {"granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM"}
 """Architectures whose config is read here: transformers has no GGUF config reader for them."""
-IGNORED_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
-"""Tensors that are config, not weights (Phi-3's longrope factors)."""
+IGNORED_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight")
+"""Tensors that are config, not weights (Phi-3's longrope factors, Llama 3's RoPE frequency factors)."""
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+"""The llama3 RoPE scaling of every Llama 3.1, 3.2 and 3.3 but its factor, which GGUF keeps only as the
+per-frequency factors it computes (``rope_freqs``)."""
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
@@ -53,6 +59,41 @@ def _own_config(arch: str, md: dict[str, Any]) -> dict[str, Any]:
         config |= {"attention_multiplier": key("attention.scale", 1.0), "embedding_multiplier": key("embedding_scale",
                    1.0), "residual_multiplier": key("residual_scale", 1.0), "logits_scaling": key("logit_scale", 1.0)}
     return config
+
+
+def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> list[float]:
+    """The per-frequency factors llama.cpp's converter writes as ``rope_freqs`` for a llama3 RoPE scaling
+    (conversion/llama.py, ``generate_extra_tensors``)."""
+    import torch
+
+    base, factor = rope.get("rope_theta", 10000.0), rope["factor"]
+    low, high, old = rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return factors
+
+
+def _llama3_rope(config: dict[str, Any], rope_freqs: np.ndarray, path: Path) -> dict[str, Any]:
+    """The llama3 RoPE scaling whose factors a Llama 3 file holds; ``ValueError`` if they are another's."""
+    rope = dict(config.get("rope_parameters") or {})
+    rope = {"rope_type": "llama3", "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+            "factor": float(rope_freqs.max()), **_LLAMA3_ROPE}
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    expected = np.array(llama3_rope_factors(rope, head_dim), dtype=np.float32)
+    if expected.shape != rope_freqs.shape or not np.allclose(expected, rope_freqs, rtol=1e-5, atol=0):
+        raise ValueError(f"{path}: its rope_freqs are not the factors of a llama3 RoPE scaling (factor "
+                         f"{rope['factor']:g}, low/high frequency factors 1 and 4, original context 8192) as every "
+                         "Llama 3 has: ChatLoop cannot tell which scaling they are")
+    return rope
 
 
 def gguf_config(first: Path, md: dict[str, Any], tensor_names: set[str],
@@ -87,6 +128,9 @@ def gguf_config(first: Path, md: dict[str, Any], tensor_names: set[str],
     if arch == "llama" and key("expert_count", 0) > 0:
         config |= {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
                    "num_local_experts": key("expert_count"), "num_experts_per_tok": key("expert_used_count")}
+    if arch == "llama" and "rope_freqs.weight" in tensor_names:
+        config["rope_parameters"] = _llama3_rope(config, read("rope_freqs.weight"), first)
+        config.pop("rope_scaling", None)
     if arch == "qwen3moe":
         config["moe_intermediate_size"] = key("expert_feed_forward_length", config.get("moe_intermediate_size"))
         config |= {"decoder_sparse_step": 1, "mlp_only_layers": []}

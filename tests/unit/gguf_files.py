@@ -267,6 +267,12 @@ def write_gguf_from_hf(folder: Path, path: Path, kind: str = "F32", chat_templat
     for (layer, part), by_expert in sorted(experts.items()):
         data = np.stack([encode(by_expert[e], True) for e in sorted(by_expert)])
         writer.add_tensor(f"blk.{layer}.ffn_{part}_exps.weight", data, raw_dtype=raw)
+    if family == "llama" and config.rope_parameters.get("rope_type") == "llama3":  # as conversion/llama.py does
+        from chatloop.partition.gguf_config import llama3_rope_factors
+
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        writer.add_tensor("rope_freqs.weight", np.array(llama3_rope_factors(config.rope_parameters, head_dim),
+                                                        dtype=np.float32))
     if family == "phi3" and config.rope_parameters.get("rope_type") == "longrope":
         for which in ("long", "short"):
             writer.add_tensor(f"rope_factors_{which}.weight",

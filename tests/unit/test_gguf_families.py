@@ -39,7 +39,10 @@ def _config(family: str):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
     if family == "llama":
-        return tf.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
+        return tf.LlamaConfig(**common, tie_word_embeddings=False,  # Llama 3.1's RoPE scaling, its rope_freqs
+                              rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 8192})
     if family == "mixtral":  # Mixtral's experts in a llama file
         return tf.MixtralConfig(**common | {"intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2,
                                 tie_word_embeddings=False, rope_theta=1e6)
@@ -151,7 +154,7 @@ def test_a_converted_file_runs_as_transformers_runs_its_weights(family, kind, ch
     formats = {}
     for info in manifest.partitions:
         with safe_open(tmp_path / "parts" / info.file, framework="pt") as f:
-            formats |= json.loads(f.metadata()[QUANTIZED_KEY])
+            formats |= json.loads(f.metadata().get(QUANTIZED_KEY, "{}"))
     matrices = {k for k, v in values.items() if v.ndim == 2 and not k.endswith(".gate.weight")}  # routers: float
     # Every matrix, each expert's too, as the file's bytes (F16: kept as half-precision bytes); the rest float.
     assert formats == ({} if kind == "F32" else dict.fromkeys(matrices, kind.lower()))
@@ -274,3 +277,22 @@ def test_the_helper_writes_what_llama_cpps_converter_writes(family, kind, tmp_pa
         prompts, continuations = tiny_prompts()
         check_against_reference(load_pipeline(tmp_path / "parts", block_size=4, num_blocks=64), model.eval(), prompts,
                                 continuations, tolerance=2e-4)
+
+
+def test_rope_freqs_that_are_not_llama3s_are_refused(checkpoint, tmp_path):
+    import gguf
+    from gguf_files import copy_metadata
+
+    write_gguf_from_hf(checkpoint("llama"), tmp_path / "llama.gguf", "F32")
+    reader = gguf.GGUFReader(tmp_path / "llama.gguf")
+    writer = gguf.GGUFWriter(tmp_path / "other.gguf", "llama")
+    copy_metadata(reader, writer)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        writer.add_tensor(t.name, data * 1.5 if t.name == "rope_freqs.weight" else data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="its rope_freqs are not the factors of a llama3 RoPE scaling \\(factor 12"):
+        split_model(tmp_path / "other.gguf", tmp_path / "parts", 2, progress=False)
