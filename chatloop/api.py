@@ -33,16 +33,14 @@ from .engine import (
     ScoredToken,
     SequenceEvent,
     StageReport,
-    StageRunner,
-    build_stage_runner,
 )
 from .engine.pipeline import compute_thread
-from .engine.runner import kv_blocks, stage_specs
 from .engine.token_bytes import token_byte_table
 from .models import LayerRange, ModelArgs
 from .partition import Manifest, ManifestError, split_model
 from .partition.splitter import write_worker_configs
 from .paths import cache_root
+from .stage import StageRunner, build_stage_runner, kv_blocks, stage_specs
 from .worker_config import CONFIG_DIR
 from .worker_settings import stages_at_once
 

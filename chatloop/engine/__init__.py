@@ -1,5 +1,5 @@
 """The coordinator's engine: requests, the scheduling policy and its driver, KV block allocation,
-the pipeline boundary and the stage runner, sampling.
+the pipeline boundary, sampling, the faults it decides on. A stage at work is :mod:`chatloop.stage`.
 
 Nothing here imports torch.distributed.rpc: the transport plugs in as a :class:`Pipeline`.
 Serving talks to the engine through :class:`EngineClient` only.
@@ -26,16 +26,15 @@ from .errors import (
 from .pipeline import LocalPipeline, MicroBatch, Pipeline, StageReport, StageTiming, StepRecord
 from .policy import SchedulerPolicy, Step
 from .requests import FinishReason, SampledToken, SamplerInput, SamplingParams, ScoredToken, SequenceEvent
-from .runner import CapacityError, StageRunner, StageSpec, build_stage_runner
 from .sampling import sample
 from .scheduler import Scheduler
 from .scoring import sample_and_score
 
 __all__ = [
-    "BlockAllocator", "CapacityError", "ClusterUnavailableError", "ContextLengthError", "DeadlineExceededError",
-    "EmptyPromptError", "EngineClient", "EngineError", "EngineStats", "FaultKind", "FinishReason", "LocalPipeline",
-    "MicroBatch", "Pipeline", "QueueFullError", "RequestError", "SampledToken", "SamplerInput", "SamplingError",
-    "SamplingParams", "Scheduler", "SchedulerClosedError", "SchedulerPolicy", "ScoredToken", "SequenceEvent",
-    "StageError", "StageLostError", "StageReport", "StageRunner", "StageSpec", "StageTiming", "Step", "StepRecord",
-    "build_stage_runner", "first_line", "sample", "sample_and_score", "stage_fault",
+    "BlockAllocator", "ClusterUnavailableError", "ContextLengthError", "DeadlineExceededError", "EmptyPromptError",
+    "EngineClient", "EngineError", "EngineStats", "FaultKind", "FinishReason", "LocalPipeline", "MicroBatch",
+    "Pipeline", "QueueFullError", "RequestError", "SampledToken", "SamplerInput", "SamplingError", "SamplingParams",
+    "Scheduler", "SchedulerClosedError", "SchedulerPolicy", "ScoredToken", "SequenceEvent", "StageError",
+    "StageLostError", "StageReport", "StageTiming", "Step", "StepRecord", "first_line", "sample",
+    "sample_and_score", "stage_fault",
 ]

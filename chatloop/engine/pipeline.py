@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 import torch
 
 from ..models import StepBatch
-from .fault_injection import fail_next
 from .requests import SamplerInput
 
 __all__ = [
@@ -217,7 +216,9 @@ class LocalPipeline(Pipeline):
         return {runner.name: runner.take_timings() for runner in self.runners}
 
     def inject_failure(self, stage: int, message: str = "injected", stall_s: float = 0.0) -> None:
-        """Test hook: make ``stage`` fail its next micro-batch (:func:`~chatloop.engine.fault_injection.fail_next`)."""
+        """Test hook: make ``stage`` fail its next micro-batch (:func:`~chatloop.stage.fault_injection.fail_next`)."""
+        from ..stage.fault_injection import fail_next
+
         fail_next(self.runners[stage], message, stall_s)
 
     def close(self) -> None:

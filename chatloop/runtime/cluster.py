@@ -38,8 +38,8 @@ from ..engine import (
     stage_fault,
 )
 from ..engine.pipeline import stage_name
-from ..engine.runner import stage_specs
 from ..network import rank_address, rank_interfaces, under_torchrun
+from ..stage import stage_specs
 from . import remote_stage, results
 from .faults import GenerationError, Loss
 from .healing import State, Watchdog
@@ -257,7 +257,7 @@ class RpcPipeline(Pipeline):
         return {name: [StageTiming(*t) for t in f.wait()] for name, f in zip(self.stage_names, futures)}
 
     def inject_failure(self, stage: int, message: str = "injected", stall_s: float = 0.0) -> None:
-        """Test hook: make ``stage`` fail its next micro-batch (:func:`~chatloop.engine.fault_injection.fail_next`)."""
+        """Test hook: make ``stage`` fail its next micro-batch (:func:`~chatloop.stage.fault_injection.fail_next`)."""
         rpc.rpc_sync(self.stage_names[stage], remote_stage.fail_next, args=(message, stall_s))
 
     def close(self) -> None:

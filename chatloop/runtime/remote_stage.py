@@ -26,20 +26,12 @@ from dataclasses import replace
 import torch
 import torch.distributed.rpc as rpc
 
-from ..engine import (
-    StageError,
-    StageLostError,
-    StageReport,
-    StageRunner,
-    StageSpec,
-    StageTiming,
-    build_stage_runner,
-    fault_injection,
-)
+from ..engine import StageError, StageLostError, StageReport, StageTiming
 from ..engine.pipeline import compute_thread
 from ..models import LayerRange, StepBatch
 from ..network import local_addresses, rank_address, runs_here
 from ..partition import Manifest
+from ..stage import StageRunner, StageSpec, build_stage_runner, fault_injection
 from .links import Link, LinkListener
 from .results import COORDINATOR, report_failure
 

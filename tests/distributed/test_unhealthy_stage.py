@@ -8,10 +8,10 @@ import shutil
 
 from cluster_harness import run_cluster
 
-from chatloop.engine.fault_injection import NON_FINITE
 from chatloop.partition import Manifest
 from chatloop.partition.safetensors_stream import read_header
 from chatloop.partition.splitter import split_model
+from chatloop.stage.fault_injection import NON_FINITE
 
 NAN_F32 = "0000c07f"  # a float32 NaN, little-endian
 

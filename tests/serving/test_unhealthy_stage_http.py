@@ -8,9 +8,9 @@ import httpx
 from serving_helpers import serve_in_thread, wait_until
 
 from chatloop import ChatLoop, load_config
-from chatloop.engine.fault_injection import NON_FINITE
 from chatloop.serving import create_app
 from chatloop.serving.status import main as status_main
+from chatloop.stage.fault_injection import NON_FINITE
 
 REASON = "unhealthy: its hidden states hold NaN or infinity for its one sequence of micro-batch"
 

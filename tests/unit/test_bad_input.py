@@ -354,8 +354,8 @@ def test_partition_file_differs_from_the_configuration(llama_parts):
 
 
 def test_worker_host_must_be_this_machine(llama_parts):
-    from chatloop.engine import StageSpec
     from chatloop.runtime.remote_stage import RemoteStage
+    from chatloop.stage import StageSpec
 
     spec = StageSpec(name="worker1", index=1, directory=str(llama_parts), host="192.0.2.77", min_capacity_tokens=16)
     with pytest.raises(ValueError, match=r"worker1 is configured to run on '192.0.2.77' \(cluster.workers\[1\].host\), "

@@ -13,13 +13,13 @@ import torch
 from blake3 import blake3
 
 from chatloop.engine import SamplerInput, StageError, StageLostError
-from chatloop.engine.fault_injection import NON_FINITE, fail_next
 from chatloop.engine.pipeline import LocalPipeline
-from chatloop.engine.runner import StageRunner
 from chatloop.models import StepBatch
 from chatloop.partition import Manifest, PartitionError, integrity, load_stage
 from chatloop.partition.safetensors_stream import read_header
 from chatloop.partition.splitter import split_model
+from chatloop.stage import StageRunner
+from chatloop.stage.fault_injection import NON_FINITE, fail_next
 
 NAN_BYTES = struct.pack("<f", float("nan"))
 GREEDY = SamplerInput(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0, step=0)
@@ -189,7 +189,7 @@ def test_padding_is_not_looked_at(llama_parts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_finite_rows_is_exact(dtype):
-    from chatloop.engine.runner import _finite_rows
+    from chatloop.stage.runner import _finite_rows
 
     x = torch.zeros(1, 5, 8, dtype=dtype)
     x[0, 0, 1] = torch.finfo(dtype).max  # the largest finite values are finite
@@ -220,8 +220,8 @@ def test_the_first_stage_takes_token_ids(llama_parts):
 def test_a_worker_unhealthy_across_generations_loads_and_verifies_its_stage_again(llama_parts, monkeypatch):
     """A worker nobody restarts (started by hand, evicted) rejoins the next generation: its unhealthy stage is not
     kept, it is loaded again, and the partition's bytes are hashed."""
-    from chatloop.engine import StageSpec
     from chatloop.runtime import remote_stage
+    from chatloop.stage import StageSpec
 
     monkeypatch.setattr(remote_stage, "CURRENT", None)
     spec = StageSpec(name="worker1", index=1, directory=str(llama_parts), min_capacity_tokens=16)

@@ -161,10 +161,10 @@ def _generate(parts, kv_window, prompts, max_new_tokens, block_size=2, num_block
     from chatloop.engine.pipeline import LocalPipeline, MicroBatch
     from chatloop.engine.policy import SchedulerPolicy
     from chatloop.engine.requests import SamplingParams
-    from chatloop.engine.runner import StageRunner
     from chatloop.models import StepBatch
     from chatloop.models.batch import padded
     from chatloop.partition import Manifest, load_stage
+    from chatloop.stage import StageRunner
 
     manifest = Manifest.load(parts)
     runners = [StageRunner(load_stage(parts, i, manifest=manifest), num_blocks, block_size)

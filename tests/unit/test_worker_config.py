@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from chatloop.config import ChatLoopConfig
-from chatloop.engine.runner import StageSpec
 from chatloop.models.layer_range import LayerRange
 from chatloop.partition.splitter import split_model
 from chatloop.runtime import remote_stage
 from chatloop.runtime.worker import cli_main
+from chatloop.stage import StageSpec
 from chatloop.worker_config import WorkerFile, load_worker_file
 
 

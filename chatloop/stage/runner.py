@@ -19,15 +19,15 @@ import psutil
 import torch
 
 from ..config import ChatLoopConfig
+from ..engine.errors import StageError, StageLostError
+from ..engine.pipeline import StageReport, StageTiming, stage_name
+from ..engine.requests import SamplerInput
+from ..engine.sampling import NOT_FINITE, sample
+from ..engine.scoring import sample_and_score
 from ..models import LayerRange, ModelArgs, StageModel, StepBatch
 from ..models.kv_cache import blocks_for_stage
 from ..partition import Manifest, load_stage
 from ..worker_settings import SPIN_ENV, cpu_quota, machine_id
-from .errors import StageError, StageLostError
-from .pipeline import StageReport, StageTiming, stage_name
-from .requests import SamplerInput
-from .sampling import NOT_FINITE, sample
-from .scoring import sample_and_score
 
 __all__ = [
     "CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks",
