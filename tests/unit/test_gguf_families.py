@@ -84,28 +84,33 @@ FAMILIES = ["llama", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2",
 KINDS = ["F32", "F16", "Q8_0"]
 
 
+def _random_model(config, seed: int):
+    """transformers' model of ``config``, its weights std 0.15, biases and norms noisy, routers std 0.5."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and param.dim() == 2 and "proj" not in name:
+                param.normal_(0.0, 0.5)  # a router
+            elif param.dim() >= 2:
+                param.normal_(0.0, 0.15)
+            else:
+                param.normal_(0.0 if name.endswith("bias") else 1.0, 0.2)
+    return model
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """``checkpoint(family)``: a saved tiny random transformers checkpoint (weights std 0.15, biases and norms
     noisy, routers std 0.5), made once a module."""
-    from transformers import AutoModelForCausalLM
-
     made = {}
 
     def make(family: str):
         if family not in made:
-            torch.manual_seed(FAMILIES.index(family))
-            model = AutoModelForCausalLM.from_config(_config(family), dtype=torch.float32)
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name.endswith("gate.weight") and param.dim() == 2 and "proj" not in name:
-                        param.normal_(0.0, 0.5)  # a router
-                    elif param.dim() >= 2:
-                        param.normal_(0.0, 0.15)
-                    else:
-                        param.normal_(0.0 if name.endswith("bias") else 1.0, 0.2)
             folder = tmp_path_factory.mktemp(family)
-            model.save_pretrained(folder)
+            _random_model(_config(family), FAMILIES.index(family)).save_pretrained(folder)
             made[family] = folder
         return made[family]
 
@@ -296,3 +301,59 @@ def test_rope_freqs_that_are_not_llama3s_are_refused(checkpoint, tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="its rope_freqs are not the factors of a llama3 RoPE scaling \\(factor 12"):
         split_model(tmp_path / "other.gguf", tmp_path / "parts", 2, progress=False)
+
+
+EXPERT_NAMES = {"qwen3_moe": ("mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
+                "mixtral": ("block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"})}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_k_quant_experts_are_each_their_own_blocks(family, tmp_path, load_pipeline, monkeypatch):
+    """Stacked experts of k-quant and legacy types (random valid blocks: gguf-py cannot quantize k-quants): each
+    expert's rows sliced out of the file as their bytes (Q4_0 as Q4_1), run to transformers on what they hold."""
+    import gguf
+    from gguf_files import copy_metadata, random_blocks
+
+    monkeypatch.setattr(quant_modules, "load_quant_kernels", lambda: None)
+    config = _config(family)
+    config.hidden_size, config.num_hidden_layers = 256, 2  # rows of 256 weights: k-quant super-blocks
+    if family == "mixtral":
+        config.intermediate_size = 256
+    else:
+        config.moe_intermediate_size = 256
+    folder = tmp_path / "checkpoint"
+    _random_model(config, 7).save_pretrained(folder)
+    values = write_gguf_from_hf(folder, tmp_path / "f32.gguf", "F32")
+    kinds = {"gate": "Q4_K", "up": "Q6_K", "down": "Q4_0"}
+    reader = gguf.GGUFReader(tmp_path / "f32.gguf")
+    writer = gguf.GGUFWriter(tmp_path / "experts.gguf", GGUF_ARCH[family])
+    copy_metadata(reader, writer)
+    rng = np.random.default_rng(0)
+    prefix, names = EXPERT_NAMES[family]
+    for t in reader.tensors:
+        part = t.name.split(".")[2].removeprefix("ffn_").removesuffix("_exps") if "_exps" in t.name else None
+        if part is None:
+            writer.add_tensor(t.name, np.array(t.data))
+            continue
+        qtype = gguf.GGMLQuantizationType[kinds[part]]
+        experts, rows, cols = (int(n) for n in reversed(t.shape))
+        blocks = np.stack([random_blocks(kinds[part], rows, cols, rng) for _ in range(experts)])
+        writer.add_tensor(t.name, blocks, raw_dtype=qtype)
+        layer = t.name.split(".")[1]
+        for e in range(experts):
+            values[f"model.layers.{layer}.{prefix}.experts.{e}.{names[part]}.weight"] = (
+                gguf.quants.dequantize(blocks[e], qtype).reshape(rows, cols))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    manifest = split_model(tmp_path / "experts.gguf", tmp_path / "parts", 2, progress=False)
+    with safe_open(tmp_path / "parts" / manifest.partitions[1].file, framework="pt") as f:
+        formats = json.loads(f.metadata()[QUANTIZED_KEY])
+        key = f"model.layers.1.{prefix}.experts.3.{names['gate']}.weight"
+        assert formats[key] == "q4_k" and tuple(f.get_slice(key).get_shape()) == (256, 144)  # one expert's rows
+        assert formats[key.replace(names["gate"], names["down"])] == "q4_1"
+    reference = _reference(folder, values, tmp_path / "reference")
+    prompts, continuations = tiny_prompts()
+    check_against_reference(load_pipeline(tmp_path / "parts", block_size=4, num_blocks=64), reference, prompts,
+                            continuations, tolerance=2e-4)
