@@ -1,11 +1,14 @@
-"""A GGUF file as a splitter source: its tensors under Hugging Face's names, quantized ones as their bytes.
+"""A GGUF file (or the shards of a split one) as a splitter source: its tensors under Hugging Face's names,
+quantized ones as their bytes.
 
 Quantized tensors (``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0``, ``Q2_K`` to ``Q6_K``) and the float16 and
 bfloat16 matrices of linear and embedding layers are read as the uint8 rows they are stored as and never
-dequantized (:mod:`chatloop.quant.blocks`); llama.cpp's reordering of the query and key rows (for its rotary
-layout) is undone on those rows, as transformers does for dequantized ones. Other float tensors (norms) are read as
-they are; other types (``IQ*``, ``TQ*``) are refused. The model's config and tokenizer come from the file through
-transformers, saved once in the cache.
+dequantized (:mod:`chatloop.quant.blocks`); a stacked expert tensor ``[E, rows, cols]`` is read one expert's rows
+at a time. llama.cpp's reordering of the query and key rows (for its rotary layout) is undone on those rows, and
+Gemma's norms lose the +1 llama.cpp adds, as transformers does for dequantized ones. Other float tensors (norms)
+are read as they are; other types (``IQ*``, ``TQ*``) are refused. Names: :mod:`.gguf_names`; the config:
+:mod:`.gguf_config`; the tokenizer and chat template come from the file through transformers, saved once in the
+cache.
 """
 
 from __future__ import annotations
@@ -145,6 +148,8 @@ def open_gguf(path: Path):
         kind = t.tensor_type.name
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
         if expert is not None:
+            if shape[0] != num_experts:
+                raise ValueError(f"{path}: {t.name} holds {shape[0]} experts, the metadata says {num_experts}")
             shape = shape[1:]
         if kind in _QUANTIZED:
             formats[name], dtypes[name] = _QUANTIZED[kind], torch.uint8
