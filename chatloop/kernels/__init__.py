@@ -35,8 +35,8 @@ from ..paths import cache_root
 from ..worker_settings import SIMD_ENV
 
 __all__ = [
-    "BF16_ISAS", "BF16_KERNEL_ROWS", "FORMAT_IDS", "ISAS", "MARCH_ENV", "MAX_KERNEL_ROWS", "LlamaLayerSpec",
-    "LlamaShapeSpec", "MatrixSpec",
+    "BF16_ISAS", "BF16_KERNEL_ROWS", "BLOCK_BYTES", "FORMAT_IDS", "ISAS", "MARCH_ENV", "MAX_KERNEL_ROWS",
+    "LlamaLayerSpec", "LlamaShapeSpec", "MatrixSpec",
     "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "kernel_bf16_linear",
     "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave", "kernel_kquant_linear",
     "GGUF_FORMAT_IDS", "KQUANT_FORMAT_IDS", "TILED", "gguf_linear_unchecked", "kernel_gguf_linear",
@@ -63,6 +63,9 @@ BF16_ISAS = {"portable": (0, set()), "avx2": (1, {"avx2", "fma"}),
 FORMAT_IDS = {"q8_0": 0, "q4_1": 1, "q4_1_x16": 2, "q8_0_x16": 3}
 """The quantized kernel's weight layouts (qgemv.c): GGUF's blocks, and the same interleaved in tiles of 16 rows
 (:func:`kernel_interleave`), which only the kernel reads."""
+BLOCK_BYTES = {"q8_0": 34, "q4_1": 20, "q4_0": 18}
+"""Bytes of a block of 32 weights in each of GGUF's 32-weight formats ChatLoop quantizes to (:mod:`chatloop.quant`
+reads them from here: the kernels' layouts are defined in this package, which imports nothing of ``quant``)."""
 KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4, "q4_k_x16": 5, "q5_k_x16": 6}
 """The k-quant decode kernel's formats (kquant.c): GGUF's blocks of 256, activations quantized to Q8_K; ``q4_k_x16``
 and ``q5_k_x16`` are q4_k and q5_k in tiles of 16 rows (:func:`kernel_kquant_interleave`), which only the kernel
@@ -521,8 +524,6 @@ def kernel_dequantize_rows(data: torch.Tensor, ids: torch.Tensor, fmt: str, in_f
 
 def _block_bytes(fmt: str) -> int:
     """Bytes of a block of 32 weights in layout ``fmt`` (an interleaved one keeps its format's)."""
-    from ..quant.formats import BLOCK_BYTES  # here: chatloop.quant imports this module
-
     return BLOCK_BYTES[fmt.removesuffix("_x16")]
 
 

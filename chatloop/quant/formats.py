@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import BLOCK_BYTES
 from .blocks import GGUF_TYPES, dequantize_blocks
 
 __all__ = ["BLOCK", "BLOCK_BYTES", "FORMATS", "dequantize", "in_features_of", "q4_0_as_q4_1", "quantize",
            "quantize_activations", "reference_linear"]
 
 BLOCK = 32
-BLOCK_BYTES = {"q8_0": 34, "q4_1": 20, "q4_0": 18}
 FORMATS = ("q8_0", "q4_1")
 """What a loaded stage computes with (``q4_0`` becomes ``q4_1``)."""
 
