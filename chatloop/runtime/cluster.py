@@ -40,13 +40,14 @@ from ..engine import (
 from ..engine.pipeline import stage_name
 from ..network import rank_address, rank_interfaces, under_torchrun
 from ..stage import stage_specs
-from . import remote_stage, results
+from . import remote_stage
 from .faults import GenerationError, Loss
 from .healing import State, Watchdog
 from .links import Link, LinkListener
 from .members import not_back
 from .processes import WorkerProcess, write_config
 from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdown_rpc
+from .results import COORDINATOR, Results
 from .supervisor import WorkerSupervisor
 from .worker import backend_options
 
@@ -70,8 +71,8 @@ class StartupError(RuntimeError):
 
 
 class RpcPipeline(Pipeline):
-    """Micro-batches enter worker0 through ``link``; the last worker sends their token ids back here
-    (``results.deliver``, on its link to the coordinator's listener).
+    """Micro-batches enter worker0 through ``link``; the last worker sends their token ids back to ``results`` (on
+    its link to the coordinator's listener), where the stages' failure reports land too.
 
     A step that times out or is lost in transport is located (each stage says how far it got)
     and cancelled on every stage; its error names the stage that did not finish it. ``describe``
@@ -81,10 +82,11 @@ class RpcPipeline(Pipeline):
 
     def __init__(
         self, names: list[str], num_blocks: int, block_size: int, timeout: float, progress_deadline_s: float,
-        link: Link, generation: int = 0,
+        link: Link, results: Results, generation: int = 0,
     ) -> None:
         super().__init__(names, num_blocks, block_size)
         self.link = link
+        self.results = results
         self.generation = generation
         self.timeout = timeout
         self.progress_deadline_s = progress_deadline_s
@@ -99,14 +101,14 @@ class RpcPipeline(Pipeline):
         threading.Thread(target=self._watch_deadlines, name="chatloop-deadlines", daemon=True).start()
 
     def _submit(self, mb: MicroBatch) -> concurrent.futures.Future:
-        result = results.expect(mb.id)
+        result = self.results.expect(mb.id)
         with self._lock:
             self._sent[mb.id] = time.monotonic()
         result.add_done_callback(lambda _: self._forget(mb.id))
         try:
             self.link.send("forward", (mb.id, mb.token_ids, mb.batch.to_payload(), mb.sampling))
         except Exception as e:
-            results.fail(mb.id, StageLostError(f"{self.stage_names[0]} is unreachable: {e}", stage=0,
+            self.results.fail(mb.id, StageLostError(f"{self.stage_names[0]} is unreachable: {e}", stage=0,
                                                generation=self.generation, cause=str(e)))
         return result
 
@@ -125,12 +127,12 @@ class RpcPipeline(Pipeline):
             in_flight = [mb_id] if mb_id in self._sent else list(self._sent) if mb_id < 0 else []
         for k in in_flight:
             if not isinstance(error, StageError) or error.located:
-                results.fail(k, error)
+                self.results.fail(k, error)
                 continue
             try:
                 self._diagnose.submit(self._fail_lost, k, error)
             except RuntimeError:  # this pipeline is closed: its generation was lost already
-                results.fail(k, StageLostError(f"{first_line(error)} (generation {self.generation})",
+                self.results.fail(k, StageLostError(f"{first_line(error)} (generation {self.generation})",
                                                generation=self.generation, cause=error.cause))
 
     def _watch_deadlines(self) -> None:
@@ -204,7 +206,7 @@ class RpcPipeline(Pipeline):
         # took too long, or whose link closed, where every stage answers fails its requests: a replay would too.
         kind = FaultKind.LOST if silent else FaultKind.TIMED_OUT if timed_out else FaultKind.FAILED
         stage, blame = self.blame(mb_id, where)
-        results.fail(mb_id, stage_fault(kind, f"{blame} ({reason})", stage=stage, generation=self.generation,
+        self.results.fail(mb_id, stage_fault(kind, f"{blame} ({reason})", stage=stage, generation=self.generation,
                                         cause=reason))
 
     def _rearm_if_moving(self, mb_id: int, where: list[tuple[str, float]]) -> bool:
@@ -305,6 +307,8 @@ class RpcCluster:
         self.closing = threading.Event()
         """Set when :meth:`shutdown` begins: a generation being formed stops waiting, nothing is restarted."""
         self.listener: ClusterListener | None = None
+        self.results = Results()
+        """The micro-batches in flight and the stages' failure reports, across generations."""
         self.results_listener: LinkListener | None = None
         """Where the last stage delivers token ids (this rank's interface, an ephemeral port)."""
         self.watchdog: Watchdog | None = None
@@ -401,7 +405,7 @@ class RpcCluster:
         rendezvous.start(generation)
         options = backend_options(cfg, cfg.cluster.startup_timeout_s)
         self._while_watching(
-            lambda: init_rpc_generation(results.COORDINATOR, 0, n + 1, generation, rendezvous, options),
+            lambda: init_rpc_generation(COORDINATOR, 0, n + 1, generation, rendezvous, options),
             deadline, on_exit,
         )
         self._rpc_up = True
@@ -484,12 +488,12 @@ class RpcCluster:
         self.stage_reports = reports
         num_blocks = min(r.num_blocks or 0 for r in reports)
         pipeline = RpcPipeline(names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s,
-                               cfg.cluster.progress_deadline_s, link, generation=self.generation)
+                               cfg.cluster.progress_deadline_s, link, self.results, generation=self.generation)
         if self.pipeline is not None:  # the step observers (benchmarks) carry over
             pipeline._observers = self.pipeline._observers
         pipeline.on_silent = self._stages_silent
         self.pipeline = pipeline
-        results.on_failure = pipeline.failed
+        self.results.on_failure = pipeline.failed
         for r in reports:
             log.info("%s: layers %s, %d KV blocks, pid %s on %s, cores %s, %s threads, CPU capability %s",
                      r.name, r.layers, r.num_blocks, r.pid, r.host, list(r.cores or ()), r.threads, r.simd)
@@ -498,16 +502,18 @@ class RpcCluster:
         """Chain the stages with this generation's secret, last first (each admits it before its caller links);
         the link into the first."""
         if self.results_listener is None:
-            self.results_listener = LinkListener(rank_address(dict(os.environ)), results.serve_call, name="results")
+            self.results_listener = LinkListener(rank_address(dict(os.environ)), self.results.serve_call,
+                                                 name="results")
         secret = secrets.token_hex(16)
         self.results_listener.admit(secret)
         addresses = [r.link_address for r in reports] + [self.results_listener.address]
         for k in reversed(range(len(names))):
             downstream = names[k + 1] if k + 1 < len(names) else ""
             try:
-                rpc.rpc_sync(names[k], remote_stage.connect, args=(downstream, addresses[k + 1], secret))
+                rpc.rpc_sync(names[k], remote_stage.connect,
+                             args=(downstream, addresses[k + 1], secret, self.results_listener.address))
             except Exception as e:
-                raise GenerationError([k], f"{names[k]} could not link to {downstream or results.COORDINATOR} at "
+                raise GenerationError([k], f"{names[k]} could not link to {downstream or COORDINATOR} at "
                                            f"{addresses[k + 1]}: {first_line(e)}", named=True) from None
         try:
             return Link(names[0], addresses[0], secret, on_closed=self._first_link_closed)
@@ -527,8 +533,8 @@ class RpcCluster:
         """End the current generation: steps in flight fail, this rank's RPC agent goes; workers rejoin the next."""
         if self.pipeline is not None:
             self.pipeline.close()
-        results.on_failure = None
-        results.fail_all(StageLostError(f"the pipeline of generation {self.generation} was lost",
+        self.results.on_failure = None
+        self.results.fail_all(StageLostError(f"the pipeline of generation {self.generation} was lost",
                                         generation=self.generation))
         try:
             self.rendezvous.end(self.generation)

@@ -9,7 +9,8 @@ Micro-batches themselves travel over the pipeline's links (:mod:`.links`), not R
 message queues one for the stage's own thread, which computes it and sends it on, so any number
 of micro-batches can be in flight. The last stage sends the sampled token ids straight to the
 coordinator (``deliver``). Nothing is answered on a link: a stage whose compute fails, or whose
-link onwards closes, tells the coordinator over RPC (``results.report_failure``), naming itself.
+link onwards closes, tells the coordinator on a link of its own to the coordinator's listener (``failed``,
+:class:`~chatloop.runtime.results.Results`), naming itself.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-import torch.distributed.rpc as rpc
 
 from ..engine import StageError, StageLostError, StageReport, StageTiming
 from ..engine.pipeline import compute_thread
@@ -33,7 +33,7 @@ from ..network import local_addresses, rank_address, runs_here
 from ..partition import Manifest
 from ..stage import StageRunner, StageSpec, build_stage_runner, fault_injection
 from .links import Link, LinkListener
-from .results import COORDINATOR, report_failure
+from .results import COORDINATOR
 
 __all__ = [
     "METRICS_PORT", "RemoteStage", "alive", "cancel", "connect", "create_stage", "describe", "fail_next", "forward",
@@ -135,9 +135,10 @@ def _stage() -> RemoteStage:
     return CURRENT
 
 
-def connect(next_name: str, next_address: str, secret: str) -> None:
+def connect(next_name: str, next_address: str, secret: str, report_address: str) -> None:
     """Serve links that show this generation's ``secret``, and link this stage to the next one (``next_name``, at
-    ``next_address``; for the last stage, an empty name and the coordinator's address)."""
+    ``next_address``; for the last stage, an empty name and the coordinator's address) and to the coordinator's
+    listener at ``report_address`` (where its failure reports go)."""
     stage = _stage()
     if OWN is not None and bool(next_name) != (OWN.next_worker is not None):
         raise ValueError(f"{OWN.source} says {OWN.name}'s next worker is {OWN.next_worker}, the coordinator's chain "
@@ -147,9 +148,10 @@ def connect(next_name: str, next_address: str, secret: str) -> None:
     epoch = stage.epoch
     link = Link(next_name or COORDINATOR, next_address, secret,
                 on_closed=lambda reason: stage._link_lost(epoch, reason))
+    reports = Link(COORDINATOR, report_address, secret)
     with stage._lock:
         stage.unlink()
-        stage.next_name, stage.next_link = next_name, link
+        stage.next_name, stage.next_link, stage.report_link = next_name, link, reports
 
 
 def describe() -> StageReport:
@@ -217,6 +219,7 @@ class RemoteStage:
         self._lock = threading.Lock()
         self.next_name = ""
         self.next_link: Link | None = None
+        self.report_link: Link | None = None
         self.rejoin(rpc_timeout_s)
         global CURRENT
         CURRENT = self
@@ -231,10 +234,13 @@ class RemoteStage:
             self._computing: tuple[int, float] | None = None
 
     def unlink(self) -> None:
-        """Drop the link to the next stage (a send on it fails, and is not reported once the generation ended)."""
-        link, self.next_link, self.next_name = self.next_link, None, ""
-        if link is not None:
-            link.close()
+        """Drop the links to the next stage and to the coordinator (a send on them fails, and is not reported once
+        the generation ended)."""
+        links = (self.next_link, self.report_link)
+        self.next_link, self.next_name, self.report_link = None, "", None
+        for link in links:
+            if link is not None:
+                link.close()
 
     def _mark(self, mb_id: int, state: str) -> None:
         with self._lock:
@@ -331,7 +337,9 @@ class RemoteStage:
         if epoch != self.epoch:
             return
         try:
-            rpc.rpc_async(COORDINATOR, report_failure, args=(mb_id, error), timeout=self.rpc_timeout_s)
+            if self.report_link is None:
+                raise ConnectionError("not linked to it")
+            self.report_link.send("failed", (mb_id, error))
         except Exception as e:  # the coordinator is unreachable: its own deadline fails the step
             log.warning("%s: could not report micro-batch %d's failure to the coordinator: %s", self.name, mb_id, e)
 

@@ -9,8 +9,8 @@ import torch
 
 from chatloop.engine import FaultKind, MicroBatch, StageError, StageLostError, stage_fault
 from chatloop.models import StepBatch
-from chatloop.runtime import results
 from chatloop.runtime.cluster import RpcPipeline
+from chatloop.runtime.results import Results
 
 
 class SentMessages:
@@ -32,10 +32,21 @@ def _step(mb_id: int) -> MicroBatch:
 
 
 @pytest.fixture
-def pipeline(monkeypatch):
+def results() -> Results:
+    return Results()
+
+
+def _pipeline(results: Results, names=("worker0", "worker1"), **options) -> RpcPipeline:
+    options = {"num_blocks": 8, "block_size": 16, "timeout": 0.5, "progress_deadline_s": 10, **options}
+    made = RpcPipeline(list(names), link=SentMessages(), results=results, **options)
+    results.on_failure = made.failed  # as the cluster sets it for the current generation
+    return made
+
+
+@pytest.fixture
+def pipeline(monkeypatch, results):
     """A coordinator's pipeline of two stages whose lost steps are located by a stand-in (no RPC)."""
-    made = RpcPipeline(["worker0", "worker1"], num_blocks=8, block_size=16, timeout=0.5, progress_deadline_s=10,
-                       link=SentMessages())
+    made = _pipeline(results)
     made.located = []
 
     def locate_and_fail(mb_id, error):
@@ -43,12 +54,11 @@ def pipeline(monkeypatch):
         results.fail(mb_id, StageLostError(f"worker1 does not answer ({error})"))
 
     monkeypatch.setattr(made, "_fail_lost", locate_and_fail)
-    monkeypatch.setattr(results, "on_failure", made.failed)
     yield made
     made.close()
 
 
-def test_delivered_tokens_resolve_the_micro_batch_and_a_later_failure_is_ignored():
+def test_delivered_tokens_resolve_the_micro_batch_and_a_later_failure_is_ignored(results):
     future = results.expect(1001)
     results.deliver(1001, [5, 7])
     results.fail(1001, RuntimeError("the chain finished late"))  # arrives after the tokens: no effect
@@ -57,7 +67,7 @@ def test_delivered_tokens_resolve_the_micro_batch_and_a_later_failure_is_ignored
     results.deliver(424242, [1])
 
 
-def test_a_failure_first_resolves_with_the_error_and_late_tokens_are_dropped():
+def test_a_failure_first_resolves_with_the_error_and_late_tokens_are_dropped(results):
     future = results.expect(1002)
     results.fail(1002, RuntimeError("worker2 failed"))
     results.deliver(1002, [1])
@@ -65,14 +75,14 @@ def test_a_failure_first_resolves_with_the_error_and_late_tokens_are_dropped():
         future.result(timeout=1)
 
 
-def test_a_micro_batch_id_is_in_flight_once():
+def test_a_micro_batch_id_is_in_flight_once(results):
     results.expect(1003)
     with pytest.raises(AssertionError, match="already in flight"):
         results.expect(1003)
     results.deliver(1003, [])
 
 
-def test_a_step_goes_out_on_the_link_and_a_stage_report_fails_it_with_the_stage_s_own_error(pipeline):
+def test_a_step_goes_out_on_the_link_and_a_stage_report_fails_it_with_the_stage_s_own_error(pipeline, results):
     future = pipeline._submit(_step(2001))
     assert pipeline.link.sent[0][0] == "forward" and pipeline.link.sent[0][1][0] == 2001
     results.report_failure(2001, StageError("worker1 (layers 15-29) failed: RuntimeError: bad shape"))
@@ -81,7 +91,7 @@ def test_a_step_goes_out_on_the_link_and_a_stage_report_fails_it_with_the_stage_
     assert pipeline.located == [] and pipeline._sent == {}
 
 
-def test_a_stage_s_own_failure_fails_its_step_whatever_its_text_says(pipeline):
+def test_a_stage_s_own_failure_fails_its_step_whatever_its_text_says(pipeline, results):
     """The fault's type decides, not its words: a stage's failure that reads like a transport error is no loss."""
     future = pipeline._submit(_step(2006))
     results.report_failure(2006, StageError("worker1: connection reset while it timed out", stage=1))
@@ -91,7 +101,7 @@ def test_a_stage_s_own_failure_fails_its_step_whatever_its_text_says(pipeline):
     assert pipeline.located == []
 
 
-def test_a_closed_link_has_every_step_in_flight_located(pipeline):
+def test_a_closed_link_has_every_step_in_flight_located(pipeline, results):
     first, second = pipeline._submit(_step(2002)), pipeline._submit(_step(2003))
     lost = StageLostError("worker1 is unreachable from worker0: the connection closed (EOF)", cause="EOF")
     assert lost.kind is FaultKind.LOST and not lost.located  # which stage is gone is not known yet
@@ -102,7 +112,7 @@ def test_a_closed_link_has_every_step_in_flight_located(pipeline):
     assert sorted(mb for mb, _ in pipeline.located) == [2002, 2003]
 
 
-def test_a_step_past_the_deadline_is_located_once_and_a_delivered_one_is_forgotten(pipeline):
+def test_a_step_past_the_deadline_is_located_once_and_a_delivered_one_is_forgotten(pipeline, results):
     delivered, late = pipeline._submit(_step(2004)), pipeline._submit(_step(2005))
     results.deliver(2004, [11])
     assert delivered.result(timeout=1) == [11]
@@ -114,9 +124,8 @@ def test_a_step_past_the_deadline_is_located_once_and_a_delivered_one_is_forgott
 
 def test_a_stage_that_answers_but_makes_no_progress_is_down():
     from chatloop.engine import StageReport
-    from chatloop.runtime.cluster import RpcPipeline
 
-    pipeline = RpcPipeline([], num_blocks=1, block_size=16, timeout=20, progress_deadline_s=10, link=SentMessages())
+    pipeline = _pipeline(Results(), names=(), num_blocks=1, timeout=20)
     fine = StageReport(name="worker1", index=1, computing_s=2.0, consecutive_failures=0)
     assert pipeline._judge(fine).up
     stuck = pipeline._judge(StageReport(name="worker1", index=1, host="h", computing_s=12.5))
@@ -132,9 +141,8 @@ def test_a_stage_that_answers_but_makes_no_progress_is_down():
     ([("forwarded", 9.0), ("computing", 0.7)], False),  # computed for longer than the timeout: fails
     ([("forwarded", 9.0), ("unseen", 9.0)], False),  # lost between the stages
 ])
-def test_a_late_step_that_only_waits_its_turn_gets_the_timeout_again(monkeypatch, where, waits):
-    pipeline = RpcPipeline(["worker0", "worker1"], num_blocks=8, block_size=16, timeout=0.5, progress_deadline_s=10,
-                           link=SentMessages())
+def test_a_late_step_that_only_waits_its_turn_gets_the_timeout_again(monkeypatch, results, where, waits):
+    pipeline = _pipeline(results)
     monkeypatch.setattr(pipeline, "locate", lambda mb_id, timeout=None: where)
     monkeypatch.setattr(pipeline, "cancel", lambda mb_ids: None)
     future = pipeline._submit(_step(2100))
@@ -151,9 +159,8 @@ def test_a_late_step_that_only_waits_its_turn_gets_the_timeout_again(monkeypatch
     pipeline.close()
 
 
-def test_a_late_step_at_a_silent_stage_is_lost_there_and_the_watchdog_is_told(monkeypatch):
-    pipeline = RpcPipeline(["worker0", "worker1", "worker2"], num_blocks=8, block_size=16, timeout=0.3,
-                           progress_deadline_s=10, link=SentMessages(), generation=7)
+def test_a_late_step_at_a_silent_stage_is_lost_there_and_the_watchdog_is_told(monkeypatch, results):
+    pipeline = _pipeline(results, names=("worker0", "worker1", "worker2"), timeout=0.3, generation=7)
     told = []
     pipeline.on_silent = lambda stages, why, generation: told.append((stages, why, generation))
     monkeypatch.setattr(pipeline, "locate", lambda mb_id, timeout=None: [("forwarded", 1.0), "EOF", "EOF"])
@@ -176,3 +183,25 @@ def test_a_fault_s_kind_decides_whether_its_sequences_are_replayed_and_it_crosse
     back = pickle.loads(pickle.dumps(fault))  # as torch RPC sends a stage's report to the coordinator
     assert type(back) is type(fault) and str(back) == str(fault)
     assert (back.kind, back.stage, back.generation, back.cause) == (kind, 2, 3, "why")
+
+
+def test_the_listener_serves_deliveries_and_failure_reports_and_refuses_anything_else(pipeline, results):
+    delivered, failed = pipeline._submit(_step(2200)), pipeline._submit(_step(2201))
+    results.serve_call("deliver", (2200, [3]))
+    results.serve_call("failed", (2201, StageError("worker0 (layers 0-14) failed: boom", stage=0)))
+    assert delivered.result(timeout=1) == [3]
+    with pytest.raises(StageError, match="boom"):
+        failed.result(timeout=1)
+    with pytest.raises(ValueError, match="not 'forward'"):
+        results.serve_call("forward", (1,))
+
+
+def test_two_clusters_results_are_their_own():
+    """Nothing lives at module level: a micro-batch id in flight in one is unknown to the other."""
+    first, second = Results(), Results()
+    a, b = first.expect(7), second.expect(7)
+    first.deliver(7, [1])
+    second.fail_all(StageLostError("the pipeline of generation 3 was lost", generation=3))
+    assert a.result(timeout=1) == [1]
+    with pytest.raises(StageLostError):
+        b.result(timeout=1)
