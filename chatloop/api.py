@@ -61,6 +61,8 @@ class Completion:
     """With ``logprobs=N``: each generated token's score and its N most likely alternatives."""
     prompt_logprobs: list[ScoredToken] | None = None
     """With ``prompt_logprobs=True``: the score of each prompt token after the first."""
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache (``cache.prefix_caching``), not computed."""
 
     @property
     def completion_tokens(self) -> int:
@@ -183,6 +185,7 @@ class ChatLoop:
             kv_window=ModelArgs.from_hf_config(manifest.model_config).kv_window,  # blocks out of it go back
             rope_switch=ModelArgs.from_hf_config(manifest.model_config).rope_switch,  # computed again past it
             replay_lost_steps=cluster is not None and cluster.watchdog is not None,
+            prefix_caching=cfg.cache.prefix_caching,
         )
         if cluster is not None:
             cluster.listener = self  # it tells us when it loses and rebuilds the pipeline
@@ -273,6 +276,8 @@ class ChatLoop:
             cluster_state=self.cluster_state,
             recovery_seconds=list(watchdog.recovery_seconds) if watchdog is not None else [],
             worker_restarts=watchdog.restarts if watchdog is not None else {},
+            prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
+            kv_blocks_cached=allocator.num_cached,
         )
 
     def describe_stages(self, timeout: float = 5.0) -> list[StageReport]:
@@ -360,15 +365,17 @@ class ChatLoop:
     def generate(self, prompt, *, chat: bool = False, **sampling) -> Completion:
         """One completion of a prompt (text or token ids); sampling keywords as :class:`SamplingParams`."""
         prompt_ids = self.encode(prompt, chat)
-        text, ids, reason, scores, prompt_scores = [], [], FinishReason.ERROR, [], None
+        text, ids, reason, scores, prompt_scores, cached = [], [], FinishReason.ERROR, [], None, 0
         for event in self.stream_events(prompt_ids, **sampling):
             text.append(event.text)
             ids.extend(event.token_ids)
             scores.extend(event.logprobs)
             prompt_scores = list(event.prompt_logprobs) if event.prompt_logprobs is not None else prompt_scores
             reason = event.finish_reason or reason
+            cached = event.cached_tokens if event.cached_tokens is not None else cached
         wanted = sampling.get("logprobs") is not None
-        return Completion("".join(text), ids, reason, len(prompt_ids), scores if wanted else None, prompt_scores)
+        return Completion("".join(text), ids, reason, len(prompt_ids), scores if wanted else None, prompt_scores,
+                          cached)
 
     def score(self, texts: str | Sequence[int] | Sequence[str | Sequence[int]], *, top_logprobs: int = 0,
               timeout_s: float | None = None) -> Score | list[Score]:

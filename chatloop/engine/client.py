@@ -41,10 +41,21 @@ class EngineStats:
     recovery_seconds: list[float] = field(default_factory=list)
     """Each recovery's time, from noticing the lost worker to the rebuilt pipeline."""
     worker_restarts: dict[str, int] = field(default_factory=dict)
+    prefix_cache_queries: int = 0
+    """Tokens looked up in the prefix cache at admission (prompts, and what replayed sequences had generated)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found: their keys and values were not computed again."""
+    kv_blocks_cached: int = 0
+    """KV blocks in the prefix cache (held by sequences or not; those not held count as free)."""
 
     @property
     def kv_blocks_used(self) -> int:
         return self.kv_blocks_total - self.kv_blocks_free
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """The share of looked-up tokens found in the prefix cache (0 before any)."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class EngineClient(Protocol):

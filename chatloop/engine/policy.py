@@ -27,6 +27,14 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   were rotated with the short factors.
 - A request that scores its prompt sends, with each chunk, the prompt tokens that follow it, and
   collects their scores; a replay never scores a token twice.
+- Prefix caching (``prefix_caching``): every full block a sequence has computed goes into the allocator's cache
+  under the hash of its tokens and of every token before it (:func:`~chatloop.engine.blocks.block_hash`), and stays
+  there after the sequence ends, until the pool needs the room (least recently used first). A sequence admitted
+  later whose first full blocks hash the same holds those blocks too and is prefilled from the end of them: at least
+  its last known token is computed, for the logits to sample from. Shared blocks are full and only read; a sequence
+  writes only to blocks of its own. Off under a sliding window (blocks out of it are written again) and with a
+  ``rope_switch`` (the sequence is computed again from its first token), and for a request that scores its prompt
+  (every prompt token must be computed). A lost pipeline takes every cached block with it (:meth:`requeue_all`).
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from .blocks import BlockAllocator
+from .blocks import BlockAllocator, block_hash
 from .detokenizer import Detokenizer
 from .errors import ContextLengthError, DeadlineExceededError, EmptyPromptError, QueueFullError, SamplingError
 from .requests import FinishReason, SampledToken, SamplerInput, SamplingParams, ScoredToken, SequenceEvent
@@ -77,6 +85,11 @@ class SchedulerStats:
     generated_tokens: int = 0
     replays: int = 0
     """Sequences prefilled again after their pipeline was lost."""
+    prefix_queries: int = 0
+    """Tokens looked up in the prefix cache: those known when a sequence was admitted (its prompt, and on a replay
+    what it had generated), of the sequences that may use the cache."""
+    prefix_hits: int = 0
+    """Of those, tokens whose keys and values were found in the cache, and not computed again."""
 
 
 @dataclass(eq=False)
@@ -100,6 +113,9 @@ class _Sequence:
     whole: bool = False  # computed again from its first token in one step, unchunked (rope_switch)
     prompt_scores: list[ScoredToken] = field(default_factory=list)  # of prompt tokens 1, 2, ... (prompt_logprobs)
     prompt_scores_sent: bool = False
+    hashes: list[bytes] = field(default_factory=list)  # content hashes of its first full blocks of known tokens
+    num_offered: int = 0  # its first blocks offered to the prefix cache (computed and full)
+    hit_tokens: int = 0  # tokens found in the prefix cache at its last admission
 
     @property
     def total_tokens(self) -> int:
@@ -154,6 +170,7 @@ class SchedulerPolicy:
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
         kv_window: int | None = None,
         rope_switch: int | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         self.allocator = allocator
         self.kv_window = kv_window
@@ -169,6 +186,8 @@ class SchedulerPolicy:
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.prefix_caching = prefix_caching and kv_window is None and rope_switch is None
+        """Whether full blocks are cached and shared (asked for, and no window or rope switch: see above)."""
         self.stats = SchedulerStats()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -283,7 +302,36 @@ class SchedulerPolicy:
         return self._finish(seq, FinishReason.ERROR, error=error)
 
     def _has_blocks_for(self, seq: _Sequence) -> bool:
-        return self._blocks_needed(seq) <= self.allocator.num_free
+        hits = self._hits(seq)
+        return self._blocks_needed(seq) - len(hits) + self.allocator.num_unheld(hits) <= self.allocator.num_free
+
+    # ---- the prefix cache ----------------------------------------------------------------------
+    def _hashes(self, seq: _Sequence, num_blocks: int) -> list[bytes]:
+        """The content hashes of ``seq``'s first ``num_blocks`` blocks (full, of known tokens), computed once."""
+        size = self.allocator.block_size
+        if len(seq.hashes) < num_blocks:
+            known = seq.prompt_ids + seq.output_ids
+            for i in range(len(seq.hashes), num_blocks):
+                seq.hashes.append(block_hash(seq.hashes[-1] if seq.hashes else None, known[i * size : (i + 1) * size]))
+        return seq.hashes[:num_blocks]
+
+    def _hits(self, seq: _Sequence) -> list[int]:
+        """The cached blocks ``seq`` may start from: its first full blocks found in the cache, leaving at least its
+        last known token to compute (none for a request that scores its prompt)."""
+        if not self.prefix_caching or seq.params.prompt_logprobs:
+            return []
+        return self.allocator.lookup(self._hashes(seq, (seq.num_known - 1) // self.allocator.block_size))
+
+    def _offer(self, seq: _Sequence) -> None:
+        """Put ``seq``'s full blocks computed so far into the prefix cache (where no block holds their content yet)."""
+        if not self.prefix_caching:
+            return
+        full = min(seq.num_cached // self.allocator.block_size, len(seq.blocks))
+        if full <= seq.num_offered:
+            return
+        for block, content in zip(seq.blocks[seq.num_offered : full], self._hashes(seq, full)[seq.num_offered :]):
+            self.allocator.cache(block, content)
+        seq.num_offered = full
 
     def _blocks_needed(self, seq: _Sequence) -> int:
         """The most blocks ``seq`` holds at once from now on: all of its length's, or under a window, what the
@@ -340,11 +388,19 @@ class SchedulerPolicy:
             return
         while self._waiting and len(self._running) < self.max_batch_size:
             seq = self._waiting[0]
-            blocks = self.allocator.take(self._blocks_needed(seq))
-            if blocks is None:
+            if not self._has_blocks_for(seq):
                 break  # first come, first served: later requests do not overtake
+            hits = self._hits(seq)
+            self.allocator.share(hits)  # (first: taking the rest must not evict them)
+            blocks = self.allocator.take(self._blocks_needed(seq) - len(hits))
+            assert blocks is not None
             self._waiting.popleft()
-            seq.blocks = blocks
+            seq.blocks = hits + blocks
+            seq.num_cached = seq.hit_tokens = len(hits) * self.allocator.block_size
+            seq.num_offered = len(hits)
+            if self.prefix_caching and not seq.params.prompt_logprobs:
+                self.stats.prefix_queries += seq.num_known
+                self.stats.prefix_hits += seq.hit_tokens
             self._running.append(seq)
 
     def _ready(self) -> list[_Sequence]:
@@ -426,6 +482,7 @@ class SchedulerPolicy:
                 seq.prompt_scores.extend(answer.prompt)
             seq.num_cached += fed[b]
             seq.whole = False
+            self._offer(seq)
             self._slide(seq)
             if seq.cancelled:
                 outputs.append(self._end_cancelled(seq))
@@ -482,7 +539,8 @@ class SchedulerPolicy:
             text += seq.detokenizer.flush()
             prompt_scores = self._prompt_scores(seq)
         return seq.id, SequenceEvent(text, () if token is None else (token,), finish_reason=reason, error=error,
-                                     logprobs=(scored,) if scored else (), prompt_logprobs=prompt_scores)
+                                     logprobs=(scored,) if scored else (), prompt_logprobs=prompt_scores,
+                                     cached_tokens=min(seq.hit_tokens, len(seq.prompt_ids)))
 
     # ---- a lost pipeline ----------------------------------------------------------------------
     def requeue_step(self, step_id: int, retry_at: float) -> int:
@@ -503,7 +561,7 @@ class SchedulerPolicy:
             if seq.blocks:
                 self.allocator.free(seq.blocks)
                 seq.blocks = []
-            seq.num_cached = seq.dropped = 0
+            seq.num_cached = seq.dropped = seq.num_offered = seq.hit_tokens = 0
             seq.in_flight = False
             seq.replays += 1
             self._running.remove(seq)
@@ -514,9 +572,11 @@ class SchedulerPolicy:
     def requeue_all(self) -> int:
         """The pipeline is gone with every KV block: each running sequence goes back to the front of the queue, to
         be prefilled again from its prompt and the tokens it already has (nothing is emitted twice). Returns how
-        many. Steps still out are forgotten: their results are ignored."""
+        many. Steps still out are forgotten: their results are ignored. The prefix cache is emptied: a replaced
+        worker's pool starts empty."""
         requeued = list(self._running)
         self._requeue(requeued)
+        self.allocator.clear_cache()
         self._steps.clear()
         self.stats.num_in_flight = 0
         return len(requeued)

@@ -161,3 +161,5 @@ class SequenceEvent:
     """With ``logprobs``: the score of each of ``token_ids``."""
     prompt_logprobs: tuple[ScoredToken, ...] | None = None
     """With ``prompt_logprobs``, on the sequence's first event: the scores of its prompt tokens after the first."""
+    cached_tokens: int | None = None
+    """On the last event: the prompt tokens whose keys and values came from the prefix cache, not computed."""

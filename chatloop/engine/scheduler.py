@@ -8,6 +8,7 @@ are launched before its events are delivered, so consumers never delay the pipel
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from .policy import Output, SchedulerPolicy, SchedulerStats, Step
 from .requests import SamplingParams, SequenceEvent
 
 __all__ = ["Emit", "Scheduler"]
+
+log = logging.getLogger(__name__)
 
 LOST_STEP_RETRY_S = 0.25
 """After a lost step, how long the scheduler waits before it launches again (the watchdog suspends it meanwhile)."""
@@ -47,6 +50,7 @@ class Scheduler:
         kv_window: int | None = None,
         rope_switch: int | None = None,
         replay_lost_steps: bool = False,
+        prefix_caching: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pipeline = pipeline
@@ -56,8 +60,12 @@ class Scheduler:
             max_queue_size=max_queue_size, max_in_flight=max_in_flight or pipeline.num_stages, max_context=max_context,
             max_tokens_per_micro_batch=max_tokens_per_micro_batch, prefill_chunk_tokens=prefill_chunk_tokens,
             eos_token_ids=eos_token_ids or set(), kv_window=kv_window,
-            rope_switch=rope_switch,
+            rope_switch=rope_switch, prefix_caching=prefix_caching,
         )
+        if prefix_caching and not self.policy.prefix_caching:
+            why = (f"every layer attends within a sliding window of {kv_window} tokens" if kv_window is not None
+                   else f"the model's RoPE changes at position {rope_switch} (longrope)")
+            log.info("prefix caching is off: %s, so cached blocks would be written again", why)
         self._clock = clock
         self.replay_lost_steps = replay_lost_steps
         """A step lost between stages (``StageLostError``) requeues its sequences instead of failing them: the
@@ -117,6 +125,7 @@ class Scheduler:
         """Carry on with a new pipeline (same stages); the requeued sequences are prefilled again first."""
         with self._cond:
             self.pipeline = pipeline
+            self.allocator.clear_cache()  # (emptied when the pipeline was lost: the new one's pools start empty)
             if (pipeline.num_blocks, pipeline.block_size) != (self.allocator.num_blocks, self.allocator.block_size):
                 # Every sequence was requeued: none holds a block of the old pool.
                 self.allocator = BlockAllocator(pipeline.num_blocks, pipeline.block_size)
@@ -124,6 +133,15 @@ class Scheduler:
             self._suspended = False
             self.policy.paused_reason = ""
             self._cond.notify()
+
+    def set_prefix_caching(self, on: bool) -> bool:
+        """Turn prefix caching on or off from now on, with an empty cache (benchmarks compare both on one engine).
+        Returns whether it is on (never under a sliding window or a rope switch)."""
+        with self._cond:
+            policy = self.policy
+            policy.prefix_caching = on and policy.kv_window is None and policy.rope_switch is None
+            self.allocator.clear_cache()
+            return policy.prefix_caching
 
     def fail_all(self, error: BaseException) -> None:
         """End every waiting and running request with ``error`` (the cluster cannot serve them now)."""

@@ -305,7 +305,7 @@ class CompletionService:
         finally:
             stream.close()
         self._finish(endpoint, stream, stream.submitted, event.finish_reason.value)
-        use = p.usage(len(prompt_ids), stream.num_tokens)
+        use = p.usage(len(prompt_ids), stream.num_tokens, event.cached_tokens)
         text = "".join(pieces)
         if isinstance(body, p.ChatCompletionRequest):
             logprobs = chat_logprobs(self.engine.token_bytes, scores) if body.logprobs else None
@@ -368,7 +368,8 @@ class CompletionService:
                         yield sse(piece("", event.finish_reason))
                         if include_usage:
                             yield sse(p.usage_chunk(id_, object_, self.model_name, created,
-                                                    p.usage(num_prompt, stream.num_tokens)))
+                                                    p.usage(num_prompt, stream.num_tokens,
+                                                            event.cached_tokens)))
                         yield SSE_DONE
                         return
                     event = await stream.next()

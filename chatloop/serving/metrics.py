@@ -25,6 +25,10 @@ chatloop_micro_batches_in_flight               gauge      micro-batches inside t
 chatloop_micro_batch_size                      gauge      sequences in the last micro-batch sent
 chatloop_kv_blocks_used / _free / _capacity    gauge      the coordinator's KV block allocator
 chatloop_kv_block_size_tokens                  gauge      tokens per block
+chatloop_kv_blocks_cached                      gauge      blocks in the prefix cache (those no sequence holds are free)
+chatloop_prefix_cache_queries_tokens_total     counter    tokens looked up in the prefix cache at admission
+chatloop_prefix_cache_hits_tokens_total        counter    of those, tokens found (not computed again); hit rate:
+                                                          hits / queries
 chatloop_stage_up{stage}                       gauge      1 if the stage answered the last health check
 chatloop_cluster_state{state}                  gauge      1 for the current state: serving, recovering, degraded
 chatloop_replays_total                         counter    sequences prefilled again after a lost worker was replaced
@@ -81,6 +85,16 @@ class _EngineCollector(Collector):
         yield _gauge("chatloop_kv_blocks_capacity", "KV cache blocks per stage (the smallest stage's pool).",
                      stats.kv_blocks_total)
         yield _gauge("chatloop_kv_block_size_tokens", "Tokens per KV cache block.", stats.kv_block_size)
+        yield _gauge("chatloop_kv_blocks_cached", "KV cache blocks in the prefix cache (those no sequence holds are "
+                     "free).", stats.kv_blocks_cached)
+        queries = CounterMetricFamily("chatloop_prefix_cache_queries_tokens",
+                                      "Tokens looked up in the prefix cache when sequences were admitted.")
+        queries.add_metric([], stats.prefix_cache_queries)
+        yield queries
+        hits = CounterMetricFamily("chatloop_prefix_cache_hits_tokens",
+                                   "Tokens found in the prefix cache (their keys and values not computed again).")
+        hits.add_metric([], stats.prefix_cache_hits)
+        yield hits
         yield from _healing(stats)
         report = self.health.latest()
         if report is not None:

@@ -26,7 +26,8 @@ def run_op(llm, op: dict):
     if kind == "generate":
         try:
             c = llm.generate(op["prompt"], chat=op.get("chat", False), **op.get("params", {}))
-            return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+            return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                    "cached_tokens": c.cached_tokens}
         except Exception as e:
             return {"error": f"{type(e).__name__}: {e}"}
     if kind == "concurrent":
@@ -104,7 +105,8 @@ def run_op(llm, op: dict):
     if kind == "stats":
         stats = llm.stats()
         return {"replays": stats.replays, "recovery_seconds": stats.recovery_seconds, "state": stats.cluster_state,
-                "restarts": stats.worker_restarts}
+                "restarts": stats.worker_restarts, "prefix_queries": stats.prefix_cache_queries,
+                "prefix_hits": stats.prefix_cache_hits}
     if kind == "wait_state":
         deadline = time.monotonic() + op.get("timeout", 120)
         while llm.stats().cluster_state != op["state"] and time.monotonic() < deadline:

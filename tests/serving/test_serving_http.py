@@ -84,8 +84,10 @@ def test_completion_and_chat_match_the_python_api(client, expected):
     assert body["object"] == "text_completion" and body["model"] == MODEL
     assert body["choices"][0]["text"] == want.text
     assert body["choices"][0]["finish_reason"] == want.finish_reason
+    cached = body["usage"].pop("prompt_tokens_details")["cached_tokens"]  # (the same prompt ran before: a hit)
     assert body["usage"] == {"prompt_tokens": want.prompt_tokens, "completion_tokens": want.completion_tokens,
                              "total_tokens": want.prompt_tokens + want.completion_tokens}
+    assert 0 <= cached < want.prompt_tokens
 
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHATS[0], "max_tokens": SHORT, "seed": 3})
     assert r.status_code == 200, r.text
@@ -226,7 +228,8 @@ def test_what_the_schema_allows_is_served(client):
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": [2444.0, 28.0], "max_tokens": 2.0, "seed": 7.0,
                                               "suffix": "", "ignore_eos": True})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}  # (shorter than a block)
 
 
 def test_unknown_routes_and_methods_answer_openai_errors(client):
