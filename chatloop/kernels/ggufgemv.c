@@ -27,29 +27,6 @@ static inline int64_t g_row_bytes(int fmt, int64_t I) {
                                                                                                           : I * 2;
 }
 
-/* IEEE half to float, without F16C. */
-static inline float g_half(const uint8_t* p) {
-  uint16_t h;
-  memcpy(&h, p, 2);
-  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
-  uint32_t bits;
-  if (exponent == 0x1F) {
-    bits = sign | 0x7F800000u | (mantissa << 13);
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    bits = sign;
-  } else {
-    int shift = 0;
-    uint32_t m = mantissa;
-    while (!(m & 0x400)) m <<= 1, ++shift;
-    bits = sign | ((uint32_t)(113 - shift) << 23) | ((m & 0x3FF) << 13);
-  }
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
 static inline float g_bf16(const uint8_t* p) {
   uint16_t h;
   memcpy(&h, p, 2);
@@ -57,24 +34,6 @@ static inline float g_bf16(const uint8_t* p) {
   float f;
   memcpy(&f, &bits, 4);
   return f;
-}
-
-/* One row of activations as Q8_1 blocks of 32: xq [nb * 32], xd [nb], xs [nb] (q8_0 is its q and d). */
-static void quantize_row_q8_1(const float* x, int8_t* xq, float* xd, float* xs, int64_t nb) {
-  for (int64_t k = 0; k < nb; ++k) {
-    const float* v = x + k * QK;
-    float amax = 0.0f;
-    for (int j = 0; j < QK; ++j) amax = fmaxf(amax, fabsf(v[j]));
-    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-    int sum = 0;
-    for (int j = 0; j < QK; ++j) {
-      const int q = (int)nearbyintf(v[j] * inv);
-      xq[k * QK + j] = (int8_t)q;
-      sum += q;
-    }
-    xd[k] = d;
-    xs[k] = d * (float)sum;
-  }
 }
 
 /* ---- portable ----------------------------------------------------------------------------------------------- */
@@ -92,15 +51,15 @@ static inline float dot_q5_portable(const uint8_t* w, const int8_t* xq, const fl
     int sum = 0;
     for (int j = 0; j < 16; ++j)
       sum += ((qs[j] & 0x0F) | ((qh >> j) & 1) << 4) * q[j] + ((qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4) * q[j + 16];
-    const float d = g_half(blk);
-    acc += d * xd[k] * (float)sum + (one ? g_half(blk + 2) : -16.0f * d) * xs[k];
+    const float d = half_to_float(blk);
+    acc += d * xd[k] * (float)sum + (one ? half_to_float(blk + 2) : -16.0f * d) * xs[k];
   }
   return acc;
 }
 
 static float dot_float_portable(const uint8_t* w, const float* x, int64_t I, const int bf16) {
   float acc = 0.0f;
-  for (int64_t i = 0; i < I; ++i) acc += (bf16 ? g_bf16(w + 2 * i) : g_half(w + 2 * i)) * x[i];
+  for (int64_t i = 0; i < I; ++i) acc += (bf16 ? g_bf16(w + 2 * i) : half_to_float(w + 2 * i)) * x[i];
   return acc;
 }
 

@@ -29,29 +29,6 @@ static inline int k_block_bytes(int fmt) {
   return bytes[fmt];
 }
 
-/* IEEE half to float, without F16C. */
-static inline float k_half(const uint8_t* p) {
-  uint16_t h;
-  memcpy(&h, p, 2);
-  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
-  uint32_t bits;
-  if (exponent == 0x1F) {
-    bits = sign | 0x7F800000u | (mantissa << 13);
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    bits = sign;
-  } else {
-    int shift = 0;
-    uint32_t m = mantissa;
-    while (!(m & 0x400)) m <<= 1, ++shift;
-    bits = sign | ((uint32_t)(113 - shift) << 23) | ((m & 0x3FF) << 13);
-  }
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
 /* One row of activations as Q8_K: xq [nb * 256], xd [nb], bsums [nb * 16]. */
 static void quantize_row_q8_k(const float* x, int8_t* xq, float* xd, int16_t* bsums, int64_t nb) {
   for (int64_t k = 0; k < nb; ++k) {
@@ -124,7 +101,7 @@ static inline float dot_q45_k_portable(const uint8_t* w, const int8_t* xq, const
       }
       sumi += sc[2 * j] * lo + sc[2 * j + 1] * hi;
     }
-    acc += xd[k] * (k_half(blk) * (float)sumi - k_half(blk + 2) * (float)q4_k_mins(m, bsums + k * 16));
+    acc += xd[k] * (half_to_float(blk) * (float)sumi - half_to_float(blk + 2) * (float)q4_k_mins(m, bsums + k * 16));
   }
   return acc;
 }
@@ -157,7 +134,7 @@ static float dot_q6_k_portable(const uint8_t* w, const int8_t* xq, const float* 
       for (int g = 0; g < 8; ++g) sumi += sc[8 * h + g] * part[g];
     }
     for (int g = 0; g < 16; ++g) offset += sc[g] * bsums[k * 16 + g];
-    acc += xd[k] * k_half(blk + 208) * (float)(sumi - 32 * offset);
+    acc += xd[k] * half_to_float(blk + 208) * (float)(sumi - 32 * offset);
   }
   return acc;
 }
@@ -188,7 +165,7 @@ static float dot_q2_k_portable(const uint8_t* w, const int8_t* xq, const float* 
       sumi += (blk[g] & 0x0F) * part[g];
       summ += (blk[g] >> 4) * bsums[k * 16 + g];
     }
-    acc += xd[k] * (k_half(blk + 80) * (float)sumi - k_half(blk + 82) * (float)summ);
+    acc += xd[k] * (half_to_float(blk + 80) * (float)sumi - half_to_float(blk + 82) * (float)summ);
   }
   return acc;
 }
@@ -213,7 +190,7 @@ static float dot_q3_k_portable(const uint8_t* w, const int8_t* xq, const float* 
       sumi += sc[g] * part[g];
       offset += sc[g] * bsums[k * 16 + g];
     }
-    acc += xd[k] * k_half(blk + 108) * (float)(sumi - 4 * offset);
+    acc += xd[k] * half_to_float(blk + 108) * (float)(sumi - 4 * offset);
   }
   return acc;
 }

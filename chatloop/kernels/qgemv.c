@@ -31,47 +31,6 @@ enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512_VNNI = 2 };
 
 static inline int block_bytes(int fmt) { return fmt == FMT_Q8_0 || fmt == FMT_Q8_0_X16 ? 34 : 20; }
 
-/* IEEE half to float, without F16C (the portable path). */
-static inline float half_to_float(const uint8_t* p) {
-  uint16_t h;
-  memcpy(&h, p, 2);
-  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
-  uint32_t bits;
-  if (exponent == 0x1F) {
-    bits = sign | 0x7F800000u | (mantissa << 13);
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    bits = sign;
-  } else { /* subnormal: normalise */
-    int shift = 0;
-    uint32_t m = mantissa;
-    while (!(m & 0x400)) m <<= 1, ++shift;
-    bits = sign | ((uint32_t)(113 - shift) << 23) | ((m & 0x3FF) << 13);
-  }
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
-/* Row b of x as int8 blocks: xq[b, i], xd[b, k], xs[b, k]. Ties round to even (nearbyintf), as torch.round. */
-static void quantize_row(const float* x, int8_t* xq, float* xd, float* xs, int64_t nb) {
-  for (int64_t k = 0; k < nb; ++k) {
-    const float* v = x + k * QK;
-    float amax = 0.0f;
-    for (int j = 0; j < QK; ++j) amax = fmaxf(amax, fabsf(v[j]));
-    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-    int sum = 0;
-    for (int j = 0; j < QK; ++j) {
-      const int q = (int)nearbyintf(v[j] * inv);
-      xq[k * QK + j] = (int8_t)q;
-      sum += q;
-    }
-    xd[k] = d;
-    xs[k] = d * (float)sum;
-  }
-}
-
 /* ---- portable ----------------------------------------------------------------------------------------------- */
 static float dot_portable(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int fmt) {
   float acc = 0.0f;
@@ -339,7 +298,7 @@ void chatloop_quant_linear_shared(const float* x, const uint8_t* w, const float*
   const int64_t nb = I / QK, row_bytes = nb * block_bytes(fmt);
   const dot_fn dot = isa == ISA_AVX512_VNNI ? dot_vnni : isa == ISA_AVX2 ? dot_avx2 : dot_portable_rows;
 #pragma omp for schedule(static)
-  for (int64_t b = 0; b < B; ++b) quantize_row(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
+  for (int64_t b = 0; b < B; ++b) quantize_row_q8_1(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
   if (interleaved(fmt)) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < O / X16; ++t)
