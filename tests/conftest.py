@@ -179,7 +179,12 @@ def build_tiny_model(family: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(family), dtype=torch.float32)
+    return randomize_weights(AutoModelForCausalLM.from_config(tiny_hf_config(family), dtype=torch.float32))
+
+
+def randomize_weights(model):
+    """``model`` with matrices of std 0.15, biases of noise and norm weights 1 + noise (see
+    :func:`build_tiny_model`), in eval mode; seed torch first."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:

@@ -220,24 +220,31 @@ def kernel_kquant_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: to
                          isa: str | None = None) -> torch.Tensor:
     """:func:`kquant_linear_unchecked` with its checks: ``fmt`` one of ``KQUANT_FORMAT_IDS``, ``isa`` a path of
     :func:`available_isas` (default :func:`quant_isa`)."""
+    isa_id = _check_block_linear("kernel_kquant_linear", x, data, fmt, bias, isa, KQUANT_FORMAT_IDS,
+                                 256, KQUANT_BLOCK_BYTES.get(fmt, 0))
+    return kquant_linear_unchecked(x.contiguous(), data, fmt, x.shape[-1],
+                                   None if bias is None else bias.contiguous(), isa_id)
+
+
+def _check_block_linear(name: str, x: torch.Tensor, data: torch.Tensor, fmt: str, bias: torch.Tensor | None,
+                        isa: str | None, formats: dict[str, int], weights: int, block_bytes: int) -> int:
+    """Check a block-quantized matrix ``data`` (``weights`` weights in ``block_bytes`` bytes a block) against ``x``
+    and ``bias`` before a kernel reads them; the number of the path ``isa`` (default :func:`quant_isa`)."""
     _require(load_quant_kernels() is not None, "ChatLoop's quantized kernels are not available here (see the log)")
-    _require(fmt in KQUANT_FORMAT_IDS, f"kernel_kquant_linear: format {fmt!r} is not one of "
-                                       f"{', '.join(KQUANT_FORMAT_IDS)}")
-    block_bytes = KQUANT_BLOCK_BYTES[fmt]
+    _require(fmt in formats, f"{name}: format {fmt!r} is not one of {', '.join(formats)}")
     in_features = x.shape[-1]
-    _require(in_features % 256 == 0 and data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
-             and data.shape[1] * 256 == in_features * block_bytes,
-             f"kernel_kquant_linear: a {fmt} matrix of {in_features} inputs is contiguous uint8 "
-             f"[out, {in_features // 256 * block_bytes}], got {data.dtype} {tuple(data.shape)}")
+    _require(in_features % weights == 0 and data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
+             and data.shape[1] * weights == in_features * block_bytes,
+             f"{name}: a {fmt} matrix of {in_features} inputs is contiguous uint8 "
+             f"[out, {in_features // weights * block_bytes}], got {data.dtype} {tuple(data.shape)}")
     _require(not fmt.endswith("_x16") or data.shape[0] % 16 == 0,
-             f"kernel_kquant_linear: a {fmt} matrix has a multiple of 16 rows, got {data.shape[0]}")
-    _require(x.dtype == torch.float32, f"kernel_kquant_linear: x must be float32, got {x.dtype}")
+             f"{name}: a {fmt} matrix has a multiple of 16 rows, got {data.shape[0]}")
+    _require(x.dtype == torch.float32, f"{name}: x must be float32, got {x.dtype}")
     _require(bias is None or (bias.dtype == torch.float32 and bias.shape == (data.shape[0],)),
-             f"kernel_kquant_linear: bias must be float32 [{data.shape[0]}]")
+             f"{name}: bias must be float32 [{data.shape[0]}]")
     isa = isa or quant_isa()
-    _require(isa in available_isas(), f"kernel_kquant_linear: this CPU cannot run the {isa!r} path")
-    return kquant_linear_unchecked(x.contiguous(), data, fmt, in_features,
-                                   None if bias is None else bias.contiguous(), ISAS[isa][0])
+    _require(isa in available_isas(), f"{name}: this CPU cannot run the {isa!r} path")
+    return ISAS[isa][0]
 
 
 def kernel_kquant_interleave(data: torch.Tensor, fmt: str = "q4_k", in_place: bool = False,
@@ -307,23 +314,10 @@ def kernel_gguf_linear(x: torch.Tensor, data: torch.Tensor, fmt: str, bias: torc
                        isa: str | None = None) -> torch.Tensor:
     """:func:`gguf_linear_unchecked` with its checks: ``fmt`` one of ``GGUF_FORMAT_IDS``, ``isa`` a path of
     :func:`available_isas` (default :func:`quant_isa`)."""
-    _require(load_quant_kernels() is not None, "ChatLoop's quantized kernels are not available here (see the log)")
-    _require(fmt in GGUF_FORMAT_IDS, f"kernel_gguf_linear: format {fmt!r} is not one of {', '.join(GGUF_FORMAT_IDS)}")
-    weights, block_bytes = GGUF_ROW_BYTES[fmt]
-    in_features = x.shape[-1]
-    _require(in_features % weights == 0 and data.dtype == torch.uint8 and data.dim() == 2 and data.is_contiguous()
-             and data.shape[1] * weights == in_features * block_bytes,
-             f"kernel_gguf_linear: a {fmt} matrix of {in_features} inputs is contiguous uint8 "
-             f"[out, {in_features // weights * block_bytes}], got {data.dtype} {tuple(data.shape)}")
-    _require(not fmt.endswith("_x16") or data.shape[0] % 16 == 0,
-             f"kernel_gguf_linear: a {fmt} matrix has a multiple of 16 rows, got {data.shape[0]}")
-    _require(x.dtype == torch.float32, f"kernel_gguf_linear: x must be float32, got {x.dtype}")
-    _require(bias is None or (bias.dtype == torch.float32 and bias.shape == (data.shape[0],)),
-             f"kernel_gguf_linear: bias must be float32 [{data.shape[0]}]")
-    isa = isa or quant_isa()
-    _require(isa in available_isas(), f"kernel_gguf_linear: this CPU cannot run the {isa!r} path")
-    return gguf_linear_unchecked(x.contiguous(), data, fmt, in_features,
-                                 None if bias is None else bias.contiguous(), ISAS[isa][0])
+    isa_id = _check_block_linear("kernel_gguf_linear", x, data, fmt, bias, isa, GGUF_FORMAT_IDS,
+                                 *GGUF_ROW_BYTES.get(fmt, (1, 0)))
+    return gguf_linear_unchecked(x.contiguous(), data, fmt, x.shape[-1],
+                                 None if bias is None else bias.contiguous(), isa_id)
 
 
 @functools.cache

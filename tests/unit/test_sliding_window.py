@@ -17,7 +17,7 @@ from test_golden import check_against_reference, load_with_linear_mode, referenc
 
 from chatloop.models import ModelArgs
 from chatloop.partition.splitter import split_model
-from tests.conftest import TINY_VOCAB
+from tests.conftest import TINY_VOCAB, randomize_weights
 
 COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
@@ -45,17 +45,8 @@ def tiny_model(family: str, window: bool = True, seed: int = 0):
         options.pop("use_sliding_window", None)
         options["sliding_window"] = None
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, name)(**COMMON, **options),
-                                                          dtype=torch.float32)
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.15)
-            elif param_name.endswith("bias"):
-                param.normal_(0.0, 0.2)
-            else:
-                param.normal_(1.0, 0.2)
-    return model.eval()
+    return randomize_weights(transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, name)(**COMMON, **options), dtype=torch.float32))
 
 
 @pytest.fixture(scope="module")
