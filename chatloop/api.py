@@ -133,18 +133,11 @@ def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
             f"{cfg.cluster.num_workers}) or set cluster.num_workers={manifest.num_partitions}"
         )
     for k, spec in enumerate(cfg.cluster.workers):
-        if spec.partition and spec.partition != manifest.partitions[k].file:
-            raise ManifestError(
-                f"cluster.workers[{k}].partition is {spec.partition!r}, the manifest in {directory} gives worker {k} "
-                f"{manifest.partitions[k].file!r}: make them match (or leave partition empty)"
-            )
-        if (spec.start_layer, spec.end_layer) != (manifest.partitions[k].start_layer, manifest.partitions[k].end_layer):
-            raise ManifestError(
-                f"cluster.workers[{k}] has layers {spec.start_layer}-{spec.end_layer}, "
-                f"the manifest in {directory} gives "
-                f"partition {k} layers {manifest.partitions[k].layers}: make the ranges match "
-                f"({', '.join(str(r) for r in manifest.plan)}) or split again with --ranges"
-            )
+        why = manifest.mismatch(k, f"cluster.workers[{k}]", directory, file=spec.partition or None,
+                                layers=LayerRange(spec.start_layer, spec.end_layer))
+        if why is not None:
+            raise ManifestError(f"{why}: make cluster.workers match the split (partition may be left empty), or "
+                                "split again with --ranges")
     args = ModelArgs.from_hf_config(manifest.model_config)
     for spec, part in zip(stage_specs(cfg, directory), manifest.partitions):
         kv_blocks(spec, args, len(part.layers))

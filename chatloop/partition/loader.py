@@ -79,11 +79,9 @@ def load_stage(
             f"split the model into as many partitions as there are workers"
         )
     info = manifest.partitions[index]
-    if expected_file is not None and expected_file != info.file:
-        raise PartitionError(
-            f"the configuration gives worker {index} partition {expected_file!r}, the manifest in {directory} says "
-            f"{info.file!r}: set cluster.workers[{index}].partition to {info.file!r} (or leave it empty)"
-        )
+    why = manifest.mismatch(index, "the configuration", directory, file=expected_file)
+    if why is not None:
+        raise PartitionError(f"{why}: set cluster.workers[{index}].partition to {info.file} (or leave it empty)")
     path = directory / info.file
     if not path.is_file():
         raise PartitionError(f"{path} is missing: copy it from the splitter's output, or split the model again")
@@ -91,11 +89,9 @@ def load_stage(
     if size != info.num_bytes:
         raise PartitionError(f"{path} has {size} bytes, the manifest says {info.num_bytes}: "
                              "the file is truncated or from another split")
-    if expected_layers is not None and expected_layers != info.layers:
-        raise PartitionError(
-            f"{path} holds layers {info.layers}, the configuration gives this worker layers {expected_layers}: "
-            f"make the cluster's layer ranges match the manifest ({', '.join(str(r) for r in manifest.plan)})"
-        )
+    why = manifest.mismatch(index, "the configuration", directory, layers=expected_layers)
+    if why is not None:
+        raise PartitionError(f"{why}: make the cluster's layer ranges match the split")
     verdict = start_check(path, info.hashes) if verify_sha256 else None
     try:
         stage = _build(path, index, manifest, dtype, pack_weights, native_kernels)

@@ -68,6 +68,23 @@ class Manifest:
     def plan(self) -> list[LayerRange]:
         return [p.layers for p in self.partitions]
 
+    def mismatch(self, index: int, given_by: str, directory: str | Path, *, file: str | None = None,
+                 layers: LayerRange | None = None) -> str | None:
+        """Why ``given_by`` (the configuration, a worker's file) does not give worker ``index`` this manifest's
+        partition (its ``file``, its ``layers``; None: not given), or None when it does. The one check of an
+        assignment against a split (in ``directory``): the coordinator runs it on its configuration, the loader
+        on its spec, a worker on its own file."""
+        if not 0 <= index < self.num_partitions:
+            return f"{given_by} gives worker {index} a partition, but {directory} holds {self.num_partitions}"
+        info = self.partitions[index]
+        if file and file != info.file:
+            return (f"{given_by} gives worker {index} partition {file}, but partition {index} in {directory} is "
+                    f"{info.file}")
+        if layers is not None and (layers.start, layers.end) != (info.start_layer, info.end_layer):
+            return (f"{given_by} gives worker {index} layers {layers}, but {info.file} in {directory} holds layers "
+                    f"{info.layers} (the split's plan: {', '.join(str(r) for r in self.plan)})")
+        return None
+
     def save(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")

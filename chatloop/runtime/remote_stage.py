@@ -119,12 +119,10 @@ def _as_configured(spec: StageSpec, own) -> StageSpec:
                          f"asks for {spec.expected_layers} ({asked}): make the coordinator's cluster.workers match")
     if spec.expected_file is not None and spec.expected_file != own.partition:
         raise ValueError(f"{own.source} names partition {own.partition}, the coordinator {spec.expected_file}")
-    held = {p.file: (p.start_layer, p.end_layer) for p in Manifest.load(own.partitions_dir).partitions}
-    if held.get(own.partition, (own.start_layer, own.end_layer)) != (own.start_layer, own.end_layer):
-        start, end = held[own.partition]
-        raise ValueError(f"{own.source} gives {own.name} layers {own.start_layer}-{own.end_layer}, but "
-                         f"{own.partition} in {own.partitions_dir} holds layers {start}-{end}: use the file "
-                         f"chatloop-split wrote with these partitions")
+    why = Manifest.load(own.partitions_dir).mismatch(own.worker, own.source, own.partitions_dir, file=own.partition,
+                                                     layers=LayerRange(own.start_layer, own.end_layer))
+    if why is not None:
+        raise ValueError(f"{why}: use the file chatloop-split wrote with these partitions")
     return replace(spec, directory=own.partitions_dir, kv_cache_mb=own.kv_cache_mb, expected_file=own.partition,
                    expected_layers=LayerRange(own.start_layer, own.end_layer))
 

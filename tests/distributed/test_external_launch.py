@@ -120,7 +120,8 @@ def test_a_file_that_disagrees_with_the_coordinator_fails_the_start_naming_both(
     try:
         assert coordinator.wait(180) != 0
         log = (tmp_path / "coordinator.log").read_text()
-        assert f"{configs[1]} gives worker-1 layers 16-29, but partition_1.safetensors" in log, log[-3000:]
-        assert "holds layers 15-29: use the file chatloop-split wrote" in log, log[-3000:]
+        assert f"{configs[1]} gives worker 1 layers 16-29, but partition_1.safetensors in" in log, log[-3000:]
+        assert "holds layers 15-29 (the split's plan: 0-14, 15-29): use the file chatloop-split wrote" in log, \
+            log[-3000:]
     finally:
         _stop([coordinator, *workers])

@@ -64,7 +64,8 @@ def test_layer_ranges_that_do_not_match_the_manifest(two_partitions):
     workers = "[{start_layer:0,end_layer:9},{start_layer:10,end_layer:29}]"
     proc = _generate("cluster.num_workers=2", f"model.partitions_dir={two_partitions}", f"cluster.workers={workers}")
     assert proc.returncode == 2
-    assert "cluster.workers[0] has layers 0-9" in proc.stderr and "0-14, 15-29" in proc.stderr, proc.stderr
+    assert "cluster.workers[0] gives worker 0 layers 0-9, but partition_0.safetensors" in proc.stderr, proc.stderr
+    assert "(the split's plan: 0-14, 15-29): make cluster.workers match the split" in proc.stderr, proc.stderr
 
 
 def test_fewer_partitions_than_workers(two_partitions):

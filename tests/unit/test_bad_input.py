@@ -303,10 +303,11 @@ def test_garbage_partition_of_the_right_size(llama_parts):
 
 
 def test_layers_differ_from_the_configuration(llama_parts):
-    with pytest.raises(PartitionError, match=r"holds layers 2-2, the configuration gives this worker layers 2-3") as e:
+    with pytest.raises(PartitionError, match=r"the configuration gives worker 1 layers 2-3, but "
+                                             r"partition_1.safetensors in .* holds layers 2-2") as e:
         load_stage(llama_parts, 1, expected_layers=LayerRange(2, 3))
     assert "partition_1.safetensors" in str(e.value)
-    assert "(0-1, 2-2, 3-3, 4-4)" in str(e.value), "the message lists the manifest's ranges"
+    assert "(the split's plan: 0-1, 2-2, 3-3, 4-4)" in str(e.value), "the message lists the manifest's ranges"
     load_stage(llama_parts, 1, expected_layers=LayerRange(2, 2))
 
 
@@ -347,8 +348,8 @@ def test_partition_in_another_dtype(llama_parts, tiny_checkpoint, tmp_path):
 
 def test_partition_file_differs_from_the_configuration(llama_parts):
     with pytest.raises(PartitionError,
-                       match=r"gives worker 1 partition 'partition_7.safetensors', the manifest .* says "
-                             r"'partition_1.safetensors': set cluster.workers\[1\].partition"):
+                       match=r"gives worker 1 partition partition_7.safetensors, but partition 1 in .* is "
+                             r"partition_1.safetensors: set cluster.workers\[1\].partition"):
         load_stage(llama_parts, 1, expected_file="partition_7.safetensors")
     load_stage(llama_parts, 1, expected_file="partition_1.safetensors")
 

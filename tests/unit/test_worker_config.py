@@ -106,5 +106,6 @@ def test_what_the_coordinator_asks_is_checked_against_the_file(split):
 
 def test_a_file_that_disagrees_with_its_partitions_is_refused_before_loading(split, tmp_path):
     own = load_worker_file(_edited(split, tmp_path, start_layer=3, partitions_dir=str(split)))
-    with pytest.raises(ValueError, match=r"gives worker-1 layers 3-3, but partition_1.safetensors .* holds layers 2-3"):
+    with pytest.raises(ValueError, match=r"gives worker 1 layers 3-3, but partition_1.safetensors in .* holds "
+                                         r"layers 2-3"):
         remote_stage._as_configured(replace(_spec(1, 2, 3, "partition_1.safetensors"), expected_layers=None), own)
