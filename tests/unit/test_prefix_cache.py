@@ -304,6 +304,23 @@ def test_cancelled_and_failed_sequences_leave_only_computed_blocks_in_the_cache(
     assert policy.allocator.num_free == policy.allocator.num_blocks
 
 
+def test_the_metrics_count_the_tokens_looked_up_and_found():
+    from chatloop.engine import EngineStats
+    from chatloop.serving.metrics import ServerMetrics
+
+    class NoHealthReport:
+        def latest(self):
+            return None
+
+    stats = EngineStats(num_waiting=0, num_running=0, num_in_flight=0, last_batch_size=0, generated_tokens=0,
+                        prefix_cache_queries=100, prefix_cache_hits=64, kv_blocks_cached=4)
+    text = ServerMetrics(lambda: stats, NoHealthReport()).exposition().decode()
+    for line in ("chatloop_prefix_cache_queries_tokens_total 100.0", "chatloop_prefix_cache_hits_tokens_total 64.0",
+                 "chatloop_kv_blocks_cached 4.0"):
+        assert line in text.splitlines()
+    assert stats.prefix_cache_hit_rate == 0.64
+
+
 # ---- in one process: the same tokens and logprobs, on or off --------------------------------------------------------
 
 QUESTIONS = [
