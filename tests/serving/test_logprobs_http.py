@@ -81,7 +81,10 @@ def test_chat_logprobs_and_the_stream_agree(client):
                                                 logprobs=True, top_logprobs=2, stream=True):
         if chunk.choices and chunk.choices[0].logprobs:
             streamed.extend(chunk.choices[0].logprobs.content)
-    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    # The second request finds the prompt's full blocks in the prefix cache and computes only its last tokens: the
+    # same sums in smaller matmuls, a few 1e-6 apart (2.6e-6 seen).
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=5e-5)
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == text
 
