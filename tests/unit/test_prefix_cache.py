@@ -376,3 +376,72 @@ def test_multi_turn_chats_give_the_same_tokens_and_logprobs_with_the_cache(llm, 
     assert llm.generate(text + "Later", max_new_tokens=1).cached_tokens == 0  # caches the text's blocks
     scored, reference = llm.score(text + "Today"), uncached.score(text + "Today")
     assert scored.logprobs == pytest.approx(reference.logprobs, abs=5e-5)  # all computed: none missing
+
+
+# ---- every family: the policy driving a tiny model's stages in this process --------------------------------------
+
+FAMILIES = ["llama", "qwen2", "gpt2", "qwen3", "granite", "olmo2", "gemma2", "gemma3_text", "qwen3_moe"]
+
+
+def _greedy(parts, prompts: list[list[int]], prefix_caching: bool) -> tuple[list[list[int]], int]:
+    """Each prompt's 6 greedy tokens, one request after another through the split model's stages (so that later
+    ones find earlier ones' blocks), and the tokens found in the prefix cache."""
+    from chatloop.engine.pipeline import LocalPipeline, MicroBatch
+    from chatloop.engine.requests import SamplingParams
+    from chatloop.models import StepBatch
+    from chatloop.models.batch import padded
+    from chatloop.partition import Manifest, load_stage
+    from chatloop.stage import StageRunner
+
+    manifest = Manifest.load(parts)
+    runners = [StageRunner(load_stage(parts, i, manifest=manifest), 64, 4) for i in range(manifest.num_partitions)]
+    pipeline = LocalPipeline(runners)
+    policy = SchedulerPolicy(BlockAllocator(64, 4), CharTokenizer(), batching_window_s=0.0, max_batch_size=2,
+                             prefix_caching=prefix_caching)
+    tokens: list[list[int]] = []
+    try:
+        for prompt in prompts:
+            seq = policy.add(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True), 0.0)
+            out: list[int] = []
+            while policy.stats.num_running or policy.stats.num_waiting:
+                steps, outputs = policy.schedule(0.0)
+                for step in steps:
+                    check_writes(policy, step)
+                    batch = StepBatch.build(list(step.starts), [len(t) for t in step.token_ids],
+                                            list(step.block_tables), 4)
+                    result = pipeline.submit(MicroBatch(step.id, padded(step.token_ids), batch, list(step.sampling)))
+                    outputs += policy.complete(step.id, result.result(timeout=60))
+                for sequence_id, event in outputs:
+                    assert event.error is None and sequence_id == seq, event.error
+                    out += event.token_ids
+            tokens.append(out)
+    finally:
+        pipeline.close()
+    assert policy.allocator.num_free == 64
+    return tokens, policy.stats.prefix_hits
+
+
+@pytest.fixture(scope="module")
+def two_stages(tiny_checkpoint, tmp_path_factory):
+    from chatloop.partition.splitter import split_model
+
+    def split(family: str):
+        out = tmp_path_factory.mktemp(f"{family}-2")
+        split_model(tiny_checkpoint(family).path, out, 2, progress=False)
+        return out
+
+    return split
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_gives_the_same_greedy_tokens_from_cached_blocks(family, two_stages):
+    import random
+
+    rng = random.Random(7)
+    base = [rng.randrange(2, 128) for _ in range(14)]
+    prompts = [base + [rng.randrange(2, 128) for _ in range(k)] for k in (3, 9, 2)] + [base[:9]]
+    parts = two_stages(family)
+    without, none = _greedy(parts, prompts, prefix_caching=False)
+    with_cache, hits = _greedy(parts, prompts, prefix_caching=True)
+    assert none == 0 and hits >= 12 * 2 + 8  # the shared 12 tokens (3 blocks) for the next two, 2 blocks for the last
+    assert with_cache == without
