@@ -94,9 +94,9 @@ class ChatLoopHttpSession:
         raise TimeoutError(f"the ChatLoop server did not answer in {timeout:.0f} s")
 
     def _drive(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[float], list[list[float]]]:
-        import asyncio
-
         import httpx
+
+        from .measure import stream_all
 
         async def one(client: httpx.AsyncClient, prompt: list[int], arrivals: list[float]) -> float:
             body = {"model": self.model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0,
@@ -119,24 +119,14 @@ class ChatLoopHttpSession:
                         arrivals.append(now)
             return sent
 
-        async def run() -> tuple[list[float], list[list[float]]]:
-            arrivals: list[list[float]] = [[] for _ in prompts]
-            limits = httpx.Limits(max_connections=len(prompts) + 1)
-            async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as client:
-                sent = await asyncio.gather(*(one(client, p, a) for p, a in zip(prompts, arrivals)))
-            return list(sent), arrivals
-
-        return asyncio.run(run())
+        return stream_all(prompts, self.timeout_s, one)
 
     def measure(self) -> dict:
-        from .measure import _latency_metrics
+        from .measure import streamed_metrics
 
         t0 = time.perf_counter()
-        submitted, arrivals = self._drive(self.prompts, self.new_tokens)
-        short = [len(a) for a in arrivals if len(a) != self.new_tokens]
-        if short:
-            raise RuntimeError(f"the ChatLoop server streamed {short[0]} tokens of {self.new_tokens} for a request")
-        return _latency_metrics(t0, submitted, arrivals, self.slots)
+        sent, arrivals = self._drive(self.prompts, self.new_tokens)
+        return streamed_metrics("the ChatLoop server", t0, sent, arrivals, self.new_tokens, self.slots)
 
     def close(self) -> None:
         if self.process.is_alive():

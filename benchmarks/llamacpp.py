@@ -134,9 +134,9 @@ class LlamaServerSession:
         return int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1])
 
     def _drive(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[float], list[list[float]]]:
-        import asyncio
-
         import httpx
+
+        from .measure import stream_all
 
         async def one(client: httpx.AsyncClient, prompt: list[int], arrivals: list[float]) -> float:
             # return_tokens: each event lists its token ids (an event's text can hold several tokens, or none)
@@ -158,24 +158,15 @@ class LlamaServerSession:
                         break
             return sent
 
-        async def run() -> tuple[list[float], list[list[float]]]:
-            arrivals: list[list[float]] = [[] for _ in prompts]
-            limits = httpx.Limits(max_connections=len(prompts) + 1)
-            async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as client:
-                sent = await asyncio.gather(*(one(client, p, a) for p, a in zip(prompts, arrivals)))
-            return list(sent), arrivals
-
-        return asyncio.run(run())
+        return stream_all(prompts, self.timeout_s, one)
 
     def measure(self) -> dict:
-        from .measure import _latency_metrics
+        from .measure import streamed_metrics
 
         t0 = time.perf_counter()
-        submitted, arrivals = self._drive(self.prompts, self.new_tokens)
-        short = [len(a) for a in arrivals if len(a) != self.new_tokens]
-        if short:
-            raise RuntimeError(f"llama-server streamed {short[0]} tokens of {self.new_tokens} for a request")
-        return {**_latency_metrics(t0, submitted, arrivals, self.slots), "gguf": self.gguf.name}
+        sent, arrivals = self._drive(self.prompts, self.new_tokens)
+        metrics = streamed_metrics("llama-server", t0, sent, arrivals, self.new_tokens, self.slots)
+        return {**metrics, "gguf": self.gguf.name}
 
     def close(self) -> None:
         if self.process.poll() is None:

@@ -330,6 +330,33 @@ def measure_chatloop(cfg: ChatLoopConfig, bench: BenchmarkConfig) -> dict:
     return result
 
 
+def stream_all(prompts: list[list[int]], timeout_s: float, one) -> tuple[list[float], list[list[float]]]:
+    """Stream every prompt at once over HTTP: ``one(client, prompt, arrivals)`` sends one request, appends each
+    token's arrival time (``time.perf_counter()``) to ``arrivals`` and returns when it was sent. Returns (sent,
+    arrivals) per prompt: how a server that batches by itself (llama-server, ChatLoop's) is offered a load."""
+    import asyncio
+
+    import httpx
+
+    async def run() -> tuple[list[float], list[list[float]]]:
+        arrivals: list[list[float]] = [[] for _ in prompts]
+        limits = httpx.Limits(max_connections=len(prompts) + 1)
+        async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+            sent = await asyncio.gather(*(one(client, p, a) for p, a in zip(prompts, arrivals)))
+        return list(sent), arrivals
+
+    return asyncio.run(run())
+
+
+def streamed_metrics(server: str, t0: float, sent: list[float], arrivals: list[list[float]], new_tokens: int,
+                     batch_size: int) -> dict:
+    """:func:`_latency_metrics` of a :func:`stream_all` load, once every request streamed ``new_tokens`` tokens."""
+    short = [len(a) for a in arrivals if len(a) != new_tokens]
+    if short:
+        raise RuntimeError(f"{server} streamed {short[0]} tokens of {new_tokens} for a request")
+    return _latency_metrics(t0, sent, arrivals, batch_size)
+
+
 def _latency_metrics(t0: float, submitted: list[float], arrivals: list[list[float]], batch_size: int) -> dict:
     """Client-side figures of one load. ``decode_tokens_per_s`` is the steady decode rate of a full
     batch: min(batch size, requests) tokens every median inter-token gap; prefill, which the

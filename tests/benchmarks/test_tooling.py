@@ -149,12 +149,12 @@ def test_paired_measures_every_mode_in_turns_and_takes_ratios_within_rounds(tmp_
     assert result["specs"]["inprocess"]["config"]["cluster"]["num_workers"] == 1  # the sweep's baseline adjustments
     assert result["specs"]["chatloop"]["config"]["cluster"]["num_workers"] == 2
     assert len(result["rounds"]) == 2
+    modes = [[key for key in row if key in result["specs"]] for row in result["rounds"]]
     for row in result["rounds"]:
-        assert set(row) == {"hf", "inprocess", "chatloop"}
-        for figures in row.values():
-            assert figures["tokens"] == 2 * 3 and figures["decode_tokens_per_s"] > 0
-    assert list(result["rounds"][0]) == ["hf", "inprocess", "chatloop"]  # the order rotates
-    assert list(result["rounds"][1]) == ["inprocess", "chatloop", "hf"]
+        assert set(row) == {"hf", "inprocess", "chatloop", "load_avg_1m"}  # the machine's load, beside each round
+        for mode in result["specs"]:
+            assert row[mode]["tokens"] == 2 * 3 and row[mode]["decode_tokens_per_s"] > 0
+    assert modes == [["hf", "inprocess", "chatloop"], ["inprocess", "chatloop", "hf"]]  # the order rotates
     ratio = result["ratios"]["chatloop/inprocess"]["decode_tokens_per_s"]
     within = [r["chatloop"]["decode_tokens_per_s"] / r["inprocess"]["decode_tokens_per_s"] for r in result["rounds"]]
     assert ratio["median"] == pytest.approx(statistics.median(within))
@@ -197,6 +197,6 @@ def test_paired_offers_llama_server_the_same_load_on_the_same_gguf(llamacpp_buil
     result = json.loads(out.read_text())
     (row,) = result["rounds"]
     assert row["llamacpp"]["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf"  # the embedded file, as ChatLoop's source
-    for figures in row.values():
-        assert figures["tokens"] == 2 * 4 and figures["decode_tokens_per_s"] > 0
+    for mode in ("llamacpp", "inprocess"):
+        assert row[mode]["tokens"] == 2 * 4 and row[mode]["decode_tokens_per_s"] > 0
     assert set(result["ratios"]) == {"inprocess/llamacpp"}
