@@ -6,6 +6,8 @@
 - ``worker``, ``num_workers``: which stage this is, of how many (the RPC rank is ``worker + 1``);
 - ``start_layer``, ``end_layer``, ``partition``: checked against what the coordinator asks this worker to
   load, so a file copied to the wrong host fails at once, naming both;
+- ``holds``: the partition files this host holds (a shared or copied split); empty: ``partition`` alone. Under
+  ``cluster.plan=auto`` the worker may be given any range these files cover (see docs/placement.md);
 - ``partitions_dir``: where this host keeps the partitions (relative to the file; a container mounts them
   elsewhere than the coordinator);
 - ``previous_worker``, ``next_worker``: the neighbours, checked against the chain the coordinator builds;
@@ -18,7 +20,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,8 @@ class WorkerFile:
     enable_cpu_pinning: bool = True
     enable_simd: bool = True
     kv_cache_mb: float = 512
+    holds: list[str] = field(default_factory=list)
+    """The partition files in ``partitions_dir`` this host holds; empty: only ``partition``."""
     source: str = ""
     """The file this was read from (for messages)."""
 
@@ -71,10 +75,17 @@ class WorkerFile:
         for name in ("port", "metrics_port"):
             if not 0 < getattr(self, name) < 65536:
                 problems.append(f"{name}: {getattr(self, name)} is not a TCP port")
+        if not isinstance(self.holds, list) or not all(isinstance(f, str) and f for f in self.holds):
+            problems.append(f"holds: {self.holds!r} must be a list of partition file names")
         if self.worker_threads < 1 or self.kv_cache_mb <= 0:
             problems.append("worker_threads must be >= 1 and kv_cache_mb > 0")
         if problems:
             raise ValueError(f"{self.source or 'worker config'}: " + "; ".join(problems))
+
+    @property
+    def held_files(self) -> list[str]:
+        """The partition files this host holds: ``holds``, or its own ``partition`` alone."""
+        return list(self.holds) or [self.partition]
 
     def as_yaml(self) -> str:
         data = asdict(self)

@@ -150,10 +150,19 @@ def _build(
             state = {k: f.get_tensor(k) for k in expected}
     except Exception as e:  # safetensors raises its own error type for damaged files
         raise PartitionError(f"{path} cannot be read ({e}): split the model again") from None
+    return finish_stage(stage, state, formats, str(path), dtype, pack_weights, native_kernels)
+
+
+def finish_stage(
+    stage: StageModel, state: dict[str, torch.Tensor], formats: dict[str, str], source: str,
+    dtype: torch.dtype | None, pack_weights: bool, native_kernels: bool,
+) -> StageModel:
+    """Give the meta-device ``stage`` its weights ``state`` (read from ``source``, quantized as ``formats`` say) and
+    the transformations :func:`load_stage` describes. Shared by every way of reading a stage's tensors."""
     try:
         quantize_modules(stage, formats, state)
     except ValueError as e:
-        raise PartitionError(f"{path}: {e}: split the model again") from None
+        raise PartitionError(f"{source}: {e}: split the model again") from None
     stage.load_state_dict(state, assign=True, strict=True)
     del state  # the stage holds the only reference: packing can free each plain weight
     tie_quantized_head(stage)

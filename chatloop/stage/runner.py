@@ -27,6 +27,7 @@ from ..engine.scoring import sample_and_score
 from ..models import LayerRange, ModelArgs, StageModel, StepBatch
 from ..models.kv_cache import blocks_for_stage
 from ..partition import Manifest, load_stage
+from ..partition.ranges import files_for_range, load_layer_range
 from ..worker_settings import SPIN_ENV, cpu_quota, machine_id
 
 __all__ = [
@@ -68,6 +69,9 @@ class StageSpec:
     verify_sha256: bool = True
     pack_weights: bool = True
     native_kernels: bool = True
+    held_files: tuple[str, ...] | None = None
+    """The partition files this stage's host holds (its worker config's ``holds``); None: those in ``directory``.
+    Read only when ``expected_layers`` are not the split's own partition ``index`` (a plan of other ranges)."""
 
 
 def stage_specs(cfg: ChatLoopConfig, directory: str | Path) -> list[StageSpec]:
@@ -107,14 +111,31 @@ def build_stage_runner(spec: StageSpec, manifest: Manifest | None = None) -> Sta
     """Load ``spec``'s partition (checked against the manifest) and give it its KV pool."""
     manifest = manifest or Manifest.load(Path(spec.directory))
     dtype = getattr(torch, spec.dtype)
-    stage = load_stage(
-        spec.directory, spec.index, manifest=manifest, expected_layers=spec.expected_layers,
-        expected_file=spec.expected_file, dtype=dtype,
-        verify_sha256=spec.verify_sha256, pack_weights=spec.pack_weights, native_kernels=spec.native_kernels,
-    )
+    if _is_split_partition(spec, manifest):
+        stage = load_stage(
+            spec.directory, spec.index, manifest=manifest, expected_layers=spec.expected_layers,
+            expected_file=spec.expected_file, dtype=dtype,
+            verify_sha256=spec.verify_sha256, pack_weights=spec.pack_weights, native_kernels=spec.native_kernels,
+        )
+        files = [manifest.partitions[spec.index]]
+    else:  # a planned range across the split's partitions (chatloop.partition.placement)
+        stage = load_layer_range(
+            spec.directory, spec.expected_layers, held=spec.held_files, manifest=manifest, dtype=dtype,
+            verify_sha256=spec.verify_sha256, pack_weights=spec.pack_weights, native_kernels=spec.native_kernels,
+        )
+        files = files_for_range(manifest, spec.expected_layers)
     num_blocks = kv_blocks(spec, stage.args, len(stage.layers_range))
-    partition = manifest.partitions[spec.index]
-    return StageRunner(stage, num_blocks, spec.block_size, spec.name, spec.index, partition.file, partition.num_bytes)
+    return StageRunner(stage, num_blocks, spec.block_size, spec.name, spec.index, "+".join(p.file for p in files),
+                       sum(p.num_bytes for p in files))
+
+
+def _is_split_partition(spec: StageSpec, manifest: Manifest) -> bool:
+    """Whether ``spec`` asks for the split's own partition ``spec.index`` (or names no layers, so it does)."""
+    if spec.expected_layers is None or spec.expected_file is not None:
+        return True  # a named file is loaded as that file, with its checks
+    if not 0 <= spec.index < manifest.num_partitions:
+        return False
+    return manifest.partitions[spec.index].layers == spec.expected_layers
 
 
 @dataclass
