@@ -1,0 +1,163 @@
+"""The placement: layers to hosts from their measured figures (issue 24, point 2), checked against brute force."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from chatloop.models import LayerRange
+from chatloop.partition.placement import HostFigures, ModelCosts, place_layers
+from chatloop.partition.plan import PlanError
+
+MB = 2**20
+
+
+def host(name, ms, memory=10_000 * MB, hop_ms=0.0, held=None, at16=None):
+    """A host whose layer takes ``ms`` at batch 1 and ``at16`` (default 4x) at batch 16."""
+    return HostFigures(name=name, decode_s={1: ms / 1e3, 16: (at16 if at16 is not None else 4 * ms) / 1e3},
+                       memory_bytes=memory, hop_s=hop_ms / 1e3, held=held)
+
+
+def brute_force(hosts, costs, batch):
+    """Every ordered subset of hosts and every contiguous split: the least (bottleneck, batch-1 step)."""
+    from chatloop.partition.placement import layer_seconds
+
+    n = costs.num_layers
+    units = [b * n / sum(costs.layer_bytes) for b in costs.layer_bytes]
+    best = None
+    for k in range(1, len(hosts) + 1):
+        for chosen in itertools.combinations(range(len(hosts)), k):
+            for cuts in itertools.combinations(range(1, n), k - 1):
+                bounds = [0, *cuts, n]
+                worst, total, ok = 0.0, 0.0, True
+                for h, i, j in zip(chosen, bounds, bounds[1:]):
+                    figures = hosts[h]
+                    held_ok = figures.held is None or any(r.start <= i and j - 1 <= r.end for r in figures.held)
+                    if costs.memory(i, j) > figures.memory_bytes or not held_ok:
+                        ok = False
+                        break
+                    work = sum(units[i:j]) + (costs.head_layers if j == n else 0)
+                    worst = max(worst, layer_seconds(figures.decode_s, batch) * work)
+                    total += layer_seconds(figures.decode_s, 1) * work + figures.hop_s
+                if ok and (best is None or (worst, total) < best):
+                    best = (worst, total)
+    return best
+
+
+def check_plan(placement, hosts, costs):
+    owned = [i for r in placement.ranges for i in r.indices]
+    assert owned == list(range(costs.num_layers))
+    order = [h.name for h in hosts]
+    assert [order.index(name) for name in placement.hosts] == sorted(order.index(name) for name in placement.hosts)
+    assert set(placement.hosts) | set(placement.left_out) == set(order)
+    for stage in placement.stages:
+        figures = next(h for h in hosts if h.name == stage.host)
+        assert stage.memory_bytes <= figures.memory_bytes
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_plan_is_the_brute_force_optimum_on_small_cases(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 7)
+    costs = ModelCosts(layer_bytes=[rng.choice([10, 10, 10, 25]) * MB for _ in range(n)],
+                       kv_bytes_per_layer=rng.choice([0, 2 * MB]), embed_bytes=rng.choice([0, 15 * MB]),
+                       head_bytes=rng.choice([0, 15 * MB]), head_layers=rng.choice([0.0, 1.5]),
+                       headroom_bytes=rng.choice([0, 5 * MB]))
+    hosts = []
+    for k in range(rng.randint(1, 3)):
+        held = None
+        if rng.random() < 0.3:
+            start = rng.randrange(n)
+            held = (LayerRange(start, rng.randrange(start, n)),)
+        hosts.append(host(f"h{k}", rng.choice([1.0, 2.0, 3.0, 7.0]), memory=rng.choice([30, 60, 200]) * MB,
+                          hop_ms=rng.choice([0.0, 0.5, 5.0]), held=held, at16=rng.choice([3.0, 8.0, 20.0])))
+    batch = rng.choice([1, 4, 16])
+    expected = brute_force(hosts, costs, batch)
+    if expected is None:
+        with pytest.raises(PlanError, match="no placement"):
+            place_layers(hosts, costs, batch)
+        return
+    placement = place_layers(hosts, costs, batch)
+    check_plan(placement, hosts, costs)
+    assert placement.bottleneck_s == pytest.approx(expected[0], rel=1e-9)
+    assert placement.latency_s == pytest.approx(expected[1], rel=1e-9)
+    assert max(s.step_s for s in placement.stages) == pytest.approx(expected[0], rel=1e-9)
+
+
+def test_equal_hosts_split_evenly():
+    costs = ModelCosts(layer_bytes=[10 * MB] * 32)
+    placement = place_layers([host(f"w{k}", 1.0) for k in range(4)], costs, batch=16)
+    assert [len(r) for r in placement.ranges] == [8, 8, 8, 8]
+    assert placement.left_out == {}
+
+
+def test_a_host_three_times_slower_gets_a_third_of_the_layers():
+    costs = ModelCosts(layer_bytes=[10 * MB] * 28)
+    placement = place_layers([host("fast0", 1.0), host("slow", 3.0), host("fast1", 1.0)], costs, batch=16)
+    assert [len(r) for r in placement.ranges] == [12, 4, 12]
+    assert placement.bottleneck_s == pytest.approx(12 * 4e-3)
+    even = 28 / 3  # the even split's slow stage: 9-10 layers at 3x
+    assert placement.tokens_per_s > 1.3 * 16 / (math_ceil(even) * 12e-3)
+
+
+def math_ceil(x):
+    import math
+
+    return math.ceil(x)
+
+
+def test_a_host_too_small_for_an_even_share_gets_fewer_layers():
+    costs = ModelCosts(layer_bytes=[10 * MB] * 12, kv_bytes_per_layer=2 * MB, headroom_bytes=6 * MB)
+    hosts = [host("big", 1.0), host("small", 1.0, memory=6 * MB + 3 * 12 * MB), host("big2", 1.0)]
+    placement = place_layers(hosts, costs, batch=16)
+    assert [len(r) for r in placement.ranges] == [5, 3, 4] or [len(r) for r in placement.ranges] == [4, 3, 5]
+    assert placement.stages[1].memory_bytes <= hosts[1].memory_bytes
+
+
+def test_a_host_that_can_only_slow_the_pipeline_is_left_out_with_the_reason():
+    costs = ModelCosts(layer_bytes=[10 * MB] * 4)
+    placement = place_layers([host("fast0", 1.0), host("crawl", 50.0), host("fast1", 1.0)], costs, batch=16)
+    assert placement.hosts == ["fast0", "fast1"]
+    assert "slower than the plan's slowest stage" in placement.left_out["crawl"]
+
+
+def test_a_host_without_room_for_one_layer_is_left_out_saying_so():
+    costs = ModelCosts(layer_bytes=[10 * MB] * 4, headroom_bytes=5 * MB)
+    placement = place_layers([host("tiny", 1.0, memory=12 * MB), host("big", 1.0)], costs, batch=1)
+    assert placement.hosts == ["big"]
+    assert "holds no layer" in placement.left_out["tiny"]
+
+
+def test_the_plan_keeps_to_the_files_a_host_holds():
+    costs = ModelCosts(layer_bytes=[10 * MB] * 16)
+    hosts = [host("a", 1.0, held=(LayerRange(0, 7),)), host("b", 1.0, held=(LayerRange(8, 15),)), host("c", 0.1)]
+    placement = place_layers(hosts[:2], costs, batch=16)
+    assert placement.ranges == [LayerRange(0, 7), LayerRange(8, 15)]
+    assert place_layers([hosts[0], host("c", 4.0, held=(LayerRange(8, 15),))], costs, 16).ranges == [
+        LayerRange(0, 7), LayerRange(8, 15)]
+
+
+def test_the_second_objective_drops_a_hop_that_buys_nothing():
+    costs = ModelCosts(layer_bytes=[10 * MB] * 2)  # one layer a host: the third host adds only a hop
+    hosts = [host("a", 1.0, hop_ms=1.0), host("b", 1.0, hop_ms=1.0), host("c", 1.0, hop_ms=1.0)]
+    placement = place_layers(hosts, costs, batch=1)
+    assert len(placement.stages) == 2
+    assert placement.latency_s == pytest.approx(2 * 1e-3 + 2 * 1e-3)
+    assert "same bottleneck" in next(iter(placement.left_out.values()))
+
+
+def test_nothing_fits_says_what_to_change():
+    costs = ModelCosts(layer_bytes=[100 * MB] * 4)
+    with pytest.raises(PlanError, match="no placement .*lower cache.kv_cache_mb, quantize"):
+        place_layers([host("a", 1.0, memory=150 * MB), host("b", 1.0, memory=150 * MB)], costs)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(decode_s={4: 1e-3}), "decode time at batch 1"),
+    (dict(decode_s={1: -1.0}), "positive"),
+])
+def test_bad_figures_are_refused(bad, match):
+    with pytest.raises(PlanError, match=match):
+        HostFigures(name="x", memory_bytes=MB, **bad)
