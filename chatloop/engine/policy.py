@@ -35,6 +35,14 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   writes only to blocks of its own. Off under a sliding window (blocks out of it are written again) and with a
   ``rope_switch`` (the sequence is computed again from its first token), and for a request that scores its prompt
   (every prompt token must be computed). A lost pipeline takes every cached block with it (:meth:`requeue_all`).
+- Speculative decoding (``speculative_method``, :mod:`~chatloop.engine.speculation`): a decoding sequence's step
+  asks the driver for up to k drafted tokens after its last one (``Step.num_drafts``); its block table covers them.
+  The answer (:class:`AcceptedTokens`) puts the accepted drafts and the last stage's own token into its output:
+  only accepted positions count as cached, so the keys and values of rejected drafts lie past its length, are never
+  offered to the prefix cache (only full blocks of known tokens are) and are overwritten by its next step. Its blocks
+  were reserved for its whole length at admission, so nothing is taken or given back. k shrinks as more sequences
+  speculate in one micro-batch (about k drafts a micro-batch in all), never drafts past ``max_new_tokens``, and is
+  off under a window or a rope switch. A replay prefills the accepted tokens only.
 """
 
 from __future__ import annotations
@@ -43,12 +51,27 @@ import itertools
 import math
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .blocks import BlockAllocator, block_hash
 from .detokenizer import Detokenizer
-from .errors import ContextLengthError, DeadlineExceededError, EmptyPromptError, QueueFullError, SamplingError
-from .requests import FinishReason, SampledToken, SamplerInput, SamplingParams, ScoredToken, SequenceEvent
+from .errors import (
+    ContextLengthError,
+    DeadlineExceededError,
+    EmptyPromptError,
+    QueueFullError,
+    RequestError,
+    SamplingError,
+)
+from .requests import (
+    AcceptedTokens,
+    FinishReason,
+    SampledToken,
+    SamplerInput,
+    SamplingParams,
+    ScoredToken,
+    SequenceEvent,
+)
 
 __all__ = ["Output", "SchedulerPolicy", "SchedulerStats", "Step"]
 
@@ -63,6 +86,12 @@ class Step:
     starts: tuple[int, ...]
     block_tables: tuple[tuple[int, ...], ...]
     sampling: tuple[SamplerInput, ...]
+    num_drafts: tuple[int, ...] = ()
+    """Speculative decoding: the most tokens to draft after each sequence's tokens (0: none; empty: none at all)."""
+    draft_methods: tuple[str | None, ...] = ()
+    """Who drafts them, per sequence (``ngram``, ``draft``; None where none)."""
+    contexts: tuple[tuple[int, ...], ...] = ()
+    """Each sequence's known tokens where it drafts (empty where not), for the proposer."""
 
     @property
     def num_sequences(self) -> int:
@@ -90,6 +119,10 @@ class SchedulerStats:
     what it had generated), of the sequences that may use the cache."""
     prefix_hits: int = 0
     """Of those, tokens whose keys and values were found in the cache, and not computed again."""
+    drafted_tokens: int = 0
+    """Tokens drafted by speculative decoding and verified."""
+    accepted_tokens: int = 0
+    """Of those, tokens the model accepted."""
 
 
 @dataclass(eq=False)
@@ -116,6 +149,10 @@ class _Sequence:
     hashes: list[bytes] = field(default_factory=list)  # content hashes of its first full blocks of known tokens
     num_offered: int = 0  # its first blocks offered to the prefix cache (computed and full)
     hit_tokens: int = 0  # tokens found in the prefix cache at its last admission
+    draft_method: str | None = None  # who drafts for it (speculative decoding), or None
+    num_draft_tokens: int = 0  # the most tokens drafted at one of its steps (k)
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -171,6 +208,9 @@ class SchedulerPolicy:
         kv_window: int | None = None,
         rope_switch: int | None = None,
         prefix_caching: bool = True,
+        speculative_method: str | None = None,
+        num_speculative_tokens: int = 4,
+        draft_methods: frozenset[str] = frozenset({"ngram"}),
     ) -> None:
         self.allocator = allocator
         self.kv_window = kv_window
@@ -188,6 +228,12 @@ class SchedulerPolicy:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefix_caching = prefix_caching and kv_window is None and rope_switch is None
         """Whether full blocks are cached and shared (asked for, and no window or rope switch: see above)."""
+        self.speculative_method = speculative_method
+        """Who drafts for requests that do not choose (``ngram``, ``draft``), or None: no speculative decoding."""
+        self.num_speculative_tokens = num_speculative_tokens
+        """k: the most tokens drafted for one sequence at one step."""
+        self.draft_methods = set(draft_methods) if kv_window is None and rope_switch is None else set()
+        """The methods that can draft now (a draft model that failed is taken out)."""
         self.stats = SchedulerStats()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -235,12 +281,20 @@ class SchedulerPolicy:
                 f"tokens: lower max_new_tokens or raise cache.kv_cache_mb{chunks}",
                 param="max_tokens",
             )
+        method = params.speculative_method or self.speculative_method
+        if method == "draft" and params.speculative_method == "draft" and "draft" not in self.draft_methods:
+            raise RequestError("speculative_method='draft' needs a draft model: the server runs without one (set "
+                               "speculative.method=draft and speculative.draft_model), or ask for 'ngram'",
+                               param="speculative_method")
         if len(self._waiting) >= self.max_queue_size:
             raise QueueFullError(f"the request queue is full ({self.max_queue_size} waiting): retry later")
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = _Sequence(next(self._ids), list(prompt_ids), params, seed, Detokenizer(self.tokenizer, params.stop), now)
         if params.timeout_s is not None:
             seq.deadline = now + params.timeout_s
+        k = self.num_speculative_tokens if params.speculative_tokens is None else params.speculative_tokens
+        if method not in (None, "off") and k > 0:
+            seq.draft_method, seq.num_draft_tokens = method, k
         self._waiting.append(seq)
         self._by_id[seq.id] = seq
         self.stats.num_waiting = len(self._waiting)
@@ -437,14 +491,21 @@ class SchedulerPolicy:
 
     def _step(self, seqs: list[_Sequence]) -> Step:
         tokens = [s.next_tokens(self._chunk(s)) for s in seqs]
+        drafts = self._num_drafts(seqs)
         tables = [  # (under a window, the blocks given up are named by a live one: out of the window, masked)
-            (s.blocks[0],) * s.dropped + tuple(s.blocks[: self.allocator.blocks_for(s.num_cached + len(t)) - s.dropped])
-            for s, t in zip(seqs, tokens)
+            (s.blocks[0],) * s.dropped
+            + tuple(s.blocks[: self.allocator.blocks_for(s.num_cached + len(t) + k) - s.dropped])
+            for s, t, k in zip(seqs, tokens, drafts)
         ]
         sampling = tuple(self._sampler_input(s, len(t)) for s, t in zip(seqs, tokens))
+        speculating = any(drafts)
         step = Step(
             next(self._ids), tuple(s.id for s in seqs), tuple(tuple(t) for t in tokens),
             tuple(s.num_cached for s in seqs), tuple(tables), sampling,
+            num_drafts=tuple(drafts) if speculating else (),
+            draft_methods=tuple(s.draft_method if k else None for s, k in zip(seqs, drafts)) if speculating else (),
+            contexts=tuple(tuple(s.prompt_ids + s.output_ids) if k else () for s, k in zip(seqs, drafts))
+            if speculating else (),
         )
         for s in seqs:
             s.in_flight = True
@@ -452,6 +513,21 @@ class SchedulerPolicy:
         self.stats.num_in_flight += 1
         self.stats.last_batch_size = len(seqs)
         return step
+
+    def _num_drafts(self, seqs: list[_Sequence]) -> list[int]:
+        """How many tokens to draft for each sequence of a micro-batch: its k where it speculates alone, and about
+        k in all where several do (a wider verification step costs every stage more); none past max_new_tokens."""
+        wanted = [s.draft_method in self.draft_methods and not s.prefilling for s in seqs]
+        num_speculating = sum(wanted)
+        drafts = []
+        for seq, want in zip(seqs, wanted):
+            k = seq.num_draft_tokens // num_speculating if want else 0
+            drafts.append(max(0, min(k, seq.params.max_new_tokens - len(seq.output_ids) - 1)))
+        return drafts
+
+    def disable_drafts(self, method: str) -> None:
+        """``method`` cannot draft any more (its draft model failed): its sequences go on without speculation."""
+        self.draft_methods.discard(method)
 
     @staticmethod
     def _sampler_input(seq: _Sequence, num_fed: int) -> SamplerInput:
@@ -495,12 +571,40 @@ class SchedulerPolicy:
             if seq.params.max_new_tokens == 0:  # the prompt scored, nothing to generate
                 outputs.append(self._finish(seq, FinishReason.LENGTH))
                 continue
-            if isinstance(answer, SampledToken):
+            if isinstance(answer, AcceptedTokens):
+                # The accepted drafts' keys and values are cached too (and offered once they are known tokens).
+                seq.num_cached += answer.num_accepted
+                seq.drafted += answer.num_drafted
+                seq.accepted += answer.num_accepted
+                self.stats.drafted_tokens += answer.num_drafted
+                self.stats.accepted_tokens += answer.num_accepted
+                outputs.append(self._accept_all(seq, answer))
+                self._offer(seq)
+            elif isinstance(answer, SampledToken):
                 outputs.append(self._accept(seq, answer.token_id, answer.scored))
             else:
                 outputs.append(self._accept(seq, int(answer)))
         self.stats.num_running = len(self._running)
         return outputs
+
+    def _accept_all(self, seq: _Sequence, answer: AcceptedTokens) -> Output:
+        """Several tokens of one verification step, in order, as one event (up to the one that ends it)."""
+        texts: list[str] = []
+        tokens: list[int] = []
+        scores: list[ScoredToken] = []
+        prompt_scores = None
+        for i, token in enumerate(answer.token_ids):
+            scored = answer.scored[i] if answer.scored else None
+            _, event = self._accept(seq, token, scored)
+            texts.append(event.text)
+            tokens += event.token_ids
+            scores += event.logprobs
+            prompt_scores = event.prompt_logprobs if prompt_scores is None else prompt_scores
+            if event.finish_reason is not None:
+                return seq.id, replace(event, text="".join(texts), token_ids=tuple(tokens), logprobs=tuple(scores),
+                                       prompt_logprobs=prompt_scores)
+        return seq.id, SequenceEvent("".join(texts), tuple(tokens), logprobs=tuple(scores),
+                                     prompt_logprobs=prompt_scores)
 
     def _accept(self, seq: _Sequence, token: int, scored: ScoredToken | None = None) -> Output:
         self.stats.generated_tokens += 1
@@ -538,9 +642,12 @@ class SchedulerPolicy:
         if reason in (FinishReason.STOP, FinishReason.LENGTH):
             text += seq.detokenizer.flush()
             prompt_scores = self._prompt_scores(seq)
+        speculated = seq.draft_method is not None
         return seq.id, SequenceEvent(text, () if token is None else (token,), finish_reason=reason, error=error,
                                      logprobs=(scored,) if scored else (), prompt_logprobs=prompt_scores,
-                                     cached_tokens=min(seq.hit_tokens, len(seq.prompt_ids)))
+                                     cached_tokens=min(seq.hit_tokens, len(seq.prompt_ids)),
+                                     drafted_tokens=seq.drafted if speculated else None,
+                                     accepted_tokens=seq.accepted if speculated else None)
 
     # ---- a lost pipeline ----------------------------------------------------------------------
     def requeue_step(self, step_id: int, retry_at: float) -> int:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 __all__ = [
-    "GREEDY_BELOW", "MAX_LOGPROBS", "MAX_REPETITION_PENALTY", "MAX_TEMPERATURE", "MIN_REPETITION_PENALTY",
-    "FinishReason", "SampledToken", "SamplerInput", "SamplingParams", "ScoredToken", "SequenceEvent",
+    "GREEDY_BELOW", "MAX_LOGPROBS", "MAX_REPETITION_PENALTY", "MAX_SPECULATIVE_TOKENS", "MAX_TEMPERATURE",
+    "MIN_REPETITION_PENALTY", "SPECULATIVE_METHODS", "AcceptedTokens", "FinishReason", "SampledToken",
+    "SamplerInput", "SamplingParams", "ScoredToken", "SequenceEvent",
 ]
 
 MAX_TEMPERATURE = 2.0
@@ -24,6 +26,9 @@ MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGPROBS = 20
 """The most alternatives a token's log-probability comes with (OpenAI's chat API allows 20)."""
+MAX_SPECULATIVE_TOKENS = 16
+"""The most tokens a speculative step drafts (``speculative.num_tokens``)."""
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +61,12 @@ class SamplingParams:
     prompt_logprobs: bool = False
     """Also score the prompt: the log-probability of each prompt token after the first, given those before it
     (with ``logprobs`` alternatives each)."""
+    speculative_method: str | None = None
+    """Override the server's ``speculative.method`` for this request: ``ngram``, ``draft`` (only where the server
+    loaded a draft model) or ``off``; None: the server's."""
+    speculative_tokens: int | None = None
+    """Override ``speculative.num_tokens`` (k, 1 to ``MAX_SPECULATIVE_TOKENS``) for this request; 0 turns
+    speculation off for it; None: the server's."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +88,12 @@ class SamplingParams:
              f"timeout_s must be > 0 seconds or None, got {self.timeout_s}"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs must be from 0 to {MAX_LOGPROBS} alternatives, or None, got {self.logprobs}"),
+            (self.speculative_method in (None, "off", *SPECULATIVE_METHODS),
+             f"speculative_method must be ngram, draft, off or None (the server's), got {self.speculative_method!r}"),
+            (self.speculative_tokens is None or (isinstance(self.speculative_tokens, int)
+                                                 and 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS),
+             f"speculative_tokens must be from 1 to {MAX_SPECULATIVE_TOKENS} (0: no speculation), or None, "
+             f"got {self.speculative_tokens}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -104,10 +121,17 @@ class SamplerInput:
     """Prompt scoring: the token ids that follow this step's tokens ``score_from``, ``score_from`` + 1, ...;
     each is scored given the tokens up to its predecessor."""
     score_from: int = 0
+    drafts: tuple[int, ...] = ()
+    """Speculative decoding: the drafted token ids fed after the sequence's last token, to verify; the answer is
+    then :class:`AcceptedTokens`."""
+    draft_probs: Any = None
+    """The draft's probabilities of each drafted token's place (float32 [len(drafts), V]) where it sampled them;
+    None: each draft is certain (n-gram lookup, or a greedy draft)."""
 
     @property
     def scores(self) -> bool:
-        return self.logprobs is not None or bool(self.targets)
+        """The last stage needs more than the last token's logits: scores, or drafts to verify."""
+        return self.logprobs is not None or bool(self.targets) or bool(self.drafts)
 
 
 @dataclass(frozen=True)
@@ -129,6 +153,21 @@ class SampledToken:
     """The sampled token's score, when ``logprobs`` was asked for."""
     prompt: tuple[ScoredToken, ...] = ()
     """The scores of ``targets``."""
+
+
+@dataclass(frozen=True)
+class AcceptedTokens:
+    """The last stage's answer for a sequence whose drafts it verified: the accepted drafts, then one token of its
+    own (the correction of the first rejected draft, or the one after the last draft)."""
+
+    token_ids: tuple[int, ...]
+    num_drafted: int
+    scored: tuple[ScoredToken, ...] = ()
+    """With ``logprobs``: the score of each of ``token_ids``."""
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.token_ids) - 1
 
 
 class FinishReason(str, Enum):
@@ -163,3 +202,7 @@ class SequenceEvent:
     """With ``prompt_logprobs``, on the sequence's first event: the scores of its prompt tokens after the first."""
     cached_tokens: int | None = None
     """On the last event: the prompt tokens whose keys and values came from the prefix cache, not computed."""
+    drafted_tokens: int | None = None
+    """On the last event: tokens drafted for the request by speculative decoding (None: it did not speculate)."""
+    accepted_tokens: int | None = None
+    """On the last event: of those, the tokens the model accepted."""

@@ -15,7 +15,7 @@ import torch
 
 from .requests import GREEDY_BELOW, SamplerInput
 
-__all__ = ["sample"]
+__all__ = ["distribution", "generator", "sample"]
 
 NOT_FINITE = "the model's logits hold NaN or infinity"
 
@@ -34,7 +34,31 @@ def sample(logits: torch.Tensor, inputs: list[SamplerInput]) -> list[int | str]:
     return tokens
 
 
+def generator(seed: int, step: int) -> torch.Generator:
+    """The generator of a sequence's ``step``-th token: a function of its seed and the step alone."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+
+
 def _sample_row(row: torch.Tensor, p: SamplerInput) -> int:
+    logits = _processed(row, p, p.history)
+    if isinstance(logits, int):
+        return logits
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator(p.seed, p.step)))
+
+
+def distribution(row: torch.Tensor, p: SamplerInput, history: tuple[int, ...]) -> torch.Tensor:
+    """The float64 probabilities [V] that :func:`sample` draws ``row``'s token from (penalised over ``history``,
+    tempered, top-k and top-p cut); one-hot at the most likely token where sampling is greedy."""
+    logits = _processed(row, p, history)
+    if isinstance(logits, int):
+        probs = torch.zeros(row.shape[-1], dtype=torch.float64)
+        probs[logits] = 1.0
+        return probs
+    return logits.softmax(-1)
+
+
+def _processed(row: torch.Tensor, p: SamplerInput, history: tuple[int, ...]) -> torch.Tensor | int:
+    """``row``'s float64 logits as sampling sees them, or the token id itself where the choice is greedy."""
     if p.temperature < GREEDY_BELOW and p.repetition_penalty == 1.0:
         # One pass, not two: argmax picks a NaN or +inf if there is one, and a -inf elsewhere cannot win.
         token = int(row.argmax())
@@ -44,8 +68,8 @@ def _sample_row(row: torch.Tensor, p: SamplerInput) -> int:
     if not bool(torch.isfinite(row).all()):
         raise ValueError(NOT_FINITE)
     row = row.double()  # float64: 1/temperature and the penalty cannot overflow for any accepted value
-    if p.repetition_penalty != 1.0 and p.history:
-        seen = torch.tensor(sorted(set(p.history)), dtype=torch.long)
+    if p.repetition_penalty != 1.0 and history:
+        seen = torch.tensor(sorted(set(history)), dtype=torch.long)
         picked = row[seen]
         row = row.clone()
         row[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
@@ -61,5 +85,4 @@ def _sample_row(row: torch.Tensor, p: SamplerInput) -> int:
         drop = probs.cumsum(-1) - probs >= p.top_p  # keep the token that crosses top_p
         drop[0] = False  # and always the most likely one, however small top_p is
         row = row.index_put((order[drop],), torch.tensor(-math.inf, dtype=row.dtype))
-    generator = torch.Generator().manual_seed((p.seed * 1_000_003 + p.step) % 2**63)
-    return int(torch.multinomial(row.softmax(-1), 1, generator=generator))
+    return row

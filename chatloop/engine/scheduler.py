@@ -4,6 +4,10 @@ The policy decides (admission, micro-batches, stopping); this driver owns the th
 lock and the clock, turns each :class:`Step` into a :class:`MicroBatch` of tensors, submits it,
 feeds the results back, and hands every event to its request's ``emit``. A step's successors
 are launched before its events are delivered, so consumers never delay the pipeline.
+
+Speculative decoding: a step with drafts to make gets them from its proposers first, an n-gram lookup on this
+thread, a draft model on the draft's own thread (the step is launched from there once drafted). A draft model that
+fails turns its method off with a warning; the step goes on without drafts.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import replace
 
 from ..models.batch import StepBatch, padded
 from .blocks import BlockAllocator
@@ -19,6 +25,7 @@ from .errors import SchedulerClosedError, StageLostError
 from .pipeline import MicroBatch, Pipeline
 from .policy import Output, SchedulerPolicy, SchedulerStats, Step
 from .requests import SamplingParams, SequenceEvent
+from .speculation import Draft, DraftRequest, NgramProposer, Proposer
 
 __all__ = ["Emit", "Scheduler"]
 
@@ -51,6 +58,10 @@ class Scheduler:
         rope_switch: int | None = None,
         replay_lost_steps: bool = False,
         prefix_caching: bool = True,
+        speculative_method: str | None = None,
+        num_speculative_tokens: int = 4,
+        draft_proposer: Proposer | None = None,
+        draft_executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pipeline = pipeline
@@ -61,7 +72,17 @@ class Scheduler:
             max_tokens_per_micro_batch=max_tokens_per_micro_batch, prefill_chunk_tokens=prefill_chunk_tokens,
             eos_token_ids=eos_token_ids or set(), kv_window=kv_window,
             rope_switch=rope_switch, prefix_caching=prefix_caching,
+            speculative_method=speculative_method, num_speculative_tokens=num_speculative_tokens,
+            draft_methods=frozenset({"ngram", "draft"} if draft_proposer is not None else {"ngram"}),
         )
+        self.proposers: dict[str, Proposer] = {"ngram": NgramProposer()}
+        """Who drafts, by ``speculative.method``; a draft model (``draft``) runs on ``draft_executor``."""
+        if draft_proposer is not None:
+            self.proposers["draft"] = draft_proposer
+        self._draft_executor = draft_executor
+        if speculative_method and not self.policy.draft_methods:
+            log.info("speculative decoding is off: the model's attention window or rope switch would need its "
+                     "blocks written again")
         if prefix_caching and not self.policy.prefix_caching:
             why = (f"every layer attends within a sliding window of {kv_window} tokens" if kv_window is not None
                    else f"the model's RoPE changes at position {rope_switch} (longrope)")
@@ -189,7 +210,47 @@ class Scheduler:
         self._deliver(outputs)
 
     def _launch(self, pipeline: Pipeline, step: Step) -> None:
-        micro_batch = self._micro_batch(step)
+        if not step.num_drafts:
+            self._submit(pipeline, step, [])
+            return
+        methods = {m for m in step.draft_methods if m is not None}
+        inline = [m for m in methods if self.proposers[m].runs_inline]
+        drafts: list[Draft] = [Draft() for _ in step.sequence_ids]
+        for method in inline:
+            self._propose(step, method, drafts)
+        later = [m for m in methods if m not in inline]
+        if not later:
+            self._submit(pipeline, step, drafts)
+            return
+
+        def draft_then_submit() -> None:  # on the draft model's thread
+            for method in later:
+                self._propose(step, method, drafts)
+            self._submit(pipeline, step, drafts)
+
+        assert self._draft_executor is not None, "a draft model needs its executor"
+        self._draft_executor.submit(draft_then_submit)
+
+    def _propose(self, step: Step, method: str, drafts: list[Draft]) -> None:
+        """Fill ``drafts`` for the sequences of ``step`` that ``method`` drafts for; a proposer that fails is turned
+        off with a warning (its sequences go on without drafts)."""
+        rows = [b for b, m in enumerate(step.draft_methods) if m == method]
+        requests = [DraftRequest(step.sequence_ids[b], step.contexts[b], step.num_drafts[b], step.sampling[b])
+                    for b in rows]
+        try:
+            made = self.proposers[method].propose(requests)
+        except Exception as e:
+            log.warning("speculative decoding with %s failed (%s: %s): it is off from now on; requests go on "
+                        "without it", method, type(e).__name__, e)
+            with self._cond:
+                self.policy.disable_drafts(method)
+            return
+        for b, draft in zip(rows, made):
+            drafts[b] = Draft(draft.token_ids[: step.num_drafts[b]],
+                              None if draft.probs is None else draft.probs[: step.num_drafts[b]])
+
+    def _submit(self, pipeline: Pipeline, step: Step, drafts: list[Draft]) -> None:
+        micro_batch = self._micro_batch(step, drafts)
         try:
             future = pipeline.submit(micro_batch)
         except Exception as e:  # the transport refused at once (e.g. a dead worker)
@@ -197,10 +258,17 @@ class Scheduler:
             return
         future.add_done_callback(lambda f: self._complete(step, f.exception() or f.result()))
 
-    def _micro_batch(self, step: Step) -> MicroBatch:
-        lengths = [len(ids) for ids in step.token_ids]
+    def _micro_batch(self, step: Step, drafts: list[Draft]) -> MicroBatch:
+        """The tensors of ``step``, each sequence's drafts fed after its tokens."""
+        token_ids = list(step.token_ids)
+        sampling = list(step.sampling)
+        for b, draft in enumerate(drafts):
+            if draft.token_ids:
+                token_ids[b] = token_ids[b] + draft.token_ids
+                sampling[b] = replace(sampling[b], drafts=draft.token_ids, draft_probs=draft.probs)
+        lengths = [len(ids) for ids in token_ids]
         batch = StepBatch.build(list(step.starts), lengths, list(step.block_tables), self.allocator.block_size)
-        return MicroBatch(step.id, padded(step.token_ids), batch, list(step.sampling))
+        return MicroBatch(step.id, padded(token_ids), batch, sampling)
 
     def _complete(self, step: Step, result: list[int] | BaseException) -> None:
         with self._cond:
@@ -212,5 +280,7 @@ class Scheduler:
             emit = self._emitters.get(sequence_id)
             if event.finish_reason is not None:
                 self._emitters.pop(sequence_id, None)
+                for proposer in self.proposers.values():
+                    proposer.release(sequence_id)
             if emit is not None:
                 emit(event)

@@ -11,10 +11,28 @@ from collections.abc import Callable
 import torch
 
 from ..models import StepBatch
-from .requests import SampledToken, SamplerInput, ScoredToken
+from .requests import AcceptedTokens, SampledToken, SamplerInput, ScoredToken
 from .sampling import sample
 
 __all__ = ["sample_and_score", "score_rows"]
+
+
+def _verified(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, p: SamplerInput
+              ) -> AcceptedTokens | str:
+    """One sequence's verification (:func:`~chatloop.engine.speculation.verify`) from its hidden states [k + 1, C];
+    an error message where its logits cannot be sampled (this sequence alone fails)."""
+    from .speculation import verify
+
+    logits = head(hidden[None]).float()[0]  # [k + 1, V]
+    try:
+        accepted = verify(logits, p)
+    except Exception as e:
+        return f"sampling failed: {type(e).__name__}: {e}"
+    if p.logprobs is None:
+        return accepted
+    n = len(accepted.token_ids)
+    scored = score_rows(logits[:n].log_softmax(-1), list(accepted.token_ids), p.logprobs)
+    return AcceptedTokens(accepted.token_ids, accepted.num_drafted, tuple(scored))
 
 HEAD_PIECE = 64
 """Prompt positions whose logits are computed at once ([64, V] float32: 12 MiB for a 49k vocabulary)."""
@@ -35,12 +53,19 @@ def sample_and_score(
     head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, batch: StepBatch, inputs: list[SamplerInput]
 ) -> list[int | str | SampledToken]:
     """Sample each sequence's next token from the last stage's final hidden states ``hidden`` [B, T, C] (before
-    the head), and score what ``inputs`` ask for: a plain token id (or error message) where nothing is asked."""
+    the head), and score what ``inputs`` ask for: a plain token id (or error message) where nothing is asked.
+    A sequence with drafts gets the tokens its verification yields (:class:`AcceptedTokens`)."""
     last = hidden[torch.arange(hidden.shape[0]), batch.last_token_index][:, None]  # [B, 1, C]
     logits = head(last).float()[:, 0]
-    tokens = sample(logits, inputs)
-    out: list[int | str | SampledToken] = []
+    plain = [i for i, p in enumerate(inputs) if not p.drafts]
+    tokens: list[int | str] = [0] * len(inputs)
+    for i, token in zip(plain, sample(logits[plain], [inputs[i] for i in plain])):
+        tokens[i] = token
+    out: list[int | str | SampledToken | AcceptedTokens] = []
     for b, (token, p) in enumerate(zip(tokens, inputs)):
+        if p.drafts:
+            out.append(_verified(head, hidden[b, : len(p.drafts) + 1], p))
+            continue
         if isinstance(token, str) or not p.scores:
             out.append(token)
             continue

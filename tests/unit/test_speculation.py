@@ -1,0 +1,288 @@
+"""Speculative decoding: the n-gram lookup, the acceptance rule (checked statistically against the model's
+distribution), and in one process on tiny random models: the same greedy tokens with and without drafts (n-gram and
+a draft model, one request and a mixed batch), the KV blocks all back after load, and bad input refused."""
+
+from __future__ import annotations
+
+import queue
+import random
+
+import pytest
+import torch
+from test_policy import CharTokenizer, InstantPipeline
+
+from chatloop.engine import LocalPipeline, SamplingParams, Scheduler
+from chatloop.engine.errors import RequestError
+from chatloop.engine.pipeline import compute_thread
+from chatloop.engine.requests import SamplerInput
+from chatloop.engine.speculation import (
+    DraftModelProposer,
+    DraftRequest,
+    NgramProposer,
+    Proposer,
+    accept_or_resample,
+    lookup,
+    verify,
+)
+
+# ---- the n-gram lookup ------------------------------------------------------------------------------------------
+
+
+def test_ngram_lookup_drafts_what_followed_the_latest_longest_match():
+    assert lookup([1, 2, 3, 4, 9, 1, 2, 3], 2) == [4, 9]
+    assert lookup([5, 2, 3, 7, 1, 2, 3, 8, 2, 3], 3) == [8, 2, 3]  # the latest occurrence of [2, 3] wins
+    assert lookup([1, 2, 3, 6, 0, 2, 3, 7, 1, 2, 3], 1) == [6]  # [1, 2, 3] is longer than the later [2, 3]
+    assert lookup([1, 2, 3, 4], 4) == []  # no earlier occurrence
+    assert lookup([7, 7], 3) == []  # (a one-token suffix is too short to go by)
+    assert NgramProposer().propose([DraftRequest(0, (4, 5, 6, 4, 5), 1, None)])[0].token_ids == (6,)
+
+
+# ---- the rule ---------------------------------------------------------------------------------------------------
+
+CHI2_999 = {7: 24.32}
+"""The chi-square distribution's 99.9th percentile, by degrees of freedom."""
+
+
+def chi_square(counts: torch.Tensor, p: torch.Tensor) -> float:
+    expected = p * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("certain", [False, True], ids=["sampled-draft", "one-hot-draft"])
+def test_the_rejection_rule_leaves_every_token_distributed_as_the_models(certain):
+    rng = torch.Generator().manual_seed(5)
+    p = torch.tensor([0.30, 0.02, 0.15, 0.05, 0.20, 0.08, 0.12, 0.08], dtype=torch.float64)
+    q = torch.tensor([0.05, 0.30, 0.10, 0.25, 0.05, 0.10, 0.05, 0.10], dtype=torch.float64)  # far from p
+    n = 20_000
+    counts = torch.zeros(8, dtype=torch.float64)
+    accepted = 0
+    for _ in range(n):
+        draft = 2 if certain else int(torch.multinomial(q, 1, generator=rng))
+        ok, token = accept_or_resample(p, draft, None if certain else q, rng)
+        assert ok == (token == draft) or (ok and token == draft)
+        accepted += ok
+        counts[token] += 1
+    assert chi_square(counts, p) < CHI2_999[7]
+    # The acceptance rate is sum(min(p, q)) (q one-hot at 2: p(2)), within 4 standard deviations.
+    rate = float(p[2]) if certain else float(torch.minimum(p, q).sum())
+    assert abs(accepted / n - rate) < 4 * (rate * (1 - rate) / n) ** 0.5
+
+
+def test_a_rule_that_always_accepts_would_fail_the_check():
+    """The check can fail: the draft's own distribution is told apart from the model's."""
+    p = torch.tensor([0.30, 0.02, 0.15, 0.05, 0.20, 0.08, 0.12, 0.08], dtype=torch.float64)
+    q = torch.tensor([0.05, 0.30, 0.10, 0.25, 0.05, 0.10, 0.05, 0.10], dtype=torch.float64)
+    counts = torch.bincount(torch.multinomial(q, 20_000, replacement=True,
+                                              generator=torch.Generator().manual_seed(5)), minlength=8).double()
+    assert chi_square(counts, p) > CHI2_999[7]
+
+
+def sampler(**kw) -> SamplerInput:
+    options = dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=11, step=3)
+    options.update(kw)
+    return SamplerInput(**options)
+
+
+def test_greedy_verification_keeps_the_drafts_the_model_agrees_with_then_its_own_token():
+    logits = torch.full((4, 10), -5.0)
+    for i, best in enumerate([4, 6, 1, 8]):
+        logits[i, best] = 5.0
+    assert verify(logits, sampler(drafts=(4, 6, 1))).token_ids == (4, 6, 1, 8)  # all accepted, and a bonus
+    assert verify(logits, sampler(drafts=(4, 7, 1))).token_ids == (4, 6)  # the second corrected
+    assert verify(logits, sampler(drafts=(0, 6, 1))).token_ids == (4,)
+    assert verify(logits, sampler(drafts=(4, 7, 1))).num_accepted == 1
+
+
+def test_a_seeded_sampled_verification_with_certain_drafts_draws_what_plain_sampling_draws():
+    from chatloop.engine.sampling import sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 16)
+    plain = [sample(logits[i : i + 1], [sampler(temperature=0.9, step=3 + i)])[0] for i in range(5)]
+    # Drafts that are the tokens plain sampling drew are all accepted; a wrong one is replaced by plain's draw.
+    assert verify(logits, sampler(temperature=0.9, drafts=tuple(plain[:4]))).token_ids == tuple(plain)
+    wrong = (plain[0], (plain[1] + 1) % 16)
+    assert verify(logits, sampler(temperature=0.9, drafts=wrong)).token_ids == tuple(plain[:2])
+
+
+# ---- tiny models in one process ---------------------------------------------------------------------------------
+
+NUM_BLOCKS, BLOCK = 96, 4
+
+
+@pytest.fixture(scope="module")
+def split(tiny_checkpoint, tmp_path_factory):
+    from chatloop.partition.splitter import split_model
+
+    def make(family: str, parts: int, seed: int = 0):
+        out = tmp_path_factory.mktemp(f"{family}-{parts}-{seed}")
+        if seed == 0:
+            split_model(tiny_checkpoint(family).path, out, parts, progress=False)
+        else:  # another random model of the same shape and vocabulary
+            from conftest import build_tiny_model
+
+            src = tmp_path_factory.mktemp(f"{family}-seed{seed}")
+            build_tiny_model(family, seed=seed).save_pretrained(src)
+            split_model(src, out, parts, progress=False)
+        return out
+
+    return make
+
+
+def local_pipeline(parts) -> LocalPipeline:
+    from chatloop.partition import Manifest, load_stage
+    from chatloop.stage import StageRunner
+
+    manifest = Manifest.load(parts)
+    return LocalPipeline([StageRunner(load_stage(parts, i, manifest=manifest), NUM_BLOCKS, BLOCK)
+                          for i in range(manifest.num_partitions)])
+
+
+def draft_model(parts) -> tuple[DraftModelProposer, object]:
+    """A draft model of one stage, loaded on its own thread, and that thread."""
+    from chatloop.partition import load_stage
+
+    executor = compute_thread("draft")
+
+    def load():
+        model = load_stage(parts, 0)
+        return DraftModelProposer(model, model.new_cache(64, BLOCK), 64, BLOCK)
+
+    return executor.submit(load).result(), executor
+
+
+def run(scheduler: Scheduler, prompts: list[list[int]], params: list[SamplingParams]) -> list:
+    """Submit every prompt at once; each one's (token ids, last event)."""
+    done: queue.Queue = queue.Queue()
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        scheduler.submit(prompt, p, lambda e, i=i: done.put((i, e)))
+    tokens: list[list[int]] = [[] for _ in prompts]
+    last: list = [None] * len(prompts)
+    while any(e is None for e in last):
+        i, event = done.get(timeout=60)
+        assert event.error is None, event.error
+        tokens[i] += event.token_ids
+        if event.finish_reason is not None:
+            last[i] = event
+    return list(zip(tokens, last))
+
+
+def prompts(n: int, seed: int = 3) -> list[list[int]]:
+    rng = random.Random(seed)
+    base = [rng.randrange(2, 120) for _ in range(6)]
+    return [base * 2 + [rng.randrange(2, 120) for _ in range(rng.randrange(1, 6))] + base[:3] for _ in range(n)]
+
+
+def generate(parts, prompts_, params_, draft=None, **options) -> tuple[list, Scheduler]:
+    pipeline = local_pipeline(parts)
+    proposer, executor = draft if draft is not None else (None, None)
+    scheduler = Scheduler(pipeline, CharTokenizer(), batching_window_ms=0, max_batch_size=8,
+                          draft_proposer=proposer, draft_executor=executor, **options)
+    steps: list = []
+    pipeline.add_observer(steps.append)
+    scheduler.num_steps = lambda: len(steps)  # (micro-batches through the pipeline)
+    try:
+        return run(scheduler, prompts_, params_), scheduler
+    finally:
+        scheduler.close()
+        pipeline.close()
+
+
+GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_greedy_tokens_are_the_same_with_ngram_drafts_and_with_a_draft_model(family, split):
+    parts = split(family, 2)
+    batch = prompts(1)
+    plain, _ = generate(parts, batch, [GREEDY])
+    ngram, s1 = generate(parts, batch, [GREEDY], speculative_method="ngram", num_speculative_tokens=4)
+    other = draft_model(split(family, 1, seed=1))  # another random model: many drafts are rejected
+    drafted, s2 = generate(parts, batch, [GREEDY], draft=other, speculative_method="draft",
+                           num_speculative_tokens=3)
+    same = draft_model(split(family, 1))  # the model itself as its draft: every draft is accepted
+    exact, s3 = generate(parts, batch, [GREEDY], draft=same, speculative_method="draft", num_speculative_tokens=5)
+    assert ngram[0][0] == drafted[0][0] == exact[0][0] == plain[0][0]
+    assert plain[0][1].drafted_tokens is None
+    assert s2.stats.drafted_tokens > s2.stats.accepted_tokens  # rejections happened and were rolled back
+    assert s3.stats.accepted_tokens == s3.stats.drafted_tokens > 0
+    assert exact[0][1].drafted_tokens == s3.stats.drafted_tokens and exact[0][1].accepted_tokens > 0
+    # Fewer passes through the pipeline than tokens: 24 tokens in a prefill (1) and 4 verifications of 5, 5, 5 and 4
+    # drafts (6 + 6 + 6 + 5) when every draft is accepted (their keys and values are kept, not computed again).
+    assert s3.num_steps() == 1 + 4 and s3.stats.drafted_tokens == 5 + 5 + 5 + 4
+    for s in (s1, s2, s3):
+        assert s.allocator.num_free == NUM_BLOCKS  # every block back (cached ones count as free)
+    for proposer, executor in (other, same):
+        assert proposer.num_sequences == 0 and proposer.allocator.num_free == 64
+        executor.shutdown()
+
+
+def test_a_mixed_batch_gives_every_request_its_own_greedy_tokens_and_the_blocks_come_back(split):
+    parts = split("llama", 2)
+    batch = prompts(6, seed=9)
+    mixed = [GREEDY, SamplingParams(max_new_tokens=9, ignore_eos=True, speculative_tokens=0), GREEDY,
+             SamplingParams(max_new_tokens=17, ignore_eos=True, speculative_tokens=7),
+             SamplingParams(max_new_tokens=1, ignore_eos=True), SamplingParams(max_new_tokens=12, stop=("!",))]
+    plain, _ = generate(parts, batch, [SamplingParams(max_new_tokens=p.max_new_tokens, ignore_eos=p.ignore_eos,
+                                                      stop=p.stop) for p in mixed])
+    spec, s = generate(parts, batch, mixed, speculative_method="ngram", num_speculative_tokens=4)
+    assert [t for t, _ in spec] == [t for t, _ in plain]
+    assert [e.finish_reason for _, e in spec] == [e.finish_reason for _, e in plain]
+    assert spec[1][1].drafted_tokens is None and spec[0][1].drafted_tokens is not None
+    assert s.stats.drafted_tokens > 0 and s.allocator.num_free == NUM_BLOCKS
+
+
+def test_logprobs_and_seeded_sampling_are_those_without_ngram_drafts(split):
+    parts = split("llama", 2)
+    batch = prompts(2, seed=4)
+    sampled = [SamplingParams(max_new_tokens=16, ignore_eos=True, temperature=0.8, seed=5, logprobs=2),
+               SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=1)]
+    plain, _ = generate(parts, batch, sampled)
+    spec, s = generate(parts, batch, sampled, speculative_method="ngram", num_speculative_tokens=4)
+    assert s.stats.drafted_tokens > 0
+    assert [t for t, _ in spec] == [t for t, _ in plain]
+
+
+def test_seeded_sampling_with_a_draft_model_is_reproducible(split):
+    parts = split("llama", 2)
+    batch = prompts(1, seed=4)
+    p = [SamplingParams(max_new_tokens=16, ignore_eos=True, temperature=1.0, seed=7)]
+    runs = []
+    for _ in range(2):
+        draft = draft_model(split("llama", 1, seed=1))
+        runs.append(generate(parts, batch, p, draft=draft, speculative_method="draft", num_speculative_tokens=3)[0])
+        draft[1].shutdown()
+    assert runs[0][0][0] == runs[1][0][0] and len(runs[0][0][0]) == 16
+
+
+class BrokenProposer(Proposer):
+    runs_inline = False
+
+    def propose(self, requests):
+        raise RuntimeError("out of memory")
+
+
+def test_a_draft_model_that_fails_turns_speculation_off_and_requests_go_on(split, caplog):
+    parts = split("llama", 2)
+    batch = prompts(1)
+    plain, _ = generate(parts, batch, [GREEDY])
+    executor = compute_thread("draft")
+    spec, s = generate(parts, batch, [GREEDY], draft=(BrokenProposer(), executor), speculative_method="draft")
+    executor.shutdown()
+    assert spec[0][0] == plain[0][0] and s.stats.drafted_tokens == 0
+    assert "draft failed (RuntimeError: out of memory): it is off from now on" in caplog.text
+    assert "draft" not in s.policy.draft_methods
+
+
+def test_bad_speculation_requests_are_refused_with_what_to_change():
+    with pytest.raises(ValueError, match="speculative_tokens must be from 1 to 16"):
+        SamplingParams(speculative_tokens=17)
+    with pytest.raises(ValueError, match="speculative_method must be ngram, draft, off"):
+        SamplingParams(speculative_method="medusa")
+    scheduler = Scheduler(InstantPipeline(), CharTokenizer(), speculative_method="ngram")
+    try:
+        with pytest.raises(RequestError, match="needs a draft model") as e:
+            scheduler.submit([5, 6], SamplingParams(speculative_method="draft"), lambda e: None)
+        assert e.value.param == "speculative_method"
+    finally:
+        scheduler.close()
