@@ -26,7 +26,7 @@ _EPS = 1e-9  # relative: times computed two ways (sums in another order) still c
 
 @dataclass(frozen=True, kw_only=True)
 class HostFigures:
-    """What a host's probe measured (:mod:`chatloop.partition.probe`), as the planner reads it."""
+    """What a host's probe measured (:mod:`chatloop.stage.probe`), as the planner reads it."""
 
     name: str
     decode_s: Mapping[int, float]

@@ -1,0 +1,110 @@
+"""The probe a worker runs when it joins (issue 24, point 1): its cores, memory, bandwidth and layer times."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from chatloop.models import LayerRange
+from chatloop.partition.splitter import split_model
+from chatloop.stage.probe import _cgroup_memory_room, memory_available, probe_host, round_trip_s
+
+CPU_V1 = Path("/sys/fs/cgroup/cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe-split")
+    split_model(str(tiny_checkpoint("llama").path), out, 2, progress=False)  # 5 layers: 0-2, 3-4
+    return out
+
+
+def test_the_probe_reports_what_the_placement_needs(tiny_split):
+    figures = probe_host("w0", tiny_split, hop_s=0.002, min_seconds=0.02)
+    assert sorted(figures.decode_s) == [1, 4, 16]
+    assert all(0 < t < 1 for t in figures.decode_s.values())
+    assert 0 < figures.prefill_s_per_token < 1
+    assert 0 < figures.memory_bytes <= psutil.virtual_memory().total
+    assert figures.bandwidth_gb_s > 0.1
+    assert figures.threads == torch.get_num_threads()
+    assert figures.cores == len(os.sched_getaffinity(0))
+    assert figures.held == (LayerRange(0, 4),)
+    assert figures.hop_s == 0.002
+
+
+def test_the_probe_reads_only_the_files_the_host_holds(tiny_split, tmp_path):
+    copied = tmp_path / "one-file"
+    shutil.copytree(tiny_split, copied)
+    (copied / "partition_0.safetensors").unlink()
+    figures = probe_host("w1", copied, min_seconds=0.01)
+    assert figures.held == (LayerRange(3, 4),)
+    with pytest.raises(ValueError, match="holds none of the split's partition files"):
+        probe_host("w1", copied, held=[], min_seconds=0.01)
+
+
+def _tree(tmp_path: Path, files: dict[str, str], membership: str) -> tuple[Path, Path]:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "self-cgroup").write_text(membership)
+    return tmp_path, tmp_path / "self-cgroup"
+
+
+def test_memory_room_reads_cgroup_v1_and_v2_limits(tmp_path):
+    root, me = _tree(tmp_path / "v2", {"box/memory.max": "1000000\n", "box/memory.current": "250000\n"}, "0::/box\n")
+    assert _cgroup_memory_room(root, me) == 750000
+    assert memory_available(root, me) == 750000
+    root, me = _tree(tmp_path / "v1", {"memory/docker/a/memory.limit_in_bytes": "4000000\n",
+                                       "memory/docker/a/memory.usage_in_bytes": "1000000\n"},
+                     "5:memory:/docker/a\n3:cpu,cpuacct:/docker/a\n")
+    assert _cgroup_memory_room(root, me) == 3000000
+    root, me = _tree(tmp_path / "free", {"memory/memory.limit_in_bytes": f"{2**63 - 4096}\n",
+                                         "memory/memory.usage_in_bytes": "5\n"}, "5:memory:/\n")
+    assert _cgroup_memory_room(root, me) is None
+    assert memory_available(root, me) > 0
+
+
+def test_round_trip_is_the_median_of_the_pings():
+    assert 0.009 < round_trip_s(lambda: time.sleep(0.01)) < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not (CPU_V1 / "cpu.cfs_quota_us").exists(),
+                    reason="needs root and the cgroup v1 cpu controller at /sys/fs/cgroup/cpu")
+def test_a_worker_held_to_a_tenth_of_a_core_measures_itself_slower(tiny_split):
+    # The process joins its group once imported: the quota then slows the probe alone.
+    code = ("import json, os, sys; group = sys.argv[2]\n"
+            "import torch; torch.set_num_threads(1)\n"
+            "from chatloop.stage.probe import probe_host\n"
+            "if group: open(group + '/cgroup.procs', 'w').write(str(os.getpid()))\n"
+            "f = probe_host('w', sys.argv[1], min_seconds=0.3, batches=(1, 16))\n"
+            "print(json.dumps({'decode': f.decode_s[16], 'limit': f.cpu_limit}))")
+
+    def probe(group: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", code, str(tiny_split), group], capture_output=True, text=True,
+                             timeout=240)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.splitlines()[-1])
+
+    group = CPU_V1 / f"chatloop-probe-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("10000")
+        free, held = probe(""), probe(str(group))
+    finally:
+        group.rmdir()
+    assert held["limit"] == pytest.approx(0.1)
+    assert free["limit"] is None or free["limit"] > 0.5
+    # 10x on an idle machine; others' load slows the free probe too (the machine is shared)
+    assert held["decode"] > 3 * free["decode"], (held, free)
