@@ -16,10 +16,13 @@ import math
 import os
 import queue
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import ChatLoopConfig, load_config
+import psutil
+
+from .config import ChatLoopConfig, ClusterConfig, ModelConfig, load_config
 from .engine import (
     ClusterUnavailableError,
     ContextLengthError,
@@ -35,6 +38,7 @@ from .engine import (
     StageReport,
 )
 from .engine.pipeline import compute_thread
+from .engine.speculation import DraftModelProposer
 from .engine.token_bytes import token_byte_table
 from .models import LayerRange, ModelArgs
 from .partition import Manifest, ManifestError, split_model
@@ -63,6 +67,10 @@ class Completion:
     """With ``prompt_logprobs=True``: the score of each prompt token after the first."""
     cached_tokens: int = 0
     """Prompt tokens whose keys and values came from the prefix cache (``cache.prefix_caching``), not computed."""
+    drafted_tokens: int | None = None
+    """Tokens drafted for it by speculative decoding (None: it did not speculate)."""
+    accepted_tokens: int | None = None
+    """Of those, the tokens the model accepted."""
 
     @property
     def completion_tokens(self) -> int:
@@ -163,6 +171,10 @@ class ChatLoop:
         self.capacity_tokens = pipeline.num_blocks * pipeline.block_size
         log.info("KV cache capacity: %d tokens (%d blocks of %d) per stage", self.capacity_tokens, pipeline.num_blocks,
                  pipeline.block_size)
+        self._draft_executor = None
+        draft = None
+        if cfg.speculative.method == "draft":
+            draft, self._draft_executor = load_draft(cfg, manifest, self.tokenizer)
         self.scheduler = Scheduler(
             pipeline,
             self.tokenizer,
@@ -179,6 +191,10 @@ class ChatLoop:
             rope_switch=ModelArgs.from_hf_config(manifest.model_config).rope_switch,  # computed again past it
             replay_lost_steps=cluster is not None and cluster.watchdog is not None,
             prefix_caching=cfg.cache.prefix_caching,
+            speculative_method=cfg.speculative.method,
+            num_speculative_tokens=cfg.speculative.num_tokens,
+            draft_proposer=draft,
+            draft_executor=self._draft_executor,
         )
         if cluster is not None:
             cluster.listener = self  # it tells us when it loses and rebuilds the pipeline
@@ -271,6 +287,7 @@ class ChatLoop:
             worker_restarts=watchdog.restarts if watchdog is not None else {},
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             kv_blocks_cached=allocator.num_cached,
+            speculative_drafted_tokens=s.drafted_tokens, speculative_accepted_tokens=s.accepted_tokens,
         )
 
     def describe_stages(self, timeout: float = 5.0) -> list[StageReport]:
@@ -359,6 +376,7 @@ class ChatLoop:
         """One completion of a prompt (text or token ids); sampling keywords as :class:`SamplingParams`."""
         prompt_ids = self.encode(prompt, chat)
         text, ids, reason, scores, prompt_scores, cached = [], [], FinishReason.ERROR, [], None, 0
+        drafted = accepted = None
         for event in self.stream_events(prompt_ids, **sampling):
             text.append(event.text)
             ids.extend(event.token_ids)
@@ -366,9 +384,11 @@ class ChatLoop:
             prompt_scores = list(event.prompt_logprobs) if event.prompt_logprobs is not None else prompt_scores
             reason = event.finish_reason or reason
             cached = event.cached_tokens if event.cached_tokens is not None else cached
+            if event.finish_reason is not None:
+                drafted, accepted = event.drafted_tokens, event.accepted_tokens
         wanted = sampling.get("logprobs") is not None
         return Completion("".join(text), ids, reason, len(prompt_ids), scores if wanted else None, prompt_scores,
-                          cached)
+                          cached, drafted, accepted)
 
     def score(self, texts: str | Sequence[int] | Sequence[str | Sequence[int]], *, top_logprobs: int = 0,
               timeout_s: float | None = None) -> Score | list[Score]:
@@ -417,6 +437,8 @@ class ChatLoop:
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             scheduler.close()
+        if getattr(self, "_draft_executor", None) is not None:
+            self._draft_executor.shutdown(wait=True, cancel_futures=True)
         if self.cluster is not None:
             self.cluster.shutdown()
         else:
@@ -442,6 +464,55 @@ def _local_pipeline(cfg: ChatLoopConfig, manifest: Manifest) -> LocalPipeline:
 
 def _load_runners(cfg: ChatLoopConfig, manifest: Manifest) -> list[StageRunner]:
     return [build_stage_runner(spec, manifest) for spec in stage_specs(cfg, partitions_dir_for(cfg))]
+
+
+def load_draft(cfg: ChatLoopConfig, manifest: Manifest, tokenizer) -> tuple[DraftModelProposer, ThreadPoolExecutor]:
+    """``speculative.draft_model`` as one in-process stage (split, quantized and loaded as ``cluster=single`` does),
+    on a thread of its own, after checking that it shares the model's tokenizer and fits the coordinator's memory."""
+    spec = cfg.speculative
+    quantized = spec.draft_quantization is not None
+    draft_cfg = replace(
+        cfg, model=ModelConfig(name=spec.draft_model, quantization=spec.draft_quantization,
+                               dtype="float32" if quantized else cfg.model.dtype,
+                               verify_sha256=cfg.model.verify_sha256),
+        cluster=ClusterConfig(num_workers=1, in_process=True),
+        cache=replace(cfg.cache, kv_cache_mb=spec.draft_kv_cache_mb),
+    )
+    draft_manifest = prepare_partitions(draft_cfg)
+    _check_draft_vocabulary(cfg, manifest, tokenizer, draft_cfg, draft_manifest)
+    needed = sum(p.num_bytes for p in draft_manifest.partitions) + spec.draft_kv_cache_mb * 2**20
+    budget = spec.max_draft_mb * 2**20 if spec.max_draft_mb is not None else psutil.virtual_memory().available
+    if needed > budget:
+        where = (f"speculative.max_draft_mb={spec.max_draft_mb:g}" if spec.max_draft_mb is not None
+                 else "the coordinator's available memory")
+        raise ValueError(
+            f"the draft model {spec.draft_model} needs {needed / 2**20:.1f} MiB (weights and its KV cache), more than "
+            f"{where} ({budget / 2**20:.1f} MiB): set speculative.draft_quantization=int4, choose a smaller "
+            "speculative.draft_model, lower speculative.draft_kv_cache_mb, or use speculative.method=ngram")
+    executor = compute_thread("draft")
+    try:
+        runner = executor.submit(_load_runners, draft_cfg, draft_manifest).result()[0]
+    except BaseException:
+        executor.shutdown()
+        raise
+    log.info("speculative decoding: draft model %s (%s), k=%d, on the coordinator", spec.draft_model,
+             spec.draft_quantization or draft_cfg.model.dtype, spec.num_tokens)
+    return DraftModelProposer(runner.stage, runner.cache, runner.num_blocks, runner.block_size), executor
+
+
+def _check_draft_vocabulary(cfg: ChatLoopConfig, manifest: Manifest, tokenizer, draft_cfg: ChatLoopConfig,
+                            draft_manifest: Manifest) -> None:
+    """The draft must speak the model's tokens: the same vocabulary size and the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    sizes = int(manifest.model_config["vocab_size"]), int(draft_manifest.model_config["vocab_size"])
+    draft_tokenizer = AutoTokenizer.from_pretrained(partitions_dir_for(draft_cfg))
+    if sizes[0] != sizes[1] or draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        what = (f"a vocabulary of {sizes[1]} tokens, the model's has {sizes[0]}" if sizes[0] != sizes[1]
+                else "another tokenizer (its tokens have other ids)")
+        raise ValueError(
+            f"speculative.draft_model={cfg.speculative.draft_model} has {what}: choose a draft of the model's "
+            f"family and tokenizer (model.name={cfg.model.name}), or use speculative.method=ngram")
 
 
 def _eos_ids(directory: Path, tokenizer) -> set[int]:

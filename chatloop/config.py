@@ -17,7 +17,8 @@ from typing import Any
 
 __all__ = [
     "API_KEY_ENV", "CONF_DIR", "ModelConfig", "WorkerSpec", "ClusterConfig", "BatchingConfig", "CacheConfig",
-    "WorkerConfig", "ServerConfig", "SamplingConfig", "ChatLoopConfig", "load_config", "register_configs", "to_config",
+    "WorkerConfig", "ServerConfig", "SamplingConfig", "SpeculativeConfig",
+    "ChatLoopConfig", "load_config", "register_configs", "to_config",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -290,6 +291,45 @@ class ServerConfig:
         _require(self.health_interval_s > 0, f"server.health_interval_s={self.health_interval_s}: need > 0")
 
 
+MAX_SPECULATIVE_TOKENS = 16  # (the engine's chatloop.engine.requests.MAX_SPECULATIVE_TOKENS)
+
+
+@dataclass(kw_only=True)
+class SpeculativeConfig:
+    """Speculative decoding: a cheap guess of each sequence's next tokens, verified in one step through every stage
+    (greedy output unchanged; sampled output keeps the model's distribution). Requests may override method and k."""
+
+    method: str | None = None
+    """null (off), ngram (look the next tokens up in the prompt and output so far; no model) or draft (a small
+    model of the same tokenizer, speculative.draft_model, run in the coordinator's process)."""
+    num_tokens: int = 4
+    """k: the most tokens drafted for one sequence at one step, 1 to 16 (fewer each as more sequences draft in one
+    micro-batch)."""
+    draft_model: str | None = None
+    """With method=draft: anything model.name accepts ('smollm2', a checkpoint folder, a .gguf file)."""
+    draft_quantization: str | None = None
+    """The draft's weights: null (model.dtype), int8, int4 or gguf (as model.quantization)."""
+    draft_kv_cache_mb: float = 64
+    """The draft's own KV cache on the coordinator, in MiB."""
+    max_draft_mb: float | None = None
+    """The most memory the draft (weights and KV cache) may take on the coordinator; null: what the machine has
+    available at start. A draft that needs more is refused at start."""
+
+    def __post_init__(self) -> None:
+        _require(self.method in (None, "ngram", "draft"),
+                 f"speculative.method={self.method!r}: choose null, ngram or draft")
+        _require(isinstance(self.num_tokens, int) and 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS,
+                 f"speculative.num_tokens={self.num_tokens}: choose 1 to {MAX_SPECULATIVE_TOKENS} drafted tokens")
+        _require(self.method != "draft" or bool(self.draft_model),
+                 "speculative.method=draft needs speculative.draft_model (e.g. smollm2, a folder or a .gguf file), "
+                 "or choose speculative.method=ngram")
+        _require(self.draft_quantization in (None, "int8", "int4", "gguf"),
+                 f"speculative.draft_quantization={self.draft_quantization!r}: choose null, int8, int4 or gguf")
+        _require(self.draft_kv_cache_mb > 0, f"speculative.draft_kv_cache_mb={self.draft_kv_cache_mb}: need > 0")
+        _require(self.max_draft_mb is None or self.max_draft_mb > 0,
+                 f"speculative.max_draft_mb={self.max_draft_mb}: need > 0 or null")
+
+
 @dataclass(kw_only=True)
 class SamplingConfig:
     """Default sampling for the command-line tools."""
@@ -313,6 +353,7 @@ class ChatLoopConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     prompt: str = "What is the capital of France?"
     """chatloop-generate's prompt."""
     chat: bool = True

@@ -47,6 +47,10 @@ class EngineStats:
     """Of those, tokens found: their keys and values were not computed again."""
     kv_blocks_cached: int = 0
     """KV blocks in the prefix cache (held by sequences or not; those not held count as free)."""
+    speculative_drafted_tokens: int = 0
+    """Tokens drafted by speculative decoding and verified by the pipeline."""
+    speculative_accepted_tokens: int = 0
+    """Of those, tokens the model accepted."""
 
     @property
     def kv_blocks_used(self) -> int:
@@ -56,6 +60,12 @@ class EngineStats:
     def prefix_cache_hit_rate(self) -> float:
         """The share of looked-up tokens found in the prefix cache (0 before any)."""
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    @property
+    def speculative_acceptance_rate(self) -> float:
+        """The share of drafted tokens the model accepted (0 before any)."""
+        drafted = self.speculative_drafted_tokens
+        return self.speculative_accepted_tokens / drafted if drafted else 0.0
 
 
 class EngineClient(Protocol):

@@ -27,7 +27,8 @@ def run_op(llm, op: dict):
         try:
             c = llm.generate(op["prompt"], chat=op.get("chat", False), **op.get("params", {}))
             return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                    "cached_tokens": c.cached_tokens}
+                    "cached_tokens": c.cached_tokens, "drafted_tokens": c.drafted_tokens,
+                    "accepted_tokens": c.accepted_tokens}
         except Exception as e:
             return {"error": f"{type(e).__name__}: {e}"}
     if kind == "concurrent":

@@ -286,3 +286,81 @@ def test_bad_speculation_requests_are_refused_with_what_to_change():
         assert e.value.param == "speculative_method"
     finally:
         scheduler.close()
+
+
+# ---- the Python API: a draft model from configuration -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tiny_checkpoint, tmp_path_factory):
+    """A tiny Llama with the tiny tokenizer, another random one as its draft, and one with another tokenizer."""
+    import shutil
+
+    from conftest import build_tiny_model, save_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("spec-api")
+    model = root / "model"
+    shutil.copytree(tiny_checkpoint("llama").path, model)
+    save_tiny_tokenizer(model)
+    draft = root / "draft"
+    build_tiny_model("llama", seed=1).save_pretrained(draft)
+    save_tiny_tokenizer(draft)
+    alien = root / "alien"
+    build_tiny_model("llama", seed=2).save_pretrained(alien)
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(128)}  # the same size, other tokens
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")),
+                            unk_token="w0").save_pretrained(alien)
+    return root
+
+
+def api_config(root, *more: str):
+    from chatloop import load_config
+
+    return load_config(["cluster=single", "cluster.num_workers=2", f"model.name={root / 'model'}",
+                        f"model.partitions_dir={root / 'parts'}", "cache.kv_cache_mb=1", "cache.min_capacity_tokens=64",
+                        "speculative.draft_kv_cache_mb=1", *more])
+
+
+def test_the_api_loads_a_draft_model_and_gives_the_same_greedy_text_with_usage(tiny_folders):
+    from chatloop import ChatLoop
+
+    prompt = prompts(1, seed=5)[0]
+    with ChatLoop.start(api_config(tiny_folders)) as llm:
+        plain = llm.generate(prompt, max_new_tokens=20, ignore_eos=True)
+        ngram = llm.generate(prompt, max_new_tokens=20, ignore_eos=True, speculative_method="ngram")
+        with pytest.raises(RequestError, match="needs a draft model"):
+            llm.generate(prompt, max_new_tokens=4, speculative_method="draft")
+    draft = f"speculative.draft_model={tiny_folders / 'draft'}"
+    with ChatLoop.start(api_config(tiny_folders, "speculative=draft", draft, "speculative.draft_quantization=null",
+                                   "speculative.num_tokens=3")) as llm:
+        drafted = llm.generate(prompt, max_new_tokens=20, ignore_eos=True)
+        off = llm.generate(prompt, max_new_tokens=20, ignore_eos=True, speculative_tokens=0)
+        stats = llm.stats()
+    assert plain.drafted_tokens is None and off.drafted_tokens is None
+    assert ngram.token_ids == drafted.token_ids == off.token_ids == plain.token_ids
+    assert drafted.drafted_tokens > 0 and 0 <= drafted.accepted_tokens <= drafted.drafted_tokens
+    assert stats.speculative_drafted_tokens == drafted.drafted_tokens
+    assert stats.speculative_acceptance_rate == drafted.accepted_tokens / drafted.drafted_tokens
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["speculative.num_tokens=0"], "speculative.num_tokens=0: choose 1 to 16"),
+    (["speculative.num_tokens=17"], "speculative.num_tokens=17: choose 1 to 16"),
+    (["speculative.method=draft"], "speculative.method=draft needs speculative.draft_model"),
+    (["speculative.method=medusa"], "speculative.method='medusa': choose null, ngram or draft"),
+    (["speculative=draft", "speculative.draft_model={root}/alien", "speculative.draft_quantization=null"],
+     "has another tokenizer .*: choose a draft of the model's family and tokenizer"),
+    (["speculative=draft", "speculative.draft_model={root}/draft", "speculative.draft_quantization=null",
+      "speculative.max_draft_mb=0.5"],
+     r"needs 1\.\d MiB \(weights and its KV cache\), more than speculative.max_draft_mb=0.5 \(0.5 MiB\): set "
+     "speculative.draft_quantization=int4"),
+])
+def test_bad_speculation_settings_are_refused_at_start_with_what_to_change(tiny_folders, overrides, message):
+    from chatloop import ChatLoop
+
+    with pytest.raises(ValueError, match=message):
+        ChatLoop.start(api_config(tiny_folders, *[o.format(root=tiny_folders) for o in overrides])).shutdown()
