@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 
 from ..models import LayerRange
 from .plan import PlanError
 
-__all__ = ["HostFigures", "ModelCosts", "Placement", "PlacedStage", "place_layers", "layer_seconds"]
+__all__ = ["HostFigures", "ModelCosts", "Placement", "PlacedStage", "layer_seconds", "place_layers", "predict"]
 
 _EPS = 1e-9  # relative: times computed two ways (sums in another order) still compare equal
 
@@ -53,6 +53,24 @@ class HostFigures:
             raise PlanError(f"host {self.name}: decode times must be positive, by batch >= 1: {dict(self.decode_s)}")
         if self.memory_bytes < 0 or self.hop_s < 0:
             raise PlanError(f"host {self.name}: memory_bytes and hop_s must be >= 0")
+
+    def as_dict(self) -> dict:
+        """JSON-ready (``chatloop-plan probe --output``)."""
+        data = asdict(self)
+        data["decode_s"] = {str(b): t for b, t in self.decode_s.items()}
+        data["held"] = None if self.held is None else [[r.start, r.end] for r in self.held]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> HostFigures:
+        """The figures :meth:`as_dict` wrote; :class:`PlanError` naming what is wrong."""
+        try:
+            held = data.get("held")
+            return cls(**{**data, "decode_s": {int(b): float(t) for b, t in data["decode_s"].items()},
+                          "held": None if held is None else tuple(LayerRange(a, b) for a, b in held)})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"not a host's figures ({type(e).__name__}: {e}): write them with chatloop-plan probe") \
+                from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,3 +266,26 @@ def _why_nothing_fits(hosts: Sequence[HostFigures], costs: ModelCosts) -> str:
             f"whole model with its KV pool and headroom needs {need / 2**20:.0f} MiB, more with each extra stage), "
             "or their partition files leave layers uncovered: add a host, lower cache.kv_cache_mb, quantize, or copy "
             "the missing partition files")
+
+
+def predict(hosts: Sequence[HostFigures], costs: ModelCosts, ranges: Sequence[LayerRange], batch: int = 1) -> Placement:
+    """The predictions of a given plan (``even``, explicit ranges): ``ranges[k]`` on ``hosts[k]``. Raises
+    :class:`PlanError` when a host lacks the memory or the files for its range."""
+    if len(ranges) != len(hosts):
+        raise PlanError(f"{len(ranges)} ranges for {len(hosts)} hosts: give one range per host")
+    units = _layer_units(costs)
+    stages, latency = [], 0.0
+    for figures, r in zip(hosts, ranges):
+        i, j = r.start, r.end + 1
+        need = costs.memory(i, j)
+        if need > figures.memory_bytes:
+            raise PlanError(f"host {figures.name}: layers {r} need {need / 2**20:.0f} MiB, it has "
+                            f"{figures.memory_bytes / 2**20:.0f} MiB")
+        if figures.held is not None and not any(h.start <= i and j - 1 <= h.end for h in figures.held):
+            raise PlanError(f"host {figures.name} does not hold the partition files of layers {r}")
+        work = sum(units[i:j]) + (costs.head_layers if j == costs.num_layers else 0.0)
+        one = layer_seconds(figures.decode_s, 1) * work
+        stages.append(PlacedStage(figures.name, r, layer_seconds(figures.decode_s, batch) * work, one, need))
+        latency += one + figures.hop_s
+    return Placement(stages, {}, batch, max(s.step_s for s in stages), latency,
+                     hops_s=sum(h.hop_s for h in hosts))

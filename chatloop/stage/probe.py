@@ -33,18 +33,22 @@ CONTEXT = 64
 """Tokens already in the KV cache when the decode steps are timed."""
 PREFILL_TOKENS = 64
 MIN_SECONDS = 0.3
-"""Each figure is timed over at least this long: three periods of the default CFS quota."""
+"""Each figure is timed over at least this long: three windows of one period of the default CFS quota each."""
 
 
-def _timed(fn: Callable[[], object], min_seconds: float, warmup: int = 2) -> float:
-    """Seconds per call of ``fn``: the total over at least ``min_seconds`` (and 3 calls), after ``warmup`` calls."""
+def _timed(fn: Callable[[], object], min_seconds: float, warmup: int = 2, windows: int = 3) -> float:
+    """Seconds per call of ``fn``: the median over ``windows`` windows (a burst of another process's work spoils one)
+    of each window's total over its calls, the windows together at least ``min_seconds`` long, after ``warmup``."""
     for _ in range(warmup):
         fn()
-    calls, start = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < min_seconds:
-        fn()
-        calls += 1
-    return (time.perf_counter() - start) / calls
+    per_call = []
+    for _ in range(windows):
+        calls, start = 0, time.perf_counter()
+        while calls < 2 or time.perf_counter() - start < min_seconds / windows:
+            fn()
+            calls += 1
+        per_call.append((time.perf_counter() - start) / calls)
+    return statistics.median(per_call)
 
 
 def _cgroup_memory_room(root: Path, membership: Path) -> int | None:
