@@ -463,7 +463,15 @@ def _local_pipeline(cfg: ChatLoopConfig, manifest: Manifest) -> LocalPipeline:
 
 
 def _load_runners(cfg: ChatLoopConfig, manifest: Manifest) -> list[StageRunner]:
-    return [build_stage_runner(spec, manifest) for spec in stage_specs(cfg, partitions_dir_for(cfg))]
+    specs = stage_specs(cfg, partitions_dir_for(cfg))
+    if cfg.cluster.plan == "auto":  # every stage in this process: one probe stands for all, sharing its memory
+        from .stage.planning import plan_specs
+        from .stage.probe import probe_spec
+
+        here = probe_spec(specs[0])
+        here = replace(here, memory_bytes=here.memory_bytes // len(specs))
+        specs, _ = plan_specs(cfg, specs, [here] * len(specs), manifest)
+    return [build_stage_runner(spec, manifest) for spec in specs]
 
 
 def load_draft(cfg: ChatLoopConfig, manifest: Manifest, tokenizer) -> tuple[DraftModelProposer, ThreadPoolExecutor]:

@@ -115,6 +115,10 @@ class ClusterConfig:
     """Rendezvous port: the reference deployment's coordinator port."""
     workers: list[WorkerSpec] = field(default_factory=list)
     """Explicit layer ranges per worker; empty: an even split. Must match the manifest."""
+    plan: str = "even"
+    """Which layers each worker computes: even (an even split, or cluster.workers' ranges where given) or auto
+    (planned from each worker's probe of its speed and memory, as ranges of the split's files it holds; see
+    docs/placement.md)."""
     rpc_timeout_s: float = 20.0
     """A micro-batch that takes longer is located: if a stage has been computing it for longer, or it is lost, it
     fails with an error naming the stage that holds it up, and every stage drops it; if it is still waiting its turn
@@ -169,6 +173,10 @@ class ClusterConfig:
                 f"cluster.{name}={list(given)}: give one or more of {', '.join(known)}"
                 + (f" ({', '.join(unknown)} is not one)" if unknown else ""),
             )
+        _require(self.plan in ("even", "auto"), f"cluster.plan={self.plan!r}: choose even or auto")
+        _require(self.plan != "auto" or not self.workers,
+                 "cluster.plan=auto plans the layers itself: leave cluster.workers empty, or set cluster.plan=even to "
+                 "use its ranges")
         _require(
             not self.workers or len(self.workers) == self.num_workers,
             f"cluster.workers lists {len(self.workers)} workers but cluster.num_workers={self.num_workers}: "

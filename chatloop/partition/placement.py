@@ -158,9 +158,11 @@ def layer_seconds(decode_s: Mapping[int, float], batch: float) -> float:
     return max(t1, t1 + (t1 - t0) * (batch - b1) / (b1 - b0))
 
 
-def place_layers(hosts: Sequence[HostFigures], costs: ModelCosts, batch: int = 1) -> Placement:
+def place_layers(hosts: Sequence[HostFigures], costs: ModelCosts, batch: int = 1, *,
+                 keep_all: bool = False) -> Placement:
     """Contiguous ranges over (some of) ``hosts``, in their order, for the model ``costs`` describes, at ``batch``
-    sequences a decode step (see the module's docstring). Raises :class:`PlanError` saying why when no plan fits."""
+    sequences a decode step (see the module's docstring). ``keep_all``: every host gets at least one layer (a
+    running cluster whose workers all joined). Raises :class:`PlanError` saying why when no plan fits."""
     n = costs.num_layers
     if n < 1 or any(b < 0 for b in costs.layer_bytes):
         raise PlanError(f"the model needs at least one layer of non-negative bytes, got {list(costs.layer_bytes)}")
@@ -168,6 +170,8 @@ def place_layers(hosts: Sequence[HostFigures], costs: ModelCosts, batch: int = 1
         raise PlanError("no hosts to place layers on: start at least one worker")
     if batch < 1:
         raise PlanError(f"batch is {batch}: need at least 1")
+    if keep_all and len(hosts) > n:
+        raise PlanError(f"{len(hosts)} hosts for {n} layers: every stage needs at least one layer, use at most {n}")
     names = [h.name for h in hosts]
     if len(set(names)) != len(names):
         raise PlanError(f"host names must differ: {names}")
@@ -198,7 +202,7 @@ def place_layers(hosts: Sequence[HostFigures], costs: ModelCosts, batch: int = 1
     best[0][0] = 0.0
     for h in range(len(hosts)):
         for j in range(n + 1):
-            best[h + 1][j] = best[h][j]  # host h left out
+            best[h + 1][j] = inf if keep_all else best[h][j]  # host h left out
             for i in range(j):
                 if best[h][i] < inf and fits(h, i, j):
                     best[h + 1][j] = min(best[h + 1][j], max(best[h][i], stage_b(h, i, j)))
@@ -212,7 +216,7 @@ def place_layers(hosts: Sequence[HostFigures], costs: ModelCosts, batch: int = 1
     total[0][0] = 0.0
     for h in range(len(hosts)):
         for j in range(n + 1):
-            total[h + 1][j] = total[h][j]
+            total[h + 1][j] = inf if keep_all else total[h][j]
             for i in range(j):
                 if total[h][i] < inf and fits(h, i, j) and stage_b(h, i, j) <= limit:
                     value = total[h][i] + stage_1(h, i, j)

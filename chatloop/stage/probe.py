@@ -26,7 +26,7 @@ from ..partition.placement import HostFigures
 from ..partition.ranges import held_in, load_layer_range, loadable_spans, num_layers_of
 from ..worker_settings import cpu_quota
 
-__all__ = ["memory_available", "memory_bandwidth", "probe_host", "probe_layer", "round_trip_s"]
+__all__ = ["memory_available", "memory_bandwidth", "probe_host", "probe_layer", "probe_spec", "round_trip_s"]
 
 PROBE_BATCHES = (1, 4, 16)
 CONTEXT = 64
@@ -162,3 +162,10 @@ def probe_host(name: str, directory: str | Path, *, held: Iterable[str] | None =
         cores=len(os.sched_getaffinity(0)), cpu_limit=cpu_quota(),
         bandwidth_gb_s=memory_bandwidth(min_seconds=min_seconds) / 1e9,
     )
+
+
+def probe_spec(spec) -> HostFigures:
+    """:func:`probe_host` for the stage ``spec`` (a :class:`~chatloop.stage.StageSpec`) would build here: its
+    folder, its host's files, its dtype and kernels."""
+    return probe_host(spec.name, spec.directory, held=spec.held_files, dtype=getattr(torch, spec.dtype),
+                      pack_weights=spec.pack_weights, native_kernels=spec.native_kernels)

@@ -161,3 +161,16 @@ def test_nothing_fits_says_what_to_change():
 def test_bad_figures_are_refused(bad, match):
     with pytest.raises(PlanError, match=match):
         HostFigures(name="x", memory_bytes=MB, **bad)
+
+
+def test_keep_all_gives_every_host_a_layer():
+    costs = ModelCosts(layer_bytes=[10 * MB] * 4)
+    hosts = [host("fast0", 1.0), host("crawl", 50.0), host("fast1", 1.0)]
+    placement = place_layers(hosts, costs, batch=16, keep_all=True)
+    assert placement.hosts == ["fast0", "crawl", "fast1"] and len(placement.ranges[1]) == 1
+    assert placement.left_out == {}
+    with pytest.raises(PlanError, match="at least one layer"):
+        place_layers(hosts * 2, ModelCosts(layer_bytes=[MB] * 2), keep_all=True)
+    tiny = [host("tiny", 1.0, memory=MB), host("big", 1.0)]
+    with pytest.raises(PlanError, match="no placement"):
+        place_layers(tiny, costs, keep_all=True)
