@@ -23,8 +23,9 @@ message about it says how to bring it back (``docker start chatloop-worker-2``: 
 
 Every log line names the stages it is about and the generation.
 
-The watchdog is a state machine (:class:`State`) over a narrow interface to the cluster (:class:`Generations`):
-its thread calls :meth:`Watchdog.step` every 0.2 s, and tests call it with a fake clock and a fake cluster.
+The watchdog is a state machine (:class:`State`) over a narrow interface to the cluster (:class:`Generations`: the
+current generation, begin the next) and to one generation (:class:`GenerationLike`: form, load, leave): its thread
+calls :meth:`Watchdog.step` every 0.2 s, and tests call it with a fake clock, a fake cluster and fake generations.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .faults import GenerationError, Loss, summary
 from .members import label, while_away
 from .supervisor import WorkerSupervisor
 
-__all__ = ["Generations", "State", "Watchdog"]
+__all__ = ["GenerationLike", "Generations", "State", "Watchdog"]
 
 log = logging.getLogger(__name__)
 
@@ -70,40 +71,45 @@ NEXT_STATES = {
 """The transitions the watchdog makes (degraded to degraded: a retry that failed for a new reason)."""
 
 
-class Generations(Protocol):
-    """What the watchdog needs of the cluster (:class:`~chatloop.runtime.cluster.RpcCluster`): one RPC world (a
-    generation) at a time, formed, loaded, left or abandoned; the workers this process supervises."""
+class GenerationLike(Protocol):
+    """What the watchdog needs of one generation (:class:`~chatloop.runtime.generation.Generation`): one RPC world,
+    formed, loaded and left once."""
 
-    generation: int
-    """The current generation's number (the next one is ``generation + 1``)."""
+    number: int
+    pipeline: Any
+    """Its pipeline once loaded (None before, and once left)."""
+
+    def heartbeat(self) -> dict[int, str]:
+        """{stage: why} for its stages that give no sign of life ({} without a pipeline)."""
+
+    def form(self, deadline: float, on_exit: Callable[[WorkerSupervisor, Loss], bool], waited: str,
+             join_deadline: float | None = None) -> None:
+        """Wait for every worker (until ``join_deadline``), start RPC; GenerationError if it cannot by ``deadline``."""
+
+    def load(self, deadline: float) -> Any:
+        """Every worker builds or keeps its stage, chained into its pipeline; GenerationError if one cannot."""
+
+    def leave(self) -> None:
+        """End it, formed or not: its steps fail, the workers move on to the next, this rank's RPC agent goes."""
+
+
+class Generations(Protocol):
+    """What the watchdog needs of the cluster (:class:`~chatloop.runtime.cluster.RpcCluster`): the current
+    generation, a way to begin the next, the workers this process supervises and what the others announced."""
+
+    current: GenerationLike
     supervisors: list[WorkerSupervisor]
     listener: Any
     """A :class:`~chatloop.runtime.cluster.ClusterListener`, or None."""
-    pipeline: Any
-    """The current generation's pipeline (None between generations)."""
+
+    def begin(self) -> GenerationLike:
+        """The next generation (numbered one past the current), not yet formed; from now on the current one."""
 
     def announced(self, index: int) -> Mapping[str, Any] | None:
         """What worker ``index`` said when it last joined (pid, host, container, command)."""
 
-    def heartbeat(self) -> dict[int, str]:
-        """{stage: why} for the current pipeline's stages that give no sign of life ({} without a pipeline)."""
-
-    def leave_generation(self) -> None:
-        """End the current generation: its steps fail, this rank's RPC agent goes."""
-
     def evict(self, index: int) -> None:
         """Tell worker ``index``'s supervisor elsewhere (torchrun's rank) to replace it."""
-
-    def form(self, generation: int, deadline: float, on_exit: Callable[[WorkerSupervisor, Loss], bool],
-             waited: str, join_deadline: float | None = None) -> None:
-        """Wait for every worker (until ``join_deadline``), start RPC for ``generation``; GenerationError if it cannot
-        by ``deadline``."""
-
-    def load_stages(self, deadline: float) -> None:
-        """Every worker builds or keeps its stage, chained into a new pipeline; GenerationError if one cannot."""
-
-    def abandon(self, generation: int) -> None:
-        """``generation`` did not form or load: end it everywhere, so the workers move on to the next."""
 
 
 class Watchdog:
@@ -184,7 +190,7 @@ class Watchdog:
                 self.step()
             except Exception:  # the watchdog must never die
                 log.exception("the watchdog failed (%s, generation %d%s); it goes on", self.state.value,
-                              self.cluster.generation, f", lost: {_names(self.lost)}" if self.lost else "")
+                              self.cluster.current.number, f", lost: {_names(self.lost)}" if self.lost else "")
 
     def _to(self, state: State, lost: dict[int, Loss]) -> None:
         assert state in NEXT_STATES[self.state], f"the watchdog does not go from {self.state} to {state}"
@@ -198,14 +204,14 @@ class Watchdog:
         lost: dict[int, Loss] = {}
         while not self._reports.empty():
             generation, reported = self._reports.get()
-            if generation == self.cluster.generation:  # news of an earlier generation is stale: it was rebuilt
+            if generation == self.cluster.current.number:  # news of an earlier generation is stale: it was rebuilt
                 lost.update({k: self._loss(k, why) for k, why in reported.items()})
         for supervisor in self.cluster.supervisors:
             ended = supervisor.exited()
             if ended is not None:
                 lost[supervisor.index] = ended
         if heartbeat and not lost:
-            lost.update({k: self._loss(k, why) for k, why in self.cluster.heartbeat().items()})
+            lost.update({k: self._loss(k, why) for k, why in self.cluster.current.heartbeat().items()})
         return lost
 
     def _loss(self, index: int, why: str) -> Loss:
@@ -220,10 +226,10 @@ class Watchdog:
         started = self.last_noticed = self.clock()
         self._to(State.RECOVERING, lost)
         reason = summary(lost)
-        log.error("generation %d lost %s: rebuilding the pipeline", cluster.generation, reason)
+        log.error("generation %d lost %s: rebuilding the pipeline", cluster.current.number, reason)
         if listener is not None:
             self.replays += listener.pipeline_lost(reason)
-        cluster.leave_generation()
+        cluster.current.leave()
         waited = f"cluster.recovery_timeout_s={self.settings.recovery_timeout_s:g} s"
         for k, why in lost.items():
             supervisor = self._supervisor(k)
@@ -235,7 +241,7 @@ class Watchdog:
             try:
                 cluster.evict(k)
             except Exception as e:
-                log.warning("generation %d: could not evict %s: %s", cluster.generation, label(k, info), e)
+                log.warning("generation %d: could not evict %s: %s", cluster.current.number, label(k, info), e)
             hint = while_away(info, waited)
             if hint is not None:  # nobody here restarts it: say how to
                 self.lost[k] = why.hinted(hint)
@@ -250,13 +256,12 @@ class Watchdog:
         cluster = self.cluster
         if self._stop.is_set():
             return
-        generation = cluster.generation + 1
+        generation = cluster.begin()
         try:
-            cluster.form(generation, deadline, on_exit=self._restart_exited, waited=waited,
-                         join_deadline=join_deadline)
-            cluster.load_stages(deadline)
+            generation.form(deadline, on_exit=self._restart_exited, waited=waited, join_deadline=join_deadline)
+            generation.load(deadline)
         except GenerationError as e:
-            cluster.abandon(generation)
+            generation.leave()
             if self._stop.is_set():
                 return
             if not quiet or self.state is not State.DEGRADED:
@@ -269,9 +274,9 @@ class Watchdog:
         self.recovery_seconds.append(seconds)
         back = _names(self.lost)
         self._to(State.SERVING, {})
-        log.warning("generation %d: %s rejoined, the pipeline is back after %.1f s", generation, back, seconds)
+        log.warning("generation %d: %s rejoined, the pipeline is back after %.1f s", generation.number, back, seconds)
         if cluster.listener is not None:
-            cluster.listener.pipeline_restored(cluster.pipeline)
+            cluster.listener.pipeline_restored(generation.pipeline)
 
     def _restart_exited(self, supervisor: WorkerSupervisor, ended: Loss) -> bool:
         """A worker this process started exited while a generation formed: start it again, or give it up."""
@@ -283,7 +288,7 @@ class Watchdog:
         self._to(State.DEGRADED, lost)
         reason = summary(lost)
         log.error("generation %d: the cluster is degraded, %s could not be brought back: %s",
-                  self.cluster.generation, _names(lost), reason)
+                  self.cluster.current.number, _names(lost), reason)
         if self.cluster.listener is not None:
             self.cluster.listener.pipeline_unavailable(ClusterUnavailableError(
                 f"{_names(lost)} could not be brought back: {reason}"))

@@ -9,7 +9,7 @@ A worker announces its pid and host, and how a person starts it again when it is
 - started by hand (``chatloop-worker --config ...``): that command;
 - started by the coordinator or under torchrun: nothing (their supervisor starts them again).
 
-The coordinator keeps what each worker said (:attr:`RpcCluster.members`) and names a lost worker with it:
+The coordinator keeps what each worker said (:attr:`RpcCluster.known`) and names a lost worker with it:
 "worker2 (container chatloop-worker-2)", "worker1 (pid 12 on vm)".
 """
 

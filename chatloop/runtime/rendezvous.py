@@ -194,6 +194,9 @@ class Rendezvous:
 
 # ---- torch RPC, one world per generation ------------------------------------------------------
 _STORES: dict[str, Rendezvous] = {}
+"""The stores of the ``init_rpc`` calls under way in this process, by the key their init URL names. torch's
+rendezvous handlers are registered process-wide by URL scheme and get only the URL, so ``chatloop://`` finds its
+store here; :func:`init_rpc_generation` adds one for the length of its ``init_rpc`` call only."""
 
 
 def _handler(url: str, **kwargs) -> Iterator[tuple[dist.Store, int, int]]:
@@ -239,14 +242,17 @@ def init_rpc_generation(
     out its timeout; each generation has keys of its own, so they start from zero everywhere.
     """
     check_private_rpc_state()
-    key = str(id(rendezvous))
-    _STORES[key] = rendezvous
+    key = f"{id(rendezvous)}-{generation}"
     rpc._init_counter = 0  # type: ignore[attr-defined]
     with rpc.api._all_gather_dict_lock:
         rpc.api._all_gather_sequence_id.clear()
         rpc.api._all_gather_sequence_id_to_states.clear()
     options.init_method = f"{SCHEME}://generation?store={key}&generation={generation}"
-    rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
+    _STORES[key] = rendezvous
+    try:
+        rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
+    finally:
+        _STORES.pop(key, None)
 
 
 def shutdown_rpc(graceful: bool, timeout_s: float = 10.0, barrier_s: float = 1.0) -> bool:

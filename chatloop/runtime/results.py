@@ -4,7 +4,7 @@ The last stage sends a micro-batch's sampled token ids straight to the coordinat
 link to the coordinator's listener) instead of back through every stage: a step costs one hop per stage plus one.
 Messages on links are not answered; a stage whose compute fails, or whose link onwards breaks, says so on its own
 link to the same listener (a ``failed`` message, naming itself), and the coordinator resolves the micro-batch with
-it. One :class:`Results` per cluster, handed to its pipeline: nothing here lives at module level.
+it. One :class:`Results` per generation, handed to its pipeline: nothing here lives at module level.
 """
 
 from __future__ import annotations

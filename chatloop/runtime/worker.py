@@ -27,10 +27,10 @@ from ..engine.pipeline import stage_name
 from ..network import rank_interfaces
 from ..worker_config import WorkerFile, load_worker_file
 from ..worker_settings import apply_worker_settings, worker_environment
-from . import remote_stage
 from .members import announcement
 from .rendezvous import Rendezvous, RendezvousError, init_rpc_generation, shutdown_rpc
 from .supervisor import EXIT_COORDINATOR_LOST
+from .worker_host import WorkerHost, serve
 from .worker_metrics import METRICS_HOST_ENV, start_worker_metrics
 
 __all__ = ["backend_options", "main", "serve_worker"]
@@ -56,15 +56,16 @@ def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous, own: W
     so that its messages about a lost worker say how to bring it back (:mod:`~chatloop.runtime.members`).
     """
     apply_worker_settings(index, cfg.cluster.num_workers, cfg.worker.worker_threads, cfg.worker.enable_cpu_pinning)
+    host = WorkerHost(own)
+    serve(host)  # what the coordinator's RPC calls reach in this process
     port = cfg.worker.metrics_port + index
-    remote_stage.METRICS_PORT = port if start_worker_metrics(index, port) is not None else None
-    remote_stage.OWN = own
+    host.metrics_port = port if start_worker_metrics(index, port, host) is not None else None
     name, world_size = stage_name(index), cfg.cluster.num_workers + 1
     if own is not None:
-        remote_stage.HEALTH_PORT = start_health_endpoint(name, own.port)
+        host.health_port = start_health_endpoint(name, own.port, host)
     generation = -1
     while True:
-        STATE.update(state="joining", generation=None)
+        host.activity.update(state="joining", generation=None)
         found = rendezvous.next_generation(after=generation, timeout_s=cfg.cluster.startup_timeout_s)
         if found is None:
             break
@@ -74,12 +75,12 @@ def serve_worker(index: int, cfg: ChatLoopConfig, rendezvous: Rendezvous, own: W
             continue
         init_rpc_generation(name, index + 1, world_size, generation, rendezvous,
                             backend_options(cfg, cfg.cluster.startup_timeout_s))
-        STATE.update(state="serving", generation=generation)
+        host.activity.update(state="serving", generation=generation)
         log.info("%s: serving generation %d", name, generation)
         closed = rendezvous.wait_end(generation)
-        STATE.update(state="leaving")
+        host.activity.update(state="leaving")
         left = time.monotonic()
-        remote_stage.release()
+        host.release()
         if not shutdown_rpc(graceful=closed and _closes_gracefully(rendezvous), timeout_s=30):
             # Its agent is stuck: a new one could be torn down by the old shutdown. A fresh process joins instead.
             log.error("%s: leaving generation %d hung: exiting to be started again", name, generation)
@@ -97,12 +98,8 @@ def _closes_gracefully(rendezvous: Rendezvous) -> bool:
         return False
 
 
-STATE: dict = {"state": "starting", "generation": None}
-"""What this worker is doing, for its health endpoint."""
-
-
-def start_health_endpoint(name: str, port: int) -> int | None:
-    """``GET /health`` on ``port``: 200 while this worker serves a generation with its stage loaded, else 503.
+def start_health_endpoint(name: str, port: int, worker: WorkerHost) -> int | None:
+    """``GET /health`` on ``port``: 200 while ``worker`` serves a generation with its stage loaded, else 503.
 
     Binds ``$CHATLOOP_METRICS_HOST`` (127.0.0.1 by default: a container's health check runs inside it).
     """
@@ -114,10 +111,10 @@ def start_health_endpoint(name: str, port: int) -> int | None:
             if self.path != "/health":
                 self.send_error(404, "only GET /health here")
                 return
-            stage = remote_stage.CURRENT
+            stage, activity = worker.stage, dict(worker.activity)
             unhealthy = stage.runner.unhealthy if stage is not None else None  # its outputs turned non-finite
-            serving = STATE["state"] == "serving" and stage is not None and unhealthy is None
-            body = json.dumps({"name": name, "pid": os.getpid(), **STATE, "stage_loaded": stage is not None,
+            serving = activity["state"] == "serving" and stage is not None and unhealthy is None
+            body = json.dumps({"name": name, "pid": os.getpid(), **activity, "stage_loaded": stage is not None,
                                "unhealthy": unhealthy}).encode()
             self.send_response(200 if serving else 503)
             self.send_header("Content-Type", "application/json")

@@ -1,9 +1,9 @@
 """A worker's Prometheus endpoint: worker k serves ``chatloop_stage_*`` on ``worker.metrics_port + k``.
 
-``chatloop.runtime.cluster`` calls :func:`start_worker_metrics` in each worker process right
-after ``init_rpc``, before the stage exists. Per-micro-batch numbers come from the observer
-this module registers in ``chatloop.runtime.remote_stage.OBSERVERS``; the rest is read from
-``remote_stage.CURRENT`` at scrape time. Every metric has the label ``stage`` (worker0...).
+:func:`~chatloop.runtime.worker.serve_worker` calls :func:`start_worker_metrics` in each worker process
+before it joins a generation, before the stage exists. Per-micro-batch numbers come from the observer
+this module registers in the worker's ``WorkerHost.observers``; the rest is read from its
+stage at scrape time. Every metric has the label ``stage`` (worker0...).
 
 =============================================  =========  ==============================================
 name                                           type       meaning
@@ -44,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..engine.pipeline import stage_name
-from . import remote_stage
+from .worker_host import WorkerHost
 
 __all__ = ["WorkerMetrics", "start_worker_metrics", "METRICS_HOST_ENV"]
 
@@ -55,14 +55,15 @@ _COMPUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class _HostCollector(Collector):
-    """Reads the live RemoteStage at scrape time (nothing until the stage has loaded)."""
+    """Reads the worker's live stage at scrape time (nothing until the stage has loaded)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, worker: WorkerHost) -> None:
         self.name = name
+        self.worker = worker
         self.process = psutil.Process()
 
     def collect(self) -> Iterator[Metric]:
-        host = remote_stage.CURRENT
+        host = self.worker.stage
         labels, values = ["stage"], [self.name]
 
         def gauge(metric: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -96,7 +97,7 @@ class _HostCollector(Collector):
 class WorkerMetrics:
     """The registry of one worker and the observer the stage host calls after each micro-batch."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, worker: WorkerHost) -> None:
         self.name = name
         self.registry = CollectorRegistry()
         r = self.registry
@@ -112,10 +113,10 @@ class WorkerMetrics:
         self.sent = Counter("chatloop_stage_sent_bytes", "Tensor bytes sent on.", ["stage"], registry=r).labels(name)
         self.micro_batches = Counter("chatloop_stage_micro_batches", "Micro-batches computed.", ["stage"],
                                      registry=r).labels(name)
-        r.register(_HostCollector(name))
+        r.register(_HostCollector(name, worker))
 
     def observe(self, record: dict) -> None:
-        """The stage host's observer (see ``remote_stage.OBSERVERS``)."""
+        """The stage's observer (see ``WorkerHost.observers``)."""
         if "compute_s" in record:
             self.compute.observe(record["compute_s"])
             self.queue.observe(max(0.0, record["queue_s"]))
@@ -126,13 +127,14 @@ class WorkerMetrics:
             self.downstream.observe(record["downstream_s"])
 
 
-def start_worker_metrics(index: int, port: int, host: str | None = None) -> WorkerMetrics | None:
-    """Serve worker ``index``'s metrics on ``host:port`` in a daemon thread; None (and a warning) if the port is taken.
+def start_worker_metrics(index: int, port: int, worker: WorkerHost, host: str | None = None) -> WorkerMetrics | None:
+    """Serve worker ``index``'s metrics (``worker``'s stage) on ``host:port`` in a daemon thread; None (and a
+    warning) if the port is taken.
 
     A metrics endpoint that cannot start never stops the worker from serving its stage.
     """
-    metrics = WorkerMetrics(stage_name(index))
-    remote_stage.OBSERVERS.append(metrics.observe)
+    metrics = WorkerMetrics(stage_name(index), worker)
+    worker.observers.append(metrics.observe)
     address = host or os.environ.get(METRICS_HOST_ENV, "127.0.0.1")
     try:
         start_http_server(port, addr=address, registry=metrics.registry)

@@ -2,7 +2,7 @@
 
 :func:`fail_next` wraps the stage model's ``forward`` for one call, then puts it back: the runner computes, checks
 and reports exactly as it does in service. Tests reach it through ``inject_failure`` on a pipeline (in process) or
-``remote_stage.fail_next`` over RPC.
+``worker_host.fail_next`` over RPC.
 """
 
 from __future__ import annotations

@@ -217,26 +217,26 @@ def test_the_first_stage_takes_token_ids(llama_parts):
         runner.run(torch.tensor([[1, 2, 3, 4, 5]]), batch, [GREEDY])
 
 
-def test_a_worker_unhealthy_across_generations_loads_and_verifies_its_stage_again(llama_parts, monkeypatch):
+def test_a_worker_unhealthy_across_generations_loads_and_verifies_its_stage_again(llama_parts):
     """A worker nobody restarts (started by hand, evicted) rejoins the next generation: its unhealthy stage is not
     kept, it is loaded again, and the partition's bytes are hashed."""
-    from chatloop.runtime import remote_stage
+    from chatloop.runtime.worker_host import WorkerHost
     from chatloop.stage import StageSpec
 
-    monkeypatch.setattr(remote_stage, "CURRENT", None)
+    host = WorkerHost()
     spec = StageSpec(name="worker1", index=1, directory=str(llama_parts), min_capacity_tokens=16)
-    remote_stage.create_stage(spec, 5)
-    stage = remote_stage.CURRENT
-    assert remote_stage.create_stage(spec, 5).up and remote_stage.CURRENT is stage  # kept while healthy
-    assert remote_stage.alive()[2] is None
+    host.create_stage(spec, 5)
+    stage = host.stage
+    assert host.create_stage(spec, 5).up and host.stage is stage  # kept while healthy
+    assert host.alive()[2] is None
     stage.fail_next(NON_FINITE)
     with pytest.raises(StageError, match="worker1 is unhealthy"):
         stage.runner.run(torch.randn(1, 5, 64), prefill(1), [GREEDY])
-    assert remote_stage.alive()[2] == stage.runner.unhealthy  # what the coordinator's heartbeat reads
+    assert host.alive()[2] == stage.runner.unhealthy  # what the coordinator's heartbeat reads
     assert stage.describe().error == stage.runner.health_error  # what health and status read
-    assert remote_stage.create_stage(spec, 5).up and remote_stage.CURRENT is not stage  # loaded again, healthy
-    remote_stage.CURRENT.runner.unhealthy = "damaged"
+    assert host.create_stage(spec, 5).up and host.stage is not stage  # loaded again, healthy
+    host.stage.runner.unhealthy = "damaged"
     poison(llama_parts / "partition_1.safetensors")
     with pytest.raises(PartitionError, match=r"partition_1\.safetensors: blake3 differs"):
-        remote_stage.create_stage(spec, 5)
-    assert remote_stage.CURRENT is None
+        host.create_stage(spec, 5)
+    assert host.stage is None

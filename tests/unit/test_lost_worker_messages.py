@@ -17,6 +17,7 @@ import pytest
 from chatloop.engine import ClusterUnavailableError, EngineStats
 from chatloop.runtime import members
 from chatloop.runtime.cluster import GenerationError, RpcCluster
+from chatloop.runtime.generation import not_joined
 from chatloop.runtime.healing import Watchdog
 from chatloop.serving.health import HealthReport
 from chatloop.serving.status import build_status, format_table
@@ -24,6 +25,28 @@ from chatloop.serving.status import build_status, format_table
 CONTAINER = {"pid": 1, "host": "74289f73b070", "container": "chatloop-worker-2", "engine": "podman"}
 BY_HAND = {"pid": 4242, "host": "vm", "command": "chatloop-worker --config /srv/worker-config-1.yaml "
                                                  "--coordinator 10.0.0.1:50050"}
+
+
+class FakeGeneration:
+    """Generation ``number``: the one being lost, or the next one, which does not form in time."""
+
+    def __init__(self, cluster: FakeCluster, number: int) -> None:
+        self.cluster, self.number, self.pipeline = cluster, number, None
+
+    def heartbeat(self) -> dict[int, str]:
+        return {}
+
+    def form(self, deadline: float, on_exit, waited: str, join_deadline=None) -> None:
+        cluster = self.cluster
+        cluster.lost_while_recovering = {k: str(loss) for k, loss in cluster.watchdog.lost.items()}  # what /health says
+        cluster.formed.set()
+        raise not_joined(sorted(cluster.lost_while_recovering), cluster.known, cluster.rendezvous, "external", waited)
+
+    def load(self, deadline: float) -> None:  # pragma: no cover - the generation never forms
+        raise AssertionError("not reached")
+
+    def leave(self) -> None:
+        self.cluster.rendezvous.end(self.number)
 
 
 class FakeCluster:
@@ -36,7 +59,7 @@ class FakeCluster:
             launch="external"))
         self.supervisors: list = []
         self.pipeline = None
-        self.generation = 4
+        self.current = FakeGeneration(self, 4)
         self.known = dict(known)
         self.members = dict(known)
         self.stage_names = [f"worker{k}" for k in range(4)]
@@ -49,29 +72,15 @@ class FakeCluster:
         self.lost_while_recovering: dict[int, str] = {}
         self.formed = threading.Event()
 
-    def leave_generation(self) -> None:
-        self.pipeline = None
+    def begin(self) -> FakeGeneration:
+        self.current = FakeGeneration(self, self.current.number + 1)
+        return self.current
 
     def announced(self, index: int) -> dict | None:
         return self.known.get(index) or self.members.get(index)
 
-    def heartbeat(self) -> dict[int, str]:
-        return {}
-
     def evict(self, index: int) -> None:
         self.rendezvous.evict(index, self.known[index]["pid"])
-
-    def abandon(self, generation: int) -> None:
-        self.rendezvous.end(generation)
-        self.generation = generation
-
-    def form(self, generation: int, deadline: float, on_exit, waited: str, join_deadline=None) -> None:
-        self.lost_while_recovering = {k: str(loss) for k, loss in self.watchdog.lost.items()}  # what /health says
-        self.formed.set()
-        raise RpcCluster._not_joined(self, sorted(self.lost_while_recovering), waited)  # type: ignore[arg-type]
-
-    def load_stages(self, deadline: float) -> None:  # pragma: no cover - the generation never forms
-        raise AssertionError("not reached")
 
 
 def _lose(cluster: FakeCluster, lost: dict[int, str]) -> Watchdog:

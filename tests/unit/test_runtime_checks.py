@@ -8,17 +8,19 @@ from types import SimpleNamespace
 import httpx
 
 from chatloop.network import free_port
-from chatloop.runtime import remote_stage, worker
+from chatloop.runtime import worker
+from chatloop.runtime.worker_host import WorkerHost
 
 
-def test_a_worker_whose_stage_turned_unhealthy_answers_503_with_the_reason(monkeypatch):
-    port = worker.start_health_endpoint("worker1", free_port())
+def test_a_worker_whose_stage_turned_unhealthy_answers_503_with_the_reason():
+    host = WorkerHost()
+    port = worker.start_health_endpoint("worker1", free_port(), host)
     assert port is not None
-    monkeypatch.setitem(worker.STATE, "state", "serving")
+    host.activity.update(state="serving", generation=3)
     stage = SimpleNamespace(runner=SimpleNamespace(unhealthy=None))
-    monkeypatch.setattr(remote_stage, "CURRENT", stage)
+    host.stage = stage  # type: ignore[assignment]
     healthy = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-    assert healthy.status_code == 200 and healthy.json()["unhealthy"] is None
+    assert healthy.status_code == 200 and healthy.json()["unhealthy"] is None and healthy.json()["generation"] == 3
     stage.runner.unhealthy = "its hidden states hold NaN or infinity for all 3 sequences of micro-batch 7"
     sick = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
     assert sick.status_code == 503
@@ -36,3 +38,25 @@ def test_a_torch_without_the_private_rpc_state_recovery_resets_is_refused_with_w
         assert "_all_gather_sequence_id" in str(e) and f"install torch {rendezvous.TESTED_TORCH}" in str(e)
     else:
         raise AssertionError("a torch without the state was accepted")
+
+
+def test_the_coordinators_calls_reach_the_worker_this_process_serves(monkeypatch):
+    from chatloop.engine import StageError
+    from chatloop.runtime import worker_host
+
+    monkeypatch.setattr(worker_host, "PROCESS_WORKER", None)
+    try:
+        worker_host.alive()
+    except StageError as e:
+        assert "this process serves no worker" in str(e)
+    else:
+        raise AssertionError("a call reached no worker and did not say so")
+    host = WorkerHost()
+    worker_host.serve(host)
+    assert worker_host.PROCESS_WORKER is host and worker_host.alive()[1:] == (None, None)  # no stage: idle, healthy
+    try:
+        worker_host.describe()
+    except StageError as e:
+        assert "this worker holds no stage yet" in str(e)
+    else:
+        raise AssertionError("a worker without a stage described one")

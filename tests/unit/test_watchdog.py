@@ -1,6 +1,6 @@
-"""The watchdog's state machine without processes, network or threads: a fake clock, a fake cluster of generations,
-fake supervisors; each test drives :meth:`Watchdog.step` and looks at the state, what the listener heard and what
-the cluster was asked to do."""
+"""The watchdog's state machine without processes, network or threads: a fake clock, a fake cluster, fake
+generations and fake supervisors; each test drives :meth:`Watchdog.step` and looks at the state, what the listener
+heard and what the cluster and its generations were asked to do."""
 
 from __future__ import annotations
 
@@ -45,13 +45,50 @@ class FakeSupervisor:
         self.served_count += 1
 
 
+class FakeGeneration:
+    """One generation that forms as its ``outcome`` says: None forms it, a callable runs while it forms (a worker
+    exiting meanwhile), a float is how long the workers take to join, an exception fails it."""
+
+    def __init__(self, cluster: FakeCluster, number: int, outcome=None) -> None:
+        self.cluster, self.number, self.outcome = cluster, number, outcome
+        self.pipeline: str | None = None
+
+    def heartbeat(self) -> dict[int, str]:
+        self.cluster.heartbeats += 1
+        return dict(self.cluster.silent) if self.pipeline is not None else {}
+
+    def form(self, deadline, on_exit, waited, join_deadline=None) -> None:
+        clock = self.cluster.clock
+        self.cluster.calls.append(f"form {self.number}")
+        joined_by = None if join_deadline is None else join_deadline - clock.now
+        self.cluster.deadlines.append((deadline - clock.now, joined_by))
+        outcome = self.outcome
+        if callable(outcome):
+            outcome(on_exit)
+        elif isinstance(outcome, float):  # the workers take this long to join
+            clock.now += outcome
+            if clock.now > (deadline if join_deadline is None else join_deadline):
+                raise GenerationError([1], f"worker1 did not join in time ({waited})", named=True)
+        elif outcome is not None:
+            raise outcome
+
+    def load(self, deadline) -> str:
+        self.cluster.calls.append(f"load {self.number}")
+        self.pipeline = f"pipeline-{self.number}"
+        return self.pipeline
+
+    def leave(self) -> None:
+        self.cluster.calls.append(f"leave {self.number}")
+        self.pipeline = None
+
+
 class FakeCluster:
-    """Generations that form as ``outcomes`` say, one per try: None forms it, a callable runs while it forms (a
-    worker exiting meanwhile), an exception fails it; a form past its deadline fails as the real one does."""
+    """Generation 1 serving; the next ones form as ``outcomes`` say, one per try (see :class:`FakeGeneration`)."""
 
     def __init__(self, clock: Clock, supervisors=(), known=None, outcomes=()) -> None:
         self.clock, self.supervisors, self.known = clock, list(supervisors), dict(known or {})
-        self.generation, self.pipeline = 1, "pipeline-1"
+        self.current = FakeGeneration(self, 1)
+        self.current.pipeline = "pipeline-1"
         self.outcomes = list(outcomes)
         self.silent: dict[int, str] = {}
         self.calls: list[str] = []
@@ -62,42 +99,19 @@ class FakeCluster:
         self.listener.pipeline_restored = self.listener.restored.append
         self.listener.pipeline_unavailable = self.listener.unavailable.append
 
+    @property
+    def generation(self) -> int:
+        return self.current.number
+
+    def begin(self) -> FakeGeneration:
+        self.current = FakeGeneration(self, self.current.number + 1, self.outcomes.pop(0) if self.outcomes else None)
+        return self.current
+
     def announced(self, index):
         return self.known.get(index)
 
-    def heartbeat(self) -> dict[int, str]:
-        self.heartbeats += 1
-        return dict(self.silent)
-
-    def leave_generation(self) -> None:
-        self.calls.append(f"leave {self.generation}")
-        self.pipeline = None
-
     def evict(self, index: int) -> None:
         self.calls.append(f"evict {index}")
-
-    def form(self, generation, deadline, on_exit, waited, join_deadline=None) -> None:
-        self.calls.append(f"form {generation}")
-        joined_by = None if join_deadline is None else join_deadline - self.clock.now
-        self.deadlines.append((deadline - self.clock.now, joined_by))
-        outcome = self.outcomes.pop(0) if self.outcomes else None
-        if callable(outcome):
-            outcome(on_exit)
-        elif isinstance(outcome, float):  # the workers take this long to join
-            self.clock.now += outcome
-            if self.clock.now > (deadline if join_deadline is None else join_deadline):
-                raise GenerationError([1], f"worker1 did not join in time ({waited})", named=True)
-        elif outcome is not None:
-            raise outcome
-        self.generation = generation
-
-    def load_stages(self, deadline) -> None:
-        self.calls.append(f"load {self.generation}")
-        self.pipeline = f"pipeline-{self.generation}"
-
-    def abandon(self, generation: int) -> None:
-        self.calls.append(f"abandon {generation}")
-        self.generation = generation
 
 
 def _watchdog(cluster: FakeCluster) -> Watchdog:
@@ -142,7 +156,7 @@ def test_the_heartbeat_goes_out_only_when_due_and_a_silent_stage_is_named_as_it_
                                      "(EOF)"]
     # Nobody here restarts it: it is evicted (its torchrun rank replaces it) and the message says how to bring it back.
     assert cluster.calls[:3] == ["leave 1", "evict 2", "form 2"]
-    assert watchdog.state is State.DEGRADED and "abandon 2" in cluster.calls
+    assert watchdog.state is State.DEGRADED and cluster.calls[-1] == "leave 2"  # it never formed
     assert str(watchdog.lost[2]) == "worker2 (container chatloop-worker-2): no"
 
 
@@ -187,7 +201,7 @@ def test_a_worker_given_up_while_the_generation_forms_degrades_it():
     first.ended = Loss("worker0 (pid 4) was killed by SIGKILL")
     watchdog.step()
     assert watchdog.state is State.DEGRADED and list(watchdog.lost) == [1]
-    assert cluster.calls == ["leave 1", "form 2", "abandon 2"] and cluster.generation == 2
+    assert cluster.calls == ["leave 1", "form 2", "leave 2"] and cluster.generation == 2
 
 
 def test_past_recovery_timeout_it_degrades_and_a_host_that_comes_back_is_taken_back_at_a_retry():
@@ -203,11 +217,11 @@ def test_past_recovery_timeout_it_degrades_and_a_host_that_comes_back_is_taken_b
     [error] = cluster.listener.unavailable
     assert "worker1" in str(error)
     watchdog.step()  # a retry is due at once; the host is still away
-    assert watchdog.state is State.DEGRADED and cluster.calls[-2:] == ["form 3", "abandon 3"]
+    assert watchdog.state is State.DEGRADED and cluster.calls[-2:] == ["form 3", "leave 3"]
     assert len(cluster.listener.unavailable) == 1  # a failed retry does not say it all again
     clock.now += 1.0
     watchdog.step()
-    assert cluster.calls[-1] == "abandon 3"  # not yet time for the next retry
+    assert cluster.calls[-1] == "leave 3"  # not yet time for the next retry
     clock.now += RETRY_S
     watchdog.step()
     assert watchdog.state is State.SERVING and watchdog.lost == {} and cluster.calls[-2:] == ["form 4", "load 4"]

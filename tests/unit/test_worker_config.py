@@ -11,7 +11,7 @@ import yaml
 from chatloop.config import ChatLoopConfig
 from chatloop.models.layer_range import LayerRange
 from chatloop.partition.splitter import split_model
-from chatloop.runtime import remote_stage
+from chatloop.runtime import worker_host
 from chatloop.runtime.worker import cli_main
 from chatloop.stage import StageSpec
 from chatloop.worker_config import WorkerFile, load_worker_file
@@ -94,18 +94,18 @@ def _spec(index: int, start: int, end: int, file: str) -> StageSpec:
 
 def test_what_the_coordinator_asks_is_checked_against_the_file(split):
     own = load_worker_file(split / "configs" / "worker-config-1.yaml")
-    spec = remote_stage._as_configured(_spec(1, 2, 3, "partition_1.safetensors"), own)
+    spec = worker_host._as_configured(_spec(1, 2, 3, "partition_1.safetensors"), own)
     assert spec.directory == own.partitions_dir and spec.kv_cache_mb == own.kv_cache_mb  # this host's
     with pytest.raises(ValueError, match="is worker 1, the coordinator took it for worker 2"):
-        remote_stage._as_configured(_spec(2, 4, 4, "partition_2.safetensors"), own)
+        worker_host._as_configured(_spec(2, 4, 4, "partition_2.safetensors"), own)
     with pytest.raises(ValueError, match="layers 2-3, the coordinator asks for 2-4"):
-        remote_stage._as_configured(_spec(1, 2, 4, "partition_1.safetensors"), own)
+        worker_host._as_configured(_spec(1, 2, 4, "partition_1.safetensors"), own)
     with pytest.raises(ValueError, match="names partition partition_1.safetensors, the coordinator other"):
-        remote_stage._as_configured(_spec(1, 2, 3, "other.safetensors"), own)
+        worker_host._as_configured(_spec(1, 2, 3, "other.safetensors"), own)
 
 
 def test_a_file_that_disagrees_with_its_partitions_is_refused_before_loading(split, tmp_path):
     own = load_worker_file(_edited(split, tmp_path, start_layer=3, partitions_dir=str(split)))
     with pytest.raises(ValueError, match=r"gives worker 1 layers 3-3, but partition_1.safetensors in .* holds "
                                          r"layers 2-3"):
-        remote_stage._as_configured(replace(_spec(1, 2, 3, "partition_1.safetensors"), expected_layers=None), own)
+        worker_host._as_configured(replace(_spec(1, 2, 3, "partition_1.safetensors"), expected_layers=None), own)
