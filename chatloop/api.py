@@ -258,6 +258,11 @@ class ChatLoop:
         return int(self.manifest.model_config["vocab_size"])
 
     @property
+    def speculative_methods(self) -> tuple[str, ...]:
+        """The speculative decoding methods a request may ask for (``draft`` only with a draft model loaded)."""
+        return tuple(sorted(self.scheduler.policy.loaded_methods))
+
+    @property
     def stage_names(self) -> list[str]:
         return list(self.pipeline.stage_names)
 

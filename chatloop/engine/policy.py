@@ -232,8 +232,10 @@ class SchedulerPolicy:
         """Who drafts for requests that do not choose (``ngram``, ``draft``), or None: no speculative decoding."""
         self.num_speculative_tokens = num_speculative_tokens
         """k: the most tokens drafted for one sequence at one step."""
+        self.loaded_methods = frozenset(draft_methods)
+        """The methods a request may ask for (``draft`` where a draft model was loaded)."""
         self.draft_methods = set(draft_methods) if kv_window is None and rope_switch is None else set()
-        """The methods that can draft now (a draft model that failed is taken out)."""
+        """The methods that draft now (a draft model that failed is taken out; none under a window or a switch)."""
         self.stats = SchedulerStats()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -282,7 +284,7 @@ class SchedulerPolicy:
                 param="max_tokens",
             )
         method = params.speculative_method or self.speculative_method
-        if method == "draft" and params.speculative_method == "draft" and "draft" not in self.draft_methods:
+        if params.speculative_method == "draft" and "draft" not in self.loaded_methods:
             raise RequestError("speculative_method='draft' needs a draft model: the server runs without one (set "
                                "speculative.method=draft and speculative.draft_model), or ask for 'ngram'",
                                param="speculative_method")

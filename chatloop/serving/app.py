@@ -217,6 +217,11 @@ def _state_limits_in_schema(app: FastAPI, name: str, engine: EngineClient) -> No
             for option in _walk(schemas["CompletionRequest"]["properties"]["prompt"]):
                 if option.get("type") == "integer":
                     option["maximum"] = engine.vocab_size - 1
+            methods = getattr(engine, "speculative_methods", None)  # (an engine without speculation has none)
+            for request in ("CompletionRequest", "ChatCompletionRequest"):
+                for option in _walk(schemas[request]["properties"]["speculative_method"]):
+                    if "enum" in option:
+                        option["enum"] = [*(methods if methods is not None else ()), "off"]
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -235,7 +235,9 @@ class CompletionService:
             return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=penalty, seed=body.seed, stop=tuple(stop),
                                   ignore_eos=body.ignore_eos, timeout_s=self.cfg.server.request_timeout_s,
-                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                  speculative_method=body.speculative_method,
+                                  speculative_tokens=body.speculative_tokens)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
@@ -305,7 +307,8 @@ class CompletionService:
         finally:
             stream.close()
         self._finish(endpoint, stream, stream.submitted, event.finish_reason.value)
-        use = p.usage(len(prompt_ids), stream.num_tokens, event.cached_tokens)
+        use = p.usage(len(prompt_ids), stream.num_tokens, event.cached_tokens, event.drafted_tokens,
+                      event.accepted_tokens)
         text = "".join(pieces)
         if isinstance(body, p.ChatCompletionRequest):
             logprobs = chat_logprobs(self.engine.token_bytes, scores) if body.logprobs else None
@@ -369,7 +372,8 @@ class CompletionService:
                         if include_usage:
                             yield sse(p.usage_chunk(id_, object_, self.model_name, created,
                                                     p.usage(num_prompt, stream.num_tokens,
-                                                            event.cached_tokens)))
+                                                            event.cached_tokens, event.drafted_tokens,
+                                                            event.accepted_tokens)))
                         yield SSE_DONE
                         return
                     event = await stream.next()

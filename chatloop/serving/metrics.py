@@ -29,6 +29,9 @@ chatloop_kv_blocks_cached                      gauge      blocks in the prefix c
 chatloop_prefix_cache_queries_tokens_total     counter    tokens looked up in the prefix cache at admission
 chatloop_prefix_cache_hits_tokens_total        counter    of those, tokens found (not computed again); hit rate:
                                                           hits / queries
+chatloop_speculative_drafted_tokens_total      counter    tokens drafted by speculative decoding and verified
+chatloop_speculative_accepted_tokens_total     counter    of those, tokens the model accepted; acceptance rate:
+                                                          accepted / drafted
 chatloop_stage_up{stage}                       gauge      1 if the stage answered the last health check
 chatloop_cluster_state{state}                  gauge      1 for the current state: serving, recovering, degraded
 chatloop_replays_total                         counter    sequences prefilled again after a lost worker was replaced
@@ -95,6 +98,14 @@ class _EngineCollector(Collector):
                                    "Tokens found in the prefix cache (their keys and values not computed again).")
         hits.add_metric([], stats.prefix_cache_hits)
         yield hits
+        drafted = CounterMetricFamily("chatloop_speculative_drafted_tokens",
+                                      "Tokens drafted by speculative decoding and verified by the pipeline.")
+        drafted.add_metric([], stats.speculative_drafted_tokens)
+        yield drafted
+        accepted = CounterMetricFamily("chatloop_speculative_accepted_tokens",
+                                       "Drafted tokens the model accepted (speculative decoding).")
+        accepted.add_metric([], stats.speculative_accepted_tokens)
+        yield accepted
         yield from _healing(stats)
         report = self.health.latest()
         if report is not None:

@@ -2,9 +2,9 @@
 
 Requests are strict about types (``"0.5"`` is not a number; ``2.0`` is the integer 2, as JSON Schema
 reads it) and ignore fields they do not know. Supported beyond OpenAI's fields, as vLLM does: ``top_k``,
-``repetition_penalty``, ``ignore_eos``. Fields ChatLoop cannot honour (``n > 1``, penalties, a non-empty
-``suffix``, ``best_of > 1``, ``echo`` with ``stream``, content parts other than text) are refused with a 400
-saying so, rather than silently ignored.
+``repetition_penalty``, ``ignore_eos``; and ``speculative_method`` and ``speculative_tokens`` (speculative
+decoding). Fields ChatLoop cannot honour (``n > 1``, penalties, a non-empty ``suffix``, ``best_of > 1``, ``echo``
+with ``stream``, content parts other than text) are refused with a 400 saying so, rather than silently ignored.
 
 The OpenAPI schema states every rule the server enforces, so that a request the schema allows is
 served. Rules pydantic cannot check with a clear message (a field that depends on another, an
@@ -25,6 +25,7 @@ from ..engine.requests import (
     GREEDY_BELOW,
     MAX_LOGPROBS,
     MAX_REPETITION_PENALTY,
+    MAX_SPECULATIVE_TOKENS,
     MAX_TEMPERATURE,
     MIN_REPETITION_PENALTY,
 )
@@ -102,6 +103,14 @@ class _Sampling(_Body):
         description=f"Extension: > 1 discourages repeated tokens, < 1 encourages them; {MIN_REPETITION_PENALTY:g} to "
                     f"{MAX_REPETITION_PENALTY:g}, 1 disables it.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past the end-of-sequence token.")
+    speculative_method: Literal["ngram", "draft", "off"] | None = Field(
+        None, description="Extension: speculative decoding for this request: ngram (look the next tokens up in the "
+                          "prompt and output), draft (the server's draft model, where it has one) or off; null: the "
+                          "server's speculative.method.")
+    speculative_tokens: int | None = Field(
+        None, ge=0, le=MAX_SPECULATIVE_TOKENS,
+        description=f"Extension: the most tokens drafted at a step, 1 to {MAX_SPECULATIVE_TOKENS} (0: no "
+                    "speculation); null: the server's speculative.num_tokens.")
 
 
 class CompletionRequest(_Sampling):
@@ -175,11 +184,17 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(description="Prompt tokens whose keys and values came from the prefix cache.")
 
 
+class CompletionTokensDetails(BaseModel):
+    accepted_prediction_tokens: int = Field(description="Speculative decoding: drafted tokens the model accepted.")
+    rejected_prediction_tokens: int = Field(description="Speculative decoding: drafted tokens the model rejected.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class _Choice(BaseModel):
@@ -312,12 +327,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
-    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` where the engine told (prefix caching)."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
+          drafted_tokens: int | None = None, accepted_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` where the engine told (prefix caching), and
+    ``completion_tokens_details``' accepted and rejected prediction tokens where the request speculated."""
     use: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                            "total_tokens": prompt_tokens + completion_tokens}
     if cached_tokens is not None:
         use["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if drafted_tokens is not None:
+        accepted = accepted_tokens or 0
+        use["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted_tokens - accepted}
     return use
 
 

@@ -4,6 +4,7 @@ a draft model, one request and a mixed batch), the KV blocks all back after load
 
 from __future__ import annotations
 
+import json
 import queue
 import random
 
@@ -364,3 +365,41 @@ def test_bad_speculation_settings_are_refused_at_start_with_what_to_change(tiny_
 
     with pytest.raises(ValueError, match=message):
         ChatLoop.start(api_config(tiny_folders, *[o.format(root=tiny_folders) for o in overrides])).shutdown()
+
+
+def test_over_http_a_request_chooses_speculation_and_its_usage_and_the_metrics_count_the_drafts(tiny_folders):
+    from fastapi.testclient import TestClient
+
+    from chatloop import ChatLoop
+    from chatloop.serving import create_app
+
+    prompt = prompts(1, seed=5)[0]
+    body = {"model": "m", "prompt": prompt, "max_tokens": 20, "ignore_eos": True}
+    cfg = api_config(tiny_folders, "server.model_name=m")
+    with ChatLoop.start(cfg) as llm, TestClient(create_app(llm, cfg)) as client:
+        plain = client.post("/v1/completions", json=body).json()
+        ngram = client.post("/v1/completions", json={**body, "speculative_method": "ngram", "speculative_tokens": 5})
+        stream = client.post("/v1/completions", json={**body, "speculative_method": "ngram", "stream": True,
+                                                      "stream_options": {"include_usage": True}})
+        draft = client.post("/v1/completions", json={**body, "speculative_method": "draft"})
+        too_many = client.post("/v1/completions", json={**body, "speculative_tokens": 17})
+        metrics = client.get("/metrics").text
+        schema = client.get("/openapi.json").json()
+    assert "completion_tokens_details" not in plain["usage"]
+    assert ngram.status_code == 200 and ngram.json()["choices"][0]["text"] == plain["choices"][0]["text"]
+    details = ngram.json()["usage"]["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"] > 0
+    events = [line for line in stream.text.splitlines() if line.startswith("data: {")]
+    assert '"completion_tokens_details"' in events[-1]
+    streamed = "".join(c["text"] for e in events for c in json.loads(e[6:]).get("choices", []))
+    assert streamed == plain["choices"][0]["text"]
+    assert draft.status_code == 400 and "needs a draft model" in draft.json()["error"]["message"]
+    assert too_many.status_code in (400, 422)
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if not line.startswith("#")}
+    drafted = values["chatloop_speculative_drafted_tokens_total"]
+    accepted = values["chatloop_speculative_accepted_tokens_total"]
+    streamed_details = json.loads(events[-1][6:])["usage"]["completion_tokens_details"]
+    assert accepted == details["accepted_prediction_tokens"] + streamed_details["accepted_prediction_tokens"]
+    assert drafted == accepted + details["rejected_prediction_tokens"] + streamed_details["rejected_prediction_tokens"]
+    method = schema["components"]["schemas"]["CompletionRequest"]["properties"]["speculative_method"]
+    assert ["ngram", "off"] in [o.get("enum") for o in method.get("anyOf", [method])]
