@@ -148,7 +148,7 @@ def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
                                 "split again with --ranges")
     args = ModelArgs.from_hf_config(manifest.model_config)
     for spec, part in zip(stage_specs(cfg, directory), manifest.partitions):
-        kv_blocks(spec, args, len(part.layers))
+        kv_blocks(spec, args, len(spec.expected_layers or part.layers))
     return manifest
 
 
@@ -469,7 +469,7 @@ def _local_pipeline(cfg: ChatLoopConfig, manifest: Manifest) -> LocalPipeline:
 
 def _load_runners(cfg: ChatLoopConfig, manifest: Manifest) -> list[StageRunner]:
     specs = stage_specs(cfg, partitions_dir_for(cfg))
-    if cfg.cluster.plan == "auto":  # every stage in this process: one probe stands for all, sharing its memory
+    if cfg.cluster.plan == "auto" and not cfg.cluster.figures:  # one probe stands for all, sharing its memory
         from .stage.planning import plan_specs
         from .stage.probe import probe_spec
 

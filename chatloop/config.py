@@ -119,6 +119,10 @@ class ClusterConfig:
     """Which layers each worker computes: even (an even split, or cluster.workers' ranges where given) or auto
     (planned from each worker's probe of its speed and memory, as ranges of the split's files it holds; see
     docs/placement.md)."""
+    figures: list[str] = field(default_factory=list)
+    """With plan=auto: each worker's figures (written on its host by chatloop-plan probe --output), one file per worker
+    in chain order. Empty: the stages in this process (cluster=single) probe themselves; workers in other processes
+    do not probe at join yet, so they need these."""
     rpc_timeout_s: float = 20.0
     """A micro-batch that takes longer is located: if a stage has been computing it for longer, or it is lost, it
     fails with an error naming the stage that holds it up, and every stage drops it; if it is still waiting its turn
@@ -174,6 +178,12 @@ class ClusterConfig:
                 + (f" ({', '.join(unknown)} is not one)" if unknown else ""),
             )
         _require(self.plan in ("even", "auto"), f"cluster.plan={self.plan!r}: choose even or auto")
+        _require(not self.figures or (self.plan == "auto" and len(self.figures) == self.num_workers),
+                 f"cluster.figures lists {len(self.figures)} files: give one per worker "
+                 f"(cluster.num_workers={self.num_workers}), with cluster.plan=auto")
+        _require(self.plan != "auto" or bool(self.figures) or self.in_process,
+                 "cluster.plan=auto with workers in other processes needs cluster.figures: write each worker's with "
+                 "chatloop-plan probe --output on its host (see docs/placement.md)")
         _require(self.plan != "auto" or not self.workers,
                  "cluster.plan=auto plans the layers itself: leave cluster.workers empty, or set cluster.plan=even to "
                  "use its ranges")

@@ -3,18 +3,20 @@ placement (:mod:`chatloop.partition.placement`). No transport here: the caller g
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from ..config import ChatLoopConfig
-from ..partition import Manifest
+from ..partition import Manifest, PlanError
 from ..partition.costs import model_costs
 from ..partition.placement import HostFigures, Placement, place_layers
 from .runner import StageSpec
 
-__all__ = ["plan_specs"]
+__all__ = ["plan_from_files", "plan_specs"]
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +44,16 @@ def plan_specs(cfg: ChatLoopConfig, specs: Sequence[StageSpec], figures: Sequenc
     log.info("plan auto: predicted %.1f tokens/s at batch 1, %.1f at batch %d", placement.tokens_per_s_1,
              placement.tokens_per_s, placement.batch)
     return planned, placement
+
+
+def plan_from_files(cfg: ChatLoopConfig, specs: Sequence[StageSpec], directory: str | Path) -> list[StageSpec]:
+    """:func:`plan_specs` from the figures files ``cluster.figures`` names (``chatloop-plan probe --output``)."""
+    figures = []
+    for path in cfg.cluster.figures:
+        try:
+            figures.append(HostFigures.from_dict(json.loads(Path(path).read_text())))
+        except (OSError, json.JSONDecodeError) as e:
+            raise PlanError(f"cluster.figures: cannot read {path} ({e}): write it with chatloop-plan probe --output "
+                            f"{path} on its worker's host") from None
+    planned, _ = plan_specs(cfg, specs, figures, Manifest.load(Path(directory)))
+    return planned

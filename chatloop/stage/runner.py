@@ -89,6 +89,10 @@ def stage_specs(cfg: ChatLoopConfig, directory: str | Path) -> list[StageSpec]:
             min_capacity_tokens=cfg.cache.min_capacity_tokens, verify_sha256=cfg.model.verify_sha256,
             pack_weights=cfg.worker.pack_weights, native_kernels=cfg.worker.native_kernels,
         ))
+    if cfg.cluster.plan == "auto" and cfg.cluster.figures:  # planned from the hosts' probes
+        from .planning import plan_from_files
+
+        specs = plan_from_files(cfg, specs, directory)
     return specs
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from chatloop import ChatLoop, load_config
@@ -9,11 +11,55 @@ from chatloop.models import LayerRange
 
 
 def test_plan_is_checked():
-    assert load_config(["cluster.plan=auto"]).cluster.plan == "auto"
+    assert load_config(["cluster=single", "cluster.plan=auto"]).cluster.plan == "auto"
     with pytest.raises(ValueError, match="choose even or auto"):
         load_config(["cluster.plan=fast"])
     with pytest.raises(ValueError, match="plan=auto plans the layers itself"):
-        load_config(["cluster=reference", "cluster.plan=auto"])
+        load_config(["cluster=reference", "cluster.plan=auto", "cluster.figures=[a,b,c,d]"])
+    with pytest.raises(ValueError, match="needs cluster.figures: write each worker's with chatloop-plan probe"):
+        load_config(["cluster=local4", "cluster.plan=auto"])
+    with pytest.raises(ValueError, match="cluster.figures lists 1 files: give one per worker"):
+        load_config(["cluster=local4", "cluster.plan=auto", "cluster.figures=[a]"])
+
+
+@pytest.fixture(scope="module")
+def split16(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from chatloop.partition.splitter import split_model
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=16,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    source = tmp_path_factory.mktemp("auto-16")
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    out = tmp_path_factory.mktemp("auto-16-split")
+    split_model(str(source), out, 4, progress=False)
+    return out
+
+
+def test_workers_figures_plan_the_stages_specs(split16, tmp_path):
+    from chatloop.partition import PlanError
+    from chatloop.partition.placement import HostFigures
+    from chatloop.stage import stage_specs
+
+    files = []
+    for k, ms in enumerate((1.0, 1.0, 3.0, 1.0)):  # worker 2 three times slower
+        path = tmp_path / f"w{k}.json"
+        path.write_text(json.dumps(HostFigures(name=f"host{k}", decode_s={1: ms / 1e3, 16: 2 * ms / 1e3},
+                                               memory_bytes=2**30).as_dict()))
+        files.append(str(path))
+    cfg = load_config(["cluster=local4", "cluster.plan=auto", f"cluster.figures=[{','.join(files)}]",
+                       f"model.partitions_dir={split16}", "cache.kv_cache_mb=4"])
+    specs = stage_specs(cfg, split16)
+    sizes = [len(s.expected_layers) for s in specs]
+    assert sum(sizes) == 16 and sizes[2] < min(sizes[0], sizes[1], sizes[3])
+    assert all(s.expected_file is None for s in specs)
+    assert specs[2].kv_cache_mb < specs[0].kv_cache_mb  # its pool shrinks with its layers
+    even = stage_specs(load_config(["cluster=local4", f"model.partitions_dir={split16}"]), split16)
+    assert [s.expected_layers for s in even] == [None] * 4
+    cfg.cluster.figures[1] = str(tmp_path / "missing.json")
+    with pytest.raises(PlanError, match="cannot read .*missing.json.*chatloop-plan probe --output"):
+        stage_specs(cfg, split16)
 
 
 @pytest.mark.slow
