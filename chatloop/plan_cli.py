@@ -26,9 +26,10 @@ def format_plan(title: str, placement: Placement, hosts: list[HostFigures]) -> s
     """A plan as a table: each host's figures, its layers and the predictions."""
     placed = {s.host: s for s in placement.stages}
     lines = [f"{title}: {placement.tokens_per_s_1:.1f} tokens/s at batch 1, {placement.tokens_per_s:.1f} tokens/s "
-             f"at batch {placement.batch} (slowest stage {placement.bottleneck_s * 1e3:.2f} ms a step)",
+             f"at batch {placement.batch} ({placement.micro_batches} micro-batches of {placement.micro_batch}: slowest "
+             f"stage {placement.bottleneck_s * 1e3:.2f} ms a step, a trip {placement.trip_s * 1e3:.2f} ms)",
              f"  {'host':<12} {'threads':>7} {'cpu':>5} {'mem MiB':>8} {'GB/s':>6} {'layer ms b=1':>12} "
-             f"{'b=' + str(placement.batch):>8} {'layers':>8} {'stage ms':>9}"]
+             f"{'b=' + str(placement.micro_batch):>8} {'layers':>8} {'stage ms':>9}"]
     for h in hosts:
         stage = placed.get(h.name)
         cpu = "-" if h.cpu_limit is None else f"{h.cpu_limit:.2g}"
@@ -37,7 +38,7 @@ def format_plan(title: str, placement: Placement, hosts: list[HostFigures]) -> s
         step = f"{stage.step_s * 1e3:.2f}" if stage else "-"
         lines.append(f"  {h.name:<12} {h.threads or '-':>7} {cpu:>5} {h.memory_bytes / 2**20:>8.0f} {bandwidth:>6} "
                      f"{layer_seconds(h.decode_s, 1) * 1e3:>12.3f} "
-                     f"{layer_seconds(h.decode_s, placement.batch) * 1e3:>8.3f} {layers:>8} {step:>9}")
+                     f"{layer_seconds(h.decode_s, placement.micro_batch) * 1e3:>8.3f} {layers:>8} {step:>9}")
     for name, why in placement.left_out.items():
         lines.append(f"  {name} is left out: {why}")
     return "\n".join(lines)

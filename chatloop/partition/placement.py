@@ -2,8 +2,9 @@
 function, :func:`place_layers`).
 
 The plan minimises, first, the bottleneck stage's time for a decode step at the configured batch (what sets the
-pipeline's throughput) and then, among the plans that reach that bottleneck, the sum of every stage's time at batch
-1 and of the hops between them (one sequence's latency). Each host takes at most the layers its memory holds
+pipeline's throughput: the batch runs as micro-batches, one per stage, and the busiest stage computes each of them
+once a token) and then, among the plans that reach that bottleneck, the sum of every stage's time at batch 1 and of
+the hops between them (one sequence's latency). Each host takes at most the layers its memory holds
 (weights, KV pool, headroom) and only a range its partition files cover; a host that cannot hold a layer, or whose
 stage would only slow the pipeline (or add a hop without making it faster), is left out with the reason. Hosts keep
 their order: the chain is the order given.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import pairwise
 
 from ..models import LayerRange
@@ -107,7 +108,7 @@ class PlacedStage:
     host: str
     layers: LayerRange
     step_s: float
-    """A decode step at the configured batch."""
+    """One micro-batch's decode step (``Placement.micro_batch`` sequences)."""
     step_1_s: float
     """A decode step at batch 1."""
     memory_bytes: int
@@ -115,16 +116,28 @@ class PlacedStage:
 
 @dataclass(frozen=True)
 class Placement:
-    """The plan: stages in chain order, the hosts left out and why, and its predictions."""
+    """The plan: stages in chain order, the hosts left out and why, and its predictions.
+
+    The batch runs as ``micro_batches`` micro-batches of ``micro_batch`` sequences in flight, one per stage unless
+    fewer are asked: each stage computes every micro-batch once a token, so a token of the whole batch takes the
+    busiest stage's ``micro_batches * step_s``, or one micro-batch's trip round the chain if that is longer.
+    """
 
     stages: list[PlacedStage]
     left_out: dict[str, str]
     batch: int
+    micro_batches: int
     bottleneck_s: float
+    """The slowest stage's step of one micro-batch."""
+    trip_s: float
+    """One micro-batch through every stage and hop."""
     latency_s: float
     """One decode step of one sequence through every stage and hop."""
     hops_s: float = 0.0
-    notes: list[str] = field(default_factory=list)
+
+    @property
+    def micro_batch(self) -> int:
+        return math.ceil(self.batch / self.micro_batches)
 
     @property
     def ranges(self) -> list[LayerRange]:
@@ -135,15 +148,19 @@ class Placement:
         return [s.host for s in self.stages]
 
     @property
+    def round_s(self) -> float:
+        """One token of every sequence of the batch."""
+        return max(self.micro_batches * self.bottleneck_s, self.trip_s)
+
+    @property
     def tokens_per_s_1(self) -> float:
         """Predicted decode tokens/s of one sequence alone."""
         return 1.0 / self.latency_s
 
     @property
     def tokens_per_s(self) -> float:
-        """Predicted decode tokens/s at the configured batch, the stages working on micro-batches at once: each
-        token step of the batch waits for its slowest stage, or for one trip around the chain if that is longer."""
-        return self.batch / max(self.bottleneck_s, self.latency_s)
+        """Predicted decode tokens/s at the configured batch."""
+        return self.batch / self.round_s
 
 
 def layer_seconds(decode_s: Mapping[int, float], batch: float) -> float:
@@ -158,11 +175,82 @@ def layer_seconds(decode_s: Mapping[int, float], batch: float) -> float:
     return max(t1, t1 + (t1 - t0) * (batch - b1) / (b1 - b0))
 
 
+def _micro_batches(batch: int, num_stages: int, in_flight: int | None) -> int:
+    return max(1, min(batch, in_flight or num_stages))
+
+
+class _Model:
+    """The figures as the dynamic programmes read them: a stage's fit and times, hosts by index."""
+
+    def __init__(self, hosts: Sequence[HostFigures], costs: ModelCosts) -> None:
+        self.hosts, self.costs, self.n = hosts, costs, costs.num_layers
+        self.units = [0.0]  # prefix sums of layer time units (a layer of mean bytes: 1)
+        for u in _layer_units(costs):
+            self.units.append(self.units[-1] + u)
+
+    def work(self, i: int, j: int) -> float:
+        return self.units[j] - self.units[i] + (self.costs.head_layers if j == self.n else 0.0)
+
+    def fits(self, h: int, i: int, j: int) -> bool:
+        host = self.hosts[h]
+        if self.costs.memory(i, j) > host.memory_bytes:
+            return False
+        return host.held is None or any(r.start <= i and j - 1 <= r.end for r in host.held)
+
+    def step(self, h: int, i: int, j: int, batch: float) -> float:
+        return layer_seconds(self.hosts[h].decode_s, batch) * self.work(i, j)
+
+
+def _least_bottleneck(model: _Model, k: int, micro: int) -> float:
+    """The least slowest stage (at ``micro`` sequences) of ``k`` of the hosts, in order, covering every layer."""
+    n, inf = model.n, math.inf
+    best = [[inf] * (n + 1) for _ in range(k + 1)]  # best[c][j]: c hosts so far cover layers 0..j-1
+    best[0][0] = 0.0
+    for h in range(len(model.hosts)):
+        new = [row[:] for row in best]  # host h left out
+        for c in range(1, k + 1):
+            for j in range(1, n + 1):
+                for i in range(j):
+                    if best[c - 1][i] < inf and model.fits(h, i, j):
+                        new[c][j] = min(new[c][j], max(best[c - 1][i], model.step(h, i, j, micro)))
+        best = new
+    return best[k][n]
+
+
+def _least_latency(model: _Model, k: int, micro: int, limit: float) -> tuple[float, list[tuple[int, int, int]]]:
+    """Among plans of ``k`` hosts whose stages all take at most ``limit`` at ``micro``: the least batch-1 step
+    (stage times and hops), and its stages (host, first layer, end)."""
+    n, inf, num_hosts = model.n, math.inf, len(model.hosts)
+    total = [[[inf] * (n + 1) for _ in range(k + 1)] for _ in range(num_hosts + 1)]
+    cut: dict[tuple[int, int, int], int] = {}
+    total[0][0][0] = 0.0
+    for h in range(num_hosts):
+        for c in range(k + 1):
+            for j in range(n + 1):
+                total[h + 1][c][j] = total[h][c][j]  # host h left out
+                if c == 0:
+                    continue
+                for i in range(j):
+                    if total[h][c - 1][i] < inf and model.fits(h, i, j) and model.step(h, i, j, micro) <= limit:
+                        value = total[h][c - 1][i] + model.step(h, i, j, 1) + model.hosts[h].hop_s
+                        if value < total[h + 1][c][j] * (1 - _EPS):
+                            total[h + 1][c][j], cut[h + 1, c, j] = value, i
+    stages, c, j = [], k, n
+    for h in range(num_hosts, 0, -1):
+        i = cut.get((h, c, j))  # recorded only where host h - 1 did better than being left out
+        if i is None:
+            continue
+        stages.append((h - 1, i, j))
+        c, j = c - 1, i
+    return total[num_hosts][k][n], stages[::-1]
+
+
 def place_layers(hosts: Sequence[HostFigures], costs: ModelCosts, batch: int = 1, *,
-                 keep_all: bool = False) -> Placement:
+                 keep_all: bool = False, in_flight: int | None = None) -> Placement:
     """Contiguous ranges over (some of) ``hosts``, in their order, for the model ``costs`` describes, at ``batch``
-    sequences a decode step (see the module's docstring). ``keep_all``: every host gets at least one layer (a
-    running cluster whose workers all joined). Raises :class:`PlanError` saying why when no plan fits."""
+    sequences a decode step in ``in_flight`` micro-batches (None: one per stage); see the module's docstring.
+    ``keep_all``: every host gets at least one layer (a running cluster whose workers all joined). Raises
+    :class:`PlanError` saying why when no plan fits."""
     n = costs.num_layers
     if n < 1 or any(b < 0 for b in costs.layer_bytes):
         raise PlanError(f"the model needs at least one layer of non-negative bytes, got {list(costs.layer_bytes)}")
@@ -175,66 +263,33 @@ def place_layers(hosts: Sequence[HostFigures], costs: ModelCosts, batch: int = 1
     names = [h.name for h in hosts]
     if len(set(names)) != len(names):
         raise PlanError(f"host names must differ: {names}")
-    units = [0.0]  # prefix sums of layer time units (a layer of mean bytes: 1)
-    for u in _layer_units(costs):
-        units.append(units[-1] + u)
-    per_layer_b = [layer_seconds(h.decode_s, batch) for h in hosts]
-    per_layer_1 = [layer_seconds(h.decode_s, 1) for h in hosts]
-
-    def work(i: int, j: int) -> float:
-        return units[j] - units[i] + (costs.head_layers if j == n else 0.0)
-
-    def fits(h: int, i: int, j: int) -> bool:
-        host = hosts[h]
-        if costs.memory(i, j) > host.memory_bytes:
-            return False
-        return host.held is None or any(r.start <= i and j - 1 <= r.end for r in host.held)
-
-    def stage_b(h: int, i: int, j: int) -> float:
-        return per_layer_b[h] * work(i, j)
-
-    def stage_1(h: int, i: int, j: int) -> float:
-        return per_layer_1[h] * work(i, j) + hosts[h].hop_s
-
-    inf = math.inf
-    # Pass 1: the least possible bottleneck. best[h][j]: over the first h hosts covering layers 0..j-1.
-    best = [[inf] * (n + 1) for _ in range(len(hosts) + 1)]
-    best[0][0] = 0.0
-    for h in range(len(hosts)):
-        for j in range(n + 1):
-            best[h + 1][j] = inf if keep_all else best[h][j]  # host h left out
-            for i in range(j):
-                if best[h][i] < inf and fits(h, i, j):
-                    best[h + 1][j] = min(best[h + 1][j], max(best[h][i], stage_b(h, i, j)))
-    bottleneck = best[len(hosts)][n]
-    if bottleneck == inf:
+    model = _Model(hosts, costs)
+    # First objective: the busiest stage's time a token of the batch (micro-batches x its step), for each number of
+    # stages; the micro-batches shrink as stages are added.
+    rounds = {}
+    for k in ([len(hosts)] if keep_all else range(1, min(len(hosts), n) + 1)):
+        q = _micro_batches(batch, k, in_flight)
+        bottleneck = _least_bottleneck(model, k, math.ceil(batch / q))
+        if bottleneck < math.inf:
+            rounds[k] = (q * bottleneck, bottleneck, q)
+    if not rounds:
         raise PlanError(_why_nothing_fits(hosts, costs))
-    limit = bottleneck * (1 + _EPS)
-    # Pass 2: among plans within that bottleneck, the least batch-1 step (stage times and hops).
-    total = [[inf] * (n + 1) for _ in range(len(hosts) + 1)]
-    cut: list[list[int | None]] = [[None] * (n + 1) for _ in range(len(hosts) + 1)]
-    total[0][0] = 0.0
-    for h in range(len(hosts)):
-        for j in range(n + 1):
-            total[h + 1][j] = inf if keep_all else total[h][j]
-            for i in range(j):
-                if total[h][i] < inf and fits(h, i, j) and stage_b(h, i, j) <= limit:
-                    value = total[h][i] + stage_1(h, i, j)
-                    if value < total[h + 1][j] * (1 - _EPS):
-                        total[h + 1][j], cut[h + 1][j] = value, i
-    stages, left_out, j = [], {}, n
-    for h in range(len(hosts), 0, -1):
-        i = cut[h][j]
-        host = hosts[h - 1]
-        if i is None:
-            left_out[host.name] = _why_left_out(host, h - 1, hosts, costs, per_layer_b[h - 1], bottleneck, fits)
-            continue
-        stages.append(PlacedStage(host.name, LayerRange(i, j - 1), stage_b(h - 1, i, j),
-                                  per_layer_1[h - 1] * work(i, j), costs.memory(i, j)))
-        j = i
-    stages.reverse()
-    hops = sum(h.hop_s for h in hosts if h.name not in left_out)
-    return Placement(stages, dict(reversed(list(left_out.items()))), batch, bottleneck, total[len(hosts)][n],
+    best_round = min(r for r, _, _ in rounds.values())
+    # Second: among the numbers of stages that reach it, the least batch-1 step.
+    chosen = None
+    for k, (round_s, bottleneck, q) in sorted(rounds.items()):
+        if round_s <= best_round * (1 + _EPS):
+            latency, stages = _least_latency(model, k, math.ceil(batch / q), bottleneck * (1 + _EPS))
+            if chosen is None or latency < chosen[0] * (1 - _EPS):
+                chosen = (latency, stages, q, bottleneck)
+    latency, stages, q, bottleneck = chosen
+    micro = math.ceil(batch / q)
+    placed = [PlacedStage(hosts[h].name, LayerRange(i, j - 1), model.step(h, i, j, micro), model.step(h, i, j, 1),
+                          costs.memory(i, j)) for h, i, j in stages]
+    used = {h for h, _, _ in stages}
+    hops = sum(hosts[h].hop_s for h in used)
+    left_out = {hosts[h].name: _why_left_out(model, h, micro, bottleneck) for h in range(len(hosts)) if h not in used}
+    return Placement(placed, left_out, batch, q, bottleneck, sum(s.step_s for s in placed) + hops, latency,
                      hops_s=hops)
 
 
@@ -246,20 +301,19 @@ def _layer_units(costs: ModelCosts) -> list[float]:
     return [b * costs.num_layers / total for b in costs.layer_bytes]
 
 
-def _why_left_out(host: HostFigures, h: int, hosts, costs: ModelCosts, per_layer: float, bottleneck: float,
-                  fits) -> str:
-    n = costs.num_layers
-    if not any(fits(h, i, i + 1) for i in range(n)):
+def _why_left_out(model: _Model, h: int, micro: int, bottleneck: float) -> str:
+    host, n = model.hosts[h], model.n
+    if not any(model.fits(h, i, i + 1) for i in range(n)):
         if host.held is not None and not host.held:
             return "it holds none of the partition files"
-        smallest = min(costs.memory(i, i + 1) for i in range(n))
+        smallest = min(model.costs.memory(i, i + 1) for i in range(n))
         return (f"its memory ({host.memory_bytes / 2**20:.0f} MiB) holds no layer with its KV pool and headroom "
                 f"(one takes at least {smallest / 2**20:.0f} MiB)")
-    one = per_layer * min(_layer_units(costs))
+    one = min(model.step(h, i, i + 1, micro) for i in range(n))
     if one > bottleneck * (1 + _EPS):
         return (f"one layer takes it {one * 1e3:.3g} ms a step, slower than the plan's slowest stage "
                 f"({bottleneck * 1e3:.3g} ms) without it")
-    return (f"the others reach the same bottleneck ({bottleneck * 1e3:.3g} ms a step) without it, and its stage "
+    return (f"the others reach as short a round ({bottleneck * 1e3:.3g} ms a stage step) without it, and its stage "
             f"would add {host.hop_s * 1e3:.3g} ms of hop and its compute to every token")
 
 
@@ -272,24 +326,25 @@ def _why_nothing_fits(hosts: Sequence[HostFigures], costs: ModelCosts) -> str:
             "the missing partition files")
 
 
-def predict(hosts: Sequence[HostFigures], costs: ModelCosts, ranges: Sequence[LayerRange], batch: int = 1) -> Placement:
+def predict(hosts: Sequence[HostFigures], costs: ModelCosts, ranges: Sequence[LayerRange], batch: int = 1, *,
+            in_flight: int | None = None) -> Placement:
     """The predictions of a given plan (``even``, explicit ranges): ``ranges[k]`` on ``hosts[k]``. Raises
     :class:`PlanError` when a host lacks the memory or the files for its range."""
     if len(ranges) != len(hosts):
         raise PlanError(f"{len(ranges)} ranges for {len(hosts)} hosts: give one range per host")
-    units = _layer_units(costs)
-    stages, latency = [], 0.0
-    for figures, r in zip(hosts, ranges):
+    model = _Model(hosts, costs)
+    q = _micro_batches(batch, len(hosts), in_flight)
+    micro = math.ceil(batch / q)
+    stages = []
+    for h, (figures, r) in enumerate(zip(hosts, ranges)):
         i, j = r.start, r.end + 1
         need = costs.memory(i, j)
         if need > figures.memory_bytes:
             raise PlanError(f"host {figures.name}: layers {r} need {need / 2**20:.0f} MiB, it has "
                             f"{figures.memory_bytes / 2**20:.0f} MiB")
-        if figures.held is not None and not any(h.start <= i and j - 1 <= h.end for h in figures.held):
+        if not model.fits(h, i, j):
             raise PlanError(f"host {figures.name} does not hold the partition files of layers {r}")
-        work = sum(units[i:j]) + (costs.head_layers if j == costs.num_layers else 0.0)
-        one = layer_seconds(figures.decode_s, 1) * work
-        stages.append(PlacedStage(figures.name, r, layer_seconds(figures.decode_s, batch) * work, one, need))
-        latency += one + figures.hop_s
-    return Placement(stages, {}, batch, max(s.step_s for s in stages), latency,
-                     hops_s=sum(h.hop_s for h in hosts))
+        stages.append(PlacedStage(figures.name, r, model.step(h, i, j, micro), model.step(h, i, j, 1), need))
+    hops = sum(h.hop_s for h in hosts)
+    return Placement(stages, {}, batch, q, max(s.step_s for s in stages), sum(s.step_s for s in stages) + hops,
+                     sum(s.step_1_s for s in stages) + hops, hops_s=hops)

@@ -33,7 +33,8 @@ def plan_specs(cfg: ChatLoopConfig, specs: Sequence[StageSpec], figures: Sequenc
         raise ValueError(f"{len(figures)} probes for {len(specs)} stages: every worker must report")
     figures = [replace(f, name=s.name) for f, s in zip(figures, specs)]
     costs = model_costs(manifest, kv_cache_mb=cfg.cache.kv_cache_mb, num_hosts=len(specs))
-    placement = place_layers(figures, costs, cfg.batching.max_batch_size, keep_all=True)
+    placement = place_layers(figures, costs, cfg.batching.max_batch_size, keep_all=True,
+                             in_flight=cfg.cluster.max_in_flight)
     even_share = math.ceil(costs.num_layers / len(specs))
     planned = [replace(spec, expected_layers=stage.layers, expected_file=None,
                        kv_cache_mb=spec.kv_cache_mb * len(stage.layers) / even_share)

@@ -3,32 +3,34 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
 
 from chatloop.models import LayerRange
-from chatloop.partition.placement import HostFigures, ModelCosts, place_layers
-from chatloop.partition.plan import PlanError
+from chatloop.partition.placement import HostFigures, ModelCosts, layer_seconds, place_layers, predict
+from chatloop.partition.plan import PlanError, plan_layers
 
 MB = 2**20
 
 
 def host(name, ms, memory=10_000 * MB, hop_ms=0.0, held=None, at16=None):
-    """A host whose layer takes ``ms`` at batch 1 and ``at16`` (default 4x) at batch 16."""
-    return HostFigures(name=name, decode_s={1: ms / 1e3, 16: (at16 if at16 is not None else 4 * ms) / 1e3},
+    """A host whose layer takes ``ms`` at batch 1 and ``at16`` (default 16x: compute-bound) at batch 16."""
+    return HostFigures(name=name, decode_s={1: ms / 1e3, 16: (at16 if at16 is not None else 16 * ms) / 1e3},
                        memory_bytes=memory, hop_s=hop_ms / 1e3, held=held)
 
 
 def brute_force(hosts, costs, batch):
-    """Every ordered subset of hosts and every contiguous split: the least (bottleneck, batch-1 step)."""
-    from chatloop.partition.placement import layer_seconds
-
+    """Every ordered subset of hosts and every contiguous split: the least (round, batch-1 step), where a token of
+    the batch takes as many micro-batches as stages (at most the batch) times the slowest stage's step of one."""
     n = costs.num_layers
     units = [b * n / sum(costs.layer_bytes) for b in costs.layer_bytes]
     best = None
     for k in range(1, len(hosts) + 1):
         for chosen in itertools.combinations(range(len(hosts)), k):
+            q = min(batch, k)
+            micro = math.ceil(batch / q)
             for cuts in itertools.combinations(range(1, n), k - 1):
                 bounds = [0, *cuts, n]
                 worst, total, ok = 0.0, 0.0, True
@@ -39,7 +41,7 @@ def brute_force(hosts, costs, batch):
                         ok = False
                         break
                     work = sum(units[i:j]) + (costs.head_layers if j == n else 0)
-                    worst = max(worst, layer_seconds(figures.decode_s, batch) * work)
+                    worst = max(worst, q * layer_seconds(figures.decode_s, micro) * work)
                     total += layer_seconds(figures.decode_s, 1) * work + figures.hop_s
                 if ok and (best is None or (worst, total) < best):
                     best = (worst, total)
@@ -81,9 +83,11 @@ def test_the_plan_is_the_brute_force_optimum_on_small_cases(seed):
         return
     placement = place_layers(hosts, costs, batch)
     check_plan(placement, hosts, costs)
-    assert placement.bottleneck_s == pytest.approx(expected[0], rel=1e-9)
+    assert placement.micro_batches * placement.bottleneck_s == pytest.approx(expected[0], rel=1e-9)
     assert placement.latency_s == pytest.approx(expected[1], rel=1e-9)
-    assert max(s.step_s for s in placement.stages) == pytest.approx(expected[0], rel=1e-9)
+    assert placement.micro_batches * max(s.step_s for s in placement.stages) == pytest.approx(expected[0], rel=1e-9)
+    assert predict([h for name in placement.hosts for h in hosts if h.name == name], costs, placement.ranges,
+                   batch).tokens_per_s == pytest.approx(placement.tokens_per_s)
 
 
 def test_equal_hosts_split_evenly():
@@ -95,17 +99,19 @@ def test_equal_hosts_split_evenly():
 
 def test_a_host_three_times_slower_gets_a_third_of_the_layers():
     costs = ModelCosts(layer_bytes=[10 * MB] * 28)
-    placement = place_layers([host("fast0", 1.0), host("slow", 3.0), host("fast1", 1.0)], costs, batch=16)
+    hosts = [host("fast0", 1.0, at16=16.0), host("slow", 3.0, at16=48.0), host("fast1", 1.0, at16=16.0)]
+    placement = place_layers(hosts, costs, batch=16)  # compute-bound: a step's time grows with the batch
     assert [len(r) for r in placement.ranges] == [12, 4, 12]
-    assert placement.bottleneck_s == pytest.approx(12 * 4e-3)
-    even = 28 / 3  # the even split's slow stage: 9-10 layers at 3x
-    assert placement.tokens_per_s > 1.3 * 16 / (math_ceil(even) * 12e-3)
-
-
-def math_ceil(x):
-    import math
-
-    return math.ceil(x)
+    assert placement.micro_batches == 3 and placement.micro_batch == 6
+    assert placement.bottleneck_s == pytest.approx(12 * 6e-3)
+    even = predict(hosts, costs, plan_layers(28, 3), 16)
+    assert even.bottleneck_s == pytest.approx(9 * 18e-3)  # the slow host's 9 layers
+    assert placement.tokens_per_s > 1.3 * even.tokens_per_s
+    # Where a bigger micro-batch costs little (memory-bound: 16 sequences take 4x one), two fast stages with two
+    # micro-batches of 8 beat three with the slow host
+    bound = place_layers([host("fast0", 1.0, at16=4.0), host("slow", 3.0, at16=12.0), host("fast1", 1.0, at16=4.0)],
+                         costs, batch=16)
+    assert bound.hosts == ["fast0", "fast1"] and bound.micro_batch == 8
 
 
 def test_a_host_too_small_for_an_even_share_gets_fewer_layers():
@@ -145,7 +151,7 @@ def test_the_second_objective_drops_a_hop_that_buys_nothing():
     placement = place_layers(hosts, costs, batch=1)
     assert len(placement.stages) == 2
     assert placement.latency_s == pytest.approx(2 * 1e-3 + 2 * 1e-3)
-    assert "same bottleneck" in next(iter(placement.left_out.values()))
+    assert "as short a round" in next(iter(placement.left_out.values()))
 
 
 def test_nothing_fits_says_what_to_change():

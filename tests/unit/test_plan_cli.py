@@ -34,7 +34,7 @@ def test_the_costs_add_up_to_the_partitions(split):
 
 def _figures(tmp_path, name, ms, memory=2**30):
     path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(HostFigures(name=name, decode_s={1: ms / 1e3, 16: 2 * ms / 1e3},
+    path.write_text(json.dumps(HostFigures(name=name, decode_s={1: ms / 1e3, 16: 16 * ms / 1e3},
                                            memory_bytes=memory).as_dict()))
     return str(path)
 
