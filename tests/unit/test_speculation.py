@@ -120,10 +120,11 @@ def split(tiny_checkpoint, tmp_path_factory):
         if seed == 0:
             split_model(tiny_checkpoint(family).path, out, parts, progress=False)
         else:  # another random model of the same shape and vocabulary
-            from conftest import build_tiny_model
+            from conftest import TINY_MOE_VARIANTS, build_tiny_model, build_tiny_moe
 
             src = tmp_path_factory.mktemp(f"{family}-seed{seed}")
-            build_tiny_model(family, seed=seed).save_pretrained(src)
+            build = build_tiny_moe if family in TINY_MOE_VARIANTS else build_tiny_model
+            build(family, seed=seed).save_pretrained(src)
             split_model(src, out, parts, progress=False)
         return out
 
@@ -192,7 +193,12 @@ def generate(parts, prompts_, params_, draft=None, **options) -> tuple[list, Sch
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+FAMILIES = ["llama", "qwen2", "gpt2", "qwen3", "granite", "olmo2", "gemma2", "gemma3_text", "qwen3_moe"]
+"""Every family whose attention lets speculation run (Phi-3's longrope and an all-layer window turn it off, see
+test_speculation_is_off_under_a_window_or_a_rope_switch)."""
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_are_the_same_with_ngram_drafts_and_with_a_draft_model(family, split):
     parts = split(family, 2)
     batch = prompts(1)
@@ -205,7 +211,9 @@ def test_greedy_tokens_are_the_same_with_ngram_drafts_and_with_a_draft_model(fam
     exact, s3 = generate(parts, batch, [GREEDY], draft=same, speculative_method="draft", num_speculative_tokens=5)
     assert ngram[0][0] == drafted[0][0] == exact[0][0] == plain[0][0]
     assert plain[0][1].drafted_tokens is None
-    assert s2.stats.drafted_tokens > s2.stats.accepted_tokens  # rejections happened and were rolled back
+    assert s2.stats.drafted_tokens > 0
+    if family in ("llama", "qwen2", "gpt2"):  # (others' random pairs may agree throughout, granite's does)
+        assert s2.stats.drafted_tokens > s2.stats.accepted_tokens  # rejections happened and were rolled back
     assert s3.stats.accepted_tokens == s3.stats.drafted_tokens > 0
     assert exact[0][1].drafted_tokens == s3.stats.drafted_tokens and exact[0][1].accepted_tokens > 0
     # Fewer passes through the pipeline than tokens: 24 tokens in a prefill (1) and 4 verifications of 5, 5, 5 and 4
@@ -403,3 +411,21 @@ def test_over_http_a_request_chooses_speculation_and_its_usage_and_the_metrics_c
     assert drafted == accepted + details["rejected_prediction_tokens"] + streamed_details["rejected_prediction_tokens"]
     method = schema["components"]["schemas"]["CompletionRequest"]["properties"]["speculative_method"]
     assert ["ngram", "off"] in [o.get("enum") for o in method.get("anyOf", [method])]
+
+
+@pytest.mark.parametrize("option", [{"kv_window": 8}, {"rope_switch": 16}])
+def test_speculation_is_off_under_a_window_or_a_rope_switch(option):
+    from test_policy import make_policy
+
+    policy = make_policy(speculative_method="ngram", **option)
+    policy.add([5, 6, 5, 6, 5], SamplingParams(max_new_tokens=8), 0.0)
+    steps, _ = policy.schedule(0.0)
+    policy.complete(steps[0].id, [6])
+    steps, _ = policy.schedule(0.0)
+    assert steps and not steps[0].num_drafts and not policy.draft_methods
+    on = make_policy(speculative_method="ngram")
+    on.add([5, 6, 5, 6, 5], SamplingParams(max_new_tokens=8), 0.0)
+    steps, _ = on.schedule(0.0)
+    on.complete(steps[0].id, [6])
+    steps, _ = on.schedule(0.0)
+    assert steps[0].num_drafts == (4,) and steps[0].contexts == ((5, 6, 5, 6, 5, 6),)
