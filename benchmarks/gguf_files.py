@@ -109,14 +109,22 @@ def tensor_types(path: Path) -> dict[str, int]:
 
 def bytes_per_token(path: Path) -> int:
     """Weight bytes a batch-1 decode step reads from the GGUF file: every tensor as stored, but the token
-    embedding, a lookup of one row, unless the head is tied to it (no ``output.weight``: read once, as the head)."""
+    embedding, a lookup of one row, unless the head is tied to it (no ``output.weight``: read once, as the head);
+    of a mixture of experts' stacked expert tensors (``*_exps``), the ``expert_used_count / expert_count`` a token
+    runs."""
     import gguf
 
     from chatloop.partition.gguf_source import gguf_shards
 
-    tensors = {t.name: int(t.n_bytes) for shard in gguf_shards(Path(path)) for t in gguf.GGUFReader(shard).tensors}
+    readers = [gguf.GGUFReader(shard) for shard in gguf_shards(Path(path))]
+    tensors = {t.name: int(t.n_bytes) for reader in readers for t in reader.tensors}
     if "output.weight" in tensors:
         tensors.pop("token_embd.weight", None)
+    fields = readers[0].fields
+    arch = fields["general.architecture"].contents()
+    if f"{arch}.expert_count" in fields and f"{arch}.expert_used_count" in fields:
+        used, count = fields[f"{arch}.expert_used_count"].contents(), fields[f"{arch}.expert_count"].contents()
+        tensors |= {name: n * used // count for name, n in tensors.items() if name.endswith("_exps.weight")}
     return sum(tensors.values())
 
 
