@@ -121,8 +121,7 @@ class ClusterConfig:
     docs/placement.md)."""
     figures: list[str] = field(default_factory=list)
     """With plan=auto: each worker's figures (written on its host by chatloop-plan probe --output), one file per worker
-    in chain order. Empty: the stages in this process (cluster=single) probe themselves; workers in other processes
-    do not probe at join yet, so they need these."""
+    in chain order, instead of the probe every worker runs when it joins. Empty: the workers probe themselves."""
     rpc_timeout_s: float = 20.0
     """A micro-batch that takes longer is located: if a stage has been computing it for longer, or it is lost, it
     fails with an error naming the stage that holds it up, and every stage drops it; if it is still waiting its turn
@@ -181,9 +180,6 @@ class ClusterConfig:
         _require(not self.figures or (self.plan == "auto" and len(self.figures) == self.num_workers),
                  f"cluster.figures lists {len(self.figures)} files: give one per worker "
                  f"(cluster.num_workers={self.num_workers}), with cluster.plan=auto")
-        _require(self.plan != "auto" or bool(self.figures) or self.in_process,
-                 "cluster.plan=auto with workers in other processes needs cluster.figures: write each worker's with "
-                 "chatloop-plan probe --output on its host (see docs/placement.md)")
         _require(self.plan != "auto" or not self.workers,
                  "cluster.plan=auto plans the layers itself: leave cluster.workers empty, or set cluster.plan=even to "
                  "use its ranges")

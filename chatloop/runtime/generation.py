@@ -17,6 +17,8 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch.distributed.rpc as rpc
@@ -25,7 +27,9 @@ from ..config import ChatLoopConfig
 from ..engine import StageLostError, StageReport, first_line
 from ..engine.pipeline import StepObserver, stage_name
 from ..network import under_torchrun
-from ..stage import stage_specs
+from ..partition import Manifest, PlanError
+from ..stage import StageSpec, stage_specs
+from ..stage.planning import plan_specs
 from . import worker_host
 from .faults import GenerationError, Loss
 from .links import Link, LinkListener
@@ -162,6 +166,8 @@ class Generation:
         generation's pipeline. :class:`GenerationError` if one cannot."""
         cfg = self.cfg
         specs = stage_specs(cfg, self.partitions_dir)
+        if cfg.cluster.plan == "auto" and not cfg.cluster.figures:
+            specs = self._planned(specs, deadline)
         names = [spec.name for spec in specs]
         timeout = max(1.0, deadline - time.monotonic())
         futures = [rpc.rpc_async(spec.name, worker_host.create_stage, args=(spec, cfg.cluster.rpc_timeout_s),
@@ -190,6 +196,28 @@ class Generation:
             log.info("%s: layers %s, %d KV blocks, pid %s on %s, cores %s, %s threads, CPU capability %s",
                      r.name, r.layers, r.num_blocks, r.pid, r.host, list(r.cores or ()), r.threads, r.simd)
         return pipeline
+
+    def _planned(self, specs: list[StageSpec], deadline: float) -> list[StageSpec]:
+        """cluster.plan=auto: every worker probes its host (its speed on one real layer, its memory, its files) and
+        the placement gives each its range, at every generation: a worker replaced on another host, or a host come
+        back, gets a plan of its own speed (a changed range loads again)."""
+        timeout = max(1.0, deadline - time.monotonic())
+        futures = [rpc.rpc_async(spec.name, worker_host.probe, args=(spec,), timeout=timeout) for spec in specs]
+        figures = []
+        for k, (spec, future) in enumerate(zip(specs, futures)):
+            try:
+                found = future.wait()
+                start = time.perf_counter()  # half the round trip of a call: its hop
+                rpc.rpc_sync(spec.name, worker_host.alive, timeout=timeout)
+                figures.append(replace(found, hop_s=(time.perf_counter() - start) / 2))
+            except Exception as e:
+                raise GenerationError([k], f"{spec.name} could not probe its host: {first_line(e)}",
+                                      named=True) from None
+        try:
+            planned, _ = plan_specs(self.cfg, specs, figures, Manifest.load(Path(self.partitions_dir)))
+        except PlanError as e:
+            raise GenerationError(list(range(len(specs))), f"cluster.plan=auto: {e}") from None
+        return planned
 
     def _link_stages(self, names: list[str], reports: list[StageReport]) -> Link:
         """Chain the stages with this generation's secret, last first (each admits it before its caller links);

@@ -30,14 +30,17 @@ from ..engine import StageError, StageReport, StageTiming
 from ..models import LayerRange
 from ..network import rank_address
 from ..partition import Manifest
+from ..partition.placement import HostFigures
+from ..partition.ranges import missing_files
 from ..stage import StageSpec
+from ..stage.probe import probe_spec
 from .links import Link, LinkListener
 from .remote_stage import RemoteStage
 from .results import COORDINATOR
 
 __all__ = [
     "PROCESS_WORKER", "WorkerHost", "alive", "cancel", "connect", "create_stage", "describe", "fail_next",
-    "progress", "serve", "take_timings",
+    "probe", "progress", "serve", "take_timings",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,12 @@ class WorkerHost:
             self.stage = None  # its weights go before the new ones load
         self.stage = RemoteStage(spec, rpc_timeout_s, observers=self.observers)
         return self.describe()
+
+    def probe(self, spec: StageSpec) -> HostFigures:
+        """This host's figures for ``cluster.plan=auto`` (:mod:`chatloop.stage.probe`), on its own files."""
+        if self.own is not None:
+            spec = replace(spec, directory=self.own.partitions_dir, held_files=tuple(self.own.held_files))
+        return probe_spec(spec)
 
     def connect(self, next_name: str, next_address: str, secret: str, report_address: str) -> None:
         """Serve links that show this generation's ``secret``, and link its stage to the next one (``next_name``, at
@@ -148,6 +157,17 @@ def _as_configured(spec: StageSpec, own) -> StageSpec:
     if spec.index != own.worker:
         raise ValueError(f"{own.source} is worker {own.worker}, the coordinator took it for worker {spec.index}: "
                          f"start each worker with its own file")
+    if spec.planned and spec.expected_layers is not None and (
+            spec.expected_layers.start, spec.expected_layers.end) != (own.start_layer, own.end_layer):
+        # A planned range (cluster.plan=auto): any range the files this host holds cover, its KV pool in proportion.
+        missing = missing_files(Manifest.load(own.partitions_dir), spec.expected_layers, own.held_files)
+        if missing:
+            raise ValueError(f"the coordinator's plan gives {own.name} layers {spec.expected_layers}, which need "
+                             f"{', '.join(missing)}: copy them to {own.partitions_dir} and list them in "
+                             f"{own.source}'s holds")
+        share = len(spec.expected_layers) / (own.end_layer - own.start_layer + 1)
+        return replace(spec, directory=own.partitions_dir, kv_cache_mb=own.kv_cache_mb * share,
+                       held_files=tuple(own.held_files))
     if spec.expected_layers is not None and (spec.expected_layers.start, spec.expected_layers.end) != (
             own.start_layer, own.end_layer):
         raise ValueError(f"{own.source} gives {own.name} layers {own.start_layer}-{own.end_layer}, the coordinator "
@@ -189,6 +209,10 @@ def connect(next_name: str, next_address: str, secret: str, report_address: str)
 
 def describe() -> StageReport:
     return _served().describe()
+
+
+def probe(spec: StageSpec) -> HostFigures:
+    return _served().probe(spec)
 
 
 def alive() -> tuple[int, float | None, str | None]:

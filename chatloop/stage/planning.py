@@ -36,7 +36,7 @@ def plan_specs(cfg: ChatLoopConfig, specs: Sequence[StageSpec], figures: Sequenc
     placement = place_layers(figures, costs, cfg.batching.max_batch_size, keep_all=True,
                              in_flight=cfg.cluster.max_in_flight)
     even_share = math.ceil(costs.num_layers / len(specs))
-    planned = [replace(spec, expected_layers=stage.layers, expected_file=None,
+    planned = [replace(spec, expected_layers=stage.layers, expected_file=None, planned=True,
                        kv_cache_mb=spec.kv_cache_mb * len(stage.layers) / even_share)
                for spec, stage in zip(specs, placement.stages)]
     for stage, f in zip(placement.stages, figures):

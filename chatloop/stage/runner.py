@@ -69,6 +69,8 @@ class StageSpec:
     verify_sha256: bool = True
     pack_weights: bool = True
     native_kernels: bool = True
+    planned: bool = False
+    """``expected_layers`` come from ``cluster.plan=auto``: any range the host's files cover, not the split's own."""
     held_files: tuple[str, ...] | None = None
     """The partition files this stage's host holds (its worker config's ``holds``); None: those in ``directory``.
     Read only when ``expected_layers`` are not the split's own partition ``index`` (a plan of other ranges)."""
@@ -134,9 +136,10 @@ def build_stage_runner(spec: StageSpec, manifest: Manifest | None = None) -> Sta
 
 
 def _is_split_partition(spec: StageSpec, manifest: Manifest) -> bool:
-    """Whether ``spec`` asks for the split's own partition ``spec.index`` (or names no layers, so it does)."""
-    if spec.expected_layers is None or spec.expected_file is not None:
-        return True  # a named file is loaded as that file, with its checks
+    """Whether ``spec`` asks for the split's own partition ``spec.index``: all but a planned range of others (explicit
+    ranges must be the split's, which :func:`load_stage` checks)."""
+    if not spec.planned or spec.expected_layers is None or spec.expected_file is not None:
+        return True
     if not 0 <= spec.index < manifest.num_partitions:
         return False
     return manifest.partitions[spec.index].layers == spec.expected_layers

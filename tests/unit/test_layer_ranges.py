@@ -93,7 +93,9 @@ def test_a_damaged_file_of_the_range_is_caught_by_its_hash(sixteen_layers, tmp_p
 def test_the_stage_runner_loads_a_planned_range(sixteen_layers):
     _, two, _ = sixteen_layers["llama"]
     spec = StageSpec(name="worker1", index=1, directory=str(two), expected_layers=LayerRange(5, 13),
-                     kv_cache_mb=4, min_capacity_tokens=16, pack_weights=False)
+                     kv_cache_mb=4, min_capacity_tokens=16, pack_weights=False, planned=True)
+    with pytest.raises(PartitionError, match="make the cluster's layer ranges match the split"):  # not planned
+        build_stage_runner(StageSpec(**{**spec.__dict__, "planned": False}))
     runner = build_stage_runner(spec)
     assert runner.stage.layers_range == LayerRange(5, 13)
     assert runner.partition == "partition_0.safetensors+partition_1.safetensors"
@@ -114,3 +116,27 @@ def test_a_worker_config_says_which_files_its_host_holds(tmp_path):
     path.write_text(own.as_yaml() + "holds: partition_0.safetensors\n")
     with pytest.raises(ValueError, match="holds: .* must be a list of partition file names"):
         load_worker_file(path)
+
+
+def test_a_worker_started_from_its_file_takes_a_planned_range_its_files_cover(sixteen_layers, tmp_path):
+    from chatloop.runtime import worker_host
+    from chatloop.worker_config import load_worker_file
+
+    _, two, _ = sixteen_layers["llama"]
+    path = two / "configs" / "worker-config-1.yaml"  # worker 1: layers 8-15, partition_1 only
+    own = load_worker_file(path)
+    planned = StageSpec(name="worker1", index=1, directory="/elsewhere", expected_layers=LayerRange(10, 15),
+                        kv_cache_mb=999, planned=True)
+    with pytest.raises(ValueError, match="make the coordinator's cluster.workers match"):  # explicit ranges: as before
+        worker_host._as_configured(StageSpec(**{**planned.__dict__, "planned": False}), own)
+    spec = worker_host._as_configured(planned, own)
+    assert spec.expected_layers == LayerRange(10, 15) and spec.directory == str(two)
+    assert spec.held_files == ("partition_1.safetensors",)
+    assert spec.kv_cache_mb == pytest.approx(own.kv_cache_mb * 6 / 8)  # its own budget, for 6 of its 8 layers
+    wider = StageSpec(**{**planned.__dict__, "expected_layers": LayerRange(5, 13)})
+    with pytest.raises(ValueError, match=r"layers 5-13, which need partition_0\.safetensors: copy them .*holds"):
+        worker_host._as_configured(wider, own)
+    copy = tmp_path / "worker-config-1.yaml"
+    copy.write_text(path.read_text().replace("holds: []", "holds: [partition_0.safetensors, partition_1.safetensors]")
+                    .replace("partitions_dir: ..", f"partitions_dir: {two}"))
+    assert worker_host._as_configured(wider, load_worker_file(copy)).expected_layers == LayerRange(5, 13)

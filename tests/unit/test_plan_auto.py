@@ -16,8 +16,7 @@ def test_plan_is_checked():
         load_config(["cluster.plan=fast"])
     with pytest.raises(ValueError, match="plan=auto plans the layers itself"):
         load_config(["cluster=reference", "cluster.plan=auto", "cluster.figures=[a,b,c,d]"])
-    with pytest.raises(ValueError, match="needs cluster.figures: write each worker's with chatloop-plan probe"):
-        load_config(["cluster=local4", "cluster.plan=auto"])
+    assert load_config(["cluster=local4", "cluster.plan=auto"]).cluster.figures == []  # the workers probe at join
     with pytest.raises(ValueError, match="cluster.figures lists 1 files: give one per worker"):
         load_config(["cluster=local4", "cluster.plan=auto", "cluster.figures=[a]"])
 

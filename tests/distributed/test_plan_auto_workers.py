@@ -1,0 +1,34 @@
+"""``cluster.plan=auto`` through real worker processes (issue 24, points 1-4): each worker probes its host when it
+joins, the coordinator plans the ranges from the probes, and every worker loads its planned range from the split's
+files, giving transformers' greedy text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cluster_harness import PLAIN_PROMPT, run_cluster
+
+NEW_TOKENS = 16
+
+
+@pytest.mark.slow
+def test_workers_probe_at_join_and_load_the_planned_ranges(smollm2_split, smollm2_hf):
+    from transformers import AutoTokenizer
+
+    results = run_cluster(
+        [f"model.partitions_dir={smollm2_split}", "cluster.num_workers=4", "cluster.plan=auto",
+         "worker.worker_threads=1"],
+        [{"name": "text", "op": "generate", "prompt": PLAIN_PROMPT,
+          "params": {"max_new_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True}},
+         {"name": "stages", "op": "describe"}],
+    )
+    ranges = [tuple(int(x) for x in str(s["layers"]).split("-")) for s in results["stages"]]
+    assert [i for a, b in ranges for i in range(a, b + 1)] == list(range(30))  # every layer once, in order
+    # SmolLM2's head (its tied 49152 x 576 embedding) weighs 8 of its layers: the last stage, which computes it at
+    # every step, gets fewer than the even split's 7 layers (unless its worker measured itself twice as fast)
+    assert ranges[-1][1] - ranges[-1][0] + 1 < 7, ranges
+    ids = AutoTokenizer.from_pretrained(smollm2_split)(PLAIN_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        golden = smollm2_hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                     pad_token_id=smollm2_hf.config.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert results["text"]["token_ids"] == golden, results["text"]
