@@ -93,7 +93,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chatloop-plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="chatloop-plan", description="Measure a host, and show the plan for hosts "
+                                     "of unequal speed and memory (docs/placement.md).")
     sub = parser.add_subparsers(dest="command", required=True)
     probe = sub.add_parser("probe", help="measure this host for the plan")
     probe.add_argument("--partitions", required=True, help="the split's folder on this host")
