@@ -35,9 +35,11 @@ from ..paths import cache_root
 from ..worker_settings import SIMD_ENV
 
 __all__ = [
-    "BF16_ISAS", "BF16_KERNEL_ROWS", "BLOCK_BYTES", "FORMAT_IDS", "ISAS", "MARCH_ENV", "MAX_KERNEL_ROWS",
+    "BF16_ISAS", "BF16_KERNEL_ROWS", "BLOCK_BYTES", "FORMAT_IDS", "FUSED_FAMILY", "ISAS", "MARCH_ENV",
+    "MAX_KERNEL_ROWS",
     "LlamaLayerSpec", "LlamaShapeSpec", "MatrixSpec",
-    "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "kernel_bf16_linear",
+    "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "fused_format",
+    "kernel_bf16_linear",
     "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave", "kernel_kquant_linear",
     "GGUF_FORMAT_IDS", "KQUANT_FORMAT_IDS", "TILED", "gguf_linear_unchecked", "kernel_gguf_linear",
     "kernel_kquant_interleave", "kernel_kquant_rows", "kquant_linear_unchecked",
@@ -88,27 +90,44 @@ BF16_KERNEL_ROWS = 3
 2 threads: 1.4-1.5x at 1 row, 1.25-1.35x at 2, 1.0-1.15x at 3; oneDNN 1.07-1.17x faster at 4, 2x at 16)."""
 
 
+FUSED_FAMILY = 100
+"""The one-call decode step's format numbers (layers.c): a quantized layout is ``FUSED_FAMILY * family + its
+number``, family 0 ``FORMAT_IDS`` (qgemv.c), 1 ``KQUANT_FORMAT_IDS`` (kquant.c), 2 ``GGUF_FORMAT_IDS``
+(ggufgemv.c); see :func:`fused_format`."""
+
+
+def fused_format(fmt: str) -> int | None:
+    """The one-call decode step's number for quantized layout ``fmt``, or None where no kernel decodes it."""
+    for family, ids in enumerate((FORMAT_IDS, KQUANT_FORMAT_IDS, GGUF_FORMAT_IDS)):
+        if fmt in ids:
+            return FUSED_FAMILY * family + ids[fmt]
+    return None
+
+
 class MatrixSpec(ctypes.Structure):
     """One matrix of a fused decode step (``chatloop_matrix`` in layers.c): format -1 is float32 [out, in], else
-    a quantized format's number (``FORMAT_IDS``)."""
+    a quantized layout's number (:func:`fused_format`); ``out_features`` 0: no matrix (an unused part)."""
 
     _fields_ = [("format", ctypes.c_int64), ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("out_features", ctypes.c_int64), ("in_features", ctypes.c_int64)]
 
 
 class LlamaLayerSpec(ctypes.Structure):
-    """One Llama layer's weights for ``chatloop_llama_decode`` (``chatloop_llama_layer`` in layers.c)."""
+    """One Llama layer's weights for ``chatloop_llama_decode`` (``chatloop_llama_layer`` in layers.c): ``qkv`` the
+    q, k and v projections (or one fused, then two empty specs), ``gate_up`` the gate and up ones (or one fused)."""
 
-    _fields_ = [("qkv", MatrixSpec), ("o", MatrixSpec), ("gate_up", MatrixSpec), ("down", MatrixSpec),
+    _fields_ = [("qkv", MatrixSpec * 3), ("o", MatrixSpec), ("gate_up", MatrixSpec * 2), ("down", MatrixSpec),
                 ("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p)]
 
 
 class LlamaShapeSpec(ctypes.Structure):
-    """A Llama stage's sizes and its quantized kernel (``chatloop_llama_shape`` in layers.c)."""
+    """A Llama stage's sizes and its quantized kernels (``chatloop_llama_shape`` in layers.c): the addresses of
+    the quantized library's ``*_linear_shared`` functions and the path they take."""
 
     _fields_ = [("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
                 ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float),
-                ("quant_linear", ctypes.c_void_p), ("isa", ctypes.c_int64)]
+                ("quant_linear", ctypes.c_void_p), ("isa", ctypes.c_int64), ("kquant_linear", ctypes.c_void_p),
+                ("gguf_linear", ctypes.c_void_p)]
 
 
 @functools.cache

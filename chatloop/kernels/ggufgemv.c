@@ -324,45 +324,45 @@ __attribute__((target(AVX512_TARGET))) static void q5_1_x16_tile_vnni(const uint
   q5_x16_tile_vnni(tile, xq, xd, xs, nb, y, 1);
 }
 
-/* y [B, O] = x [B, I] W^T + bias for W [O, row bytes] in fmt (GFMT_*); scratch for q5_0 and q5_1: xq [B * I]
- * int8, xd and xs [B * I / 32] float. */
-void chatloop_gguf_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
-                          int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, float* xs) {
+/* y [B, O] = x [B, I] W^T + bias for W [O, row bytes] in fmt (GFMT_*), shared among the threads of the caller's
+ * parallel region (orphaned omp fors, each ending with its barrier: layers.c's one-call decode step calls it so);
+ * scratch for q5_0 and q5_1: xq [B * I] int8, xd and xs [B * I / 32] float. */
+void chatloop_gguf_linear_shared(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
+                                 int64_t I, int fmt, int isa, int8_t* xq, float* xd, float* xs) {
   const int64_t nb = I / QK, row_bytes = g_row_bytes(fmt, I);
   const int quantized = fmt != GFMT_F16 && fmt != GFMT_BF16;
-  if (quantized)
+  if (quantized) {
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) quantize_row_q8_1(x + b * I, xq + b * I, xd + b * nb, xs + b * nb, nb);
+  }
   static const gdot_fn table[3][4] = {{q5_0_portable, q5_1_portable, f16_portable, bf16_portable},
                                       {q5_0_avx2, q5_1_avx2, f16_avx2, bf16_avx2},
                                       {q5_0_avx512, q5_1_avx512, f16_avx512, bf16_avx512}};
   const int rows_fmt = fmt == GFMT_Q5_0_X16 ? GFMT_Q5_0 : fmt == GFMT_Q5_1_X16 ? GFMT_Q5_1 : fmt;
   const gdot_fn dot = table[isa >= GISA_AVX512 ? 2 : isa == GISA_AVX2 ? 1 : 0][rows_fmt];
   if (rows_fmt != fmt) { /* tiles: VNNI's kernel, or each row gathered back for the other paths' */
-#pragma omp parallel num_threads(num_threads)
-    {
-      uint8_t row[isa >= GISA_AVX512 ? 1 : row_bytes]; /* a row gathered back (a few kB: on the thread's stack) */
-      const int bytes = rows_fmt == GFMT_Q5_1 ? 24 : 22, header = rows_fmt == GFMT_Q5_1 ? 4 : 2;
+    uint8_t row[isa >= GISA_AVX512 ? 1 : row_bytes]; /* a row gathered back (a few kB: on the thread's stack) */
+    const int bytes = rows_fmt == GFMT_Q5_1 ? 24 : 22, header = rows_fmt == GFMT_Q5_1 ? 4 : 2;
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < O / GX16; ++t)
-        for (int64_t b = 0; b < B; ++b) {
-          float out[GX16];
-          const uint8_t* tile = w + t * GX16 * row_bytes;
-          if (isa >= GISA_AVX512) {
-            (fmt == GFMT_Q5_0_X16 ? q5_0_x16_tile_vnni : q5_1_x16_tile_vnni)(tile, xq + b * I, xd + b * nb,
-                                                                            xs + b * nb, nb, out);
-          } else {
-            for (int r = 0; r < GX16; ++r) {
-              for (int64_t k = 0; k < nb; ++k)
-                for (int i = 0; i < bytes; ++i) row[k * bytes + i] = tile[k * GX16 * bytes + gx16_at(r, i, header)];
-              out[r] = dot(row, xq + b * I, xd + b * nb, xs + b * nb, NULL, nb, I);
-            }
+    for (int64_t t = 0; t < O / GX16; ++t)
+      for (int64_t b = 0; b < B; ++b) {
+        float out[GX16];
+        const uint8_t* tile = w + t * GX16 * row_bytes;
+        if (isa >= GISA_AVX512) {
+          (fmt == GFMT_Q5_0_X16 ? q5_0_x16_tile_vnni : q5_1_x16_tile_vnni)(tile, xq + b * I, xd + b * nb,
+                                                                          xs + b * nb, nb, out);
+        } else {
+          for (int r = 0; r < GX16; ++r) {
+            for (int64_t k = 0; k < nb; ++k)
+              for (int i = 0; i < bytes; ++i) row[k * bytes + i] = tile[k * GX16 * bytes + gx16_at(r, i, header)];
+            out[r] = dot(row, xq + b * I, xd + b * nb, xs + b * nb, NULL, nb, I);
           }
-          for (int r = 0; r < GX16; ++r) y[b * O + t * GX16 + r] = out[r] + (bias ? bias[t * GX16 + r] : 0.0f);
         }
-    }
+        for (int r = 0; r < GX16; ++r) y[b * O + t * GX16 + r] = out[r] + (bias ? bias[t * GX16 + r] : 0.0f);
+      }
     return;
   }
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp for schedule(static)
   for (int64_t o = 0; o < O; ++o) {
     const uint8_t* row = w + o * row_bytes;
     for (int64_t b = 0; b < B; ++b)
@@ -370,4 +370,11 @@ void chatloop_gguf_linear(const float* x, const uint8_t* w, const float* bias, f
                                 : dot(row, NULL, NULL, NULL, x + b * I, nb, I)) +
                      (bias ? bias[o] : 0.0f);
   }
+}
+
+/* The same in a parallel region of its own (one wake-up of the threads a call). */
+void chatloop_gguf_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
+                          int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, float* xs) {
+#pragma omp parallel num_threads(num_threads)
+  chatloop_gguf_linear_shared(x, w, bias, y, B, O, I, fmt, isa, xq, xd, xs);
 }

@@ -610,11 +610,13 @@ static void kx16_tile_rows(const uint8_t* tile, const int8_t* xq, const float* x
   }
 }
 
-/* y [B, O] = x [B, I] W^T + bias for W [O, I / 256 * block bytes] in fmt (KFMT_*); scratch: xq [B * I] int8,
- * xd [B * I / 256] float, bsums [B * I / 16] int16. */
-void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
-                            int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, int16_t* bsums) {
+/* y [B, O] = x [B, I] W^T + bias for W [O, I / 256 * block bytes] in fmt (KFMT_*), shared among the threads of the
+ * caller's parallel region (orphaned omp fors, each ending with its barrier: layers.c's one-call decode step calls
+ * it so); scratch: xq [B * I] int8, xd [B * I / 256] float, bsums [B * I / 16] int16. */
+void chatloop_kquant_linear_shared(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B,
+                                   int64_t O, int64_t I, int fmt, int isa, int8_t* xq, float* xd, int16_t* bsums) {
   const int64_t nb = I / QK_K, row_bytes = nb * k_block_bytes(fmt);
+#pragma omp for schedule(static)
   for (int64_t b = 0; b < B; ++b) quantize_row_q8_k(x + b * I, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb);
   static const kdot_fn table[3][5] = {
       {dot_q4_k_portable, dot_q6_k_portable, dot_q5_k_portable, dot_q3_k_portable, dot_q2_k_portable},
@@ -623,30 +625,34 @@ void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias,
   const int rows_fmt = fmt == KFMT_Q4_K_X16 ? KFMT_Q4_K : fmt == KFMT_Q5_K_X16 ? KFMT_Q5_K : fmt;
   const kdot_fn dot = table[isa >= KISA_AVX512_VNNI ? 2 : isa == KISA_AVX2 ? 1 : 0][rows_fmt];
   if (rows_fmt != fmt) {
-#pragma omp parallel num_threads(num_threads)
-    {
-      uint8_t row[isa >= KISA_AVX512_VNNI ? 1 : row_bytes]; /* a row gathered back (a few kB: on the thread's stack) */
+    uint8_t row[isa >= KISA_AVX512_VNNI ? 1 : row_bytes]; /* a row gathered back (a few kB: on the thread's stack) */
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < O / KX16; ++t)
-        for (int64_t b = 0; b < B; ++b) {
-          float out[KX16];
-          const uint8_t* tile = w + t * KX16 * row_bytes;
-          if (isa >= KISA_AVX512_VNNI)
-            (fmt == KFMT_Q4_K_X16 ? q4_k_x16_tile_vnni : q5_k_x16_tile_vnni)(tile, xq + b * I, xd + b * nb,
-                                                                            bsums + b * nb * 16, nb, out);
-          else
-            kx16_tile_rows(tile, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb, out, row, dot,
-                           k_block_bytes(rows_fmt));
-          for (int r = 0; r < KX16; ++r) y[b * O + t * KX16 + r] = out[r] + (bias ? bias[t * KX16 + r] : 0.0f);
-        }
-    }
+    for (int64_t t = 0; t < O / KX16; ++t)
+      for (int64_t b = 0; b < B; ++b) {
+        float out[KX16];
+        const uint8_t* tile = w + t * KX16 * row_bytes;
+        if (isa >= KISA_AVX512_VNNI)
+          (fmt == KFMT_Q4_K_X16 ? q4_k_x16_tile_vnni : q5_k_x16_tile_vnni)(tile, xq + b * I, xd + b * nb,
+                                                                          bsums + b * nb * 16, nb, out);
+        else
+          kx16_tile_rows(tile, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb, out, row, dot,
+                         k_block_bytes(rows_fmt));
+        for (int r = 0; r < KX16; ++r) y[b * O + t * KX16 + r] = out[r] + (bias ? bias[t * KX16 + r] : 0.0f);
+      }
     return;
   }
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp for schedule(static)
   for (int64_t o = 0; o < O; ++o) {
     const uint8_t* row = w + o * row_bytes;
     for (int64_t b = 0; b < B; ++b) {
       y[b * O + o] = dot(row, xq + b * I, xd + b * nb, bsums + b * nb * 16, nb) + (bias ? bias[o] : 0.0f);
     }
   }
+}
+
+/* The same in a parallel region of its own (one wake-up of the threads a call). */
+void chatloop_kquant_linear(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B, int64_t O,
+                            int64_t I, int fmt, int isa, int num_threads, int8_t* xq, float* xd, int16_t* bsums) {
+#pragma omp parallel num_threads(num_threads)
+  chatloop_kquant_linear_shared(x, w, bias, y, B, O, I, fmt, isa, xq, xd, bsums);
 }

@@ -1,10 +1,12 @@
 """A float32 Llama stage's decode steps in one native call (``chatloop/kernels/layers.c``).
 
 At batch 1 a decode step of SmolLM2 spent as long between its matmuls (torch ops, ctypes calls, Python) as in
-them. Where every layer's matrices run on ChatLoop's kernels (float32 ``KernelLinear`` or quantized
-``QuantLinear``, q/k/v and gate/up fused) and the cache attends in place, :class:`LlamaDecodeKernel` runs the
-step's layers with the same kernels in the same order, from C: one call a step instead of ~20 a layer.
-Prefill, padded micro-batches and other dtypes keep the modules' path.
+them. Where every layer's matrices run on ChatLoop's kernels (float32 ``KernelLinear`` or ``QuantLinear`` in any
+type a partition keeps: q8_0 / q4_1, the k-quants, q5_0 / q5_1, f16 / bf16, and their tiles) and the cache attends
+in place, :class:`LlamaDecodeKernel` runs the step's layers with the same kernels in the same order, from C: one
+call a step instead of ~20 a layer. q/k/v and gate/up are fused where their types agree, else passed as separate
+matrices (a GGUF file's ``attn_v`` often has a type of its own). Prefill, padded micro-batches and other dtypes keep
+the modules' path.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ import torch
 from torch import nn
 
 from ..kernels import (
-    FORMAT_IDS,
     ISAS,
     LlamaLayerSpec,
     LlamaShapeSpec,
     MatrixSpec,
+    fused_format,
     load_kernels,
     load_quant_kernels,
     quant_isa,
 )
 from ..quant import QuantLinear
+from ..quant import modules as quant_modules
 from .batch import StepBatch
 from .kv_cache import PagedKVCache
 from .packing import KernelLinear
@@ -36,12 +39,22 @@ def _matrix(module: nn.Module) -> MatrixSpec | None:
     """The kernel's view of a linear layer, or None where it is not on ChatLoop's kernels."""
     if isinstance(module, KernelLinear) and module.weight.dtype == torch.float32:
         fmt = -1
-    elif isinstance(module, QuantLinear) and module.decodes_on_kernel():
-        fmt = FORMAT_IDS[module.fmt]
+    elif isinstance(module, QuantLinear) and quant_modules.load_quant_kernels() is not None \
+            and fused_format(module.fmt) is not None:  # (asked where QuantLinear asks: its decode steps' kernels)
+        fmt = fused_format(module.fmt)
     else:
         return None
     bias = None if module.bias is None else module.bias.data_ptr()
     return MatrixSpec(fmt, module.weight.data_ptr(), bias, module.out_features, module.in_features)
+
+
+def _parts(module: nn.Module, fused: tuple[str, ...], separate: tuple[str, ...]) -> list[nn.Module] | None:
+    """A layer's projections the step runs side by side: the fused one, or the separate ones where their types kept
+    them apart (:func:`~chatloop.models.packing.concat_linear`); None where it has neither."""
+    for names in (fused, separate):
+        if all(hasattr(module, name) for name in names):
+            return [getattr(module, name) for name in names]
+    return None
 
 
 class LlamaDecodeKernel:
@@ -51,13 +64,14 @@ class LlamaDecodeKernel:
         self.layers = (LlamaLayerSpec * len(layers))(*layers)
         self.shape = shape
         self._keep = keep  # the weights the specs point into stay alive with them
-        self.quantized = any(getattr(layer, name).format >= 0 for layer in layers
-                             for name in ("qkv", "o", "gate_up", "down"))
+        self.quantized = any(m.format >= 0 for layer in layers
+                             for m in (*layer.qkv, layer.o, *layer.gate_up, layer.down))
 
     @classmethod
     def for_stage(cls, stage) -> LlamaDecodeKernel | None:
-        """The kernel for a loaded float32 :class:`~chatloop.models.llama.LlamaStage` whose projections are fused
-        and on ChatLoop's kernels and whose norms and rotary run on its row kernels; None otherwise."""
+        """The kernel for a loaded float32 :class:`~chatloop.models.llama.LlamaStage` whose projections are on
+        ChatLoop's kernels (fused, or of types that could not be) and whose norms and rotary run on its row
+        kernels; None otherwise."""
         from .llama import LlamaStage
 
         if not isinstance(stage, LlamaStage) or not stage.single_call_decode or not stage.native_attention \
@@ -66,21 +80,33 @@ class LlamaDecodeKernel:
         layers, keep = [], []
         for layer in stage.decoder_layers():
             attention, mlp = layer.self_attn, layer.mlp
-            if not (attention.native_rope and layer.input_layernorm.native and layer.post_attention_layernorm.native
-                    and hasattr(attention, "qkv_proj") and hasattr(mlp, "gate_up_proj")):
+            if not (attention.native_rope and layer.input_layernorm.native and layer.post_attention_layernorm.native):
                 return None
-            modules = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            qkv = _parts(attention, ("qkv_proj",), ("q_proj", "k_proj", "v_proj"))
+            gate_up = _parts(mlp, ("gate_up_proj",), ("gate_proj", "up_proj"))
+            if qkv is None or gate_up is None:
+                return None
+            modules = (*qkv, attention.o_proj, *gate_up, mlp.down_proj)
             matrices = [_matrix(m) for m in modules]
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(m is None for m in matrices) or any(n.dtype != torch.float32 for n in norms):
                 return None
-            layers.append(LlamaLayerSpec(*matrices, *(n.data_ptr() for n in norms)))
+            specs = iter(matrices)
+            qkv_specs = [next(specs) for _ in qkv] + [MatrixSpec(-1, None, None, 0, 0)] * (3 - len(qkv))
+            o = next(specs)
+            gate_up_specs = [next(specs) for _ in gate_up] + [MatrixSpec(-1, None, None, 0, 0)] * (2 - len(gate_up))
+            layers.append(LlamaLayerSpec((MatrixSpec * 3)(*qkv_specs), o, (MatrixSpec * 2)(*gate_up_specs),
+                                         next(specs), *(n.data_ptr() for n in norms)))
             keep += [*norms, *(m.weight for m in modules)]
         a = stage.args
         quant = load_quant_kernels()
-        quant_linear = ctypes.cast(quant.chatloop_quant_linear_shared, ctypes.c_void_p).value if quant else None
+
+        def address(name: str) -> int | None:
+            return ctypes.cast(getattr(quant, name), ctypes.c_void_p).value if quant else None
+
         shape = LlamaShapeSpec(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size,
-                               a.norm_eps, quant_linear, 0)
+                               a.norm_eps, address("chatloop_quant_linear_shared"), 0,
+                               address("chatloop_kquant_linear_shared"), address("chatloop_gguf_linear_shared"))
         return cls(layers, shape, keep) if layers else None
 
     def __call__(self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache, cos: torch.Tensor,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gguf_files import TYPE_CYCLE, write_tiny_llama
 
-from chatloop.kernels import load_kernels, load_quant_kernels
+from chatloop.kernels import available_isas, load_kernels, load_quant_kernels
 from chatloop.models import StepBatch
 from chatloop.models.llama import DecoderLayer
 from chatloop.partition import load_stage, split_model
@@ -77,3 +78,47 @@ def test_a_wrong_input_is_refused_before_the_kernel_reads_it(tiny_checkpoint, tm
     cos, signed_sin = stage.layer_inputs(batch, torch.float32)
     with pytest.raises(ValueError, match=r"hidden states \[B, 1, 64\].*\(1, 1, 63\)"):
         stage.decode_kernel(torch.randn(1, 1, 63), batch, cache, cos, signed_sin)
+
+
+_ISAS = available_isas()
+_TILED = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q5_0", "Q5_1", "mixed")
+"""Kinds a VNNI CPU loads in tiles of 16 rows, which the other paths read too (row by row)."""
+# Each path on the layouts it loads (rows; VNNI's tiles), and for the tiled kinds the fastest path's layouts read by
+# the others.
+_CASES = [(kind, isa, isa) for kind in (*TYPE_CYCLE, "mixed") for isa in _ISAS] + \
+         [(kind, _ISAS[-1], isa) for kind in _TILED for isa in _ISAS[:-1]]
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    """A tiny Llama GGUF file whose matrices all take one type (or take every type in turn: ``"mixed"``)."""
+    files = {}
+
+    def make(kind: str):
+        if kind not in files:
+            files[kind] = tmp_path_factory.mktemp(kind) / "tiny.gguf"
+            write_tiny_llama(files[kind], types=TYPE_CYCLE if kind == "mixed" else [kind])
+        return files[kind]
+
+    return make
+
+
+@pytest.mark.parametrize("kind, load_isa, run_isa", _CASES)
+def test_a_fused_step_on_every_gguf_type_equals_the_modules(kind, load_isa, run_isa, gguf_file, tmp_path,
+                                                            monkeypatch):
+    """A partition of each type GGUF partitions keep, and one mixing them within a layer (q, k and v of three
+    types: the step runs them as separate matrices), decodes in the one call what the modules decode, on every
+    path of the quantized kernels."""
+    split_model(gguf_file(kind), tmp_path, 1, progress=False)
+    monkeypatch.setenv("CHATLOOP_ISA", load_isa)
+    stage = load_stage(tmp_path, 0, pack_weights=True)
+    monkeypatch.setenv("CHATLOOP_ISA", run_isa)
+    assert stage.decode_kernel is not None and stage.decode_kernel.quantized == (kind != "F32")
+    attention = stage.decoder_layers()[0].self_attn
+    assert hasattr(attention, "qkv_proj") == (kind != "mixed")  # the mixed file's q, k and v stay apart
+    prompts = torch.randint(0, 291, (3, 7), generator=torch.Generator().manual_seed(len(kind)))
+    fused, fused_keys = _decode(stage, True, prompts, 3, monkeypatch)
+    modules, module_keys = _decode(stage, False, prompts, 3, monkeypatch)
+    tolerance = 1e-4 if kind == "F32" else 2e-3  # as above: int8 activations, an ulp may move one a step
+    assert (fused - modules).abs().max().item() <= tolerance * modules.abs().max().item()
+    assert (fused_keys - module_keys).abs().max().item() <= tolerance * module_keys.abs().max().item()
