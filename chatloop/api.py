@@ -133,7 +133,8 @@ def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
             write_worker_configs(directory, manifest)
         except OSError as e:
             log.warning("no worker configs in %s and cannot write them (%s): split again", directory, e)
-    if manifest.num_partitions != cfg.cluster.num_workers:
+    # cluster.plan=auto loads any range from the split's files: as many workers as partitions is not needed
+    if manifest.num_partitions != cfg.cluster.num_workers and cfg.cluster.plan != "auto":
         raise ManifestError(
             f"{directory} holds {manifest.num_partitions} partitions "
             f"but cluster.num_workers={cfg.cluster.num_workers}: "

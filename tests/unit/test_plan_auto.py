@@ -78,3 +78,14 @@ def test_auto_plans_smollm2_in_process_and_generates_the_same_text(local_smollm2
     assert len(ranges[-1]) < len(even_ranges[-1])
     assert got == expected
     assert capacity >= 256
+
+
+def test_auto_needs_no_split_per_worker_count(split16):
+    from chatloop.api import prepare_partitions
+    from chatloop.partition import ManifestError
+
+    overrides = ["cluster=local4", "cluster.num_workers=3", f"model.partitions_dir={split16}", "cache.kv_cache_mb=4",
+                 "cache.min_capacity_tokens=16"]
+    with pytest.raises(ManifestError, match="holds 4 partitions but cluster.num_workers=3"):
+        prepare_partitions(load_config(overrides))
+    assert prepare_partitions(load_config([*overrides, "cluster.plan=auto"])).num_partitions == 4
