@@ -122,14 +122,40 @@ class Expert(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, names: tuple[str, str, str]) -> None:
         super().__init__()
         self.names = names
+        self.intermediate_size = intermediate_size
         gate, up, down = names
         setattr(self, gate, nn.Linear(hidden_size, intermediate_size, bias=False))
         setattr(self, up, nn.Linear(hidden_size, intermediate_size, bias=False))
         setattr(self, down, nn.Linear(intermediate_size, hidden_size, bias=False))
+        self.gate_up: nn.Module | None = None
+        """The gate and up projections as one layer, once :meth:`fuse_gate_up` merged them."""
+
+    def fuse_gate_up(self) -> bool:
+        """Merge quantized gate and up projections into one layer (their rows stacked): a batch-1 expert then makes
+        two kernel calls instead of three, and quantizes its input once. Each output row is computed as before, so
+        decode gives the same values. Float projections stay apart (their GEMM would round another way). Whether
+        they were merged."""
+        from ..quant import QuantLinear
+        from .packing import concat_linear
+
+        gate, up, _ = self.names
+        parts = [getattr(self, gate), getattr(self, up)]
+        if not all(isinstance(p, QuantLinear) for p in parts):
+            return False
+        merged = concat_linear(parts)
+        if merged is None:
+            return False
+        self.gate_up = merged
+        delattr(self, gate)
+        delattr(self, up)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up, down = (getattr(self, name) for name in self.names)
-        return down(F.silu(gate(x)) * up(x))
+        gate_name, up_name, down_name = self.names
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).split(self.intermediate_size, dim=-1)
+            return getattr(self, down_name)(F.silu(gate) * up)
+        return getattr(self, down_name)(F.silu(getattr(self, gate_name)(x)) * getattr(self, up_name)(x))
 
 
 class Router(nn.Module):
@@ -239,6 +265,15 @@ class MoEStage(StageModel):
             self.model.norm = RMSNorm(args.hidden_size, args.norm_eps)
             if not args.tie_word_embeddings:
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, then each quantized expert's gate and up projections merged
+        (:meth:`Expert.fuse_gate_up`): before the loader packs the weights, as it merges a Llama layer's."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for module in self.modules():
+            if isinstance(module, Expert):
+                module.fuse_gate_up()
+        return result
 
     def embed(self, token_ids: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         return self.model.embed_tokens(token_ids)
