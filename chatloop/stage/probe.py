@@ -63,17 +63,19 @@ def _cgroup_memory_room(root: Path, membership: Path) -> int | None:
         if controllers and "memory" not in controllers.split(","):
             continue
         mount = root if not controllers else root / "memory"
-        folder = mount / path.strip("/")
-        folder = folder if folder.is_dir() else mount  # inside a container the mount is its own cgroup
-        for limit_name, usage_name in (("memory.max", "memory.current"),
-                                       ("memory.limit_in_bytes", "memory.usage_in_bytes")):
-            try:
-                limit = (folder / limit_name).read_text().strip()
-                usage = int((folder / usage_name).read_text().strip())
-            except (OSError, ValueError):
-                continue
-            if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
-                rooms.append(max(0, int(limit) - usage))
+        own = mount / path.strip("/")
+        # Its group and every parent's limit apply; inside a container the mount is its own cgroup.
+        chain = [f for f in (own, *own.parents) if f == mount or mount in f.parents] if own.is_dir() else [mount]
+        for folder in chain:
+            for limit_name, usage_name in (("memory.max", "memory.current"),
+                                           ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+                try:
+                    limit = (folder / limit_name).read_text().strip()
+                    usage = int((folder / usage_name).read_text().strip())
+                except (OSError, ValueError):
+                    continue
+                if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
+                    rooms.append(max(0, int(limit) - usage))
     return min(rooms) if rooms else None
 
 

@@ -68,10 +68,31 @@ def test_memory_room_reads_cgroup_v1_and_v2_limits(tmp_path):
                                        "memory/docker/a/memory.usage_in_bytes": "1000000\n"},
                      "5:memory:/docker/a\n3:cpu,cpuacct:/docker/a\n")
     assert _cgroup_memory_room(root, me) == 3000000
+    root, me = _tree(tmp_path / "nested", {"memory/pod/memory.limit_in_bytes": "5000000\n",
+                                           "memory/pod/memory.usage_in_bytes": "4000000\n",
+                                           "memory/pod/c/memory.limit_in_bytes": f"{2**63 - 4096}\n",
+                                           "memory/pod/c/memory.usage_in_bytes": "3000000\n"}, "5:memory:/pod/c\n")
+    assert _cgroup_memory_room(root, me) == 1000000  # the parent's limit binds
     root, me = _tree(tmp_path / "free", {"memory/memory.limit_in_bytes": f"{2**63 - 4096}\n",
                                          "memory/memory.usage_in_bytes": "5\n"}, "5:memory:/\n")
     assert _cgroup_memory_room(root, me) is None
     assert memory_available(root, me) > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(),
+                    reason="needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
+def test_a_worker_under_a_real_memory_limit_reports_only_the_room_left():
+    group = Path("/sys/fs/cgroup/memory") / f"chatloop-probe-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(3 * 2**30))
+        code = (f"import os; open('{group}/cgroup.procs', 'w').write(str(os.getpid()));"
+                "from chatloop.stage.probe import memory_available; print(memory_available())")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert 0 < int(out.stdout) < 3 * 2**30  # the limit less what the process took, whatever the machine has
+    finally:
+        group.rmdir()
 
 
 def test_round_trip_is_the_median_of_the_pings():
