@@ -32,3 +32,24 @@ def test_workers_probe_at_join_and_load_the_planned_ranges(smollm2_split, smollm
         golden = smollm2_hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
                                      pad_token_id=smollm2_hf.config.eos_token_id)[0, ids.shape[1]:].tolist()
     assert results["text"]["token_ids"] == golden, results["text"]
+
+
+@pytest.mark.slow
+def test_a_replaced_worker_is_planned_again_and_the_text_is_unchanged(smollm2_split):
+    """Point 5: self-healing starts a new generation, in which every worker probes again and the plan is made again;
+    the replaced worker loads its (new) range, and greedy text after the recovery is the text before it."""
+    greedy = {"max_new_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True}
+    results = run_cluster(
+        [f"model.partitions_dir={smollm2_split}", "cluster.num_workers=3", "cluster.plan=auto",
+         "worker.worker_threads=1"],
+        [{"name": "before", "op": "generate", "prompt": PLAIN_PROMPT, "params": greedy},
+         {"name": "kill", "op": "signal", "stage": 1, "signal": "SIGKILL"},
+         {"name": "after", "op": "generate", "prompt": PLAIN_PROMPT, "params": greedy},
+         {"name": "stats", "op": "stats"},
+         {"name": "stages", "op": "describe"}],
+        timeout=600,
+    )
+    assert results["stats"]["restarts"]["worker1"] == 1, results["stats"]
+    assert results["after"]["token_ids"] == results["before"]["token_ids"], results
+    ranges = [tuple(int(x) for x in str(s["layers"]).split("-")) for s in results["stages"]]
+    assert [i for a, b in ranges for i in range(a, b + 1)] == list(range(30))
