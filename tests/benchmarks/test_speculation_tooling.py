@@ -13,9 +13,9 @@ def test_speculation_benchmark_measures_every_mode_and_writes_its_figures(smollm
                  "cluster=single", f"model.partitions_dir={smollm2_split}", "cache.kv_cache_mb=32",
                  "speculative.draft_quantization=null"]) == 0
     result = json.loads(out.read_text())
-    assert set(result["rounds"][0]) == {"draft_off", "draft_k2", "ngram_off", "ngram_k3"}
+    assert set(result["rounds"][0]) == {"draft_k2", "ngram_k3"}
     summary = result["summary"]
-    assert summary["draft_off"]["acceptance"] is None and summary["draft_off"]["tokens_per_pass"] == 1
+    assert summary["draft_k2"]["speedup_median"] > 0 and summary["draft_k2"]["off_decode_tokens_per_s"] > 0
     # The model itself (float32) as its own draft: every draft accepted, 3 tokens a pass but for the last.
     assert summary["draft_k2"]["acceptance"] == 1 and summary["draft_k2"]["tokens_per_pass"] > 2
     assert result["rounds"][0]["ngram_k3"]["drafted"] > 0 and summary["ngram_k3"]["decode_tokens_per_s"] > 0
