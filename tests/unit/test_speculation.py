@@ -154,16 +154,21 @@ def draft_model(parts) -> tuple[DraftModelProposer, object]:
 
 
 def run(scheduler: Scheduler, prompts: list[list[int]], params: list[SamplingParams]) -> list:
-    """Submit every prompt at once; each one's (token ids, last event)."""
+    """Submit every prompt at once; each one's (token ids, last event); ``scheduler.texts`` and ``scheduler.scores``
+    get each one's text and token scores."""
     done: queue.Queue = queue.Queue()
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         scheduler.submit(prompt, p, lambda e, i=i: done.put((i, e)))
     tokens: list[list[int]] = [[] for _ in prompts]
+    scheduler.texts = [""] * len(prompts)
+    scheduler.scores = [[] for _ in prompts]
     last: list = [None] * len(prompts)
     while any(e is None for e in last):
         i, event = done.get(timeout=60)
         assert event.error is None, event.error
         tokens[i] += event.token_ids
+        scheduler.texts[i] += event.text
+        scheduler.scores[i] += event.logprobs
         if event.finish_reason is not None:
             last[i] = event
     return list(zip(tokens, last))
@@ -246,10 +251,29 @@ def test_logprobs_and_seeded_sampling_are_those_without_ngram_drafts(split):
     batch = prompts(2, seed=4)
     sampled = [SamplingParams(max_new_tokens=16, ignore_eos=True, temperature=0.8, seed=5, logprobs=2),
                SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=1)]
-    plain, _ = generate(parts, batch, sampled)
+    plain, p = generate(parts, batch, sampled)
     spec, s = generate(parts, batch, sampled, speculative_method="ngram", num_speculative_tokens=4)
     assert s.stats.drafted_tokens > 0
     assert [t for t, _ in spec] == [t for t, _ in plain]
+    for with_drafts, without in zip(s.scores, p.scores):  # each token's score computed at a draft's place
+        assert [x.token_id for x in with_drafts] == [x.token_id for x in without] and len(without) == 16
+        assert [x.logprob for x in with_drafts] == pytest.approx([x.logprob for x in without], abs=1e-4)
+        assert [[t for t, _ in x.top] for x in with_drafts] == [[t for t, _ in x.top] for x in without]
+
+
+def test_a_stop_string_inside_the_accepted_drafts_ends_the_text_before_it(split):
+    parts = split("llama", 2)
+    batch = prompts(1)
+    _, p = generate(parts, batch, [GREEDY])
+    text = p.texts[0]
+    stop = text[10:12]  # (the model itself as its draft: the stop string arrives inside a run of accepted drafts)
+    stopped = SamplingParams(max_new_tokens=24, ignore_eos=True, stop=(stop,))
+    without, _ = generate(parts, batch, [stopped])
+    same = draft_model(split("llama", 1))
+    spec, s = generate(parts, batch, [stopped], draft=same, speculative_method="draft", num_speculative_tokens=8)
+    same[1].shutdown()
+    assert s.texts[0] == text[: text.index(stop)] and spec[0][1].finish_reason == "stop"
+    assert spec[0][0] == without[0][0] and s.allocator.num_free == NUM_BLOCKS
 
 
 def test_seeded_sampling_with_a_draft_model_is_reproducible(split):
