@@ -203,18 +203,19 @@ class Generation:
         back, gets a plan of its own speed (a changed range loads again)."""
         timeout = max(1.0, deadline - time.monotonic())
         futures = [rpc.rpc_async(spec.name, worker_host.probe, args=(spec,), timeout=timeout) for spec in specs]
-        figures = []
+        figures, current = [], []
         for k, (spec, future) in enumerate(zip(specs, futures)):
             try:
-                found = future.wait()
+                found, held = future.wait()
                 start = time.perf_counter()  # half the round trip of a call: its hop
                 rpc.rpc_sync(spec.name, worker_host.alive, timeout=timeout)
                 figures.append(replace(found, hop_s=(time.perf_counter() - start) / 2))
+                current.append(held)
             except Exception as e:
                 raise GenerationError([k], f"{spec.name} could not probe its host: {first_line(e)}",
                                       named=True) from None
         try:
-            planned, _ = plan_specs(self.cfg, specs, figures, Manifest.load(Path(self.partitions_dir)))
+            planned, _ = plan_specs(self.cfg, specs, figures, Manifest.load(Path(self.partitions_dir)), current)
         except PlanError as e:
             raise GenerationError(list(range(len(specs))), f"cluster.plan=auto: {e}") from None
         return planned

@@ -84,11 +84,14 @@ class WorkerHost:
         self.stage = RemoteStage(spec, rpc_timeout_s, observers=self.observers)
         return self.describe()
 
-    def probe(self, spec: StageSpec) -> HostFigures:
-        """This host's figures for ``cluster.plan=auto`` (:mod:`chatloop.stage.probe`), on its own files."""
+    def probe(self, spec: StageSpec) -> tuple[HostFigures, LayerRange | None]:
+        """This host's figures for ``cluster.plan=auto`` (:mod:`chatloop.stage.probe`), on its own files, and the
+        range of the healthy stage it holds (None: none), which the plan keeps unless a new one is clearly faster."""
         if self.own is not None:
             spec = replace(spec, directory=self.own.partitions_dir, held_files=tuple(self.own.held_files))
-        return probe_spec(spec)
+        stage = self.stage
+        held = stage.runner.stage.layers_range if stage is not None and stage.runner.unhealthy is None else None
+        return probe_spec(spec), held
 
     def connect(self, next_name: str, next_address: str, secret: str, report_address: str) -> None:
         """Serve links that show this generation's ``secret``, and link its stage to the next one (``next_name``, at
@@ -211,7 +214,7 @@ def describe() -> StageReport:
     return _served().describe()
 
 
-def probe(spec: StageSpec) -> HostFigures:
+def probe(spec: StageSpec) -> tuple[HostFigures, LayerRange | None]:
     return _served().probe(spec)
 
 

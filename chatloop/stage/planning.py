@@ -11,9 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import ChatLoopConfig
+from ..models import LayerRange
 from ..partition import Manifest, PlanError
 from ..partition.costs import model_costs
-from ..partition.placement import HostFigures, Placement, place_layers
+from ..partition.placement import HostFigures, Placement, place_layers, predict
 from .runner import StageSpec
 
 __all__ = ["plan_from_files", "plan_specs"]
@@ -21,11 +22,18 @@ __all__ = ["plan_from_files", "plan_specs"]
 log = logging.getLogger(__name__)
 
 
+KEEP_WITHIN = 0.10
+"""A new generation keeps the ranges its workers hold while they are predicted this close to the new plan's speed:
+probes on a busy machine vary by more than that, and a changed range reloads its stage."""
+
+
 def plan_specs(cfg: ChatLoopConfig, specs: Sequence[StageSpec], figures: Sequence[HostFigures],
-               manifest: Manifest) -> tuple[list[StageSpec], Placement]:
+               manifest: Manifest, current: Sequence[LayerRange | None] = ()) -> tuple[list[StageSpec], Placement]:
     """``specs`` (one per worker, in chain order) given the ranges the placement chooses from ``figures`` (each
     worker's probe, same order), at ``batching.max_batch_size``. Every worker keeps at least one layer (it has
     joined); its KV pool grows with its layers, so the pipeline holds as many tokens as the even split's.
+    ``current``: the range each worker holds now (None: a worker that holds none, such as a replacement); while they
+    still cover the model and are predicted within :data:`KEEP_WITHIN` of the new plan, they are kept.
 
     Raises :class:`~chatloop.partition.PlanError` when no plan fits the workers' memory and files.
     """
@@ -35,6 +43,17 @@ def plan_specs(cfg: ChatLoopConfig, specs: Sequence[StageSpec], figures: Sequenc
     costs = model_costs(manifest, kv_cache_mb=cfg.cache.kv_cache_mb, num_hosts=len(specs))
     placement = place_layers(figures, costs, cfg.batching.max_batch_size, keep_all=True,
                              in_flight=cfg.cluster.max_in_flight)
+    kept = _keepable(list(current), costs.num_layers)
+    if kept is not None and kept != placement.ranges:
+        try:
+            now = predict(figures, costs, kept, cfg.batching.max_batch_size, in_flight=cfg.cluster.max_in_flight)
+        except PlanError:  # a worker now lacks the memory or the files for its range
+            now = None
+        if now is not None and now.tokens_per_s >= placement.tokens_per_s * (1 - KEEP_WITHIN):
+            log.info("plan auto: keeping the ranges %s (predicted %.1f tokens/s; the new plan %s, %.1f)",
+                     ", ".join(map(str, kept)), now.tokens_per_s, ", ".join(map(str, placement.ranges)),
+                     placement.tokens_per_s)
+            placement = now
     even_share = math.ceil(costs.num_layers / len(specs))
     planned = [replace(spec, expected_layers=stage.layers, expected_file=None, planned=True,
                        kv_cache_mb=spec.kv_cache_mb * len(stage.layers) / even_share)
@@ -45,6 +64,23 @@ def plan_specs(cfg: ChatLoopConfig, specs: Sequence[StageSpec], figures: Sequenc
     log.info("plan auto: predicted %.1f tokens/s at batch 1, %.1f at batch %d", placement.tokens_per_s_1,
              placement.tokens_per_s, placement.batch)
     return planned, placement
+
+
+def _keepable(current: list[LayerRange | None], num_layers: int) -> list[LayerRange] | None:
+    """``current`` as a plan: the ranges, one missing one (a replaced worker's) filled from its neighbours, if they
+    cover every layer once in order; else None."""
+    if not current or current.count(None) > 1:
+        return None
+    if None in current:
+        k = current.index(None)
+        start = current[k - 1].end + 1 if k > 0 else 0
+        end = current[k + 1].start - 1 if k + 1 < len(current) else num_layers - 1
+        if end < start:
+            return None
+        current[k] = LayerRange(start, end)
+    if [i for r in current for i in r.indices] != list(range(num_layers)):
+        return None
+    return current
 
 
 def plan_from_files(cfg: ChatLoopConfig, specs: Sequence[StageSpec], directory: str | Path) -> list[StageSpec]:

@@ -89,3 +89,28 @@ def test_auto_needs_no_split_per_worker_count(split16):
     with pytest.raises(ManifestError, match="holds 4 partitions but cluster.num_workers=3"):
         prepare_partitions(load_config(overrides))
     assert prepare_partitions(load_config([*overrides, "cluster.plan=auto"])).num_partitions == 4
+
+
+def test_a_new_generation_keeps_ranges_nearly_as_fast(split16):
+    from chatloop.partition import Manifest
+    from chatloop.partition.placement import HostFigures
+    from chatloop.stage import stage_specs
+    from chatloop.stage.planning import plan_specs
+
+    cfg = load_config(["cluster=local4", "cluster.num_workers=2", "cluster.plan=auto",
+                       f"model.partitions_dir={split16}", "cache.kv_cache_mb=4"])
+    specs, manifest = stage_specs(cfg, split16), Manifest.load(split16)
+
+    def plan(slow_ms, current=()):
+        found = [HostFigures(name=f"h{k}", decode_s={1: t / 1e3, 16: 16 * t / 1e3}, memory_bytes=2**30)
+                 for k, t in enumerate((1.0, slow_ms))]
+        return [s.expected_layers for s in plan_specs(cfg, specs, found, manifest, current)[0]]
+
+    first = plan(1.5)
+    assert first == [LayerRange(0, 9), LayerRange(10, 15)]
+    again = plan(1.32)  # probed again: the second host seems faster
+    assert again == [LayerRange(0, 8), LayerRange(9, 15)]  # alone, a layer would move (and both stages reload)
+    assert plan(1.32, first) == first  # the first plan is predicted within 10%: kept
+    assert plan(1.32, [LayerRange(0, 3), LayerRange(4, 15)]) == again  # too slow: replaced
+    assert plan(1.32, [first[0], None]) == first  # a replacement holds nothing: the gap is its own
+    assert plan(1.32, [None, None]) == again
