@@ -274,23 +274,28 @@ void chatloop_gguf_x16_rows(const uint8_t* w, const int64_t* ids, uint8_t* out, 
   }
 }
 
-/* y[0..15]: one activation row against one tile, on VNNI. */
+/* y[r * O + 0..15] for r < rows (<= GX16_ROWS, a constant where inlined): rows activation rows (xq rows of I
+ * bytes, xd and xs rows of nb) against one tile, on VNNI. Each block's weights are decoded once for all the rows
+ * (at batch 16 the decoding, redone a row, was most of the work); each row's sums are what one row alone gets. */
+#define GX16_ROWS 4
 __attribute__((target(AVX512_TARGET), always_inline)) static inline void q5_x16_tile_vnni(
-    const uint8_t* tile, const int8_t* xq, const float* xd, const float* xs, int64_t nb, float* y, const int one) {
+    const uint8_t* tile, const int8_t* xq, const float* xd, const float* xs, int64_t nb, int64_t I, int rows,
+    float* y, int64_t O, const int one) {
   const int bytes = one ? 24 : 22, header = one ? 4 : 2;
   const __m512i low4 = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(0x10);
   const __m512i dword_base = _mm512_set_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0, 0x0C0C0C0C, 0x08080808,
                                               0x04040404, 0, 0x0C0C0C0C, 0x08080808, 0x04040404, 0, 0x0C0C0C0C,
                                               0x08080808, 0x04040404, 0);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[GX16_ROWS];
+#pragma GCC unroll 4
+  for (int r = 0; r < GX16_ROWS; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < nb; ++k) {
     const uint8_t* blk = tile + k * GX16 * bytes;
-    const int8_t* q = xq + k * QK;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)blk));
     const __m512 c = one ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 32)))
                          : _mm512_mul_ps(d, _mm512_set1_ps(-16.0f));
     const __m512i qh = _mm512_loadu_si512(blk + 16 * header);
-    __m512i isum = _mm512_setzero_si512();
+    __m512i lo[4], hi[4];
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {
       const __m512i v = _mm512_loadu_si512(blk + 16 * header + 64 + 64 * g);
@@ -299,30 +304,47 @@ __attribute__((target(AVX512_TARGET), always_inline)) static inline void q5_x16_
                                                    (8u << shift) << 24));
       const __m512i lo_bytes = _mm512_shuffle_epi8(qh, _mm512_add_epi8(dword_base, _mm512_set1_epi8((char)(g / 2))));
       const __m512i hi_bytes = _mm512_shuffle_epi8(qh, _mm512_add_epi8(dword_base, _mm512_set1_epi8((char)(2 + g / 2))));
-      __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(lo_bytes, bits), lo, sixteen);
-      hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(hi_bytes, bits), hi, sixteen);
-      int32_t x_lo, x_hi;
-      memcpy(&x_lo, q + 4 * g, 4);
-      memcpy(&x_hi, q + 16 + 4 * g, 4);
-      isum = _mm512_dpbusd_epi32(isum, lo, _mm512_set1_epi32(x_lo));
-      isum = _mm512_dpbusd_epi32(isum, hi, _mm512_set1_epi32(x_hi));
+      lo[g] = _mm512_and_si512(v, low4), hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      lo[g] = _mm512_mask_add_epi8(lo[g], _mm512_test_epi8_mask(lo_bytes, bits), lo[g], sixteen);
+      hi[g] = _mm512_mask_add_epi8(hi[g], _mm512_test_epi8_mask(hi_bytes, bits), hi[g], sixteen);
     }
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(xd[k])), acc);
-    acc = _mm512_fmadd_ps(c, _mm512_set1_ps(xs[k]), acc);
+#pragma GCC unroll 4
+    for (int r = 0; r < GX16_ROWS; ++r) {
+      if (r >= rows)
+        break;
+      const int8_t* q = xq + r * I + k * QK;
+      __m512i isum = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        int32_t x_lo, x_hi;
+        memcpy(&x_lo, q + 4 * g, 4);
+        memcpy(&x_hi, q + 16 + 4 * g, 4);
+        isum = _mm512_dpbusd_epi32(isum, lo[g], _mm512_set1_epi32(x_lo));
+        isum = _mm512_dpbusd_epi32(isum, hi[g], _mm512_set1_epi32(x_hi));
+      }
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(xd[r * nb + k])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(c, _mm512_set1_ps(xs[r * nb + k]), acc[r]);
+    }
   }
-  _mm512_storeu_ps(y, acc);
+#pragma GCC unroll 4
+  for (int r = 0; r < GX16_ROWS; ++r)
+    if (r < rows)
+      _mm512_storeu_ps(y + r * O, acc[r]);
 }
-__attribute__((target(AVX512_TARGET))) static void q5_0_x16_tile_vnni(const uint8_t* tile, const int8_t* xq,
-                                                                      const float* xd, const float* xs, int64_t nb,
-                                                                      float* y) {
-  q5_x16_tile_vnni(tile, xq, xd, xs, nb, y, 0);
-}
-__attribute__((target(AVX512_TARGET))) static void q5_1_x16_tile_vnni(const uint8_t* tile, const int8_t* xq,
-                                                                      const float* xd, const float* xs, int64_t nb,
-                                                                      float* y) {
-  q5_x16_tile_vnni(tile, xq, xd, xs, nb, y, 1);
-}
+/* Each row count its own code (rows a constant in each inlined copy). */
+#define Q5_X16_TILE(name, one)                                                                                        \
+  __attribute__((target(AVX512_TARGET))) static void name(const uint8_t* tile, const int8_t* xq, const float* xd,   \
+                                                          const float* xs, int64_t nb, int64_t I, int rows,       \
+                                                          float* y, int64_t O) {                                  \
+    switch (rows) {                                                                                                 \
+      case 4: q5_x16_tile_vnni(tile, xq, xd, xs, nb, I, 4, y, O, one); break;                                       \
+      case 3: q5_x16_tile_vnni(tile, xq, xd, xs, nb, I, 3, y, O, one); break;                                       \
+      case 2: q5_x16_tile_vnni(tile, xq, xd, xs, nb, I, 2, y, O, one); break;                                       \
+      default: q5_x16_tile_vnni(tile, xq, xd, xs, nb, I, 1, y, O, one); break;                                      \
+    }                                                                                                               \
+  }
+Q5_X16_TILE(q5_0_x16_tile_vnni, 0)
+Q5_X16_TILE(q5_1_x16_tile_vnni, 1)
 
 /* y [B, O] = x [B, I] W^T + bias for W [O, row bytes] in fmt (GFMT_*), shared among the threads of the caller's
  * parallel region (orphaned omp fors, each ending with its barrier: layers.c's one-call decode step calls it so);
@@ -348,9 +370,15 @@ void chatloop_gguf_linear_shared(const float* x, const uint8_t* w, const float* 
       for (int64_t b = 0; b < B; ++b) {
         float out[GX16];
         const uint8_t* tile = w + t * GX16 * row_bytes;
-        if (isa >= GISA_AVX512) {
+        if (isa >= GISA_AVX512) { /* GX16_ROWS rows at once, straight into y */
+          const int rows = B - b < GX16_ROWS ? (int)(B - b) : GX16_ROWS;
           (fmt == GFMT_Q5_0_X16 ? q5_0_x16_tile_vnni : q5_1_x16_tile_vnni)(tile, xq + b * I, xd + b * nb,
-                                                                          xs + b * nb, nb, out);
+                                                                          xs + b * nb, nb, I, rows,
+                                                                          y + b * O + t * GX16, O);
+          for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < GX16; ++j) y[(b + r) * O + t * GX16 + j] += bias ? bias[t * GX16 + j] : 0.0f;
+          b += rows - 1;
+          continue;
         } else {
           for (int r = 0; r < GX16; ++r) {
             for (int64_t k = 0; k < nb; ++k)

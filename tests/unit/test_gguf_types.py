@@ -137,7 +137,8 @@ def test_the_decode_kernels_compute_their_reference_arithmetic_on_every_path(isa
 
 @pytest.mark.parametrize("isa", available_isas() or ["none"])
 @pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q5_0", "q5_1"])
-def test_tiles_of_16_rows_compute_what_their_rows_do(isa, fmt, monkeypatch):
+@pytest.mark.parametrize("batch", [3, 9])  # VNNI's tiles take up to 4 rows at once: 9 = 4 + 4 + 1
+def test_tiles_of_16_rows_compute_what_their_rows_do(isa, fmt, batch, monkeypatch):
     """q4_k_x16, q5_k_x16, q5_0_x16 and q5_1_x16 hold the same bytes rearranged (and back again exactly); each path
     computes on them the reference of the rows they came from. A stage's layers of these types take them where the
     kernel runs on VNNI: decode steps on the tiles, prefill on the rows gathered back and dequantized."""
@@ -149,7 +150,7 @@ def test_tiles_of_16_rows_compute_what_their_rows_do(isa, fmt, monkeypatch):
     back, name = kernel_kquant_interleave(tiles, tiled, inverse=True)
     assert name == fmt and torch.equal(back, data)
     assert torch.equal(kernel_kquant_rows(tiles, torch.tensor([5, 0, 47, 16]), tiled), data[[5, 0, 47, 16]])
-    x = torch.randn(3, 768) * torch.logspace(-1, 1, 768)
+    x = torch.randn(batch, 768) * torch.logspace(-1, 1, 768)
     x[0, :256] = 0
     bias = torch.randn(48)
     got = _kernel_linear(x, tiles, tiled, bias, isa)
