@@ -45,6 +45,7 @@ from .partition import Manifest, ManifestError, split_model
 from .partition.splitter import write_worker_configs
 from .paths import cache_root
 from .stage import StageRunner, build_stage_runner, kv_blocks, stage_specs
+from .stage.plan_report import DecodeMeter, plan_report
 from .worker_config import CONFIG_DIR
 from .worker_settings import stages_at_once
 
@@ -160,13 +161,18 @@ class ChatLoop:
     ``submit``, ``stats``, ``describe_stages``, ``context_length``, ``vocab_size``, ``stage_names``.
     """
 
-    def __init__(self, cfg: ChatLoopConfig, manifest: Manifest, pipeline: Pipeline, cluster=None) -> None:
+    def __init__(self, cfg: ChatLoopConfig, manifest: Manifest, pipeline: Pipeline, cluster=None,
+                 local_plan: tuple | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.config = cfg
         self.manifest = manifest
         self.pipeline = pipeline
         self.cluster = cluster
+        self._local_plan = local_plan  # in process, under plan=auto: (placement, figures); a cluster keeps its own
+        self.decode_meter = DecodeMeter()
+        """The recent decode steps' tokens/s (the status page shows them beside the plan's predictions)."""
+        pipeline.add_observer(self.decode_meter)  # a cluster's pipelines share one observer list: it carries over
         directory = partitions_dir_for(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
         self.capacity_tokens = pipeline.num_blocks * pipeline.block_size
@@ -232,7 +238,9 @@ class ChatLoop:
         cfg = cfg or load_config(overrides)
         if cfg.cluster.in_process:
             manifest = prepare_partitions(cfg)
-            return cls(cfg, manifest, _local_pipeline(cfg, manifest))
+            plan: list = []
+            pipeline = _local_pipeline(cfg, manifest, plan)
+            return cls(cfg, manifest, pipeline, local_plan=plan[0] if plan else None)
         from .runtime import RpcCluster
 
         holder: dict[str, Manifest] = {}
@@ -295,6 +303,14 @@ class ChatLoop:
             kv_blocks_cached=allocator.num_cached,
             speculative_drafted_tokens=s.drafted_tokens, speculative_accepted_tokens=s.accepted_tokens,
         )
+
+    def plan_report(self) -> dict:
+        """The plan as GET /v1/status shows it: under cluster.plan=auto each host's figures, layers and predicted
+        tokens/s (:func:`~chatloop.stage.plan_report.plan_report`); in every case the measured decode tokens/s."""
+        cfg = self.config.cluster
+        placement, figures = self.cluster.placement if self.cluster is not None else (self._local_plan or (None, []))
+        kind = "auto" if cfg.plan == "auto" else "ranges" if cfg.workers else "even"
+        return plan_report(kind, placement, figures, self.decode_meter)
 
     def describe_stages(self, timeout: float = 5.0) -> list[StageReport]:
         """Every stage's report; a stage that does not answer within ``timeout`` seconds is reported down, and
@@ -463,12 +479,13 @@ def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
     return replace(params, **sampling) if sampling else params
 
 
-def _local_pipeline(cfg: ChatLoopConfig, manifest: Manifest) -> LocalPipeline:
+def _local_pipeline(cfg: ChatLoopConfig, manifest: Manifest, plan_out: list | None = None) -> LocalPipeline:
     executor = compute_thread("local")
-    return LocalPipeline(executor.submit(_load_runners, cfg, manifest).result(), executor)
+    return LocalPipeline(executor.submit(_load_runners, cfg, manifest, plan_out).result(), executor)
 
 
-def _load_runners(cfg: ChatLoopConfig, manifest: Manifest) -> list[StageRunner]:
+def _load_runners(cfg: ChatLoopConfig, manifest: Manifest, plan_out: list | None = None) -> list[StageRunner]:
+    """The stages' runners in this process; under cluster.plan=auto, ``plan_out`` gets (placement, figures)."""
     specs = stage_specs(cfg, partitions_dir_for(cfg))
     if cfg.cluster.plan == "auto" and not cfg.cluster.figures:  # one probe stands for all, sharing its memory
         from .stage.planning import plan_specs
@@ -476,7 +493,14 @@ def _load_runners(cfg: ChatLoopConfig, manifest: Manifest) -> list[StageRunner]:
 
         here = probe_spec(specs[0])
         here = replace(here, memory_bytes=here.memory_bytes // len(specs))
-        specs, _ = plan_specs(cfg, specs, [here] * len(specs), manifest)
+        specs, placement = plan_specs(cfg, specs, [here] * len(specs), manifest)
+        if plan_out is not None:
+            plan_out.append((placement, [replace(here, name=spec.name) for spec in specs]))
+    elif cfg.cluster.plan == "auto" and plan_out is not None:  # stage_specs planned from cluster.figures: again
+        from .stage.planning import figures_from_files, plan_specs
+
+        figures = figures_from_files(cfg)
+        plan_out.append((plan_specs(cfg, specs, figures, manifest)[1], figures))
     return [build_stage_runner(spec, manifest) for spec in specs]
 
 

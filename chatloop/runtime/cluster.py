@@ -29,6 +29,7 @@ from ..config import ChatLoopConfig
 from ..engine import StageReport, first_line
 from ..engine.pipeline import StepObserver, stage_name
 from ..network import rank_address, rank_interfaces, under_torchrun
+from ..partition.placement import HostFigures, Placement
 from .faults import GenerationError, Loss
 from .generation import Generation
 from .healing import State, Watchdog
@@ -117,6 +118,12 @@ class RpcCluster:
     def stage_reports(self) -> list[StageReport]:
         """What each stage said when the current generation loaded it."""
         return self.current.stage_reports if self.current is not None else []
+
+    @property
+    def placement(self) -> tuple[Placement | None, list[HostFigures]]:
+        """The current generation's plan under cluster.plan=auto and the figures it came from ((None, []) else)."""
+        current = self.current
+        return (current.placement, current.plan_figures) if current is not None else (None, [])
 
     @property
     def workers(self) -> list[WorkerProcess]:

@@ -28,8 +28,9 @@ from ..engine import StageLostError, StageReport, first_line
 from ..engine.pipeline import StepObserver, stage_name
 from ..network import under_torchrun
 from ..partition import Manifest, PlanError
+from ..partition.placement import HostFigures, Placement
 from ..stage import StageSpec, stage_specs
-from ..stage.planning import plan_specs
+from ..stage.planning import figures_from_files, plan_specs
 from . import worker_host
 from .faults import GenerationError, Loss
 from .links import Link, LinkListener
@@ -86,6 +87,10 @@ class Generation:
         """Once loaded, until left."""
         self.stage_reports: list[StageReport] = []
         """What each stage said when it loaded."""
+        self.placement: Placement | None = None
+        """Under cluster.plan=auto, the plan this generation loaded (the status page shows it)."""
+        self.plan_figures: list[HostFigures] = []
+        """The figures it was planned from, in chain order."""
         self.rpc_up = False
         """This rank's RPC agent belongs to this generation (it formed, and has not been left)."""
         self.left = False
@@ -168,6 +173,9 @@ class Generation:
         specs = stage_specs(cfg, self.partitions_dir)
         if cfg.cluster.plan == "auto" and not cfg.cluster.figures:
             specs = self._planned(specs, deadline)
+        elif cfg.cluster.plan == "auto":  # stage_specs planned from the files: the same plan again, to show it
+            self.plan_figures = figures_from_files(cfg)
+            _, self.placement = plan_specs(cfg, specs, self.plan_figures, Manifest.load(Path(self.partitions_dir)))
         names = [spec.name for spec in specs]
         timeout = max(1.0, deadline - time.monotonic())
         futures = [rpc.rpc_async(spec.name, worker_host.create_stage, args=(spec, cfg.cluster.rpc_timeout_s),
@@ -215,9 +223,11 @@ class Generation:
                 raise GenerationError([k], f"{spec.name} could not probe its host: {first_line(e)}",
                                       named=True) from None
         try:
-            planned, _ = plan_specs(self.cfg, specs, figures, Manifest.load(Path(self.partitions_dir)), current)
+            planned, self.placement = plan_specs(self.cfg, specs, figures, Manifest.load(Path(self.partitions_dir)),
+                                                 current)
         except PlanError as e:
             raise GenerationError(list(range(len(specs))), f"cluster.plan=auto: {e}") from None
+        self.plan_figures = figures
         return planned
 
     def _link_stages(self, names: list[str], reports: list[StageReport]) -> Link:

@@ -152,7 +152,9 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
     @v1.get("/status", responses=auth_errors, summary="The coordinator and every stage (what chatloop-status prints)")
     async def status(request: Request) -> dict:
         report = await health.check(max_age=1.0)
-        return build_status(engine.stats(), report, model=name, ports=_own_ports(cfg, request.url.port))
+        plan = getattr(engine, "plan_report", None)  # (an engine that does not plan has none)
+        return build_status(engine.stats(), report, model=name, ports=_own_ports(cfg, request.url.port),
+                            plan=plan() if plan is not None else None)
 
     app.include_router(v1)
 

@@ -29,16 +29,18 @@ import psutil
 from ..engine import EngineStats
 from .health import HealthReport
 
-__all__ = ["build_status", "format_table", "main"]
+__all__ = ["build_status", "format_plan", "format_table", "main"]
 
 COLUMNS = ("NAME", "ROLE/RANK", "HOST", "PORTS", "LAYERS", "PARTITION", "MEMORY", "STATUS")
 
 
 def build_status(stats: EngineStats, report: HealthReport, *, model: str,
-                 ports: dict[str, int] | None = None) -> dict[str, Any]:
+                 ports: dict[str, int] | None = None, plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """The coordinator and every stage: where it runs, what it holds, how long it has been up, its state.
 
     ``ports``: the coordinator's own ({"http": 8000, "store": 50050}); a worker reports its own.
+    ``plan``: how the layers were placed, predicted and measured tokens/s
+    (:func:`~chatloop.stage.plan_report.plan_report`).
     """
     queue = {
         "num_waiting": stats.num_waiting, "num_running": stats.num_running, "num_in_flight": stats.num_in_flight,
@@ -83,7 +85,7 @@ def build_status(stats: EngineStats, report: HealthReport, *, model: str,
         if not stage.up:
             node["error"] = stage.error
         nodes.append(node)
-    return {"model": model, "healthy": report.healthy, "checked_at": report.checked_at, "nodes": nodes}
+    return {"model": model, "healthy": report.healthy, "checked_at": report.checked_at, "nodes": nodes, "plan": plan}
 
 
 # ---- the command-line client -----------------------------------------------------------------
@@ -150,6 +152,37 @@ def format_table(status: dict[str, Any]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _figure(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The status document's plan: under auto one line per host (its probe, its layers, its predicted step), then the
+    predicted tokens/s beside the measured ones."""
+    measured = plan.get("measured") or {}
+    seen = (f"measured {_figure(measured.get('tokens_per_s_1'))} tokens/s at batch 1, "
+            f"{_figure(measured.get('tokens_per_s'))} at {_figure(measured.get('sequences'))} sequences in flight"
+            if measured.get("tokens_per_s") is not None else "measured: no decode steps yet")
+    if "stages" not in plan:
+        return f"plan {plan['plan']}: {plan.get('note', '')}\n{seen}"
+    header = ["HOST", "LAYERS", "THREADS", "CPU LIMIT", "MEMORY", "LAYER MS b1", f"b{plan['micro_batch']}",
+              "HOP MS", "STEP MS b1", f"b{plan['micro_batch']}"]
+    rows = [header] + [[
+        s["host"], s["layers"], _figure(s.get("threads"), "d") if s.get("threads") else "-",
+        _figure(s.get("cpu_limit"), ".2f"), _bytes(s.get("memory_bytes")),
+        _figure((s.get("layer_ms") or {}).get("1"), ".3f"), _figure(s.get("layer_ms_at_micro_batch"), ".3f"),
+        _figure(s.get("hop_ms"), ".3f"), _figure(s["step_ms_1"], ".2f"), _figure(s["step_ms"], ".2f"),
+    ] for s in plan["stages"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [f"plan auto: batch {plan['batch']} as {plan['micro_batches']} micro-batch(es) of {plan['micro_batch']}"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [f"left out {host}: {why}" for host, why in plan.get("left_out", {}).items()]
+    predicted = plan["predicted"]
+    lines.append(f"predicted {predicted['tokens_per_s_1']:.1f} tokens/s at batch 1, {predicted['tokens_per_s']:.1f} "
+                 f"at batch {plan['batch']}; {seen}")
+    return "\n".join(lines)
+
+
 def fetch_status(url: str, api_key: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
     """GET {url}/v1/status; raise RuntimeError saying what went wrong."""
     request = urllib.request.Request(url.rstrip("/") + "/v1/status")
@@ -191,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {status['model']} at {args.url}: "
               f"{'healthy' if status['healthy'] else 'DEGRADED (a stage is down)'}")
         print(format_table(status))
+        if status.get("plan"):
+            print(format_plan(status["plan"]))
     return 0 if status["healthy"] else 1
 
 

@@ -17,7 +17,7 @@ from ..partition.costs import model_costs
 from ..partition.placement import HostFigures, Placement, place_layers, predict
 from .runner import StageSpec
 
-__all__ = ["plan_from_files", "plan_specs"]
+__all__ = ["figures_from_files", "plan_from_files", "plan_specs"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,13 @@ def _keepable(current: list[LayerRange | None], num_layers: int) -> list[LayerRa
 
 def plan_from_files(cfg: ChatLoopConfig, specs: Sequence[StageSpec], directory: str | Path) -> list[StageSpec]:
     """:func:`plan_specs` from the figures files ``cluster.figures`` names (``chatloop-plan probe --output``)."""
+    planned, _ = plan_specs(cfg, specs, figures_from_files(cfg), Manifest.load(Path(directory)))
+    return planned
+
+
+def figures_from_files(cfg: ChatLoopConfig) -> list[HostFigures]:
+    """The figures each file ``cluster.figures`` names holds, in chain order; :class:`PlanError` naming one that
+    cannot be read."""
     figures = []
     for path in cfg.cluster.figures:
         try:
@@ -92,5 +99,4 @@ def plan_from_files(cfg: ChatLoopConfig, specs: Sequence[StageSpec], directory: 
         except (OSError, json.JSONDecodeError) as e:
             raise PlanError(f"cluster.figures: cannot read {path} ({e}): write it with chatloop-plan probe --output "
                             f"{path} on its worker's host") from None
-    planned, _ = plan_specs(cfg, specs, figures, Manifest.load(Path(directory)))
-    return planned
+    return figures

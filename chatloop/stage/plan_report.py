@@ -1,0 +1,101 @@
+"""The plan as the status page shows it (issue 24, point 4): each host's probe figures, its layers, the predicted
+tokens/s at batch 1 and at the batch size, and beside them the measured ones (:class:`DecodeMeter`)."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections import deque
+from collections.abc import Sequence
+from itertools import pairwise
+from typing import Any
+
+from ..engine.pipeline import StepRecord
+from ..partition.placement import HostFigures, Placement, layer_seconds
+
+__all__ = ["DecodeMeter", "plan_report"]
+
+IDLE_S = 0.5
+"""A pause longer than this between decode steps is idle time (no request), not the coordinator's share of a step."""
+WINDOW_S = 30.0
+"""The measured figures are those of the decode steps in the last this many seconds of decoding."""
+
+
+class DecodeMeter:
+    """A step observer (``Pipeline.add_observer``) that keeps the recent decode steps and measures their tokens/s.
+
+    At the batch: the sequences decoded over the time the pipeline was decoding (gaps under :data:`IDLE_S`, the
+    coordinator's own work between steps, count; longer ones do not). At batch 1: one over the mean interval between
+    consecutive steps of a lone sequence (each one micro-batch of one sequence, nothing else in flight). The window
+    ends at the last decode step, so the figures of a finished run stay until the next.
+    """
+
+    def __init__(self, max_steps: int = 512) -> None:
+        self._steps: deque[StepRecord] = deque(maxlen=max_steps)
+        self._lock = threading.Lock()
+
+    def __call__(self, record: StepRecord) -> None:
+        if not record.failed and record.num_tokens == 1:  # decode steps only (a prefill's columns are its prompt)
+            with self._lock:
+                self._steps.append(record)
+
+    def measured(self) -> dict[str, float | None]:
+        """``tokens_per_s`` (at the batch decoding then), ``sequences`` (the mean number in flight: that batch),
+        ``tokens_per_s_1`` (a lone sequence); None where no step measured it."""
+        with self._lock:
+            steps = sorted(self._steps, key=lambda r: r.sent)
+        if steps:
+            last = max(r.done for r in steps)
+            steps = [r for r in steps if r.done >= last - WINDOW_S]
+        out: dict[str, float | None] = {"tokens_per_s": None, "sequences": None, "tokens_per_s_1": None}
+        if not steps:
+            return out
+        busy, start, end = 0.0, steps[0].sent, steps[0].done
+        for r in steps[1:]:
+            if r.sent - end > IDLE_S:
+                busy, start = busy + (end - start), r.sent
+            end = max(end, r.done)
+        busy += end - start
+        if busy > 0:
+            out["tokens_per_s"] = sum(r.num_sequences for r in steps) / busy
+        in_flight = [sum(o.num_sequences for o in steps if o.sent <= r.sent < o.done) for r in steps]
+        out["sequences"] = statistics.fmean(in_flight)
+        lone = [r for r, n in zip(steps, in_flight) if n == 1 and r.num_sequences == 1]
+        gaps = [b.sent - a.sent for a, b in pairwise(lone) if a.done <= b.sent and b.sent - a.done <= IDLE_S
+                and not any(a.sent < o.sent < b.sent for o in steps if o is not a)]
+        if gaps:
+            out["tokens_per_s_1"] = len(gaps) / sum(gaps)
+        return out
+
+
+def plan_report(plan: str, placement: Placement | None, figures: Sequence[HostFigures],
+                meter: DecodeMeter | None) -> dict[str, Any]:
+    """The status document's ``plan``: ``plan`` (``auto``, ``even`` or ``ranges``), and under ``auto`` the stages in
+    chain order with their host's figures and predicted step times, the hosts left out, the predicted tokens/s;
+    ``measured`` from ``meter`` in every case (even and explicit ranges have no prediction)."""
+    report: dict[str, Any] = {"plan": plan, "measured": meter.measured() if meter is not None else None}
+    if placement is None:
+        report["note"] = ("the layers are split evenly" if plan == "even" else "the layers are the ranges "
+                          "cluster.workers lists") + ": no host figures or prediction (cluster.plan=auto plans them)"
+        return report
+    by_name = {f.name: f for f in figures}
+    in_order = len(figures) == len(placement.stages)  # every host kept: the figures in chain order, whatever names
+    stages = []
+    for k, stage in enumerate(placement.stages):
+        f = figures[k] if in_order else by_name.get(stage.host)
+        host = {} if f is None else {
+            "threads": f.threads, "cores": f.cores, "cpu_limit": f.cpu_limit, "memory_bytes": f.memory_bytes,
+            "bandwidth_gb_s": f.bandwidth_gb_s, "hop_ms": f.hop_s * 1e3,
+            "layer_ms": {str(b): t * 1e3 for b, t in sorted(f.decode_s.items())},
+            "layer_ms_at_micro_batch": layer_seconds(f.decode_s, placement.micro_batch) * 1e3,
+            "prefill_ms_per_token": None if f.prefill_s_per_token is None else f.prefill_s_per_token * 1e3,
+        }
+        stages.append({"host": stage.host, "layers": str(stage.layers), "num_layers": len(stage.layers),
+                       "step_ms_1": stage.step_1_s * 1e3, "step_ms": stage.step_s * 1e3,
+                       "stage_memory_bytes": stage.memory_bytes, **host})
+    report.update({
+        "batch": placement.batch, "micro_batches": placement.micro_batches, "micro_batch": placement.micro_batch,
+        "predicted": {"tokens_per_s_1": placement.tokens_per_s_1, "tokens_per_s": placement.tokens_per_s},
+        "stages": stages, "left_out": dict(placement.left_out),
+    })
+    return report
