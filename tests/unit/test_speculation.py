@@ -40,7 +40,7 @@ def test_ngram_lookup_drafts_what_followed_the_latest_longest_match():
 
 # ---- the rule ---------------------------------------------------------------------------------------------------
 
-CHI2_999 = {7: 24.32}
+CHI2_999 = {5: 20.52, 7: 24.32}
 """The chi-square distribution's 99.9th percentile, by degrees of freedom."""
 
 
@@ -76,6 +76,27 @@ def test_a_rule_that_always_accepts_would_fail_the_check():
     counts = torch.bincount(torch.multinomial(q, 20_000, replacement=True,
                                               generator=torch.Generator().manual_seed(5)), minlength=8).double()
     assert chi_square(counts, p) > CHI2_999[7]
+
+
+def test_a_sampled_verification_with_a_drafts_probabilities_keeps_the_models_distribution():
+    """Through :func:`verify`, with the draft's q rows as they travel: the first token of a step, over many seeds, is
+    distributed as the model's tempered, top-k cut distribution at that place."""
+    torch.manual_seed(3)
+    logits = torch.randn(3, 8) * 1.5
+    q = torch.softmax(torch.randn(2, 8), -1)
+    params = dict(temperature=0.8, top_k=6)
+    p0 = torch.softmax(logits[0].double() / 0.8, -1)
+    p0[p0 < p0.topk(6).values[-1]] = 0
+    p0 /= p0.sum()
+    rng = torch.Generator().manual_seed(1)
+    first = torch.zeros(8, dtype=torch.float64)
+    for seed in range(6000):
+        drafts = tuple(int(torch.multinomial(q[i], 1, generator=rng)) for i in range(2))
+        out = verify(logits, sampler(seed=seed, drafts=drafts, draft_probs=q, **params)).token_ids
+        first[out[0]] += 1
+    kept = p0 > 0
+    assert first[~kept].sum() == 0  # never a token top-k cut
+    assert chi_square(first[kept], p0[kept]) < CHI2_999[int(kept.sum()) - 1]
 
 
 def sampler(**kw) -> SamplerInput:
