@@ -3,7 +3,6 @@ tokens/s at batch 1 and at the batch size, and beside them the measured ones (:c
 
 from __future__ import annotations
 
-import statistics
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -24,9 +23,9 @@ WINDOW_S = 30.0
 class DecodeMeter:
     """A step observer (``Pipeline.add_observer``) that keeps the recent decode steps and measures their tokens/s.
 
-    At the batch: the sequences decoded over the time the pipeline was decoding (gaps under :data:`IDLE_S`, the
-    coordinator's own work between steps, count; longer ones do not). At batch 1: one over the mean interval between
-    consecutive steps of a lone sequence (each one micro-batch of one sequence, nothing else in flight). The window
+    At the batch: the steps sent at the fullest load of the window (the most sequences in flight), their sequences
+    over the time from one's answer to the next's (gaps over :data:`IDLE_S`, no request, left out). At batch 1: the
+    same over the steps of a lone sequence (one micro-batch of one sequence, nothing else in flight). The window
     ends at the last decode step, so the figures of a finished run stay until the next.
     """
 
@@ -40,7 +39,7 @@ class DecodeMeter:
                 self._steps.append(record)
 
     def measured(self) -> dict[str, float | None]:
-        """``tokens_per_s`` (at the batch decoding then), ``sequences`` (the mean number in flight: that batch),
+        """``tokens_per_s`` at the fullest load of the window, ``sequences`` (that load: the sequences in flight),
         ``tokens_per_s_1`` (a lone sequence); None where no step measured it."""
         with self._lock:
             steps = sorted(self._steps, key=lambda r: r.sent)
@@ -50,22 +49,23 @@ class DecodeMeter:
         out: dict[str, float | None] = {"tokens_per_s": None, "sequences": None, "tokens_per_s_1": None}
         if not steps:
             return out
-        busy, start, end = 0.0, steps[0].sent, steps[0].done
-        for r in steps[1:]:
-            if r.sent - end > IDLE_S:
-                busy, start = busy + (end - start), r.sent
-            end = max(end, r.done)
-        busy += end - start
-        if busy > 0:
-            out["tokens_per_s"] = sum(r.num_sequences for r in steps) / busy
         in_flight = [sum(o.num_sequences for o in steps if o.sent <= r.sent < o.done) for r in steps]
-        out["sequences"] = statistics.fmean(in_flight)
+        full = max(in_flight)  # the load the configured batch stands for (a run's ramp and tail have fewer)
+        out["sequences"] = full
+        out["tokens_per_s"] = _pace([r for r, n in zip(steps, in_flight) if n == full])
         lone = [r for r, n in zip(steps, in_flight) if n == 1 and r.num_sequences == 1]
-        gaps = [b.sent - a.sent for a, b in pairwise(lone) if a.done <= b.sent and b.sent - a.done <= IDLE_S
-                and not any(a.sent < o.sent < b.sent for o in steps if o is not a)]
-        if gaps:
-            out["tokens_per_s_1"] = len(gaps) / sum(gaps)
+        out["tokens_per_s_1"] = _pace(lone) if full > 1 else out["tokens_per_s"]
         return out
+
+
+def _pace(steps: list[StepRecord]) -> float | None:
+    """Sequences a second from one step's answer to the next's (a step's tokens counted when it is answered: the
+    interval includes the coordinator's share), leaving out pauses over :data:`IDLE_S`."""
+    tokens, seconds = 0, 0.0
+    for a, b in pairwise(sorted(steps, key=lambda r: r.done)):
+        if b.done - a.done <= IDLE_S:
+            tokens, seconds = tokens + b.num_sequences, seconds + b.done - a.done
+    return tokens / seconds if seconds > 0 else None
 
 
 def plan_report(plan: str, placement: Placement | None, figures: Sequence[HostFigures],

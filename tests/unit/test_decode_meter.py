@@ -20,25 +20,26 @@ def test_nothing_measured_before_a_decode_step():
 
 def test_batch_throughput_counts_the_busy_time_and_the_sequences_in_flight():
     meter = DecodeMeter()
-    # two micro-batches of 8 in flight, each step 1/8 s, one sent every 1/16 s: 32 tokens in 5/16 s
+    # two micro-batches of 8 in flight, each step 1/8 s, one answered every 1/16 s: 128 tokens/s once both are in
+    # flight (the first step, sent alone, is the ramp)
     for k, sent in enumerate((0.0, 0.0625, 0.125, 0.1875)):
         meter(_step(k, sent, sent + 0.125, 8))
     meter(_step(9, 0.25, 0.375, 8, failed=True))  # a failed step counts no tokens
     got = meter.measured()
-    assert got["tokens_per_s"] == pytest.approx(32 / 0.3125)
-    assert got["sequences"] == pytest.approx((8 + 16 + 16 + 16) / 4)
+    assert got["tokens_per_s"] == pytest.approx(128)
+    assert got["sequences"] == 16
     assert got["tokens_per_s_1"] is None  # never one sequence alone
 
 
 def test_a_lone_sequence_is_timed_from_step_to_step_and_idle_time_is_left_out():
     meter = DecodeMeter()
     for k, sent in enumerate((0.0, 0.02, 0.04)):  # 10 ms a step, 10 ms of the coordinator's between
+        meter(_step(k + 10, sent + 0.005, sent + 0.008, 2, tokens=7))  # a prefill meanwhile: not counted
         meter(_step(k, sent, sent + 0.01, 1))
     meter(_step(3, 2.04, 2.05, 1))  # after 2 s without a request
     got = meter.measured()
     assert got["tokens_per_s_1"] == pytest.approx(50.0)
-    assert got["tokens_per_s"] == pytest.approx(4 / (0.05 + 0.01))
-    assert got["sequences"] == 1
+    assert got["tokens_per_s"] == got["tokens_per_s_1"] and got["sequences"] == 1
 
 
 def test_even_plans_say_they_predict_nothing():
