@@ -141,7 +141,7 @@ def split(tiny_checkpoint, tmp_path_factory):
         if seed == 0:
             split_model(tiny_checkpoint(family).path, out, parts, progress=False)
         else:  # another random model of the same shape and vocabulary
-            from conftest import TINY_MOE_VARIANTS, build_tiny_model, build_tiny_moe
+            from tests.conftest import TINY_MOE_VARIANTS, build_tiny_model, build_tiny_moe
 
             src = tmp_path_factory.mktemp(f"{family}-seed{seed}")
             build = build_tiny_moe if family in TINY_MOE_VARIANTS else build_tiny_model
@@ -350,7 +350,7 @@ def tiny_folders(tiny_checkpoint, tmp_path_factory):
     """A tiny Llama with the tiny tokenizer, another random one as its draft, and one with another tokenizer."""
     import shutil
 
-    from conftest import build_tiny_model, save_tiny_tokenizer
+    from tests.conftest import build_tiny_model, save_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("spec-api")
     model = root / "model"
