@@ -474,3 +474,24 @@ def test_speculation_is_off_under_a_window_or_a_rope_switch(option):
     on.complete(steps[0].id, [6])
     steps, _ = on.schedule(0.0)
     assert steps[0].num_drafts == (4,) and steps[0].contexts == ((5, 6, 5, 6, 5, 6),)
+
+
+def test_k_shrinks_as_more_sequences_draft_in_one_micro_batch_and_never_passes_max_new_tokens():
+    from test_policy import make_policy
+
+    policy = make_policy(speculative_method="ngram", num_speculative_tokens=4, max_batch_size=4)
+    for max_new in (8, 8, 2):
+        policy.add([5, 6, 5, 6, 5], SamplingParams(max_new_tokens=max_new), 0.0)
+    steps, _ = policy.schedule(0.0)  # the three prompts in one prefill micro-batch
+    policy.complete(steps[0].id, [6, 6, 6])
+    steps, _ = policy.schedule(0.0)
+    # Three sequences draft in one micro-batch: 4 // 3 = 1 each; the third may generate one token more: none.
+    assert steps[0].num_drafts == (1, 1, 0)
+    # Each table covers its last token and its drafts: positions 5 and 6, blocks of 4 tokens.
+    assert [len(t) for t in steps[0].block_tables] == [2, 2, 2]
+    alone = make_policy(speculative_method="ngram", num_speculative_tokens=4)
+    alone.add([5, 6, 5, 6, 5], SamplingParams(max_new_tokens=8, speculative_tokens=7), 0.0)
+    steps, _ = alone.schedule(0.0)
+    alone.complete(steps[0].id, [6])
+    steps, _ = alone.schedule(0.0)
+    assert steps[0].num_drafts == (6,)  # the request's k (7), but no draft past its 8th token
