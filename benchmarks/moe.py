@@ -86,6 +86,9 @@ class MoEShape:
         return out + [("output_norm.weight", (c,), "F32"), ("output.weight", (self.vocab, c), self.kind)]
 
 
+DEFAULT_LAYERS = 12
+"""The benchmark's layers: the paired run holds the model twice (ChatLoop's workers, llama-server's mapping and its
+repacked copy), ~12 GB at 12 layers, within what this shared 24 GB host can give one run."""
 QWEN3_30B_A3B = MoEShape(layers=48)
 """Qwen3-30B-A3B as published: 48 layers (``--layers`` picks how many the benchmark's model has)."""
 TINY = MoEShape(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, experts=8, expert_ff=256, top_k=2, vocab=512,
@@ -324,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.moe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("write", "bytes", "workers", "paired"))
-    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=None,
+                        help=f"{DEFAULT_LAYERS} by default ({TINY.layers} with --tiny): what this host holds twice")
     parser.add_argument("--type", default="Q4_K", help="GGUF type of the matrices (Q4_0, Q4_K, Q8_0, ...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="the tooling test's small shape, not Qwen3-30B-A3B's")
@@ -338,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("overrides", nargs="*", help="ChatLoop or benchmark overrides, e.g. worker.worker_threads=2")
     args = parser.parse_intermixed_args(argv)
-    if args.layers < 1:
-        parser.error(f"--layers {args.layers}: need >= 1")
-    shape = replace(TINY if args.tiny else QWEN3_30B_A3B, layers=args.layers, kind=args.type)
+    layers = args.layers if args.layers is not None else TINY.layers if args.tiny else DEFAULT_LAYERS
+    if layers < 1:
+        parser.error(f"--layers {layers}: need >= 1")
+    shape = replace(TINY if args.tiny else QWEN3_30B_A3B, layers=layers, kind=args.type)
     path = gguf_file(shape, args.seed)
     active = active_bytes(path)
     result: dict = {"command": " ".join(["python -m benchmarks.moe", *(argv if argv is not None else sys.argv[1:])]),
