@@ -160,18 +160,34 @@ class _DraftSequence:
     tokens: list[int]  # whose keys and values are in the draft's cache, in order
 
 
+CATCH_UP_ONE_BY_ONE = 4
+"""A sequence's catch-up of up to this many tokens (after a verification: the accepted drafts the draft has not
+cached and the model's own token) is fed one token a step: one-token steps run the stages' one-call decode kernel,
+a wider step the per-layer path, which cost the draft more than the extra steps (a longer catch-up, such as a
+prompt, is fed in one step)."""
+
+
 class DraftModelProposer(Proposer):
     """A whole small model (one :class:`~chatloop.models.StageModel`, first and last) with its own KV pool, drafting
     for a batch of sequences at once: it catches up with each sequence's known tokens (those it has not cached,
     after the longest prefix it has), then decodes ``k`` tokens. Call :meth:`propose` on the thread that loaded it
-    (its compute thread)."""
+    (its compute thread).
+
+    ``num_threads`` is the OpenMP threads its steps use (set on its thread at the first call; None: torch's).
+    One by default: the draft shares the coordinator's host with whatever else runs there (stages, other work),
+    and a decode step's many OpenMP barriers stall whenever one of its threads loses its core: on the 2-core host
+    under other work (load average ~4), a SmolLM2 int4 draft token took 26 ms to 1.3 s on 2 threads, 9 ms on one."""
 
     runs_inline = False
 
-    def __init__(self, model, cache, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model, cache, num_blocks: int, block_size: int, num_threads: int | None = 1) -> None:
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads={num_threads}: the draft needs at least one thread (None: torch's)")
         self.model = model
         self.cache = cache
         self.allocator = BlockAllocator(num_blocks, block_size)
+        self.num_threads = num_threads
+        self._threads_set_on: int | None = None  # the thread whose OpenMP threads were set (they are per thread)
         self._sequences: dict[int, _DraftSequence] = {}
         self._lock = threading.Lock()
 
@@ -185,6 +201,9 @@ class DraftModelProposer(Proposer):
         drafts = [Draft() for _ in requests]
         if not rows:
             return drafts
+        if self.num_threads is not None and self._threads_set_on != threading.get_ident():
+            torch.set_num_threads(self.num_threads)
+            self._threads_set_on = threading.get_ident()
         feeds, starts = [], []
         for _, r, s in rows:
             common = _common_prefix(s.tokens, r.token_ids)
@@ -197,18 +216,26 @@ class DraftModelProposer(Proposer):
         active = list(range(len(rows)))
         size = self.allocator.block_size
         while active:
-            tables = [rows[a][2].blocks[: -(-(starts[a] + len(feeds[a])) // size)] for a in active]
-            batch = StepBatch.build([starts[a] for a in active], [len(feeds[a]) for a in active], tables, size)
-            logits = self.model(padded([feeds[a] for a in active]), batch, self.cache)  # [B, V] of each last token
+            # This step's tokens of each sequence: a short catch-up one at a time (see CATCH_UP_ONE_BY_ONE).
+            steps = [feeds[a] if len(feeds[a]) > CATCH_UP_ONE_BY_ONE else feeds[a][:1] for a in active]
+            tables = [rows[a][2].blocks[: -(-(starts[a] + len(fed)) // size)] for a, fed in zip(active, steps)]
+            batch = StepBatch.build([starts[a] for a in active], [len(fed) for fed in steps], tables, size)
+            drawing = any(len(fed) == len(feeds[a]) for a, fed in zip(active, steps))
+            # [B, V] of each last token; a step that only catches up needs no logits (the head is a large matmul)
+            logits = self.model(padded(steps), batch, self.cache, hidden=not drawing)
             still = []
-            for row, a in zip(logits, active):
+            for row, a, fed in zip(logits, active, steps):
                 _, r, s = rows[a]
-                s.tokens += feeds[a]
+                s.tokens += fed
+                starts[a] += len(fed)
+                if len(fed) < len(feeds[a]):  # more to catch up with before drafting
+                    feeds[a] = feeds[a][len(fed):]
+                    still.append(a)
+                    continue
                 token, q = self._draw(row, r.sampling, len(tokens[a]), tuple(r.token_ids) + tuple(tokens[a]))
                 tokens[a].append(token)
                 if q is not None:
                     probs[a].append(q)
-                starts[a] += len(feeds[a])
                 feeds[a] = [token]
                 if len(tokens[a]) < r.num_tokens:
                     still.append(a)
