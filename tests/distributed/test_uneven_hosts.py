@@ -53,10 +53,11 @@ try:
         done = list(pool.map(lambda p: llm.generate(p, **params), prompts))
     seconds = time.perf_counter() - start
     ranges = [str(r.layers) for r in llm.cluster.stage_reports]
+    decode = llm.plan_report()["measured"]  # the decode steps alone, as the status page shows them
 finally:
     llm.shutdown()
 print("RESULT " + json.dumps({"tokens": text, "tokens_per_s": sum(len(c.token_ids) for c in done) / seconds,
-                              "ranges": ranges}), flush=True)
+                              "ranges": ranges, "decode": decode}), flush=True)
 """
 
 PROBE = """
@@ -118,6 +119,9 @@ def test_auto_beats_even_with_a_worker_held_to_a_third_of_a_core(smollm2_split, 
                  "even": predict(hosts, costs, plan_layers(30, 2), 16).tokens_per_s}
     print(f"even {even['ranges']} {even['tokens_per_s']:.1f} tokens/s (predicted {predicted['even']:.1f}); "
           f"auto {auto['ranges']} {auto['tokens_per_s']:.1f} tokens/s (predicted {predicted['auto']:.1f})")
+    for name, result in (("even", even), ("auto", auto)):
+        print(f"{name}: decode steps alone {result['decode']['tokens_per_s']:.1f} tokens/s at "
+              f"{result['decode']['sequences']:.1f} sequences in flight, batch 1 {result['decode']['tokens_per_s_1']}")
     assert even["ranges"] == ["0-14", "15-29"]
     assert len(auto["ranges"]) == 2 and int(auto["ranges"][0].split("-")[1]) < 14  # the slow worker: fewer layers
     ids = smollm2_hf.config  # the golden reference: transformers' greedy continuation
