@@ -268,11 +268,22 @@ class MoEStage(StageModel):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, then each quantized expert's gate and up projections merged
-        (:meth:`Expert.fuse_gate_up`): before the loader packs the weights, as it merges a Llama layer's."""
+        (:meth:`Expert.fuse_gate_up`) and each layer's quantized query, key and value projections: before the loader
+        packs the weights, as it merges a Llama layer's. Quantized only: the kernel computes each output row alone,
+        so a decode step gives the same values; float projections stay apart (their GEMMs would round another way)."""
+        from ..quant import QuantLinear
+        from .packing import concat_linear
+
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         for module in self.modules():
             if isinstance(module, Expert):
                 module.fuse_gate_up()
+        for layer in self.decoder_layers():
+            attention = layer.self_attn
+            parts = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+            if all(isinstance(p, QuantLinear) for p in parts) and (qkv := concat_linear(parts)) is not None:
+                attention.qkv_proj = qkv  # Attention.project splits its output
+                del attention.q_proj, attention.k_proj, attention.v_proj
         return result
 
     def embed(self, token_ids: torch.Tensor, batch: StepBatch) -> torch.Tensor:
