@@ -118,6 +118,8 @@ def run_op(llm, op: dict):
         return {"result": run_op(llm, {**op, "op": "generate"}), "elapsed_s": time.monotonic() - started}
     if kind == "describe":
         return [report.as_dict() for report in llm.describe_stages(10.0)]
+    if kind == "plan":  # what GET /v1/status shows of the plan
+        return llm.plan_report()
     raise ValueError(f"unknown op {kind}")
 
 

@@ -20,9 +20,13 @@ def test_workers_probe_at_join_and_load_the_planned_ranges(smollm2_split, smollm
          "worker.worker_threads=1"],
         [{"name": "text", "op": "generate", "prompt": PLAIN_PROMPT,
           "params": {"max_new_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True}},
-         {"name": "stages", "op": "describe"}],
+         {"name": "stages", "op": "describe"}, {"name": "plan", "op": "plan"}],
     )
     ranges = [tuple(int(x) for x in str(s["layers"]).split("-")) for s in results["stages"]]
+    plan = results["plan"]  # the status page's: the generation's plan, as loaded, and the request's measured pace
+    assert [s["layers"] for s in plan["stages"]] == [str(s["layers"]) for s in results["stages"]]
+    assert all(s["threads"] == 1 and s["layer_ms"]["1"] > 0 for s in plan["stages"])
+    assert plan["predicted"]["tokens_per_s_1"] > 0 and plan["measured"]["tokens_per_s_1"] > 0
     assert [i for a, b in ranges for i in range(a, b + 1)] == list(range(30))  # every layer once, in order
     # SmolLM2's head (its tied 49152 x 576 embedding) weighs 8 of its layers: the last stage, which computes it at
     # every step, gets fewer than the even split's 7 layers (unless its worker measured itself twice as fast)
