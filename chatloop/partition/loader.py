@@ -19,7 +19,7 @@ from ..models.llama import LlamaStage, fuse_projections, use_row_kernels
 from ..models.packing import concat_linear, pack_linear_weights
 from ..quant.modules import interleave_for_kernel, quantize_modules, tie_quantized_head
 from .integrity import start_check
-from .manifest import QUANTIZED_KEY, Manifest, ManifestError
+from .manifest import QUANTIZED_KEY, Manifest, ManifestError, PartitionInfo
 from .safetensors_stream import SafetensorsError, read_header
 
 __all__ = ["PartitionError", "load_stage"]
@@ -82,13 +82,7 @@ def load_stage(
     why = manifest.mismatch(index, "the configuration", directory, file=expected_file)
     if why is not None:
         raise PartitionError(f"{why}: set cluster.workers[{index}].partition to {info.file} (or leave it empty)")
-    path = directory / info.file
-    if not path.is_file():
-        raise PartitionError(f"{path} is missing: copy it from the splitter's output, or split the model again")
-    size = path.stat().st_size
-    if size != info.num_bytes:
-        raise PartitionError(f"{path} has {size} bytes, the manifest says {info.num_bytes}: "
-                             "the file is truncated or from another split")
+    path = partition_file(directory, info)
     why = manifest.mismatch(index, "the configuration", directory, layers=expected_layers)
     if why is not None:
         raise PartitionError(f"{why}: make the cluster's layer ranges match the split")
@@ -100,6 +94,19 @@ def load_stage(
         raise
     _raise_if_corrupt(path, verdict)
     return stage
+
+
+def partition_file(directory: Path, info: PartitionInfo) -> Path:
+    """The path of partition ``info`` in ``directory``; raise :class:`PartitionError` if it is missing or its size is
+    not the manifest's (truncated, or from another split)."""
+    path = directory / info.file
+    if not path.is_file():
+        raise PartitionError(f"{path} is missing: copy it from the splitter's output, or split the model again")
+    size = path.stat().st_size
+    if size != info.num_bytes:
+        raise PartitionError(f"{path} has {size} bytes, the manifest says {info.num_bytes}: "
+                             "the file is truncated or from another split")
+    return path
 
 
 def _raise_if_corrupt(path: Path, verdict: Future | None) -> None:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from ..models import LayerRange, ModelArgs, StageModel, build_stage
 from .integrity import start_check
-from .loader import PartitionError, _no_weight_init, _raise_if_corrupt, finish_stage
+from .loader import PartitionError, _no_weight_init, _raise_if_corrupt, finish_stage, partition_file
 from .manifest import QUANTIZED_KEY, Manifest, PartitionInfo
 from .safetensors_stream import SafetensorsError, read_header
 
@@ -96,16 +96,7 @@ def load_layer_range(
             f"cannot load layers {layers} in {directory}: it needs {', '.join(missing)}, which this host does not "
             f"hold (the ranges its files cover: {spans}): copy those files there and list them in the worker "
             f"config's holds, or give this host a range within what it holds")
-    paths = []
-    for info in needed:
-        path = directory / info.file
-        if not path.is_file():
-            raise PartitionError(f"{path} is missing: copy it from the splitter's output, or split the model again")
-        size = path.stat().st_size
-        if size != info.num_bytes:
-            raise PartitionError(f"{path} has {size} bytes, the manifest says {info.num_bytes}: "
-                                 "the file is truncated or from another split")
-        paths.append(path)
+    paths = [partition_file(directory, info) for info in needed]
     verdicts = [start_check(path, info.hashes) if verify_sha256 else None for path, info in zip(paths, needed)]
     try:
         stage = _build_range(paths, layers, layers.start == 0, layers.end == total - 1, manifest, dtype,
