@@ -182,6 +182,16 @@ def build_tiny_model(family: str, seed: int = 0):
     return randomize_weights(AutoModelForCausalLM.from_config(tiny_hf_config(family), dtype=torch.float32))
 
 
+def cgroup_tree(tmp_path: Path, files: dict[str, str], membership: str) -> tuple[Path, Path]:
+    """A fake cgroup filesystem under ``tmp_path`` (``files``: relative path -> text) and a /proc/self/cgroup file
+    holding ``membership``; returns (root, that file)."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "self-cgroup").write_text(membership)
+    return tmp_path, tmp_path / "self-cgroup"
+
+
 def randomize_weights(model):
     """``model`` with matrices of std 0.15, biases of noise and norm weights 1 + noise (see
     :func:`build_tiny_model`), in eval mode; seed torch first."""

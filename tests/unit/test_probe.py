@@ -18,6 +18,7 @@ import torch
 from chatloop.models import LayerRange
 from chatloop.partition.splitter import split_model
 from chatloop.stage.probe import _cgroup_memory_room, memory_available, probe_host, round_trip_s
+from tests.conftest import cgroup_tree
 
 CPU_V1 = Path("/sys/fs/cgroup/cpu")
 
@@ -52,28 +53,21 @@ def test_the_probe_reads_only_the_files_the_host_holds(tiny_split, tmp_path):
         probe_host("w1", copied, held=[], min_seconds=0.01)
 
 
-def _tree(tmp_path: Path, files: dict[str, str], membership: str) -> tuple[Path, Path]:
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    (tmp_path / "self-cgroup").write_text(membership)
-    return tmp_path, tmp_path / "self-cgroup"
-
-
 def test_memory_room_reads_cgroup_v1_and_v2_limits(tmp_path):
-    root, me = _tree(tmp_path / "v2", {"box/memory.max": "1000000\n", "box/memory.current": "250000\n"}, "0::/box\n")
+    root, me = cgroup_tree(tmp_path / "v2", {"box/memory.max": "1000000\n", "box/memory.current": "250000\n"},
+                           "0::/box\n")
     assert _cgroup_memory_room(root, me) == 750000
     assert memory_available(root, me) == 750000
-    root, me = _tree(tmp_path / "v1", {"memory/docker/a/memory.limit_in_bytes": "4000000\n",
+    root, me = cgroup_tree(tmp_path / "v1", {"memory/docker/a/memory.limit_in_bytes": "4000000\n",
                                        "memory/docker/a/memory.usage_in_bytes": "1000000\n"},
                      "5:memory:/docker/a\n3:cpu,cpuacct:/docker/a\n")
     assert _cgroup_memory_room(root, me) == 3000000
-    root, me = _tree(tmp_path / "nested", {"memory/pod/memory.limit_in_bytes": "5000000\n",
+    root, me = cgroup_tree(tmp_path / "nested", {"memory/pod/memory.limit_in_bytes": "5000000\n",
                                            "memory/pod/memory.usage_in_bytes": "4000000\n",
                                            "memory/pod/c/memory.limit_in_bytes": f"{2**63 - 4096}\n",
                                            "memory/pod/c/memory.usage_in_bytes": "3000000\n"}, "5:memory:/pod/c\n")
     assert _cgroup_memory_room(root, me) == 1000000  # the parent's limit binds
-    root, me = _tree(tmp_path / "free", {"memory/memory.limit_in_bytes": f"{2**63 - 4096}\n",
+    root, me = cgroup_tree(tmp_path / "free", {"memory/memory.limit_in_bytes": f"{2**63 - 4096}\n",
                                          "memory/memory.usage_in_bytes": "5\n"}, "5:memory:/\n")
     assert _cgroup_memory_room(root, me) is None
     assert memory_available(root, me) > 0

@@ -13,6 +13,7 @@ import pytest
 
 from chatloop.engine.pipeline import StageReport
 from chatloop.worker_settings import cpu_quota, machine_id, stages_at_once
+from tests.conftest import cgroup_tree
 
 CPU_V1 = Path("/sys/fs/cgroup/cpu")
 
@@ -40,19 +41,11 @@ def test_the_machine_is_the_kernels_boot_id():
     assert machine_id() == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-def _tree(tmp_path: Path, files: dict[str, str], membership: str) -> tuple[Path, Path]:
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    (tmp_path / "self-cgroup").write_text(membership)
-    return tmp_path, tmp_path / "self-cgroup"
-
-
 def test_cpu_quota_reads_cgroup_v2_and_takes_the_tightest_ancestor(tmp_path):
-    root, me = _tree(tmp_path, {"cpu.max": "max 100000\n", "kube/cpu.max": "150000 100000\n",
+    root, me = cgroup_tree(tmp_path, {"cpu.max": "max 100000\n", "kube/cpu.max": "150000 100000\n",
                                 "kube/pod/cpu.max": "max 100000\n"}, "0::/kube/pod\n")
     assert cpu_quota(root, me) == 1.5
-    root, me = _tree(tmp_path / "free", {"cpu.max": "max 100000\n"}, "0::/\n")
+    root, me = cgroup_tree(tmp_path / "free", {"cpu.max": "max 100000\n"}, "0::/\n")
     assert cpu_quota(root, me) is None
 
 
@@ -60,11 +53,12 @@ def test_cpu_quota_reads_cgroup_v1_on_the_host_and_inside_a_container(tmp_path):
     files = {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
              "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
              "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}
-    root, me = _tree(tmp_path / "host", files, "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/docker/abc\n")
+    root, me = cgroup_tree(tmp_path / "host", files,
+                           "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/docker/abc\n")
     assert cpu_quota(root, me) == 0.5
     # In a container the mount is the container's own cgroup; the path it is given is the host's.
     inside = {"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}
-    root, me = _tree(tmp_path / "inside", inside, "1:cpu:/libpod_parent/libpod-0123\n")
+    root, me = cgroup_tree(tmp_path / "inside", inside, "1:cpu:/libpod_parent/libpod-0123\n")
     assert cpu_quota(root, me) == 2.0
 
 
