@@ -68,20 +68,21 @@ FORMAT_IDS = {"q8_0": 0, "q4_1": 1, "q4_1_x16": 2, "q8_0_x16": 3}
 BLOCK_BYTES = {"q8_0": 34, "q4_1": 20, "q4_0": 18}
 """Bytes of a block of 32 weights in each of GGUF's 32-weight formats ChatLoop quantizes to (:mod:`chatloop.quant`
 reads them from here: the kernels' layouts are defined in this package, which imports nothing of ``quant``)."""
-KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4, "q4_k_x16": 5, "q5_k_x16": 6}
-"""The k-quant decode kernel's formats (kquant.c): GGUF's blocks of 256, activations quantized to Q8_K; ``q4_k_x16``
-and ``q5_k_x16`` are q4_k and q5_k in tiles of 16 rows (:func:`kernel_kquant_interleave`), which only the kernel
-reads."""
+KQUANT_FORMAT_IDS = {"q4_k": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4, "q4_k_x16": 5, "q5_k_x16": 6,
+                     "q6_k_x16": 7}
+"""The k-quant decode kernel's formats (kquant.c): GGUF's blocks of 256, activations quantized to Q8_K; ``q4_k_x16``,
+``q5_k_x16`` and ``q6_k_x16`` are q4_k, q5_k and q6_k in tiles of 16 rows (:func:`kernel_kquant_interleave`), which
+only the kernel reads."""
 KQUANT_BLOCK_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84, "q4_k_x16": 144,
-                      "q5_k_x16": 176}
+                      "q5_k_x16": 176, "q6_k_x16": 210}
 GGUF_FORMAT_IDS = {"q5_0": 0, "q5_1": 1, "f16": 2, "bf16": 3, "q5_0_x16": 4, "q5_1_x16": 5}
 """The decode kernel of GGUF's other kept types (ggufgemv.c): q5_0 and q5_1 with activations quantized in blocks
 of 32 (Q8_0 / Q8_1), f16 and bf16 with float32 activations; ``q5_0_x16`` and ``q5_1_x16`` are q5_0 and q5_1 in tiles
 of 16 rows (:func:`kernel_kquant_interleave`), which only the kernel reads."""
 GGUF_ROW_BYTES = {"q5_0": (32, 22), "q5_1": (32, 24), "f16": (1, 2), "bf16": (1, 2), "q5_0_x16": (32, 22),
                   "q5_1_x16": (32, 24)}
-TILED = {"q4_k": ("chatloop_kquant", 144), "q5_k": ("chatloop_kquant", 176), "q5_0": ("chatloop_gguf", 22),
-         "q5_1": ("chatloop_gguf", 24)}
+TILED = {"q4_k": ("chatloop_kquant", 144), "q5_k": ("chatloop_kquant", 176), "q6_k": ("chatloop_kquant", 210),
+         "q5_0": ("chatloop_gguf", 22), "q5_1": ("chatloop_gguf", 24)}
 """Formats with a layout in tiles of 16 rows (``_x16``) beside qgemv.c's: the C functions' prefix, bytes a block."""
 MAX_KERNEL_ROWS = 16
 """Up to this many rows the kernel beats oneDNN's packed GEMM here (1.2-2.2x); more rows go to torch."""
@@ -268,10 +269,10 @@ def _check_block_linear(name: str, x: torch.Tensor, data: torch.Tensor, fmt: str
 
 def kernel_kquant_interleave(data: torch.Tensor, fmt: str = "q4_k", in_place: bool = False,
                              inverse: bool = False) -> tuple[torch.Tensor, str]:
-    """A ``q4_k``, ``q5_k`` (kquant.c), ``q5_0`` or ``q5_1`` (ggufgemv.c) matrix [out, bytes] (out a multiple of
-    16) in tiles of 16 rows (``q4_k_x16``, ...: the same bytes, rearranged so that VNNI computes 16 rows at once), and
-    the layout's name; ``inverse``: such a matrix (``fmt`` its ``_x16`` name) back to GGUF's rows, and the rows'
-    name. ``in_place``: in ``data``'s own memory."""
+    """A ``q4_k``, ``q5_k``, ``q6_k`` (kquant.c), ``q5_0`` or ``q5_1`` (ggufgemv.c) matrix [out, bytes] (out a
+    multiple of 16) in tiles of 16 rows (``q4_k_x16``, ...: the same bytes, rearranged so that VNNI computes 16 rows at
+    once), and the layout's name; ``inverse``: such a matrix (``fmt`` its ``_x16`` name) back to GGUF's rows, and the
+    rows' name. ``in_place``: in ``data``'s own memory."""
     library = load_quant_kernels()
     _require(library is not None, "ChatLoop's quantized kernels are not available here (see the log)")
     rows = fmt.removesuffix("_x16")
@@ -291,8 +292,8 @@ def kernel_kquant_interleave(data: torch.Tensor, fmt: str = "q4_k", in_place: bo
 
 
 def kernel_kquant_rows(data: torch.Tensor, ids: torch.Tensor, fmt: str = "q4_k_x16") -> torch.Tensor:
-    """Rows ``ids`` (int64, 1-d) of a matrix in tiles of 16 rows (``fmt``: ``q4_k_x16``, ``q5_k_x16``, ``q5_0_x16``,
-    ``q5_1_x16``) as GGUF's rows [len(ids), bytes] (prefill dequantizes those)."""
+    """Rows ``ids`` (int64, 1-d) of a matrix in tiles of 16 rows (``fmt``: ``q4_k_x16``, ``q5_k_x16``, ``q6_k_x16``,
+    ``q5_0_x16``, ``q5_1_x16``) as GGUF's rows [len(ids), bytes] (prefill dequantizes those)."""
     library = load_quant_kernels()
     _require(library is not None, "ChatLoop's quantized kernels are not available here (see the log)")
     rows = fmt.removesuffix("_x16")

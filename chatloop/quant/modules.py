@@ -86,7 +86,7 @@ class QuantLinear(nn.Module):
         outputs = []
         for start in range(0, self.out_features, SLICE_ROWS):
             rows = torch.arange(start, min(start + SLICE_ROWS, self.out_features))
-            if self.fmt in ("q4_k_x16", "q5_k_x16", "q5_0_x16", "q5_1_x16"):  # the kernel's tiles, back to rows
+            if self.fmt.endswith("_x16") and self.fmt.removesuffix("_x16") in TILED:  # the kernel's tiles, to rows
                 weight = dequantize(kernel_kquant_rows(self.weight, rows, self.fmt), self.fmt.removesuffix("_x16"))
             elif kernels:
                 weight = kernel_dequantize_rows(self.weight, rows, self.fmt, self.in_features)
@@ -165,9 +165,9 @@ def tie_quantized_head(stage) -> None:
 
 def interleave_for_kernel(stage: nn.Module) -> int:
     """Where the quantized kernel runs on VNNI, give ``stage``'s linear layers (of a multiple of 16 rows) the layout
-    it computes 16 rows at a time in (``q4_1_x16``, ``q8_0_x16``: see qgemv.c; ``q4_k_x16``, ``q5_k_x16``:
-    kquant.c; ``q5_0_x16``, ``q5_1_x16``: ggufgemv.c); how many were changed. The same number of bytes, rearranged in
-    place: a head tied to the embedding gets its own, the embedding keeps GGUF's layout."""
+    it computes 16 rows at a time in (``q4_1_x16``, ``q8_0_x16``: see qgemv.c; ``q4_k_x16``, ``q5_k_x16``,
+    ``q6_k_x16``: kquant.c; ``q5_0_x16``, ``q5_1_x16``: ggufgemv.c); how many were changed. The same number of bytes,
+    rearranged in place: a head tied to the embedding gets its own, the embedding keeps GGUF's layout."""
     if load_quant_kernels() is None or quant_isa() != "avx512_vnni":
         return 0
     embedded = {m.weight.data_ptr() for m in stage.modules() if isinstance(m, QuantEmbedding)}

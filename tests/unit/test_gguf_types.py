@@ -136,12 +136,12 @@ def test_the_decode_kernels_compute_their_reference_arithmetic_on_every_path(isa
 
 
 @pytest.mark.parametrize("isa", available_isas() or ["none"])
-@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q5_0", "q5_1"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1"])
 @pytest.mark.parametrize("batch", [3, 9])  # VNNI's tiles take up to 4 rows at once: 9 = 4 + 4 + 1
 def test_tiles_of_16_rows_compute_what_their_rows_do(isa, fmt, batch, monkeypatch):
-    """q4_k_x16, q5_k_x16, q5_0_x16 and q5_1_x16 hold the same bytes rearranged (and back again exactly); each path
-    computes on them the reference of the rows they came from. A stage's layers of these types take them where the
-    kernel runs on VNNI: decode steps on the tiles, prefill on the rows gathered back and dequantized."""
+    """q4_k_x16, q5_k_x16, q6_k_x16, q5_0_x16 and q5_1_x16 hold the same bytes rearranged (and back again exactly);
+    each path computes on them the reference of the rows they came from. A stage's layers of these types take them
+    where the kernel runs on VNNI: decode steps on the tiles, prefill on the rows gathered back and dequantized."""
     if load_quant_kernels() is None:
         pytest.skip("the quantized kernels cannot be built here")
     data = torch.from_numpy(random_blocks(fmt.upper(), 48, 768, np.random.default_rng(4)).copy())
@@ -168,6 +168,30 @@ def test_tiles_of_16_rows_compute_what_their_rows_do(isa, fmt, batch, monkeypatc
     assert torch.equal(stage[0](x), got)
     prefill = torch.randn(40, 768)
     assert torch.allclose(stage[0](prefill), F.linear(prefill, dequantize(data, fmt), bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", available_isas() or ["none"])
+@pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_x16", "q5_k_x16", "q6_k_x16"])
+def test_the_kquant_kernels_take_any_number_of_activation_rows(isa, fmt):
+    """On VNNI each pass over a weight row (or a tile of 16) takes up to 4 activation rows, decoding the weights once
+    for them: every batch of 1 to 16 rows (whole passes and remainders of 1, 2, 3) computes each row's reference,
+    and each row gets what it gets alone, bit for bit."""
+    if load_quant_kernels() is None:
+        pytest.skip("the quantized kernels cannot be built here")
+    rows_fmt = fmt.removesuffix("_x16")
+    data = torch.from_numpy(random_blocks(rows_fmt.upper(), 48, 768, np.random.default_rng(7)).copy())
+    weight = kernel_kquant_interleave(data, rows_fmt)[0] if fmt.endswith("_x16") else data
+    torch.manual_seed(7)
+    x = torch.randn(16, 768) * torch.logspace(-1, 1, 768)
+    x[1, :256] = 0  # a block of zeros: scale 0
+    bias = torch.randn(48)
+    alone = torch.cat([kernel_kquant_linear(x[b : b + 1], weight, fmt, bias, isa) for b in range(16)])
+    expected = reference_decode_linear(x, data, rows_fmt, bias)
+    magnitude = x.abs().double() @ dequantize(data, rows_fmt).abs().double().T
+    assert bool(((alone.double() - expected).abs() <= 1e-5 * magnitude + 1e-6).all())
+    for batch in range(1, 17):
+        got = kernel_kquant_linear(x[:batch], weight, fmt, bias, isa)
+        assert torch.equal(got, alone[:batch]), batch
 
 
 def test_the_kquant_kernel_computes_every_call_afresh():
