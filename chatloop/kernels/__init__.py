@@ -199,7 +199,7 @@ def load_kernels() -> ctypes.CDLL | None:
             pointer, size = ctypes.c_void_p, ctypes.c_int64
             library.chatloop_linear.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
             library.chatloop_linear.restype = None
-            library.chatloop_decode_attention.argtypes = [pointer] * 7 + [size] * 7 + [ctypes.c_float, ctypes.c_int,
+            library.chatloop_decode_attention.argtypes = [pointer] * 8 + [size] * 7 + [ctypes.c_float, ctypes.c_int,
                                                                                         ctypes.c_int]
             library.chatloop_decode_attention.restype = None
             library.chatloop_stream_read.argtypes = [pointer, size, ctypes.c_int]
@@ -587,11 +587,15 @@ def kernel_decode_attention(
     block_size: int,
     lengths: torch.Tensor,
     max_length: int,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence, ``q`` [B, H, D], over the first ``lengths[b]``
     positions of its context in one layer's paged ``keys``/``values`` [slots, K, D], found
     through the block ``tables`` [B, N] (int64) of ``block_size`` slots a block;
     ``max_length`` = ``lengths.max()``. Returns [B, H, D].
+
+    ``starts`` [B] (int64, a sliding window): each sequence attends to positions ``starts[b]`` to
+    ``lengths[b] - 1`` only, and the blocks before ``starts[b]`` are not read (they may name any block).
 
     The cache is float32 or bfloat16 (read as float32), ``q`` and the result float32; the sums are float32 either
     way. Scale 1/sqrt(D), as SDPA's default. Callers check ``load_kernels()`` first.
@@ -615,12 +619,19 @@ def kernel_decode_attention(
     _require(0 < max_length <= tables.shape[1] * block_size,
              f"kernel_decode_attention: max_length {max_length} is not within the tables' "
              f"{tables.shape[1] * block_size} slots")
+    if starts is not None:
+        _require(starts.dtype == torch.int64 and starts.shape == (batch,),
+                 f"kernel_decode_attention: starts must be int64 [{batch}], got {starts.dtype} {tuple(starts.shape)}")
+        _require(bool(((starts >= 0) & (starts < lengths)).all()),
+                 "kernel_decode_attention: every start must be within 0..length-1 (a window sees the new token)")
+        starts = starts.contiguous()
     q, tables, lengths = q.contiguous(), tables.contiguous(), lengths.contiguous()
     out = torch.empty_like(q)
     scratch = torch.empty(batch * heads * max_length, dtype=torch.float32)
     library.chatloop_decode_attention(
-        q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lengths.data_ptr(), scratch.data_ptr(),
-        out.data_ptr(), batch, heads, kv_heads, head_dim, tables.shape[1], block_size, max_length,
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
+        None if starts is None else starts.data_ptr(), scratch.data_ptr(), out.data_ptr(), batch, heads, kv_heads,
+        head_dim, tables.shape[1], block_size, max_length,
         head_dim**-0.5, keys.dtype == torch.bfloat16, torch.get_num_threads(),
     )
     return out

@@ -10,8 +10,9 @@
  * q [B, H, D] float32 contiguous; keys and values [slots, K, D] of one layer (slot-major, float32, or bfloat16
  * widened to float32 as they are read, the sums in float32 either way;
  * slot = block * block_size + offset); tables [B, N] int64; lengths [B] int64 (positions
- * visible to each sequence's token, its own included); scratch >= B * H * max(lengths) floats;
- * out [B, H, D]. Query head h reads kv head h / (H / K) (grouped-query attention).
+ * visible to each sequence's token, its own included); starts [B] int64 or NULL (a sliding window: the first
+ * position each sequence's token sees, the positions before it are not read at all); scratch >= B * H *
+ * max(lengths) floats; out [B, H, D]. Query head h reads kv head h / (H / K) (grouped-query attention).
  */
 #include "simd.h"
 #include <math.h>
@@ -77,37 +78,41 @@ INLINE void add_weighted_rows(const float* w, const void* v, int64_t start, int6
     for (int64_t i = d; i < D; ++i) y[i] += w[j] * load1(v, start + j * stride + i, bf16);
 }
 
-/* Shared among the threads of the caller's parallel region (an orphaned omp for). */
+/* Shared among the threads of the caller's parallel region (an orphaned omp for). Positions first..length-1 of
+ * each sequence, block by block: a window's first block is read from its first visible slot. */
 INLINE void decode_attention(const float* q, const void* keys, const void* values, const int64_t* tables,
-                             const int64_t* lengths, float* scratch, float* out, int64_t B, int64_t H, int64_t K,
-                             int64_t D, int64_t N, int64_t block_size, int64_t max_length, float scale,
-                             const int bf16) {
+                             const int64_t* lengths, const int64_t* starts, float* scratch, float* out, int64_t B,
+                             int64_t H, int64_t K, int64_t D, int64_t N, int64_t block_size, int64_t max_length,
+                             float scale, const int bf16) {
   const int64_t group = H / K, stride = K * D;  /* consecutive slots of one kv head are K * D elements apart */
   const size_t element = bf16 ? 2 : 4;
 #pragma omp for schedule(static)
   for (int64_t unit = 0; unit < B * H; ++unit) {
     const int64_t b = unit / H, h = unit % H, kv = h / group, length = lengths[b];
+    const int64_t first = starts && starts[b] > 0 ? starts[b] : 0;
     const int64_t* table = tables + b * N;
     const float* qh = q + unit * D;
-    float* scores = scratch + unit * max_length;
+    float* scores = scratch + unit * max_length;  /* scores[p] of position p (those before first unused) */
     float* y = out + unit * D;
-    /* Block by block: the positions of one block are consecutive slots. */
-    for (int64_t start = 0; start < length; start += block_size) {
-      const int64_t n = length - start < block_size ? length - start : block_size;
-      const char* k = (const char*)keys + (table[start / block_size] * block_size * K + kv) * D * element;
+    /* The positions of one block are consecutive slots. */
+    for (int64_t start = first, n; start < length; start += n) {
+      const int64_t offset = start % block_size;
+      n = block_size - offset < length - start ? block_size - offset : length - start;
+      const char* k = (const char*)keys + ((table[start / block_size] * block_size + offset) * K + kv) * D * element;
       int64_t j = 0;
       if (D % 8 == 0)
         for (; j + 8 <= n; j += 8) dot8(qh, k + j * stride * element, stride, D, scores + start + j, bf16);
       for (; j < n; ++j) scores[start + j] = dot(qh, k + j * stride * element, D, bf16);
     }
     float top = -INFINITY, total = 0.0f;
-    for (int64_t p = 0; p < length; ++p) top = scores[p] > top ? scores[p] : top;
-    for (int64_t p = 0; p < length; ++p) total += (scores[p] = expf((scores[p] - top) * scale));
+    for (int64_t p = first; p < length; ++p) top = scores[p] > top ? scores[p] : top;
+    for (int64_t p = first; p < length; ++p) total += (scores[p] = expf((scores[p] - top) * scale));
     for (int64_t i = 0; i < D; ++i) y[i] = 0.0f;
-    for (int64_t start = 0; start < length; start += block_size) {
-      const int64_t n = length - start < block_size ? length - start : block_size;
-      add_weighted_rows(scores + start, values, (table[start / block_size] * block_size * K + kv) * D, stride, n, D,
-                        y, bf16);
+    for (int64_t start = first, n; start < length; start += n) {
+      const int64_t offset = start % block_size;
+      n = block_size - offset < length - start ? block_size - offset : length - start;
+      add_weighted_rows(scores + start, values, ((table[start / block_size] * block_size + offset) * K + kv) * D,
+                        stride, n, D, y, bf16);
     }
     for (int64_t i = 0; i < D; ++i) y[i] /= total;
   }
@@ -118,21 +123,23 @@ void chatloop_decode_attention_shared(const float* q, const float* keys, const f
                                       const int64_t* lengths, float* scratch, float* out, int64_t B, int64_t H,
                                       int64_t K, int64_t D, int64_t N, int64_t block_size, int64_t max_length,
                                       float scale) {
-  decode_attention(q, keys, values, tables, lengths, scratch, out, B, H, K, D, N, block_size, max_length, scale, 0);
+  decode_attention(q, keys, values, tables, lengths, NULL, scratch, out, B, H, K, D, N, block_size, max_length, scale,
+                   0);
 }
 
-/* cache_bf16: keys and values are bfloat16 (as uint16); q, scratch and out float32 either way. */
+/* cache_bf16: keys and values are bfloat16 (as uint16); q, scratch and out float32 either way. starts: NULL, or
+ * each sequence's first visible position (a sliding window). */
 void chatloop_decode_attention(const float* q, const void* keys, const void* values, const int64_t* tables,
-                               const int64_t* lengths, float* scratch, float* out, int64_t B, int64_t H,
-                               int64_t K, int64_t D, int64_t N, int64_t block_size, int64_t max_length,
+                               const int64_t* lengths, const int64_t* starts, float* scratch, float* out, int64_t B,
+                               int64_t H, int64_t K, int64_t D, int64_t N, int64_t block_size, int64_t max_length,
                                float scale, int cache_bf16, int num_threads) {
 #pragma omp parallel num_threads(num_threads)
   {
     if (cache_bf16)
-      decode_attention(q, keys, values, tables, lengths, scratch, out, B, H, K, D, N, block_size, max_length, scale,
-                       1);
+      decode_attention(q, keys, values, tables, lengths, starts, scratch, out, B, H, K, D, N, block_size, max_length,
+                       scale, 1);
     else
-      decode_attention(q, keys, values, tables, lengths, scratch, out, B, H, K, D, N, block_size, max_length, scale,
-                       0);
+      decode_attention(q, keys, values, tables, lengths, starts, scratch, out, B, H, K, D, N, block_size, max_length,
+                       scale, 0);
   }
 }

@@ -73,6 +73,9 @@ class PagedKVCache:
         self.windowed_layers = windowed_layers
         """The (global) layers the window applies to; None: all (Gemma alternates windowed and full layers)."""
         self.window_mask: torch.Tensor | None = None
+        self.window_starts: torch.Tensor | None = None
+        """Where this micro-batch decodes in place and a window cuts it: the first position each new token sees in
+        the windowed layers (the kernel reads no block before it). None otherwise."""
         self._skip = 0  # leading blocks of the block tables that no layer of this stage reads in this micro-batch
 
     @property
@@ -89,9 +92,10 @@ class PagedKVCache:
         if self.decode_in_place:  # one new token per sequence: it sees positions 0..its own
             self._lengths = batch.positions[:, 0] + 1
             self._max_length = int(self._lengths.max())
-            if self.window is None or self._max_length <= self.window:  # (the kernel has no window)
-                return
-            self.decode_in_place = False
+            # Windowed layers read from each token's first position in the window on (the kernel's starts).
+            self.window_starts = None if self.window is None or self._max_length <= self.window else (
+                self._lengths - self.window).clamp_(min=0)
+            return
         # Where every layer here is windowed, the blocks before every token's window are not gathered: a step costs
         # what the window spans, however long the sequences (the coordinator may have given those blocks up).
         self._skip = 0
@@ -142,9 +146,10 @@ class PagedKVCache:
         Only where :attr:`decode_in_place`; :meth:`write` must have stored the step's keys and values.
         """
         i = layer - self.layer_offset
+        starts = self.window_starts if self.windowed_layers is None or layer in self.windowed_layers else None
         out = kernel_decode_attention(
             q[:, 0].float(), self.keys[i], self.values[i], self._batch.block_tables, self.block_size, self._lengths,
-            self._max_length
+            self._max_length, starts
         )
         return out.view(q.shape[0], 1, -1).to(q.dtype)
 

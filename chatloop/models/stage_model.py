@@ -90,7 +90,9 @@ class StageModel(nn.Module):
         cache.begin(batch)
         x = self.embed(inputs, batch) if self.is_first else inputs
         shared = self.layer_inputs(batch, x.dtype)  # computed once per micro-batch, used by every layer
-        if self.decode_kernel is not None and cache.decode_in_place and x.dtype == torch.float32:
+        # (the one-call step has no window: a windowed step attends layer by layer, on the attention kernel)
+        if self.decode_kernel is not None and cache.decode_in_place and cache.window_starts is None \
+                and x.dtype == torch.float32:
             x = self.decode_kernel(x, batch, cache, *shared)
         else:
             for layer in self.decoder_layers():

@@ -230,6 +230,46 @@ def test_decode_attention_matches_sdpa_over_the_gathered_context(kernel, heads, 
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(6, 2, 64, 16), (4, 4, 12, 5)])
+def test_decode_attention_in_a_window_reads_only_the_window(kernel, heads, kv_heads, head_dim, block_size,
+                                                            cache_dtype):
+    """``starts`` (a sliding window): each row attends to positions starts..length-1 as SDPA with the window's mask
+    does, and reads nothing before its start (those slots hold NaN, and their blocks may be named twice)."""
+    g = torch.Generator().manual_seed(head_dim + 1)
+    lengths = torch.tensor([1, 7, 33, 3 * block_size + 2])
+    starts = torch.tensor([0, 4, 33 - 9, block_size + 1])  # mid-block starts, a whole block skipped, none
+    blocks = -(-int(lengths.max()) // block_size)
+    keys = torch.randn(len(lengths) * blocks * block_size + block_size, kv_heads, head_dim, generator=g)
+    values = torch.randn(keys.shape, generator=g)
+    tables = torch.randperm(len(lengths) * blocks + 1, generator=g)[: len(lengths) * blocks].view(len(lengths), blocks)
+    q = torch.randn(len(lengths), heads, head_dim, generator=g)
+    slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(len(lengths), -1)  # [B, positions]
+    out_of_window = torch.arange(slots.shape[1])[None, :] < starts[:, None]
+    poisoned_k, poisoned_v = keys.clone(), values.clone()
+    poisoned_k[slots[out_of_window]] = float("nan")
+    poisoned_v[slots[out_of_window]] = float("nan")
+    poisoned_tables = tables.clone()
+    poisoned_tables[3, 0] = tables[3, 1]  # a block given up names a live one (as the coordinator's tables do)
+
+    out = kernels.kernel_decode_attention(q, poisoned_k.to(cache_dtype), poisoned_v.to(cache_dtype), poisoned_tables,
+                                          block_size, lengths, int(lengths.max()), starts)
+
+    def gathered(pool):  # [B, S, K, D]: each sequence's blocks in order
+        return pool.view(-1, block_size, kv_heads, head_dim)[tables].view(len(lengths), -1, kv_heads, head_dim)
+
+    position = torch.arange(blocks * block_size)[None, :]
+    visible = (position < lengths[:, None]) & (position >= starts[:, None])
+    mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))[:, None, None, :]
+    expected = F.scaled_dot_product_attention(
+        q[:, :, None], gathered(keys.to(cache_dtype).float()).transpose(1, 2),
+        gathered(values.to(cache_dtype).float()).transpose(1, 2), attn_mask=mask, enable_gqa=True,
+    )[:, :, 0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    whole = kernels.kernel_decode_attention(q, keys, values, tables, block_size, lengths, int(lengths.max()))
+    assert (whole[1:] - expected[1:]).abs().max() > 1e-3  # (the window changes what rows 1-3 see)
+
+
 def test_decode_attention_is_used_only_for_single_token_steps_of_float32_or_bfloat16_caches():
     from chatloop.models import LayerRange, StepBatch, build_stage
     from tests.conftest import tiny_hf_config
@@ -271,6 +311,12 @@ def test_decode_attention_is_used_only_for_single_token_steps_of_float32_or_bflo
         (lambda: kernels.kernel_decode_attention(
             torch.ones(2, 4, 8), torch.ones(16, 2, 8), torch.ones(16, 2, 8), torch.zeros(2, 4, dtype=torch.int64), 4,
             torch.ones(2, dtype=torch.int64), 17), "max_length 17 is not within the tables' 16 slots"),
+        (lambda: kernels.kernel_decode_attention(
+            torch.ones(2, 4, 8), torch.ones(16, 2, 8), torch.ones(16, 2, 8), torch.zeros(2, 4, dtype=torch.int64), 4,
+            torch.tensor([3, 2]), 3, torch.tensor([1, 2])), "every start must be within 0..length-1"),
+        (lambda: kernels.kernel_decode_attention(
+            torch.ones(2, 4, 8), torch.ones(16, 2, 8), torch.ones(16, 2, 8), torch.zeros(2, 4, dtype=torch.int64), 4,
+            torch.tensor([3, 2]), 3, torch.tensor([1])), "starts must be int64 \\[2\\]"),
         (lambda: kernels.stream_read(torch.ones(100)), "multiple of 4096 elements"),
     ],
 )

@@ -297,3 +297,50 @@ def test_the_window_a_step_reads_is_always_in_the_blocks_it_was_written_to(seed)
             assert all(len(s.blocks) <= policy._most_blocks(s.total_tokens) for s in policy._running)
         ended += sum(event.finish_reason is not None for _, event in outputs)
     assert allocator.num_free == allocator.num_blocks
+
+
+# --- windowed decode steps on the attention kernel --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3_text"])
+def test_windowed_decode_steps_attend_on_the_kernel_as_the_gathered_path_does(family, windowed, tiny_checkpoint,
+                                                                              load_pipeline, tmp_path):
+    """Past the window, decode steps attend on the kernel from each token's window start (windowed layers only:
+    Gemma 3's and Qwen2's full layers read every position), layer by layer (the one-call step has no window), and
+    give transformers' logits and those of torch's gathered path with the window's mask."""
+    from chatloop.models.kv_cache import PagedKVCache
+
+    if family == "gemma3_text":  # layers 1 and 4 full, the others windowed (8)
+        checkpoint = tiny_checkpoint(family)
+        model, parts = checkpoint.model, tmp_path
+        split_model(checkpoint.path, parts, 2, progress=False)
+    else:
+        model, parts = windowed(family, 2)
+
+    def load(native_attention: bool):
+        pipeline = load_with_linear_mode(load_pipeline, parts, "kernel", block_size=4, num_blocks=32)
+        for cache in pipeline.caches:
+            cache.native_attention = native_attention
+        return pipeline
+
+    prompts, continuations = tiny_prompts()
+    seen = []  # (layer, its window starts or None) of each attention on the kernel
+    original = PagedKVCache.decode_attention
+
+    def spy(self, layer, q):
+        windowed_layer = self.window is not None and (self.windowed_layers is None or layer in self.windowed_layers)
+        seen.append((layer, self.window_starts if windowed_layer else None))
+        return original(self, layer, q)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PagedKVCache, "decode_attention", spy)
+        check_against_reference(load(True), model, prompts, continuations)
+    full = {"mistral": set(), "qwen2": {0}, "gemma3_text": {1, 4}}[family]
+    cut = {layer for layer, starts in seen if starts is not None and int(starts.max()) > 0}
+    assert cut == set(range(len(model.model.layers))) - full  # every windowed layer, once past its window
+    assert all(starts is None for layer, starts in seen if layer in full)
+    kernel, gathered = load(True), load(False)
+    torch.testing.assert_close(kernel.prefill(prompts), gathered.prefill(prompts), atol=1e-4, rtol=0)
+    for step in range(len(continuations[0])):
+        tokens = [c[step] for c in continuations]
+        torch.testing.assert_close(kernel.decode(tokens), gathered.decode(tokens), atol=1e-4, rtol=0)
