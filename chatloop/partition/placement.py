@@ -45,6 +45,12 @@ class HostFigures:
     cores: int | None = None
     cpu_limit: float | None = None
     bandwidth_gb_s: float | None = None
+    step_fixed_s: Mapping[int, float] | None = None
+    """What a stage's decode step costs whatever its layers (the call, its inputs' bookkeeping), by batch; ``decode_s``
+    is then one more layer's time (the probe times one layer and two). None: nothing fixed (older figures)."""
+    head_s: Mapping[int, float] | None = None
+    """The last stage's final norm, head and sampling of one decode step, by batch, where the host holds the head;
+    None: the head counts as its bytes over a layer's (:attr:`ModelCosts.head_layers`)."""
 
     def __post_init__(self) -> None:
         if 1 not in self.decode_s:
@@ -52,13 +58,19 @@ class HostFigures:
                             f"{sorted(self.decode_s)}: probe it again")
         if any(b < 1 or t <= 0 or not math.isfinite(t) for b, t in self.decode_s.items()):
             raise PlanError(f"host {self.name}: decode times must be positive, by batch >= 1: {dict(self.decode_s)}")
+        for label, extra in (("step_fixed_s", self.step_fixed_s), ("head_s", self.head_s)):
+            if extra is not None and (1 not in extra or any(b < 1 or not 0 <= t < math.inf for b, t in extra.items())):
+                raise PlanError(f"host {self.name}: {label} must be times >= 0 by batch >= 1, batch 1 among them: "
+                                f"{dict(extra)}")
         if self.memory_bytes < 0 or self.hop_s < 0:
             raise PlanError(f"host {self.name}: memory_bytes and hop_s must be >= 0")
 
     def as_dict(self) -> dict:
         """JSON-ready (``chatloop-plan probe --output``)."""
         data = asdict(self)
-        data["decode_s"] = {str(b): t for b, t in self.decode_s.items()}
+        for key in _BY_BATCH:
+            if data[key] is not None:
+                data[key] = {str(b): t for b, t in data[key].items()}
         data["held"] = None if self.held is None else [[r.start, r.end] for r in self.held]
         return data
 
@@ -67,11 +79,16 @@ class HostFigures:
         """The figures :meth:`as_dict` wrote; :class:`PlanError` naming what is wrong."""
         try:
             held = data.get("held")
-            return cls(**{**data, "decode_s": {int(b): float(t) for b, t in data["decode_s"].items()},
+            by_batch = {key: {int(b): float(t) for b, t in data[key].items()}
+                        for key in _BY_BATCH if data.get(key) is not None}
+            return cls(**{**data, **by_batch,
                           "held": None if held is None else tuple(LayerRange(a, b) for a, b in held)})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"not a host's figures ({type(e).__name__}: {e}): write them with chatloop-plan probe") \
                 from None
+
+
+_BY_BATCH = ("decode_s", "step_fixed_s", "head_s")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +151,10 @@ class Placement:
     latency_s: float
     """One decode step of one sequence through every stage and hop."""
     hops_s: float = 0.0
+    coordinator_s: float = 0.0
+    """The coordinator's share of each micro-batch's step (from one step's answer to its next step's sending: the
+    scheduler's work, the detokenizer), measured on a run (:class:`~chatloop.stage.plan_report.DecodeMeter`); it
+    is one more stop on every micro-batch's trip round the chain. 0: not measured yet."""
 
     @property
     def micro_batch(self) -> int:
@@ -150,12 +171,12 @@ class Placement:
     @property
     def round_s(self) -> float:
         """One token of every sequence of the batch."""
-        return max(self.micro_batches * self.bottleneck_s, self.trip_s)
+        return max(self.micro_batches * max(self.bottleneck_s, self.coordinator_s), self.trip_s + self.coordinator_s)
 
     @property
     def tokens_per_s_1(self) -> float:
         """Predicted decode tokens/s of one sequence alone."""
-        return 1.0 / self.latency_s
+        return 1.0 / (self.latency_s + self.coordinator_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -188,9 +209,6 @@ class _Model:
         for u in _layer_units(costs):
             self.units.append(self.units[-1] + u)
 
-    def work(self, i: int, j: int) -> float:
-        return self.units[j] - self.units[i] + (self.costs.head_layers if j == self.n else 0.0)
-
     def fits(self, h: int, i: int, j: int) -> bool:
         host = self.hosts[h]
         if self.costs.memory(i, j) > host.memory_bytes:
@@ -198,7 +216,15 @@ class _Model:
         return host.held is None or any(r.start <= i and j - 1 <= r.end for r in host.held)
 
     def step(self, h: int, i: int, j: int, batch: float) -> float:
-        return layer_seconds(self.hosts[h].decode_s, batch) * self.work(i, j)
+        """Host ``h``'s decode step of layers ``i`` to ``j - 1`` at ``batch``: its fixed cost, its layers, and the
+        head where the stage ends the model (measured, or as its bytes' share of a layer's time)."""
+        host = self.hosts[h]
+        layer = layer_seconds(host.decode_s, batch)
+        fixed = layer_seconds(host.step_fixed_s, batch) if host.step_fixed_s else 0.0
+        time = fixed + layer * (self.units[j] - self.units[i])
+        if j == self.n:
+            time += layer_seconds(host.head_s, batch) if host.head_s else layer * self.costs.head_layers
+        return time
 
 
 def _least_bottleneck(model: _Model, k: int, micro: int) -> float:
@@ -246,10 +272,11 @@ def _least_latency(model: _Model, k: int, micro: int, limit: float) -> tuple[flo
 
 
 def place_layers(hosts: Sequence[HostFigures], costs: ModelCosts, batch: int = 1, *,
-                 keep_all: bool = False, in_flight: int | None = None) -> Placement:
+                 keep_all: bool = False, in_flight: int | None = None, coordinator_s: float = 0.0) -> Placement:
     """Contiguous ranges over (some of) ``hosts``, in their order, for the model ``costs`` describes, at ``batch``
     sequences a decode step in ``in_flight`` micro-batches (None: one per stage); see the module's docstring.
-    ``keep_all``: every host gets at least one layer (a running cluster whose workers all joined). Raises
+    ``keep_all``: every host gets at least one layer (a running cluster whose workers all joined).
+    ``coordinator_s``: the coordinator's share of a step (:attr:`Placement.coordinator_s`), in the predictions. Raises
     :class:`PlanError` saying why when no plan fits."""
     n = costs.num_layers
     if n < 1 or any(b < 0 for b in costs.layer_bytes):
@@ -290,7 +317,7 @@ def place_layers(hosts: Sequence[HostFigures], costs: ModelCosts, batch: int = 1
     hops = sum(hosts[h].hop_s for h in used)
     left_out = {hosts[h].name: _why_left_out(model, h, micro, bottleneck) for h in range(len(hosts)) if h not in used}
     return Placement(placed, left_out, batch, q, bottleneck, sum(s.step_s for s in placed) + hops, latency,
-                     hops_s=hops)
+                     hops_s=hops, coordinator_s=coordinator_s)
 
 
 def _layer_units(costs: ModelCosts) -> list[float]:
@@ -327,7 +354,7 @@ def _why_nothing_fits(hosts: Sequence[HostFigures], costs: ModelCosts) -> str:
 
 
 def predict(hosts: Sequence[HostFigures], costs: ModelCosts, ranges: Sequence[LayerRange], batch: int = 1, *,
-            in_flight: int | None = None) -> Placement:
+            in_flight: int | None = None, coordinator_s: float = 0.0) -> Placement:
     """The predictions of a given plan (``even``, explicit ranges): ``ranges[k]`` on ``hosts[k]``. Raises
     :class:`PlanError` when a host lacks the memory or the files for its range."""
     if len(ranges) != len(hosts):
@@ -347,4 +374,4 @@ def predict(hosts: Sequence[HostFigures], costs: ModelCosts, ranges: Sequence[La
         stages.append(PlacedStage(figures.name, r, model.step(h, i, j, micro), model.step(h, i, j, 1), need))
     hops = sum(h.hop_s for h in hosts)
     return Placement(stages, {}, batch, q, max(s.step_s for s in stages), sum(s.step_s for s in stages) + hops,
-                     sum(s.step_1_s for s in stages) + hops, hops_s=hops)
+                     sum(s.step_1_s for s in stages) + hops, hops_s=hops, coordinator_s=coordinator_s)

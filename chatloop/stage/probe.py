@@ -1,8 +1,9 @@
 """The probe a worker runs when it joins: what the placement (:mod:`chatloop.partition.placement`) needs of its host.
 
 Cores and threads it may use (its affinity, its cgroup's CPU quota), the memory it may take (the machine's available
-memory, bounded by its cgroup's limit), a measured memory bandwidth, and the time of one decoder layer of the model,
-on real weights from the partitions it holds, for a decode step at a few batch sizes and for a prefill chunk; the
+memory, bounded by its cgroup's limit), a measured memory bandwidth, and the decode step of a stage of the model, on
+real weights from the partitions it holds, at a few batch sizes: its fixed cost, one layer's, and the head's with
+the sampling (stages of one layer, of two, and of the last layer), and a prefill chunk's time per token; the
 round trip to a neighbour is timed by the caller's ``ping``. Times are totals over several CFS periods, not medians
 of calls: a worker held to a third of a core runs a short call at full speed and then waits, and only the total
 shows the wait.
@@ -16,17 +17,21 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import torch
 
+from ..engine.requests import SamplerInput
+from ..engine.sampling import sample
 from ..models import LayerRange, StepBatch
 from ..partition import Manifest
 from ..partition.placement import HostFigures
 from ..partition.ranges import held_in, load_layer_range, loadable_spans, num_layers_of
 from ..worker_settings import cpu_quota
 
-__all__ = ["memory_available", "memory_bandwidth", "probe_host", "probe_layer", "probe_spec", "round_trip_s"]
+__all__ = ["LayerProbe", "memory_available", "memory_bandwidth", "probe_host", "probe_layer", "probe_spec",
+           "round_trip_s"]
 
 PROBE_BATCHES = (1, 4, 16)
 CONTEXT = 64
@@ -105,47 +110,99 @@ def round_trip_s(ping: Callable[[], object], tries: int = 5) -> float:
     return statistics.median(times)
 
 
-def _probe_layer_index(manifest: Manifest, held: Iterable[str]) -> int:
-    """A layer this host holds, in the middle of the model where it can (neither embedding nor head with it)."""
+def _probe_layer_index(manifest: Manifest, held: Iterable[str]) -> tuple[int, bool]:
+    """A layer this host holds, in the middle of the model where it can (neither embedding nor head with it), and
+    whether the next layer is held with it and in the middle too (then a stage of two is timed beside one)."""
     spans = loadable_spans(manifest, held)
     if not spans:
         raise ValueError("this host holds none of the split's partition files: it has no layer to probe")
     last = num_layers_of(manifest) - 1
     layers = [i for span in spans for i in span.indices]
     middle = [i for i in layers if 0 < i < last]
-    return (middle or layers)[0]
+    pairs = [i for i in middle if i + 1 in middle and any(i + 1 in span.indices for span in spans if i in span.indices)]
+    return (pairs[0], True) if pairs else ((middle or layers)[0], False)
+
+
+class LayerProbe(NamedTuple):
+    """What :func:`probe_layer` measures, in seconds, by batch size where by batch."""
+
+    decode_s: dict[int, float]
+    """One more layer in a stage's decode step."""
+    prefill_s_per_token: float
+    step_fixed_s: dict[int, float] | None
+    """A stage's decode step whatever its layers (one layer's step less a layer); None: no two layers to time."""
+    head_s: dict[int, float] | None
+    """The last stage's norm, head and greedy sampling; None: the host does not hold the head."""
 
 
 @torch.inference_mode()
 def probe_layer(directory: str | Path, *, held: Iterable[str] | None = None, batches: Sequence[int] = PROBE_BATCHES,
                 dtype: torch.dtype | None = None, pack_weights: bool = True, native_kernels: bool = True,
-                min_seconds: float = MIN_SECONDS) -> tuple[dict[int, float], float]:
-    """One layer of the split in ``directory`` (from the files ``held``; None: those present), as a worker computes
-    it: seconds of a decode step by batch size, and seconds per token of a prefill chunk."""
+                min_seconds: float = MIN_SECONDS) -> LayerProbe:
+    """The split in ``directory`` (from the files ``held``; None: those present) as a worker computes it: a decode
+    step of a stage of one layer and of two (their difference: a layer; the rest: the step's fixed cost, which
+    dominates a small model's layer) and of the last layer with the head and sampling, by batch size, and a prefill
+    chunk's time per token. The stages take turns window by window and each figure is the median of its windows'
+    differences, so a burst of other work on the host spoils one round, not one stage's figure."""
     directory = Path(directory)
     manifest = Manifest.load(directory)
     held = list(held) if held is not None else held_in(directory, manifest)
-    index = _probe_layer_index(manifest, held)
-    stage = load_layer_range(directory, LayerRange(index, index), held=held, manifest=manifest, dtype=dtype,
-                             pack_weights=pack_weights, native_kernels=native_kernels)
+    index, pair = _probe_layer_index(manifest, held)
+    last = num_layers_of(manifest) - 1
+    holds_head = any(last in span.indices for span in loadable_spans(manifest, held)) and index != last
     block_size = 16
     blocks_per_seq = math.ceil((max(CONTEXT + 1, PREFILL_TOKENS)) / block_size)
-    cache = stage.new_cache(max(batches) * blocks_per_seq, block_size)
     tables = [list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)) for b in range(max(batches))]
-    hidden_dtype = next(stage.parameters()).dtype if dtype is None else dtype
+    greedy = SamplerInput(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0, step=0)
+    ranges = {"one": LayerRange(index, index)}
+    if pair:
+        ranges["two"] = LayerRange(index, index + 1)
+    if holds_head:
+        ranges["head"] = LayerRange(last, last)
+    stages = {key: load_layer_range(directory, layers, held=held, manifest=manifest, dtype=dtype,
+                                    pack_weights=pack_weights, native_kernels=native_kernels)
+              for key, layers in ranges.items()}
+    caches = {key: stage.new_cache(max(batches) * blocks_per_seq, block_size) for key, stage in stages.items()}
 
-    def inputs(b: int, t: int) -> torch.Tensor:
-        if stage.is_first:
-            return torch.randint(0, stage.args.vocab_size, (b, t))
-        return torch.randn(b, t, stage.args.hidden_size).to(hidden_dtype)
+    def call(key: str, b: int, t: int) -> Callable[[], object]:
+        stage, cache = stages[key], caches[key]
+        hidden_dtype = next(stage.parameters()).dtype if dtype is None else dtype
+        x = (torch.randint(0, stage.args.vocab_size, (b, t)) if stage.is_first
+             else torch.randn(b, t, stage.args.hidden_size).to(hidden_dtype))
+        batch = (StepBatch.build([CONTEXT] * b, [1] * b, tables[:b], block_size) if t == 1
+                 else StepBatch.build([0], [t], tables[:1], block_size))
+        if stage.is_last and t == 1:  # the worker samples there too
+            return lambda: sample(stage(x, batch, cache), [greedy] * b)
+        return lambda: stage(x, batch, cache)
 
-    decode = {}
+    decode: dict[int, float] = {}
+    fixed: dict[int, float] | None = {} if pair else None
+    head: dict[int, float] | None = {} if holds_head else None
     for b in batches:
-        x, batch = inputs(b, 1), StepBatch.build([CONTEXT] * b, [1] * b, tables[:b], block_size)
-        decode[b] = _timed(lambda x=x, batch=batch: stage(x, batch, cache), min_seconds)
-    x, batch = inputs(1, PREFILL_TOKENS), StepBatch.build([0], [PREFILL_TOKENS], tables[:1], block_size)
-    prefill = _timed(lambda: stage(x, batch, cache), min_seconds) / PREFILL_TOKENS
-    return decode, prefill
+        windows = _paired({key: call(key, b, 1) for key in stages}, min_seconds)
+        one = statistics.median(windows["one"])
+        decode[b] = one
+        if fixed is not None:
+            # A difference of two noisy times: kept between a tenth of the one-layer step (a layer is not free)
+            # and all of it
+            decode[b] = min(one, max(statistics.median(_minus(windows["two"], windows["one"])), one / 10))
+            fixed[b] = one - decode[b]
+        if head is not None:
+            head[b] = max(0.0, statistics.median(_minus(windows["head"], windows["one"])))
+    prefill = _timed(call("one", 1, PREFILL_TOKENS), min_seconds) / PREFILL_TOKENS
+    return LayerProbe(decode, prefill, fixed, head)
+
+
+def _paired(calls: dict[str, Callable[[], object]], min_seconds: float, rounds: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls``, a window each in turn for ``rounds`` rounds (see :func:`_timed`)."""
+    for fn in calls.values():
+        fn(), fn()
+    return {key: times for key, times in zip(calls, zip(*(
+        [_timed(fn, min_seconds / rounds, warmup=0, windows=1) for fn in calls.values()] for _ in range(rounds))))}
+
+
+def _minus(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    return [x - y for x, y in zip(a, b)]
 
 
 def probe_host(name: str, directory: str | Path, *, held: Iterable[str] | None = None, hop_s: float = 0.0,
@@ -156,10 +213,11 @@ def probe_host(name: str, directory: str | Path, *, held: Iterable[str] | None =
     directory = Path(directory)
     manifest = Manifest.load(directory)
     held = list(held) if held is not None else held_in(directory, manifest)
-    decode, prefill = probe_layer(directory, held=held, batches=batches, dtype=dtype, pack_weights=pack_weights,
-                                  native_kernels=native_kernels, min_seconds=min_seconds)
+    layer = probe_layer(directory, held=held, batches=batches, dtype=dtype, pack_weights=pack_weights,
+                        native_kernels=native_kernels, min_seconds=min_seconds)
     return HostFigures(
-        name=name, decode_s=decode, prefill_s_per_token=prefill, memory_bytes=memory_available(), hop_s=hop_s,
+        name=name, decode_s=layer.decode_s, prefill_s_per_token=layer.prefill_s_per_token,
+        step_fixed_s=layer.step_fixed_s, head_s=layer.head_s, memory_bytes=memory_available(), hop_s=hop_s,
         held=tuple(loadable_spans(manifest, held)), threads=torch.get_num_threads(),
         cores=len(os.sched_getaffinity(0)), cpu_limit=cpu_quota(),
         bandwidth_gb_s=memory_bandwidth(min_seconds=min_seconds) / 1e9,

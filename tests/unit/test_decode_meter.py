@@ -15,7 +15,8 @@ def _step(k: int, sent: float, done: float, sequences: int, tokens: int = 1, fai
 def test_nothing_measured_before_a_decode_step():
     meter = DecodeMeter()
     meter(_step(0, 0.0, 0.5, 4, tokens=30))  # a prefill
-    assert meter.measured() == {"tokens_per_s": None, "sequences": None, "tokens_per_s_1": None}
+    assert meter.measured() == {"tokens_per_s": None, "sequences": None, "tokens_per_s_1": None,
+                                "coordinator_ms": None}
 
 
 def test_batch_throughput_counts_the_busy_time_and_the_sequences_in_flight():
@@ -29,6 +30,7 @@ def test_batch_throughput_counts_the_busy_time_and_the_sequences_in_flight():
     assert got["tokens_per_s"] == pytest.approx(128)
     assert got["sequences"] == 16
     assert got["tokens_per_s_1"] is None  # never one sequence alone
+    assert got["coordinator_ms"] == 0  # each step sent as the one before it was answered
 
 
 def test_a_lone_sequence_is_timed_from_step_to_step_and_idle_time_is_left_out():
@@ -39,6 +41,7 @@ def test_a_lone_sequence_is_timed_from_step_to_step_and_idle_time_is_left_out():
     meter(_step(3, 2.04, 2.05, 1))  # after 2 s without a request
     got = meter.measured()
     assert got["tokens_per_s_1"] == pytest.approx(50.0)
+    assert got["coordinator_ms"] == pytest.approx(10.0)  # from an answer to the next step's sending
     assert got["tokens_per_s"] == got["tokens_per_s_1"] and got["sequences"] == 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -15,10 +16,23 @@ from chatloop.partition.plan import PlanError, plan_layers
 MB = 2**20
 
 
-def host(name, ms, memory=10_000 * MB, hop_ms=0.0, held=None, at16=None):
-    """A host whose layer takes ``ms`` at batch 1 and ``at16`` (default 16x: compute-bound) at batch 16."""
+def host(name, ms, memory=10_000 * MB, hop_ms=0.0, held=None, at16=None, fixed_ms=None, head_ms=None):
+    """A host whose layer takes ``ms`` at batch 1 and ``at16`` (default 16x: compute-bound) at batch 16; a stage's
+    step costs ``fixed_ms`` more (batch 1, twice that at 16), and the head ``head_ms`` (None: by its bytes)."""
     return HostFigures(name=name, decode_s={1: ms / 1e3, 16: (at16 if at16 is not None else 16 * ms) / 1e3},
-                       memory_bytes=memory, hop_s=hop_ms / 1e3, held=held)
+                       memory_bytes=memory, hop_s=hop_ms / 1e3, held=held,
+                       step_fixed_s=None if fixed_ms is None else {1: fixed_ms / 1e3, 16: 2 * fixed_ms / 1e3},
+                       head_s=None if head_ms is None else {1: head_ms / 1e3, 16: 4 * head_ms / 1e3})
+
+
+def stage_time(figures, costs, units, i, j, batch):
+    """What a stage of layers ``i`` to ``j - 1`` takes on ``figures`` at ``batch``, written out apart from the
+    planner's: its fixed cost, its layers, its head."""
+    layer = layer_seconds(figures.decode_s, batch)
+    time = sum(units[i:j]) * layer + (layer_seconds(figures.step_fixed_s, batch) if figures.step_fixed_s else 0)
+    if j == costs.num_layers:
+        time += layer_seconds(figures.head_s, batch) if figures.head_s else costs.head_layers * layer
+    return time
 
 
 def brute_force(hosts, costs, batch):
@@ -40,9 +54,8 @@ def brute_force(hosts, costs, batch):
                     if costs.memory(i, j) > figures.memory_bytes or not held_ok:
                         ok = False
                         break
-                    work = sum(units[i:j]) + (costs.head_layers if j == n else 0)
-                    worst = max(worst, q * layer_seconds(figures.decode_s, micro) * work)
-                    total += layer_seconds(figures.decode_s, 1) * work + figures.hop_s
+                    worst = max(worst, q * stage_time(figures, costs, units, i, j, micro))
+                    total += stage_time(figures, costs, units, i, j, 1) + figures.hop_s
                 if ok and (best is None or (worst, total) < best):
                     best = (worst, total)
     return best
@@ -74,7 +87,8 @@ def test_the_plan_is_the_brute_force_optimum_on_small_cases(seed):
             start = rng.randrange(n)
             held = (LayerRange(start, rng.randrange(start, n)),)
         hosts.append(host(f"h{k}", rng.choice([1.0, 2.0, 3.0, 7.0]), memory=rng.choice([30, 60, 200]) * MB,
-                          hop_ms=rng.choice([0.0, 0.5, 5.0]), held=held, at16=rng.choice([3.0, 8.0, 20.0])))
+                          hop_ms=rng.choice([0.0, 0.5, 5.0]), held=held, at16=rng.choice([3.0, 8.0, 20.0]),
+                          fixed_ms=rng.choice([None, 0.0, 0.7, 4.0]), head_ms=rng.choice([None, 0.5, 6.0])))
     batch = rng.choice([1, 4, 16])
     expected = brute_force(hosts, costs, batch)
     if expected is None:
@@ -160,9 +174,35 @@ def test_nothing_fits_says_what_to_change():
         place_layers([host("a", 1.0, memory=150 * MB), host("b", 1.0, memory=150 * MB)], costs)
 
 
+def test_a_measured_head_and_fixed_cost_shape_the_stages_and_the_coordinator_joins_every_trip():
+    costs = ModelCosts(layer_bytes=[10 * MB] * 12, head_layers=1.0)
+    by_bytes = place_layers([host("a", 1.0), host("b", 1.0)], costs, batch=1)
+    assert [len(r) for r in by_bytes.ranges] == [7, 5] or [len(r) for r in by_bytes.ranges] == [6, 6]
+    # b's head measured at 6 layers' time: it keeps fewer layers; a fixed cost adds to each stage's step once
+    measured = place_layers([host("a", 1.0, fixed_ms=2.0), host("b", 1.0, fixed_ms=2.0, head_ms=6.0)], costs, 1)
+    assert [len(r) for r in measured.ranges] == [9, 3]
+    assert [s.step_1_s for s in measured.stages] == pytest.approx([11e-3, 11e-3])
+    assert measured.latency_s == pytest.approx(22e-3)
+    # the coordinator's share: one more stop on a micro-batch's trip, and a stage of its own at full load
+    shared = place_layers([host("a", 1.0, fixed_ms=2.0), host("b", 1.0, fixed_ms=2.0, head_ms=6.0)], costs, 1,
+                          coordinator_s=3e-3)
+    assert shared.ranges == measured.ranges and shared.tokens_per_s_1 == pytest.approx(1 / 25e-3)
+    wide = predict([host("a", 1.0), host("b", 1.0)], costs, plan_layers(12, 2), 16, coordinator_s=0.2)
+    assert wide.round_s == pytest.approx(2 * 0.2)
+
+
+def test_figures_with_fixed_and_head_times_survive_a_file():
+    figures = host("a", 1.0, fixed_ms=0.5, head_ms=3.0)
+    again = HostFigures.from_dict(json.loads(json.dumps(figures.as_dict())))
+    assert again == figures and again.head_s[16] == pytest.approx(12e-3)
+    assert HostFigures.from_dict({**host("b", 1.0).as_dict(), "step_fixed_s": None}).step_fixed_s is None
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(decode_s={4: 1e-3}), "decode time at batch 1"),
     (dict(decode_s={1: -1.0}), "positive"),
+    (dict(decode_s={1: 1e-3}, step_fixed_s={4: 1e-3}), "step_fixed_s must be"),
+    (dict(decode_s={1: 1e-3}, head_s={1: -1e-3}), "head_s must be"),
 ])
 def test_bad_figures_are_refused(bad, match):
     with pytest.raises(PlanError, match=match):

@@ -41,6 +41,9 @@ def test_the_probe_reports_what_the_placement_needs(tiny_split):
     assert figures.cores == len(os.sched_getaffinity(0))
     assert figures.held == (LayerRange(0, 4),)
     assert figures.hop_s == 0.002
+    # stages of one layer and of two give a layer and the step's fixed cost; the last layer's, the head's
+    assert sorted(figures.step_fixed_s) == sorted(figures.head_s) == [1, 4, 16]
+    assert all(t >= 0 for t in [*figures.step_fixed_s.values(), *figures.head_s.values()])
 
 
 def test_the_probe_reads_only_the_files_the_host_holds(tiny_split, tmp_path):
@@ -49,6 +52,7 @@ def test_the_probe_reads_only_the_files_the_host_holds(tiny_split, tmp_path):
     (copied / "partition_0.safetensors").unlink()
     figures = probe_host("w1", copied, min_seconds=0.01)
     assert figures.held == (LayerRange(3, 4),)
+    assert figures.step_fixed_s is None and figures.head_s is not None  # layer 3 alone in the middle; 4 has the head
     with pytest.raises(ValueError, match="holds none of the split's partition files"):
         probe_host("w1", copied, held=[], min_seconds=0.01)
 
