@@ -24,7 +24,8 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
 - Phi-3's longrope (``rope_switch``): the step that feeds a sequence's position ``rope_switch`` (the first
   rotated with the long factors) computes it again from its first token, in one step however
   ``prefill_chunk_tokens`` would cut it, as transformers' ``generate`` drops its cache there: the positions before
-  were rotated with the short factors.
+  were rotated with the short factors. A prompt (or a replay) longer than ``rope_switch`` is prefilled in one step
+  for the same reason: transformers rotates all of it with the long factors.
 - A request that scores its prompt sends, with each chunk, the prompt tokens that follow it, and
   collects their scores; a replay never scores a token twice.
 - Prefix caching (``prefix_caching``): every full block a sequence has computed goes into the allocator's cache
@@ -262,6 +263,8 @@ class SchedulerPolicy:
         if self.kv_window is None:
             return whole
         step = min(self.prefill_chunk_tokens or num_tokens, num_tokens)
+        if self.rope_switch is not None and num_tokens > self.rope_switch:  # a whole step past it (see _chunk)
+            step = num_tokens
         return min(whole, (self.kv_window + step - 2) // self.allocator.block_size + 2)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -402,8 +405,13 @@ class SchedulerPolicy:
         return min(whole, (self.kv_window + step - 2) // size + 2)
 
     def _chunk(self, seq: _Sequence) -> int | None:
-        """The most tokens ``seq`` feeds at its next step (None: all it has not cached)."""
-        return None if seq.whole else self.prefill_chunk_tokens
+        """The most tokens ``seq`` feeds at its next step (None: all it has not cached): all of them where it is
+        computed again from its first token (:meth:`_switch_rope`), or where its first step would run past
+        ``rope_switch`` (a prompt or a replay that long is rotated with the long factors at every position, as
+        transformers computes it in one call: chunks before the switch would keep the short ones)."""
+        if seq.whole or (self.rope_switch is not None and seq.num_cached == 0 and seq.num_known > self.rope_switch):
+            return None
+        return self.prefill_chunk_tokens
 
     def _switch_rope(self, seq: _Sequence) -> None:
         """At the step that feeds position ``rope_switch``, ``seq`` is computed again from its first token, every

@@ -10,8 +10,9 @@ Options its published checkpoints use:
   made per sequence and micro-batch, from the sequence's last position, as transformers makes it per call. The
   step that feeds position ``original_max_position_embeddings`` computes the sequence again from its first token
   (the scheduler's ``rope_switch``, :attr:`~chatloop.models.ModelArgs.rope_switch`), as transformers' ``generate``
-  does, so that no cached position keeps the short factors; a prompt longer than that prefilled in chunks still
-  switches where transformers, given it whole, would not.
+  does, so that no cached position keeps the short factors; a prompt longer than that is prefilled in one step
+  however ``prefill_chunk_tokens`` would cut it, every position rotated with the long factors, as transformers
+  computes it (chunks before the switch would have kept the short ones).
 - ``sliding_window``: a token attends to the window's last positions only (see
   :class:`~chatloop.models.kv_cache.PagedKVCache`).
 

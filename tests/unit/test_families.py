@@ -93,6 +93,24 @@ def test_phi3_goldens_see_the_window_and_the_long_factors(tiny_checkpoint, split
         check_against_reference(pipeline, checkpoint.model, prompts, continuations)
 
 
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_phi3_prompts_past_the_longrope_switch_give_transformers_tokens_however_they_are_chunked(
+        chunk, tiny_checkpoint, split_once):
+    """A 20-token prompt (the switch is at 16) through the scheduling policy with prefill chunks of 4 and 16: one
+    step computes it all with the long factors, as transformers does, and the greedy tokens are transformers'. Cut
+    into chunks as a shorter prompt is (the policy told of no switch), they are not."""
+    from test_sliding_window import _generate, _greedy_reference
+
+    checkpoint = tiny_checkpoint("phi3")
+    parts = split_once(checkpoint, 2)
+    prompts = [[8, 1, 77, 12, 45, 100, 6, 29, 81, 14, 3, 66, 97, 5, 7, 9, 11, 13, 15, 17], [99, 59, 62, 85, 50]]
+    expected = _greedy_reference(checkpoint.model, prompts, 12)
+    got, _, _ = _generate(parts, 24, prompts, 12, prefill_chunk_tokens=chunk, rope_switch=16)
+    assert got == expected
+    chunked, _, _ = _generate(parts, 24, prompts[:1], 12, prefill_chunk_tokens=chunk)
+    assert chunked[0] != expected[0]
+
+
 @pytest.fixture(scope="module")
 def split_once(tmp_path_factory):
     """``split_once(checkpoint, num_stages, **options)``: a split folder, made once per module and options."""

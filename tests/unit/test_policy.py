@@ -542,6 +542,23 @@ def test_the_step_that_crosses_a_longrope_switch_computes_the_sequence_again_fro
     assert policy.allocator.num_free == policy.allocator.num_blocks
 
 
+def test_a_prompt_longer_than_the_longrope_switch_is_prefilled_in_one_step_however_it_is_chunked():
+    """transformers computes such a prompt in one call, every position with the long factors: chunks before the
+    switch would have rotated theirs with the short ones. A shorter prompt is still chunked; under a window the
+    admission counts the whole step's blocks."""
+    policy = make_policy(prefill_chunk_tokens=3, rope_switch=6)
+    run = Run(policy)
+    long, short = policy.add([1, 2, 3, 4, 5, 6, 7, 8], params(max_new_tokens=2), 0.0), policy.add([1, 2, 3, 4],
+                                                                                                 params(2), 0.0)
+    steps = [(i, start, len(tokens)) for step in every_step(run)
+             for i, start, tokens in zip(step.sequence_ids, step.starts, step.token_ids)]
+    assert [s for s in steps if s[0] == long] == [(long, 0, 8), (long, 8, 1)]
+    assert [s for s in steps if s[0] == short][:2] == [(short, 0, 3), (short, 3, 1)]
+    assert run.text(long) == "zz" and policy.allocator.num_free == policy.allocator.num_blocks
+    windowed = make_policy(num_blocks=64, block_size=2, kv_window=3, prefill_chunk_tokens=2, rope_switch=6)
+    assert windowed._most_blocks(9) == 5 and windowed._most_blocks(6) == (3 + 2 - 2) // 2 + 2
+
+
 def test_a_longrope_switch_past_the_window_takes_fresh_blocks_for_the_positions_given_up():
     """Under a window shorter than the switch, the first blocks were given up: the step that computes the sequence
     again names a block for each of its positions, none shared."""
