@@ -12,7 +12,11 @@
  * quantized library's *_linear_shared function, which the caller passes in (that library is built for several CPUs
  * and picks its path at run time). q, k and v (gate and up) are one fused matrix, or separate ones where their
  * types differ (a Q4_K_M file's attn_v is often Q6_K beside Q4_K): each part then writes a plane of its own.
- * x [B, C] float32 is updated in place; one new token per sequence (T = 1), every sequence real (no padding).
+ * x [B, C] float32 is updated in place, a row for each new token: a decode step's one a sequence, or a speculative
+ * verify step's several of one sequence, each row with its own slot, position (cos/sin) and length over its
+ * sequence's block table. Every row's key and value are in the cache before any row attends, so row i of a
+ * sequence sees its rows before i (and itself) as a causal mask would let it, and no later one (their positions
+ * lie past its length).
  */
 #include <math.h>
 #include <stdint.h>
@@ -117,8 +121,9 @@ static float* column(const chatloop_matrix* parts, int n, float* y, int64_t B, i
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-/* keys, values: the stage's pools [L, slots, K, D]; slots [B]: where each sequence's new token goes; tables [B, N],
- * lengths [B] (the new token included), max_length = max(lengths); cos, signed_sin [B, D]. */
+/* keys, values: the stage's pools [L, slots, K, D]; slots [B]: where each row's key and value go; tables [B, N]: each
+ * row's block table (its sequence's), lengths [B] (the positions it sees, its own included), max_length =
+ * max(lengths); cos, signed_sin [B, D]. */
 void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t num_layers,
                            const chatloop_llama_shape* s, float* keys, float* values, int64_t pool_slots,
                            const int64_t* slots, const int64_t* tables, const int64_t* lengths, int64_t N,
@@ -162,7 +167,7 @@ void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t
       memcpy(q + b * H * D, q_row, sizeof(float) * H * D);
       memcpy(layer_keys + slots[b] * K * D, k_row, sizeof(float) * K * D);
       memcpy(layer_values + slots[b] * K * D, column(layer->qkv, 3, qkv, B, b, (H + K) * D), sizeof(float) * K * D);
-    }
+    } /* (the loop's barrier: every row's key and value are in the cache before any row attends) */
     chatloop_decode_attention_shared(q, layer_keys, layer_values, tables, lengths, scores, attention, B, H, K, D, N,
                                      block_size, max_length, scale);
     matmul(&layer->o, s, attention, projected, B, xq, xd, xs);

@@ -5,8 +5,9 @@ them. Where every layer's matrices run on ChatLoop's kernels (float32 ``KernelLi
 type a partition keeps: q8_0 / q4_1, the k-quants, q5_0 / q5_1, f16 / bf16, and their tiles) and the cache attends
 in place, :class:`LlamaDecodeKernel` runs the step's layers with the same kernels in the same order, from C: one
 call a step instead of ~20 a layer. q/k/v and gate/up are fused where their types agree, else passed as separate
-matrices (a GGUF file's ``attn_v`` often has a type of its own). Prefill, padded micro-batches and other dtypes keep
-the modules' path.
+matrices (a GGUF file's ``attn_v`` often has a type of its own). Each new token is a row of the step: a decode
+step's one a sequence, a speculative verify step's several (:data:`~chatloop.models.kv_cache.IN_PLACE_MAX_TOKENS`),
+padding left out. Prefill and other dtypes keep the modules' path.
 """
 
 from __future__ import annotations
@@ -111,32 +112,44 @@ class LlamaDecodeKernel:
 
     def __call__(self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache, cos: torch.Tensor,
                  signed_sin: torch.Tensor) -> torch.Tensor:
-        """The hidden states [B, 1, C] after the stage's layers, for a micro-batch the cache decodes in place
-        (:attr:`PagedKVCache.decode_in_place`); writes the step's keys and values into ``cache``."""
+        """The hidden states [B, T, C] after the stage's layers, for a micro-batch the cache decodes in place
+        (:attr:`PagedKVCache.decode_in_place`); writes the step's keys and values into ``cache``. Each new token
+        is a row of the step (a verify step's tokens attend to each other through the cache); padding's rows come
+        back as they went in."""
         library = load_kernels()
-        B, hidden, head_dim = x.shape[0], self.shape.hidden, self.shape.head_dim
+        B, T, hidden, head_dim = x.shape[0], x.shape[1], self.shape.hidden, self.shape.head_dim
         # Checked on every call, as the kernels' wrappers do: C reads what these shapes promise.
-        if x.shape[1:] != (1, hidden) or cos.numel() != B * head_dim or signed_sin.numel() != B * head_dim:
-            raise ValueError(f"the fused decode step takes hidden states [B, 1, {hidden}] and rotary [B, 1, 1, "
+        if x.dim() != 3 or x.shape[2] != hidden or cos.numel() != B * T * head_dim \
+                or signed_sin.numel() != B * T * head_dim:
+            raise ValueError(f"the fused decode step takes hidden states [B, T, {hidden}] and rotary [B, T, 1, "
                              f"{head_dim}], got {tuple(x.shape)}, {tuple(cos.shape)}, {tuple(signed_sin.shape)}")
         if cache.keys.dtype != torch.float32 or not (cache.keys.is_contiguous() and cache.values.is_contiguous()):
             raise ValueError("the fused decode step needs a contiguous float32 KV cache")
-        out = x.float().reshape(B, hidden).clone()  # updated in place
-        cos, signed_sin = cos.reshape(B, head_dim).contiguous(), signed_sin.reshape(B, head_dim).contiguous()
-        slots, tables, lengths, max_length = cache.in_place_step()
-        if slots.shape != (B,) or tables.shape[0] != B or lengths.shape != (B,):
-            raise ValueError(f"the fused decode step got {B} sequences but cache slots for {tuple(slots.shape)}")
+        rows, slots, tables, lengths, max_length = cache.in_place_step()
+        hidden_rows = x.float().reshape(B * T, hidden)
+        cos, signed_sin = cos.reshape(B * T, head_dim), signed_sin.reshape(B * T, head_dim)
+        if rows is None:
+            out = hidden_rows.clone()  # updated in place
+        else:  # padding left out
+            out = hidden_rows.index_select(0, rows)
+            cos, signed_sin = cos.index_select(0, rows), signed_sin.index_select(0, rows)
+        cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
+        R = out.shape[0]
+        if slots.shape != (R,) or tables.shape[0] != R or lengths.shape != (R,):
+            raise ValueError(f"the fused decode step got {R} new tokens but cache slots for {tuple(slots.shape)}")
         if not 0 <= int(tables.min()) <= int(tables.max()) < cache.num_blocks:
             raise ValueError(f"block tables name blocks outside the cache's {cache.num_blocks}")
         if not 0 < max_length <= tables.shape[1] * cache.block_size:
             raise ValueError(f"a context of {max_length} positions does not fit block tables of {tables.shape[1]}")
         if self.quantized:
             self.shape.isa = ISAS[quant_isa()][0]
-        scratch = torch.empty(library.chatloop_llama_decode_scratch(ctypes.byref(self.shape), B, max_length))
+        scratch = torch.empty(library.chatloop_llama_decode_scratch(ctypes.byref(self.shape), R, max_length))
         library.chatloop_llama_decode(
             out.data_ptr(), self.layers, len(self.layers), ctypes.byref(self.shape), cache.keys.data_ptr(),
             cache.values.data_ptr(), cache.keys.shape[1], slots.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
-            tables.shape[1], cache.block_size, max_length, cos.data_ptr(), signed_sin.data_ptr(), B,
+            tables.shape[1], cache.block_size, max_length, cos.data_ptr(), signed_sin.data_ptr(), R,
             scratch.data_ptr(), torch.get_num_threads(),
         )
-        return out.view(B, 1, -1)
+        if rows is not None:
+            out = hidden_rows.clone().index_copy_(0, rows, out)
+        return out.view(B, T, hidden)

@@ -14,7 +14,12 @@ import torch
 from ..kernels import kernel_decode_attention
 from .batch import StepBatch
 
-__all__ = ["PagedKVCache", "blocks_for_budget", "blocks_for_stage", "bytes_per_block"]
+__all__ = ["IN_PLACE_MAX_TOKENS", "PagedKVCache", "blocks_for_budget", "blocks_for_stage", "bytes_per_block"]
+
+IN_PLACE_MAX_TOKENS = 17
+"""New tokens of a sequence up to which a step attends in place, one row a token (:attr:`PagedKVCache.decode_in_place`):
+a decode step's one, a speculative verify step's k <= 16 drafts and the token before them. Longer steps (prefill)
+gather their context for SDPA, whose matmuls beat a row at a time there."""
 
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -67,7 +72,7 @@ class PagedKVCache:
         self.native_attention = native_attention
         """Decode steps attend on ChatLoop's kernel, reading the blocks in place (float32 or bfloat16 caches)."""
         self.decode_in_place = False
-        """This micro-batch attends in place: set by :meth:`begin`."""
+        """This micro-batch attends in place, each new token a row of its own: set by :meth:`begin`."""
         self.window = window
         """A sliding attention window: a token sees itself and the ``window - 1`` positions before it (None: all)."""
         self.windowed_layers = windowed_layers
@@ -88,9 +93,17 @@ class PagedKVCache:
         self._write_index = torch.nonzero(slots >= 0).squeeze(1)
         self._slots = slots[self._write_index]
         self._batch = batch
-        self.decode_in_place = self.native_attention and batch.positions.shape[1] == 1 and bool(batch.valid.all())
-        if self.decode_in_place:  # one new token per sequence: it sees positions 0..its own
-            self._lengths = batch.positions[:, 0] + 1
+        T = batch.positions.shape[1]
+        self.decode_in_place = self.native_attention and T <= IN_PLACE_MAX_TOKENS
+        if self.decode_in_place:  # each new token a row of its own, which sees positions 0..its own
+            # Every row's key and value are written before any row attends, so a verify step's row i sees rows < i
+            # of its sequence through the cache, as the causal mask lets it on SDPA's path.
+            self._rows = None if T == 1 and bool(batch.valid.all()) else self._write_index
+            self._lengths = batch.positions.reshape(-1) + 1
+            self._tables = batch.block_tables
+            if self._rows is not None:
+                self._lengths = self._lengths.index_select(0, self._rows)
+                self._tables = self._tables.repeat_interleave(T, 0).index_select(0, self._rows)
             self._max_length = int(self._lengths.max())
             # Windowed layers read from each token's first position in the window on (the kernel's starts).
             self.window_starts = None if self.window is None or self._max_length <= self.window else (
@@ -131,27 +144,33 @@ class PagedKVCache:
         self.keys[i].index_copy_(0, self._slots, flat_k.to(self.keys.dtype))
         self.values[i].index_copy_(0, self._slots, flat_v.to(self.values.dtype))
 
-    def in_place_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """(slots [B], block tables [B, N], lengths [B], their maximum) of the micro-batch that :meth:`begin` set
-        up, where it decodes in place (:attr:`decode_in_place`): where each new token's key and value go and how
-        many positions each sequence attends to. All int64 and contiguous."""
+    def in_place_step(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Where the micro-batch that :meth:`begin` set up decodes in place (:attr:`decode_in_place`), its rows:
+        (which of the flattened [B*T] tokens they are, None where all of them in order; the slot [R] each row's
+        key and value go to; each row's block table [R, N] (its sequence's); how many positions each row attends
+        to [R]; their maximum). The tensors int64 and contiguous."""
         if not self.decode_in_place:
             raise RuntimeError("in_place_step: this micro-batch does not decode in place")
-        return (self._slots.contiguous(), self._batch.block_tables.contiguous(), self._lengths.contiguous(),
+        return (self._rows, self._slots.contiguous(), self._tables.contiguous(), self._lengths.contiguous(),
                 self._max_length)
 
     def decode_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Attention of the new tokens' ``q`` [B, 1, H, D] over ``layer``'s cache, read in place; [B, 1, H*D].
+        """Attention of the new tokens' ``q`` [B, T, H, D] over ``layer``'s cache, read in place; [B, T, H*D]
+        (padding's rows zero).
 
         Only where :attr:`decode_in_place`; :meth:`write` must have stored the step's keys and values.
         """
         i = layer - self.layer_offset
+        B, T, H, D = q.shape
+        rows = q.reshape(B * T, H, D).float()
+        if self._rows is not None:
+            rows = rows.index_select(0, self._rows)
         starts = self.window_starts if self.windowed_layers is None or layer in self.windowed_layers else None
-        out = kernel_decode_attention(
-            q[:, 0].float(), self.keys[i], self.values[i], self._batch.block_tables, self.block_size, self._lengths,
-            self._max_length, starts
-        )
-        return out.view(q.shape[0], 1, -1).to(q.dtype)
+        out = kernel_decode_attention(rows, self.keys[i], self.values[i], self._tables, self.block_size,
+                                      self._lengths, self._max_length, starts).view(-1, H * D)
+        if self._rows is not None:
+            out = out.new_zeros(B * T, H * D).index_copy_(0, self._rows, out)
+        return out.view(B, T, -1).to(q.dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new ``k``/``v`` [B, T, K, D] of ``layer``; return its whole context [B, N*block_size, K, D]

@@ -55,6 +55,53 @@ def test_a_fused_decode_step_equals_the_modules(family, quantize, batch, tiny_ch
     assert (fused_keys - module_keys).abs().max().item() <= tolerance * module_keys.abs().max().item()
 
 
+def _verify(stage, mode: str, prompts: torch.Tensor, new: list[int], monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill ``prompts`` [B, T] on the modules, then one step of ``new[b]`` tokens for sequence b (a speculative
+    verify step; sequences of fewer are padded): ``mode`` "fused" (the one call), "rows" (the modules, attending in
+    place a row a token) or "sdpa" (the modules over a gathered context, as prefill). (Logits of every new token
+    [B, max(new), V] with padding's zeroed, the keys the cache holds.)"""
+    kernel = stage.decode_kernel
+    B, T = prompts.shape
+    tables = [[3 * b + 2, 3 * b, 3 * b + 1] for b in range(B)]
+    cache = stage.new_cache(3 * B, 16, torch.float32)
+    drafts = torch.randint(0, 128, (B, max(new)), generator=torch.Generator().manual_seed(sum(new)))
+    with torch.no_grad(), monkeypatch.context() as patch:
+        stage.decode_kernel = None
+        stage(prompts, StepBatch.build([0] * B, [T] * B, tables, 16), cache)
+        stage.decode_kernel = kernel if mode == "fused" else None
+        if mode == "fused":  # the step takes the one call, no layer module
+            patch.setattr(DecoderLayer, "forward", lambda *a: pytest.fail("a layer module ran a fused step"))
+        cache.native_attention = mode != "sdpa"
+        batch = StepBatch.build([T] * B, new, tables, 16)
+        logits = stage(drafts, batch, cache, all_logits=True)
+        assert cache.decode_in_place == (mode != "sdpa")
+    stage.decode_kernel = kernel
+    return logits.masked_fill(~batch.valid[..., None], 0.0), cache.keys.clone()
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+@pytest.mark.parametrize("new", [[9], [5, 1, 3]])
+def test_a_verify_step_of_several_tokens_takes_the_one_call_and_equals_the_modules(quantize, new, tiny_checkpoint,
+                                                                                   tmp_path, monkeypatch):
+    """Several new tokens of a sequence (positions consecutive, each attending to those before it and the cache) run
+    as rows of the one call, beside sequences of fewer (padded) in one micro-batch, and give the logits and keys of
+    the modules over a gathered context with a causal mask."""
+    split_model(tiny_checkpoint("llama").path, tmp_path, 1, quantize=quantize, progress=False)
+    stage = load_stage(tmp_path, 0, pack_weights=True)
+    assert stage.decode_kernel is not None
+    prompts = torch.randint(0, 128, (len(new), 21), generator=torch.Generator().manual_seed(len(new)))
+    sdpa, sdpa_keys = _verify(stage, "sdpa", prompts, new, monkeypatch)
+    rows, rows_keys = _verify(stage, "rows", prompts, new, monkeypatch)
+    fused, fused_keys = _verify(stage, "fused", prompts, new, monkeypatch)
+    tolerance = 1e-4 if quantize is None else 2e-3  # as above
+    scale = sdpa.abs().max().item()
+    for logits, keys in ((fused, fused_keys), (rows, rows_keys)):
+        assert (logits - sdpa).abs().max().item() <= tolerance * scale
+        assert (keys - sdpa_keys).abs().max().item() <= tolerance * sdpa_keys.abs().max().item()
+    # Each token saw the ones before it and not those after: the last token's logits differ from the first's.
+    assert (fused[0, -1] - fused[0, 0]).abs().max().item() > 100 * tolerance * scale
+
+
 def test_the_fused_step_is_used_only_where_every_layer_can_run_it(tiny_checkpoint, tmp_path):
     split_model(tiny_checkpoint("llama").path, tmp_path, 1, progress=False)
     assert load_stage(tmp_path, 0, pack_weights=True).decode_kernel is not None
@@ -76,7 +123,7 @@ def test_a_wrong_input_is_refused_before_the_kernel_reads_it(tiny_checkpoint, tm
     batch = StepBatch.build([3], [1], [[0]], 16)
     cache.begin(batch)
     cos, signed_sin = stage.layer_inputs(batch, torch.float32)
-    with pytest.raises(ValueError, match=r"hidden states \[B, 1, 64\].*\(1, 1, 63\)"):
+    with pytest.raises(ValueError, match=r"hidden states \[B, T, 64\].*\(1, 1, 63\)"):
         stage.decode_kernel(torch.randn(1, 1, 63), batch, cache, cos, signed_sin)
 
 

@@ -174,12 +174,13 @@ def split(tiny_checkpoint, tmp_path_factory):
     return make
 
 
-def local_pipeline(parts) -> LocalPipeline:
+def local_pipeline(parts, pack_weights: bool = False) -> LocalPipeline:
     from chatloop.partition import Manifest, load_stage
     from chatloop.stage import StageRunner
 
     manifest = Manifest.load(parts)
-    return LocalPipeline([StageRunner(load_stage(parts, i, manifest=manifest), NUM_BLOCKS, BLOCK)
+    return LocalPipeline([StageRunner(load_stage(parts, i, manifest=manifest, pack_weights=pack_weights), NUM_BLOCKS,
+                                      BLOCK)
                           for i in range(manifest.num_partitions)])
 
 
@@ -223,8 +224,8 @@ def prompts(n: int, seed: int = 3) -> list[list[int]]:
     return [base * 2 + [rng.randrange(2, 120) for _ in range(rng.randrange(1, 6))] + base[:3] for _ in range(n)]
 
 
-def generate(parts, prompts_, params_, draft=None, **options) -> tuple[list, Scheduler]:
-    pipeline = local_pipeline(parts)
+def generate(parts, prompts_, params_, draft=None, pack_weights: bool = False, **options) -> tuple[list, Scheduler]:
+    pipeline = local_pipeline(parts, pack_weights)
     proposer, executor = draft if draft is not None else (None, None)
     scheduler = Scheduler(pipeline, CharTokenizer(), batching_window_ms=0, max_batch_size=8,
                           draft_proposer=proposer, draft_executor=executor, **options)
@@ -272,6 +273,32 @@ def test_greedy_tokens_are_the_same_with_ngram_drafts_and_with_a_draft_model(fam
     for proposer, executor in (other, same):
         assert proposer.num_sequences == 0 and proposer.allocator.num_free == 64
         executor.shutdown()
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_packed_llamas_verify_steps_take_the_one_call_step_and_keep_the_greedy_tokens(quantize, split,
+                                                                                        tiny_checkpoint, tmp_path,
+                                                                                        monkeypatch):
+    from chatloop.models.fused_decode import LlamaDecodeKernel
+    from chatloop.partition.splitter import split_model
+
+    split_model(tiny_checkpoint("llama").path, tmp_path, 2, quantize=quantize, progress=False)
+    new_tokens: list[int] = []  # of each sequence in each micro-batch the one-call step ran
+    call = LlamaDecodeKernel.__call__
+    monkeypatch.setattr(LlamaDecodeKernel, "__call__", lambda self, x, *a: new_tokens.append(x.shape[1]) or
+                        call(self, x, *a))
+    batch = prompts(2, seed=5)
+    plain, _ = generate(tmp_path, batch, [GREEDY] * 2, pack_weights=True)
+    assert 1 in new_tokens and 6 not in new_tokens  # (6 new tokens: the prompts are longer)
+    ngram, s1 = generate(tmp_path, batch, [GREEDY] * 2, pack_weights=True, speculative_method="ngram",
+                         num_speculative_tokens=4)
+    draft = draft_model(split("llama", 1))  # the float32 model: every draft accepted (float32), or most (int4)
+    drafted, s2 = generate(tmp_path, batch, [GREEDY] * 2, draft=draft, pack_weights=True,
+                           speculative_method="draft", num_speculative_tokens=5)
+    draft[1].shutdown()
+    assert [t for t, _ in ngram] == [t for t, _ in drafted] == [t for t, _ in plain]
+    assert s1.stats.drafted_tokens > 0 and s2.stats.accepted_tokens > 0
+    assert 6 in new_tokens  # a verify step of 5 drafts and the token before them, in the one call
 
 
 def test_a_mixed_batch_gives_every_request_its_own_greedy_tokens_and_the_blocks_come_back(split):
