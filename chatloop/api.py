@@ -533,9 +533,11 @@ def load_draft(cfg: ChatLoopConfig, manifest: Manifest, tokenizer) -> tuple[Draf
     except BaseException:
         executor.shutdown()
         raise
-    log.info("speculative decoding: draft model %s (%s), k=%d, on the coordinator", spec.draft_model,
-             spec.draft_quantization or draft_cfg.model.dtype, spec.num_tokens)
-    return DraftModelProposer(runner.stage, runner.cache, runner.num_blocks, runner.block_size), executor
+    log.info("speculative decoding: draft model %s (%s), k=%d, on the coordinator (%s OpenMP threads)",
+             spec.draft_model, spec.draft_quantization or draft_cfg.model.dtype, spec.num_tokens,
+             spec.draft_threads or "torch's")
+    return DraftModelProposer(runner.stage, runner.cache, runner.num_blocks, runner.block_size,
+                              spec.draft_threads), executor
 
 
 def _check_draft_vocabulary(cfg: ChatLoopConfig, manifest: Manifest, tokenizer, draft_cfg: ChatLoopConfig,

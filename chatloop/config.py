@@ -328,6 +328,10 @@ class SpeculativeConfig:
     max_draft_mb: float | None = None
     """The most memory the draft (weights and KV cache) may take on the coordinator; null: what the machine has
     available at start. A draft that needs more is refused at start."""
+    draft_threads: int | None = 1
+    """OpenMP threads of the draft's steps: 1 by default (a step's barriers stall whenever one of its threads loses
+    its core to the stages or other work sharing the coordinator's host); more where the draft has cores of its own;
+    null: torch's default."""
 
     def __post_init__(self) -> None:
         _require(self.method in (None, "ngram", "draft"),
@@ -342,6 +346,8 @@ class SpeculativeConfig:
         _require(self.draft_kv_cache_mb > 0, f"speculative.draft_kv_cache_mb={self.draft_kv_cache_mb}: need > 0")
         _require(self.max_draft_mb is None or self.max_draft_mb > 0,
                  f"speculative.max_draft_mb={self.max_draft_mb}: need > 0 or null")
+        _require(self.draft_threads is None or (isinstance(self.draft_threads, int) and self.draft_threads >= 1),
+                 f"speculative.draft_threads={self.draft_threads}: need at least 1 thread, or null (torch's default)")
 
 
 @dataclass(kw_only=True)

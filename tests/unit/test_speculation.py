@@ -438,7 +438,8 @@ def test_the_api_loads_a_draft_model_and_gives_the_same_greedy_text_with_usage(t
             llm.generate(prompt, max_new_tokens=4, speculative_method="draft")
     draft = f"speculative.draft_model={tiny_folders / 'draft'}"
     with ChatLoop.start(api_config(tiny_folders, "speculative=draft", draft, "speculative.draft_quantization=null",
-                                   "speculative.num_tokens=3")) as llm:
+                                   "speculative.num_tokens=3", "speculative.draft_threads=2")) as llm:
+        assert llm.scheduler.proposers["draft"].num_threads == 2
         drafted = llm.generate(prompt, max_new_tokens=20, ignore_eos=True)
         off = llm.generate(prompt, max_new_tokens=20, ignore_eos=True, speculative_tokens=0)
         stats = llm.stats()
@@ -455,6 +456,7 @@ def test_the_api_loads_a_draft_model_and_gives_the_same_greedy_text_with_usage(t
     (["speculative.num_tokens=17"], "speculative.num_tokens=17: choose 1 to 16"),
     (["speculative.method=draft"], "speculative.method=draft needs speculative.draft_model"),
     (["speculative.method=medusa"], "speculative.method='medusa': choose null, ngram or draft"),
+    (["speculative.draft_threads=0"], r"speculative.draft_threads=0: need at least 1 thread, or null"),
     (["speculative=draft", "speculative.draft_model={root}/alien", "speculative.draft_quantization=null"],
      "has another tokenizer .*: choose a draft of the model's family and tokenizer"),
     (["speculative=draft", "speculative.draft_model={root}/draft", "speculative.draft_quantization=null",
