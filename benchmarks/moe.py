@@ -241,7 +241,8 @@ def _config(path: Path, workers: int, overrides: list[str]):
 def measured_bytes(stage, steps: int = 1, context: int = 64) -> dict:
     """What a batch-1 decode step of the loaded ``stage`` reads: the bytes of every parameter and buffer of the
     modules it calls (an embedding: the rows it looks up), summed by forward hooks over ``steps`` steps and
-    averaged; and the median step time (ms) of ``steps`` more, unhooked."""
+    averaged, and of the experts' matrices handed to their one native call; and the median step time (ms) of
+    ``steps`` more, unhooked."""
     import torch
 
     from .roofline import decode_step
@@ -258,11 +259,22 @@ def measured_bytes(stage, steps: int = 1, context: int = 64) -> dict:
             return
         read["bytes"] += sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    from chatloop.kernels import experts
+
+    one_call = experts.moe_experts_unchecked
+
+    def counted(x, out, gate_up, down, formats, row_bytes, counts, rows, weights, width, isa):
+        # The experts' one native call (SparseMoE._native) runs no module: count the matrices it is handed.
+        read["bytes"] += len(gate_up) * (2 * width * row_bytes[0] + x.shape[-1] * row_bytes[1])
+        one_call(x, out, gate_up, down, formats, row_bytes, counts, rows, weights, width, isa)
+
     handles = [m.register_forward_hook(hook) for m in stage.modules() if not list(m.children())]
+    experts.moe_experts_unchecked = counted
     try:
         for _ in range(steps):
             run()
     finally:
+        experts.moe_experts_unchecked = one_call
         for h in handles:
             h.remove()
     times = []

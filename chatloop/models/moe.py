@@ -4,10 +4,10 @@ stage whose layers they supply.
 A sparse MLP routes each token to ``top_k`` of its ``E`` experts. The router is softmax over all experts' logits
 then ``torch.topk`` (as transformers does, so ties go the same way), optionally renormalised over the chosen
 ``k`` (which equals a softmax over the top-k logits: Mixtral always does it, Qwen3-MoE with ``norm_topk_prob``).
-The micro-batch's rows are grouped by expert: each expert that some row chose runs once, on its rows only
-(``index_select``), and its weighted output is added back (``index_add_``). A decode step of B rows so reads at
-most ``B * top_k`` experts' weights, not all ``E``: that is what lets a model too big for one host's memory run
-at the speed of its active parameters.
+The micro-batch's rows are grouped by expert: each expert that some row chose runs once, on its rows only, and
+its weighted output is added back. A decode step of B rows so reads at most ``B * top_k`` experts' weights, not all
+``E``: that is what lets a model too big for one host's memory run at the speed of its active parameters. Quantized
+experts run in one native call a layer (:mod:`chatloop.kernels.experts`), the others through their modules.
 
 Shape legend: B sequences, T new tokens, N = B*T rows, C hidden size, E experts, k experts per token,
 F expert intermediate size.
@@ -186,6 +186,9 @@ class SparseMoE(nn.Module):
         self.gate = Router(hidden_size, moe.num_experts)
         self.experts = nn.ModuleList(Expert(hidden_size, moe.intermediate_size, names)
                                      for _ in range(moe.num_experts))
+        self.native = True
+        """Run the chosen experts in one native call where they allow it (see :meth:`_native`); off: through
+        their modules, one call a projection (the tests' reference)."""
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits [N, E], routing weights [N, k] and chosen experts [N, k] (int64) of rows ``x`` [N, C],
@@ -213,6 +216,9 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.moe.num_experts).tolist()
         token = order // self.moe.top_k  # the row of each (row, choice) pair, grouped by expert
         weight = weights.reshape(-1).index_select(0, order)
+        used = [expert for expert, count in enumerate(counts) if count]
+        if self._native(rows, out, used, [counts[e] for e in used], token, weight):
+            return out.view(B, T, C)
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
@@ -233,9 +239,55 @@ class SparseMoE(nn.Module):
         index arithmetic (a dozen small ops an expert, as long as the expert's matmuls on this shape)."""
         experts, order = torch.sort(chosen)
         weights = weights.index_select(0, order)
-        for j, expert in enumerate(experts.tolist()):
+        used = experts.tolist()
+        k = len(used)
+        if self._native(row, out, used, [1] * k, torch.zeros(k, dtype=torch.int64), weights):
+            return out
+        for j, expert in enumerate(used):
             out.add_((self.experts[expert](row) * weights[j]).to(out.dtype))
         return out
+
+    def _native(self, rows: torch.Tensor, out: torch.Tensor, used: list[int], counts: list[int],
+                token: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Run experts ``used`` (ascending) on their rows in one native call (:mod:`chatloop.kernels.experts`),
+        adding into ``out`` what the modules' path adds: ``counts[j]`` rows each, ``token`` and ``weight`` the rows
+        and routing weights grouped by expert. False, having done nothing, where the call does not apply: the
+        switch :attr:`native` off, float rows or experts, gate and up not merged, formats that differ between
+        experts or that no kernel reads, or an expert of more rows than the quantized kernel takes (prefill of
+        long prompts: the modules then multiply dequantized weights on torch's GEMM, as a lone linear layer
+        would)."""
+        from ..quant import QuantLinear
+        from ..quant import modules as quant_modules
+
+        if not self.native or rows.dtype != torch.float32 or weight.dtype != torch.float32 \
+                or max(counts) > quant_modules.KERNEL_ROWS:
+            return False
+        from ..kernels import fused_format, quant_isa
+        from ..kernels.experts import load_expert_kernels, moe_experts_unchecked
+
+        # Where QuantLinear multiplies on the kernel (its switch, which tests turn off for float activations).
+        if quant_modules.load_quant_kernels() is None or load_expert_kernels() is None:
+            return False
+        down_name = self.experts[0].names[2]
+        gate_up, down, formats, row_bytes = [], [], set(), set()
+        for expert in used:
+            module = self.experts[expert]
+            up, dn = module.gate_up, getattr(module, down_name)
+            if not (isinstance(up, QuantLinear) and isinstance(dn, QuantLinear)) or up.bias is not None \
+                    or dn.bias is not None:
+                return False
+            gate_up.append(up.weight.data_ptr())
+            down.append(dn.weight.data_ptr())
+            formats.add((up.fmt, dn.fmt))
+            row_bytes.add((up.weight.shape[1], dn.weight.shape[1]))
+        if len(formats) != 1 or len(row_bytes) != 1:
+            return False
+        numbers = tuple(fused_format(f) for f in formats.pop())
+        if None in numbers:
+            return False
+        moe_experts_unchecked(rows.contiguous(), out, gate_up, down, numbers, row_bytes.pop(), counts,
+                              token.contiguous(), weight.contiguous(), self.moe.intermediate_size, quant_isa())
+        return True
 
 
 class MoEStage(StageModel):
