@@ -26,6 +26,7 @@ import torch.distributed.rpc as rpc
 from ..config import ChatLoopConfig
 from ..engine import StageLostError, StageReport, first_line
 from ..engine.pipeline import StepObserver, stage_name
+from ..models import LayerRange
 from ..network import under_torchrun
 from ..partition import Manifest, PlanError
 from ..partition.placement import HostFigures, Placement
@@ -41,7 +42,7 @@ from .rpc_pipeline import RpcPipeline
 from .supervisor import WorkerSupervisor
 from .worker import backend_options
 
-__all__ = ["Generation", "OnExit", "not_joined"]
+__all__ = ["Generation", "OnExit", "not_joined", "probe_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -209,19 +210,7 @@ class Generation:
         """cluster.plan=auto: every worker probes its host (its speed on one real layer, its memory, its files) and
         the placement gives each its range, at every generation: a worker replaced on another host, or a host come
         back, gets a plan of its own speed (a changed range loads again)."""
-        timeout = max(1.0, deadline - time.monotonic())
-        futures = [rpc.rpc_async(spec.name, worker_host.probe, args=(spec,), timeout=timeout) for spec in specs]
-        figures, current = [], []
-        for k, (spec, future) in enumerate(zip(specs, futures)):
-            try:
-                found, held = future.wait()
-                start = time.perf_counter()  # half the round trip of a call: its hop
-                rpc.rpc_sync(spec.name, worker_host.alive, timeout=timeout)
-                figures.append(replace(found, hop_s=(time.perf_counter() - start) / 2))
-                current.append(held)
-            except Exception as e:
-                raise GenerationError([k], f"{spec.name} could not probe its host: {first_line(e)}",
-                                      named=True) from None
+        figures, current = probe_workers(specs, max(1.0, deadline - time.monotonic()))
         try:
             planned, self.placement = plan_specs(self.cfg, specs, figures, Manifest.load(Path(self.partitions_dir)),
                                                  current)
@@ -317,3 +306,21 @@ def not_joined(missing: list[int], known: Mapping[int, Mapping[str, Any]], rende
             reasons[k] += f" ({failure})"
     message = "; ".join(dict.fromkeys(reasons[k] for k in missing))  # one sentence for those never joined
     return GenerationError(missing, message, reasons=reasons, named=True)
+
+
+def probe_workers(specs: list[StageSpec], timeout: float) -> tuple[list[HostFigures], list[LayerRange | None]]:
+    """Every worker's probe of its host (all at once, as they will compute: workers that share cores measure each
+    other's load) with its hop (half a call's round trip), and the range each holds now; :class:`GenerationError`
+    naming a worker that could not."""
+    futures = [rpc.rpc_async(spec.name, worker_host.probe, args=(spec,), timeout=timeout) for spec in specs]
+    figures, current = [], []
+    for k, (spec, future) in enumerate(zip(specs, futures)):
+        try:
+            found, held = future.wait()
+            start = time.perf_counter()
+            rpc.rpc_sync(spec.name, worker_host.alive, timeout=timeout)
+            figures.append(replace(found, hop_s=(time.perf_counter() - start) / 2))
+            current.append(held)
+        except Exception as e:
+            raise GenerationError([k], f"{spec.name} could not probe its host: {first_line(e)}", named=True) from None
+    return figures, current

@@ -57,7 +57,8 @@ def _timed(fn: Callable[[], object], min_seconds: float, warmup: int = 2, window
 
 
 def _cgroup_memory_room(root: Path, membership: Path) -> int | None:
-    """Bytes this process's cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) still allows; None: no limit."""
+    """Bytes this process's cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) still allows, the inactive page
+    cache counted as room; None: no limit."""
     try:
         lines = membership.read_text().splitlines()
     except OSError:
@@ -72,16 +73,30 @@ def _cgroup_memory_room(root: Path, membership: Path) -> int | None:
         # Its group and every parent's limit apply; inside a container the mount is its own cgroup.
         chain = [f for f in (own, *own.parents) if f == mount or mount in f.parents] if own.is_dir() else [mount]
         for folder in chain:
-            for limit_name, usage_name in (("memory.max", "memory.current"),
-                                           ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+            for limit_name, usage_name, cache_name in (("memory.max", "memory.current", "inactive_file"),
+                                                       ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                        "total_inactive_file")):
                 try:
                     limit = (folder / limit_name).read_text().strip()
                     usage = int((folder / usage_name).read_text().strip())
                 except (OSError, ValueError):
                     continue
                 if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
-                    rooms.append(max(0, int(limit) - usage))
+                    rooms.append(max(0, int(limit) - usage + _stat(folder / "memory.stat", cache_name)))
     return min(rooms) if rooms else None
+
+
+def _stat(path: Path, name: str) -> int:
+    """A figure of a cgroup's ``memory.stat`` (0 where absent): the usage counts the page cache, and the inactive
+    part of it (files read once, such as the partitions at load) goes before the group runs out."""
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def memory_available(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int:

@@ -66,6 +66,11 @@ def test_memory_room_reads_cgroup_v1_and_v2_limits(tmp_path):
                                        "memory/docker/a/memory.usage_in_bytes": "1000000\n"},
                      "5:memory:/docker/a\n3:cpu,cpuacct:/docker/a\n")
     assert _cgroup_memory_room(root, me) == 3000000
+    root, me = cgroup_tree(tmp_path / "cached", {"memory/a/memory.limit_in_bytes": "4000000\n",
+                                           "memory/a/memory.usage_in_bytes": "3000000\n",
+                                           "memory/a/memory.stat": "cache 2500000\ntotal_inactive_file 2000000\n"},
+                     "5:memory:/a\n")
+    assert _cgroup_memory_room(root, me) == 3000000  # files read once go first: room
     root, me = cgroup_tree(tmp_path / "nested", {"memory/pod/memory.limit_in_bytes": "5000000\n",
                                            "memory/pod/memory.usage_in_bytes": "4000000\n",
                                            "memory/pod/c/memory.limit_in_bytes": f"{2**63 - 4096}\n",
