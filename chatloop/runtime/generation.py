@@ -32,6 +32,7 @@ from ..partition import Manifest, PlanError
 from ..partition.placement import HostFigures, Placement
 from ..stage import StageSpec, stage_specs
 from ..stage.planning import figures_from_files, plan_specs
+from ..stage.probe import round_trip_s
 from . import worker_host
 from .faults import GenerationError, Loss
 from .links import Link, LinkListener
@@ -310,16 +311,20 @@ def not_joined(missing: list[int], known: Mapping[int, Mapping[str, Any]], rende
 
 def probe_workers(specs: list[StageSpec], timeout: float) -> tuple[list[HostFigures], list[LayerRange | None]]:
     """Every worker's probe of its host (all at once, as they will compute: workers that share cores measure each
-    other's load) with its hop (half a call's round trip), and the range each holds now; :class:`GenerationError`
-    naming a worker that could not."""
+    other's load) with its hop to the next stage (half the round trip of a call from it to the next worker; the last
+    stage's, of the coordinator's call to it: it answers the coordinator), and the range each holds now;
+    :class:`GenerationError` naming a worker that could not."""
     futures = [rpc.rpc_async(spec.name, worker_host.probe, args=(spec,), timeout=timeout) for spec in specs]
     figures, current = [], []
     for k, (spec, future) in enumerate(zip(specs, futures)):
         try:
             found, held = future.wait()
-            start = time.perf_counter()
-            rpc.rpc_sync(spec.name, worker_host.alive, timeout=timeout)
-            figures.append(replace(found, hop_s=(time.perf_counter() - start) / 2))
+            if k + 1 < len(specs):
+                round_trip = rpc.rpc_sync(spec.name, worker_host.round_trip_to, args=(specs[k + 1].name, timeout),
+                                          timeout=timeout)
+            else:
+                round_trip = round_trip_s(lambda name=spec.name: rpc.rpc_sync(name, worker_host.alive, timeout=timeout))
+            figures.append(replace(found, hop_s=round_trip / 2))
             current.append(held)
         except Exception as e:
             raise GenerationError([k], f"{spec.name} could not probe its host: {first_line(e)}", named=True) from None

@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed.rpc as rpc
 
 from ..engine import StageError, StageReport, StageTiming
 from ..models import LayerRange
@@ -33,14 +34,14 @@ from ..partition import Manifest
 from ..partition.placement import HostFigures
 from ..partition.ranges import missing_files
 from ..stage import StageSpec
-from ..stage.probe import probe_spec
+from ..stage.probe import probe_spec, round_trip_s
 from .links import Link, LinkListener
 from .remote_stage import RemoteStage
 from .results import COORDINATOR
 
 __all__ = [
     "PROCESS_WORKER", "WorkerHost", "alive", "cancel", "connect", "create_stage", "describe", "fail_next",
-    "probe", "progress", "serve", "take_timings",
+    "probe", "progress", "round_trip_to", "serve", "take_timings",
 ]
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,12 @@ def probe(spec: StageSpec) -> tuple[HostFigures, LayerRange | None]:
 
 def alive() -> tuple[int, float | None, str | None]:
     return _served().alive()
+
+
+def round_trip_to(name: str, timeout: float) -> float:
+    """The median round trip of a call from this worker to worker ``name`` (the next stage's, for its hop in the
+    plan: stages hand each other their micro-batches directly, not through the coordinator)."""
+    return round_trip_s(lambda: rpc.rpc_sync(name, alive, timeout=timeout))
 
 
 def progress(mb_id: int) -> tuple[str, float]:

@@ -32,6 +32,7 @@ def test_workers_probe_at_join_and_load_the_planned_ranges(smollm2_split, smollm
     plan = results["plan"]  # the status page's: the generation's plan, as loaded, and the request's measured pace
     assert [s["layers"] for s in plan["stages"]] == [str(s["layers"]) for s in results["stages"]]
     assert all(s["threads"] == 1 and s["layer_ms"]["1"] > 0 for s in plan["stages"])
+    assert all(0 < s["hop_ms"] < 1000 for s in plan["stages"])  # each to the next worker, the last's to us
     assert plan["predicted"]["tokens_per_s_1"] > 0 and plan["measured"]["tokens_per_s_1"] > 0
     assert [i for a, b in ranges for i in range(a, b + 1)] == list(range(30))  # every layer once, in order
     # SmolLM2's head (its tied 49152 x 576 embedding) weighs 8 of its layers: the last stage, which computes it at
