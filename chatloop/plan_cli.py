@@ -29,16 +29,18 @@ def format_plan(title: str, placement: Placement, hosts: list[HostFigures]) -> s
              f"at batch {placement.batch} ({placement.micro_batches} micro-batches of {placement.micro_batch}: slowest "
              f"stage {placement.bottleneck_s * 1e3:.2f} ms a step, a trip {placement.trip_s * 1e3:.2f} ms)",
              f"  {'host':<12} {'threads':>7} {'cpu':>5} {'mem MiB':>8} {'GB/s':>6} {'layer ms b=1':>12} "
-             f"{'b=' + str(placement.micro_batch):>8} {'layers':>8} {'stage ms':>9}"]
+             f"{'b=' + str(placement.micro_batch):>8} {'fixed ms':>8} {'head ms':>8} {'layers':>8} {'stage ms':>9}"]
+    micro = placement.micro_batch
     for h in hosts:
         stage = placed.get(h.name)
         cpu = "-" if h.cpu_limit is None else f"{h.cpu_limit:.2g}"
         bandwidth = "-" if h.bandwidth_gb_s is None else f"{h.bandwidth_gb_s:.1f}"
         layers = str(stage.layers) if stage else "out"
         step = f"{stage.step_s * 1e3:.2f}" if stage else "-"
+        fixed, head = ("-" if t is None else f"{layer_seconds(t, micro) * 1e3:.3f}" for t in (h.step_fixed_s, h.head_s))
         lines.append(f"  {h.name:<12} {h.threads or '-':>7} {cpu:>5} {h.memory_bytes / 2**20:>8.0f} {bandwidth:>6} "
                      f"{layer_seconds(h.decode_s, 1) * 1e3:>12.3f} "
-                     f"{layer_seconds(h.decode_s, placement.micro_batch) * 1e3:>8.3f} {layers:>8} {step:>9}")
+                     f"{layer_seconds(h.decode_s, micro) * 1e3:>8.3f} {fixed:>8} {head:>8} {layers:>8} {step:>9}")
     for name, why in placement.left_out.items():
         lines.append(f"  {name} is left out: {why}")
     return "\n".join(lines)

@@ -32,10 +32,10 @@ def test_the_costs_add_up_to_the_partitions(split):
     assert costs.memory(0, 5) == total + 5 * costs.kv_bytes_per_layer + 2**20
 
 
-def _figures(tmp_path, name, ms, memory=2**30):
+def _figures(tmp_path, name, ms, memory=2**30, **more):
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(HostFigures(name=name, decode_s={1: ms / 1e3, 16: 16 * ms / 1e3},
-                                           memory_bytes=memory).as_dict()))
+                                           memory_bytes=memory, **more).as_dict()))
     return str(path)
 
 
@@ -50,6 +50,11 @@ def test_show_prints_each_hosts_layers_and_the_predictions(split, tmp_path, caps
     plans = json.loads(capsys.readouterr().out)
     assert plans["auto"]["ranges"] == ["0-3", "4-4"] and plans["even"]["ranges"] == ["0-2", "3-4"]
     assert plans["auto"]["tokens_per_s"] > plans["even"]["tokens_per_s"]
+    # a probe's fixed step and head, at the micro-batch (8: 16 in 2), beside its layer
+    measured = _figures(tmp_path, "measured", 1.0, step_fixed_s={1: 2e-4, 16: 5e-4}, head_s={1: 4e-3, 16: 1.9e-2})
+    assert main(["show", "--partitions", str(split), files[0], measured, "--batch", "16", "--kv-cache-mb", "1"]) == 0
+    row = next(line for line in capsys.readouterr().out.split("\neven:")[0].splitlines() if "measured" in line)
+    assert " 0.340 " in row and " 11.000 " in row, row
 
 
 def test_show_refuses_what_it_cannot_read(split, tmp_path, capsys):
