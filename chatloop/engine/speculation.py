@@ -160,13 +160,6 @@ class _DraftSequence:
     tokens: list[int]  # whose keys and values are in the draft's cache, in order
 
 
-CATCH_UP_ONE_BY_ONE = 4
-"""A sequence's catch-up of up to this many tokens (after a verification: the accepted drafts the draft has not
-cached and the model's own token) is fed one token a step: one-token steps run the stages' one-call decode kernel,
-a wider step the per-layer path, which cost the draft more than the extra steps (a longer catch-up, such as a
-prompt, is fed in one step)."""
-
-
 class DraftModelProposer(Proposer):
     """A whole small model (one :class:`~chatloop.models.StageModel`, first and last) with its own KV pool, drafting
     for a batch of sequences at once: it catches up with each sequence's known tokens (those it has not cached,
@@ -216,22 +209,18 @@ class DraftModelProposer(Proposer):
         active = list(range(len(rows)))
         size = self.allocator.block_size
         while active:
-            # This step's tokens of each sequence: a short catch-up one at a time (see CATCH_UP_ONE_BY_ONE).
-            steps = [feeds[a] if len(feeds[a]) > CATCH_UP_ONE_BY_ONE else feeds[a][:1] for a in active]
+            # Each sequence's whole catch-up in one step (a short one, such as a verification's accepted drafts and
+            # the model's token, runs the one-call decode step as a one-token step does: a row a token), then one
+            # token a step.
+            steps = [feeds[a] for a in active]
             tables = [rows[a][2].blocks[: -(-(starts[a] + len(fed)) // size)] for a, fed in zip(active, steps)]
             batch = StepBatch.build([starts[a] for a in active], [len(fed) for fed in steps], tables, size)
-            drawing = any(len(fed) == len(feeds[a]) for a, fed in zip(active, steps))
-            # [B, V] of each last token; a step that only catches up needs no logits (the head is a large matmul)
-            logits = self.model(padded(steps), batch, self.cache, hidden=not drawing)
+            logits = self.model(padded(steps), batch, self.cache)  # [B, V] of each last token
             still = []
             for row, a, fed in zip(logits, active, steps):
                 _, r, s = rows[a]
                 s.tokens += fed
                 starts[a] += len(fed)
-                if len(fed) < len(feeds[a]):  # more to catch up with before drafting
-                    feeds[a] = feeds[a][len(fed):]
-                    still.append(a)
-                    continue
                 token, q = self._draw(row, r.sampling, len(tokens[a]), tuple(r.token_ids) + tuple(tokens[a]))
                 tokens[a].append(token)
                 if q is not None:
