@@ -57,6 +57,7 @@ def run_one(llm, messages: list[dict], tokens: int, **speculation) -> dict:
     decode = (len(ids) - 1) / (last - first)
     passes = len(ids) - 1 - (accepted or 0)
     return {"tokens": len(ids), "decode_tokens_per_s": decode, "ttft_s": first - started,
+            "load_average": os.getloadavg()[0],  # (the last minute's, as the run ends)
             "drafted": drafted or 0, "accepted": accepted or 0,
             "acceptance": (accepted or 0) / drafted if drafted else None,
             "tokens_per_pass": (len(ids) - 1) / passes, "ids": ids}
@@ -103,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
                 if result["ids"] != plain["ids"]:
                     raise AssertionError(f"round {r + 1} {kind} {name}: the greedy answer differs from no speculation")
                 result["off_decode_tokens_per_s"] = plain["decode_tokens_per_s"]
+                result["off_load_average"] = plain["load_average"]
                 result["speedup"] = result["decode_tokens_per_s"] / plain["decode_tokens_per_s"]
                 entry[f"{kind}_{name}"] = result
                 print(f"round {r + 1} {kind} {name}: {result['decode_tokens_per_s']:.2f} tokens/s, without "
                       f"{plain['decode_tokens_per_s']:.2f}: {result['speedup']:.2f}x; {result['tokens_per_pass']:.2f}"
-                      f" tokens a pass, acceptance {result['acceptance']:.2f}", flush=True)
+                      f" tokens a pass, acceptance {result['acceptance']:.2f}; load {plain['load_average']:.1f}, "
+                      f"{result['load_average']:.1f}", flush=True)
             rounds.append(entry)
     summary: dict = {}
     for key in rounds[0]:
