@@ -270,16 +270,20 @@ def test_decode_attention_in_a_window_reads_only_the_window(kernel, heads, kv_he
     assert (whole[1:] - expected[1:]).abs().max() > 1e-3  # (the window changes what rows 1-3 see)
 
 
-def test_decode_attention_is_used_only_for_single_token_steps_of_float32_or_bfloat16_caches():
+def test_decode_attention_is_used_only_for_short_steps_of_float32_or_bfloat16_caches():
     from chatloop.models import LayerRange, StepBatch, build_stage
+    from chatloop.models.kv_cache import IN_PLACE_MAX_TOKENS
     from tests.conftest import tiny_hf_config
 
     stage = build_stage(tiny_hf_config("llama").to_dict(), LayerRange(0, 1), True, False)
     stage.native_attention = load_kernels() is not None
-    cache = stage.new_cache(8, 4)
+    cache = stage.new_cache(16, 4)
     assert cache.native_attention == stage.native_attention
-    cache.begin(StepBatch.build([0, 0], [3, 2], [[0], [1]], 4))  # prefill: torch's SDPA over the gathered context
+    long = IN_PLACE_MAX_TOKENS + 1  # a prefill longer than a verify step: torch's SDPA over the gathered context
+    cache.begin(StepBatch.build([0, 0], [long, 2], [[0, 1, 2, 3, 4], [5]], 4))
     assert not cache.decode_in_place
+    cache.begin(StepBatch.build([0, 0], [3, 2], [[0], [1]], 4))  # a short step (a verify's k+1 tokens) attends in place
+    assert cache.decode_in_place == stage.native_attention
     cache.begin(StepBatch.build([3, 2], [1, 1], [[0], [1]], 4))
     assert cache.decode_in_place == stage.native_attention
     assert stage.new_cache(8, 4, dtype=torch.bfloat16).native_attention == stage.native_attention
