@@ -3,14 +3,17 @@
 A batch-1 decode step reads each weight once, so a kernel's figure of merit is weight bytes per second. This
 command times ``x @ W.T`` for one row ``x`` and one ``out x in`` matrix of each type on each SIMD path this CPU
 runs (``kernel_quant_linear`` for q4_1 and q8_0, also in the interleaved x16 layout that VNNI stages use;
-``kernel_kquant_linear`` for the k-quants; ``kernel_gguf_linear`` for q5_0, q5_1, f16 and bf16; q4_k, q5_k, q5_0
-and q5_1 also in tiles of 16 rows) in rounds: each round times every contender once (a window of calls, the order
+``kernel_kquant_linear`` for the k-quants; ``kernel_gguf_linear`` for q5_0, q5_1, f16 and bf16; q4_k, q5_k, q6_k,
+q5_0 and q5_1 also in tiles of 16 rows) in rounds: each round times every contender once (a window of calls, the order
 rotated round to round), so that the machine's drift falls on all alike; the figure is the median over rounds. The
 matrices (16.8 M weights: 5-34 MB) stay in this machine's L3, so these are compute figures, not DRAM streaming.
+``--batch 16`` times 16 activation rows a call (a batch-16 decode step's products): GB/s is then weight bytes a
+call per second, and GMAC/s counts every row's multiply-adds.
 
     python -m benchmarks.gguf_kernels --threads 2 --rounds 9 --json benchmarks/results/gguf-kernels/gguf-kernels.json
     python -m benchmarks.gguf_kernels --threads 1 --cpu-time      # one thread's CPU time: robust on a busy machine
     python -m benchmarks.gguf_kernels --formats q4_1,q4_k --isas avx2 --portable
+    python -m benchmarks.gguf_kernels --threads 1 --cpu-time --batch 16 --formats q4_k_x16,q6_k,q6_k_x16
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 __all__ = ["FORMATS", "measure", "random_matrix"]
 
 FORMATS = ["q4_1", "q4_1_x16", "q8_0", "q8_0_x16", "q2_k", "q3_k", "q4_k", "q4_k_x16", "q5_k", "q5_k_x16", "q6_k",
-           "q5_0", "q5_0_x16", "q5_1", "q5_1_x16", "f16", "bf16"]
+           "q6_k_x16", "q5_0", "q5_0_x16", "q5_1", "q5_1_x16", "f16", "bf16"]
 HALF_FIELDS = {"q4_1": (0, 2), "q8_0": (0,), "q5_0": (0,), "q5_1": (0, 2), "q2_k": (80, 82), "q3_k": (108,),
                "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
 """Where each block keeps its float16 scales (set to sane values: random bytes would give NaN and subnormals)."""
@@ -51,7 +54,7 @@ def random_matrix(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> t
     return torch.from_numpy(data.reshape(rows, -1))
 
 
-def contenders(fmt: str, isa: str, rows: int, cols: int, rng: np.random.Generator):
+def contenders(fmt: str, isa: str, rows: int, cols: int, rng: np.random.Generator, batch: int = 1):
     """(weight bytes, a function computing one product), or None where ``isa`` does not run ``fmt``."""
     from chatloop.kernels import (
         GGUF_FORMAT_IDS,
@@ -64,7 +67,7 @@ def contenders(fmt: str, isa: str, rows: int, cols: int, rng: np.random.Generato
 
     base = fmt.removesuffix("_x16")
     data = random_matrix(base, rows, cols, rng)
-    x = torch.randn(1, cols)
+    x = torch.randn(batch, cols)
     if fmt.endswith("_x16"):
         if isa != "avx512_vnni":
             return None
@@ -77,7 +80,7 @@ def contenders(fmt: str, isa: str, rows: int, cols: int, rng: np.random.Generato
 
 
 def measure(formats: list[str], isas: list[str], rows: int, cols: int, rounds: int, window: float,
-            cpu_time: bool = False) -> dict:
+            cpu_time: bool = False, batch: int = 1) -> dict:
     """Per (format, path): weight bytes and the per-call seconds of every round (``cpu_time``: of this thread's CPU
     time, which time spent preempted by other processes does not count; one thread only)."""
     clock = time.thread_time if cpu_time else time.perf_counter
@@ -85,7 +88,7 @@ def measure(formats: list[str], isas: list[str], rows: int, cols: int, rounds: i
     runs = {}
     for fmt in formats:
         for isa in isas:
-            made = contenders(fmt, isa, rows, cols, rng)
+            made = contenders(fmt, isa, rows, cols, rng, batch)
             if made is not None:
                 runs[f"{fmt}/{isa}"] = made
     for _, call in runs.values():  # warm: build, first touch
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--portable", action="store_true", help="time the portable C path too (slow)")
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=1, help="activation rows a call (a decode step's batch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--window", type=float, default=0.1, help="seconds of calls a contender a round")
@@ -125,15 +129,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--cpu-time measures one thread: use --threads 1")
     torch.set_num_threads(args.threads)
     isas = args.isas.split(",") if args.isas else [i for i in available_isas() if i != "portable" or args.portable]
-    results = measure(args.formats.split(","), isas, args.rows, args.cols, args.rounds, args.window, args.cpu_time)
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch}: give 1 or more activation rows")
+    results = measure(args.formats.split(","), isas, args.rows, args.cols, args.rounds, args.window, args.cpu_time,
+                      args.batch)
     baseline = {}
     lines = [f"{'format/path':<22} {'MB':>6} {'median ms':>10} {'GB/s':>6} {'range GB/s':>12}  "
-             "/ q4_1 same path  / q4_1_x16"]
+             f"/ q4_1 same path  / q4_1_x16  GMAC/s (batch {args.batch})"]
     for name, result in results.items():
         nbytes, seconds = result["weight_bytes"], result["seconds"]
         median = statistics.median(seconds)
         result["median_ms"] = median * 1e3
         result["gb_per_s"] = nbytes / median / 1e9
+        result["gmac_per_s"] = args.rows * args.cols * args.batch / median / 1e9
         fmt, isa = name.split("/")
         if fmt in ("q4_1", "q4_1_x16"):
             baseline[fmt if fmt.endswith("_x16") else isa] = result["gb_per_s"]
@@ -145,12 +153,13 @@ def main(argv: list[str] | None = None) -> None:
         lo, hi = (result["weight_bytes"] / max(result["seconds"]) / 1e9,
                   result["weight_bytes"] / min(result["seconds"]) / 1e9)
         lines.append(f"{name:<22} {result['weight_bytes'] / 1e6:>6.1f} {result['median_ms']:>10.3f} "
-                     f"{result['gb_per_s']:>6.1f} {lo:>5.1f}-{hi:<6.1f}  {ratio:>16.2f}  {tiled:>9.2f}")
+                     f"{result['gb_per_s']:>6.1f} {lo:>5.1f}-{hi:<6.1f}  {ratio:>16.2f}  {tiled:>9.2f}  "
+                     f"{result['gmac_per_s']:>6.1f}")
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {"command": "python -m benchmarks.gguf_kernels " + " ".join(argv or sys.argv[1:]),
-                  "matrix": [args.rows, args.cols], "threads": args.threads, "rounds": args.rounds,
+                  "matrix": [args.rows, args.cols], "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
                   "window_s": args.window,
                   "clock": "thread CPU time" if args.cpu_time else "wall",
                   "cpu": platform.processor() or platform.machine(),
