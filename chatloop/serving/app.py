@@ -154,7 +154,7 @@ def create_app(engine: EngineClient, cfg: ChatLoopConfig, *, on_shutdown: Callab
         report = await health.check(max_age=1.0)
         plan = getattr(engine, "plan_report", None)  # (an engine that does not plan has none)
         return build_status(engine.stats(), report, model=name, ports=_own_ports(cfg, request.url.port),
-                            plan=plan() if plan is not None else None)
+                            plan=plan() if plan is not None else None, speculative_method=cfg.speculative.method)
 
     app.include_router(v1)
 

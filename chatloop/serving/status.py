@@ -8,8 +8,9 @@
 
 A worker in a container shows the container's name as its host; a down one says how to bring it back
 ("... bring it back with `docker start chatloop-worker-2`"). The exit status is 0 when every stage answers,
-1 when a stage is down, 2 when the server cannot be reached. ``--json`` prints the raw document. The server
-side is :func:`build_status`.
+1 when a stage is down, 2 when the server cannot be reached. After the table it prints the KV cache (blocks used,
+cached, free), the prefix cache's hit rate and, where speculation is on, its acceptance rate. ``--json`` prints the
+raw document. The server side is :func:`build_status`.
 """
 
 from __future__ import annotations
@@ -29,18 +30,20 @@ import psutil
 from ..engine import EngineStats
 from .health import HealthReport
 
-__all__ = ["build_status", "format_plan", "format_table", "main"]
+__all__ = ["build_status", "format_cache", "format_plan", "format_table", "main"]
 
 COLUMNS = ("NAME", "ROLE/RANK", "HOST", "PORTS", "LAYERS", "PARTITION", "MEMORY", "STATUS")
 
 
 def build_status(stats: EngineStats, report: HealthReport, *, model: str,
-                 ports: dict[str, int] | None = None, plan: dict[str, Any] | None = None) -> dict[str, Any]:
+                 ports: dict[str, int] | None = None, plan: dict[str, Any] | None = None,
+                 speculative_method: str | None = None) -> dict[str, Any]:
     """The coordinator and every stage: where it runs, what it holds, how long it has been up, its state.
 
     ``ports``: the coordinator's own ({"http": 8000, "store": 50050}); a worker reports its own.
     ``plan``: how the layers were placed, predicted and measured tokens/s
     (:func:`~chatloop.stage.plan_report.plan_report`).
+    ``speculative_method``: ``speculative.method`` (None: off unless requests asked for it).
     """
     queue = {
         "num_waiting": stats.num_waiting, "num_running": stats.num_running, "num_in_flight": stats.num_in_flight,
@@ -85,7 +88,26 @@ def build_status(stats: EngineStats, report: HealthReport, *, model: str,
         if not stage.up:
             node["error"] = stage.error
         nodes.append(node)
-    return {"model": model, "healthy": report.healthy, "checked_at": report.checked_at, "nodes": nodes, "plan": plan}
+    return {"model": model, "healthy": report.healthy, "checked_at": report.checked_at, "nodes": nodes, "plan": plan,
+            **_cache(stats, speculative_method)}
+
+
+def _cache(stats: EngineStats, speculative_method: str | None) -> dict[str, Any]:
+    """The KV and prefix caches and speculation, from the stats GET /metrics reads (rates None before any lookup or
+    draft; speculation None while it is off and no request has drafted)."""
+    cache = {
+        "kv_blocks_used": stats.kv_blocks_used, "kv_blocks_cached": stats.kv_blocks_cached,
+        "kv_blocks_free": stats.kv_blocks_free, "kv_blocks_total": stats.kv_blocks_total,
+        "prefix_cache_queries_tokens": stats.prefix_cache_queries, "prefix_cache_hits_tokens": stats.prefix_cache_hits,
+        "prefix_cache_hit_rate": stats.prefix_cache_hit_rate if stats.prefix_cache_queries else None,
+    }
+    drafted = stats.speculative_drafted_tokens
+    speculation = None if speculative_method is None and not drafted else {
+        "method": speculative_method, "drafted_tokens": drafted,
+        "accepted_tokens": stats.speculative_accepted_tokens,
+        "acceptance_rate": stats.speculative_acceptance_rate if drafted else None,
+    }
+    return {"cache": cache, "speculation": speculation}
 
 
 # ---- the command-line client -----------------------------------------------------------------
@@ -183,6 +205,25 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_cache(status: dict[str, Any]) -> str:
+    """The status document's cache (and speculation) section as lines of text."""
+    c = status["cache"]
+    lines = [f"KV cache: {c['kv_blocks_used']} blocks used, {c['kv_blocks_cached']} cached, {c['kv_blocks_free']} free "
+             f"of {c['kv_blocks_total']}"]
+    if c["prefix_cache_hit_rate"] is None:
+        lines.append("prefix cache: no lookups yet")
+    else:
+        lines.append(f"prefix cache: {c['prefix_cache_hits_tokens']} of {c['prefix_cache_queries_tokens']} tokens hit "
+                     f"({100 * c['prefix_cache_hit_rate']:.1f}%)")
+    spec = status.get("speculation")
+    if spec is not None:
+        method = f" ({spec['method']})" if spec["method"] else ""
+        lines.append(f"speculation{method}: no drafts yet" if spec["acceptance_rate"] is None else
+                     f"speculation{method}: {spec['accepted_tokens']} of {spec['drafted_tokens']} drafted tokens "
+                     f"accepted ({100 * spec['acceptance_rate']:.1f}%)")
+    return "\n".join(lines)
+
+
 def fetch_status(url: str, api_key: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
     """GET {url}/v1/status; raise RuntimeError saying what went wrong."""
     request = urllib.request.Request(url.rstrip("/") + "/v1/status")
@@ -224,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {status['model']} at {args.url}: "
               f"{'healthy' if status['healthy'] else 'DEGRADED (a stage is down)'}")
         print(format_table(status))
+        if status.get("cache"):  # (a server from before the cache section has none)
+            print(format_cache(status))
         if status.get("plan"):
             print(format_plan(status["plan"]))
     return 0 if status["healthy"] else 1

@@ -327,6 +327,60 @@ def test_health_status_and_the_status_command(client, url, capsys):
     assert status_main(["--url", "http://127.0.0.1:9"]) == 2
 
 
+def test_status_shows_the_prefix_cache_and_speculation_as_metrics_count_them(client, url, capsys):
+    """Two requests sharing a long prefix: the status page's hit rate is /metrics' hits / queries and above 0; a
+    request that speculates (ngram over a prompt that repeats itself) shows speculation's figures the same way."""
+    prefix = "The quick brown fox jumps over the lazy dog. " * 12  # ~120 tokens: several full 16-token blocks
+    hits_before = scrape(f"{url}/metrics").get("chatloop_prefix_cache_hits_tokens_total", 0)
+    for ending in ("Then it", "After that, the dog"):
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": prefix + ending, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": prefix, "max_tokens": 12, "ignore_eos": True,
+                                             "speculative_method": "ngram"})
+    assert r.status_code == 200, r.text
+    m = scrape(f"{url}/metrics")  # (no request in between: the server is idle between this and the status below)
+    status = client.get("/v1/status").json()
+    cache, speculation = status["cache"], status["speculation"]
+    assert m["chatloop_prefix_cache_hits_tokens_total"] > hits_before
+    assert cache["prefix_cache_hits_tokens"] == m["chatloop_prefix_cache_hits_tokens_total"]
+    assert cache["prefix_cache_queries_tokens"] == m["chatloop_prefix_cache_queries_tokens_total"]
+    assert cache["prefix_cache_hit_rate"] > 0
+    assert cache["prefix_cache_hit_rate"] == pytest.approx(
+        m["chatloop_prefix_cache_hits_tokens_total"] / m["chatloop_prefix_cache_queries_tokens_total"])
+    assert (cache["kv_blocks_used"], cache["kv_blocks_cached"], cache["kv_blocks_free"], cache["kv_blocks_total"]) == (
+        m["chatloop_kv_blocks_used"], m["chatloop_kv_blocks_cached"], m["chatloop_kv_blocks_free"],
+        m["chatloop_kv_blocks_capacity"])
+    assert cache["kv_blocks_cached"] > 0  # the shared prompt's blocks stay after its requests ended
+    drafted = m["chatloop_speculative_drafted_tokens_total"]
+    assert drafted > 0 and speculation["method"] is None  # the server's speculative.method is null; the request asked
+    assert speculation["drafted_tokens"] == drafted
+    assert speculation["accepted_tokens"] == m["chatloop_speculative_accepted_tokens_total"]
+    assert speculation["acceptance_rate"] == pytest.approx(m["chatloop_speculative_accepted_tokens_total"] / drafted)
+    assert status_main(["--url", url]) == 0
+    out = capsys.readouterr().out
+    hits, queries = int(cache["prefix_cache_hits_tokens"]), int(cache["prefix_cache_queries_tokens"])
+    assert f"prefix cache: {hits} of {queries} tokens hit ({100 * hits / queries:.1f}%)" in out
+    assert f"{cache['kv_blocks_cached']} cached" in out and "speculation: " in out and "drafted tokens accepted" in out
+
+
+def test_status_says_when_the_caches_have_no_figures_yet():
+    """Before any lookup or draft the rates are None and the table says so (no division by zero); speculation
+    configured but not yet used shows, speculation off and unused does not."""
+    from chatloop.engine import EngineStats
+    from chatloop.serving.health import HealthReport
+    from chatloop.serving.status import build_status, format_cache
+
+    stats = EngineStats(num_waiting=0, num_running=0, num_in_flight=0, last_batch_size=0, generated_tokens=0,
+                        kv_blocks_total=8, kv_blocks_free=8)
+    report = HealthReport(stages=[], checked_at=0.0)
+    off = build_status(stats, report, model="m")
+    assert off["speculation"] is None and off["cache"]["prefix_cache_hit_rate"] is None
+    assert format_cache(off) == "KV cache: 0 blocks used, 0 cached, 8 free of 8\nprefix cache: no lookups yet"
+    on = build_status(stats, report, model="m", speculative_method="ngram")
+    assert on["speculation"] == {"method": "ngram", "drafted_tokens": 0, "accepted_tokens": 0, "acceptance_rate": None}
+    assert format_cache(on).endswith("speculation (ngram): no drafts yet")
+
+
 def test_openapi_schema_is_published(client):
     schema = client.get("/openapi.json").json()
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/status", "/health", "/metrics"):
