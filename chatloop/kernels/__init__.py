@@ -123,12 +123,20 @@ class LlamaLayerSpec(ctypes.Structure):
 
 class LlamaShapeSpec(ctypes.Structure):
     """A Llama stage's sizes and its quantized kernels (``chatloop_llama_shape`` in layers.c): the addresses of
-    the quantized library's ``*_linear_shared`` functions and the path they take."""
+    the quantized library's ``*_linear_shared`` functions and the path they take; ``attention_scale`` (0, the
+    default: 1/sqrt(head_dim)) and ``residual_multiplier`` (default 1: each sublayer's output added unscaled) are
+    Granite's ``attention_multiplier`` and ``residual_multiplier``."""
 
     _fields_ = [("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
                 ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float),
                 ("quant_linear", ctypes.c_void_p), ("isa", ctypes.c_int64), ("kquant_linear", ctypes.c_void_p),
-                ("gguf_linear", ctypes.c_void_p)]
+                ("gguf_linear", ctypes.c_void_p), ("attention_scale", ctypes.c_float),
+                ("residual_multiplier", ctypes.c_float)]
+
+    def __init__(self, *args, **kwargs) -> None:
+        if len(args) < len(self._fields_):  # ctypes would leave it 0, which would drop every sublayer
+            kwargs.setdefault("residual_multiplier", 1.0)
+        super().__init__(*args, **kwargs)
 
 
 @functools.cache

@@ -4,7 +4,8 @@
  * beyond its work: between the matmuls the step spent as long as in them (torch.profiler, issue 15). Here each
  * layer is RMSNorm, the fused q/k/v projection, rotary embeddings, the new key and value written into the paged
  * cache, decode attention over it, the output projection and residual, RMSNorm, the fused gate/up projection,
- * SiLU(gate) * up, the down projection and residual: the same kernels and the same order of operations as the
+ * SiLU(gate) * up, the down projection and residual (each sublayer's output times the residual multiplier, 1 but
+ * Granite's, which also sets the attention scale): the same kernels and the same order of operations as the
  * stage's modules (chatloop/models/llama.py), called from C.
  *
  * Matrices are float32 (chatloop_linear_shared, gemv.c) or quantized in any type a partition keeps: qgemv.c's
@@ -66,6 +67,8 @@ typedef struct {
   int64_t isa;                  /* the quantized kernels' path (one numbering in the three) */
   kquant_linear_fn kquant_linear;
   quant_linear_fn gguf_linear;
+  float attention_scale;     /* the scores' scale; 0: 1/sqrt(head_dim) (Granite's attention_multiplier else) */
+  float residual_multiplier; /* each sublayer's output's, before the residual add (1 but Granite's) */
 } chatloop_llama_shape;
 
 static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
@@ -142,7 +145,8 @@ void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t
   float* xd = scores + B * H * max_length;
   float* xs = xd + B * (widest / 32) + 1;
   int8_t* xq = (int8_t*)(xs + B * (widest / 32) + 1);
-  const float scale = 1.0f / sqrtf((float)D);
+  const float scale = s->attention_scale != 0.0f ? s->attention_scale : 1.0f / sqrtf((float)D);
+  const float residual = s->residual_multiplier;
   /* One parallel region for the whole step: the threads wake once, not at each of ~5 calls a layer (with four
    * workers on two cores a stage's threads slept between calls, and each wake-up cost more than the call). The
    * matmuls and attention share their work, and so do the row operations between them, by rows or elements (each
@@ -173,7 +177,7 @@ void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t
     matmul(&layer->o, s, attention, projected, B, xq, xd, xs);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = b * C; i < (b + 1) * C; ++i) x[i] += projected[i];
+      for (int64_t i = b * C; i < (b + 1) * C; ++i) x[i] += projected[i] * residual;
       chatloop_rms_norm(x + b * C, layer->post_attention_norm, normed + b * C, 1, C, s->eps);
     }
     matmuls(layer->gate_up, 2, s, normed, gate_up, B, xq, xd, xs);
@@ -185,6 +189,6 @@ void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t
     }
     matmul(&layer->down, s, act, projected, B, xq, xd, xs);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < B * C; ++i) x[i] += projected[i];
+    for (int64_t i = 0; i < B * C; ++i) x[i] += projected[i] * residual;
   }
 }

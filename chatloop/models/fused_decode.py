@@ -1,4 +1,4 @@
-"""A float32 Llama stage's decode steps in one native call (``chatloop/kernels/layers.c``).
+"""A float32 Llama (or Granite) stage's decode steps in one native call (``chatloop/kernels/layers.c``).
 
 At batch 1 a decode step of SmolLM2 spent as long between its matmuls (torch ops, ctypes calls, Python) as in
 them. Where every layer's matrices run on ChatLoop's kernels (float32 ``KernelLinear`` or ``QuantLinear`` in any
@@ -70,17 +70,20 @@ class LlamaDecodeKernel:
 
     @classmethod
     def for_stage(cls, stage) -> LlamaDecodeKernel | None:
-        """The kernel for a loaded float32 :class:`~chatloop.models.llama.LlamaStage` whose projections are on
-        ChatLoop's kernels (fused, or of types that could not be) and whose norms and rotary run on its row
-        kernels; None otherwise."""
+        """The kernel for a loaded float32 :class:`~chatloop.models.llama.LlamaStage` (Granite's too: its
+        attention scale and residual multiplier go into the shape) whose projections are on ChatLoop's kernels
+        (fused, or of types that could not be) and whose norms and rotary run on its row kernels; None
+        otherwise."""
         from .llama import LlamaStage
 
         if not isinstance(stage, LlamaStage) or not stage.single_call_decode or not stage.native_attention \
                 or load_kernels() is None:
             return None
-        layers, keep = [], []
+        layers, keep, scalars = [], [], set()
         for layer in stage.decoder_layers():
             attention, mlp = layer.self_attn, layer.mlp
+            # what the modules scale by: Granite's layers scale residuals and attention, Llama's attend by 1/sqrt(D)
+            scalars.add((attention.scale, getattr(layer, "residual_multiplier", 1.0)))
             if not (attention.native_rope and layer.input_layernorm.native and layer.post_attention_layernorm.native):
                 return None
             qkv = _parts(attention, ("qkv_proj",), ("q_proj", "k_proj", "v_proj"))
@@ -99,6 +102,8 @@ class LlamaDecodeKernel:
             layers.append(LlamaLayerSpec((MatrixSpec * 3)(*qkv_specs), o, (MatrixSpec * 2)(*gate_up_specs),
                                          next(specs), *(n.data_ptr() for n in norms)))
             keep += [*norms, *(m.weight for m in modules)]
+        if len(scalars) > 1:  # one spec a stage: layers that scale apart keep the modules' path
+            return None
         a = stage.args
         quant = load_quant_kernels()
 
@@ -108,6 +113,9 @@ class LlamaDecodeKernel:
         shape = LlamaShapeSpec(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size,
                                a.norm_eps, address("chatloop_quant_linear_shared"), 0,
                                address("chatloop_kquant_linear_shared"), address("chatloop_gguf_linear_shared"))
+        if layers:
+            attention_scale, shape.residual_multiplier = scalars.pop()
+            shape.attention_scale = 0.0 if attention_scale is None else attention_scale  # 0: 1/sqrt(D), as in C
         return cls(layers, shape, keep) if layers else None
 
     def __call__(self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache, cos: torch.Tensor,

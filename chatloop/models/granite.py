@@ -36,8 +36,7 @@ class GraniteLayer(DecoderLayer):
 class GraniteStage(LlamaStage):
     """A contiguous range of Granite layers (Llama's tensor names)."""
 
-    layer_class = GraniteLayer
-    single_call_decode = False  # the native step has no multipliers
+    layer_class = GraniteLayer  # the one-call decode step takes its two multipliers (fused_decode.py)
 
     def embed(self, token_ids: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         return self.model.embed_tokens(token_ids) * self.args.embedding_multiplier  # [B, T, C]

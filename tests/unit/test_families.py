@@ -27,6 +27,7 @@ from test_quantization import _dequantized_model
 import chatloop.quant.modules as quant_modules
 from chatloop.kernels import load_quant_kernels
 from chatloop.models import ModelArgs, build_stage
+from chatloop.models.fused_decode import LlamaDecodeKernel
 from chatloop.models.kv_cache import PagedKVCache
 from chatloop.models.packing import fast_linear_for
 from chatloop.partition import Manifest, load_stage
@@ -36,6 +37,8 @@ from tests.conftest import TINY_FAMILY_CONFIGS
 FAMILIES = list(TINY_FAMILY_CONFIGS)
 SOFTCAPPED = ("gemma2",)
 """Families whose attention scores are soft-capped: they never attend on the decode kernel."""
+ONE_CALL = ("granite",)
+"""Families whose float32 decode steps take the one-call native step (``fused_decode.py``) where packed."""
 
 
 def args_of(checkpoint) -> ModelArgs:
@@ -132,7 +135,8 @@ def split_once(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["plain", "kernel"])
 def test_prefill_and_decode_match_transformers(family, num_stages, mode, tiny_checkpoint, split_once, load_pipeline):
     """Float32, as the product runs it (``kernel``: packed weights, fused projections, decode attention on the
-    kernel) and as torch runs it (``plain``); the one-call Llama decode step is never used for these layers."""
+    kernel) and as torch runs it (``plain``); the one-call Llama decode step is used for ONE_CALL's layers only
+    (packed), never for the others'."""
     checkpoint = tiny_checkpoint(family)
     parts = split_once(checkpoint, num_stages)
     if family in SOFTCAPPED and mode == "kernel":  # its attention is torch's; the matmuls are on the kernels
@@ -140,15 +144,18 @@ def test_prefill_and_decode_match_transformers(family, num_stages, mode, tiny_ch
         assert not any(cache.native_attention for cache in pipeline.caches)
     else:
         pipeline = load_with_linear_mode(load_pipeline, parts, mode, block_size=4, num_blocks=32)
-    assert all(stage.decode_kernel is None for stage in pipeline.stages)
-    in_place = []
-    original = PagedKVCache.decode_attention
+    one_call = mode == "kernel" and family in ONE_CALL
+    assert all((stage.decode_kernel is not None) == one_call for stage in pipeline.stages)
+    in_place, fused = [], []
+    original, original_fused = PagedKVCache.decode_attention, LlamaDecodeKernel.__call__
     prompts, continuations = tiny_prompts()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(PagedKVCache, "decode_attention", lambda self, *a: in_place.append(1) or original(self, *a))
+        patch.setattr(LlamaDecodeKernel, "__call__", lambda self, *a: fused.append(1) or original_fused(self, *a))
         worst = check_against_reference(pipeline, checkpoint.model, prompts, continuations)
-    # (past a window too: the kernel reads from each token's window start)
-    assert bool(in_place) == (mode == "kernel" and family not in SOFTCAPPED)
+    # (past a window too: the kernel reads from each token's window start; the one call attends in place in C)
+    assert bool(in_place or fused) == (mode == "kernel" and family not in SOFTCAPPED)
+    assert bool(fused) == one_call
     print(f"{family} over {num_stages} stages ({mode}): max abs logit diff {worst:.2e}")
 
 

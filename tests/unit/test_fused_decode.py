@@ -27,8 +27,9 @@ def _decode(stage, fused: bool, prompts: torch.Tensor, steps: int, monkeypatch) 
         stage.decode_kernel = None
         ids = stage(prompts, StepBatch.build([0] * B, [T] * B, tables, 16), cache).argmax(-1)[:, None]
         stage.decode_kernel = kernel if fused else None
-        if fused:  # every decode step takes the one call, none a layer module
-            patch.setattr(DecoderLayer, "forward", lambda *a: pytest.fail("a layer module ran a fused step"))
+        if fused:  # every decode step takes the one call, none a layer module (Granite's has a forward of its own)
+            for layer_class in {DecoderLayer, stage.layer_class}:
+                patch.setattr(layer_class, "forward", lambda *a: pytest.fail("a layer module ran a fused step"))
         for step in range(steps):
             out = stage(ids, StepBatch.build([T + step] * B, [1] * B, tables, 16), cache)
             logits.append(out)
@@ -100,6 +101,40 @@ def test_a_verify_step_of_several_tokens_takes_the_one_call_and_equals_the_modul
         assert (keys - sdpa_keys).abs().max().item() <= tolerance * sdpa_keys.abs().max().item()
     # Each token saw the ones before it and not those after: the last token's logits differ from the first's.
     assert (fused[0, -1] - fused[0, 0]).abs().max().item() > 100 * tolerance * scale
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_granite_decodes_on_the_one_call_with_its_multipliers(quantize, tiny_checkpoint, tmp_path, monkeypatch):
+    """Granite's attention multiplier (its scores' scale) and residual multiplier (each sublayer's output's) go into
+    the one-call step: its logits are the modules', its float32 greedy tokens transformers', and a step that drops
+    either multiplier is far from both."""
+    checkpoint = tiny_checkpoint("granite")
+    config = checkpoint.model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert config.residual_multiplier != 1.0 and config.attention_multiplier != head_dim ** -0.5
+    split_model(checkpoint.path, tmp_path, 1, quantize=quantize, progress=False)
+    stage = load_stage(tmp_path, 0, pack_weights=True)
+    assert stage.decode_kernel is not None and stage.decode_kernel.quantized == (quantize is not None)
+    prompts = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    fused, fused_keys = _decode(stage, True, prompts, 6, monkeypatch)
+    modules, module_keys = _decode(stage, False, prompts, 6, monkeypatch)
+    tolerance = 1e-4 if quantize is None else 2e-3  # as for Llama above
+    scale = modules.abs().max().item()
+    assert (fused - modules).abs().max().item() <= tolerance * scale
+    assert (fused_keys - module_keys).abs().max().item() <= tolerance * module_keys.abs().max().item()
+    if quantize is None:  # the first token comes from the prefill, the next six from fused steps
+        with torch.no_grad():
+            expected = checkpoint.model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=7,
+                                                 do_sample=False, pad_token_id=0)[:, 8:]
+        assert torch.equal(fused.argmax(-1).squeeze(-1).T, expected)
+    for field, llama_value in (("attention_scale", 0.0), ("residual_multiplier", 1.0)):
+        kept = getattr(stage.decode_kernel.shape, field)
+        setattr(stage.decode_kernel.shape, field, llama_value)  # Llama's step, as before Granite took the call
+        try:
+            dropped, _ = _decode(stage, True, prompts, 6, monkeypatch)
+        finally:
+            setattr(stage.decode_kernel.shape, field, kept)
+        assert (dropped - modules).abs().max().item() > 10 * tolerance * scale, field
 
 
 def test_the_fused_step_is_used_only_where_every_layer_can_run_it(tiny_checkpoint, tmp_path):
