@@ -169,3 +169,40 @@ def test_a_decode_step_hands_the_kernel_only_the_experts_its_rows_chose(monkeypa
     assert gate_up == [moe.experts[e].gate_up.weight.data_ptr() for e in used]
     assert down == [moe.experts[e].down_proj.weight.data_ptr() for e in used]
     assert counts == [int((chosen == e).sum()) for e in used] and sum(counts) == 3 * TOP_K
+
+
+def _expert_weights(moe: SparseMoE) -> list[torch.Tensor]:
+    return [e.gate_up.weight for e in moe.experts] + [e.down_proj.weight for e in moe.experts]
+
+
+@pytest.mark.parametrize("madvise_fails", [False, True], ids=["huge-pages", "madvise-fails"])
+def test_the_first_native_call_stacks_the_experts_in_one_aligned_block(madvise_fails, monkeypatch, caplog):
+    """The first native call moves every expert's matrices into one block starting on a 2 MiB boundary, each weight
+    a view of it; the bytes and so the outputs are bit-equal to the separate matrices'. Where madvise fails the
+    block is still made (on ordinary pages), and the log says why."""
+    import copy
+    import logging
+
+    from chatloop.kernels import experts as expert_kernels
+
+    if madvise_fails:
+        monkeypatch.setattr(expert_kernels, "_madvise_huge", lambda address, length: "madvise refused (test)")
+    moe = sparse_moe("q4_k", "q6_k", tiled=True)
+    apart = copy.deepcopy(moe)
+    apart.stacked = True  # keeps its matrices where they are
+    before = [w.clone() for w in _expert_weights(moe)]
+    x = torch.randn(1, 1, HIDDEN)
+    with caplog.at_level(logging.INFO, logger=expert_kernels.__name__), torch.inference_mode():
+        stacked, separate = moe(x), apart(x)
+        rows = torch.randn(2, 7, HIDDEN)
+        assert torch.equal(moe(rows), apart(rows))
+    assert moe.stacked and torch.equal(stacked, separate)
+    weights = _expert_weights(moe)
+    storages = {w.untyped_storage().data_ptr() for w in weights}
+    assert len(storages) == 1, "the experts' weights are not views of one block"
+    start = min(w.data_ptr() for w in weights)
+    assert start % expert_kernels.HUGE_PAGE == 0
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
+    assert len({w.data_ptr() for w in weights}) == len(weights)  # no two matrices overlap at their starts
+    assert ("madvise refused (test)" in caplog.text) == madvise_fails
+    assert not any(w.is_inference() for w in weights)
