@@ -164,13 +164,13 @@ def test_auto_beats_even_with_a_worker_held_to_a_third_of_a_core(smollm2_split, 
                 or max(abs(_off(even)), abs(_off(auto))) > WITHIN)
 
     even, auto = pair()
-    if spoiled(even, auto):
+    for _ in range(2):
+        if not spoiled(even, auto):
+            break
         # A burst of other work on this shared 2-core host spoils a run (one gave 1.08x, the next 1.61x); the
-        # prediction comes from probes a few seconds before the run: measure the pair once more, keep the better
+        # prediction comes from probes a few seconds before the run: measure the pair again (twice at most)
         print("spoiled? once more")
-        again = pair()
-        if not spoiled(*again):
-            even, auto = again
+        even, auto = pair()
     assert even["ranges"] == ["0-14", "15-29"]
     assert len(auto["ranges"]) == 2 and int(auto["ranges"][0].split("-")[1]) < 14  # the slow worker: fewer layers
     assert even["tokens"] == golden and auto["tokens"] == golden
