@@ -44,7 +44,7 @@ from .models import LayerRange, ModelArgs
 from .partition import Manifest, ManifestError, split_model
 from .partition.splitter import write_worker_configs
 from .paths import cache_root
-from .stage import StageRunner, build_stage_runner, kv_blocks, stage_specs
+from .stage import StageRunner, build_stage_runner, kv_pools, stage_specs
 from .stage.plan_report import DecodeMeter, plan_report
 from .worker_config import CONFIG_DIR
 from .worker_settings import stages_at_once
@@ -150,7 +150,7 @@ def prepare_partitions(cfg: ChatLoopConfig) -> Manifest:
                                 "split again with --ranges")
     args = ModelArgs.from_hf_config(manifest.model_config)
     for spec, part in zip(stage_specs(cfg, directory), manifest.partitions):
-        kv_blocks(spec, args, len(spec.expected_layers or part.layers))
+        kv_pools(spec, args, spec.expected_layers or part.layers)
     return manifest
 
 
@@ -195,6 +195,7 @@ class ChatLoop:
             prefill_chunk_tokens=cfg.batching.prefill_chunk_tokens,
             eos_token_ids=_eos_ids(directory, self.tokenizer),
             kv_window=ModelArgs.from_hf_config(manifest.model_config).kv_window,  # blocks out of it go back
+            mixed_window=ModelArgs.from_hf_config(manifest.model_config).mixed_window,  # (its own pool's blocks)
             rope_switch=ModelArgs.from_hf_config(manifest.model_config).rope_switch,  # computed again past it
             replay_lost_steps=cluster is not None and cluster.watchdog is not None,
             prefix_caching=cfg.cache.prefix_caching,
@@ -515,6 +516,8 @@ def load_draft(cfg: ChatLoopConfig, manifest: Manifest, tokenizer) -> tuple[Draf
                                verify_sha256=cfg.model.verify_sha256),
         cluster=ClusterConfig(num_workers=1, in_process=True),
         cache=replace(cfg.cache, kv_cache_mb=spec.draft_kv_cache_mb),
+        # (one pool for every layer: the draft's own block tables index all of them, see stage_specs' window_blocks)
+        batching=replace(cfg.batching, prefill_chunk_tokens=None),
     )
     draft_manifest = prepare_partitions(draft_cfg)
     _check_draft_vocabulary(cfg, manifest, tokenizer, draft_cfg, draft_manifest)

@@ -24,7 +24,7 @@ from .requests import SamplerInput
 
 __all__ = [
     "LocalPipeline", "MicroBatch", "Pipeline", "StageReport", "StageTiming", "StepObserver", "StepRecord",
-    "compute_thread", "stage_name",
+    "compute_thread", "smallest_window_pool", "stage_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ class StageReport:
     partition: str | None = None
     partition_bytes: int | None = None
     num_blocks: int | None = None
+    num_window_blocks: int | None = None
+    """Blocks of its windowed layers' own pool (a model that mixes windowed and full layers); None: one pool."""
     kv_cache_bytes: int | None = None
     rss_bytes: int | None = None
     uptime_s: float | None = None
@@ -133,11 +135,14 @@ class StageReport:
 class Pipeline(ABC):
     """Runs micro-batches through all stages; each submitted future resolves to one token id per sequence."""
 
-    def __init__(self, stage_names: list[str], num_blocks: int, block_size: int) -> None:
+    def __init__(self, stage_names: list[str], num_blocks: int, block_size: int, num_window_blocks: int = 0) -> None:
         self.stage_names = list(stage_names)
         self.num_stages = len(self.stage_names)
         self.num_blocks = num_blocks
         """KV blocks every stage has (the smallest stage's pool)."""
+        self.num_window_blocks = num_window_blocks
+        """Blocks of the windowed layers' own pool every stage with windowed layers has (the smallest); 0: one pool,
+        one block table for every layer."""
         self.block_size = block_size
         self._observers: list[StepObserver] = []
 
@@ -179,6 +184,11 @@ class Pipeline(ABC):
         """Release what the pipeline holds in this process."""
 
 
+def smallest_window_pool(num_window_blocks) -> int:
+    """The windowed layers' pool every stage that has one holds (stages without windowed layers have none: 0)."""
+    return min((n for n in num_window_blocks if n), default=0)
+
+
 def compute_thread(name: str) -> ThreadPoolExecutor:
     """The one thread that loads and runs a process's stages.
 
@@ -194,7 +204,8 @@ class LocalPipeline(Pipeline):
     """All stages in this process, one after another, one micro-batch at a time."""
 
     def __init__(self, runners: list, executor: ThreadPoolExecutor | None = None) -> None:
-        super().__init__([r.name for r in runners], min(r.num_blocks for r in runners), runners[0].block_size)
+        super().__init__([r.name for r in runners], min(r.num_blocks for r in runners), runners[0].block_size,
+                         smallest_window_pool(r.num_window_blocks for r in runners))
         self.runners = runners  # StageRunner
         self._executor = executor or compute_thread("local")  # the thread that loaded the stages, if given
         self._lock = threading.Lock()

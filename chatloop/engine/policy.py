@@ -21,6 +21,12 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   again for its next positions, and those it will not need any more go back to the pool after each step. Its block
   table keeps its length; the entries of blocks given up name one of its live blocks, which the window masks. With
   prefill chunks, a sequence may then be longer than the cache holds (up to ``max_context``).
+- Where a model mixes windowed and full-attention layers (``window_allocator`` and ``mixed_window``: Gemma 2/3,
+  Qwen2 below ``max_window_layers``), the windowed layers' keys and values live in a pool of their own: a sequence
+  holds its full layers' blocks for its whole length (``allocator``) and a window table in the second pool
+  (``window_allocator``) that slides as a windowed model's does (``Step.window_tables``). Admission needs room in
+  both. The prefix cache is off (a hit would need the windowed layers' keys and values of the positions before it,
+  whose blocks were used again); speculation stays on (a step's window span covers its drafts).
 - Phi-3's longrope (``rope_switch``): the step that feeds a sequence's position ``rope_switch`` (the first
   rotated with the long factors) computes it again from its first token, in one step however
   ``prefill_chunk_tokens`` would cut it, as transformers' ``generate`` drops its cache there: the positions before
@@ -93,6 +99,8 @@ class Step:
     """Who drafts them, per sequence (``ngram``, ``draft``; None where none)."""
     contexts: tuple[tuple[int, ...], ...] = ()
     """Each sequence's known tokens where it drafts (empty where not), for the proposer."""
+    window_tables: tuple[tuple[int, ...], ...] = ()
+    """Mixed windows: each sequence's blocks in the windowed layers' pool (empty: one table for every layer)."""
 
     @property
     def num_sequences(self) -> int:
@@ -138,6 +146,9 @@ class _Sequence:
     blocks: list[int] = field(default_factory=list)
     """The blocks it holds: those of its logical blocks ``dropped``, ``dropped + 1``... in order."""
     dropped: int = 0  # its first logical blocks, out of the window (kv_window): given up, or used again
+    window_blocks: list[int] = field(default_factory=list)
+    """Mixed windows: the blocks of the windowed layers' pool it holds, its logical blocks ``window_dropped``..."""
+    window_dropped: int = 0
     num_cached: int = 0  # tokens whose keys and values are in the cache
     in_flight: bool = False
     cancelled: bool = False
@@ -212,8 +223,19 @@ class SchedulerPolicy:
         speculative_method: str | None = None,
         num_speculative_tokens: int = 4,
         draft_methods: frozenset[str] = frozenset({"ngram"}),
+        window_allocator: BlockAllocator | None = None,
+        mixed_window: int | None = None,
     ) -> None:
+        if (window_allocator is None) != (mixed_window is None):
+            raise ValueError("window_allocator and mixed_window go together: the windowed layers' pool and window")
+        if window_allocator is not None and window_allocator.block_size != allocator.block_size:
+            raise ValueError(f"the windowed layers' blocks ({window_allocator.block_size} tokens) must be the "
+                             f"size of the full layers' ({allocator.block_size})")
         self.allocator = allocator
+        self.window_allocator = window_allocator
+        """Mixed windows: the blocks of the windowed layers' own pool; None: one pool (one table) for every layer."""
+        self.mixed_window = mixed_window
+        """The window of the windowed layers that ``window_allocator``'s blocks serve, or None."""
         self.kv_window = kv_window
         """The sliding window every layer attends within (:attr:`~chatloop.models.ModelArgs.kv_window`), or None."""
         self.rope_switch = rope_switch
@@ -227,7 +249,7 @@ class SchedulerPolicy:
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.prefix_caching = prefix_caching and kv_window is None and rope_switch is None
+        self.prefix_caching = prefix_caching and kv_window is None and rope_switch is None and mixed_window is None
         """Whether full blocks are cached and shared (asked for, and no window or rope switch: see above)."""
         self.speculative_method = speculative_method
         """Who drafts for requests that do not choose (``ngram``, ``draft``), or None: no speculative decoding."""
@@ -251,10 +273,31 @@ class SchedulerPolicy:
     @property
     def context_length(self) -> int:
         """The most tokens (prompt + generated) one sequence may have: the model's context or the KV cache."""
-        if self.max_context and self._most_blocks(self.max_context) <= self.allocator.num_blocks:
+        if self.max_context and self._most_blocks(self.max_context) <= self.allocator.num_blocks \
+                and self._most_window_blocks(self.max_context) <= self._window_pool_blocks:
             return self.max_context  # (under a window with prefill chunks, more than the cache's capacity)
         limits = [self.allocator.capacity_tokens] + ([self.max_context] if self.max_context else [])
+        if self.window_allocator is not None and self._most_window_blocks(min(limits)) > self._window_pool_blocks:
+            limits.append(self.window_allocator.capacity_tokens)
         return min(limits)
+
+    @property
+    def _window_pool_blocks(self) -> int:
+        return self.window_allocator.num_blocks if self.window_allocator is not None else 0
+
+    def _most_window_blocks(self, num_tokens: int, num_drafts: int | None = None) -> int:
+        """Mixed windows: the most blocks of the windowed layers' pool a sequence of ``num_tokens`` holds at once
+        (what its window and its largest step span: a prefill chunk, or a token and its drafts); 0 without."""
+        if self.mixed_window is None:
+            return 0
+        if num_drafts is None:
+            num_drafts = self.num_speculative_tokens if self.speculative_method not in (None, "off") else 0
+        k = num_drafts
+        step = max(min(self.prefill_chunk_tokens or num_tokens, num_tokens), 1 + k)
+        if self.rope_switch is not None and num_tokens > self.rope_switch:
+            step = num_tokens
+        return min(self.allocator.blocks_for(num_tokens),
+                   (self.mixed_window + step - 2) // self.allocator.block_size + 2)
 
     def _most_blocks(self, num_tokens: int) -> int:
         """The most blocks a sequence of ``num_tokens`` tokens holds at once (see :meth:`_blocks_needed`): all of
@@ -287,6 +330,14 @@ class SchedulerPolicy:
                 param="max_tokens",
             )
         method = params.speculative_method or self.speculative_method
+        k = self.num_speculative_tokens if params.speculative_tokens is None else params.speculative_tokens
+        if self._most_window_blocks(total, k if method not in (None, "off") else 0) > self._window_pool_blocks:
+            raise ContextLengthError(
+                f"prompt + max_new_tokens = {total} tokens spans more than the windowed layers' pool of "
+                f"{self._window_pool_blocks} blocks: lower max_new_tokens, batching.prefill_chunk_tokens or "
+                "speculative_tokens, or raise cache.kv_cache_mb",
+                param="max_tokens",
+            )
         if params.speculative_method == "draft" and "draft" not in self.loaded_methods:
             raise RequestError("speculative_method='draft' needs a draft model: the server runs without one (set "
                                "speculative.method=draft and speculative.draft_model), or ask for 'ngram'",
@@ -297,7 +348,6 @@ class SchedulerPolicy:
         seq = _Sequence(next(self._ids), list(prompt_ids), params, seed, Detokenizer(self.tokenizer, params.stop), now)
         if params.timeout_s is not None:
             seq.deadline = now + params.timeout_s
-        k = self.num_speculative_tokens if params.speculative_tokens is None else params.speculative_tokens
         if method not in (None, "off") and k > 0:
             seq.draft_method, seq.num_draft_tokens = method, k
         self._waiting.append(seq)
@@ -362,6 +412,8 @@ class SchedulerPolicy:
 
     def _has_blocks_for(self, seq: _Sequence) -> bool:
         hits = self._hits(seq)
+        if self.window_allocator is not None and self._window_needed(seq) > self.window_allocator.num_free:
+            return False
         return self._blocks_needed(seq) - len(hits) + self.allocator.num_unheld(hits) <= self.allocator.num_free
 
     # ---- the prefix cache ----------------------------------------------------------------------
@@ -404,6 +456,38 @@ class SchedulerPolicy:
         step = min(self._chunk(seq) or uncached, uncached) if seq.prefilling else 1
         return min(whole, (self.kv_window + step - 2) // size + 2)
 
+    def _window_needed(self, seq: _Sequence) -> int:
+        """Mixed windows: the most blocks of the windowed layers' pool ``seq`` holds at once from now on: what the
+        window of its largest step to come spans (as :meth:`_blocks_needed` under ``kv_window``; a decode step's
+        tokens are its last one and its drafts)."""
+        whole = self.allocator.blocks_for(seq.total_tokens) - seq.window_dropped
+        uncached = seq.num_known - seq.num_cached
+        step = 1 + (seq.num_draft_tokens if seq.draft_method else 0)  # (its decode steps: what it is reserved for)
+        if seq.prefilling:
+            step = max(step, min(self._chunk(seq) or uncached, uncached))
+        return min(whole, (self.mixed_window + step - 2) // self.allocator.block_size + 2)
+
+    def _slide_window(self, seq: _Sequence) -> None:
+        """Mixed windows: the window table slides as :meth:`_slide` slides a windowed model's blocks (the blocks
+        out of the window move to its back; those it will not need any more go back to the windowed pool)."""
+        if self.mixed_window is None or not seq.window_blocks:
+            return
+        first = max(0, seq.num_cached - self.mixed_window + 1) // self.allocator.block_size
+        out = first - seq.window_dropped
+        if out > 0:
+            seq.window_blocks = seq.window_blocks[out:] + seq.window_blocks[:out]
+            seq.window_dropped = first
+        spare = len(seq.window_blocks) - self._window_needed(seq)
+        if spare > 0:
+            self.window_allocator.free(seq.window_blocks[-spare:])
+            del seq.window_blocks[-spare:]
+
+    def _free_window(self, seq: _Sequence) -> None:
+        """Give back every block of the windowed layers' pool ``seq`` holds."""
+        if seq.window_blocks:
+            self.window_allocator.free(seq.window_blocks)
+        seq.window_blocks, seq.window_dropped = [], 0
+
     def _chunk(self, seq: _Sequence) -> int | None:
         """The most tokens ``seq`` feeds at its next step (None: all it has not cached): all of them where it is
         computed again from its first token (:meth:`_switch_rope`), or where its first step would run past
@@ -425,8 +509,15 @@ class SchedulerPolicy:
             blocks = self.allocator.take(self._blocks_needed(seq))
             if blocks is None:
                 self._requeue([seq])  # it waits at the front of the queue for the blocks
+                return
+            seq.blocks = blocks
+        if seq.window_blocks:  # (mixed windows) the window table too: its whole step from the first token
+            self._free_window(seq)
+            blocks = self.window_allocator.take(self._window_needed(seq))
+            if blocks is None:
+                self._requeue([seq])
             else:
-                seq.blocks = blocks
+                seq.window_blocks = blocks
 
     def _slide(self, seq: _Sequence) -> None:
         """Under a window: the blocks that fell out of it move to the back of ``seq.blocks`` (its next logical
@@ -458,6 +549,9 @@ class SchedulerPolicy:
             self.allocator.share(hits)  # (first: taking the rest must not evict them)
             blocks = self.allocator.take(self._blocks_needed(seq) - len(hits))
             assert blocks is not None
+            if self.window_allocator is not None:
+                seq.window_blocks = self.window_allocator.take(self._window_needed(seq))
+                assert seq.window_blocks is not None
             self._waiting.popleft()
             seq.blocks = hits + blocks
             seq.num_cached = seq.hit_tokens = len(hits) * self.allocator.block_size
@@ -507,6 +601,14 @@ class SchedulerPolicy:
             + tuple(s.blocks[: self.allocator.blocks_for(s.num_cached + len(t) + k) - s.dropped])
             for s, t, k in zip(seqs, tokens, drafts)
         ]
+        window_tables = ()
+        if self.window_allocator is not None:  # (the entries before the window name a live block, masked)
+            window_tables = tuple(
+                (s.window_blocks[0],) * s.window_dropped
+                + tuple(s.window_blocks[: self.allocator.blocks_for(s.num_cached + len(t) + k) - s.window_dropped])
+                for s, t, k in zip(seqs, tokens, drafts)
+            )
+            assert all(len(w) == len(f) for w, f in zip(window_tables, tables)), "a window table is short"
         sampling = tuple(self._sampler_input(s, len(t)) for s, t in zip(seqs, tokens))
         speculating = any(drafts)
         step = Step(
@@ -516,6 +618,7 @@ class SchedulerPolicy:
             draft_methods=tuple(s.draft_method if k else None for s, k in zip(seqs, drafts)) if speculating else (),
             contexts=tuple(tuple(s.prompt_ids + s.output_ids) if k else () for s, k in zip(seqs, drafts))
             if speculating else (),
+            window_tables=window_tables,
         )
         for s in seqs:
             s.in_flight = True
@@ -570,6 +673,7 @@ class SchedulerPolicy:
             seq.whole = False
             self._offer(seq)
             self._slide(seq)
+            self._slide_window(seq)
             if seq.cancelled:
                 outputs.append(self._end_cancelled(seq))
                 continue
@@ -590,6 +694,7 @@ class SchedulerPolicy:
                 self.stats.accepted_tokens += answer.num_accepted
                 outputs.append(self._accept_all(seq, answer))
                 self._offer(seq)
+                self._slide_window(seq)  # (past the accepted drafts: the next step's window starts after them)
             elif isinstance(answer, SampledToken):
                 outputs.append(self._accept(seq, answer.token_id, answer.scored))
             else:
@@ -644,6 +749,7 @@ class SchedulerPolicy:
         if seq.blocks:
             self.allocator.free(seq.blocks)
             seq.blocks = []
+        self._free_window(seq)
         if seq in self._running:
             self._running.remove(seq)
         self._by_id.pop(seq.id, None)
@@ -678,6 +784,7 @@ class SchedulerPolicy:
             if seq.blocks:
                 self.allocator.free(seq.blocks)
                 seq.blocks = []
+            self._free_window(seq)
             seq.num_cached = seq.dropped = seq.num_offered = seq.hit_tokens = 0
             seq.in_flight = False
             seq.replays += 1

@@ -55,6 +55,7 @@ class Scheduler:
         prefill_chunk_tokens: int | None = None,
         eos_token_ids: set[int] | None = None,
         kv_window: int | None = None,
+        mixed_window: int | None = None,
         rope_switch: int | None = None,
         replay_lost_steps: bool = False,
         prefix_caching: bool = True,
@@ -66,6 +67,11 @@ class Scheduler:
     ) -> None:
         self.pipeline = pipeline
         self.allocator = BlockAllocator(pipeline.num_blocks, pipeline.block_size)
+        # A model that mixes windowed and full layers, on stages that keep its windowed layers in a pool of their own
+        # (cache.kv_cache_mb split per stage, see chatloop.stage.runner.kv_pools): a second block space.
+        self.mixed_window = mixed_window if pipeline.num_window_blocks else None
+        self.window_allocator = (BlockAllocator(pipeline.num_window_blocks, pipeline.block_size)
+                                 if self.mixed_window is not None else None)
         self.policy = SchedulerPolicy(
             self.allocator, tokenizer, max_batch_size=max_batch_size, batching_window_s=batching_window_ms / 1000,
             max_queue_size=max_queue_size, max_in_flight=max_in_flight or pipeline.num_stages, max_context=max_context,
@@ -74,6 +80,7 @@ class Scheduler:
             rope_switch=rope_switch, prefix_caching=prefix_caching,
             speculative_method=speculative_method, num_speculative_tokens=num_speculative_tokens,
             draft_methods=frozenset({"ngram", "draft"} if draft_proposer is not None else {"ngram"}),
+            window_allocator=self.window_allocator, mixed_window=self.mixed_window,
         )
         self.proposers: dict[str, Proposer] = {"ngram": NgramProposer()}
         """Who drafts, by ``speculative.method``; a draft model (``draft``) runs on ``draft_executor``."""
@@ -85,6 +92,8 @@ class Scheduler:
                      "blocks written again")
         if prefix_caching and not self.policy.prefix_caching:
             why = (f"every layer attends within a sliding window of {kv_window} tokens" if kv_window is not None
+                   else f"the windowed layers' blocks (window {self.mixed_window}) are used again as it slides"
+                   if self.mixed_window is not None
                    else f"the model's RoPE changes at position {rope_switch} (longrope)")
             log.info("prefix caching is off: %s, so cached blocks would be written again", why)
         self._clock = clock
@@ -151,6 +160,12 @@ class Scheduler:
                 # Every sequence was requeued: none holds a block of the old pool.
                 self.allocator = BlockAllocator(pipeline.num_blocks, pipeline.block_size)
                 self.policy.allocator = self.allocator
+            if self.window_allocator is not None and pipeline.num_window_blocks != self.window_allocator.num_blocks:
+                if not pipeline.num_window_blocks:
+                    raise ValueError("the rebuilt pipeline keeps no windowed layers' pool: its stages must be "
+                                     "built from the same configuration")
+                self.window_allocator = BlockAllocator(pipeline.num_window_blocks, pipeline.block_size)
+                self.policy.window_allocator = self.window_allocator
             self._suspended = False
             self.policy.paused_reason = ""
             self._cond.notify()
@@ -160,7 +175,8 @@ class Scheduler:
         Returns whether it is on (never under a sliding window or a rope switch)."""
         with self._cond:
             policy = self.policy
-            policy.prefix_caching = on and policy.kv_window is None and policy.rope_switch is None
+            policy.prefix_caching = (on and policy.kv_window is None and policy.rope_switch is None
+                                     and policy.mixed_window is None)
             self.allocator.clear_cache()
             return policy.prefix_caching
 
@@ -267,7 +283,8 @@ class Scheduler:
                 token_ids[b] = token_ids[b] + draft.token_ids
                 sampling[b] = replace(sampling[b], drafts=draft.token_ids, draft_probs=draft.probs)
         lengths = [len(ids) for ids in token_ids]
-        batch = StepBatch.build(list(step.starts), lengths, list(step.block_tables), self.allocator.block_size)
+        batch = StepBatch.build(list(step.starts), lengths, list(step.block_tables), self.allocator.block_size,
+                                list(step.window_tables) or None)
         return MicroBatch(step.id, padded(token_ids), batch, sampling)
 
     def _complete(self, step: Step, result: list[int] | BaseException) -> None:

@@ -73,6 +73,17 @@ class ModelArgs:
         return self.sliding_window
 
     @property
+    def mixed_window(self) -> int | None:
+        """The window of the windowed layers of a model that has full-attention layers too (Gemma 2/3, Qwen2/Qwen3
+        below ``max_window_layers``), or None: their KV blocks live in a pool of their own, indexed by a second
+        block table per sequence that slides with the window (see :class:`~chatloop.models.kv_cache.PagedKVCache`)."""
+        if self.sliding_window is None or self.layer_types is None:
+            return None
+        if "sliding_attention" not in self.layer_types or "full_attention" not in self.layer_types:
+            return None
+        return self.sliding_window
+
+    @property
     def rope_switch(self) -> int | None:
         """Phi-3's longrope: the length past which the long factors rotate every position, or None. A sequence that
         grows past it as it decodes is computed again from its first token (as transformers' ``generate`` does: its

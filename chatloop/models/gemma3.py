@@ -148,8 +148,9 @@ class Gemma3Stage(LlamaStage):
         cap = self.args.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def new_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> PagedKVCache:
-        cache = super().new_cache(num_blocks, block_size, dtype)
+    def new_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
+                  num_window_blocks: int = 0) -> PagedKVCache:
+        cache = super().new_cache(num_blocks, block_size, dtype, num_window_blocks)
         if self.args.attn_logit_softcapping is not None:
             cache.native_attention = False  # the attention kernel does not soft-cap
         return cache

@@ -65,8 +65,10 @@ class StageModel(nn.Module):
         """Runs a decode step's layers in one native call (set by the loader where it can, see
         :mod:`~chatloop.models.fused_decode`): called as ``decode_kernel(x, batch, cache, *layer_inputs)``."""
 
-    def new_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> PagedKVCache:
-        """A KV block pool for this stage's layers."""
+    def new_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
+                  num_window_blocks: int = 0) -> PagedKVCache:
+        """A KV block pool for this stage's layers (and, with ``num_window_blocks``, one of its own for its windowed
+        layers where the model has full layers too)."""
         dtype = dtype or next(self.parameters()).dtype
         a = self.args
         windowed = None if a.layer_types is None else frozenset(
@@ -75,7 +77,7 @@ class StageModel(nn.Module):
             self.layers_range.indices, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype,
             native_attention=self.native_attention and dtype in (torch.float32, torch.bfloat16),
             window=a.sliding_window if windowed is None or windowed else None,
-            windowed_layers=windowed,
+            windowed_layers=windowed, num_window_blocks=num_window_blocks if a.mixed_window is not None else 0,
         )
 
     def forward(
@@ -91,8 +93,9 @@ class StageModel(nn.Module):
         x = self.embed(inputs, batch) if self.is_first else inputs
         shared = self.layer_inputs(batch, x.dtype)  # computed once per micro-batch, used by every layer
         # (the one-call step has no window: a windowed step attends layer by layer, on the attention kernel)
+        # (nor two pools: the call reads one block table for every layer)
         if self.decode_kernel is not None and cache.decode_in_place and cache.window_starts is None \
-                and x.dtype == torch.float32:
+                and not cache.split and x.dtype == torch.float32:
             x = self.decode_kernel(x, batch, cache, *shared)
         else:
             for layer in self.decoder_layers():

@@ -25,7 +25,7 @@ import torch.distributed.rpc as rpc
 
 from ..config import ChatLoopConfig
 from ..engine import StageLostError, StageReport, first_line
-from ..engine.pipeline import StepObserver, stage_name
+from ..engine.pipeline import StepObserver, smallest_window_pool, stage_name
 from ..models import LayerRange
 from ..network import under_torchrun
 from ..partition import Manifest, PlanError
@@ -194,7 +194,8 @@ class Generation:
         self.stage_reports = reports
         num_blocks = min(r.num_blocks or 0 for r in reports)
         pipeline = RpcPipeline(names, num_blocks, cfg.cache.block_size, cfg.cluster.rpc_timeout_s,
-                               cfg.cluster.progress_deadline_s, link, self.results, generation=self.number)
+                               cfg.cluster.progress_deadline_s, link, self.results, generation=self.number,
+                               num_window_blocks=smallest_window_pool(r.num_window_blocks for r in reports))
         pipeline._observers = self.observers  # the step observers (benchmarks) carry over
         pipeline.on_silent = self.on_silent
         if self.left or self.closing.is_set():  # left (the service stopped) while it loaded: it serves nothing

@@ -53,9 +53,9 @@ class RpcPipeline(Pipeline):
 
     def __init__(
         self, names: list[str], num_blocks: int, block_size: int, timeout: float, progress_deadline_s: float,
-        link: Link, results: Results, generation: int = 0,
+        link: Link, results: Results, generation: int = 0, num_window_blocks: int = 0,
     ) -> None:
-        super().__init__(names, num_blocks, block_size)
+        super().__init__(names, num_blocks, block_size, num_window_blocks)
         self.link = link
         self.results = results
         self.generation = generation

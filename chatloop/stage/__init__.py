@@ -4,6 +4,6 @@ KV pool running micro-batches (:class:`StageRunner`), what it takes to build one
 (:mod:`.fault_injection`). The coordinator's engine (:mod:`chatloop.engine`) never builds a stage itself.
 """
 
-from .runner import CapacityError, StageRunner, StageSpec, build_stage_runner, kv_blocks, stage_specs
+from .runner import CapacityError, StageRunner, StageSpec, build_stage_runner, kv_blocks, kv_pools, stage_specs
 
-__all__ = ["CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks", "stage_specs"]
+__all__ = ["CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks", "kv_pools", "stage_specs"]

@@ -2,7 +2,7 @@
 
 :class:`StageSpec` says everything a process needs to build a stage (picklable: a worker gets
 it over RPC as it is); :func:`build_stage_runner` builds the :class:`StageRunner`, both for the
-in-process pipeline and on a worker, and :func:`kv_blocks` is the one capacity check, also run
+in-process pipeline and on a worker, and :func:`kv_pools` is the one capacity check, also run
 before any worker starts.
 """
 
@@ -25,14 +25,14 @@ from ..engine.requests import SamplerInput
 from ..engine.sampling import NOT_FINITE, sample
 from ..engine.scoring import sample_and_score
 from ..models import LayerRange, ModelArgs, StageModel, StepBatch
-from ..models.kv_cache import blocks_for_stage
+from ..models.kv_cache import blocks_for_stage, bytes_per_block
 from ..partition import Manifest, load_stage
 from ..partition.ranges import files_for_range, load_layer_range
 from ..worker_settings import SPIN_ENV, cpu_quota, machine_id
 
 __all__ = [
-    "CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks",
-    "stage_specs",
+    "CapacityError", "StageRunner", "StageSpec", "build_stage_runner", "kv_blocks", "kv_pools",
+    "stage_specs", "window_pool_blocks",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class StageSpec:
     kv_cache_mb: float = 512
     block_size: int = 16
     min_capacity_tokens: int = 256
+    window_blocks: int = 0
+    """Where the model mixes windowed and full layers: the blocks the coordinator wants in the windowed layers' own
+    pool (:func:`window_pool_blocks`; a stage gives it fewer where its budget holds fewer); 0: one pool."""
     verify_sha256: bool = True
     pack_weights: bool = True
     native_kernels: bool = True
@@ -76,9 +79,22 @@ class StageSpec:
     Read only when ``expected_layers`` are not the split's own partition ``index`` (a plan of other ranges)."""
 
 
+def window_pool_blocks(cfg: ChatLoopConfig, args: ModelArgs) -> int:
+    """The blocks of the windowed layers' own pool of a model that mixes windowed and full layers: every running
+    sequence holds what its window and its largest step span (a prefill chunk, or a token and its drafts), as the
+    policy reserves them; 0 (one pool, every block kept) for other models and without prefill chunks, where a
+    prompt's window spans it whole: a windowed pool would need the full one's size and free nothing."""
+    window, chunk = args.mixed_window, cfg.batching.prefill_chunk_tokens
+    if window is None or not chunk:
+        return 0
+    step = max(chunk, 1 + cfg.speculative.num_tokens)
+    return cfg.batching.max_batch_size * ((window + step - 2) // cfg.cache.block_size + 2)
+
+
 def stage_specs(cfg: ChatLoopConfig, directory: str | Path) -> list[StageSpec]:
     """One spec per stage of a configuration."""
     specs = []
+    window_blocks = window_pool_blocks(cfg, ModelArgs.from_hf_config(Manifest.load(Path(directory)).model_config))
     for k in range(cfg.cluster.num_workers):
         name = stage_name(k, cfg.cluster.in_process)
         worker = cfg.cluster.workers[k] if cfg.cluster.workers else None
@@ -88,7 +104,8 @@ def stage_specs(cfg: ChatLoopConfig, directory: str | Path) -> list[StageSpec]:
             expected_file=(worker.partition or None) if worker else None,
             host=(worker.host or None) if worker else None,
             dtype=cfg.model.dtype, kv_cache_mb=cfg.cache.kv_cache_mb, block_size=cfg.cache.block_size,
-            min_capacity_tokens=cfg.cache.min_capacity_tokens, verify_sha256=cfg.model.verify_sha256,
+            min_capacity_tokens=cfg.cache.min_capacity_tokens, window_blocks=window_blocks,
+            verify_sha256=cfg.model.verify_sha256,
             pack_weights=cfg.worker.pack_weights, native_kernels=cfg.worker.native_kernels,
         ))
     if cfg.cluster.plan == "auto" and cfg.cluster.figures:  # planned from the hosts' probes
@@ -113,6 +130,31 @@ def kv_blocks(spec: StageSpec, args: ModelArgs, num_layers: int) -> int:
     return num_blocks
 
 
+def kv_pools(spec: StageSpec, args: ModelArgs, layers: LayerRange) -> tuple[int, int]:
+    """(blocks of the full layers' pool, blocks of the windowed layers' own pool) that ``spec.kv_cache_mb`` holds
+    for ``layers`` of ``args``: (:func:`kv_blocks`, 0) where the stage keeps one pool. Otherwise the windowed pool
+    gets ``spec.window_blocks`` (no more than an even split gives) and the full one the rest; a stage without full
+    layers says how many one layer's share would hold (it limits nothing: the coordinator takes the smallest).
+
+    Raises :class:`CapacityError` when the full pool holds fewer than ``spec.min_capacity_tokens`` tokens.
+    """
+    windowed = 0 if args.mixed_window is None or not spec.window_blocks else sum(
+        args.layer_types[i] == "sliding_attention" for i in layers.indices)
+    if not windowed:
+        return kv_blocks(spec, args, len(layers)), 0
+    per_layer = bytes_per_block(1, spec.block_size, args.num_kv_heads, args.head_dim, getattr(torch, spec.dtype))
+    budget = int(spec.kv_cache_mb * 2**20) // per_layer  # one layer's blocks
+    num_window = min(spec.window_blocks, budget // len(layers))
+    num_full = (budget - num_window * windowed) // max(1, len(layers) - windowed)
+    if num_window < 1 or num_full * spec.block_size < spec.min_capacity_tokens:
+        raise CapacityError(
+            f"cache.kv_cache_mb={spec.kv_cache_mb} holds {num_full * spec.block_size} tokens of full layers and "
+            f"{num_window} blocks of windowed ones on {spec.name} ({len(layers)} layers), fewer than "
+            f"cache.min_capacity_tokens={spec.min_capacity_tokens}: raise cache.kv_cache_mb"
+        )
+    return num_full, num_window
+
+
 def build_stage_runner(spec: StageSpec, manifest: Manifest | None = None) -> StageRunner:
     """Load ``spec``'s partition (checked against the manifest) and give it its KV pool."""
     manifest = manifest or Manifest.load(Path(spec.directory))
@@ -130,9 +172,9 @@ def build_stage_runner(spec: StageSpec, manifest: Manifest | None = None) -> Sta
             verify_sha256=spec.verify_sha256, pack_weights=spec.pack_weights, native_kernels=spec.native_kernels,
         )
         files = files_for_range(manifest, spec.expected_layers)
-    num_blocks = kv_blocks(spec, stage.args, len(stage.layers_range))
+    num_blocks, num_window_blocks = kv_pools(spec, stage.args, stage.layers_range)
     return StageRunner(stage, num_blocks, spec.block_size, spec.name, spec.index, "+".join(p.file for p in files),
-                       sum(p.num_bytes for p in files))
+                       sum(p.num_bytes for p in files), num_window_blocks=num_window_blocks)
 
 
 def _is_split_partition(spec: StageSpec, manifest: Manifest) -> bool:
@@ -161,9 +203,12 @@ class StageRunner:
     partition_bytes: int | None = None
     max_timings: int = 10_000
     timings: list[StageTiming] = field(default_factory=list)
+    num_window_blocks: int = 0
+    """Blocks of its windowed layers' own pool (0: one pool for every layer; see :func:`kv_pools`)."""
 
     def __post_init__(self) -> None:
-        self.cache = self.stage.new_cache(self.num_blocks, self.block_size)
+        self.cache = self.stage.new_cache(self.num_blocks, self.block_size, num_window_blocks=self.num_window_blocks)
+        self.num_window_blocks = self.cache.num_window_blocks
         self.busy_seconds = 0.0
         self.num_micro_batches = 0
         self.started = time.time()
@@ -253,6 +298,7 @@ class StageRunner:
             partition=self.partition,
             partition_bytes=self.partition_bytes,
             num_blocks=self.num_blocks,
+            num_window_blocks=self.num_window_blocks or None,
             kv_cache_bytes=self.cache.num_bytes,
             rss_bytes=psutil.Process().memory_info().rss,
             uptime_s=time.time() - self.started,
