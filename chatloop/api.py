@@ -178,6 +178,9 @@ class ChatLoop:
         self.capacity_tokens = pipeline.num_blocks * pipeline.block_size
         log.info("KV cache capacity: %d tokens (%d blocks of %d) per stage", self.capacity_tokens, pipeline.num_blocks,
                  pipeline.block_size)
+        if pipeline.num_window_blocks:
+            log.info("windowed layers' own KV pool: %d blocks (reused as each sequence's window slides)",
+                     pipeline.num_window_blocks)
         self._draft_executor = None
         draft = None
         if cfg.speculative.method == "draft":
