@@ -290,3 +290,67 @@ def test_the_kv_budget_is_split_once_for_every_stage():
     with pytest.raises(CapacityError, match="raise cache.kv_cache_mb"):
         kv_pools(StageSpec(**{**spec.__dict__, "min_capacity_tokens": 95 * 16}), args, LayerRange(0, 1))
     assert smallest_window_pool([0, 12, 10]) == 10 and smallest_window_pool([0, 0]) == 0
+
+
+def test_the_engine_splits_gemmas_pools_and_its_draft_model_keeps_one(tiny_checkpoint, tmp_path):
+    """ChatLoop.start on Gemma 3 over two in-process stages with prefill chunks: the stages keep the windowed layers'
+    own pool, the prefix cache turns itself off, and the greedy tokens are transformers' with and without a draft
+    model (the same checkpoint, loaded with one pool: its block tables index all of its layers)."""
+    import shutil
+
+    from chatloop import ChatLoop, load_config
+    from tests.conftest import save_tiny_tokenizer
+
+    checkpoint = tiny_checkpoint("gemma3_text")
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint.path, folder)
+    save_tiny_tokenizer(folder)
+    prompt = long_prompts()[0]
+    expected = _greedy_reference(checkpoint.model, [prompt], 24)[0]
+    overrides = ["cluster=single", "cluster.num_workers=2", f"model.name={folder}",
+                 f"model.partitions_dir={tmp_path / 'parts'}", "cache.kv_cache_mb=1", "cache.min_capacity_tokens=64",
+                 "cache.block_size=4", "batching.prefill_chunk_tokens=8", "speculative=draft",
+                 f"speculative.draft_model={folder}", "speculative.draft_quantization=null", "speculative.num_tokens=3",
+                 "speculative.draft_kv_cache_mb=1"]
+    with ChatLoop.start(load_config(overrides)) as llm:
+        assert llm.pipeline.num_window_blocks == 16 * ((8 + 8 - 2) // 4 + 2)  # max_batch_size x a window and a chunk
+        assert llm.scheduler.window_allocator is not None and not llm.scheduler.policy.prefix_caching
+        assert not llm.scheduler.proposers["draft"].cache.split
+        drafted = llm.generate(prompt, max_new_tokens=24, ignore_eos=True)
+        plain = llm.generate(prompt, max_new_tokens=24, ignore_eos=True, speculative_tokens=0)
+        assert llm.scheduler.window_allocator.num_free == llm.pipeline.num_window_blocks
+    assert drafted.token_ids == plain.token_ids == expected
+    assert drafted.drafted_tokens > 0
+
+
+def test_a_rebuilt_pipeline_with_another_windowed_pool_gets_a_fresh_window_allocator():
+    """After a lost pipeline every sequence is requeued: the scheduler takes the new pipeline's pool sizes (both), and
+    the requeued request finishes on it; a rebuilt pipeline without the windowed pool is refused, not run wrong."""
+    import queue
+
+    from test_policy import InstantPipeline
+
+    from chatloop.engine.scheduler import Scheduler
+
+    def pipeline(num_window_blocks: int) -> InstantPipeline:
+        p = InstantPipeline()
+        p.num_window_blocks = num_window_blocks
+        return p
+
+    first = pipeline(12)
+    scheduler = Scheduler(first, CharTokenizer(), batching_window_ms=0, mixed_window=5, prefill_chunk_tokens=4)
+    events: queue.Queue = queue.Queue()
+    try:
+        assert scheduler.window_allocator.num_blocks == 12
+        scheduler.suspend("worker1 was lost")
+        scheduler.submit([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True), events.put)
+        scheduler.resume(pipeline(20))
+        assert scheduler.policy.window_allocator is scheduler.window_allocator
+        assert scheduler.window_allocator.num_blocks == 20
+        got = [events.get(timeout=10) for _ in range(3)]
+        assert got[-1].finish_reason is not None and scheduler.window_allocator.num_free == 20
+        scheduler.suspend("worker1 was lost")
+        with pytest.raises(ValueError, match="no windowed layers' pool"):
+            scheduler.resume(pipeline(0))
+    finally:
+        scheduler.close()
