@@ -292,7 +292,7 @@ class ChatLoop:
 
     def stats(self) -> EngineStats:
         """The coordinator's counters now."""
-        s, allocator = self.scheduler.stats, self.scheduler.allocator
+        s, allocator, window = self.scheduler.stats, self.scheduler.allocator, self.scheduler.window_allocator
         watchdog = self.cluster.watchdog if self.cluster is not None else None
         return EngineStats(
             num_waiting=s.num_waiting, num_running=s.num_running, num_in_flight=s.num_in_flight,
@@ -306,6 +306,8 @@ class ChatLoop:
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             kv_blocks_cached=allocator.num_cached,
             speculative_drafted_tokens=s.drafted_tokens, speculative_accepted_tokens=s.accepted_tokens,
+            kv_window_blocks_total=window.num_blocks if window is not None else 0,
+            kv_window_blocks_free=window.num_free if window is not None else 0,
         )
 
     def plan_report(self) -> dict:

@@ -51,10 +51,17 @@ class EngineStats:
     """Tokens drafted by speculative decoding and verified by the pipeline."""
     speculative_accepted_tokens: int = 0
     """Of those, tokens the model accepted."""
+    kv_window_blocks_total: int = 0
+    """Blocks of the windowed layers' own pool (a model that mixes windowed and full layers); 0: one pool."""
+    kv_window_blocks_free: int = 0
 
     @property
     def kv_blocks_used(self) -> int:
         return self.kv_blocks_total - self.kv_blocks_free
+
+    @property
+    def kv_window_blocks_used(self) -> int:
+        return self.kv_window_blocks_total - self.kv_window_blocks_free
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -26,6 +26,7 @@ chatloop_micro_batch_size                      gauge      sequences in the last 
 chatloop_kv_blocks_used / _free / _capacity    gauge      the coordinator's KV block allocator
 chatloop_kv_block_size_tokens                  gauge      tokens per block
 chatloop_kv_blocks_cached                      gauge      blocks in the prefix cache (those no sequence holds are free)
+chatloop_kv_window_blocks_used / _capacity     gauge      the windowed layers' own pool (mixed-window models; else 0)
 chatloop_prefix_cache_queries_tokens_total     counter    tokens looked up in the prefix cache at admission
 chatloop_prefix_cache_hits_tokens_total        counter    of those, tokens found (not computed again); hit rate:
                                                           hits / queries
@@ -90,6 +91,10 @@ class _EngineCollector(Collector):
         yield _gauge("chatloop_kv_block_size_tokens", "Tokens per KV cache block.", stats.kv_block_size)
         yield _gauge("chatloop_kv_blocks_cached", "KV cache blocks in the prefix cache (those no sequence holds are "
                      "free).", stats.kv_blocks_cached)
+        yield _gauge("chatloop_kv_window_blocks_used", "Blocks of the windowed layers' own pool held by sequences "
+                     "(models that mix windowed and full layers; 0 otherwise).", stats.kv_window_blocks_used)
+        yield _gauge("chatloop_kv_window_blocks_capacity", "Blocks of the windowed layers' own pool (0: none).",
+                     stats.kv_window_blocks_total)
         queries = CounterMetricFamily("chatloop_prefix_cache_queries_tokens",
                                       "Tokens looked up in the prefix cache when sequences were admitted.")
         queries.add_metric([], stats.prefix_cache_queries)

@@ -100,6 +100,7 @@ def _cache(stats: EngineStats, speculative_method: str | None) -> dict[str, Any]
         "kv_blocks_free": stats.kv_blocks_free, "kv_blocks_total": stats.kv_blocks_total,
         "prefix_cache_queries_tokens": stats.prefix_cache_queries, "prefix_cache_hits_tokens": stats.prefix_cache_hits,
         "prefix_cache_hit_rate": stats.prefix_cache_hit_rate if stats.prefix_cache_queries else None,
+        "kv_window_blocks_used": stats.kv_window_blocks_used, "kv_window_blocks_total": stats.kv_window_blocks_total,
     }
     drafted = stats.speculative_drafted_tokens
     speculation = None if speculative_method is None and not drafted else {
@@ -210,6 +211,9 @@ def format_cache(status: dict[str, Any]) -> str:
     c = status["cache"]
     lines = [f"KV cache: {c['kv_blocks_used']} blocks used, {c['kv_blocks_cached']} cached, {c['kv_blocks_free']} free "
              f"of {c['kv_blocks_total']}"]
+    if c.get("kv_window_blocks_total"):  # (a model that mixes windowed and full layers)
+        lines.append(f"windowed layers' pool: {c['kv_window_blocks_used']} blocks used of "
+                     f"{c['kv_window_blocks_total']}")
     if c["prefix_cache_hit_rate"] is None:
         lines.append("prefix cache: no lookups yet")
     else:

@@ -11,6 +11,7 @@ blocks a sequence holds must stay within what its window and step span, and ever
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from test_policy import CharTokenizer
@@ -318,9 +319,17 @@ def test_the_engine_splits_gemmas_pools_and_its_draft_model_keeps_one(tiny_check
         assert not llm.scheduler.proposers["draft"].cache.split
         drafted = llm.generate(prompt, max_new_tokens=24, ignore_eos=True)
         plain = llm.generate(prompt, max_new_tokens=24, ignore_eos=True, speculative_tokens=0)
-        assert llm.scheduler.window_allocator.num_free == llm.pipeline.num_window_blocks
+        stats = llm.stats()
+    assert stats.kv_window_blocks_total == llm.pipeline.num_window_blocks and stats.kv_window_blocks_used == 0
+    assert stats.kv_blocks_used == 0
     assert drafted.token_ids == plain.token_ids == expected
     assert drafted.drafted_tokens > 0
+    from chatloop.serving.health import HealthReport
+    from chatloop.serving.status import build_status, format_cache
+
+    busy = replace(stats, kv_window_blocks_free=stats.kv_window_blocks_total - 7)
+    status = build_status(busy, HealthReport([], 0.0), model="m")
+    assert "windowed layers' pool: 7 blocks used of 80" in format_cache(status)
 
 
 def test_a_rebuilt_pipeline_with_another_windowed_pool_gets_a_fresh_window_allocator():
