@@ -217,8 +217,9 @@ def test_blocks_out_of_the_window_go_back_to_the_pool(chunk, windowed):
 
 
 def test_a_model_with_full_layers_gives_no_block_back(windowed):
-    """Qwen2 with layer 0 full: ModelArgs.kv_window is None, every sequence keeps its whole length's blocks, and
-    the tokens are transformers' own (a window's block reuse would have overwritten what layer 0 still reads)."""
+    """Qwen2 with layer 0 full, on one pool for every layer (no windowed layers' pool: see test_mixed_window.py):
+    ModelArgs.kv_window is None, every sequence keeps its whole length's blocks, and the tokens are transformers'
+    own (a window's block reuse would have overwritten what layer 0 still reads)."""
     model, parts = windowed("qwen2", 2)
     from chatloop.partition import Manifest
 
