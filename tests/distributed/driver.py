@@ -43,11 +43,13 @@ def run_op(llm, op: dict):
         # Wait for the scheduler to settle (a cancelled sequence frees at its next step).
         done = threading.Event()
         for _ in range(100):
-            if llm.stats().kv_blocks_free == llm.stats().kv_blocks_total:
+            stats = llm.stats()
+            if stats.kv_blocks_used == 0 and stats.kv_window_blocks_used == 0:
                 break
             done.wait(0.05)
         stats = llm.stats()
-        return {"free": stats.kv_blocks_free, "total": stats.kv_blocks_total}
+        return {"free": stats.kv_blocks_free, "total": stats.kv_blocks_total,
+                "window_free": stats.kv_window_blocks_free, "window_total": stats.kv_window_blocks_total}
     if kind == "inject":
         llm.pipeline.inject_failure(op["stage"], op.get("message", "injected"), stall_s=op.get("stall_s", 0.0))
         return {}
