@@ -1,9 +1,11 @@
 """One layer's decode attention past a sliding window: the attention kernel from each token's window start against
 torch's gathered path (the blocks gathered, SDPA with the window's mask), in alternating rounds.
 
-Two cases of ``PagedKVCache``: every layer windowed (Mistral: the gathered path already skips the blocks before the
-window) and a windowed layer beside full ones (Gemma 2/3: it gathers the whole context and masks it). Both paths
-read the same cache; their outputs are checked equal before timing.
+Three cases of ``PagedKVCache``: every layer windowed (Mistral: the gathered path already skips the blocks before the
+window), a windowed layer beside full ones in one pool (Gemma 2/3 without prefill chunks: it gathers the whole
+context and masks it) and in the windowed layers' own pool (with chunks: each sequence's window table names only the
+blocks its window spans, the gathered path skips the rest). Both paths read the same cache; their outputs are
+checked equal before timing.
 
     flock /tmp/chatloop-bench.lock .venv/bin/python -m benchmarks.window_attention --rounds 7
 """
@@ -43,19 +45,30 @@ def main(argv: list[str] | None = None) -> None:
     k, v = torch.randn(a.batch, 1, kv_heads, head_dim), torch.randn(a.batch, 1, kv_heads, head_dim)
     print(f"batch {a.batch}, context {a.context}, window {a.window}, heads {heads}/{kv_heads}x{head_dim}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
-    for label, windowed in (("every layer windowed (Mistral)", None), ("windowed beside full (Gemma)", {0})):
+    # The windowed layers' own pool: a sequence holds the blocks from its window's first on; the entries before name
+    # its first live block (as SchedulerPolicy._step writes them).
+    first = (a.context - a.window) // a.block_size
+    live = blocks - first
+    window_tables = [[b * live] * first + list(range(b * live, (b + 1) * live)) for b in range(a.batch)]
+    own_pool = StepBatch.build([a.context - 1] * a.batch, [1] * a.batch, tables, a.block_size, window_tables)
+    cases = (("every layer windowed (Mistral)", None, 0, batch),
+             ("windowed beside full (Gemma, one pool)", {0}, 0, batch),
+             ("windowed beside full (Gemma, own pool)", {0}, a.batch * live, own_pool))
+    for label, windowed, num_window_blocks, step in cases:
         caches = {}
         for name, native in (("kernel", True), ("gathered", False)):
             caches[name] = PagedKVCache(range(2), a.batch * blocks, a.block_size, kv_heads, head_dim,
                                         native_attention=native, window=a.window,
-                                        windowed_layers=None if windowed is None else frozenset(windowed))
+                                        windowed_layers=None if windowed is None else frozenset(windowed),
+                                        num_window_blocks=num_window_blocks)
         torch.manual_seed(1)
-        caches["kernel"].keys.normal_(), caches["kernel"].values.normal_()
-        caches["gathered"].keys.copy_(caches["kernel"].keys), caches["gathered"].values.copy_(caches["kernel"].values)
+        for pool in ("keys", "values", "window_keys", "window_values"):
+            getattr(caches["kernel"], pool).normal_()
+            getattr(caches["gathered"], pool).copy_(getattr(caches["kernel"], pool))
         outs = {}
         for name, cache in caches.items():
-            cache.begin(batch)
-            outs[name] = attend(q, 0, k, v, cache, batch)
+            cache.begin(step)
+            outs[name] = attend(q, 0, k, v, cache, step)
         assert caches["kernel"].decode_in_place and caches["kernel"].window_starts is not None
         diff = (outs["kernel"] - outs["gathered"]).abs().max().item()
         assert diff < 1e-4, f"{label}: the paths differ by {diff}"
@@ -64,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             for name in (list(caches) if r % 2 else list(caches)[::-1]):
                 cache, start = caches[name], time.perf_counter()
                 for _ in range(a.calls):
-                    cache.begin(batch)
-                    attend(q, 0, k, v, cache, batch)
+                    cache.begin(step)
+                    attend(q, 0, k, v, cache, step)
                 times[name].append((time.perf_counter() - start) / a.calls * 1e3)
         ratios = [g / n for g, n in zip(times["gathered"], times["kernel"])]
         print(f"{label}: kernel {statistics.median(times['kernel']):.3f} ms, gathered "

@@ -69,6 +69,9 @@ class Scheduler:
         self.allocator = BlockAllocator(pipeline.num_blocks, pipeline.block_size)
         # A model that mixes windowed and full layers, on stages that keep its windowed layers in a pool of their own
         # (cache.kv_cache_mb split per stage, see chatloop.stage.runner.kv_pools): a second block space.
+        if pipeline.num_window_blocks and mixed_window is None:
+            raise ValueError("the pipeline's stages keep their windowed layers in a pool of their own: pass the "
+                             "model's mixed_window (ModelArgs.mixed_window) for the window tables")
         self.mixed_window = mixed_window if pipeline.num_window_blocks else None
         self.window_allocator = (BlockAllocator(pipeline.num_window_blocks, pipeline.block_size)
                                  if self.mixed_window is not None else None)

@@ -347,6 +347,8 @@ def test_a_rebuilt_pipeline_with_another_windowed_pool_gets_a_fresh_window_alloc
         return p
 
     first = pipeline(12)
+    with pytest.raises(ValueError, match="pass the model's mixed_window"):  # its steps would carry no window tables
+        Scheduler(first, CharTokenizer())
     scheduler = Scheduler(first, CharTokenizer(), batching_window_ms=0, mixed_window=5, prefill_chunk_tokens=4)
     events: queue.Queue = queue.Queue()
     try:
