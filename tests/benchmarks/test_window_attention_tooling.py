@@ -1,4 +1,5 @@
-"""benchmarks/window_attention.py runs end to end on a small shape: both paths, checked equal, timed."""
+"""benchmarks/window_attention.py runs end to end on a small shape: both paths, checked equal, timed, in its three
+cases (every layer windowed; a windowed layer beside full ones in one pool and in its own)."""
 
 from __future__ import annotations
 
@@ -15,4 +16,5 @@ def test_window_attention_benchmark_checks_and_times_both_paths(capsys):
     main(["--rounds", "2", "--calls", "1", "--batch", "2", "--context", "50", "--window", "9", "--shape", "4,2,16",
           "--block-size", "4"])
     out = capsys.readouterr().out
-    assert out.count("gathered/kernel median") == 2 and "Gemma" in out and "Mistral" in out
+    assert out.count("gathered/kernel median") == 3 and "Mistral" in out
+    assert "Gemma, one pool" in out and "Gemma, own pool" in out
