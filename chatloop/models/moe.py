@@ -301,7 +301,7 @@ class SparseMoE(nn.Module):
         module's weight a view of it, and free the separate copies. The bytes are the same, so the outputs are;
         the native call reads them faster (fewer TLB misses). Whether it moved them: not where an expert is
         unquantized or its gate and up were not merged."""
-        from ..kernels.experts import huge_page_block, release_freed_memory
+        from ..kernels.experts import move_to_huge_pages
         from ..quant import QuantLinear
 
         self.stacked = True
@@ -310,18 +310,7 @@ class SparseMoE(nn.Module):
         if not all(isinstance(m, QuantLinear) and m.weight.device.type == "cpu" and m.weight.dtype == torch.uint8
                    for m in layers):
             return False
-        sizes = [-(-m.weight.numel() // 64) * 64 for m in layers]  # each matrix on a cache line of its own
-        offset = 0
-        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the first step ran in
-            block = huge_page_block(sum(sizes))
-            for layer, size in zip(layers, sizes):
-                weight = layer.weight
-                view = block[offset : offset + weight.numel()].view(weight.shape)
-                view.copy_(weight)
-                layer.weight = view  # the old copy goes with its last reference
-                offset += size
-        del layers, weight
-        release_freed_memory()
+        move_to_huge_pages(layers)
         return True
 
 

@@ -347,3 +347,30 @@ def test_a_loaded_stage_keeps_no_weight_in_the_file_mapping(quantize_scheme, tin
     assert tensors
     for tensor in tensors:
         assert not any(start <= tensor.data_ptr() < end for start, end in mapped)
+
+
+def test_large_quantized_matrices_go_onto_huge_pages_with_the_same_logits(tiny_checkpoint, load_pipeline, tmp_path,
+                                                                           monkeypatch):
+    """At load, a quantized matrix of HUGE_PAGE_MATRIX_BYTES or more (a head, in a real model) is copied onto a
+    block starting on a 2 MiB boundary; the bytes, and so prefill and decode logits, are bit-equal to the
+    matrices left where they were."""
+    from chatloop.kernels.experts import HUGE_PAGE
+    from chatloop.partition import loader
+
+    if load_quant_kernels() is None:
+        pytest.skip("the quantized kernels cannot be built here")
+    split_model(tiny_checkpoint("llama").path, tmp_path, 2, quantize="int4", progress=False)
+    monkeypatch.setattr(loader, "HUGE_PAGE_MATRIX_BYTES", 1 << 40)  # none is that large
+    apart = load_pipeline(tmp_path, pack_weights=True, block_size=4, num_blocks=64)
+    head = apart.stages[-1].lm_head
+    monkeypatch.setattr(loader, "HUGE_PAGE_MATRIX_BYTES", head.weight.nbytes)  # the head and any as large
+    moved = load_pipeline(tmp_path, pack_weights=True, block_size=4, num_blocks=64)
+    large = [m for s in moved.stages for m in s.modules()
+             if isinstance(m, QuantLinear) and m.weight.nbytes >= head.weight.nbytes]
+    assert moved.stages[-1].lm_head in large
+    assert all(m.weight.data_ptr() % HUGE_PAGE == 0 for m in large)
+    assert not any(m.weight.is_inference() for m in large)
+    prompts = [[5, 17, 99, 3, 42, 8, 1, 77, 12], [9, 31, 4]]
+    assert torch.equal(moved.prefill(prompts), apart.prefill(prompts))
+    for step in ([11, 7], [23, 7], [5, 120]):
+        assert torch.equal(moved.decode(step), apart.decode(step))
