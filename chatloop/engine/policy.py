@@ -47,7 +47,8 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   The answer (:class:`AcceptedTokens`) puts the accepted drafts and the last stage's own token into its output:
   only accepted positions count as cached, so the keys and values of rejected drafts lie past its length, are never
   offered to the prefix cache (only full blocks of known tokens are) and are overwritten by its next step. Its blocks
-  were reserved for its whole length at admission, so nothing is taken or given back. k shrinks as more sequences
+  were reserved for its whole length at admission, so nothing is taken or given back (a mixed-window model's window
+  table was reserved for a step and its drafts, and slides past the accepted ones). k shrinks as more sequences
   speculate in one micro-batch (about k drafts a micro-batch in all), never drafts past ``max_new_tokens``, and is
   off under a window or a rope switch. A replay prefills the accepted tokens only.
 """
