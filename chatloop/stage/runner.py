@@ -134,7 +134,8 @@ def kv_pools(spec: StageSpec, args: ModelArgs, layers: LayerRange) -> tuple[int,
     """(blocks of the full layers' pool, blocks of the windowed layers' own pool) that ``spec.kv_cache_mb`` holds
     for ``layers`` of ``args``: (:func:`kv_blocks`, 0) where the stage keeps one pool. Otherwise the windowed pool
     gets ``spec.window_blocks`` (no more than an even split gives) and the full one the rest; a stage without full
-    layers says how many one layer's share would hold (it limits nothing: the coordinator takes the smallest).
+    layers says what its whole budget would hold of one layer (no stage's full pool holds more, every stage has the
+    same budget: it limits nothing where the coordinator takes the smallest).
 
     Raises :class:`CapacityError` when the full pool holds fewer than ``spec.min_capacity_tokens`` tokens.
     """
@@ -145,7 +146,8 @@ def kv_pools(spec: StageSpec, args: ModelArgs, layers: LayerRange) -> tuple[int,
     per_layer = bytes_per_block(1, spec.block_size, args.num_kv_heads, args.head_dim, getattr(torch, spec.dtype))
     budget = int(spec.kv_cache_mb * 2**20) // per_layer  # one layer's blocks
     num_window = min(spec.window_blocks, budget // len(layers))
-    num_full = (budget - num_window * windowed) // max(1, len(layers) - windowed)
+    full = len(layers) - windowed
+    num_full = (budget - num_window * windowed) // full if full else budget
     if num_window < 1 or num_full * spec.block_size < spec.min_capacity_tokens:
         raise CapacityError(
             f"cache.kv_cache_mb={spec.kv_cache_mb} holds {num_full * spec.block_size} tokens of full layers and "

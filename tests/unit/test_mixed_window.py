@@ -280,7 +280,8 @@ def test_the_kv_budget_is_split_once_for_every_stage():
     spec = StageSpec(name="w", index=0, directory=".", kv_cache_mb=100 * layer_bytes / 2**20, block_size=16,
                      min_capacity_tokens=16, window_blocks=10)
     assert kv_pools(spec, args, LayerRange(0, 1)) == ((100 - 10) // 1, 10)  # layer 0 full, layer 1 windowed
-    assert kv_pools(spec, args, LayerRange(2, 3)) == (100 - 20, 10)  # no full layer: limits nothing
+    assert kv_pools(spec, args, LayerRange(2, 3)) == (100, 10)  # no full layer: limits nothing
+    assert kv_pools(StageSpec(**{**spec.__dict__, "window_blocks": 80}), args, LayerRange(3, 3)) == (100, 80)
     assert kv_pools(spec, args, LayerRange(0, 3)) == (100 - 30, 10)
     assert kv_pools(StageSpec(**{**spec.__dict__, "window_blocks": 80}), args, LayerRange(0, 1)) == (50, 50)
     assert kv_pools(StageSpec(**{**spec.__dict__, "window_blocks": 0}), args, LayerRange(0, 1)) == (50, 0)
