@@ -219,7 +219,8 @@ def test_ngram_speculation_and_chunked_prefill_keep_the_greedy_tokens(family, mi
 
 @pytest.mark.parametrize("seed", range(40))
 def test_every_position_a_step_reads_is_where_it_was_written_in_its_table(seed):
-    """The policy alone, random windows, block sizes, chunks, lengths and accepted drafts: every position a token of
+    """The policy alone, random windows, block sizes, chunks, lengths, accepted drafts and rope switches (a sequence
+    computed again from its first token takes fresh windowed blocks): every position a token of
     a step reads is in the block its table names and holds what the same sequence wrote there (the full table every
     position before it, the window table those of its window); each sequence holds no more windowed blocks than
     admission counted, and every block of both pools comes back."""
@@ -227,10 +228,12 @@ def test_every_position_a_step_reads_is_where_it_was_written_in_its_table(seed):
     window, size = rng.randint(1, 9), rng.randint(1, 4)
     chunk = rng.choice([1, 3, 7])
     k = rng.choice([0, 2, 4])
+    rope_switch = rng.choice([None, rng.randint(2, 30)])  # (computed again from its first token there: no drafts)
     allocator, window_allocator = BlockAllocator(512, size), BlockAllocator(64, size)
     policy = SchedulerPolicy(allocator, CharTokenizer(), batching_window_s=0.0, prefill_chunk_tokens=chunk,
                              max_batch_size=4, window_allocator=window_allocator, mixed_window=window,
-                             speculative_method="ngram" if k else None, num_speculative_tokens=k or 4)
+                             speculative_method="ngram" if k else None, num_speculative_tokens=k or 4,
+                             rope_switch=rope_switch)
     for _ in range(8):
         policy.add([ord("a")] * rng.randint(1, 20), SamplingParams(max_new_tokens=rng.randint(1, 30),
                                                                    ignore_eos=True), 0.0)
