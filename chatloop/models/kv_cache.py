@@ -70,7 +70,6 @@ class PagedKVCache:
         # Each layer's pool and index in it: with two pools, full layers in one, windowed layers in the other.
         windowed = [i for i in layer_indices if self.num_window_blocks and i in windowed_layers]
         full = [i for i in layer_indices if i not in windowed]
-        self._index = {layer: k for k, layer in enumerate(full)} | {layer: k for k, layer in enumerate(windowed)}
         shape = (len(full), num_blocks * block_size, num_kv_heads, head_dim)
         # Zeros, not empty: touching every page now keeps the first requests fast and the
         # padded slots of a gathered block finite.
@@ -79,6 +78,9 @@ class PagedKVCache:
         window_shape = (len(windowed), self.num_window_blocks * block_size, num_kv_heads, head_dim)
         self.window_keys = torch.zeros(window_shape, dtype=dtype)  # [L_windowed, S_window, K, D] (L_windowed=0: none)
         self.window_values = torch.zeros(window_shape, dtype=dtype)
+        # Looked up once here, not per layer and step: (keys, values, index in them, in the windowed pool).
+        self._pools = {layer: (self.keys, self.values, k, False) for k, layer in enumerate(full)} | {
+            layer: (self.window_keys, self.window_values, k, True) for k, layer in enumerate(windowed)}
         self._window_slots: torch.Tensor | None = None
         self._window_skip = 0
         self._slots: torch.Tensor | None = None
@@ -109,9 +111,7 @@ class PagedKVCache:
 
     def _pool(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
         """``layer``'s (keys, values, index in them, whether it is in the windowed layers' own pool)."""
-        if self.split and layer in self.windowed_layers:
-            return self.window_keys, self.window_values, self._index[layer], True
-        return self.keys, self.values, self._index[layer], False
+        return self._pools[layer]
 
     def begin(self, batch: StepBatch) -> None:
         """Compute the slots of a micro-batch once, before its first layer runs."""
@@ -149,7 +149,7 @@ class PagedKVCache:
         before_window = 0 if self.window is None else (
             max(0, int(batch.positions[:, 0].min()) - self.window + 1) // self.block_size)
         if self.window is not None and (self.windowed_layers is None or self.windowed_layers.issuperset(
-                range(self.layer_offset, self.layer_offset + len(self._index)))):
+                range(self.layer_offset, self.layer_offset + len(self._pools)))):
             self._skip = before_window
         if self.split:  # the window tables' blocks before every token's window are not gathered either
             self._skip, self._window_skip = 0, before_window
