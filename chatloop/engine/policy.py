@@ -473,15 +473,9 @@ class SchedulerPolicy:
         out of the window move to its back; those it will not need any more go back to the windowed pool)."""
         if self.mixed_window is None or not seq.window_blocks:
             return
-        first = max(0, seq.num_cached - self.mixed_window + 1) // self.allocator.block_size
-        out = first - seq.window_dropped
-        if out > 0:
-            seq.window_blocks = seq.window_blocks[out:] + seq.window_blocks[:out]
-            seq.window_dropped = first
-        spare = len(seq.window_blocks) - self._window_needed(seq)
-        if spare > 0:
-            self.window_allocator.free(seq.window_blocks[-spare:])
-            del seq.window_blocks[-spare:]
+        seq.window_blocks, seq.window_dropped = self._slid(seq.window_blocks, seq.window_dropped, self.mixed_window,
+                                                           seq.num_cached)
+        self._give_back(seq.window_blocks, self._window_needed(seq), self.window_allocator)
 
     def _free_window(self, seq: _Sequence) -> None:
         """Give back every block of the windowed layers' pool ``seq`` holds."""
@@ -525,15 +519,23 @@ class SchedulerPolicy:
         blocks), and those beyond what it needs from now on go back to the pool."""
         if self.kv_window is None or not seq.blocks:
             return
-        first = max(0, seq.num_cached - self.kv_window + 1) // self.allocator.block_size  # its next step's first
-        out = first - seq.dropped
-        if out > 0:
-            seq.blocks = seq.blocks[out:] + seq.blocks[:out]
-            seq.dropped = first
-        spare = len(seq.blocks) - self._blocks_needed(seq)
+        seq.blocks, seq.dropped = self._slid(seq.blocks, seq.dropped, self.kv_window, seq.num_cached)
+        self._give_back(seq.blocks, self._blocks_needed(seq), self.allocator)
+
+    def _slid(self, blocks: list[int], dropped: int, window: int, num_cached: int) -> tuple[list[int], int]:
+        """``blocks`` (a sequence's logical blocks ``dropped``, ``dropped + 1``... in one pool) and ``dropped`` once
+        its next step starts at ``num_cached``: the blocks out of ``window`` moved to the back (its next ones)."""
+        first = max(0, num_cached - window + 1) // self.allocator.block_size  # its next step's first
+        out = first - dropped
+        return (blocks[out:] + blocks[:out], first) if out > 0 else (blocks, dropped)
+
+    @staticmethod
+    def _give_back(blocks: list[int], needed: int, allocator: BlockAllocator) -> None:
+        """The blocks at the end of ``blocks`` beyond the ``needed`` first go back to ``allocator``."""
+        spare = len(blocks) - needed
         if spare > 0:
-            self.allocator.free(seq.blocks[-spare:])
-            del seq.blocks[-spare:]
+            allocator.free(blocks[-spare:])
+            del blocks[-spare:]
 
     def _admit(self, now: float) -> None:
         if not self._waiting:
