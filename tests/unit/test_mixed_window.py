@@ -30,20 +30,21 @@ from chatloop.partition.splitter import split_model
 from chatloop.stage import StageRunner
 
 BLOCK = 2
-FAMILIES = ["gemma2", "gemma3_text", "qwen2"]
+FAMILIES = ["gemma2", "gemma3_text", "qwen2", "qwen3"]
 
 
 @pytest.fixture(scope="module")
 def mixed(tiny_checkpoint, tmp_path_factory):
     """``mixed(family, num_stages)``: (transformers model, split folder) of a tiny model that mixes windowed and full
     layers: Gemma 2 (window 8, layers 0 and 2 windowed), Gemma 3 (window 8, layers 1 and 4 full), Qwen2 (window 5,
-    layer 0 full)."""
+    layer 0 full), Qwen3 (window 6, layers 0 and 1 full: over two stages, one keeps a single pool and ignores the
+    window tables, the other holds windowed layers only)."""
     made: dict = {}
 
     def make(family: str, num_stages: int = 1):
         if family not in made:
-            if family == "qwen2":
-                model, path = windowed_model("qwen2"), tmp_path_factory.mktemp("qwen2-mixed")
+            if family in ("qwen2", "qwen3"):
+                model, path = windowed_model(family), tmp_path_factory.mktemp(f"{family}-mixed")
                 model.save_pretrained(path)
             else:
                 checkpoint = tiny_checkpoint(family)
@@ -79,7 +80,7 @@ def run(parts, prompts, max_new_tokens, *, num_blocks=96, num_window_blocks=24, 
     for runner in runners:
         runner.cache.native_attention = runner.cache.native_attention and native_attention
     pipeline = LocalPipeline(runners)
-    assert pipeline.num_window_blocks == num_window_blocks  # (every stage here has windowed layers)
+    assert pipeline.num_window_blocks == num_window_blocks  # (that of every stage with windowed layers)
     assert any(runner.cache.split for runner in runners)
     allocator, window_allocator = BlockAllocator(num_blocks, BLOCK), BlockAllocator(num_window_blocks, BLOCK)
     policy = SchedulerPolicy(allocator, CharTokenizer(), batching_window_s=0.0, prefill_chunk_tokens=chunk,
