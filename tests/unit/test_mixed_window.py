@@ -268,6 +268,53 @@ def test_every_position_a_step_reads_is_where_it_was_written_in_its_table(seed):
     assert allocator.num_free == allocator.num_blocks and window_allocator.num_free == window_allocator.num_blocks
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_no_windowed_block_a_step_in_flight_names_is_free_or_another_sequences(seed):
+    """The policy as a pipeline drives it: up to 3 steps in flight, completed in any order, cancels, a lost step
+    requeued, the whole pipeline lost: while a step is out, no block of its window tables' live entries (from its
+    first token's window on) is free in the windowed pool or held by another sequence (its stages still write and
+    read them), and every block of both pools comes back."""
+    rng = random.Random(seed)
+    window, size = rng.randint(1, 9), rng.randint(1, 4)
+    k = rng.choice([0, 2, 4])
+    allocator, window_allocator = BlockAllocator(512, size), BlockAllocator(80, size)
+    policy = SchedulerPolicy(allocator, CharTokenizer(), batching_window_s=0.0,
+                             prefill_chunk_tokens=rng.choice([1, 3, 7]), max_batch_size=5, max_in_flight=3,
+                             window_allocator=window_allocator,
+                             mixed_window=window, speculative_method="ngram" if k else None,
+                             num_speculative_tokens=k or 4, rope_switch=rng.choice([None, rng.randint(2, 30)]))
+    ids = [policy.add([ord("a")] * rng.randint(1, 20), SamplingParams(max_new_tokens=rng.randint(1, 30),
+                                                                      ignore_eos=True), 0.0) for _ in range(10)]
+    out: list = []
+    for _ in range(5000):
+        if not (policy._running or policy._waiting):
+            break
+        steps, _ = policy.schedule(0.0)
+        out += steps
+        free = set(window_allocator._free)
+        holder = {block: s.id for s in policy._running for block in s.window_blocks}
+        for step in out:
+            for seq_id, start, table in zip(step.sequence_ids, step.starts, step.window_tables):
+                for block in set(table[max(0, start - window + 1) // size:]):
+                    assert block not in free and holder.get(block, seq_id) == seq_id, (step.id, seq_id, block)
+        if not out:
+            continue
+        if rng.random() < 0.05:
+            policy.cancel(rng.choice(ids))
+        step = out.pop(rng.randrange(len(out)) if rng.random() < 0.5 else 0)
+        if rng.random() < 0.03:
+            policy.requeue_step(step.id, 0.0)
+        elif rng.random() < 0.01:
+            policy.requeue_all()
+            out.clear()
+        else:
+            drafts = step.num_drafts or (0,) * len(step.sequence_ids)
+            policy.complete(step.id, [AcceptedTokens((ord("z"),) * (rng.randint(0, d) + 1), d) if d else ord("z")
+                                      for d in drafts])
+    assert not (policy._running or policy._waiting), "the requests did not finish"
+    assert allocator.num_free == allocator.num_blocks and window_allocator.num_free == window_allocator.num_blocks
+
+
 def test_the_kv_budget_is_split_once_for_every_stage():
     """kv_pools gives the windowed pool what the coordinator asks (no more than an even split), the full layers the
     rest; a stage without windowed layers keeps one pool; the pipeline takes the smallest of each."""
