@@ -65,6 +65,16 @@ class HostFigures:
         if self.memory_bytes < 0 or self.hop_s < 0:
             raise PlanError(f"host {self.name}: memory_bytes and hop_s must be >= 0")
 
+    @property
+    def cpu_share(self) -> float:
+        """The share of its threads' time its CPU limit lets it run when busy all the time. The probe's figures
+        are totals over CFS periods, so they are the busy pace, as the batch's pipeline keeps a stage; a lone
+        sequence's stage computes a step, then idles while the others compute theirs: it runs its steps at full
+        speed, held back only as its CPU time a token nears the limit's share of the token (:meth:`_Model.latency`)."""
+        if not self.cpu_limit or not self.threads:
+            return 1.0
+        return min(1.0, self.cpu_limit / self.threads)
+
     def as_dict(self) -> dict:
         """JSON-ready (``chatloop-plan probe --output``)."""
         data = asdict(self)
@@ -127,7 +137,8 @@ class PlacedStage:
     step_s: float
     """One micro-batch's decode step (``Placement.micro_batch`` sequences)."""
     step_1_s: float
-    """A decode step at batch 1."""
+    """A decode step of a lone sequence, at full speed (under a CPU limit: :attr:`HostFigures.cpu_share` of its
+    probed pace; the limit's waits are in :attr:`Placement.latency_s`)."""
     memory_bytes: int
 
 
@@ -149,7 +160,8 @@ class Placement:
     trip_s: float
     """One micro-batch through every stage and hop."""
     latency_s: float
-    """One decode step of one sequence through every stage and hop."""
+    """One decode step of one sequence through every stage and hop, with the waits of CPU-limited stages
+    (:meth:`_Model.latency`)."""
     hops_s: float = 0.0
     coordinator_s: float = 0.0
     """The coordinator's share of each micro-batch's step (from one step's answer to its next step's sending: the
@@ -226,6 +238,33 @@ class _Model:
             time += layer_seconds(host.head_s, batch) if host.head_s else layer * self.costs.head_layers
         return time
 
+    def step_alone(self, h: int, i: int, j: int) -> float:
+        """The batch-1 step of a lone sequence, which leaves the stage idle between its steps: at full speed."""
+        return self.step(h, i, j, 1) * self.hosts[h].cpu_share
+
+    def latency(self, stages: Sequence[tuple[int, int, int]]) -> float:
+        """One sequence's decode step through ``stages`` (host, first layer, end) and their hops.
+
+        Each stage at full speed, plus the waits a CPU limit adds: a limited stage waits for its quota (its busy
+        step, the probed pace, less its full-speed step) in the share of steps its busy step bears to the token's
+        time, all of them once that passes 1. So the token's time ``t`` solves ``t = trip + sum(wait * min(1,
+        busy / t))``: a stage far within its limit's share of the token is rarely held back, one near it often (CFS
+        grants the quota a period at a time, and a period with one step too many waits for the next). Against
+        measured tokens: docs/placement.md."""
+        steps = [(self.step_alone(h, i, j), self.step(h, i, j, 1)) for h, i, j in stages]
+        trip = sum(alone for alone, _ in steps) + sum(self.hosts[h].hop_s for h, _, _ in stages)
+        waits = [(busy - alone, busy) for alone, busy in steps if busy > alone]
+        if not waits or trip <= 0:
+            return trip
+        low, high = trip, trip + sum(wait for wait, _ in waits)  # t - trip - waits(t) grows with t: bisect
+        for _ in range(60):
+            t = (low + high) / 2
+            if t < trip + sum(wait * min(1.0, busy / t) for wait, busy in waits):
+                low = t
+            else:
+                high = t
+        return high
+
 
 def _least_bottleneck(model: _Model, k: int, micro: int) -> float:
     """The least slowest stage (at ``micro`` sequences) of ``k`` of the hosts, in order, covering every layer."""
@@ -245,7 +284,8 @@ def _least_bottleneck(model: _Model, k: int, micro: int) -> float:
 
 def _least_latency(model: _Model, k: int, micro: int, limit: float) -> tuple[float, list[tuple[int, int, int]]]:
     """Among plans of ``k`` hosts whose stages all take at most ``limit`` at ``micro``: the least batch-1 step
-    (stage times and hops), and its stages (host, first layer, end)."""
+    (stage times and hops, a CPU-limited stage's at its busy pace: the most :meth:`_Model.latency` gives), and its
+    stages (host, first layer, end)."""
     n, inf, num_hosts = model.n, math.inf, len(model.hosts)
     total = [[[inf] * (n + 1) for _ in range(k + 1)] for _ in range(num_hosts + 1)]
     cut: dict[tuple[int, int, int], int] = {}
@@ -311,13 +351,13 @@ def place_layers(hosts: Sequence[HostFigures], costs: ModelCosts, batch: int = 1
                 chosen = (latency, stages, q, bottleneck)
     latency, stages, q, bottleneck = chosen
     micro = math.ceil(batch / q)
-    placed = [PlacedStage(hosts[h].name, LayerRange(i, j - 1), model.step(h, i, j, micro), model.step(h, i, j, 1),
+    placed = [PlacedStage(hosts[h].name, LayerRange(i, j - 1), model.step(h, i, j, micro), model.step_alone(h, i, j),
                           costs.memory(i, j)) for h, i, j in stages]
     used = {h for h, _, _ in stages}
     hops = sum(hosts[h].hop_s for h in used)
     left_out = {hosts[h].name: _why_left_out(model, h, micro, bottleneck) for h in range(len(hosts)) if h not in used}
-    return Placement(placed, left_out, batch, q, bottleneck, sum(s.step_s for s in placed) + hops, latency,
-                     hops_s=hops, coordinator_s=coordinator_s)
+    return Placement(placed, left_out, batch, q, bottleneck, sum(s.step_s for s in placed) + hops,
+                     model.latency(stages), hops_s=hops, coordinator_s=coordinator_s)
 
 
 def _layer_units(costs: ModelCosts) -> list[float]:
@@ -371,7 +411,8 @@ def predict(hosts: Sequence[HostFigures], costs: ModelCosts, ranges: Sequence[La
                             f"{figures.memory_bytes / 2**20:.0f} MiB")
         if not model.fits(h, i, j):
             raise PlanError(f"host {figures.name} does not hold the partition files of layers {r}")
-        stages.append(PlacedStage(figures.name, r, model.step(h, i, j, micro), model.step(h, i, j, 1), need))
+        stages.append(PlacedStage(figures.name, r, model.step(h, i, j, micro), model.step_alone(h, i, j), need))
     hops = sum(h.hop_s for h in hosts)
+    spans = [(h, r.start, r.end + 1) for h, r in enumerate(ranges)]
     return Placement(stages, {}, batch, q, max(s.step_s for s in stages), sum(s.step_s for s in stages) + hops,
-                     sum(s.step_1_s for s in stages) + hops, hops_s=hops, coordinator_s=coordinator_s)
+                     model.latency(spans), hops_s=hops, coordinator_s=coordinator_s)

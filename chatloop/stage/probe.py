@@ -3,7 +3,8 @@
 Cores and threads it may use (its affinity, its cgroup's CPU quota), the memory it may take (the machine's available
 memory, bounded by its cgroup's limit), a measured memory bandwidth, and the decode step of a stage of the model, on
 real weights from the partitions it holds, at a few batch sizes: its fixed cost, one layer's, and the head's with
-the sampling (stages of one layer, of two, and of the last layer), and a prefill chunk's time per token; the
+the sampling (stages of one layer, of two, of as many as outgrow the caches, and of the last layer), and a prefill
+chunk's time per token; the
 round trip to a neighbour is timed by the caller's ``ping``. Times are totals over several CFS periods, not medians
 of calls: a worker held to a third of a core runs a short call at full speed and then waits, and only the total
 shows the wait.
@@ -24,8 +25,10 @@ import torch
 
 from ..engine.requests import SamplerInput
 from ..engine.sampling import sample
+from ..kernels.experts import release_freed_memory
 from ..models import LayerRange, StepBatch
 from ..partition import Manifest
+from ..partition.costs import model_costs
 from ..partition.placement import HostFigures
 from ..partition.ranges import held_in, load_layer_range, loadable_spans, num_layers_of
 from ..worker_settings import cpu_quota
@@ -39,6 +42,10 @@ CONTEXT = 64
 PREFILL_TOKENS = 64
 MIN_SECONDS = 0.3
 """Each figure is timed over at least this long: three windows of one period of the default CFS quota each."""
+STREAM_BYTES = 192 * 2**20
+"""A stage whose weights pass this reads them from memory each step, not from the caches: here a stage of 4 SmolLM2
+float32 layers (57 MB) took 0.62 ms a layer at batch 1 and one of 12 or more (170 MB+) 1.31-1.35 ms, so one layer
+timed alone is ~2x too fast for a whole stage. The probe times a stage this big (as the host's memory allows)."""
 
 
 def _timed(fn: Callable[[], object], min_seconds: float, warmup: int = 2, windows: int = 3) -> float:
@@ -125,24 +132,28 @@ def round_trip_s(ping: Callable[[], object], tries: int = 5) -> float:
     return statistics.median(times)
 
 
-def _probe_layer_index(manifest: Manifest, held: Iterable[str]) -> tuple[int, bool]:
+def _probe_layer_index(manifest: Manifest, held: Iterable[str]) -> tuple[int, int]:
     """A layer this host holds, in the middle of the model where it can (neither embedding nor head with it), and
-    whether the next layer is held with it and in the middle too (then a stage of two is timed beside one)."""
+    how many layers from it on are held with it and in the middle too (two or more: a stage of two is timed beside
+    one, and a stage of many, to read its weights from memory)."""
     spans = loadable_spans(manifest, held)
     if not spans:
         raise ValueError("this host holds none of the split's partition files: it has no layer to probe")
     last = num_layers_of(manifest) - 1
-    layers = [i for span in spans for i in span.indices]
-    middle = [i for i in layers if 0 < i < last]
-    pairs = [i for i in middle if i + 1 in middle and any(i + 1 in span.indices for span in spans if i in span.indices)]
-    return (pairs[0], True) if pairs else ((middle or layers)[0], False)
+    runs = [[i for i in span.indices if 0 < i < last] for span in spans]
+    runs = [run for run in runs if run]
+    if not runs:
+        return next(i for span in spans for i in span.indices), 1
+    longest = max(runs, key=len)
+    return longest[0], len(longest)
 
 
 class LayerProbe(NamedTuple):
     """What :func:`probe_layer` measures, in seconds, by batch size where by batch."""
 
     decode_s: dict[int, float]
-    """One more layer in a stage's decode step."""
+    """One more layer in a stage's decode step, its weights read from memory where the host holds enough layers to
+    time a stage bigger than the caches (:data:`STREAM_BYTES`); else as one or two layers run (from the caches)."""
     prefill_s_per_token: float
     step_fixed_s: dict[int, float] | None
     """A stage's decode step whatever its layers (one layer's step less a layer); None: no two layers to time."""
@@ -153,16 +164,21 @@ class LayerProbe(NamedTuple):
 @torch.inference_mode()
 def probe_layer(directory: str | Path, *, held: Iterable[str] | None = None, batches: Sequence[int] = PROBE_BATCHES,
                 dtype: torch.dtype | None = None, pack_weights: bool = True, native_kernels: bool = True,
-                min_seconds: float = MIN_SECONDS) -> LayerProbe:
+                min_seconds: float = MIN_SECONDS, stream_bytes: int = STREAM_BYTES) -> LayerProbe:
     """The split in ``directory`` (from the files ``held``; None: those present) as a worker computes it: a decode
-    step of a stage of one layer and of two (their difference: a layer; the rest: the step's fixed cost, which
-    dominates a small model's layer) and of the last layer with the head and sampling, by batch size, and a prefill
-    chunk's time per token. The stages take turns window by window and each figure is the median of its windows'
-    differences, so a burst of other work on the host spoils one round, not one stage's figure."""
+    step of a stage of one layer and of two (their difference: a layer from the caches; the rest: the step's fixed
+    cost, which dominates a small model's layer), of as many layers as hold ``stream_bytes`` of weights (a layer
+    read from memory, as a whole stage reads them; at most a quarter of the memory available, and the layers held)
+    and of the last layer with the head and sampling, by batch size, and a prefill chunk's time per token. The
+    stages take turns window by window and each figure is the median of its windows' differences, so a burst of
+    other work on the host spoils one round, not one stage's figure."""
     directory = Path(directory)
     manifest = Manifest.load(directory)
     held = list(held) if held is not None else held_in(directory, manifest)
-    index, pair = _probe_layer_index(manifest, held)
+    index, run = _probe_layer_index(manifest, held)
+    pair = run >= 2
+    layer_bytes = max(1, model_costs(manifest, kv_cache_mb=0, num_hosts=1).layer_bytes[index])
+    many = min(run, math.ceil(min(stream_bytes, memory_available() / 4) / layer_bytes))
     last = num_layers_of(manifest) - 1
     holds_head = any(last in span.indices for span in loadable_spans(manifest, held)) and index != last
     block_size = 16
@@ -172,6 +188,8 @@ def probe_layer(directory: str | Path, *, held: Iterable[str] | None = None, bat
     ranges = {"one": LayerRange(index, index)}
     if pair:
         ranges["two"] = LayerRange(index, index + 1)
+    if many > 2:
+        ranges["many"] = LayerRange(index, index + many - 1)
     if holds_head:
         ranges["head"] = LayerRange(last, last)
     stages = {key: load_layer_range(directory, layers, held=held, manifest=manifest, dtype=dtype,
@@ -202,9 +220,13 @@ def probe_layer(directory: str | Path, *, held: Iterable[str] | None = None, bat
             # and all of it
             decode[b] = min(one, max(statistics.median(_minus(windows["two"], windows["one"])), one / 10))
             fixed[b] = one - decode[b]
+            if "many" in windows:  # the same layers from memory: not faster than from the caches
+                decode[b] = max(decode[b], (statistics.median(windows["many"]) - fixed[b]) / many)
         if head is not None:
             head[b] = max(0.0, statistics.median(_minus(windows["head"], windows["one"])))
     prefill = _timed(call("one", 1, PREFILL_TOKENS), min_seconds) / PREFILL_TOKENS
+    stages.clear(), caches.clear()
+    release_freed_memory()  # the memory figure is read next: the probe's stages must not count as taken
     return LayerProbe(decode, prefill, fixed, head)
 
 

@@ -3,9 +3,9 @@
 Worker 0 held to a third of a core by a cgroup v1 CPU quota from its first instruction (it probes its host under the
 quota when it joins, at the same time as worker 1): ``cluster.plan=auto`` gives at least 1.3x the batch-16 throughput
 of ``even``, the same greedy text as transformers, and the planner's predicted tokens/s within 25% of the measured,
-for both plans. A worker in a cgroup v1 memory limit too small for an even share gets fewer layers and the text stays
-transformers'. (With 4 one-thread workers on 2 cores the cores, not the quota, bound the pipeline: even and auto ran
-at 188 and 181 tokens/s.)
+for both plans (a lone sequence's within a third). A worker in a cgroup v1 memory limit too small for an even share
+gets fewer layers and the text stays transformers'. (With 4 one-thread workers on 2 cores the cores, not the quota,
+bound the pipeline: even and auto ran at 188 and 181 tokens/s.)
 
 Timing tests on a shared machine: run them alone, under the benchmark lock
 (``flock /tmp/chatloop-bench.lock .venv/bin/python -m pytest -s tests/distributed/test_uneven_hosts.py``).
@@ -32,7 +32,11 @@ QUOTA = 1 / 3
 PROMPT = "The capital of France is"
 NEW_TOKENS = 24
 WITHIN = 0.25
-"""The planner's predicted decode tokens/s against the measured (issue 24, point 6)."""
+"""The planner's predicted decode tokens/s at the batch against the measured (issue 24, point 6)."""
+WITHIN_1 = 1 / 3
+"""The same for a lone sequence: its 24 tokens measure it less steadily than the batch's 384, and the held-back
+worker's waits for its quota depend on how its steps fall in CFS periods (docs/placement.md); 1.64x off before the
+probe timed a stage too big for the caches."""
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +76,8 @@ try:
         costs = model_costs(Manifest.load(directory), kv_cache_mb=cfg.cache.kv_cache_mb, num_hosts=len(figures))
         spans = [LayerRange(*map(int, r.split("-"))) for r in ranges]
         coordinator_s = (report["measured"]["coordinator_ms"] or 0) / 1e3
-        report["predicted"] = {"tokens_per_s": predict(figures, costs, spans, cfg.batching.max_batch_size,
-                                                       coordinator_s=coordinator_s).tokens_per_s}
+        placement = predict(figures, costs, spans, cfg.batching.max_batch_size, coordinator_s=coordinator_s)
+        report["predicted"] = {"tokens_per_s": placement.tokens_per_s, "tokens_per_s_1": placement.tokens_per_s_1}
         report["figures"] = [f.as_dict() for f in figures]
 finally:
     llm.shutdown()
@@ -134,9 +138,14 @@ def golden(smollm2_split, smollm2_hf):
     return out[0, prompt_ids.shape[1]:].tolist()
 
 
-def _off(result: dict) -> float:
-    """How far the predicted decode tokens/s are from the measured: predicted / measured - 1."""
-    return result["report"]["predicted"]["tokens_per_s"] / result["report"]["measured"]["tokens_per_s"] - 1
+def _off(result: dict, figure: str = "tokens_per_s") -> float:
+    """How far the predicted decode tokens/s (``tokens_per_s``: at the batch; ``tokens_per_s_1``: a lone
+    sequence's) are from the measured: predicted / measured - 1."""
+    return result["report"]["predicted"][figure] / result["report"]["measured"][figure] - 1
+
+
+def _within(result: dict) -> bool:
+    return abs(_off(result)) <= WITHIN and abs(_off(result, "tokens_per_s_1")) <= WITHIN_1
 
 
 def _summary(name: str, result: dict) -> str:
@@ -144,7 +153,8 @@ def _summary(name: str, result: dict) -> str:
     return (f"{name} {result['ranges']}: end to end {result['tokens_per_s']:.1f} tokens/s; decode steps alone "
             f"{measured['tokens_per_s']:.1f} at {measured['sequences']} in flight, predicted "
             f"{predicted['tokens_per_s']:.1f} ({_off(result):+.0%}; coordinator {measured['coordinator_ms']:.2f} ms "
-            f"a step)")
+            f"a step); batch 1 {measured['tokens_per_s_1']:.1f}, predicted {predicted['tokens_per_s_1']:.1f} "
+            f"({_off(result, 'tokens_per_s_1'):+.0%})")
 
 
 def test_auto_beats_even_with_a_worker_held_to_a_third_of_a_core(smollm2_split, golden, slow_group, tmp_path):
@@ -161,7 +171,7 @@ def test_auto_beats_even_with_a_worker_held_to_a_third_of_a_core(smollm2_split, 
 
     def spoiled(even: dict, auto: dict) -> bool:
         return (auto["report"]["measured"]["tokens_per_s"] < 1.3 * even["report"]["measured"]["tokens_per_s"]
-                or max(abs(_off(even)), abs(_off(auto))) > WITHIN)
+                or not (_within(even) and _within(auto)))
 
     even, auto = pair()
     for _ in range(2):
@@ -177,7 +187,8 @@ def test_auto_beats_even_with_a_worker_held_to_a_third_of_a_core(smollm2_split, 
     # the decode steps alone, as the status page measures them (the end-to-end figure counts 16 prefills too)
     assert auto["report"]["measured"]["tokens_per_s"] >= 1.3 * even["report"]["measured"]["tokens_per_s"], \
         (auto, even)
-    assert abs(_off(even)) <= WITHIN and abs(_off(auto)) <= WITHIN, (_summary("even", even), _summary("auto", auto))
+    # at the batch and for one sequence alone (the greedy request before the batch)
+    assert _within(even) and _within(auto), (_summary("even", even), _summary("auto", auto))
 
 
 MEMORY_LIMIT = 700 * 2**20

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -189,6 +190,25 @@ def test_a_measured_head_and_fixed_cost_shape_the_stages_and_the_coordinator_joi
     assert shared.ranges == measured.ranges and shared.tokens_per_s_1 == pytest.approx(1 / 25e-3)
     wide = predict([host("a", 1.0), host("b", 1.0)], costs, plan_layers(12, 2), 16, coordinator_s=0.2)
     assert wide.round_s == pytest.approx(2 * 0.2)
+
+
+def test_a_cpu_limited_host_computes_a_lone_sequence_at_full_speed_held_back_near_its_share():
+    # Its probe's figures are its busy pace (a third of a core: 3 ms a layer where it could do 1); a lone sequence
+    # leaves each stage idle while the others compute, so its steps run at full speed, and wait for the quota in
+    # the share of steps its busy step bears to the token's time t: t = trip + wait * busy / t.
+    costs = ModelCosts(layer_bytes=[10 * MB] * 12)
+    limited, free = replace(host("a", 3.0), cpu_limit=1 / 3, threads=1), host("b", 1.0)
+    assert limited.cpu_share == pytest.approx(1 / 3) and free.cpu_share == 1.0
+    assert replace(limited, cpu_limit=1.0, threads=2).cpu_share == 0.5
+    short = predict([limited, free], costs, [LayerRange(0, 1), LayerRange(2, 11)], 16)
+    assert [s.step_1_s for s in short.stages] == pytest.approx([2e-3, 10e-3])
+    t = short.latency_s
+    assert t == pytest.approx(12e-3 + 4e-3 * 6e-3 / t) and 12e-3 < t < 16e-3  # a: busy 6 ms, full speed 2
+    assert short.stages[0].step_s == pytest.approx(2 * layer_seconds(limited.decode_s, 8))  # busy: the probed pace
+    even = predict([limited, free], costs, plan_layers(12, 2), 1)
+    t = even.latency_s
+    assert t == pytest.approx(12e-3 + 12e-3 * 18e-3 / t) and 18e-3 < t < 24e-3  # its quota: 6 ms of CPU in >= 18
+    assert predict([free, free], costs, plan_layers(12, 2), 1).latency_s == pytest.approx(12e-3)  # no limit
 
 
 def test_figures_with_fixed_and_head_times_survive_a_file():

@@ -57,6 +57,22 @@ def test_the_probe_reads_only_the_files_the_host_holds(tiny_split, tmp_path):
         probe_host("w1", copied, held=[], min_seconds=0.01)
 
 
+def test_the_layer_is_timed_in_a_stage_too_big_for_the_caches(tiny_split, monkeypatch):
+    # One layer timed alone runs from the caches; a whole stage streams its weights from memory (SmolLM2 float32:
+    # 0.62 ms a layer in a stage of 4, 1.33 in one of 16), so the probe also times a stage of stream_bytes' layers.
+    import chatloop.stage.probe as probe
+
+    loaded = []
+    real = probe.load_layer_range
+    monkeypatch.setattr(probe, "load_layer_range",
+                        lambda d, layers, **kw: loaded.append(layers) or real(d, layers, **kw))
+    probe.probe_layer(tiny_split, batches=(1,), min_seconds=0.01)
+    assert LayerRange(1, 3) in loaded  # the middle layers held (1-3 of 0-4): as many as there are, up to the bytes
+    loaded.clear()
+    probe.probe_layer(tiny_split, batches=(1,), min_seconds=0.01, stream_bytes=1)
+    assert loaded == [LayerRange(1, 1), LayerRange(1, 2), LayerRange(4, 4)]  # one layer already passes 1 byte
+
+
 def test_memory_room_reads_cgroup_v1_and_v2_limits(tmp_path):
     root, me = cgroup_tree(tmp_path / "v2", {"box/memory.max": "1000000\n", "box/memory.current": "250000\n"},
                            "0::/box\n")
