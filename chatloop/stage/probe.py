@@ -33,8 +33,8 @@ from ..partition.placement import HostFigures
 from ..partition.ranges import held_in, load_layer_range, loadable_spans, num_layers_of
 from ..worker_settings import cpu_quota
 
-__all__ = ["LayerProbe", "memory_available", "memory_bandwidth", "probe_host", "probe_layer", "probe_spec",
-           "round_trip_s"]
+__all__ = ["LayerProbe", "memory_available", "memory_bandwidth", "probe_host", "probe_layer", "probe_seconds",
+           "probe_spec", "round_trip_s"]
 
 PROBE_BATCHES = (1, 4, 16)
 CONTEXT = 64
@@ -244,9 +244,12 @@ def _minus(a: Sequence[float], b: Sequence[float]) -> list[float]:
 
 def probe_host(name: str, directory: str | Path, *, held: Iterable[str] | None = None, hop_s: float = 0.0,
                batches: Sequence[int] = PROBE_BATCHES, dtype: torch.dtype | None = None, pack_weights: bool = True,
-               native_kernels: bool = True, min_seconds: float = MIN_SECONDS) -> HostFigures:
+               native_kernels: bool = True, min_seconds: float | None = None) -> HostFigures:
     """Everything the placement needs of this host (see the module's docstring), measured now, in this process
-    with its threads and pinning already set (:func:`~chatloop.worker_settings.apply_worker_settings`)."""
+    with its threads and pinning already set (:func:`~chatloop.worker_settings.apply_worker_settings`).
+    ``min_seconds``: how long each figure is timed (None: :func:`probe_seconds`)."""
+    if min_seconds is None:
+        min_seconds = probe_seconds(cpu_quota(), torch.get_num_threads())
     directory = Path(directory)
     manifest = Manifest.load(directory)
     held = list(held) if held is not None else held_in(directory, manifest)
@@ -259,6 +262,14 @@ def probe_host(name: str, directory: str | Path, *, held: Iterable[str] | None =
         cores=len(os.sched_getaffinity(0)), cpu_limit=cpu_quota(),
         bandwidth_gb_s=memory_bandwidth(min_seconds=min_seconds) / 1e9,
     )
+
+
+def probe_seconds(cpu_limit: float | None, threads: int) -> float:
+    """How long to time each figure: :data:`MIN_SECONDS`, longer under a CPU limit (up to 4x): a window of one CFS
+    period holds one grant of the quota, and where it starts in the period (and a call running past its end)
+    moves its total; windows of several periods average that out."""
+    share = 1.0 if not cpu_limit else min(1.0, cpu_limit / max(1, threads))
+    return MIN_SECONDS * min(4.0, 1.0 / share)
 
 
 def probe_spec(spec) -> HostFigures:

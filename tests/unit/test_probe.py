@@ -73,6 +73,15 @@ def test_the_layer_is_timed_in_a_stage_too_big_for_the_caches(tiny_split, monkey
     assert loaded == [LayerRange(1, 1), LayerRange(1, 2), LayerRange(4, 4)]  # one layer already passes 1 byte
 
 
+def test_a_cpu_limited_host_times_each_figure_over_several_cfs_periods():
+    from chatloop.stage.probe import MIN_SECONDS, probe_seconds
+
+    assert probe_seconds(None, 2) == MIN_SECONDS and probe_seconds(4.0, 2) == MIN_SECONDS
+    assert probe_seconds(1 / 3, 1) == pytest.approx(3 * MIN_SECONDS)  # a third of a core: 3 periods a window
+    assert probe_seconds(1.0, 2) == pytest.approx(2 * MIN_SECONDS)  # two threads sharing one core's quota
+    assert probe_seconds(0.05, 1) == pytest.approx(4 * MIN_SECONDS)  # at most 4x: a probe stays seconds long
+
+
 def test_memory_room_reads_cgroup_v1_and_v2_limits(tmp_path):
     root, me = cgroup_tree(tmp_path / "v2", {"box/memory.max": "1000000\n", "box/memory.current": "250000\n"},
                            "0::/box\n")
