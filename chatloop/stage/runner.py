@@ -84,9 +84,10 @@ def window_pool_blocks(cfg: ChatLoopConfig, args: ModelArgs) -> int:
     """The blocks of the windowed layers' own pool of a model that mixes windowed and full layers: every running
     sequence holds what its window and its largest step span (a prefill chunk, or a token and its drafts), as the
     policy reserves them; 0 (one pool, every block kept) for other models and without prefill chunks, where a
-    prompt's window spans it whole: a windowed pool would need the full one's size and free nothing."""
+    prompt's window spans it whole: a windowed pool would need the full one's size and free nothing, and where
+    ``cache.window_pool`` is off."""
     window, chunk = args.mixed_window, cfg.batching.prefill_chunk_tokens
-    if window is None or not chunk:
+    if window is None or not chunk or not cfg.cache.window_pool:
         return 0
     step = max(chunk, 1 + cfg.speculative.num_tokens)
     return cfg.batching.max_batch_size * ((window + step - 2) // cfg.cache.block_size + 2)

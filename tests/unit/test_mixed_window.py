@@ -384,6 +384,33 @@ def test_the_engine_splits_gemmas_pools_and_its_draft_model_keeps_one(tiny_check
     assert "windowed layers' pool: 7 blocks used of 80" in format_cache(status)
 
 
+def test_window_pool_off_keeps_one_pool_and_the_prefix_cache(tiny_checkpoint, tmp_path):
+    """cache.window_pool=false: Gemma 3 with prefill chunks keeps one pool and its prefix cache (a second request
+    sharing the prompt reuses its blocks), and the greedy tokens stay transformers'."""
+    import shutil
+
+    from chatloop import ChatLoop, load_config
+    from tests.conftest import save_tiny_tokenizer
+
+    checkpoint = tiny_checkpoint("gemma3_text")
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint.path, folder)
+    save_tiny_tokenizer(folder)
+    prompt = long_prompts()[0]
+    expected = _greedy_reference(checkpoint.model, [prompt], 12)[0]
+    overrides = ["cluster=single", "cluster.num_workers=2", f"model.name={folder}",
+                 f"model.partitions_dir={tmp_path / 'parts'}", "cache.kv_cache_mb=1", "cache.min_capacity_tokens=64",
+                 "cache.block_size=4", "batching.prefill_chunk_tokens=8", "cache.window_pool=false"]
+    with ChatLoop.start(load_config(overrides)) as llm:
+        assert llm.pipeline.num_window_blocks == 0 and llm.scheduler.window_allocator is None
+        assert llm.scheduler.policy.prefix_caching
+        first = llm.generate(prompt, max_new_tokens=12, ignore_eos=True)
+        again = llm.generate(prompt, max_new_tokens=12, ignore_eos=True)
+        stats = llm.stats()
+    assert first.token_ids == again.token_ids == expected
+    assert stats.prefix_cache_hits > 0
+
+
 def test_a_rebuilt_pipeline_with_another_windowed_pool_gets_a_fresh_window_allocator():
     """After a lost pipeline every sequence is requeued: the scheduler takes the new pipeline's pool sizes (both), and
     the requeued request finishes on it; a rebuilt pipeline without the windowed pool is refused, not run wrong."""
