@@ -156,6 +156,9 @@ class Scheduler:
 
     def resume(self, pipeline: Pipeline) -> None:
         """Carry on with a new pipeline (same stages); the requeued sequences are prefilled again first."""
+        if self.window_allocator is not None and not pipeline.num_window_blocks:  # refused before anything changes
+            raise ValueError("the rebuilt pipeline keeps no windowed layers' pool: its stages must be built from the "
+                             "same configuration")
         with self._cond:
             self.pipeline = pipeline
             self.allocator.clear_cache()  # (emptied when the pipeline was lost: the new one's pools start empty)
@@ -164,9 +167,6 @@ class Scheduler:
                 self.allocator = BlockAllocator(pipeline.num_blocks, pipeline.block_size)
                 self.policy.allocator = self.allocator
             if self.window_allocator is not None and pipeline.num_window_blocks != self.window_allocator.num_blocks:
-                if not pipeline.num_window_blocks:
-                    raise ValueError("the rebuilt pipeline keeps no windowed layers' pool: its stages must be "
-                                     "built from the same configuration")
                 self.window_allocator = BlockAllocator(pipeline.num_window_blocks, pipeline.block_size)
                 self.policy.window_allocator = self.window_allocator
             self._suspended = False

@@ -440,7 +440,12 @@ def test_a_rebuilt_pipeline_with_another_windowed_pool_gets_a_fresh_window_alloc
         got = [events.get(timeout=10) for _ in range(3)]
         assert got[-1].finish_reason is not None and scheduler.window_allocator.num_free == 20
         scheduler.suspend("worker1 was lost")
+        kept = scheduler.pipeline
         with pytest.raises(ValueError, match="no windowed layers' pool"):
             scheduler.resume(pipeline(0))
+        assert scheduler.pipeline is kept  # refused before anything changed: a good pipeline may still resume it
+        scheduler.resume(pipeline(20))
+        scheduler.submit([1, 2], SamplingParams(max_new_tokens=2, ignore_eos=True), events.put)
+        assert [events.get(timeout=10) for _ in range(2)][-1].finish_reason is not None
     finally:
         scheduler.close()
