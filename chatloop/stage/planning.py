@@ -43,6 +43,8 @@ def plan_specs(cfg: ChatLoopConfig, specs: Sequence[StageSpec], figures: Sequenc
     costs = model_costs(manifest, kv_cache_mb=cfg.cache.kv_cache_mb, num_hosts=len(specs))
     placement = place_layers(figures, costs, cfg.batching.max_batch_size, keep_all=True,
                              in_flight=cfg.cluster.max_in_flight)
+    _log_left_out(place_layers(figures, costs, cfg.batching.max_batch_size, in_flight=cfg.cluster.max_in_flight),
+                  placement)
     kept = _keepable(list(current), costs.num_layers)
     if kept is not None and kept != placement.ranges:
         try:
@@ -64,6 +66,15 @@ def plan_specs(cfg: ChatLoopConfig, specs: Sequence[StageSpec], figures: Sequenc
     log.info("plan auto: predicted %.1f tokens/s at batch 1, %.1f at batch %d", placement.tokens_per_s_1,
              placement.tokens_per_s, placement.batch)
     return planned, placement
+
+
+def _log_left_out(free: Placement, kept: Placement) -> None:
+    """A warning for each worker the plan free to leave hosts out (``chatloop-plan show``'s) does without: a running
+    cluster keeps every worker that joined, at least a layer each, so say why and what it costs."""
+    for host, why in free.left_out.items():
+        log.warning("plan auto: %s would be left out (%s), but it joined and keeps a layer: %.1f tokens/s at "
+                    "batch %d with it, %.1f without. Start the cluster without it to leave it out", host, why,
+                    kept.tokens_per_s, kept.batch, free.tokens_per_s)
 
 
 def _keepable(current: list[LayerRange | None], num_layers: int) -> list[LayerRange] | None:

@@ -61,6 +61,26 @@ def test_workers_figures_plan_the_stages_specs(split16, tmp_path):
         stage_specs(cfg, split16)
 
 
+def test_a_worker_that_only_slows_the_pipeline_keeps_a_layer_with_a_warning_saying_why(split16, tmp_path, caplog):
+    from chatloop.partition.placement import HostFigures
+    from chatloop.stage import stage_specs
+
+    files = []
+    for k, ms in enumerate((1.0, 1.0, 1.0, 100.0)):  # worker 3: one layer would take it longer than 16 elsewhere
+        path = tmp_path / f"w{k}.json"
+        path.write_text(json.dumps(HostFigures(name=f"host{k}", decode_s={1: ms / 1e3, 16: 2 * ms / 1e3},
+                                               memory_bytes=2**30).as_dict()))
+        files.append(str(path))
+    cfg = load_config(["cluster=local4", "cluster.plan=auto", f"cluster.figures=[{','.join(files)}]",
+                       f"model.partitions_dir={split16}", "cache.kv_cache_mb=4"])
+    with caplog.at_level("WARNING", logger="chatloop.stage.planning"):
+        specs = stage_specs(cfg, split16)
+    assert len(specs[3].expected_layers) == 1  # it joined: it keeps one
+    warned = [r.getMessage() for r in caplog.records if "would be left out" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("plan auto: worker3 would be left out (one layer takes it")
+    assert "Start the cluster without it" in warned[0]
+
+
 @pytest.mark.slow
 def test_auto_plans_smollm2_in_process_and_generates_the_same_text(local_smollm2_config):
     prompt = "The capital of France is"
