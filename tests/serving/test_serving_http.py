@@ -497,7 +497,10 @@ def test_health_answers_fast_while_a_10_mb_prompt_is_refused(client, url):
     r = outcome["response"]
     assert r.status_code == 413 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
     assert "no prompt that fits the model's context is that long" in r.json()["error"]["message"]
-    assert outcome["seconds"] < 5 and max(probes) < 0.1, (outcome, probes)
+    # Alone, the refusal takes 0.04-0.05 s and no probe over 0.011 s; in the whole suite's process (its heap and
+    # threads after ~1,400 tests; the server runs in it) the refusal took 0.31 s and one probe 0.126 s, twice.
+    # Tokenizing 10 MB on the event loop would hold it for seconds.
+    assert outcome["seconds"] < 5 and max(probes) < 0.25, (outcome, probes)
     # Under the body bound, text that cannot fit is refused before it is tokenized (off the event loop anyway).
     chars = 6 * 2**20 // 7
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * chars, "max_tokens": 1})
