@@ -345,13 +345,11 @@ def test_the_kv_budget_is_split_once_for_every_stage():
     assert smallest_window_pool([0, 12, 10]) == 10 and smallest_window_pool([0, 0]) == 0
 
 
-def test_the_engine_splits_gemmas_pools_and_its_draft_model_keeps_one(tiny_checkpoint, tmp_path):
-    """ChatLoop.start on Gemma 3 over two in-process stages with prefill chunks: the stages keep the windowed layers'
-    own pool, the prefix cache turns itself off, and the greedy tokens are transformers' with and without a draft
-    model (the same checkpoint, loaded with one pool: its block tables index all of its layers)."""
+def _gemma3_engine(tiny_checkpoint, tmp_path, new_tokens: int):
+    """A tiny Gemma 3 folder with a tokenizer, a long prompt, transformers' greedy tokens for it, and the overrides of
+    two in-process stages with a small pool and prefill chunks."""
     import shutil
 
-    from chatloop import ChatLoop, load_config
     from tests.conftest import save_tiny_tokenizer
 
     checkpoint = tiny_checkpoint("gemma3_text")
@@ -359,10 +357,21 @@ def test_the_engine_splits_gemmas_pools_and_its_draft_model_keeps_one(tiny_check
     shutil.copytree(checkpoint.path, folder)
     save_tiny_tokenizer(folder)
     prompt = long_prompts()[0]
-    expected = _greedy_reference(checkpoint.model, [prompt], 24)[0]
+    expected = _greedy_reference(checkpoint.model, [prompt], new_tokens)[0]
     overrides = ["cluster=single", "cluster.num_workers=2", f"model.name={folder}",
                  f"model.partitions_dir={tmp_path / 'parts'}", "cache.kv_cache_mb=1", "cache.min_capacity_tokens=64",
-                 "cache.block_size=4", "batching.prefill_chunk_tokens=8", "speculative=draft",
+                 "cache.block_size=4", "batching.prefill_chunk_tokens=8"]
+    return folder, prompt, expected, overrides
+
+
+def test_the_engine_splits_gemmas_pools_and_its_draft_model_keeps_one(tiny_checkpoint, tmp_path):
+    """ChatLoop.start on Gemma 3 over two in-process stages with prefill chunks: the stages keep the windowed layers'
+    own pool, the prefix cache turns itself off, and the greedy tokens are transformers' with and without a draft
+    model (the same checkpoint, loaded with one pool: its block tables index all of its layers)."""
+    from chatloop import ChatLoop, load_config
+
+    folder, prompt, expected, common = _gemma3_engine(tiny_checkpoint, tmp_path, 24)
+    overrides = [*common, "speculative=draft",
                  f"speculative.draft_model={folder}", "speculative.draft_quantization=null", "speculative.num_tokens=3",
                  "speculative.draft_kv_cache_mb=1"]
     with ChatLoop.start(load_config(overrides)) as llm:
@@ -387,20 +396,10 @@ def test_the_engine_splits_gemmas_pools_and_its_draft_model_keeps_one(tiny_check
 def test_window_pool_off_keeps_one_pool_and_the_prefix_cache(tiny_checkpoint, tmp_path):
     """cache.window_pool=false: Gemma 3 with prefill chunks keeps one pool and its prefix cache (a second request
     sharing the prompt reuses its blocks), and the greedy tokens stay transformers'."""
-    import shutil
-
     from chatloop import ChatLoop, load_config
-    from tests.conftest import save_tiny_tokenizer
 
-    checkpoint = tiny_checkpoint("gemma3_text")
-    folder = tmp_path / "model"
-    shutil.copytree(checkpoint.path, folder)
-    save_tiny_tokenizer(folder)
-    prompt = long_prompts()[0]
-    expected = _greedy_reference(checkpoint.model, [prompt], 12)[0]
-    overrides = ["cluster=single", "cluster.num_workers=2", f"model.name={folder}",
-                 f"model.partitions_dir={tmp_path / 'parts'}", "cache.kv_cache_mb=1", "cache.min_capacity_tokens=64",
-                 "cache.block_size=4", "batching.prefill_chunk_tokens=8", "cache.window_pool=false"]
+    _, prompt, expected, common = _gemma3_engine(tiny_checkpoint, tmp_path, 12)
+    overrides = [*common, "cache.window_pool=false"]
     with ChatLoop.start(load_config(overrides)) as llm:
         assert llm.pipeline.num_window_blocks == 0 and llm.scheduler.window_allocator is None
         assert llm.scheduler.policy.prefix_caching

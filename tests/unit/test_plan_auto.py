@@ -36,17 +36,24 @@ def split16(tmp_path_factory):
     return out
 
 
-def test_workers_figures_plan_the_stages_specs(split16, tmp_path):
-    from chatloop.partition import PlanError
+def _figures_files(folder, layer_ms) -> list[str]:
+    """A figures file per host whose layer takes ``layer_ms[k]`` at batch 1 (twice that at 16), 1 GiB free."""
     from chatloop.partition.placement import HostFigures
-    from chatloop.stage import stage_specs
 
     files = []
-    for k, ms in enumerate((1.0, 1.0, 3.0, 1.0)):  # worker 2 three times slower
-        path = tmp_path / f"w{k}.json"
+    for k, ms in enumerate(layer_ms):
+        path = folder / f"w{k}.json"
         path.write_text(json.dumps(HostFigures(name=f"host{k}", decode_s={1: ms / 1e3, 16: 2 * ms / 1e3},
                                                memory_bytes=2**30).as_dict()))
         files.append(str(path))
+    return files
+
+
+def test_workers_figures_plan_the_stages_specs(split16, tmp_path):
+    from chatloop.partition import PlanError
+    from chatloop.stage import stage_specs
+
+    files = _figures_files(tmp_path, (1.0, 1.0, 3.0, 1.0))  # worker 2 three times slower
     cfg = load_config(["cluster=local4", "cluster.plan=auto", f"cluster.figures=[{','.join(files)}]",
                        f"model.partitions_dir={split16}", "cache.kv_cache_mb=4"])
     specs = stage_specs(cfg, split16)
@@ -62,15 +69,9 @@ def test_workers_figures_plan_the_stages_specs(split16, tmp_path):
 
 
 def test_a_worker_that_only_slows_the_pipeline_keeps_a_layer_with_a_warning_saying_why(split16, tmp_path, caplog):
-    from chatloop.partition.placement import HostFigures
     from chatloop.stage import stage_specs
 
-    files = []
-    for k, ms in enumerate((1.0, 1.0, 1.0, 100.0)):  # worker 3: one layer would take it longer than 16 elsewhere
-        path = tmp_path / f"w{k}.json"
-        path.write_text(json.dumps(HostFigures(name=f"host{k}", decode_s={1: ms / 1e3, 16: 2 * ms / 1e3},
-                                               memory_bytes=2**30).as_dict()))
-        files.append(str(path))
+    files = _figures_files(tmp_path, (1.0, 1.0, 1.0, 100.0))  # worker 3: one layer takes it longer than 16 elsewhere
     cfg = load_config(["cluster=local4", "cluster.plan=auto", f"cluster.figures=[{','.join(files)}]",
                        f"model.partitions_dir={split16}", "cache.kv_cache_mb=4"])
     with caplog.at_level("WARNING", logger="chatloop.stage.planning"):
