@@ -12,7 +12,14 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-__all__ = ["BlockAllocator", "block_hash"]
+__all__ = ["BlockAllocator", "block_hash", "window_span_blocks"]
+
+
+def window_span_blocks(window: int, step: int, block_size: int) -> int:
+    """The most KV blocks a sequence attending within ``window`` positions holds at once while it runs steps of
+    ``step`` tokens: a step from position p reads and writes the logical blocks (p - window + 1) // block_size to
+    (p + step - 1) // block_size, at most (window + step - 2) // block_size + 2 of them."""
+    return (window + step - 2) // block_size + 2
 
 
 def block_hash(parent: bytes | None, token_ids: Sequence[int]) -> bytes:

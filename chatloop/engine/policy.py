@@ -61,7 +61,7 @@ import random
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from .blocks import BlockAllocator, block_hash
+from .blocks import BlockAllocator, block_hash, window_span_blocks
 from .detokenizer import Detokenizer
 from .errors import (
     ContextLengthError,
@@ -298,7 +298,7 @@ class SchedulerPolicy:
         if self.rope_switch is not None and num_tokens > self.rope_switch:
             step = num_tokens
         return min(self.allocator.blocks_for(num_tokens),
-                   (self.mixed_window + step - 2) // self.allocator.block_size + 2)
+                   window_span_blocks(self.mixed_window, step, self.allocator.block_size))
 
     def _most_blocks(self, num_tokens: int) -> int:
         """The most blocks a sequence of ``num_tokens`` tokens holds at once (see :meth:`_blocks_needed`): all of
@@ -309,7 +309,7 @@ class SchedulerPolicy:
         step = min(self.prefill_chunk_tokens or num_tokens, num_tokens)
         if self.rope_switch is not None and num_tokens > self.rope_switch:  # a whole step past it (see _chunk)
             step = num_tokens
-        return min(whole, (self.kv_window + step - 2) // self.allocator.block_size + 2)
+        return min(whole, window_span_blocks(self.kv_window, step, self.allocator.block_size))
 
     # ---- requests ------------------------------------------------------------------------------
     def add(self, prompt_ids: list[int], params: SamplingParams, now: float) -> int:
@@ -447,15 +447,13 @@ class SchedulerPolicy:
 
     def _blocks_needed(self, seq: _Sequence) -> int:
         """The most blocks ``seq`` holds at once from now on: all of its length's, or under a window, what the
-        window of its largest step to come spans (a step of T tokens from position p reads and writes the logical
-        blocks (p - W + 1) // size to (p + T - 1) // size, at most (W + T - 2) // size + 2)."""
-        size = self.allocator.block_size
+        window of its largest step to come spans (:func:`~chatloop.engine.blocks.window_span_blocks`)."""
         whole = self.allocator.blocks_for(seq.total_tokens) - seq.dropped
         if self.kv_window is None:
             return whole
         uncached = seq.num_known - seq.num_cached
         step = min(self._chunk(seq) or uncached, uncached) if seq.prefilling else 1
-        return min(whole, (self.kv_window + step - 2) // size + 2)
+        return min(whole, window_span_blocks(self.kv_window, step, self.allocator.block_size))
 
     def _window_needed(self, seq: _Sequence) -> int:
         """Mixed windows: the most blocks of the windowed layers' pool ``seq`` holds at once from now on: what the
@@ -466,7 +464,7 @@ class SchedulerPolicy:
         step = 1 + (seq.num_draft_tokens if seq.draft_method else 0)  # (its decode steps: what it is reserved for)
         if seq.prefilling:
             step = max(step, min(self._chunk(seq) or uncached, uncached))
-        return min(whole, (self.mixed_window + step - 2) // self.allocator.block_size + 2)
+        return min(whole, window_span_blocks(self.mixed_window, step, self.allocator.block_size))
 
     def _slide_window(self, seq: _Sequence) -> None:
         """Mixed windows: the window table slides as :meth:`_slide` slides a windowed model's blocks (the blocks

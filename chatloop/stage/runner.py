@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from ..config import ChatLoopConfig
+from ..engine.blocks import window_span_blocks
 from ..engine.errors import StageError, StageLostError
 from ..engine.pipeline import StageReport, StageTiming, stage_name
 from ..engine.requests import SamplerInput
@@ -90,7 +91,7 @@ def window_pool_blocks(cfg: ChatLoopConfig, args: ModelArgs) -> int:
     if window is None or not chunk or not cfg.cache.window_pool:
         return 0
     step = max(chunk, 1 + cfg.speculative.num_tokens)
-    return cfg.batching.max_batch_size * ((window + step - 2) // cfg.cache.block_size + 2)
+    return cfg.batching.max_batch_size * window_span_blocks(window, step, cfg.cache.block_size)
 
 
 def stage_specs(cfg: ChatLoopConfig, directory: str | Path) -> list[StageSpec]:

@@ -345,3 +345,19 @@ def test_windowed_decode_steps_attend_on_the_kernel_as_the_gathered_path_does(fa
     for step in range(len(continuations[0])):
         tokens = [c[step] for c in continuations]
         torch.testing.assert_close(kernel.decode(tokens), gathered.decode(tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_window_span_blocks_is_the_most_blocks_any_step_touches(block_size: int) -> None:
+    """The bound the policy reserves and the runner sizes pools by: over every position a step of T tokens can start
+    at, the blocks its window and its tokens span (first read, (p - W + 1) // size, to last written) never pass it,
+    and reach it or fall one short (where block_size divides W + T - 2)."""
+    from chatloop.engine.blocks import window_span_blocks
+
+    for window in (1, 3, 16, 33):
+        for step in (1, 2, 5, 40):
+            spans = [(p + step - 1) // block_size - max(p - window + 1, 0) // block_size + 1
+                     for p in range(0, 4 * (window + step + block_size))]
+            bound = window_span_blocks(window, step, block_size)
+            assert max(spans) <= bound, (window, step)
+            assert max(spans) == bound - ((window + step - 2) % block_size == 0), (window, step)
