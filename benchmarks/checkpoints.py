@@ -9,8 +9,9 @@ a time (the 7B file is 13.5 GB in bfloat16). Folders live in the cache, never in
     python -m benchmarks.checkpoints llama2-7b --dtype bfloat16
     python -m benchmarks.sweep model.name=random:tinyllama-1.1b model.dtype=bfloat16 ...
 
-The tokenizer is SmolLM2's (vocabulary 49152) while these models have 32000 tokens: the
-benchmarks send token ids below the model's vocabulary, so the tokenizer only has to load.
+The tokenizer is SmolLM2's (vocabulary 49152) while most of these models have 32000 tokens: the
+benchmarks send token ids below the model's vocabulary, so the tokenizer only has to load. Where a
+benchmark sends text (chat prompts), use a shape with SmolLM2's vocabulary (``llama2-7b-v49152``).
 """
 
 from __future__ import annotations
@@ -123,6 +124,17 @@ SHAPES = {
         num_heads=32,
         num_kv_heads=32,
         intermediate_size=11008,
+        max_position_embeddings=4096,
+    ),
+    # Llama-2-7B with SmolLM2's vocabulary (6.88 B parameters, 13.8 GB in bfloat16): the tokenizer copied in then
+    # covers the model, so chat prompts (the speculation benchmark's) and convert_hf_to_gguf.py accept it.
+    "llama2-7b-v49152": LlamaShape(
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        intermediate_size=11008,
+        vocab_size=49152,
         max_position_embeddings=4096,
     ),
 }
