@@ -806,6 +806,28 @@ class SchedulerPolicy:
         self.stats.num_in_flight = 0
         return len(requeued)
 
+    def fail_unfit(self) -> list[Output]:
+        """After the pools changed (a rebuilt pipeline's can be smaller: a replacement worker with less memory), end
+        each waiting sequence they can never hold with a :class:`ContextLengthError`, as :meth:`add` refuses such a
+        request; the others keep their places. Without this the first of them would wait at the queue's head for
+        ever (first come, first served), and every request behind it."""
+        outputs = []
+        for seq in list(self._waiting):
+            pools = [(self._blocks_needed(seq), self.allocator.num_blocks, "KV cache")]
+            if self.window_allocator is not None:
+                pools.append((self._window_needed(seq), self.window_allocator.num_blocks, "windowed layers' pool"))
+            unfit = [(needed, size, name) for needed, size, name in pools if needed > size]
+            if not unfit:
+                continue
+            needed, size, name = unfit[0]
+            self._waiting.remove(seq)
+            outputs.append(self._finish(seq, FinishReason.ERROR, error=ContextLengthError(
+                f"prompt + max_new_tokens = {seq.total_tokens} tokens needs {needed} blocks of the {name}, and the "
+                f"rebuilt pipeline's holds {size}: a replacement worker has less memory; lower max_new_tokens, or "
+                "give the workers more cache.kv_cache_mb", param="max_tokens")))
+        self.stats.num_waiting = len(self._waiting)
+        return outputs
+
     def fail_all(self, error: BaseException) -> list[Output]:
         """End every waiting and running sequence with ``error`` (the cluster cannot serve them)."""
         outputs = [self._finish(seq, FinishReason.ERROR, error=error) for seq in [*self._waiting, *self._running]]

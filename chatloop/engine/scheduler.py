@@ -155,7 +155,8 @@ class Scheduler:
         return replayed
 
     def resume(self, pipeline: Pipeline) -> None:
-        """Carry on with a new pipeline (same stages); the requeued sequences are prefilled again first."""
+        """Carry on with a new pipeline (same stages); the requeued sequences are prefilled again first. Those its
+        pools can never hold (smaller than the old ones) end with a ContextLengthError."""
         if self.window_allocator is not None and not pipeline.num_window_blocks:  # refused before anything changes
             raise ValueError("the rebuilt pipeline keeps no windowed layers' pool: its stages must be built from the "
                              "same configuration")
@@ -169,9 +170,11 @@ class Scheduler:
             if self.window_allocator is not None and pipeline.num_window_blocks != self.window_allocator.num_blocks:
                 self.window_allocator = BlockAllocator(pipeline.num_window_blocks, pipeline.block_size)
                 self.policy.window_allocator = self.window_allocator
+            unfit = self.policy.fail_unfit()
             self._suspended = False
             self.policy.paused_reason = ""
             self._cond.notify()
+        self._deliver(unfit)
 
     def set_prefix_caching(self, on: bool) -> bool:
         """Turn prefix caching on or off from now on, with an empty cache (benchmarks compare both on one engine).

@@ -502,6 +502,32 @@ def test_the_driver_suspends_on_a_lost_pipeline_and_resumes_on_a_new_one():
     assert "".join(e.text for e in got) == "zzz" and scheduler.pipeline is second
 
 
+def test_a_rebuilt_pipeline_with_a_smaller_pool_refuses_what_it_cannot_hold_and_serves_the_rest():
+    """A replacement worker with less memory rebuilds the pipeline with fewer KV blocks: a waiting request that no
+    longer fits ends with a ContextLengthError saying so, instead of waiting at the queue's head for ever with the
+    requests behind it."""
+    from chatloop.engine.errors import ContextLengthError
+
+    smaller = InstantPipeline()
+    smaller.num_blocks = 8  # 32 tokens of 4
+    scheduler = Scheduler(InstantPipeline(), CharTokenizer(), batching_window_ms=0, eos_token_ids={EOS})
+    long_events: queue.Queue = queue.Queue()
+    short_events: queue.Queue = queue.Queue()
+    try:
+        scheduler.suspend("worker1 was lost")
+        scheduler.submit(list(range(1, 41)), params(max_new_tokens=3), long_events.put)  # 43 tokens: 11 blocks
+        scheduler.submit([1, 2], params(max_new_tokens=3), short_events.put)
+        scheduler.resume(smaller)
+        ended = long_events.get(timeout=10)
+        got = [short_events.get(timeout=10) for _ in range(3)]
+    finally:
+        scheduler.close()
+    assert ended.finish_reason is FinishReason.ERROR and isinstance(ended.error, ContextLengthError)
+    assert "needs 11 blocks of the KV cache, and the rebuilt pipeline's holds 8" in str(ended.error)
+    assert "".join(e.text for e in got) == "zzz" and got[-1].finish_reason is not None
+    assert scheduler.allocator.num_blocks == 8 and scheduler.allocator.num_free == 8
+
+
 def test_a_lost_step_requeues_its_sequences_and_nothing_is_launched_for_a_moment():
     policy = make_policy(max_batch_size=2)
     run = Run(policy, FakeModel({0: text_ids("abc"), 1: text_ids("xyz")}))
