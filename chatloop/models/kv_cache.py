@@ -148,8 +148,9 @@ class PagedKVCache:
         self._skip = 0
         before_window = 0 if self.window is None else (
             max(0, int(batch.positions[:, 0].min()) - self.window + 1) // self.block_size)
-        if self.window is not None and (self.windowed_layers is None or self.windowed_layers.issuperset(
-                range(self.layer_offset, self.layer_offset + len(self._pools)))):
+        all_windowed = self.window is not None and (self.windowed_layers is None or self.windowed_layers.issuperset(
+            range(self.layer_offset, self.layer_offset + len(self._pools))))
+        if all_windowed:
             self._skip = before_window
         if self.split:  # the window tables' blocks before every token's window are not gathered either
             self._skip, self._window_skip = 0, before_window
@@ -158,6 +159,9 @@ class PagedKVCache:
             visible = key_positions[None, None, None, :] <= batch.positions[:, None, :, None]
             visible &= key_positions[None, None, None, :] > batch.positions[:, None, :, None] - self.window
             self.window_mask = torch.zeros(visible.shape, dtype=self.keys.dtype).masked_fill_(~visible, float("-inf"))
+            if all_windowed:  # no layer here reads the full tables
+                self.mask = None
+                return
         # Slot j of a gathered context holds position j (+ the skipped blocks'); a token sees the positions up to
         # its own. Additive float mask: SDPA converts a boolean one on every call (every layer).
         key_positions = torch.arange(self._skip * self.block_size, batch.block_tables.shape[1] * self.block_size)
