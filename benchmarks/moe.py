@@ -241,8 +241,9 @@ def _config(path: Path, workers: int, overrides: list[str]):
 def measured_bytes(stage, steps: int = 1, context: int = 64) -> dict:
     """What a batch-1 decode step of the loaded ``stage`` reads: the bytes of every parameter and buffer of the
     modules it calls (an embedding: the rows it looks up), summed by forward hooks over ``steps`` steps and
-    averaged, and of the experts' matrices handed to their one native call; and the median step time (ms) of
-    ``steps`` more, unhooked."""
+    averaged, and of the experts' matrices handed to their one native call (counted on the modules' path: the
+    one-call decode step, which reads the same matrices, runs no module); and the median step time (ms) of ``steps``
+    more, unhooked (on the one call where the stage has it)."""
     import torch
 
     from .roofline import decode_step
@@ -270,11 +271,13 @@ def measured_bytes(stage, steps: int = 1, context: int = 64) -> dict:
 
     handles = [m.register_forward_hook(hook) for m in stage.modules() if not list(m.children())]
     experts.moe_experts_unchecked = counted
+    kernel, stage.decode_kernel = stage.decode_kernel, None  # counted on the modules: the one call runs none
     try:
         for _ in range(steps):
             run()
     finally:
         experts.moe_experts_unchecked = one_call
+        stage.decode_kernel = kernel
         for h in handles:
             h.remove()
     times = []

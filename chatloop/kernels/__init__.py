@@ -37,7 +37,7 @@ from ..worker_settings import SIMD_ENV
 __all__ = [
     "BF16_ISAS", "BF16_KERNEL_ROWS", "BLOCK_BYTES", "FORMAT_IDS", "FUSED_FAMILY", "ISAS", "MARCH_ENV",
     "MAX_KERNEL_ROWS",
-    "LlamaLayerSpec", "LlamaShapeSpec", "MatrixSpec",
+    "LlamaLayerSpec", "LlamaShapeSpec", "MatrixSpec", "MoELayerSpec",
     "available_bf16_isas", "available_isas", "bf16_isa", "bf16_linear_unchecked", "fused_format",
     "kernel_bf16_linear",
     "kernel_decode_attention", "kernel_dequantize_rows", "kernel_interleave", "kernel_kquant_linear",
@@ -113,25 +113,42 @@ class MatrixSpec(ctypes.Structure):
                 ("out_features", ctypes.c_int64), ("in_features", ctypes.c_int64)]
 
 
+class MoELayerSpec(ctypes.Structure):
+    """A sparse MLP for ``chatloop_llama_decode`` (``chatloop_moe_layer`` in layers.c): the float32 router [E, C]
+    and arrays of every expert's merged gate/up and down weights' addresses, all of one format pair
+    (:func:`fused_format` numbers) and one row size each."""
+
+    _fields_ = [("router", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("gate_up_format", ctypes.c_int64), ("down_format", ctypes.c_int64),
+                ("gate_up_row_bytes", ctypes.c_int64), ("down_row_bytes", ctypes.c_int64)]
+
+
 class LlamaLayerSpec(ctypes.Structure):
     """One Llama layer's weights for ``chatloop_llama_decode`` (``chatloop_llama_layer`` in layers.c): ``qkv`` the
-    q, k and v projections (or one fused, then two empty specs), ``gate_up`` the gate and up ones (or one fused)."""
+    q, k and v projections (or one fused, then two empty specs), ``gate_up`` the gate and up ones (or one fused);
+    ``q_norm`` and ``k_norm`` Qwen3's per-head norms (None: none), ``moe`` a sparse MLP's spec (None: the dense
+    ``gate_up`` and ``down``)."""
 
     _fields_ = [("qkv", MatrixSpec * 3), ("o", MatrixSpec), ("gate_up", MatrixSpec * 2), ("down", MatrixSpec),
-                ("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p)]
+                ("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("moe", ctypes.POINTER(MoELayerSpec))]
 
 
 class LlamaShapeSpec(ctypes.Structure):
     """A Llama stage's sizes and its quantized kernels (``chatloop_llama_shape`` in layers.c): the addresses of
     the quantized library's ``*_linear_shared`` functions and the path they take; ``attention_scale`` (0, the
     default: 1/sqrt(head_dim)) and ``residual_multiplier`` (default 1: each sublayer's output added unscaled) are
-    Granite's ``attention_multiplier`` and ``residual_multiplier``."""
+    Granite's ``attention_multiplier`` and ``residual_multiplier``; ``experts`` (0: no sparse layer), ``top_k``,
+    ``expert_intermediate`` and ``norm_topk_prob`` a mixture of experts' routing, ``moe_experts`` the address of
+    experts.c's ``chatloop_moe_experts_shared`` and ``moe_kernels`` of its ``chatloop_moe_kernels``."""
 
     _fields_ = [("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
                 ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float),
                 ("quant_linear", ctypes.c_void_p), ("isa", ctypes.c_int64), ("kquant_linear", ctypes.c_void_p),
                 ("gguf_linear", ctypes.c_void_p), ("attention_scale", ctypes.c_float),
-                ("residual_multiplier", ctypes.c_float)]
+                ("residual_multiplier", ctypes.c_float), ("experts", ctypes.c_int64), ("top_k", ctypes.c_int64),
+                ("expert_intermediate", ctypes.c_int64), ("norm_topk_prob", ctypes.c_int64),
+                ("moe_experts", ctypes.c_void_p), ("moe_kernels", ctypes.c_void_p)]
 
     def __init__(self, *args, **kwargs) -> None:
         if len(args) < len(self._fields_):  # ctypes would leave it 0, which would drop every sublayer
@@ -218,10 +235,12 @@ def load_kernels() -> ctypes.CDLL | None:
             library.chatloop_rope.restype = None
             library.chatloop_llama_decode_scratch.argtypes = [pointer, size, size]
             library.chatloop_llama_decode_scratch.restype = size
+            library.chatloop_llama_decode_moe_scratch.argtypes = [pointer, size]
+            library.chatloop_llama_decode_moe_scratch.restype = size
             library.chatloop_llama_decode.argtypes = ([pointer, pointer, size, pointer, pointer, pointer, size]
                                                       + [pointer] * 3 + [size] * 3 + [pointer] * 2
-                                                      + [size, pointer, ctypes.c_int])
-            library.chatloop_llama_decode.restype = None
+                                                      + [size, pointer, ctypes.c_int, pointer])
+            library.chatloop_llama_decode.restype = size
             return library
     log.info("ChatLoop's native kernels are off (%s): linear layers use torch's kernels", reason)
     return None

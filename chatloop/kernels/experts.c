@@ -89,13 +89,15 @@ static void project(const uint8_t* const* w, const float* const* in, const int64
 /* out [N, C] += for each of the n experts e (ascending), for each of its counts[e] pairs p (row rows[p], grouped by
  * expert): weights[p] * down_e(SiLU(gate_e(x[row])) * up_e(x[row])). gate_up[e] is the expert's gate and up
  * projections merged ([2F, C]: gate rows first), down[e] its down projection ([C, F]), in formats gate_up_format and
- * down_format, of gate_up_row_bytes and down_row_bytes a row; no expert has more than max_rows rows; scratch: chatloop_moe_scratch(sum counts, max_rows, C, F,
- * num_threads) bytes. */
-void chatloop_moe_experts(const float* x, float* out, int64_t C, int64_t F, int64_t n, const uint8_t* const* gate_up,
-                          const uint8_t* const* down, int64_t gate_up_format, int64_t down_format,
-                          int64_t gate_up_row_bytes, int64_t down_row_bytes, const int64_t* counts,
-                          const int64_t* rows, const float* weights, int64_t max_rows, const chatloop_moe_kernels* k,
-                          int num_threads, uint8_t* scratch) {
+ * down_format, of gate_up_row_bytes and down_row_bytes a row; no expert has more than max_rows rows; scratch:
+ * chatloop_moe_scratch(sum counts, max_rows, C, F, the region's threads) bytes. Called by every thread of a parallel
+ * region (layers.c's one-call decode step calls it so, between its attention and the next layer): the work is
+ * shared, and all threads wait at its end. */
+void chatloop_moe_experts_shared(const float* x, float* out, int64_t C, int64_t F, int64_t n,
+                                 const uint8_t* const* gate_up, const uint8_t* const* down, int64_t gate_up_format,
+                                 int64_t down_format, int64_t gate_up_row_bytes, int64_t down_row_bytes,
+                                 const int64_t* counts, const int64_t* rows, const float* weights, int64_t max_rows,
+                                 const chatloop_moe_kernels* k, uint8_t* scratch) {
   int64_t P = 0;
   for (int64_t e = 0; e < n; ++e) P += counts[e];
   const int64_t M = max_rows;
@@ -105,7 +107,7 @@ void chatloop_moe_experts(const float* x, float* out, int64_t C, int64_t F, int6
   float* a = (float*)(p += aligned(8 * P * F));
   float* y = (float*)(p += aligned(4 * P * F));
   uint8_t* threads = p + aligned(4 * P * C);
-  int64_t first[n];
+  int64_t first[n]; /* each thread its own copy of these few pointers */
   const float* up_in[n];
   const float* down_in[n];
   for (int64_t e = 0, at = 0; e < n; at += counts[e], ++e) {
@@ -115,28 +117,36 @@ void chatloop_moe_experts(const float* x, float* out, int64_t C, int64_t F, int6
   }
   const linear_fn up_fn = k->linear[gate_up_format / FAMILY], down_fn = k->linear[down_format / FAMILY];
   const int up_fmt = (int)(gate_up_format % FAMILY), down_fmt = (int)(down_format % FAMILY), isa = (int)k->isa;
-#pragma omp parallel num_threads(num_threads)
-  {
-    uint8_t* mine = threads + omp_get_thread_num() * thread_bytes(M, C, F);
-    if (M > 1) {
+  uint8_t* mine = threads + omp_get_thread_num() * thread_bytes(M, C, F);
+  if (M > 1) {
 #pragma omp for schedule(static)
-      for (int64_t q = 0; q < P; ++q) memcpy(xg + q * C, x + rows[q] * C, C * sizeof(float));
-    }
-    project(gate_up, up_in, counts, first, n, 2 * F, C, gate_up_row_bytes, h, up_fn, up_fmt, isa, mine, M);
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < P * F; ++i) {
-      const int64_t q = i / F, f = i % F;
-      a[i] = silu(h[q * 2 * F + f]) * h[q * 2 * F + F + f];
-    }
-    project(down, down_in, counts, first, n, C, F, down_row_bytes, y, down_fn, down_fmt, isa, mine, M);
-#pragma omp barrier
-    /* Each thread its own columns, every pair of them, experts in order: no two threads write one element. */
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t q = 0; q < P; ++q) {
-        const float weighted = y[q * C + c] * weights[q];
-        out[rows[q] * C + c] = out[rows[q] * C + c] + weighted;
-      }
+    for (int64_t q = 0; q < P; ++q) memcpy(xg + q * C, x + rows[q] * C, C * sizeof(float));
   }
+  project(gate_up, up_in, counts, first, n, 2 * F, C, gate_up_row_bytes, h, up_fn, up_fmt, isa, mine, M);
+#pragma omp barrier
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < P * F; ++i) {
+    const int64_t q = i / F, f = i % F;
+    a[i] = silu(h[q * 2 * F + f]) * h[q * 2 * F + F + f];
+  }
+  project(down, down_in, counts, first, n, C, F, down_row_bytes, y, down_fn, down_fmt, isa, mine, M);
+#pragma omp barrier
+  /* Each thread its own columns, every pair of them, experts in order: no two threads write one element. */
+#pragma omp for schedule(static)
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t q = 0; q < P; ++q) {
+      const float weighted = y[q * C + c] * weights[q];
+      out[rows[q] * C + c] = out[rows[q] * C + c] + weighted;
+    }
+}
+
+/* chatloop_moe_experts_shared in a parallel region of num_threads threads of its own. */
+void chatloop_moe_experts(const float* x, float* out, int64_t C, int64_t F, int64_t n, const uint8_t* const* gate_up,
+                          const uint8_t* const* down, int64_t gate_up_format, int64_t down_format,
+                          int64_t gate_up_row_bytes, int64_t down_row_bytes, const int64_t* counts,
+                          const int64_t* rows, const float* weights, int64_t max_rows, const chatloop_moe_kernels* k,
+                          int num_threads, uint8_t* scratch) {
+#pragma omp parallel num_threads(num_threads)
+  chatloop_moe_experts_shared(x, out, C, F, n, gate_up, down, gate_up_format, down_format, gate_up_row_bytes,
+                              down_row_bytes, counts, rows, weights, max_rows, k, scratch);
 }

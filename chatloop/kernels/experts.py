@@ -32,7 +32,7 @@ from . import (
 )
 
 __all__ = ["HUGE_PAGE", "MoEKernels", "huge_page_block", "kernel_moe_experts", "load_expert_kernels",
-           "moe_experts_unchecked", "move_to_huge_pages", "release_freed_memory"]
+           "moe_experts_unchecked", "move_to_huge_pages", "release_freed_memory", "shared_experts_entry"]
 
 log = logging.getLogger(__name__)
 
@@ -215,3 +215,12 @@ def kernel_moe_experts(x: torch.Tensor, out: torch.Tensor, gate_up: Sequence[tor
     _require(isa in available_isas(), f"kernel_moe_experts: this CPU cannot run the {isa!r} path")
     moe_experts_unchecked(x, out, [t.data_ptr() for t in gate_up], [t.data_ptr() for t in down], formats,
                           (gate_up[0].shape[1], down[0].shape[1]), counts.tolist(), rows, weights, width, isa)
+
+
+def shared_experts_entry(isa: str) -> tuple[int, int]:
+    """The address of ``chatloop_moe_experts_shared`` (experts.c: the experts' work shared by the threads of a
+    caller's parallel region, as layers.c's one-call decode step calls it) and of the kernels struct it takes for
+    the quantized path ``isa``; the struct lives as long as the process. The expert kernel must be loaded."""
+    library = load_expert_kernels()
+    return (ctypes.cast(library.chatloop_moe_experts_shared, ctypes.c_void_p).value,
+            ctypes.addressof(_kernels(isa)))

@@ -18,6 +18,16 @@
  * sequence's block table. Every row's key and value are in the cache before any row attends, so row i of a
  * sequence sees its rows before i (and itself) as a causal mask would let it, and no later one (their positions
  * lie past its length).
+ *
+ * Qwen3's layers normalise each head of q and k (RMSNorm over head_dim) before rotary; a mixture-of-experts layer
+ * (Qwen3-MoE, Mixtral) replaces gate/up/down with its sparse MLP: the router's logits (float32, on
+ * chatloop_linear_shared), softmax over the experts, the top k, renormalised where norm_topk_prob says so, and the
+ * chosen experts through experts.c's chatloop_moe_experts_shared (passed in, as the quantized functions are),
+ * which adds each expert's weighted output into a zeroed buffer in ascending expert order, as
+ * chatloop/models/moe.py's SparseMoE does; then the residual. torch.topk breaks ties among equal probabilities its
+ * own way, which this file cannot reproduce: where the k-th and (k+1)-th largest probabilities of a row are within
+ * a relative TIE of each other the step stops after that layer's attention and says so, and the caller finishes it
+ * on the modules (torch's routing).
  */
 #include <math.h>
 #include <stdint.h>
@@ -40,6 +50,13 @@ typedef void (*quant_linear_fn)(const float* x, const uint8_t* w, const float* b
 typedef void (*kquant_linear_fn)(const float* x, const uint8_t* w, const float* bias, float* y, int64_t B,
                                  int64_t O, int64_t I, int fmt, int isa, int8_t* xq, float* xd, int16_t* bsums);
 
+/* experts.c's chatloop_moe_experts_shared (its kernels struct opaque here). */
+typedef void (*moe_experts_fn)(const float* x, float* out, int64_t C, int64_t F, int64_t n,
+                               const uint8_t* const* gate_up, const uint8_t* const* down, int64_t gate_up_format,
+                               int64_t down_format, int64_t gate_up_row_bytes, int64_t down_row_bytes,
+                               const int64_t* counts, const int64_t* rows, const float* weights, int64_t max_rows,
+                               const void* kernels, uint8_t* scratch);
+
 /* One matrix: format -1 float32 [out, in]; FAMILY * f + its number in its kernel: family 0 qgemv.c's FMT_*,
  * 1 kquant.c's KFMT_*, 2 ggufgemv.c's GFMT_* (chatloop/kernels/__init__.py: FUSED_FAMILIES). out_features 0: no
  * matrix (an unused part). */
@@ -51,6 +68,15 @@ typedef struct {
   int64_t out_features, in_features;
 } chatloop_matrix;
 
+/* A sparse MLP: the router [experts, hidden] (float32) and every expert's merged gate/up and down matrices, all of
+ * one format pair (the experts' numbers in layers.c's numbering, and a row's bytes). */
+typedef struct {
+  const float* router;
+  const uint8_t* const* gate_up; /* [experts] */
+  const uint8_t* const* down;    /* [experts] */
+  int64_t gate_up_format, down_format, gate_up_row_bytes, down_row_bytes;
+} chatloop_moe_layer;
+
 typedef struct {
   chatloop_matrix qkv[3];     /* q, k, v; or all three fused in [0], [1] and [2] empty */
   chatloop_matrix o;
@@ -58,6 +84,8 @@ typedef struct {
   chatloop_matrix down;
   const float* input_norm;
   const float* post_attention_norm;
+  const float* q_norm, *k_norm;  /* [head_dim] each, Qwen3's per-head norms; NULL: none */
+  const chatloop_moe_layer* moe; /* NULL: a dense MLP (gate_up, down) */
 } chatloop_llama_layer;
 
 typedef struct {
@@ -69,7 +97,14 @@ typedef struct {
   quant_linear_fn gguf_linear;
   float attention_scale;     /* the scores' scale; 0: 1/sqrt(head_dim) (Granite's attention_multiplier else) */
   float residual_multiplier; /* each sublayer's output's, before the residual add (1 but Granite's) */
+  int64_t experts, top_k, expert_intermediate, norm_topk_prob; /* the sparse layers' (experts 0: none) */
+  moe_experts_fn moe_experts;
+  const void* moe_kernels; /* experts.c's chatloop_moe_kernels */
 } chatloop_llama_shape;
+
+/* Relative gap under which two routing probabilities count as tied (see the top). float32 logits from another
+ * matmul than torch's differ by ~1e-6 relative; a gap this small is rare in a trained router. */
+#define TIE 1e-5f
 
 static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
@@ -86,6 +121,12 @@ int64_t chatloop_llama_decode_scratch(const chatloop_llama_shape* s, int64_t B, 
               + s->heads * max_length      /* attention scores */
               + widest / 4 + 2 * (widest / 32) + 2); /* quantized activations: int8 values, two floats a block of
                                                       * 32 (Q8_K's one float a 256 and int16 sum a 16 fit there) */
+}
+
+/* Bytes the sparse layers' routing needs for B rows, 64-aligned (the experts' scratch follows it). */
+int64_t chatloop_llama_decode_moe_scratch(const chatloop_llama_shape* s, int64_t B) {
+  const int64_t E = s->experts, P = B * s->top_k;
+  return E == 0 ? 0 : ((4 * B * E + 4 * B * s->hidden + 8 * (E + 1) + 8 * P * 3 + 4 * P * 2 + 16 * P) + 63) / 64 * 64;
 }
 
 /* Called by every thread of the region: the work is shared, and all wait at its end. */
@@ -124,14 +165,77 @@ static float* column(const chatloop_matrix* parts, int n, float* y, int64_t B, i
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
+/* Softmax, top k and renormalisation of rows' router logits probs [B, E] (made probabilities in place), then the
+ * (row, expert) pairs grouped by expert, experts ascending and rows ascending within one, as moe.py groups them:
+ * the used experts' counts, matrices and number (*n), their rows and weights, the largest count (*max_rows).
+ * Returns whether some row's k-th and (k+1)-th probabilities tie (see TIE): then nothing else is valid. */
+static int route(const chatloop_llama_shape* s, const chatloop_moe_layer* moe, float* probs, int64_t B,
+                 int64_t* chosen, float* chosen_weights, int64_t* counts, int64_t* used_counts,
+                 const uint8_t** gate_up, const uint8_t** down, int64_t* rows, float* weights, int64_t* n,
+                 int64_t* max_rows) {
+  const int64_t E = s->experts, k = s->top_k;
+  char taken[E];
+  int64_t start[E];
+  for (int64_t b = 0; b < B; ++b) {
+    float* p = probs + b * E;
+    float top = p[0], sum = 0.0f;
+    for (int64_t e = 1; e < E; ++e) top = p[e] > top ? p[e] : top;
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = expf(p[e] - top));
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    for (int64_t e = 0; e < E; ++e) taken[e] = 0;
+    for (int64_t j = 0; j <= k && j < E; ++j) { /* the k largest, then the next one to see a tie */
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+      if (j == k) {
+        if (p[best] >= p[chosen[b * k + k - 1]] * (1.0f - TIE))
+          return 1;
+        break;
+      }
+      taken[best] = 1;
+      chosen[b * k + j] = best;
+      chosen_weights[b * k + j] = p[best];
+    }
+    if (s->norm_topk_prob) {
+      float total = 0.0f;
+      for (int64_t j = 0; j < k; ++j) total += chosen_weights[b * k + j];
+      for (int64_t j = 0; j < k; ++j) chosen_weights[b * k + j] /= total;
+    }
+  }
+  memset(counts, 0, sizeof(int64_t) * E);
+  for (int64_t i = 0; i < B * k; ++i) ++counts[chosen[i]];
+  *n = 0;
+  *max_rows = 0;
+  for (int64_t e = 0, at = 0; e < E; at += counts[e], ++e) {
+    start[e] = at;
+    if (counts[e] == 0)
+      continue;
+    used_counts[*n] = counts[e];
+    gate_up[*n] = moe->gate_up[e];
+    down[*n] = moe->down[e];
+    ++*n;
+    *max_rows = counts[e] > *max_rows ? counts[e] : *max_rows;
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t at = start[chosen[b * k + j]]++;
+      rows[at] = b;
+      weights[at] = chosen_weights[b * k + j];
+    }
+  return 0;
+}
+
 /* keys, values: the stage's pools [L, slots, K, D]; slots [B]: where each row's key and value go; tables [B, N]: each
  * row's block table (its sequence's), lengths [B] (the positions it sees, its own included), max_length =
- * max(lengths); cos, signed_sin [B, D]. */
-void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t num_layers,
-                           const chatloop_llama_shape* s, float* keys, float* values, int64_t pool_slots,
-                           const int64_t* slots, const int64_t* tables, const int64_t* lengths, int64_t N,
-                           int64_t block_size, int64_t max_length, const float* cos, const float* signed_sin,
-                           int64_t B, float* scratch, int num_threads) {
+ * max(lengths); cos, signed_sin [B, D]; moe_scratch: chatloop_llama_decode_moe_scratch bytes, then experts.c's
+ * chatloop_moe_scratch(B * top_k, B, hidden, expert_intermediate, num_threads) (none without sparse layers).
+ * Returns the number of layers done: num_layers, or the sparse layer whose routing tied (see the top), whose
+ * attention and residual are done (x holds them) and whose MLP is not. */
+int64_t chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t num_layers,
+                              const chatloop_llama_shape* s, float* keys, float* values, int64_t pool_slots,
+                              const int64_t* slots, const int64_t* tables, const int64_t* lengths, int64_t N,
+                              int64_t block_size, int64_t max_length, const float* cos, const float* signed_sin,
+                              int64_t B, float* scratch, int num_threads, uint8_t* moe_scratch) {
   const int64_t C = s->hidden, H = s->heads, K = s->kv_heads, D = s->head_dim, F = s->intermediate;
   const int64_t qkv_width = (H + 2 * K) * D, widest = max3(C, H * D, F);
   float* normed = scratch;
@@ -147,6 +251,20 @@ void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t
   int8_t* xq = (int8_t*)(xs + B * (widest / 32) + 1);
   const float scale = s->attention_scale != 0.0f ? s->attention_scale : 1.0f / sqrtf((float)D);
   const float residual = s->residual_multiplier;
+  /* the sparse layers' routing: int64s and pointers first, then floats (chatloop_llama_decode_moe_scratch) */
+  const int64_t E = s->experts, P = B * s->top_k;
+  int64_t* counts = (int64_t*)moe_scratch;
+  int64_t* chosen = counts + E + 1;
+  int64_t* moe_rows = chosen + P;
+  int64_t* used_counts = moe_rows + P;
+  const uint8_t** used_gate_up = (const uint8_t**)(used_counts + P);
+  const uint8_t** used_down = used_gate_up + P;
+  float* probs = (float*)(used_down + P);
+  float* moe_out = probs + B * E;
+  float* chosen_weights = moe_out + B * C;
+  float* moe_weights = chosen_weights + P;
+  uint8_t* experts_scratch = moe_scratch + chatloop_llama_decode_moe_scratch(s, B);
+  int64_t used = 0, max_rows = 0, stop = -1;
   /* One parallel region for the whole step: the threads wake once, not at each of ~5 calls a layer (with four
    * workers on two cores a stage's threads slept between calls, and each wake-up cost more than the call). The
    * matmuls and attention share their work, and so do the row operations between them, by rows or elements (each
@@ -165,6 +283,10 @@ void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t
     for (int64_t b = 0; b < B; ++b) {
       float* q_row = column(layer->qkv, 3, qkv, B, b, 0);
       float* k_row = column(layer->qkv, 3, qkv, B, b, H * D);
+      if (layer->q_norm != NULL) { /* each head's D values, in place */
+        chatloop_rms_norm(q_row, layer->q_norm, q_row, H, D, s->eps);
+        chatloop_rms_norm(k_row, layer->k_norm, k_row, K, D, s->eps);
+      }
       /* each head rotated as one call over q and k rotates it (q and k are side by side only when fused) */
       chatloop_rope(q_row, cos + b * D, signed_sin + b * D, 1, H * D, 0, H, D);
       chatloop_rope(k_row, cos + b * D, signed_sin + b * D, 1, K * D, 0, K, D);
@@ -180,6 +302,25 @@ void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t
       for (int64_t i = b * C; i < (b + 1) * C; ++i) x[i] += projected[i] * residual;
       chatloop_rms_norm(x + b * C, layer->post_attention_norm, normed + b * C, 1, C, s->eps);
     }
+    if (layer->moe != NULL) {
+      chatloop_linear_shared(normed, layer->moe->router, NULL, probs, B, E, C);
+#pragma omp single
+      {
+        if (route(s, layer->moe, probs, B, chosen, chosen_weights, counts, used_counts, used_gate_up, used_down,
+                  moe_rows, moe_weights, &used, &max_rows))
+          stop = l;
+        memset(moe_out, 0, sizeof(float) * B * C);
+      } /* (its barrier: every thread sees the routing, or the stop) */
+      if (stop >= 0)
+        break;
+      s->moe_experts(normed, moe_out, C, s->expert_intermediate, used, used_gate_up, used_down,
+                     layer->moe->gate_up_format, layer->moe->down_format, layer->moe->gate_up_row_bytes,
+                     layer->moe->down_row_bytes, used_counts, moe_rows, moe_weights, max_rows, s->moe_kernels,
+                     experts_scratch);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < B * C; ++i) x[i] += moe_out[i] * residual;
+      continue;
+    }
     matmuls(layer->gate_up, 2, s, normed, gate_up, B, xq, xd, xs);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * F; ++i) {
@@ -191,4 +332,5 @@ void chatloop_llama_decode(float* x, const chatloop_llama_layer* layers, int64_t
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * C; ++i) x[i] += projected[i] * residual;
   }
+  return stop >= 0 ? stop : num_layers;
 }

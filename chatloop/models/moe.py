@@ -318,9 +318,11 @@ class MoEStage(StageModel):
     """A Llama-style stage (token embedding, RMSNorm, rotary positions, tied or untied head) whose decoder layers
     a family supplies through ``layer_class(args, layer)``.
 
-    Not a :class:`~chatloop.models.llama.LlamaStage`: the loader's Llama-only steps (fusing q/k/v and gate/up,
-    the one-call fused decode step of :mod:`~chatloop.models.fused_decode`) leave it alone, and its layers run
-    on the modules' path (decode attention still reads the paged cache in place on ChatLoop's kernel).
+    Not a :class:`~chatloop.models.llama.LlamaStage`: the loader's Llama-only fusing of float q/k/v and gate/up
+    leaves it alone. A float32 stage whose experts are quantized decodes in the one native call of
+    :mod:`~chatloop.models.fused_decode` (attention, router, top-k and the chosen experts of all its layers);
+    prefill, float experts and other dtypes run on the modules (decode attention still reads the paged cache in
+    place on ChatLoop's kernel).
     """
 
     embedding_path = "model.embed_tokens"

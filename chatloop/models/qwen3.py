@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import kernel_rope_
 from .args import ModelArgs
 from .batch import StepBatch
 from .kv_cache import PagedKVCache
@@ -48,9 +49,15 @@ class NormedAttention(Attention):
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        if self.per_head:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, *rope), rotate(k, *rope)
+        if self.per_head:  # (contiguous: the norm's row kernel takes it, as the one-call decode step normalises)
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
+        if self.native_rope and q.dtype == torch.float32:  # in place on the row kernel, as the one-call step rotates
+            q, k = q.contiguous(), k.contiguous()  # (fresh tensors: the norms' outputs or copies)
+            cos, signed_sin = (r.expand(B, T, 1, self.head_dim).contiguous() for r in rope)
+            kernel_rope_(q.view(B, T, -1), cos, signed_sin, 0, self.num_heads, self.head_dim)
+            kernel_rope_(k.view(B, T, -1), cos, signed_sin, 0, self.num_kv_heads, self.head_dim)
+        else:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         return self.o_proj(self.attend(q, k, v, cache, batch))
 
 
@@ -62,4 +69,3 @@ class Qwen3Stage(LlamaStage):
     """A contiguous range of Qwen3 layers; the checkpoint's names are Llama's plus ``q_norm`` and ``k_norm``."""
 
     layer_class = Qwen3Layer
-    single_call_decode = False  # the native step has no q/k norms

@@ -16,6 +16,7 @@ from ..kernels import load_kernels
 from ..models import LayerRange, ModelArgs, StageModel, build_stage, family_of
 from ..models.fused_decode import LlamaDecodeKernel
 from ..models.llama import LlamaStage, fuse_projections, use_row_kernels
+from ..models.moe import MoEStage
 from ..models.packing import concat_linear, pack_linear_weights
 from ..quant.modules import interleave_for_kernel, quantize_modules, tie_quantized_head
 from .integrity import start_check
@@ -189,6 +190,10 @@ def finish_stage(
     if fuse and stage.native_attention:
         use_row_kernels(stage)
         stage.decode_kernel = LlamaDecodeKernel.for_stage(stage)  # points at the weights: after they moved
+    elif isinstance(stage, MoEStage) and stage.native_attention \
+            and next(stage.parameters()).dtype == torch.float32:  # (its quantized experts: whether packed or not)
+        use_row_kernels(stage)  # the modules' norms and rotary on the one call's row kernels: the same roundings
+        stage.decode_kernel = LlamaDecodeKernel.for_stage(stage)
     return stage
 
 

@@ -37,7 +37,7 @@ from tests.conftest import TINY_FAMILY_CONFIGS
 FAMILIES = list(TINY_FAMILY_CONFIGS)
 SOFTCAPPED = ("gemma2",)
 """Families whose attention scores are soft-capped: they never attend on the decode kernel."""
-ONE_CALL = ("granite",)
+ONE_CALL = ("granite", "qwen3")
 """Families whose float32 decode steps take the one-call native step (``fused_decode.py``) where packed."""
 
 

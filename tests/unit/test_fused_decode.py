@@ -8,7 +8,9 @@ from gguf_files import TYPE_CYCLE, write_tiny_llama
 
 from chatloop.kernels import available_isas, load_kernels, load_quant_kernels
 from chatloop.models import StepBatch
+from chatloop.models.fused_decode import LlamaDecodeKernel
 from chatloop.models.llama import DecoderLayer
+from chatloop.models.moe import SparseMoE
 from chatloop.partition import load_stage, split_model
 
 pytestmark = pytest.mark.skipif(load_kernels() is None or load_quant_kernels() is None,
@@ -38,7 +40,7 @@ def _decode(stage, fused: bool, prompts: torch.Tensor, steps: int, monkeypatch) 
     return torch.stack(logits), cache.keys.clone()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_a_fused_decode_step_equals_the_modules(family, quantize, batch, tiny_checkpoint, tmp_path, monkeypatch):
@@ -71,7 +73,8 @@ def _verify(stage, mode: str, prompts: torch.Tensor, new: list[int], monkeypatch
         stage(prompts, StepBatch.build([0] * B, [T] * B, tables, 16), cache)
         stage.decode_kernel = kernel if mode == "fused" else None
         if mode == "fused":  # the step takes the one call, no layer module
-            patch.setattr(DecoderLayer, "forward", lambda *a: pytest.fail("a layer module ran a fused step"))
+            for layer_class in {DecoderLayer, stage.layer_class}:
+                patch.setattr(layer_class, "forward", lambda *a: pytest.fail("a layer module ran a fused step"))
         cache.native_attention = mode != "sdpa"
         batch = StepBatch.build([T] * B, new, tables, 16)
         logits = stage(drafts, batch, cache, all_logits=True)
@@ -204,3 +207,190 @@ def test_a_fused_step_on_every_gguf_type_equals_the_modules(kind, load_isa, run_
     tolerance = 1e-4 if kind == "F32" else 2e-3  # as above: int8 activations, an ulp may move one a step
     assert (fused - modules).abs().max().item() <= tolerance * modules.abs().max().item()
     assert (fused_keys - module_keys).abs().max().item() <= tolerance * module_keys.abs().max().item()
+
+
+# Mixture of experts (Qwen3-MoE, Mixtral; the dense layers of a mixed one) and Qwen3's per-head q/k norms.
+
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory):
+    """``moe_folder(variant)``: a tiny random MoE checkpoint (tests/conftest.py's variants), written once."""
+    from tests.conftest import build_tiny_moe
+
+    made = {}
+
+    def make(variant: str):
+        if variant not in made:
+            made[variant] = tmp_path_factory.mktemp(variant)
+            build_tiny_moe(variant).save_pretrained(made[variant])
+        return made[variant]
+
+    return make
+
+
+def _sparse_layers(stage) -> list:
+    return [m for m in stage.modules() if isinstance(m, SparseMoE)]
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe-unnormed", "qwen3_moe-mixed", "mixtral"])
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_moe_stage_decodes_in_the_one_call_as_its_modules(variant, quantize, batch, moe_folder, tmp_path,
+                                                             monkeypatch):
+    """Router, softmax, top-k (renormalised or not), the chosen experts and the dense layers between them in the one
+    call: the modules' logits and keys, and no layer module runs a step (``_decode`` fails if one does)."""
+    split_model(moe_folder(variant), tmp_path, 1, quantize=quantize, progress=False)
+    stage = load_stage(tmp_path, 0, pack_weights=True)
+    kernel = stage.decode_kernel
+    assert kernel is not None and kernel.quantized and kernel.shape.experts == 8 and kernel.shape.top_k == 2
+    assert kernel.shape.norm_topk_prob == (variant != "qwen3_moe-unnormed")
+    assert sum(bool(layer.moe) for layer in kernel.layers) == len(_sparse_layers(stage)) > 0
+    prompts = torch.randint(0, 128, (batch, 7), generator=torch.Generator().manual_seed(batch))
+    fused, fused_keys = _decode(stage, True, prompts, 6, monkeypatch)
+    modules, module_keys = _decode(stage, False, prompts, 6, monkeypatch)
+    assert kernel.resumed == 0
+    within_rounding(fused, fused_keys, modules, module_keys)
+    # The routing matters: the experts' renormalisation flipped, every step is far from the modules'.
+    kernel.shape.norm_topk_prob ^= 1
+    try:
+        flipped, _ = _decode(stage, True, prompts, 6, monkeypatch)
+    finally:
+        kernel.shape.norm_topk_prob ^= 1
+    assert _token_errors(flipped, modules).median().item() > 1e-3
+
+
+def _token_errors(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each token's largest logit error, relative to the reference's largest logit."""
+    return (logits - reference).abs().amax(-1).flatten() / reference.abs().max().item()
+
+
+def within_rounding(fused: torch.Tensor, fused_keys: torch.Tensor, modules: torch.Tensor,
+                    module_keys: torch.Tensor) -> None:
+    """The one call's logits and keys are the modules' to float32 rounding: the same kernels in the same order, but
+    the router's matmul, softmax and SiLU round apart from torch's by an ulp or so. Most tokens agree to ~1e-7; an
+    ulp can move an int8-quantized activation a step (as in Llama's quantized steps), and the few tokens downstream
+    of one such move differ by up to ~1e-2 (measured: at most 8e-3 over these variants)."""
+    errors = _token_errors(fused, modules)
+    assert errors.median().item() <= 1e-5
+    assert errors.max().item() <= 2e-2
+    assert (fused_keys - module_keys).abs().max().item() <= 2e-2 * module_keys.abs().max().item()
+
+
+@pytest.mark.parametrize("new", [[9], [5, 1, 3]])
+def test_a_moe_verify_step_of_several_tokens_takes_the_one_call(new, moe_folder, tmp_path, monkeypatch):
+    """A speculative verify step's rows (several tokens of a sequence, sequences of fewer padded) share the experts
+    the call groups by expert: the logits and keys of the modules over a gathered context."""
+    split_model(moe_folder("qwen3_moe"), tmp_path, 1, quantize="int4", progress=False)
+    stage = load_stage(tmp_path, 0, pack_weights=True)
+    assert stage.decode_kernel is not None
+    prompts = torch.randint(0, 128, (len(new), 21), generator=torch.Generator().manual_seed(len(new)))
+    sdpa, sdpa_keys = _verify(stage, "sdpa", prompts, new, monkeypatch)
+    fused, fused_keys = _verify(stage, "fused", prompts, new, monkeypatch)
+    within_rounding(fused, fused_keys, sdpa, sdpa_keys)
+    assert (fused[0, -1] - fused[0, 0]).abs().max().item() > 0.2 * sdpa.abs().max().item()
+
+
+def test_a_routing_tie_finishes_the_step_on_the_modules(moe_folder, tmp_path, monkeypatch):
+    """Equal router rows make every expert's probability tie; torch.topk then picks its own (not the lowest
+    indices), which the call cannot reproduce: it stops at that layer and the modules finish the step, with the
+    modules' logits. (Where it picked itself, the experts and so the logits would differ.)"""
+    split_model(moe_folder("qwen3_moe"), tmp_path, 1, quantize="int4", progress=False)
+    stage = load_stage(tmp_path, 0, pack_weights=True)
+    kernel = stage.decode_kernel
+    tied = _sparse_layers(stage)[1]
+    with torch.no_grad():
+        tied.gate.weight.copy_(tied.gate.weight[0].expand_as(tied.gate.weight))  # in place: the kernel reads it
+    assert torch.topk(torch.zeros(8), 2).indices.tolist() != [0, 1]  # what makes the test able to fail
+    prompts = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    modules, module_keys = _decode(stage, False, prompts, 4, monkeypatch)
+    kernel.resumed = 0
+    with torch.no_grad():
+        stage.decode_kernel = None
+        cache = stage.new_cache(6, 16, torch.float32)
+        tables = [[2, 0, 1], [5, 3, 4]]
+        ids = stage(prompts, StepBatch.build([0, 0], [7, 7], tables, 16), cache).argmax(-1)[:, None]
+        stage.decode_kernel = kernel
+        fused = []
+        for step in range(4):
+            fused.append(stage(ids, StepBatch.build([7 + step] * 2, [1, 1], tables, 16), cache))
+            ids = fused[-1].argmax(-1)[:, None]
+    assert kernel.resumed == 4
+    within_rounding(torch.stack(fused), cache.keys, modules, module_keys)
+
+
+def test_moe_steps_of_more_rows_than_the_quantized_kernels_take_stay_on_the_modules(moe_folder, tmp_path):
+    """Two 9-token prompts attend in place (18 rows, padding's included) but the modules multiply them on torch's
+    GEMM with float activations: the call leaves such a step to them, and so gives exactly their result."""
+    split_model(moe_folder("qwen3_moe-mixed"), tmp_path, 1, quantize="int4", progress=False)
+    stage = load_stage(tmp_path, 0, pack_weights=True)
+    kernel = stage.decode_kernel
+    prompts = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(9))
+    outputs = []
+    for fused in (True, False):
+        stage.decode_kernel = kernel if fused else None
+        cache = stage.new_cache(4, 16, torch.float32)
+        with torch.no_grad():
+            outputs.append(stage(prompts, StepBatch.build([0, 0], [9, 9], [[1, 0], [3, 2]], 16), cache))
+        assert cache.decode_in_place
+    stage.decode_kernel = kernel
+    assert kernel.declined == 1 and torch.equal(*outputs)
+
+
+def test_a_moe_pipeline_greedy_tokens_equal_the_modules(moe_folder, tmp_path, load_pipeline):
+    """Over two stages of an int4 split, greedy decoding on the one call gives the modules' tokens."""
+    split_model(moe_folder("qwen3_moe-mixed"), tmp_path, 2, quantize="int4", progress=False)
+    runs = []
+    for fused in (True, False):
+        pipeline = load_pipeline(tmp_path, pack_weights=True, block_size=4, num_blocks=64)
+        assert all(stage.decode_kernel is not None for stage in pipeline.stages)
+        if not fused:
+            for stage in pipeline.stages:
+                stage.decode_kernel = None
+        logits = pipeline.prefill([[5, 17, 99, 3, 42], [9, 31, 4, 8, 1]])
+        tokens = []
+        for _ in range(8):
+            tokens.append(logits.argmax(-1).tolist())
+            logits = pipeline.decode(tokens[-1])
+        runs.append(tokens)
+    assert runs[0] == runs[1]
+
+
+def test_qwen3_greedy_tokens_on_the_one_call_equal_transformers(tiny_checkpoint, tmp_path, monkeypatch):
+    """Qwen3's per-head q/k norms in the call: float32 greedy tokens are transformers'."""
+    checkpoint = tiny_checkpoint("qwen3")
+    split_model(checkpoint.path, tmp_path, 1, progress=False)
+    stage = load_stage(tmp_path, 0, pack_weights=True)
+    assert stage.decode_kernel is not None and all(layer.q_norm for layer in stage.decode_kernel.layers)
+    prompts = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    fused, _ = _decode(stage, True, prompts, 6, monkeypatch)
+    with torch.no_grad():
+        expected = checkpoint.model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=7,
+                                             do_sample=False, pad_token_id=0)[:, 8:]
+    assert torch.equal(fused.argmax(-1).squeeze(-1).T, expected)
+    # without the norms the step is another one
+    norms = [(layer.q_norm, layer.k_norm) for layer in stage.decode_kernel.layers]
+    for layer in stage.decode_kernel.layers:
+        layer.q_norm = layer.k_norm = None
+    try:
+        dropped, _ = _decode(stage, True, prompts, 6, monkeypatch)
+    finally:
+        for layer, (q, k) in zip(stage.decode_kernel.layers, norms):
+            layer.q_norm, layer.k_norm = q, k
+    assert (dropped - fused).abs().max().item() > 0.1 * fused.abs().max().item()
+
+
+def test_moe_and_normed_stages_keep_their_modules_where_the_call_cannot_run_them(moe_folder, tiny_checkpoint,
+                                                                                 tmp_path):
+    """Float experts (no expert kernel for them), the experts' switch off, bfloat16, kernels off: the modules'
+    path. OLMo 2's q/k norms over the whole projection and Gemma 3's (1 + w) norms: not Qwen3's."""
+    split_model(moe_folder("qwen3_moe"), tmp_path / "float", 1, progress=False)
+    assert load_stage(tmp_path / "float", 0, pack_weights=True).decode_kernel is None
+    split_model(moe_folder("qwen3_moe"), tmp_path / "int4", 1, quantize="int4", progress=False)
+    stage = load_stage(tmp_path / "int4", 0, pack_weights=True)
+    assert stage.decode_kernel is not None
+    _sparse_layers(stage)[0].native = False
+    assert LlamaDecodeKernel.for_stage(stage) is None
+    assert load_stage(tmp_path / "int4", 0, pack_weights=True, native_kernels=False).decode_kernel is None
+    assert load_stage(tmp_path / "int4", 0, pack_weights=True, dtype=torch.bfloat16).decode_kernel is None
+    for family in ("olmo2", "gemma3_text"):
+        split_model(tiny_checkpoint(family).path, tmp_path / family, 1, progress=False)
+        assert load_stage(tmp_path / family, 0, pack_weights=True).decode_kernel is None, family
