@@ -229,13 +229,12 @@ class CacheConfig:
     prefix_caching: bool = True
     """Keep the keys and values of full blocks after their request ends (least recently used evicted first, inside
     kv_cache_mb) and start a request that shares a prefix with an earlier one after the shared blocks, on every
-    stage. Results do not change. Off by itself under a sliding window on every layer, with Phi-3's longrope, and
-    for models that mix windowed and full layers while their windowed layers have their own pool (window_pool)."""
+    stage. Results do not change. Off by itself under a sliding window on every layer and with Phi-3's longrope."""
     window_pool: bool = True
     """Models that mix windowed and full-attention layers (Gemma 2/3, Qwen2/Qwen3 below max_window_layers) keep the
     windowed layers' keys and values in a pool of their own, whose blocks go back as the window slides (needs
-    batching.prefill_chunk_tokens); their prefix cache is then off. False: one pool that keeps every block of every
-    layer for the whole length, and the prefix cache as prefix_caching says (a chat's history prefilled once)."""
+    batching.prefill_chunk_tokens); the prefix cache keeps them too, so a hit reaches as far as that pool still holds
+    the window before its end. False: one pool that keeps every block of every layer for the whole length."""
 
     def __post_init__(self) -> None:
         _require(self.kv_cache_mb > 0, f"cache.kv_cache_mb={self.kv_cache_mb}: need > 0")

@@ -25,8 +25,11 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   Qwen2 below ``max_window_layers``), the windowed layers' keys and values live in a pool of their own: a sequence
   holds its full layers' blocks for its whole length (``allocator``) and a window table in the second pool
   (``window_allocator``) that slides as a windowed model's does (``Step.window_tables``). Admission needs room in
-  both. The prefix cache is off (a hit would need the windowed layers' keys and values of the positions before it,
-  whose blocks were used again); speculation stays on (a step's window span covers its drafts).
+  both; speculation stays on (a step's window span covers its drafts). With the prefix cache, the window table's
+  blocks are cached too (under the same hashes as the full layers'), and a block that falls out of the window goes
+  back to the pool, still cached, instead of being used again: a hit then needs, besides the full layers' blocks,
+  the windowed pool's blocks of the window before its end, held by no one (it takes them over: a window block is
+  written again as it slides, so it is never shared); the hit is cut to the longest prefix that has them.
 - Phi-3's longrope (``rope_switch``): the step that feeds a sequence's position ``rope_switch`` (the first
   rotated with the long factors) computes it again from its first token, in one step however
   ``prefill_chunk_tokens`` would cut it, as transformers' ``generate`` drops its cache there: the positions before
@@ -161,6 +164,7 @@ class _Sequence:
     prompt_scores_sent: bool = False
     hashes: list[bytes] = field(default_factory=list)  # content hashes of its first full blocks of known tokens
     num_offered: int = 0  # its first blocks offered to the prefix cache (computed and full)
+    window_offered: int = 0  # (mixed windows) its logical blocks before this one offered from the window table
     hit_tokens: int = 0  # tokens found in the prefix cache at its last admission
     draft_method: str | None = None  # who drafts for it (speculative decoding), or None
     num_draft_tokens: int = 0  # the most tokens drafted at one of its steps (k)
@@ -250,7 +254,7 @@ class SchedulerPolicy:
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.prefix_caching = prefix_caching and kv_window is None and rope_switch is None and mixed_window is None
+        self.prefix_caching = prefix_caching and kv_window is None and rope_switch is None
         """Whether full blocks are cached and shared (asked for, and no window or rope switch: see above)."""
         self.speculative_method = speculative_method
         """Who drafts for requests that do not choose (``ngram``, ``draft``), or None: no speculative decoding."""
@@ -429,10 +433,34 @@ class SchedulerPolicy:
 
     def _hits(self, seq: _Sequence) -> list[int]:
         """The cached blocks ``seq`` may start from: its first full blocks found in the cache, leaving at least its
-        last known token to compute (none for a request that scores its prompt)."""
+        last known token to compute (none for a request that scores its prompt); with mixed windows, no more than
+        the windowed pool has the window before (:meth:`_window_hits`)."""
         if not self.prefix_caching or seq.params.prompt_logprobs:
             return []
-        return self.allocator.lookup(self._hashes(seq, (seq.num_known - 1) // self.allocator.block_size))
+        hits = self.allocator.lookup(self._hashes(seq, (seq.num_known - 1) // self.allocator.block_size))
+        if self.mixed_window is not None and hits:
+            hits = hits[: self._window_hits(seq, len(hits))[0]]
+        return hits
+
+    def _window_first(self, num_cached: int) -> int:
+        """Mixed windows: the first logical block a step from position ``num_cached`` reads in the windowed pool."""
+        return max(0, num_cached - self.mixed_window + 1) // self.allocator.block_size
+
+    def _window_hits(self, seq: _Sequence, num_hits: int) -> tuple[int, list[int]]:
+        """Mixed windows: the longest prefix of ``num_hits`` full-layer hits whose window (the windowed pool's
+        logical blocks from :meth:`_window_first` of its end to its last) is cached there and held by no one, and
+        those blocks: (its length in blocks, the blocks); (0, []) where none is."""
+        hashes, pool = self._hashes(seq, num_hits), self.window_allocator
+        found = [pool.lookup([h]) for h in hashes]
+        run = 0  # cached, unheld blocks in a row ending at block n - 1
+        best = 0
+        for n in range(1, num_hits + 1):
+            run = run + 1 if found[n - 1] and pool.num_unheld(found[n - 1]) else 0
+            if run >= n - self._window_first(n * pool.block_size):
+                best = n
+        if not best:
+            return 0, []
+        return best, [found[j][0] for j in range(self._window_first(best * pool.block_size), best)]
 
     def _offer(self, seq: _Sequence) -> None:
         """Put ``seq``'s full blocks computed so far into the prefix cache (where no block holds their content yet)."""
@@ -444,6 +472,12 @@ class SchedulerPolicy:
         for block, content in zip(seq.blocks[seq.num_offered : full], self._hashes(seq, full)[seq.num_offered :]):
             self.allocator.cache(block, content)
         seq.num_offered = full
+        if seq.window_blocks:  # (mixed windows) the window table's computed full blocks, under the same hashes
+            first = max(seq.window_offered, seq.window_dropped)
+            hashes = self._hashes(seq, full)
+            for j in range(first, min(full, seq.window_dropped + len(seq.window_blocks))):
+                self.window_allocator.cache(seq.window_blocks[j - seq.window_dropped], hashes[j])
+            seq.window_offered = max(seq.window_offered, full)
 
     def _blocks_needed(self, seq: _Sequence) -> int:
         """The most blocks ``seq`` holds at once from now on: all of its length's, or under a window, what the
@@ -471,15 +505,28 @@ class SchedulerPolicy:
         out of the window move to its back; those it will not need any more go back to the windowed pool)."""
         if self.mixed_window is None or not seq.window_blocks:
             return
-        seq.window_blocks, seq.window_dropped = self._slid(seq.window_blocks, seq.window_dropped, self.mixed_window,
-                                                           seq.num_cached)
+        if not self.prefix_caching:
+            seq.window_blocks, seq.window_dropped = self._slid(seq.window_blocks, seq.window_dropped,
+                                                               self.mixed_window, seq.num_cached)
+        else:  # the blocks out of the window go back, still cached (findable by a later prefix); fresh ones follow
+            first = self._window_first(seq.num_cached)
+            out = first - seq.window_dropped
+            if out > 0:
+                self.window_allocator.free(seq.window_blocks[:out])
+                del seq.window_blocks[:out]
+                seq.window_dropped = first
+            more = self._window_needed(seq) - len(seq.window_blocks)
+            if more > 0:  # (every block it holds is its own: those it let go made the room)
+                taken = self.window_allocator.take(more)
+                assert taken is not None, "the windowed pool gave back fewer blocks than the window took"
+                seq.window_blocks += taken
         self._give_back(seq.window_blocks, self._window_needed(seq), self.window_allocator)
 
     def _free_window(self, seq: _Sequence) -> None:
         """Give back every block of the windowed layers' pool ``seq`` holds."""
         if seq.window_blocks:
             self.window_allocator.free(seq.window_blocks)
-        seq.window_blocks, seq.window_dropped = [], 0
+        seq.window_blocks, seq.window_dropped, seq.window_offered = [], 0, 0
 
     def _chunk(self, seq: _Sequence) -> int | None:
         """The most tokens ``seq`` feeds at its next step (None: all it has not cached): all of them where it is
@@ -550,13 +597,18 @@ class SchedulerPolicy:
             self.allocator.share(hits)  # (first: taking the rest must not evict them)
             blocks = self.allocator.take(self._blocks_needed(seq) - len(hits))
             assert blocks is not None
-            if self.window_allocator is not None:
-                seq.window_blocks = self.window_allocator.take(self._window_needed(seq))
-                assert seq.window_blocks is not None
             self._waiting.popleft()
             seq.blocks = hits + blocks
             seq.num_cached = seq.hit_tokens = len(hits) * self.allocator.block_size
             seq.num_offered = len(hits)
+            if self.window_allocator is not None:  # (its window's cached blocks taken over, see _window_hits)
+                window_hits = self._window_hits(seq, len(hits))[1] if hits else []
+                self.window_allocator.share(window_hits)
+                seq.window_dropped = self._window_first(seq.num_cached)
+                seq.window_offered = len(hits)
+                fresh = self.window_allocator.take(self._window_needed(seq) - len(window_hits))
+                assert fresh is not None
+                seq.window_blocks = window_hits + fresh
             if self.prefix_caching and not seq.params.prompt_logprobs:
                 self.stats.prefix_queries += seq.num_known
                 self.stats.prefix_hits += seq.hit_tokens
@@ -801,10 +853,16 @@ class SchedulerPolicy:
         worker's pool starts empty."""
         requeued = list(self._running)
         self._requeue(requeued)
-        self.allocator.clear_cache()
+        self.clear_prefix_cache()
         self._steps.clear()
         self.stats.num_in_flight = 0
         return len(requeued)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block, in both pools (the stages' keys and values are gone, or not to be used)."""
+        self.allocator.clear_cache()
+        if self.window_allocator is not None:
+            self.window_allocator.clear_cache()
 
     def fail_unfit(self) -> list[Output]:
         """After the pools changed (a rebuilt pipeline's can be smaller: a replacement worker with less memory), end

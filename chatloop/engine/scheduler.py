@@ -95,8 +95,6 @@ class Scheduler:
                      "blocks written again")
         if prefix_caching and not self.policy.prefix_caching:
             why = (f"every layer attends within a sliding window of {kv_window} tokens" if kv_window is not None
-                   else f"the windowed layers' blocks (window {self.mixed_window}) are used again as it slides"
-                   if self.mixed_window is not None
                    else f"the model's RoPE changes at position {rope_switch} (longrope)")
             log.info("prefix caching is off: %s, so cached blocks would be written again", why)
         self._clock = clock
@@ -162,7 +160,7 @@ class Scheduler:
                              "same configuration")
         with self._cond:
             self.pipeline = pipeline
-            self.allocator.clear_cache()  # (emptied when the pipeline was lost: the new one's pools start empty)
+            self.policy.clear_prefix_cache()  # (emptied when the pipeline was lost: the new one's pools start empty)
             if (pipeline.num_blocks, pipeline.block_size) != (self.allocator.num_blocks, self.allocator.block_size):
                 # Every sequence was requeued: none holds a block of the old pool.
                 self.allocator = BlockAllocator(pipeline.num_blocks, pipeline.block_size)
@@ -181,9 +179,8 @@ class Scheduler:
         Returns whether it is on (never under a sliding window or a rope switch)."""
         with self._cond:
             policy = self.policy
-            policy.prefix_caching = (on and policy.kv_window is None and policy.rope_switch is None
-                                     and policy.mixed_window is None)
-            self.allocator.clear_cache()
+            policy.prefix_caching = on and policy.kv_window is None and policy.rope_switch is None
+            policy.clear_prefix_cache()
             return policy.prefix_caching
 
     def fail_all(self, error: BaseException) -> None:

@@ -207,7 +207,7 @@ def test_ngram_speculation_and_chunked_prefill_keep_the_greedy_tokens(family, mi
         scheduler = Scheduler(pipeline, CharTokenizer(), batching_window_ms=0, max_batch_size=4,
                               prefill_chunk_tokens=3, mixed_window=window, **options)
         try:
-            assert scheduler.window_allocator is not None and not scheduler.policy.prefix_caching
+            assert scheduler.window_allocator is not None and scheduler.policy.prefix_caching
             results = run_scheduler(scheduler, prompts, params)
             assert [tokens for tokens, _ in results] == expected
             assert scheduler.allocator.num_free == 64 and scheduler.window_allocator.num_free == 20
@@ -216,6 +216,39 @@ def test_ngram_speculation_and_chunked_prefill_keep_the_greedy_tokens(family, mi
         finally:
             scheduler.close()
             pipeline.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_chats_next_turn_starts_from_both_pools_cached_blocks_and_its_tokens_are_transformers(family, mixed):
+    """A chat's second turn (the first's prompt and answer, and more) sent after the first ended, over two stages
+    with the windowed pool, prefill chunks of 3 and the prefix cache: it starts after the shared blocks, far past the
+    window (the windowed pool gave the blocks of the window before them back, cached), and its greedy tokens equal
+    transformers' on the whole conversation; every block of both pools comes back."""
+    from test_speculation import run as run_scheduler
+
+    from chatloop.engine.scheduler import Scheduler
+
+    model, parts = mixed(family, 2)
+    rng = random.Random(7)
+    first = [rng.randrange(2, 120) for _ in range(21)]
+    window = ModelArgs.from_hf_config(Manifest.load(parts).model_config).mixed_window
+    manifest = Manifest.load(parts)
+    pipeline = LocalPipeline([StageRunner(load_stage(parts, i, manifest=manifest), 64, BLOCK, num_window_blocks=24)
+                              for i in range(manifest.num_partitions)])
+    scheduler = Scheduler(pipeline, CharTokenizer(), batching_window_ms=0, max_batch_size=4, prefill_chunk_tokens=3,
+                          mixed_window=window)
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.0)]
+    try:
+        assert scheduler.policy.prefix_caching
+        [(answer, _)] = run_scheduler(scheduler, [first], params)
+        second = first + answer + [rng.randrange(2, 120) for _ in range(5)]
+        [(tokens, last)] = run_scheduler(scheduler, [second], params)
+        assert scheduler.allocator.num_free == 64 and scheduler.window_allocator.num_free == 24
+    finally:
+        scheduler.close()
+        pipeline.close()
+    assert tokens == _greedy_reference(model, [second], 8)[0]
+    assert last.cached_tokens >= len(first) + len(answer) - BLOCK > window  # (its last full block of known tokens)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -238,7 +271,17 @@ def test_every_position_a_step_reads_is_where_it_was_written_in_its_table(seed):
     for _ in range(8):
         policy.add([ord("a")] * rng.randint(1, 20), SamplingParams(max_new_tokens=rng.randint(1, 30),
                                                                    ignore_eos=True), 0.0)
-    written: dict[tuple[str, int], tuple[int, int]] = {}  # (pool, block) -> (sequence, logical block) last written
+    written: dict[tuple[str, int], tuple] = {}  # (pool, block) -> (sequence, logical block) last written
+
+    def same_content(entry, reader, j: int) -> bool:
+        """Block ``j`` of ``reader`` is what ``entry`` wrote: its own, or a full block of the same tokens (from the
+        first) that the prefix cache gave it."""
+        writer, written_j = entry
+        if (writer.id, written_j) == (reader.id, j):
+            return True
+        known = [list(s.prompt_ids + s.output_ids)[: (j + 1) * size] for s in (writer, reader)]
+        return written_j == j and len(known[0]) == (j + 1) * size and known[0] == known[1]
+
     ended = 0
     while ended < 8:
         steps, outputs = policy.schedule(0.0)
@@ -249,14 +292,14 @@ def test_every_position_a_step_reads_is_where_it_was_written_in_its_table(seed):
                 drafts = step.num_drafts[b] if step.num_drafts else 0
                 end = start + len(tokens) + drafts
                 assert len(table) == len(window_table) == -(-end // size)
+                seq = policy._by_id[seq_id]
                 for p in range(start, end):  # (drafts too: rejected ones are written, then overwritten)
-                    written["full", table[p // size]] = written["window", window_table[p // size]] = (seq_id,
-                                                                                                    p // size)
+                    written["full", table[p // size]] = written["window", window_table[p // size]] = (seq, p // size)
                 for p in range(start, end):
                     for q in range(p + 1):
-                        assert written["full", table[q // size]] == (seq_id, q // size)
+                        assert same_content(written["full", table[q // size]], seq, q // size)
                     for q in range(max(0, p - window + 1), p + 1):
-                        assert written["window", window_table[q // size]] == (seq_id, q // size), (seq_id, p, q)
+                        assert same_content(written["window", window_table[q // size]], seq, q // size), (seq_id, p, q)
                 accepted = rng.randint(0, drafts)
                 answers.append(AcceptedTokens((ord("z"),) * (accepted + 1), drafts) if drafts else ord("z"))
             outputs += policy.complete(step.id, answers)
@@ -366,8 +409,9 @@ def _gemma3_engine(tiny_checkpoint, tmp_path, new_tokens: int):
 
 def test_the_engine_splits_gemmas_pools_and_its_draft_model_keeps_one(tiny_checkpoint, tmp_path):
     """ChatLoop.start on Gemma 3 over two in-process stages with prefill chunks: the stages keep the windowed layers'
-    own pool, the prefix cache turns itself off, and the greedy tokens are transformers' with and without a draft
-    model (the same checkpoint, loaded with one pool: its block tables index all of its layers)."""
+    own pool, and the greedy tokens are transformers' with and without a draft model (the same checkpoint, loaded
+    with one pool: its block tables index all of its layers); the second request starts from the first's cached
+    blocks in both pools."""
     from chatloop import ChatLoop, load_config
 
     folder, prompt, expected, common = _gemma3_engine(tiny_checkpoint, tmp_path, 24)
@@ -376,7 +420,7 @@ def test_the_engine_splits_gemmas_pools_and_its_draft_model_keeps_one(tiny_check
                  "speculative.draft_kv_cache_mb=1"]
     with ChatLoop.start(load_config(overrides)) as llm:
         assert llm.pipeline.num_window_blocks == 16 * ((8 + 8 - 2) // 4 + 2)  # max_batch_size x a window and a chunk
-        assert llm.scheduler.window_allocator is not None and not llm.scheduler.policy.prefix_caching
+        assert llm.scheduler.window_allocator is not None and llm.scheduler.policy.prefix_caching
         assert not llm.scheduler.proposers["draft"].cache.split
         drafted = llm.generate(prompt, max_new_tokens=24, ignore_eos=True)
         plain = llm.generate(prompt, max_new_tokens=24, ignore_eos=True, speculative_tokens=0)
@@ -384,7 +428,7 @@ def test_the_engine_splits_gemmas_pools_and_its_draft_model_keeps_one(tiny_check
     assert stats.kv_window_blocks_total == llm.pipeline.num_window_blocks and stats.kv_window_blocks_used == 0
     assert stats.kv_blocks_used == 0
     assert drafted.token_ids == plain.token_ids == expected
-    assert drafted.drafted_tokens > 0
+    assert drafted.drafted_tokens > 0 and plain.cached_tokens > 0 and stats.prefix_cache_hits == plain.cached_tokens
     from chatloop.serving.health import HealthReport
     from chatloop.serving.status import build_status, format_cache
 
