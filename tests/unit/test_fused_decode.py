@@ -394,3 +394,47 @@ def test_moe_and_normed_stages_keep_their_modules_where_the_call_cannot_run_them
     for family in ("olmo2", "gemma3_text"):
         split_model(tiny_checkpoint(family).path, tmp_path / family, 1, progress=False)
         assert load_stage(tmp_path / family, 0, pack_weights=True).decode_kernel is None, family
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["rows", "tiles"])
+def test_k_quant_experts_decode_in_the_one_call_as_their_modules(tiled, tmp_path, monkeypatch):
+    """Experts as a Q4_K_M GGUF file holds them (gate/up Q4_K, down Q6_K; hidden 256, the k-quants' block), in rows or
+    in the tiles of 16 rows a VNNI CPU loads: the one call gives the modules' logits."""
+    import numpy as np
+    from gguf_files import random_blocks
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from chatloop.kernels import kernel_kquant_interleave
+    from chatloop.quant import QuantLinear
+    from tests.conftest import TINY_VOCAB
+
+    config = Qwen3MoeConfig(vocab_size=TINY_VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=64, intermediate_size=256, moe_intermediate_size=256,
+                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "hf")
+    split_model(tmp_path / "hf", tmp_path / "parts", 1, quantize="int4", progress=False)
+    stage = load_stage(tmp_path / "parts", 0, pack_weights=True)
+    rng = np.random.default_rng(0)
+
+    def matrix(kind: str, rows: int) -> QuantLinear:
+        layer = QuantLinear(torch.from_numpy(random_blocks(kind, rows, 256, rng)), kind.lower())
+        layer.in_features = 256
+        if tiled:
+            layer.weight, layer.fmt = kernel_kquant_interleave(layer.weight, layer.fmt)
+        return layer
+
+    for moe in _sparse_layers(stage):
+        with torch.no_grad():
+            moe.gate.weight.normal_(0.0, 0.5)  # clear margins between the experts
+        for expert in moe.experts:
+            expert.gate_up, expert.down_proj = matrix("Q4_K", 512), matrix("Q6_K", 256)
+        moe.stacked = False
+    stage.decode_kernel = LlamaDecodeKernel.for_stage(stage)
+    assert stage.decode_kernel is not None
+    assert {layer.moe.contents.gate_up_format for layer in stage.decode_kernel.layers} == \
+        {100 + (5 if tiled else 0)}  # kquant.c's q4_k (or q4_k_x16)
+    prompts = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    fused, fused_keys = _decode(stage, True, prompts, 4, monkeypatch)
+    modules, module_keys = _decode(stage, False, prompts, 4, monkeypatch)
+    within_rounding(fused, fused_keys, modules, module_keys)
