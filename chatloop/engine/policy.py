@@ -42,7 +42,9 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   there after the sequence ends, until the pool needs the room (least recently used first). A sequence admitted
   later whose first full blocks hash the same holds those blocks too and is prefilled from the end of them: at least
   its last known token is computed, for the logits to sample from. Shared blocks are full and only read; a sequence
-  writes only to blocks of its own. Off under a sliding window (blocks out of it are written again) and with a
+  writes only to blocks of its own. Under a sliding window on every layer, a block out of the window goes back to
+  the pool, still cached, instead of being written again in place, and a hit needs only the blocks of the window
+  before its end, held by no one (taken over, never shared: see :meth:`_window_hits`). Off with a
   ``rope_switch`` (the sequence is computed again from its first token), and for a request that scores its prompt
   (every prompt token must be computed). A lost pipeline takes every cached block with it (:meth:`requeue_all`).
 - Speculative decoding (``speculative_method``, :mod:`~chatloop.engine.speculation`): a decoding sequence's step
@@ -254,8 +256,8 @@ class SchedulerPolicy:
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.prefix_caching = prefix_caching and kv_window is None and rope_switch is None
-        """Whether full blocks are cached and shared (asked for, and no window or rope switch: see above)."""
+        self.prefix_caching = prefix_caching and rope_switch is None
+        """Whether full blocks are cached and shared (asked for, and no rope switch: see above)."""
         self.speculative_method = speculative_method
         """Who drafts for requests that do not choose (``ngram``, ``draft``), or None: no speculative decoding."""
         self.num_speculative_tokens = num_speculative_tokens
@@ -416,7 +418,7 @@ class SchedulerPolicy:
         return self._finish(seq, FinishReason.ERROR, error=error)
 
     def _has_blocks_for(self, seq: _Sequence) -> bool:
-        hits = self._hits(seq)
+        _, hits = self._hits(seq)
         if self.window_allocator is not None and self._window_needed(seq) > self.window_allocator.num_free:
             return False
         return self._blocks_needed(seq) - len(hits) + self.allocator.num_unheld(hits) <= self.allocator.num_free
@@ -431,51 +433,57 @@ class SchedulerPolicy:
                 seq.hashes.append(block_hash(seq.hashes[-1] if seq.hashes else None, known[i * size : (i + 1) * size]))
         return seq.hashes[:num_blocks]
 
-    def _hits(self, seq: _Sequence) -> list[int]:
-        """The cached blocks ``seq`` may start from: its first full blocks found in the cache, leaving at least its
-        last known token to compute (none for a request that scores its prompt); with mixed windows, no more than
-        the windowed pool has the window before (:meth:`_window_hits`)."""
+    def _hits(self, seq: _Sequence) -> tuple[int, list[int]]:
+        """Where ``seq`` may start from the cache: (how many of its first full blocks it skips, the cached blocks of
+        ``allocator`` it takes for them), leaving at least its last known token to compute; (0, []) for a request
+        that scores its prompt. Without a window on every layer, those blocks are all of them; under one, only
+        those of the window before their end (:meth:`_window_hits`). With mixed windows, no further than the
+        windowed pool has that window."""
         if not self.prefix_caching or seq.params.prompt_logprobs:
-            return []
-        hits = self.allocator.lookup(self._hashes(seq, (seq.num_known - 1) // self.allocator.block_size))
+            return 0, []
+        most = (seq.num_known - 1) // self.allocator.block_size
+        if self.kv_window is not None:
+            return self._window_hits(seq, most, self.allocator, self.kv_window)
+        hits = self.allocator.lookup(self._hashes(seq, most))
         if self.mixed_window is not None and hits:
-            hits = hits[: self._window_hits(seq, len(hits))[0]]
-        return hits
+            hits = hits[: self._window_hits(seq, len(hits), self.window_allocator, self.mixed_window)[0]]
+        return len(hits), hits
 
-    def _window_first(self, num_cached: int) -> int:
-        """Mixed windows: the first logical block a step from position ``num_cached`` reads in the windowed pool."""
-        return max(0, num_cached - self.mixed_window + 1) // self.allocator.block_size
+    def _window_first(self, num_cached: int, window: int) -> int:
+        """The first logical block a step from position ``num_cached`` reads under ``window``."""
+        return max(0, num_cached - window + 1) // self.allocator.block_size
 
-    def _window_hits(self, seq: _Sequence, num_hits: int) -> tuple[int, list[int]]:
-        """Mixed windows: the longest prefix of ``num_hits`` full-layer hits whose window (the windowed pool's
-        logical blocks from :meth:`_window_first` of its end to its last) is cached there and held by no one, and
-        those blocks: (its length in blocks, the blocks); (0, []) where none is."""
-        hashes, pool = self._hashes(seq, num_hits), self.window_allocator
+    def _window_hits(self, seq: _Sequence, num_hits: int, pool: BlockAllocator, window: int) -> tuple[int, list[int]]:
+        """Under a window: the most of ``seq``'s first ``num_hits`` full blocks it can skip, those whose window
+        before their end (its logical blocks from :meth:`_window_first` on) ``pool`` has cached and held by no one,
+        and those blocks: (how many it skips, the blocks); (0, []) where none. Windowed blocks are taken over,
+        never shared: the window gives them back as it slides, and only a block of its own makes room then."""
+        hashes = self._hashes(seq, num_hits)
         found = [pool.lookup([h]) for h in hashes]
         run = 0  # cached, unheld blocks in a row ending at block n - 1
         best = 0
         for n in range(1, num_hits + 1):
             run = run + 1 if found[n - 1] and pool.num_unheld(found[n - 1]) else 0
-            if run >= n - self._window_first(n * pool.block_size):
+            if run >= n - self._window_first(n * pool.block_size, window):
                 best = n
         if not best:
             return 0, []
-        return best, [found[j][0] for j in range(self._window_first(best * pool.block_size), best)]
+        return best, [found[j][0] for j in range(self._window_first(best * pool.block_size, window), best)]
 
     def _offer(self, seq: _Sequence) -> None:
         """Put ``seq``'s full blocks computed so far into the prefix cache (where no block holds their content yet)."""
         if not self.prefix_caching:
             return
-        full = min(seq.num_cached // self.allocator.block_size, len(seq.blocks))
+        full = min(seq.num_cached // self.allocator.block_size, seq.dropped + len(seq.blocks))
         if full <= seq.num_offered:
             return
-        for block, content in zip(seq.blocks[seq.num_offered : full], self._hashes(seq, full)[seq.num_offered :]):
-            self.allocator.cache(block, content)
+        hashes = self._hashes(seq, full)
+        for j in range(max(seq.num_offered, seq.dropped), full):  # (logical block j; under a window, from dropped)
+            self.allocator.cache(seq.blocks[j - seq.dropped], hashes[j])
         seq.num_offered = full
         if seq.window_blocks:  # (mixed windows) the window table's computed full blocks, under the same hashes
-            first = max(seq.window_offered, seq.window_dropped)
-            hashes = self._hashes(seq, full)
-            for j in range(first, min(full, seq.window_dropped + len(seq.window_blocks))):
+            for j in range(max(seq.window_offered, seq.window_dropped),
+                           min(full, seq.window_dropped + len(seq.window_blocks))):
                 self.window_allocator.cache(seq.window_blocks[j - seq.window_dropped], hashes[j])
             seq.window_offered = max(seq.window_offered, full)
 
@@ -508,19 +516,27 @@ class SchedulerPolicy:
         if not self.prefix_caching:
             seq.window_blocks, seq.window_dropped = self._slid(seq.window_blocks, seq.window_dropped,
                                                                self.mixed_window, seq.num_cached)
-        else:  # the blocks out of the window go back, still cached (findable by a later prefix); fresh ones follow
-            first = self._window_first(seq.num_cached)
-            out = first - seq.window_dropped
-            if out > 0:
-                self.window_allocator.free(seq.window_blocks[:out])
-                del seq.window_blocks[:out]
-                seq.window_dropped = first
-            more = self._window_needed(seq) - len(seq.window_blocks)
-            if more > 0:  # (every block it holds is its own: those it let go made the room)
-                taken = self.window_allocator.take(more)
-                assert taken is not None, "the windowed pool gave back fewer blocks than the window took"
-                seq.window_blocks += taken
+        else:
+            seq.window_dropped = self._let_go(seq.window_blocks, seq.window_dropped, self.mixed_window,
+                                              seq.num_cached, self._window_needed(seq), self.window_allocator)
         self._give_back(seq.window_blocks, self._window_needed(seq), self.window_allocator)
+
+    def _let_go(self, blocks: list[int], dropped: int, window: int, num_cached: int, needed: int,
+                allocator: BlockAllocator) -> int:
+        """With the prefix cache, the blocks of ``blocks`` (logical blocks ``dropped``... of ``allocator``) out of
+        ``window`` go back, still cached (a later prefix may need them), instead of being written again in place;
+        fresh ones follow, up to ``needed``. Returns the new ``dropped``."""
+        first = self._window_first(num_cached, window)
+        out = first - dropped
+        if out > 0:
+            allocator.free(blocks[:out])
+            del blocks[:out]
+            dropped = first
+        if needed > len(blocks):  # (every block it holds is its own: those it let go made the room)
+            taken = allocator.take(needed - len(blocks))
+            assert taken is not None, "the pool gave back fewer blocks than the window took"
+            blocks += taken
+        return dropped
 
     def _free_window(self, seq: _Sequence) -> None:
         """Give back every block of the windowed layers' pool ``seq`` holds."""
@@ -564,7 +580,11 @@ class SchedulerPolicy:
         blocks), and those beyond what it needs from now on go back to the pool."""
         if self.kv_window is None or not seq.blocks:
             return
-        seq.blocks, seq.dropped = self._slid(seq.blocks, seq.dropped, self.kv_window, seq.num_cached)
+        if not self.prefix_caching:
+            seq.blocks, seq.dropped = self._slid(seq.blocks, seq.dropped, self.kv_window, seq.num_cached)
+        else:
+            seq.dropped = self._let_go(seq.blocks, seq.dropped, self.kv_window, seq.num_cached,
+                                       self._blocks_needed(seq), self.allocator)
         self._give_back(seq.blocks, self._blocks_needed(seq), self.allocator)
 
     def _slid(self, blocks: list[int], dropped: int, window: int, num_cached: int) -> tuple[list[int], int]:
@@ -593,19 +613,21 @@ class SchedulerPolicy:
             seq = self._waiting[0]
             if not self._has_blocks_for(seq):
                 break  # first come, first served: later requests do not overtake
-            hits = self._hits(seq)
+            skipped, hits = self._hits(seq)
             self.allocator.share(hits)  # (first: taking the rest must not evict them)
+            seq.num_cached = seq.hit_tokens = skipped * self.allocator.block_size
+            seq.num_offered = skipped
+            seq.dropped = skipped - len(hits)  # (under a window: the blocks before its window's are not held)
             blocks = self.allocator.take(self._blocks_needed(seq) - len(hits))
             assert blocks is not None
             self._waiting.popleft()
             seq.blocks = hits + blocks
-            seq.num_cached = seq.hit_tokens = len(hits) * self.allocator.block_size
-            seq.num_offered = len(hits)
             if self.window_allocator is not None:  # (its window's cached blocks taken over, see _window_hits)
-                window_hits = self._window_hits(seq, len(hits))[1] if hits else []
+                window_hits = self._window_hits(seq, skipped, self.window_allocator, self.mixed_window)[1] \
+                    if skipped else []
                 self.window_allocator.share(window_hits)
-                seq.window_dropped = self._window_first(seq.num_cached)
-                seq.window_offered = len(hits)
+                seq.window_dropped = self._window_first(seq.num_cached, self.mixed_window)
+                seq.window_offered = skipped
                 fresh = self.window_allocator.take(self._window_needed(seq) - len(window_hits))
                 assert fresh is not None
                 seq.window_blocks = window_hits + fresh

@@ -94,9 +94,8 @@ class Scheduler:
             log.info("speculative decoding is off: the model's attention window or rope switch would need its "
                      "blocks written again")
         if prefix_caching and not self.policy.prefix_caching:
-            why = (f"every layer attends within a sliding window of {kv_window} tokens" if kv_window is not None
-                   else f"the model's RoPE changes at position {rope_switch} (longrope)")
-            log.info("prefix caching is off: %s, so cached blocks would be written again", why)
+            log.info("prefix caching is off: the model's RoPE changes at position %s (longrope), where a sequence is "
+                     "computed again from its first token", rope_switch)
         self._clock = clock
         self.replay_lost_steps = replay_lost_steps
         """A step lost between stages (``StageLostError``) requeues its sequences instead of failing them: the
@@ -176,10 +175,10 @@ class Scheduler:
 
     def set_prefix_caching(self, on: bool) -> bool:
         """Turn prefix caching on or off from now on, with an empty cache (benchmarks compare both on one engine).
-        Returns whether it is on (never under a sliding window or a rope switch)."""
+        Returns whether it is on (never with a rope switch)."""
         with self._cond:
             policy = self.policy
-            policy.prefix_caching = on and policy.kv_window is None and policy.rope_switch is None
+            policy.prefix_caching = on and policy.rope_switch is None
             policy.clear_prefix_cache()
             return policy.prefix_caching
 

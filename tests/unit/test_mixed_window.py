@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 from test_policy import CharTokenizer
-from test_sliding_window import _greedy_reference
+from test_sliding_window import _greedy_reference, same_content
 from test_sliding_window import tiny_model as windowed_model
 
 from chatloop.engine.blocks import BlockAllocator
@@ -251,8 +251,9 @@ def test_a_chats_next_turn_starts_from_both_pools_cached_blocks_and_its_tokens_a
     assert last.cached_tokens >= len(first) + len(answer) - BLOCK > window  # (its last full block of known tokens)
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("seed", range(40))
-def test_every_position_a_step_reads_is_where_it_was_written_in_its_table(seed):
+def test_every_position_a_step_reads_is_where_it_was_written_in_its_table(seed, prefix_caching):
     """The policy alone, random windows, block sizes, chunks, lengths, accepted drafts and rope switches (a sequence
     computed again from its first token takes fresh windowed blocks): every position a token of
     a step reads is in the block its table names and holds what the same sequence wrote there (the full table every
@@ -267,20 +268,11 @@ def test_every_position_a_step_reads_is_where_it_was_written_in_its_table(seed):
     policy = SchedulerPolicy(allocator, CharTokenizer(), batching_window_s=0.0, prefill_chunk_tokens=chunk,
                              max_batch_size=4, window_allocator=window_allocator, mixed_window=window,
                              speculative_method="ngram" if k else None, num_speculative_tokens=k or 4,
-                             rope_switch=rope_switch)
+                             rope_switch=rope_switch, prefix_caching=prefix_caching)
     for _ in range(8):
         policy.add([ord("a")] * rng.randint(1, 20), SamplingParams(max_new_tokens=rng.randint(1, 30),
                                                                    ignore_eos=True), 0.0)
     written: dict[tuple[str, int], tuple] = {}  # (pool, block) -> (sequence, logical block) last written
-
-    def same_content(entry, reader, j: int) -> bool:
-        """Block ``j`` of ``reader`` is what ``entry`` wrote: its own, or a full block of the same tokens (from the
-        first) that the prefix cache gave it."""
-        writer, written_j = entry
-        if (writer.id, written_j) == (reader.id, j):
-            return True
-        known = [list(s.prompt_ids + s.output_ids)[: (j + 1) * size] for s in (writer, reader)]
-        return written_j == j and len(known[0]) == (j + 1) * size and known[0] == known[1]
 
     ended = 0
     while ended < 8:
@@ -297,9 +289,10 @@ def test_every_position_a_step_reads_is_where_it_was_written_in_its_table(seed):
                     written["full", table[p // size]] = written["window", window_table[p // size]] = (seq, p // size)
                 for p in range(start, end):
                     for q in range(p + 1):
-                        assert same_content(written["full", table[q // size]], seq, q // size)
+                        assert same_content(written["full", table[q // size]], seq, q // size, size)
                     for q in range(max(0, p - window + 1), p + 1):
-                        assert same_content(written["window", window_table[q // size]], seq, q // size), (seq_id, p, q)
+                        assert same_content(written["window", window_table[q // size]], seq, q // size, size), \
+                            (seq_id, p, q)
                 accepted = rng.randint(0, drafts)
                 answers.append(AcceptedTokens((ord("z"),) * (accepted + 1), drafts) if drafts else ord("z"))
             outputs += policy.complete(step.id, answers)

@@ -211,10 +211,33 @@ def test_a_hit_waits_for_room_without_evicting_itself():
     assert run.finish(shared).cached_tokens == 12 and policy.allocator.evictions == 0
 
 
-@pytest.mark.parametrize("how", ["off", "prompt_logprobs", "kv_window", "rope_switch"])
-def test_no_reuse_when_off_when_the_prompt_is_scored_and_under_a_window_or_a_rope_switch(how):
-    options = {"off": {"prefix_caching": False}, "kv_window": {"kv_window": 64}, "rope_switch": {"rope_switch": 64},
-               "prompt_logprobs": {}}[how]
+def test_under_a_window_a_hit_takes_over_only_the_windows_blocks():
+    """A sliding window of 6 on every layer, blocks of 4: the first request's blocks out of its window went back to
+    the pool still cached; a second with the same 12 tokens and more skips all 3 full blocks but holds only the two
+    its first step's window reads (positions 7-11: blocks 1 and 2), taken over from the cache; every block comes
+    back, and a third request while they are held by no one hits again."""
+    policy = make_policy(block_size=4, kv_window=6, prefill_chunk_tokens=4)
+    run = Run(policy)
+    prompt = list(range(100, 112))
+    policy.add(prompt, params(max_new_tokens=1), 0.0)
+    run_all(run)
+    second = policy.add(prompt + [1], params(max_new_tokens=1), 0.0)
+    (step,) = run.schedule()
+    seq = policy._by_id[second]
+    assert step.starts == (12,) and seq.dropped == 1 and len(seq.blocks) >= 2
+    assert step.block_tables[0][1:3] == tuple(seq.blocks[:2])
+    run.answer(step)
+    run_all(run)
+    assert run.finish(second).cached_tokens == 12
+    third = policy.add(prompt + [2], params(max_new_tokens=1), 0.0)
+    run_all(run)
+    assert run.finish(third).cached_tokens == 12 and policy.stats.prefix_hits == 24
+    assert policy.allocator.num_free == policy.allocator.num_blocks
+
+
+@pytest.mark.parametrize("how", ["off", "prompt_logprobs", "rope_switch"])
+def test_no_reuse_when_off_when_the_prompt_is_scored_and_with_a_rope_switch(how):
+    options = {"off": {"prefix_caching": False}, "rope_switch": {"rope_switch": 64}, "prompt_logprobs": {}}[how]
     policy = make_policy(block_size=4, **options)
     run = Run(policy)
     prompt = list(range(100, 112))
@@ -280,11 +303,11 @@ def test_the_driver_turns_caching_off_and_on_with_an_empty_cache():
         assert scheduler.set_prefix_caching(True) and scheduler.allocator.num_cached == 0
     finally:
         scheduler.close()
-    windowed = Scheduler(InstantPipeline(), CharTokenizer(), kv_window=8)
+    switching = Scheduler(InstantPipeline(), CharTokenizer(), rope_switch=8)  # (never with a rope switch)
     try:
-        assert not windowed.set_prefix_caching(True)
+        assert not switching.set_prefix_caching(True)
     finally:
-        windowed.close()
+        switching.close()
 
 
 def test_cancelled_and_failed_sequences_leave_only_computed_blocks_in_the_cache():

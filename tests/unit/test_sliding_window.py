@@ -216,6 +216,44 @@ def test_blocks_out_of_the_window_go_back_to_the_pool(chunk, windowed):
     assert max(in_use) == 26 + 23
 
 
+def test_a_chats_next_turn_under_a_window_starts_from_the_cached_window_and_its_tokens_are_transformers(windowed):
+    """Mistral (window 5 on every layer, blocks of 2) over two stages with prefill chunks of 3 and the prefix cache:
+    a chat's second turn (the first's prompt and answer, and more), sent after the first ended, skips the shared
+    blocks, far past the window (the blocks out of the window went back still cached), holding only its window's;
+    its greedy tokens equal transformers' on the whole conversation, and every block comes back."""
+    import random
+
+    from test_policy import CharTokenizer
+    from test_speculation import run as run_scheduler
+
+    from chatloop.engine.pipeline import LocalPipeline
+    from chatloop.engine.requests import SamplingParams
+    from chatloop.engine.scheduler import Scheduler
+    from chatloop.partition import Manifest, load_stage
+    from chatloop.stage import StageRunner
+
+    model, parts = windowed("mistral", 2)
+    rng = random.Random(7)
+    first = [rng.randrange(2, 120) for _ in range(21)]
+    manifest = Manifest.load(parts)
+    pipeline = LocalPipeline([StageRunner(load_stage(parts, i, manifest=manifest), 12, 2)
+                              for i in range(manifest.num_partitions)])
+    scheduler = Scheduler(pipeline, CharTokenizer(), batching_window_ms=0, max_batch_size=4, prefill_chunk_tokens=3,
+                          kv_window=5, max_context=256)
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.0)]
+    try:
+        assert scheduler.policy.prefix_caching
+        [(answer, _)] = run_scheduler(scheduler, [first], params)
+        second = first + answer + [rng.randrange(2, 120) for _ in range(5)]
+        [(tokens, last)] = run_scheduler(scheduler, [second], params)
+        assert scheduler.allocator.num_free == 12
+    finally:
+        scheduler.close()
+        pipeline.close()
+    assert tokens == _greedy_reference(model, [second], 8)[0]
+    assert last.cached_tokens >= len(first) + len(answer) - 2 > 12 * 2  # more than the pool holds at once
+
+
 def test_a_model_with_full_layers_gives_no_block_back(windowed):
     """Qwen2 with layer 0 full, on one pool for every layer (no windowed layers' pool: see test_mixed_window.py):
     ModelArgs.kv_window is None, every sequence keeps its whole length's blocks, and the tokens are transformers'
@@ -257,11 +295,15 @@ def test_under_a_window_with_prefill_chunks_a_sequence_may_outgrow_the_cache(win
             policy.add(prompts[0], params, 0.0)
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("seed", range(40))
-def test_the_window_a_step_reads_is_always_in_the_blocks_it_was_written_to(seed):
-    """The policy alone, random windows, block sizes, chunks and lengths: every position a token of a step reads
-    (its window) is in the physical block its table names and holds what the same sequence wrote there; each
-    sequence holds no more blocks than admission counted, and every block comes back."""
+def test_the_window_a_step_reads_is_always_in_the_blocks_it_was_written_to(seed, prefix_caching):
+    """The policy alone, random windows, block sizes, chunks and lengths, with the prefix cache (prompts share
+    prefixes: blocks out of the window go back cached, and later sequences take over a window's blocks) and
+    without (blocks out of the window are written again in place): every position a token of a step reads (its
+    window) is in the physical block its table names and holds what the same sequence wrote there, or the same
+    tokens' keys and values from a block the cache gave it; each sequence holds no more blocks than admission
+    counted, and every block comes back."""
     import random
 
     from test_policy import CharTokenizer
@@ -275,11 +317,11 @@ def test_the_window_a_step_reads_is_always_in_the_blocks_it_was_written_to(seed)
     chunk = rng.choice([None, 1, 3, 7])
     allocator = BlockAllocator(64, size)
     policy = SchedulerPolicy(allocator, CharTokenizer(), batching_window_s=0.0, kv_window=window,
-                             prefill_chunk_tokens=chunk, max_batch_size=4)
+                             prefill_chunk_tokens=chunk, max_batch_size=4, prefix_caching=prefix_caching)
     for _ in range(8):
         prompt = [ord("a")] * rng.randint(1, 20)
         policy.add(prompt, SamplingParams(max_new_tokens=rng.randint(1, 30), ignore_eos=True), 0.0)
-    written: dict[int, tuple[int, int]] = {}  # physical block -> (sequence, logical block) last written there
+    written: dict[int, tuple] = {}  # physical block -> (sequence, logical block) last written there
     ended = 0
     while ended < 8:
         steps, outputs = policy.schedule(0.0)
@@ -287,17 +329,28 @@ def test_the_window_a_step_reads_is_always_in_the_blocks_it_was_written_to(seed)
             for seq_id, tokens, start, table in zip(step.sequence_ids, step.token_ids, step.starts,
                                                     step.block_tables):
                 assert len(table) == -(-(start + len(tokens)) // size)
+                seq = policy._by_id[seq_id]
                 for p in range(start, start + len(tokens)):
-                    written[table[p // size]] = (seq_id, p // size)
+                    written[table[p // size]] = (seq, p // size)
                 for p in range(start, start + len(tokens)):
                     for q in range(max(0, p - window + 1), p + 1):
-                        assert written[table[q // size]] == (seq_id, q // size), (seq_id, p, q)
+                        assert same_content(written[table[q // size]], seq, q // size, size), (seq_id, p, q)
             outputs += policy.complete(step.id, [ord("z")] * step.num_sequences)
             held = sum(len(s.blocks) for s in policy._running)
             assert held + allocator.num_free == allocator.num_blocks
             assert all(len(s.blocks) <= policy._most_blocks(s.total_tokens) for s in policy._running)
         ended += sum(event.finish_reason is not None for _, event in outputs)
     assert allocator.num_free == allocator.num_blocks
+
+
+def same_content(entry, reader, j: int, size: int) -> bool:
+    """Logical block ``j`` of sequence ``reader`` holds what ``entry`` (writer, its logical block) wrote: its own, or
+    a full block of the same tokens (from the first) that the prefix cache gave it."""
+    writer, written_j = entry
+    if (writer.id, written_j) == (reader.id, j):
+        return True
+    known = [list(s.prompt_ids + s.output_ids)[: (j + 1) * size] for s in (writer, reader)]
+    return written_j == j and len(known[0]) == (j + 1) * size and known[0] == known[1]
 
 
 # --- windowed decode steps on the attention kernel --------------------------------------------------------------
