@@ -52,10 +52,11 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   The answer (:class:`AcceptedTokens`) puts the accepted drafts and the last stage's own token into its output:
   only accepted positions count as cached, so the keys and values of rejected drafts lie past its length, are never
   offered to the prefix cache (only full blocks of known tokens are) and are overwritten by its next step. Its blocks
-  were reserved for its whole length at admission, so nothing is taken or given back (a mixed-window model's window
-  table was reserved for a step and its drafts, and slides past the accepted ones). k shrinks as more sequences
-  speculate in one micro-batch (about k drafts a micro-batch in all), never drafts past ``max_new_tokens``, and is
-  off under a window or a rope switch. A replay prefills the accepted tokens only.
+  were reserved for its whole length at admission, so nothing is taken or given back (under a window, on every
+  layer or a mixed model's windowed ones, the blocks were reserved for a window and a step with its drafts, and
+  slide past the accepted ones). k shrinks as more sequences speculate in one micro-batch (about k drafts a
+  micro-batch in all), never drafts past ``max_new_tokens``, and is off with a rope switch (a sequence is computed
+  again there). A replay prefills the accepted tokens only.
 """
 
 from __future__ import annotations
@@ -264,8 +265,8 @@ class SchedulerPolicy:
         """k: the most tokens drafted for one sequence at one step."""
         self.loaded_methods = frozenset(draft_methods)
         """The methods a request may ask for (``draft`` where a draft model was loaded)."""
-        self.draft_methods = set(draft_methods) if kv_window is None and rope_switch is None else set()
-        """The methods that draft now (a draft model that failed is taken out; none under a window or a switch)."""
+        self.draft_methods = set(draft_methods) if rope_switch is None else set()
+        """The methods that draft now (a draft model that failed is taken out; none with a rope switch)."""
         self.stats = SchedulerStats()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -306,13 +307,16 @@ class SchedulerPolicy:
         return min(self.allocator.blocks_for(num_tokens),
                    window_span_blocks(self.mixed_window, step, self.allocator.block_size))
 
-    def _most_blocks(self, num_tokens: int) -> int:
+    def _most_blocks(self, num_tokens: int, num_drafts: int | None = None) -> int:
         """The most blocks a sequence of ``num_tokens`` tokens holds at once (see :meth:`_blocks_needed`): all of
-        its length's, or under a window, those of a window and a step (a prefill chunk, or a whole replay)."""
+        its length's, or under a window, those of a window and its largest step (a prefill chunk, a token and its
+        ``num_drafts`` drafts (default: the configured k where speculation is on), or a whole replay)."""
         whole = self.allocator.blocks_for(num_tokens)
         if self.kv_window is None:
             return whole
-        step = min(self.prefill_chunk_tokens or num_tokens, num_tokens)
+        if num_drafts is None:
+            num_drafts = self.num_speculative_tokens if self.speculative_method not in (None, "off") else 0
+        step = max(min(self.prefill_chunk_tokens or num_tokens, num_tokens), 1 + num_drafts)
         if self.rope_switch is not None and num_tokens > self.rope_switch:  # a whole step past it (see _chunk)
             step = num_tokens
         return min(whole, window_span_blocks(self.kv_window, step, self.allocator.block_size))
@@ -329,15 +333,15 @@ class SchedulerPolicy:
                 f"the model's context of {self.max_context} tokens: shorten the prompt or lower max_new_tokens",
                 param="max_tokens",
             )
-        if self._most_blocks(total) > self.allocator.num_blocks:
+        method = params.speculative_method or self.speculative_method
+        k = self.num_speculative_tokens if params.speculative_tokens is None else params.speculative_tokens
+        if self._most_blocks(total, k if method not in (None, "off") else 0) > self.allocator.num_blocks:
             chunks = " or set batching.prefill_chunk_tokens" if self.kv_window and not self.prefill_chunk_tokens else ""
             raise ContextLengthError(
                 f"prompt + max_new_tokens = {total} tokens exceeds the KV cache's {self.allocator.capacity_tokens} "
                 f"tokens: lower max_new_tokens or raise cache.kv_cache_mb{chunks}",
                 param="max_tokens",
             )
-        method = params.speculative_method or self.speculative_method
-        k = self.num_speculative_tokens if params.speculative_tokens is None else params.speculative_tokens
         if self._most_window_blocks(total, k if method not in (None, "off") else 0) > self._window_pool_blocks:
             raise ContextLengthError(
                 f"prompt + max_new_tokens = {total} tokens spans more than the windowed layers' pool of "
@@ -494,7 +498,9 @@ class SchedulerPolicy:
         if self.kv_window is None:
             return whole
         uncached = seq.num_known - seq.num_cached
-        step = min(self._chunk(seq) or uncached, uncached) if seq.prefilling else 1
+        step = 1 + (seq.num_draft_tokens if seq.draft_method else 0)  # (its decode steps: a token and its drafts)
+        if seq.prefilling:
+            step = max(step, min(self._chunk(seq) or uncached, uncached))
         return min(whole, window_span_blocks(self.kv_window, step, self.allocator.block_size))
 
     def _window_needed(self, seq: _Sequence) -> int:
@@ -769,7 +775,8 @@ class SchedulerPolicy:
                 self.stats.accepted_tokens += answer.num_accepted
                 outputs.append(self._accept_all(seq, answer))
                 self._offer(seq)
-                self._slide_window(seq)  # (past the accepted drafts: the next step's window starts after them)
+                self._slide(seq)  # (past the accepted drafts: the next step's window starts after them)
+                self._slide_window(seq)
             elif isinstance(answer, SampledToken):
                 outputs.append(self._accept(seq, answer.token_id, answer.scored))
             else:

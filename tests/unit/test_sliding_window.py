@@ -254,6 +254,30 @@ def test_a_chats_next_turn_under_a_window_starts_from_the_cached_window_and_its_
     assert last.cached_tokens >= len(first) + len(answer) - 2 > 12 * 2  # more than the pool holds at once
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_speculation_under_a_window_keeps_transformers_greedy_tokens(windowed, prefix_caching):
+    """Mistral (window 5 on every layer) over two stages, prefill chunks of 3: greedy tokens with n-gram drafts and
+    with the model itself as its draft (every draft accepted; k = 8, 4 a sequence: verify steps of 5 tokens, as
+    wide as the window) equal those without and transformers'; drafts were made and accepted, and every block
+    comes back (the pool holds a window and a token's drafts a sequence, not its length)."""
+    from test_speculation import GREEDY, draft_model, generate, prompts
+
+    model, parts = windowed("mistral", 2)
+    batch = prompts(2)
+    expected = _greedy_reference(model, batch, GREEDY.max_new_tokens)
+    options = dict(kv_window=5, prefill_chunk_tokens=3, prefix_caching=prefix_caching)
+    plain, _ = generate(parts, batch, [GREEDY] * 2, **options)
+    ngram, s1 = generate(parts, batch, [GREEDY] * 2, speculative_method="ngram", num_speculative_tokens=8, **options)
+    same = draft_model(windowed("mistral", 1)[1])
+    exact, s2 = generate(parts, batch, [GREEDY] * 2, draft=same, speculative_method="draft",
+                         num_speculative_tokens=8, **options)
+    same[1].shutdown()
+    assert [t for t, _ in plain] == [t for t, _ in ngram] == [t for t, _ in exact] == expected
+    assert s1.stats.drafted_tokens > 0 and s2.stats.accepted_tokens == s2.stats.drafted_tokens > 0
+    for s in (s1, s2):
+        assert s.allocator.num_free == s.allocator.num_blocks
+
+
 def test_a_model_with_full_layers_gives_no_block_back(windowed):
     """Qwen2 with layer 0 full, on one pool for every layer (no windowed layers' pool: see test_mixed_window.py):
     ModelArgs.kv_window is None, every sequence keeps its whole length's blocks, and the tokens are transformers'
@@ -298,26 +322,28 @@ def test_under_a_window_with_prefill_chunks_a_sequence_may_outgrow_the_cache(win
 @pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("seed", range(40))
 def test_the_window_a_step_reads_is_always_in_the_blocks_it_was_written_to(seed, prefix_caching):
-    """The policy alone, random windows, block sizes, chunks and lengths, with the prefix cache (prompts share
-    prefixes: blocks out of the window go back cached, and later sequences take over a window's blocks) and
-    without (blocks out of the window are written again in place): every position a token of a step reads (its
-    window) is in the physical block its table names and holds what the same sequence wrote there, or the same
-    tokens' keys and values from a block the cache gave it; each sequence holds no more blocks than admission
-    counted, and every block comes back."""
+    """The policy alone, random windows, block sizes, chunks, lengths and accepted drafts, with the prefix cache
+    (prompts share prefixes: blocks out of the window go back cached, and later sequences take over a window's
+    blocks) and without (blocks out of the window are written again in place): every position a token of a step
+    reads (its window) is in the physical block its table names and holds what the same sequence wrote there, or
+    the same tokens' keys and values from a block the cache gave it; each sequence holds no more blocks than
+    admission counted, and every block comes back."""
     import random
 
     from test_policy import CharTokenizer
 
     from chatloop.engine.blocks import BlockAllocator
     from chatloop.engine.policy import SchedulerPolicy
-    from chatloop.engine.requests import SamplingParams
+    from chatloop.engine.requests import AcceptedTokens, SamplingParams
 
     rng = random.Random(seed)
     window, size = rng.randint(1, 9), rng.randint(1, 4)
     chunk = rng.choice([None, 1, 3, 7])
+    k = rng.choice([0, 2, 4])
     allocator = BlockAllocator(64, size)
     policy = SchedulerPolicy(allocator, CharTokenizer(), batching_window_s=0.0, kv_window=window,
-                             prefill_chunk_tokens=chunk, max_batch_size=4, prefix_caching=prefix_caching)
+                             prefill_chunk_tokens=chunk, max_batch_size=4, prefix_caching=prefix_caching,
+                             speculative_method="ngram" if k else None, num_speculative_tokens=k or 4)
     for _ in range(8):
         prompt = [ord("a")] * rng.randint(1, 20)
         policy.add(prompt, SamplingParams(max_new_tokens=rng.randint(1, 30), ignore_eos=True), 0.0)
@@ -326,19 +352,25 @@ def test_the_window_a_step_reads_is_always_in_the_blocks_it_was_written_to(seed,
     while ended < 8:
         steps, outputs = policy.schedule(0.0)
         for step in steps:
-            for seq_id, tokens, start, table in zip(step.sequence_ids, step.token_ids, step.starts,
-                                                    step.block_tables):
-                assert len(table) == -(-(start + len(tokens)) // size)
+            answers = []
+            for b, (seq_id, tokens, start, table) in enumerate(zip(step.sequence_ids, step.token_ids, step.starts,
+                                                                   step.block_tables)):
+                drafts = step.num_drafts[b] if step.num_drafts else 0
+                end = start + len(tokens) + drafts  # (drafts too: rejected ones are written, then overwritten)
+                assert len(table) == -(-end // size)
                 seq = policy._by_id[seq_id]
-                for p in range(start, start + len(tokens)):
+                for p in range(start, end):
                     written[table[p // size]] = (seq, p // size)
-                for p in range(start, start + len(tokens)):
+                for p in range(start, end):
                     for q in range(max(0, p - window + 1), p + 1):
                         assert same_content(written[table[q // size]], seq, q // size, size), (seq_id, p, q)
-            outputs += policy.complete(step.id, [ord("z")] * step.num_sequences)
+                accepted = rng.randint(0, drafts)
+                answers.append(AcceptedTokens((ord("z"),) * (accepted + 1), drafts) if drafts else ord("z"))
+            outputs += policy.complete(step.id, answers)
             held = sum(len(s.blocks) for s in policy._running)
             assert held + allocator.num_free == allocator.num_blocks
-            assert all(len(s.blocks) <= policy._most_blocks(s.total_tokens) for s in policy._running)
+            assert all(len(s.blocks) <= policy._most_blocks(s.total_tokens, s.num_draft_tokens)
+                       for s in policy._running)
         ended += sum(event.finish_reason is not None for _, event in outputs)
     assert allocator.num_free == allocator.num_blocks
 

@@ -242,8 +242,8 @@ GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 
 
 FAMILIES = ["llama", "qwen2", "gpt2", "qwen3", "granite", "olmo2", "gemma2", "gemma3_text", "qwen3_moe"]
-"""Every family whose attention lets speculation run (Phi-3's longrope and an all-layer window turn it off, see
-test_speculation_is_off_under_a_window_or_a_rope_switch)."""
+"""Every family whose attention lets speculation run (Phi-3's longrope turns it off, see
+test_speculation_is_off_with_a_rope_switch; an all-layer window: tests/unit/test_sliding_window.py)."""
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -508,11 +508,10 @@ def test_over_http_a_request_chooses_speculation_and_its_usage_and_the_metrics_c
     assert ["ngram", "off"] in [o.get("enum") for o in method.get("anyOf", [method])]
 
 
-@pytest.mark.parametrize("option", [{"kv_window": 8}, {"rope_switch": 16}])
-def test_speculation_is_off_under_a_window_or_a_rope_switch(option):
+def test_speculation_is_off_with_a_rope_switch():
     from test_policy import make_policy
 
-    policy = make_policy(speculative_method="ngram", **option)
+    policy = make_policy(speculative_method="ngram", rope_switch=16)
     policy.add([5, 6, 5, 6, 5], SamplingParams(max_new_tokens=8), 0.0)
     steps, _ = policy.schedule(0.0)
     policy.complete(steps[0].id, [6])
