@@ -55,8 +55,8 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   were reserved for its whole length at admission, so nothing is taken or given back (under a window, on every
   layer or a mixed model's windowed ones, the blocks were reserved for a window and a step with its drafts, and
   slide past the accepted ones). k shrinks as more sequences speculate in one micro-batch (about k drafts a
-  micro-batch in all), never drafts past ``max_new_tokens``, and is off with a rope switch (a sequence is computed
-  again there). A replay prefills the accepted tokens only.
+  micro-batch in all), never drafts past ``max_new_tokens``, and stops short of a rope switch (the step that feeds
+  its position computes the sequence again). A replay prefills the accepted tokens only.
 """
 
 from __future__ import annotations
@@ -265,8 +265,8 @@ class SchedulerPolicy:
         """k: the most tokens drafted for one sequence at one step."""
         self.loaded_methods = frozenset(draft_methods)
         """The methods a request may ask for (``draft`` where a draft model was loaded)."""
-        self.draft_methods = set(draft_methods) if rope_switch is None else set()
-        """The methods that draft now (a draft model that failed is taken out; none with a rope switch)."""
+        self.draft_methods = set(draft_methods)
+        """The methods that draft now (a draft model that failed is taken out)."""
         self.stats = SchedulerStats()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -710,12 +710,17 @@ class SchedulerPolicy:
 
     def _num_drafts(self, seqs: list[_Sequence]) -> list[int]:
         """How many tokens to draft for each sequence of a micro-batch: its k where it speculates alone, and about
-        k in all where several do (a wider verification step costs every stage more); none past max_new_tokens."""
+        k in all where several do (a wider verification step costs every stage more); none past max_new_tokens, and
+        with a rope switch none at or past it while the sequence is before it: the step that feeds the switch's
+        position must be a token's own (it computes the sequence again, see :meth:`_switch_rope`), and a verify step
+        before it must stay on the short factors."""
         wanted = [s.draft_method in self.draft_methods and not s.prefilling for s in seqs]
         num_speculating = sum(wanted)
         drafts = []
         for seq, want in zip(seqs, wanted):
             k = seq.num_draft_tokens // num_speculating if want else 0
+            if self.rope_switch is not None and seq.num_cached < self.rope_switch:
+                k = min(k, self.rope_switch - 1 - seq.num_cached)
             drafts.append(max(0, min(k, seq.params.max_new_tokens - len(seq.output_ids) - 1)))
         return drafts
 

@@ -90,9 +90,6 @@ class Scheduler:
         if draft_proposer is not None:
             self.proposers["draft"] = draft_proposer
         self._draft_executor = draft_executor
-        if speculative_method and not self.policy.draft_methods:
-            log.info("speculative decoding is off: the model's RoPE changes at position %s (longrope), where a "
-                     "sequence is computed again from its first token", rope_switch)
         if prefix_caching and not self.policy.prefix_caching:
             log.info("prefix caching is off: the model's RoPE changes at position %s (longrope), where a sequence is "
                      "computed again from its first token", rope_switch)

@@ -263,7 +263,7 @@ def test_every_position_a_step_reads_is_where_it_was_written_in_its_table(seed, 
     window, size = rng.randint(1, 9), rng.randint(1, 4)
     chunk = rng.choice([1, 3, 7])
     k = rng.choice([0, 2, 4])
-    rope_switch = rng.choice([None, rng.randint(2, 30)])  # (computed again from its first token there: no drafts)
+    rope_switch = rng.choice([None, rng.randint(2, 30)])  # (computed again from its first token there)
     allocator, window_allocator = BlockAllocator(512, size), BlockAllocator(64, size)
     policy = SchedulerPolicy(allocator, CharTokenizer(), batching_window_s=0.0, prefill_chunk_tokens=chunk,
                              max_batch_size=4, window_allocator=window_allocator, mixed_window=window,

@@ -15,7 +15,7 @@ from test_policy import CharTokenizer, InstantPipeline
 from chatloop.engine import LocalPipeline, SamplingParams, Scheduler
 from chatloop.engine.errors import RequestError
 from chatloop.engine.pipeline import compute_thread
-from chatloop.engine.requests import SamplerInput
+from chatloop.engine.requests import AcceptedTokens, SamplerInput
 from chatloop.engine.speculation import (
     DraftModelProposer,
     DraftRequest,
@@ -242,8 +242,8 @@ GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 
 
 FAMILIES = ["llama", "qwen2", "gpt2", "qwen3", "granite", "olmo2", "gemma2", "gemma3_text", "qwen3_moe"]
-"""Every family whose attention lets speculation run (Phi-3's longrope turns it off, see
-test_speculation_is_off_with_a_rope_switch; an all-layer window: tests/unit/test_sliding_window.py)."""
+"""Every family (Phi-3, whose longrope bounds the drafts before its switch: below; an all-layer window:
+tests/unit/test_sliding_window.py)."""
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -272,6 +272,33 @@ def test_greedy_tokens_are_the_same_with_ngram_drafts_and_with_a_draft_model(fam
     for proposer, executor in (other, same):
         assert proposer.num_sequences == 0 and proposer.allocator.num_free == 64
         executor.shutdown()
+
+
+def test_phi3s_greedy_tokens_across_its_rope_switch_and_window_are_the_same_with_drafts(split):
+    """Phi-3 with longrope (switch at 16) and a window of 24, as the engine passes them: 24 greedy tokens after a
+    ~20-token prompt cross the window with the long factors (a prompt past the switch) and, after prompts of 9 and
+    14 tokens (drafts bounded before the switch), the switch itself; n-gram drafts and the model itself as its draft
+    give the tokens plain decoding gives, and every block comes back."""
+    from chatloop.models import ModelArgs
+    from chatloop.partition import Manifest
+
+    parts = split("phi3", 2)
+    args = ModelArgs.from_hf_config(Manifest.load(parts).model_config)
+    assert (args.rope_switch, args.kv_window) == (16, 24)
+    model = {"rope_switch": args.rope_switch, "kv_window": args.kv_window}  # (as the engine passes them)
+    batch = [prompts(1)[0], prompts(1)[0][:9], prompts(1)[0][:14]]
+    plain, _ = generate(parts, batch, [GREEDY] * 3, **model)
+    ngram, s1 = generate(parts, batch, [GREEDY] * 3, speculative_method="ngram", num_speculative_tokens=4, **model)
+    same = draft_model(split("phi3", 1))
+    exact, s2 = generate(parts, batch, [GREEDY] * 3, draft=same, speculative_method="draft", num_speculative_tokens=6,
+                         **model)
+    same[1].shutdown()
+    assert [t for t, _ in ngram] == [t for t, _ in exact] == [t for t, _ in plain]
+    # (the draft keeps its keys of before the switch, rotated with the short factors: some of its drafts past it
+    # are rejected, which the verification rolls back)
+    assert 0 < s2.stats.accepted_tokens <= s2.stats.drafted_tokens and s1.stats.drafted_tokens > 0
+    for s in (s1, s2):
+        assert s.allocator.num_free == NUM_BLOCKS
 
 
 @pytest.mark.parametrize("quantize", [None, "int4"])
@@ -508,15 +535,24 @@ def test_over_http_a_request_chooses_speculation_and_its_usage_and_the_metrics_c
     assert ["ngram", "off"] in [o.get("enum") for o in method.get("anyOf", [method])]
 
 
-def test_speculation_is_off_with_a_rope_switch():
+def test_before_a_rope_switch_no_draft_reaches_it_and_the_switch_step_is_a_tokens_own():
+    """longrope's switch at position 8, k = 4: after a 5-token prompt a sequence drafts 2 (positions 6 and 7); all
+    accepted, its next step is the switch's (computed again from its first token, all 9 known tokens, no drafts);
+    past the switch it drafts 4 again."""
     from test_policy import make_policy
 
-    policy = make_policy(speculative_method="ngram", rope_switch=16)
-    policy.add([5, 6, 5, 6, 5], SamplingParams(max_new_tokens=8), 0.0)
+    policy = make_policy(speculative_method="ngram", num_speculative_tokens=4, rope_switch=8)
+    policy.add([5, 6, 5, 6, 5], SamplingParams(max_new_tokens=12, ignore_eos=True), 0.0)
     steps, _ = policy.schedule(0.0)
     policy.complete(steps[0].id, [6])
-    steps, _ = policy.schedule(0.0)
-    assert steps and not steps[0].num_drafts and not policy.draft_methods
+    (step,), _ = policy.schedule(0.0)
+    assert step.starts == (5,) and step.num_drafts == (2,)
+    policy.complete(step.id, [AcceptedTokens((5, 6, 5), 2)])
+    (step,), _ = policy.schedule(0.0)
+    assert step.starts == (0,) and len(step.token_ids[0]) == 9 and not step.num_drafts
+    policy.complete(step.id, [6])
+    (step,), _ = policy.schedule(0.0)
+    assert step.starts == (9,) and step.num_drafts == (4,)
     on = make_policy(speculative_method="ngram")
     on.add([5, 6, 5, 6, 5], SamplingParams(max_new_tokens=8), 0.0)
     steps, _ = on.schedule(0.0)
