@@ -229,7 +229,7 @@ class CacheConfig:
     prefix_caching: bool = True
     """Keep the keys and values of full blocks after their request ends (least recently used evicted first, inside
     kv_cache_mb) and start a request that shares a prefix with an earlier one after the shared blocks, on every
-    stage. Results do not change. Off by itself with Phi-3's longrope (a sequence is computed again there)."""
+    stage. Results do not change."""
     window_pool: bool = True
     """Models that mix windowed and full-attention layers (Gemma 2/3, Qwen2/Qwen3 below max_window_layers) keep the
     windowed layers' keys and values in a pool of their own, whose blocks go back as the window slides (needs

@@ -44,8 +44,9 @@ delivers the events. So every rule here is tested with a fake pipeline and a fak
   its last known token is computed, for the logits to sample from. Shared blocks are full and only read; a sequence
   writes only to blocks of its own. Under a sliding window on every layer, a block out of the window goes back to
   the pool, still cached, instead of being written again in place, and a hit needs only the blocks of the window
-  before its end, held by no one (taken over, never shared: see :meth:`_window_hits`). Off with a
-  ``rope_switch`` (the sequence is computed again from its first token), and for a request that scores its prompt
+  before its end, held by no one (taken over, never shared: see :meth:`_window_hits`). With a ``rope_switch``,
+  blocks of keys rotated with the long factors hash apart from the short factors' (``LONG_ROPE_ROOT``), and a
+  sequence computed again at the switch does so into blocks of its own. Off for a request that scores its prompt
   (every prompt token must be computed). A lost pipeline takes every cached block with it (:meth:`requeue_all`).
 - Speculative decoding (``speculative_method``, :mod:`~chatloop.engine.speculation`): a decoding sequence's step
   asks the driver for up to k drafted tokens after its last one (``Step.num_drafts``); its block table covers them.
@@ -88,6 +89,9 @@ from .requests import (
 )
 
 __all__ = ["Output", "SchedulerPolicy", "SchedulerStats", "Step"]
+
+LONG_ROPE_ROOT = b"longrope"
+"""The hash chain's root for blocks whose keys are rotated with longrope's long factors (``_set_rope_factors``)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,7 @@ class _Sequence:
     prompt_scores: list[ScoredToken] = field(default_factory=list)  # of prompt tokens 1, 2, ... (prompt_logprobs)
     prompt_scores_sent: bool = False
     hashes: list[bytes] = field(default_factory=list)  # content hashes of its first full blocks of known tokens
+    long_rope: bool = False  # (longrope) its keys are, or will be, rotated with the long factors: hashed apart
     num_offered: int = 0  # its first blocks offered to the prefix cache (computed and full)
     window_offered: int = 0  # (mixed windows) its logical blocks before this one offered from the window table
     hit_tokens: int = 0  # tokens found in the prefix cache at its last admission
@@ -257,8 +262,8 @@ class SchedulerPolicy:
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.prefix_caching = prefix_caching and rope_switch is None
-        """Whether full blocks are cached and shared (asked for, and no rope switch: see above)."""
+        self.prefix_caching = prefix_caching
+        """Whether full blocks are cached and shared (asked for)."""
         self.speculative_method = speculative_method
         """Who drafts for requests that do not choose (``ngram``, ``draft``), or None: no speculative decoding."""
         self.num_speculative_tokens = num_speculative_tokens
@@ -357,6 +362,7 @@ class SchedulerPolicy:
             raise QueueFullError(f"the request queue is full ({self.max_queue_size} waiting): retry later")
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = _Sequence(next(self._ids), list(prompt_ids), params, seed, Detokenizer(self.tokenizer, params.stop), now)
+        self._set_rope_factors(seq, self.rope_switch is not None and len(prompt_ids) > self.rope_switch)
         if params.timeout_s is not None:
             seq.deadline = now + params.timeout_s
         if method not in (None, "off") and k > 0:
@@ -434,8 +440,16 @@ class SchedulerPolicy:
         if len(seq.hashes) < num_blocks:
             known = seq.prompt_ids + seq.output_ids
             for i in range(len(seq.hashes), num_blocks):
-                seq.hashes.append(block_hash(seq.hashes[-1] if seq.hashes else None, known[i * size : (i + 1) * size]))
+                parent = seq.hashes[-1] if seq.hashes else (LONG_ROPE_ROOT if seq.long_rope else None)
+                seq.hashes.append(block_hash(parent, known[i * size : (i + 1) * size]))
         return seq.hashes[:num_blocks]
+
+    def _set_rope_factors(self, seq: _Sequence, long: bool) -> None:
+        """(longrope) Whether ``seq``'s keys are rotated with the long factors from its next computation on: a
+        prompt or replay past ``rope_switch`` is, a sequence computed again at the switch is (:meth:`_switch_rope`).
+        Its blocks hash apart from the short factors' (the same tokens, other keys)."""
+        if seq.long_rope != long:
+            seq.long_rope, seq.hashes = long, []
 
     def _hits(self, seq: _Sequence) -> tuple[int, list[int]]:
         """Where ``seq`` may start from the cache: (how many of its first full blocks it skips, the cached blocks of
@@ -555,8 +569,8 @@ class SchedulerPolicy:
         computed again from its first token (:meth:`_switch_rope`), or where its first step would run past
         ``rope_switch`` (a prompt or a replay that long is rotated with the long factors at every position, as
         transformers computes it in one call: chunks before the switch would keep the short ones)."""
-        if seq.whole or (self.rope_switch is not None and seq.num_cached == 0 and seq.num_known > self.rope_switch):
-            return None
+        if seq.whole or (self.rope_switch is not None and seq.num_cached <= self.rope_switch < seq.num_known):
+            return None  # (after a prefix hit too: the rest of a long prompt in one step, past the switch)
         return self.prefill_chunk_tokens
 
     def _switch_rope(self, seq: _Sequence) -> None:
@@ -565,7 +579,11 @@ class SchedulerPolicy:
         if self.rope_switch is None or seq.num_cached != self.rope_switch or seq.num_known != self.rope_switch + 1:
             return
         seq.num_cached, seq.whole = 0, True
-        if seq.dropped:  # a window shorter than rope_switch gave its first blocks up: all are written again
+        self._set_rope_factors(seq, True)
+        seq.num_offered = 0
+        # A window shorter than rope_switch gave its first blocks up, and the prefix cache may hold (and share) its
+        # blocks with the short factors' keys: all are written again, into blocks of its own.
+        if seq.dropped or self.prefix_caching:
             self.allocator.free(seq.blocks)
             seq.blocks, seq.dropped = [], 0
             blocks = self.allocator.take(self._blocks_needed(seq))
@@ -873,6 +891,7 @@ class SchedulerPolicy:
                 seq.blocks = []
             self._free_window(seq)
             seq.num_cached = seq.dropped = seq.num_offered = seq.hit_tokens = 0
+            self._set_rope_factors(seq, self.rope_switch is not None and seq.num_known > self.rope_switch)
             seq.in_flight = False
             seq.replays += 1
             self._running.remove(seq)

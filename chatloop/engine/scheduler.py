@@ -90,9 +90,6 @@ class Scheduler:
         if draft_proposer is not None:
             self.proposers["draft"] = draft_proposer
         self._draft_executor = draft_executor
-        if prefix_caching and not self.policy.prefix_caching:
-            log.info("prefix caching is off: the model's RoPE changes at position %s (longrope), where a sequence is "
-                     "computed again from its first token", rope_switch)
         self._clock = clock
         self.replay_lost_steps = replay_lost_steps
         """A step lost between stages (``StageLostError``) requeues its sequences instead of failing them: the
@@ -172,10 +169,10 @@ class Scheduler:
 
     def set_prefix_caching(self, on: bool) -> bool:
         """Turn prefix caching on or off from now on, with an empty cache (benchmarks compare both on one engine).
-        Returns whether it is on (never with a rope switch)."""
+        Returns whether it is on."""
         with self._cond:
             policy = self.policy
-            policy.prefix_caching = on and policy.rope_switch is None
+            policy.prefix_caching = on
             policy.clear_prefix_cache()
             return policy.prefix_caching
 

@@ -235,9 +235,39 @@ def test_under_a_window_a_hit_takes_over_only_the_windows_blocks():
     assert policy.allocator.num_free == policy.allocator.num_blocks
 
 
-@pytest.mark.parametrize("how", ["off", "prompt_logprobs", "rope_switch"])
-def test_no_reuse_when_off_when_the_prompt_is_scored_and_with_a_rope_switch(how):
-    options = {"off": {"prefix_caching": False}, "rope_switch": {"rope_switch": 64}, "prompt_logprobs": {}}[how]
+def test_with_a_rope_switch_blocks_hash_apart_by_their_factors_and_the_switch_writes_blocks_of_its_own():
+    """longrope's switch at 8, blocks of 4 (run_all checks that no step writes a cached or shared block): a short
+    request's first block is cached with the short factors' keys; a later short request starting the same hits it,
+    a long prompt (12 tokens, all rotated with the long factors) starting the same does not, and a second long one
+    hits the first long one's blocks. A short request that crosses the switch is computed again into blocks of its
+    own (its cached short block stays as it was: the next short request still hits it)."""
+    policy = make_policy(block_size=4, rope_switch=8)
+    run = Run(policy)
+    prompt = list(range(100, 106))
+    policy.add(prompt, params(max_new_tokens=2), 0.0)  # 8 tokens: never fed past position 7
+    run_all(run)
+    short = policy.add(prompt[:5], params(max_new_tokens=1), 0.0)
+    run_all(run)
+    assert run.finish(short).cached_tokens == 4
+    long = policy.add(prompt + list(range(200, 206)), params(max_new_tokens=1), 0.0)
+    run_all(run)
+    assert run.finish(long).cached_tokens == 0
+    again = policy.add(prompt + list(range(200, 206)) + [7], params(max_new_tokens=1), 0.0)
+    run_all(run)
+    assert run.finish(again).cached_tokens == 12
+    crossing = policy.add(prompt, params(max_new_tokens=6, ignore_eos=True), 0.0)
+    steps = run_all(run)
+    assert any(s.starts == (0,) and len(s.token_ids[0]) == 9 for s in steps[1:])  # the switch's step
+    assert run.finish(crossing).cached_tokens == 4
+    last = policy.add(prompt[:5], params(max_new_tokens=1), 0.0)
+    run_all(run)
+    assert run.finish(last).cached_tokens == 4
+    assert policy.allocator.num_free == policy.allocator.num_blocks
+
+
+@pytest.mark.parametrize("how", ["off", "prompt_logprobs"])
+def test_no_reuse_when_off_and_when_the_prompt_is_scored(how):
+    options = {"off": {"prefix_caching": False}, "prompt_logprobs": {}}[how]
     policy = make_policy(block_size=4, **options)
     run = Run(policy)
     prompt = list(range(100, 112))
@@ -303,11 +333,6 @@ def test_the_driver_turns_caching_off_and_on_with_an_empty_cache():
         assert scheduler.set_prefix_caching(True) and scheduler.allocator.num_cached == 0
     finally:
         scheduler.close()
-    switching = Scheduler(InstantPipeline(), CharTokenizer(), rope_switch=8)  # (never with a rope switch)
-    try:
-        assert not switching.set_prefix_caching(True)
-    finally:
-        switching.close()
 
 
 def test_cancelled_and_failed_sequences_leave_only_computed_blocks_in_the_cache():
@@ -468,3 +493,38 @@ def test_every_family_gives_the_same_greedy_tokens_from_cached_blocks(family, tw
     with_cache, hits = _greedy(parts, prompts, prefix_caching=True)
     assert none == 0 and hits >= 12 * 2 + 8  # the shared 12 tokens (3 blocks) for the next two, 2 blocks for the last
     assert with_cache == without
+
+
+def test_phi3s_next_turn_past_its_rope_switch_reuses_the_long_factors_blocks_and_keeps_its_tokens(two_stages):
+    """Phi-3 (longrope switch at 16, window 24, as the engine passes them) over two stages: a first turn of 10 tokens
+    generates 12, crossing the switch (computed again with the long factors); the next turn (its prompt, answer
+    and 3 more) starts after 20 cached tokens of the long factors' keys, and both turns' greedy tokens equal those
+    without the prefix cache."""
+    from dataclasses import replace
+
+    from test_speculation import GREEDY, local_pipeline, prompts
+    from test_speculation import run as run_scheduler
+
+    from chatloop.models import ModelArgs
+    from chatloop.partition import Manifest
+
+    parts = two_stages("phi3")
+    args = ModelArgs.from_hf_config(Manifest.load(parts).model_config)
+    first, turn = prompts(1)[0][:10], [replace(GREEDY, max_new_tokens=12)]
+
+    def chat(prefix_caching: bool) -> tuple[list[int], list[int], int]:
+        pipeline = local_pipeline(parts)
+        scheduler = Scheduler(pipeline, CharTokenizer(), batching_window_ms=0, prefix_caching=prefix_caching,
+                              rope_switch=args.rope_switch, kv_window=args.kv_window)
+        try:
+            [(answer, _)] = run_scheduler(scheduler, [first], turn)
+            [(tokens, last)] = run_scheduler(scheduler, [first + answer + [5, 6, 7]], turn)
+            assert scheduler.allocator.num_free == scheduler.allocator.num_blocks
+            return answer, tokens, last.cached_tokens
+        finally:
+            scheduler.close()
+            pipeline.close()
+
+    assert args.rope_switch == 16
+    cached, plain = chat(True), chat(False)
+    assert cached[:2] == plain[:2] and cached[2] == 20 and plain[2] == 0
