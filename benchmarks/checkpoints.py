@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -112,31 +112,19 @@ class LlamaShape:
         }
 
 
+LLAMA2_7B = LlamaShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008,
+                       max_position_embeddings=4096)
+
 SHAPES = {
     # Seconds to write; what tests/benchmarks runs through the sweep.
     "tiny": LlamaShape(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128),
     # TinyLlama-1.1B: 1.1 B parameters, 2.2 GB in bfloat16.
     "tinyllama-1.1b": LlamaShape(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, intermediate_size=5632),
     # Llama-2-7B: 6.7 B parameters, 13.5 GB in bfloat16.
-    "llama2-7b": LlamaShape(
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        intermediate_size=11008,
-        max_position_embeddings=4096,
-    ),
+    "llama2-7b": LLAMA2_7B,
     # Llama-2-7B with SmolLM2's vocabulary (6.88 B parameters, 13.8 GB in bfloat16): the tokenizer copied in then
     # covers the model, so chat prompts (the speculation benchmark's) and convert_hf_to_gguf.py accept it.
-    "llama2-7b-v49152": LlamaShape(
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        intermediate_size=11008,
-        vocab_size=49152,
-        max_position_embeddings=4096,
-    ),
+    "llama2-7b-v49152": replace(LLAMA2_7B, vocab_size=49152),
 }
 
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 from test_policy import CharTokenizer
-from test_sliding_window import _greedy_reference, same_content
+from test_sliding_window import _greedy_reference, same_content, two_turns
 from test_sliding_window import tiny_model as windowed_model
 
 from chatloop.engine.blocks import BlockAllocator
@@ -224,31 +224,16 @@ def test_a_chats_next_turn_starts_from_both_pools_cached_blocks_and_its_tokens_a
     with the windowed pool, prefill chunks of 3 and the prefix cache: it starts after the shared blocks, far past the
     window (the windowed pool gave the blocks of the window before them back, cached), and its greedy tokens equal
     transformers' on the whole conversation; every block of both pools comes back."""
-    from test_speculation import run as run_scheduler
 
-    from chatloop.engine.scheduler import Scheduler
 
     model, parts = mixed(family, 2)
-    rng = random.Random(7)
-    first = [rng.randrange(2, 120) for _ in range(21)]
     window = ModelArgs.from_hf_config(Manifest.load(parts).model_config).mixed_window
     manifest = Manifest.load(parts)
     pipeline = LocalPipeline([StageRunner(load_stage(parts, i, manifest=manifest), 64, BLOCK, num_window_blocks=24)
                               for i in range(manifest.num_partitions)])
-    scheduler = Scheduler(pipeline, CharTokenizer(), batching_window_ms=0, max_batch_size=4, prefill_chunk_tokens=3,
-                          mixed_window=window)
-    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.0)]
-    try:
-        assert scheduler.policy.prefix_caching
-        [(answer, _)] = run_scheduler(scheduler, [first], params)
-        second = first + answer + [rng.randrange(2, 120) for _ in range(5)]
-        [(tokens, last)] = run_scheduler(scheduler, [second], params)
-        assert scheduler.allocator.num_free == 64 and scheduler.window_allocator.num_free == 24
-    finally:
-        scheduler.close()
-        pipeline.close()
+    history, second, tokens, last = two_turns(pipeline, mixed_window=window)
     assert tokens == _greedy_reference(model, [second], 8)[0]
-    assert last.cached_tokens >= len(first) + len(answer) - BLOCK > window  # (its last full block of known tokens)
+    assert last.cached_tokens >= len(history) - BLOCK > window  # (its last full block of known tokens)
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])

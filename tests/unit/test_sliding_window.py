@@ -221,37 +221,51 @@ def test_a_chats_next_turn_under_a_window_starts_from_the_cached_window_and_its_
     a chat's second turn (the first's prompt and answer, and more), sent after the first ended, skips the shared
     blocks, far past the window (the blocks out of the window went back still cached), holding only its window's;
     its greedy tokens equal transformers' on the whole conversation, and every block comes back."""
+
+
+    from chatloop.engine.pipeline import LocalPipeline
+    from chatloop.partition import Manifest, load_stage
+    from chatloop.stage import StageRunner
+
+    model, parts = windowed("mistral", 2)
+    manifest = Manifest.load(parts)
+    pipeline = LocalPipeline([StageRunner(load_stage(parts, i, manifest=manifest), 12, 2)
+                              for i in range(manifest.num_partitions)])
+    history, second, tokens, last = two_turns(pipeline, kv_window=5, max_context=256)
+    assert tokens == _greedy_reference(model, [second], 8)[0]
+    assert last.cached_tokens >= len(history) - 2 > 12 * 2  # more than the pool holds at once
+
+
+def two_turns(pipeline, **options) -> tuple[list[int], list[int], list[int], object]:
+    """A chat's first turn (21 random tokens, 8 greedy tokens answered) and, after it ended, its second (the first's
+    prompt and answer, and 5 more) through ``pipeline`` (closed after) on a Scheduler with prefill chunks of 3, the
+    prefix cache and ``options``: (the first turn's prompt and answer, the second's prompt, its tokens, its last
+    event). Every block of the scheduler's pools is checked back."""
     import random
 
     from test_policy import CharTokenizer
     from test_speculation import run as run_scheduler
 
-    from chatloop.engine.pipeline import LocalPipeline
     from chatloop.engine.requests import SamplingParams
     from chatloop.engine.scheduler import Scheduler
-    from chatloop.partition import Manifest, load_stage
-    from chatloop.stage import StageRunner
 
-    model, parts = windowed("mistral", 2)
     rng = random.Random(7)
     first = [rng.randrange(2, 120) for _ in range(21)]
-    manifest = Manifest.load(parts)
-    pipeline = LocalPipeline([StageRunner(load_stage(parts, i, manifest=manifest), 12, 2)
-                              for i in range(manifest.num_partitions)])
     scheduler = Scheduler(pipeline, CharTokenizer(), batching_window_ms=0, max_batch_size=4, prefill_chunk_tokens=3,
-                          kv_window=5, max_context=256)
+                          **options)
     params = [SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.0)]
     try:
         assert scheduler.policy.prefix_caching
         [(answer, _)] = run_scheduler(scheduler, [first], params)
         second = first + answer + [rng.randrange(2, 120) for _ in range(5)]
         [(tokens, last)] = run_scheduler(scheduler, [second], params)
-        assert scheduler.allocator.num_free == 12
+        assert scheduler.allocator.num_free == scheduler.allocator.num_blocks
+        window = scheduler.window_allocator
+        assert window is None or window.num_free == window.num_blocks
     finally:
         scheduler.close()
         pipeline.close()
-    assert tokens == _greedy_reference(model, [second], 8)[0]
-    assert last.cached_tokens >= len(first) + len(answer) - 2 > 12 * 2  # more than the pool holds at once
+    return first + answer, second, tokens, last
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
