@@ -334,7 +334,12 @@ def serve(cfg: ChatLoopConfig) -> None:
 
     from ..api import ChatLoop
 
-    llm = ChatLoop.start(cfg)
+    listener = bind_http_port(cfg.server.host, cfg.server.port)
+    try:
+        llm = ChatLoop.start(cfg)
+    except BaseException:
+        listener.close()
+        raise
     try:
         app = create_app(llm, cfg, on_shutdown=llm.shutdown)
         config = uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, log_config=None,
@@ -347,14 +352,35 @@ def serve(cfg: ChatLoopConfig) -> None:
                         "CHATLOOP_API_KEY or server.api_key_file; in a container, publish the port on 127.0.0.1)",
                         cfg.server.host)
         try:
-            server.run()
+            server.run(sockets=[listener])
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
             pass
         if not server.started:
             raise RuntimeError(
                 f"could not serve on {cfg.server.host}:{cfg.server.port}: is the port taken? set server.port")
     finally:
+        listener.close()
         llm.shutdown()
+
+
+def bind_http_port(host: str, port: int) -> socket.socket:
+    """The HTTP port, bound before the cluster starts (uvicorn listens on it once the app is up): a port that is
+    taken is said at once, not after the model has loaded, and the cluster's own ephemeral ports (RPC, stage links)
+    cannot take it while it loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise RuntimeError(f"server.host={host!r} cannot be served on: {e}: set server.host") from e
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (a restart within TIME_WAIT)
+        listener.bind(address)
+    except OSError as e:
+        listener.close()
+        raise RuntimeError(f"could not serve on {host}:{port}: {e.strerror}: set server.port, or stop what "
+                           "listens there") from e
+    return listener
 
 
 def _server(config, stopping: Callable[[], None]):

@@ -75,3 +75,31 @@ def test_a_key_on_the_command_line_is_refused_before_anything_is_written(tmp_pat
     assert proc.returncode == 2
     assert "do not put the API key on the command line" in proc.stderr and "CHATLOOP_API_KEY" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_http_port_is_held_before_the_cluster_starts_and_a_taken_one_is_refused_at_once(tmp_path):
+    """chatloop-serve binds its HTTP port before it loads anything: while it loads, no other socket (the cluster's
+    RPC and link ports among them) can take the port, which once made uvicorn fail to bind after the model had
+    loaded; a port already taken is refused in seconds, naming the setting, and nothing is left running."""
+    import socket
+
+    from chatloop.serving.app import bind_http_port
+
+    port = free_port()
+    held = bind_http_port(HOST, port)
+    try:
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind((HOST, port))
+        with socket.socket() as ephemeral:  # (the kernel hands out no port that is bound)
+            ephemeral.bind((HOST, 0))
+            assert ephemeral.getsockname()[1] != port
+    finally:
+        held.close()
+    with socket.create_server((HOST, port)):  # another server holds it
+        with pytest.raises(RuntimeError, match=f"could not serve on {HOST}:{port}: .* set server.port"):
+            bind_http_port(HOST, port)
+        started = time.monotonic()
+        done = subprocess.run([str(SERVE), "model.partitions_dir=/nonexistent", f"server.port={port}",
+                               f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and time.monotonic() - started < 60
+    assert f"could not serve on {HOST}:{port}" in done.stdout + done.stderr, done.stderr[-2000:]
