@@ -614,7 +614,7 @@ class SchedulerPolicy:
     def _slid(self, blocks: list[int], dropped: int, window: int, num_cached: int) -> tuple[list[int], int]:
         """``blocks`` (a sequence's logical blocks ``dropped``, ``dropped + 1``... in one pool) and ``dropped`` once
         its next step starts at ``num_cached``: the blocks out of ``window`` moved to the back (its next ones)."""
-        first = max(0, num_cached - window + 1) // self.allocator.block_size  # its next step's first
+        first = self._window_first(num_cached, window)  # its next step's first
         out = first - dropped
         return (blocks[out:] + blocks[:out], first) if out > 0 else (blocks, dropped)
 
